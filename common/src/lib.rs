@@ -1,0 +1,14 @@
+//! Process plumbing shared by the Talkgroup services, and nothing else.
+//!
+//! - [`telemetry`]: `tracing` set-up with plain or JSON logs.
+//! - [`shutdown`]: a [`tokio_util::sync::CancellationToken`] cancelled on SIGTERM or Ctrl-C.
+//! - [`grpc`]: the health and reflection services every gRPC server exposes.
+//!
+//! Domain code lives in the services; this crate must stay free of it.
+
+pub mod grpc;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Exit code for a configuration that cannot be used (sysexits `EX_USAGE`).
+pub const EXIT_BAD_CONFIG: i32 = 64;

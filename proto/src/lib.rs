@@ -1,0 +1,24 @@
+//! The gRPC contracts of Talkgroup, generated from `proto/ptt/**.proto` at build time.
+//!
+//! This is the only crate that compiles protobuf. Services convert these types into their own
+//! domain types once, at the gRPC edge.
+
+/// `ptt.state.v1`: floor control, channel state and events, sessions, media-node registry.
+pub mod state {
+    pub mod v1 {
+        #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("ptt.state.v1");
+    }
+}
+
+/// `ptt.media.v1`: the SFU service of media nodes.
+pub mod media {
+    pub mod v1 {
+        #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("ptt.media.v1");
+    }
+}
+
+/// The encoded file descriptor set of every contract, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/talkgroup_descriptor.bin"));

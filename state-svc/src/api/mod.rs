@@ -1,0 +1,56 @@
+//! The gRPC edge of state-svc: one handle, [`Api`], implementing the four `ptt.state.v1`
+//! services over any [`Store`]. Requests are validated and converted into domain types here
+//! (`convert`); replies are converted back. Nothing below this module sees protobuf.
+
+pub mod convert;
+mod floor;
+mod registry;
+mod session;
+mod watch;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::store::{Store, StoreSettings};
+
+/// Channels one subscribe or unsubscribe request may name.
+pub const MAX_CHANNELS_PER_REQUEST: usize = 1_000;
+/// Channels one watch stream may follow.
+pub const MAX_CHANNELS_PER_WATCH: usize = 10_000;
+
+/// Cheap-to-clone handle shared by every service.
+#[derive(Debug)]
+pub struct Api<S> {
+    store: Arc<S>,
+    hub: Arc<Hub>,
+    settings: Arc<StoreSettings>,
+    shutdown: CancellationToken,
+}
+
+impl<S> Clone for Api<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            hub: Arc::clone(&self.hub),
+            settings: Arc::clone(&self.settings),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+impl<S: Store> Api<S> {
+    pub fn new(
+        store: Arc<S>,
+        hub: Arc<Hub>,
+        settings: StoreSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { store, hub, settings: Arc::new(settings), shutdown }
+    }
+
+    fn settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+}

@@ -1,0 +1,148 @@
+//! `ptt.state.v1.SessionService` and the unary calls of `ptt.state.v1.ChannelService`.
+
+use talkgroup_proto::state::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::Api;
+use super::convert::{self, channel_id, session_id, user_id};
+use crate::domain::{ChannelConfig, NewSession, parse_user_name};
+use crate::store::Store;
+
+/// Longest accepted gateway id.
+const MAX_GATEWAY_ID: usize = 128;
+/// Longest session time to live a caller may ask for: one day.
+const MAX_SESSION_TTL_MS: u32 = 86_400_000;
+
+#[tonic::async_trait]
+impl<S: Store> pb::session_service_server::SessionService for Api<S> {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let req = request.into_inner();
+        if req.gateway_id.len() > MAX_GATEWAY_ID || req.gateway_id.chars().any(char::is_control) {
+            return Err(Status::invalid_argument("invalid gateway id"));
+        }
+        if req.ttl_ms > MAX_SESSION_TTL_MS {
+            return Err(Status::invalid_argument("session ttl out of range"));
+        }
+        let new = NewSession {
+            user_id: user_id(&req.user_id)?,
+            user_name: parse_user_name(&req.user_name)?,
+            gateway_id: req.gateway_id,
+            ttl_ms: req.ttl_ms,
+        };
+        let session = self.store.create_session(new).await?;
+        tracing::debug!(session_id = %session.session_id, user_id = %session.user_id, "session created");
+        Ok(Response::new(convert::session(&session)))
+    }
+
+    async fn touch_session(
+        &self,
+        request: Request<pb::TouchSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let sid = session_id(&request.into_inner().session_id)?;
+        Ok(Response::new(convert::session(&self.store.touch_session(&sid).await?)))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let sid = session_id(&request.into_inner().session_id)?;
+        Ok(Response::new(convert::session(&self.store.session(&sid).await?)))
+    }
+
+    async fn list_user_sessions(
+        &self,
+        request: Request<pb::ListUserSessionsRequest>,
+    ) -> Result<Response<pb::ListUserSessionsResponse>, Status> {
+        let uid = user_id(&request.into_inner().user_id)?;
+        let sessions = self.store.user_sessions(&uid).await?;
+        Ok(Response::new(pb::ListUserSessionsResponse {
+            sessions: sessions.iter().map(convert::session).collect(),
+        }))
+    }
+
+    async fn join_channel(
+        &self,
+        request: Request<pb::JoinChannelRequest>,
+    ) -> Result<Response<pb::ChannelState>, Status> {
+        let req = request.into_inner();
+        let sid = session_id(&req.session_id)?;
+        let ch = channel_id(&req.channel_id)?;
+        let state = self.store.join_channel(&sid, &ch).await?;
+        tracing::debug!(channel_id = %ch, session_id = %sid, "joined channel");
+        Ok(Response::new(convert::channel_state(&state)))
+    }
+
+    async fn leave_channel(
+        &self,
+        request: Request<pb::LeaveChannelRequest>,
+    ) -> Result<Response<pb::LeaveChannelResponse>, Status> {
+        let req = request.into_inner();
+        let sid = session_id(&req.session_id)?;
+        let ch = channel_id(&req.channel_id)?;
+        let left = self.store.leave_channel(&sid, &ch).await?;
+        Ok(Response::new(pb::LeaveChannelResponse {
+            was_member: left.was_member,
+            released_floor: left.released_floor,
+        }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let ch = channel_id(&request.into_inner().channel_id)?;
+        let state = self.store.channel_state(&ch).await?;
+        Ok(Response::new(pb::ListMembersResponse { members: state.members.iter().map(convert::member).collect() }))
+    }
+
+    async fn remove_session(
+        &self,
+        request: Request<pb::RemoveSessionRequest>,
+    ) -> Result<Response<pb::RemoveSessionResponse>, Status> {
+        let sid = session_id(&request.into_inner().session_id)?;
+        let removed = self.store.remove_session(&sid).await?;
+        tracing::debug!(session_id = %sid, channels = removed.channels_left.len(), "session removed");
+        Ok(Response::new(pb::RemoveSessionResponse {
+            channels_left: removed.channels_left.iter().map(ToString::to_string).collect(),
+            floors_released: removed.floors_released,
+        }))
+    }
+}
+
+impl<S: Store> Api<S> {
+    pub(super) async fn get_channel_state_impl(
+        &self,
+        req: pb::GetChannelStateRequest,
+    ) -> Result<pb::ChannelState, Status> {
+        let ch = channel_id(&req.channel_id)?;
+        Ok(convert::channel_state(&self.store.channel_state(&ch).await?))
+    }
+
+    pub(super) async fn get_channel_config_impl(
+        &self,
+        req: pb::GetChannelConfigRequest,
+    ) -> Result<pb::ChannelConfig, Status> {
+        let ch = channel_id(&req.channel_id)?;
+        Ok(convert::channel_config(&ch, self.store.channel_config(&ch).await?))
+    }
+
+    pub(super) async fn set_channel_config_impl(
+        &self,
+        req: pb::SetChannelConfigRequest,
+    ) -> Result<pb::ChannelConfig, Status> {
+        let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let ch = channel_id(&config.channel_id)?;
+        let wanted = ChannelConfig {
+            queue_enabled: config.queue_enabled,
+            lease_ms: config.lease_ms,
+            max_talk_ms: config.max_talk_ms,
+        };
+        let saved = self.store.set_channel_config(&ch, wanted).await?;
+        tracing::info!(channel_id = %ch, queue = saved.queue_enabled, lease_ms = saved.lease_ms, max_talk_ms = saved.max_talk_ms, "channel config set");
+        Ok(convert::channel_config(&ch, saved))
+    }
+}

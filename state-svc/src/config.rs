@@ -1,0 +1,176 @@
+//! state-svc configuration: command-line flags, each also readable from a `PTT_STATE_*`
+//! environment variable. Read once in `main.rs`; tests build [`Config`] directly.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use talkgroup_common::telemetry::LogFormat;
+
+use crate::store::StoreSettings;
+use crate::store::redis::{RedisOptions, redact_url};
+
+/// Which store backs the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// In-process state; one instance only, lost on restart.
+    Memory,
+    /// Redis; any number of replicas.
+    Redis,
+}
+
+/// The state service of Talkgroup: floor control, channel state, sessions and media placement.
+#[derive(Clone, Parser)]
+#[command(name = "state-svc", version, about)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "PTT_STATE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// State store. Defaults to `redis` when a Redis URL is set, otherwise `memory`.
+    #[arg(long, env = "PTT_STATE_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+    /// Redis URL, for example `redis://127.0.0.1:6379/0`. Never logged with its password.
+    #[arg(long, env = "PTT_STATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, env = "PTT_STATE_KEY_PREFIX", default_value = "ptt")]
+    pub key_prefix: String,
+    /// Floor lease in milliseconds; gateways renew it about every third of it.
+    #[arg(long, env = "PTT_STATE_LEASE_MS", default_value_t = 5_000)]
+    pub lease_ms: u32,
+    /// Maximum talk time of one grant in milliseconds, after which the floor is revoked.
+    #[arg(long, env = "PTT_STATE_MAX_TALK_MS", default_value_t = 60_000)]
+    pub max_talk_ms: u32,
+    /// Session time to live in milliseconds without a touch from its gateway.
+    #[arg(long, env = "PTT_STATE_SESSION_TTL_MS", default_value_t = 60_000)]
+    pub session_ttl_ms: u32,
+    /// A media node without a heartbeat for this many milliseconds is dead.
+    #[arg(long, env = "PTT_STATE_NODE_DEAD_AFTER_MS", default_value_t = 5_000)]
+    pub node_dead_after_ms: u32,
+    /// Heartbeat interval asked of media nodes, in milliseconds.
+    #[arg(long, env = "PTT_STATE_NODE_HEARTBEAT_MS", default_value_t = 2_000)]
+    pub node_heartbeat_ms: u32,
+    /// Upper bound of every Redis call in milliseconds; past it the call fails UNAVAILABLE.
+    #[arg(long, env = "PTT_STATE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
+    pub redis_timeout_ms: u32,
+    /// How often expired floors and sessions are swept, in milliseconds.
+    #[arg(long, env = "PTT_STATE_SWEEP_INTERVAL_MS", default_value_t = 100)]
+    pub sweep_interval_ms: u32,
+    /// Approximate length each channel's audit stream is trimmed to.
+    #[arg(long, env = "PTT_STATE_AUDIT_MAXLEN", default_value_t = 100_000)]
+    pub audit_maxlen: u32,
+    /// Time allowed for in-flight calls to finish after SIGTERM, in milliseconds.
+    #[arg(long, env = "PTT_STATE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u32,
+    /// Log format.
+    #[arg(long, env = "PTT_STATE_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("store", &self.store_kind())
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("key_prefix", &self.key_prefix)
+            .field("lease_ms", &self.lease_ms)
+            .field("max_talk_ms", &self.max_talk_ms)
+            .field("session_ttl_ms", &self.session_ttl_ms)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration that cannot be used; `main` exits with code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the redis store needs --redis-url (PTT_STATE_REDIS_URL)")]
+    MissingRedisUrl,
+    #[error("{0} must be between {1} and {2}")]
+    OutOfRange(&'static str, u32, u32),
+    #[error("key prefix must be 1 to 64 characters without braces or spaces")]
+    BadKeyPrefix,
+}
+
+impl Config {
+    /// Defaults for everything but the listen address, as tests want them.
+    pub fn for_tests() -> Self {
+        Self::parse_from(["state-svc", "--listen", "127.0.0.1:0"])
+    }
+
+    pub fn store_kind(&self) -> StoreKind {
+        self.store.unwrap_or(if self.redis_url.is_some() { StoreKind::Redis } else { StoreKind::Memory })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |name, v: u32, lo, hi| {
+            if (lo..=hi).contains(&v) { Ok(()) } else { Err(ConfigError::OutOfRange(name, lo, hi)) }
+        };
+        range("lease_ms", self.lease_ms, 100, 3_600_000)?;
+        range("max_talk_ms", self.max_talk_ms, 100, 3_600_000)?;
+        range("session_ttl_ms", self.session_ttl_ms, 1_000, 86_400_000)?;
+        range("node_dead_after_ms", self.node_dead_after_ms, 100, 3_600_000)?;
+        range("node_heartbeat_ms", self.node_heartbeat_ms, 50, self.node_dead_after_ms)?;
+        range("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000)?;
+        range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
+        range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
+        if self.key_prefix.is_empty()
+            || self.key_prefix.len() > 64
+            || self.key_prefix.chars().any(|c| c == '{' || c == '}' || !c.is_ascii_graphic())
+        {
+            return Err(ConfigError::BadKeyPrefix);
+        }
+        if self.store_kind() == StoreKind::Redis && self.redis_url.is_none() {
+            return Err(ConfigError::MissingRedisUrl);
+        }
+        Ok(())
+    }
+
+    pub fn store_settings(&self) -> StoreSettings {
+        StoreSettings {
+            lease_ms: self.lease_ms,
+            max_talk_ms: self.max_talk_ms,
+            session_ttl_ms: self.session_ttl_ms,
+            node_dead_after_ms: self.node_dead_after_ms,
+            node_heartbeat_ms: self.node_heartbeat_ms,
+        }
+    }
+
+    pub fn redis_options(&self) -> Option<RedisOptions> {
+        Some(RedisOptions {
+            url: self.redis_url.clone()?,
+            key_prefix: self.key_prefix.clone(),
+            timeout: Duration::from_millis(u64::from(self.redis_timeout_ms)),
+            audit_maxlen: self.audit_maxlen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_url_selects_redis_and_is_redacted() {
+        let mut config = Config::for_tests();
+        assert_eq!(config.store_kind(), StoreKind::Memory);
+        config.redis_url = Some("redis://:secret@db:6379".into());
+        assert_eq!(config.store_kind(), StoreKind::Redis);
+        assert!(!format!("{config:?}").contains("secret"));
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut config = Config::for_tests();
+        config.store = Some(StoreKind::Redis);
+        assert!(matches!(config.validate(), Err(ConfigError::MissingRedisUrl)));
+        let mut config = Config::for_tests();
+        config.lease_ms = 5;
+        assert!(config.validate().is_err());
+        let mut config = Config::for_tests();
+        config.key_prefix = "a{b}".into();
+        assert!(config.validate().is_err());
+    }
+}

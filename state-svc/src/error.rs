@@ -1,0 +1,62 @@
+//! The one error type of the state service, and its one mapping to gRPC status codes.
+//!
+//! Messages sent to callers are fixed strings: the source of an internal error is logged, never
+//! returned.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("session is not a member of the channel")]
+    NotMember,
+    #[error("no live media node")]
+    NoMediaNode,
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(error: redis::RedisError) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        let (code, message): (Code, String) = match &error {
+            StoreError::InvalidArgument(what) => (Code::InvalidArgument, (*what).to_owned()),
+            StoreError::NotFound(what) => (Code::NotFound, format!("{what} not found")),
+            StoreError::NotMember => (Code::FailedPrecondition, error.to_string()),
+            StoreError::NoMediaNode => (Code::Unavailable, error.to_string()),
+            StoreError::Unavailable(_) => {
+                tracing::warn!(%error, "state store unavailable");
+                (Code::Unavailable, "state store unavailable".to_owned())
+            }
+            StoreError::Internal(_) => {
+                tracing::error!(%error, "internal error");
+                (Code::Internal, "internal error".to_owned())
+            }
+        };
+        Status::new(code, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_never_reach_the_caller() {
+        let status = Status::from(StoreError::Unavailable("connection refused 10.0.0.7:6379".into()));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("10.0.0.7"));
+        let status = Status::from(StoreError::Internal("bad json at byte 7".into()));
+        assert_eq!(status.message(), "internal error");
+    }
+}

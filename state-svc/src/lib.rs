@@ -1,0 +1,137 @@
+//! state-svc: the shared state of Talkgroup behind gRPC (`ptt.state.v1`).
+//!
+//! It owns floor control (lease + fencing epoch), channel state and its event stream, sessions
+//! and membership, and the media-node registry with channel placement. It keeps no state of
+//! its own beyond caches: run any number of replicas on one Redis.
+//!
+//! Layout:
+//! - [`domain`]: validated ids and records; [`error`]: the one error type and its gRPC mapping.
+//! - [`store`]: the [`store::Store`] trait with the Redis and in-memory stores.
+//! - [`hub`]: fan-out of store events to local `Watch` streams.
+//! - [`api`]: the gRPC services; [`sweeper`]: expiry of floors and sessions.
+//! - [`run`]: the server, taking an already-bound listener and a shutdown token.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod hub;
+pub mod store;
+pub mod sweeper;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use talkgroup_proto::state::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+pub use crate::config::{Config, ConfigError, StoreKind};
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+
+/// The gRPC services this server reports health for.
+pub const SERVICE_NAMES: [&str; 4] = [
+    "ptt.state.v1.FloorService",
+    "ptt.state.v1.ChannelService",
+    "ptt.state.v1.SessionService",
+    "ptt.state.v1.MediaRegistryService",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot set up the store: {0}")]
+    Store(#[from] error::StoreError),
+    #[error("grpc server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("listener has no local address: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` is cancelled, then drains within the configured grace period.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let hub = Hub::new();
+    match config.store_kind() {
+        StoreKind::Memory => {
+            let store = MemoryStore::new(config.store_settings(), Arc::clone(&hub));
+            serve(Arc::new(store), hub, &config, listener, shutdown).await
+        }
+        StoreKind::Redis => {
+            let options = config.redis_options().ok_or(ConfigError::MissingRedisUrl)?;
+            tracing::info!(url = %store::redis::redact_url(&options.url), prefix = %options.key_prefix, "using redis store");
+            let store = RedisStore::connect(&options, config.store_settings(), Arc::clone(&hub), shutdown.child_token())?;
+            serve(Arc::new(store), hub, &config, listener, shutdown).await
+        }
+    }
+}
+
+async fn serve<S: Store>(
+    store: Arc<S>,
+    hub: Arc<Hub>,
+    config: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let addr = listener.local_addr()?;
+    let tracker = TaskTracker::new();
+    tracker.spawn(sweeper::run(
+        Arc::clone(&store),
+        Duration::from_millis(u64::from(config.sweep_interval_ms)),
+        shutdown.clone(),
+    ));
+    let api = api::Api::new(store, hub, config.store_settings(), shutdown.clone());
+    let standard = talkgroup_common::grpc::standard_services();
+    let reporter = standard.reporter.clone();
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        reporter.set_service_status(name, ServingStatus::Serving).await;
+    }
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            // Small request/response messages: never wait for Nagle.
+            let _ = stream.set_nodelay(true);
+        })
+    });
+    let router = Server::builder()
+        .add_service(standard.health)
+        .add_service(standard.reflection_v1)
+        .add_service(standard.reflection_v1alpha)
+        .add_service(pb::floor_service_server::FloorServiceServer::new(api.clone()))
+        .add_service(pb::channel_service_server::ChannelServiceServer::new(api.clone()))
+        .add_service(pb::session_service_server::SessionServiceServer::new(api.clone()))
+        .add_service(pb::media_registry_service_server::MediaRegistryServiceServer::new(api));
+    tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
+    let drain = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in SERVICE_NAMES.into_iter().chain([""]) {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            tracing::info!("draining");
+        }
+    };
+    let grace = Duration::from_millis(u64::from(config.shutdown_grace_ms));
+    let served = router.serve_with_incoming_shutdown(incoming, drain);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        result = &mut served => result,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over; closing remaining calls");
+            Ok(())
+        }
+    };
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("state-svc stopped");
+    Ok(result?)
+}

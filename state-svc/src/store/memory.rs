@@ -1,0 +1,603 @@
+//! The in-memory store: the embedded default for a single state-svc instance with no Redis.
+//!
+//! One mutex guards everything; each operation runs to completion under it (never across an
+//! `.await`), which gives the same atomicity the Redis store gets from Lua. Events are handed
+//! to the hub while the lock is held, so watchers see them in the order they happened. The
+//! floor rules mirror `store::redis::scripts` step for step; the contract tests hold both to
+//! the same behaviour.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::domain::{
+    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, Event, FloorChanged,
+    FloorHolder, FloorReason, FloorRefusal, LeaveOutcome, MediaNode, Member, MembershipChange,
+    MembershipChanged, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome,
+    RemoveOutcome, RenewOutcome, Renewed, Session, SessionId, Speaker, UserId, choose_node,
+    next_epoch, now_ms,
+};
+use crate::error::StoreError;
+use crate::hub::Hub;
+use crate::store::{Store, StoreSettings, SweepReport};
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    hub: Arc<Hub>,
+    settings: StoreSettings,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    channels: HashMap<ChannelId, Channel>,
+    sessions: HashMap<SessionId, Session>,
+    user_sessions: HashMap<UserId, HashSet<SessionId>>,
+    nodes: HashMap<NodeId, MediaNode>,
+    node_channels: HashMap<NodeId, HashSet<ChannelId>>,
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    floor: Option<FloorHolder>,
+    epoch: u64,
+    members: HashMap<SessionId, Member>,
+    /// Waiting requests: (priority, queued at, session).
+    queue: Vec<(u32, i64, SessionId)>,
+    config: ChannelConfig,
+    media: Option<NodeId>,
+}
+
+/// One operation's view of a channel: the clock, the defaults and where events go.
+struct Step<'a> {
+    id: &'a ChannelId,
+    now: i64,
+    settings: &'a StoreSettings,
+    hub: &'a Hub,
+}
+
+impl Step<'_> {
+    fn limits(&self, ch: &Channel) -> (i64, i64) {
+        let pick = |v: u32, default: u32| i64::from(if v == 0 { default } else { v });
+        (
+            pick(ch.config.lease_ms, self.settings.lease_ms),
+            pick(ch.config.max_talk_ms, self.settings.max_talk_ms),
+        )
+    }
+
+    fn floor_event(
+        &self,
+        ch: &Channel,
+        reason: FloorReason,
+        previous: Option<(&FloorHolder, i64)>,
+    ) {
+        self.hub.dispatch(Event::Floor(FloorChanged {
+            channel_id: self.id.clone(),
+            holder: ch.floor.clone(),
+            previous: previous.map(|(h, _)| h.speaker.clone()),
+            epoch: ch.epoch,
+            reason,
+            previous_duration_ms: previous.map_or(0, |(_, d)| d),
+            at_ms: self.now,
+        }));
+    }
+
+    fn grant(&self, ch: &mut Channel, member: &Member, priority: u32) -> FloorHolder {
+        let (lease, max_talk) = self.limits(ch);
+        ch.epoch = next_epoch(ch.epoch, self.now);
+        let max_until = self.now + max_talk;
+        let holder = FloorHolder {
+            speaker: Speaker {
+                session_id: member.session_id.clone(),
+                user_id: member.user_id.clone(),
+                user_name: member.user_name.clone(),
+                priority,
+            },
+            epoch: ch.epoch,
+            granted_at_ms: self.now,
+            expires_at_ms: (self.now + lease).min(max_until),
+            max_until_ms: max_until,
+        };
+        ch.queue.retain(|(_, _, sid)| sid != &member.session_id);
+        ch.floor = Some(holder.clone());
+        holder
+    }
+
+    /// Frees the floor, then grants the head of the queue (if any) in the same step.
+    fn free(&self, ch: &mut Channel, reason: FloorReason) {
+        let Some(old) = ch.floor.take() else { return };
+        ch.epoch = next_epoch(ch.epoch, self.now);
+        self.floor_event(ch, reason, Some((&old, self.now - old.granted_at_ms)));
+        ch.queue.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        while !ch.queue.is_empty() {
+            let (priority, _, sid) = ch.queue.remove(0);
+            if let Some(member) = ch.members.get(&sid).cloned() {
+                self.grant(ch, &member, priority);
+                self.floor_event(ch, FloorReason::QueueGranted, None);
+                return;
+            }
+        }
+    }
+
+    /// The holder after lazily expiring a lapsed grant.
+    fn live_holder(&self, ch: &mut Channel) -> Option<FloorHolder> {
+        if let Some(h) = &ch.floor
+            && self.now >= h.expires_at_ms
+        {
+            let reason = if self.now >= h.max_until_ms {
+                FloorReason::MaxTalkTime
+            } else {
+                FloorReason::LeaseExpired
+            };
+            self.free(ch, reason);
+        }
+        ch.floor.clone()
+    }
+
+    fn state(&self, ch: &Channel) -> ChannelState {
+        let mut members: Vec<Member> = ch.members.values().cloned().collect();
+        members.sort_by(|a, b| a.joined_at_ms.cmp(&b.joined_at_ms).then(a.session_id.cmp(&b.session_id)));
+        ChannelState {
+            channel_id: self.id.clone(),
+            holder: ch.floor.clone().filter(|h| self.now < h.expires_at_ms),
+            epoch: ch.epoch,
+            members,
+            media_node: ch.media.clone(),
+            server_time_ms: self.now,
+        }
+    }
+
+    fn membership_event(&self, ch: &Channel, member: Member, change: MembershipChange) {
+        self.hub.dispatch(Event::Membership(MembershipChanged {
+            channel_id: self.id.clone(),
+            member,
+            change,
+            member_count: u32::try_from(ch.members.len()).unwrap_or(u32::MAX),
+            at_ms: self.now,
+        }));
+    }
+}
+
+impl MemoryStore {
+    pub fn new(settings: StoreSettings, hub: Arc<Hub>) -> Self {
+        Self { inner: Mutex::new(Inner::default()), hub, settings }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn step<'a>(&'a self, id: &'a ChannelId) -> Step<'a> {
+        Step { id, now: now_ms(), settings: &self.settings, hub: &self.hub }
+    }
+
+    fn node_view(&self, inner: &Inner, node: &MediaNode, now: i64) -> MediaNode {
+        let mut node = node.clone();
+        node.channels = inner
+            .node_channels
+            .get(&node.node_id)
+            .map_or(0, |s| u32::try_from(s.len()).unwrap_or(u32::MAX));
+        node.live = now - node.last_heartbeat_ms <= i64::from(self.settings.node_dead_after_ms);
+        node
+    }
+
+    fn leave_locked(
+        &self,
+        inner: &mut Inner,
+        sid: &SessionId,
+        id: &ChannelId,
+        reason: FloorReason,
+    ) -> LeaveOutcome {
+        let step = self.step(id);
+        let Some(ch) = inner.channels.get_mut(id) else {
+            return LeaveOutcome::default();
+        };
+        let Some(member) = ch.members.get(sid).cloned() else {
+            return LeaveOutcome::default();
+        };
+        let mut released_floor = false;
+        if ch.floor.as_ref().is_some_and(|h| &h.speaker.session_id == sid) {
+            step.free(ch, reason);
+            released_floor = true;
+        }
+        ch.queue.retain(|(_, _, q)| q != sid);
+        ch.members.remove(sid);
+        step.membership_event(ch, member, MembershipChange::Left);
+        if ch.members.is_empty()
+            && let Some(node) = ch.media.take()
+            && let Some(set) = inner.node_channels.get_mut(&node)
+        {
+            set.remove(id);
+        }
+        if let Some(session) = inner.sessions.get_mut(sid) {
+            session.channels.retain(|c| c != id);
+        }
+        LeaveOutcome { was_member: true, released_floor }
+    }
+
+    fn remove_locked(&self, inner: &mut Inner, sid: &SessionId) -> RemoveOutcome {
+        let Some(session) = inner.sessions.remove(sid) else {
+            return RemoveOutcome::default();
+        };
+        if let Some(set) = inner.user_sessions.get_mut(&session.user_id) {
+            set.remove(sid);
+            if set.is_empty() {
+                inner.user_sessions.remove(&session.user_id);
+            }
+        }
+        let mut outcome = RemoveOutcome::default();
+        for ch in &session.channels {
+            let left = self.leave_locked(inner, sid, ch, FloorReason::Disconnected);
+            if left.was_member {
+                outcome.channels_left.push(ch.clone());
+            }
+            outcome.floors_released += u32::from(left.released_floor);
+        }
+        outcome.channels_left.sort();
+        outcome
+    }
+}
+
+fn not_found(what: &'static str) -> StoreError {
+    StoreError::NotFound(what)
+}
+
+impl Store for MemoryStore {
+    async fn acquire_floor(
+        &self,
+        id: &ChannelId,
+        sid: &SessionId,
+        priority: u32,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let ch = inner.channels.get_mut(id).ok_or(StoreError::NotMember)?;
+        let member = ch.members.get(sid).cloned().ok_or(StoreError::NotMember)?;
+        let (lease, max_talk) = step.limits(ch);
+        let max_talk_ms = u32::try_from(max_talk).unwrap_or(u32::MAX);
+        let result = match step.live_holder(ch) {
+            None => {
+                let holder = step.grant(ch, &member, priority);
+                step.floor_event(ch, FloorReason::Granted, None);
+                Acquired::Granted { holder, max_talk_ms, preempted: None }
+            }
+            Some(mut h) if &h.speaker.session_id == sid => {
+                // Idempotent for the holder: same epoch, lease refreshed.
+                h.expires_at_ms = (step.now + lease).min(h.max_until_ms);
+                ch.floor = Some(h.clone());
+                let max_talk_ms = u32::try_from(h.max_until_ms - h.granted_at_ms).unwrap_or(u32::MAX);
+                Acquired::Granted { holder: h, max_talk_ms, preempted: None }
+            }
+            Some(old) if priority > old.speaker.priority => {
+                let holder = step.grant(ch, &member, priority);
+                step.floor_event(
+                    ch,
+                    FloorReason::Preempted,
+                    Some((&old, step.now - old.granted_at_ms)),
+                );
+                Acquired::Granted { holder, max_talk_ms, preempted: Some(old.speaker) }
+            }
+            Some(h) if ch.config.queue_enabled => {
+                if !ch.queue.iter().any(|(_, _, q)| q == sid) {
+                    ch.queue.push((priority, step.now, sid.clone()));
+                }
+                ch.queue.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                let position = ch.queue.iter().position(|(_, _, q)| q == sid).unwrap_or(0) + 1;
+                Acquired::Queued { holder: h, position: u32::try_from(position).unwrap_or(u32::MAX) }
+            }
+            Some(h) => {
+                let retry_after_ms = h.expires_at_ms - step.now;
+                Acquired::Denied { holder: h, retry_after_ms }
+            }
+        };
+        Ok(AcquireOutcome { result, server_time_ms: step.now })
+    }
+
+    async fn renew_floor(
+        &self,
+        id: &ChannelId,
+        sid: &SessionId,
+        epoch: u64,
+    ) -> Result<RenewOutcome, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let now = step.now;
+        let Some(ch) = inner.channels.get_mut(id) else {
+            return Ok(RenewOutcome { result: Err(FloorRefusal::NotHeld), server_time_ms: now });
+        };
+        let (lease, _) = step.limits(ch);
+        let result = match ch.floor.clone() {
+            Some(h) if now >= h.expires_at_ms => {
+                let mine = &h.speaker.session_id == sid && h.epoch == epoch;
+                let max_talk = now >= h.max_until_ms;
+                step.live_holder(ch);
+                Err(if mine && max_talk { FloorRefusal::MaxTalkTime } else { FloorRefusal::NotHeld })
+            }
+            None => Err(FloorRefusal::NotHeld),
+            Some(h) if &h.speaker.session_id != sid => Err(FloorRefusal::NotHolder),
+            Some(h) if h.epoch != epoch => Err(FloorRefusal::StaleEpoch),
+            Some(mut h) => {
+                h.expires_at_ms = (now + lease).min(h.max_until_ms);
+                let renewed = Renewed { expires_at_ms: h.expires_at_ms, max_until_ms: h.max_until_ms };
+                ch.floor = Some(h);
+                Ok(renewed)
+            }
+        };
+        Ok(RenewOutcome { result, server_time_ms: now })
+    }
+
+    async fn release_floor(
+        &self,
+        id: &ChannelId,
+        sid: &SessionId,
+        epoch: Option<u64>,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let Some(ch) = inner.channels.get_mut(id) else {
+            return Ok(ReleaseOutcome { refusal: Some(FloorRefusal::NotHeld), epoch: 0, dequeued: false });
+        };
+        let holder = step.live_holder(ch);
+        let refusal = match holder {
+            Some(h) if &h.speaker.session_id == sid => {
+                if epoch.is_some_and(|e| e != h.epoch) {
+                    Some(FloorRefusal::StaleEpoch)
+                } else {
+                    step.free(ch, FloorReason::Released);
+                    None
+                }
+            }
+            Some(_) => Some(FloorRefusal::NotHolder),
+            None => Some(FloorRefusal::NotHeld),
+        };
+        let before = ch.queue.len();
+        if refusal.is_some() {
+            ch.queue.retain(|(_, _, q)| q != sid);
+        }
+        Ok(ReleaseOutcome { refusal, epoch: ch.epoch, dequeued: ch.queue.len() != before })
+    }
+
+    async fn force_release_floor(
+        &self,
+        id: &ChannelId,
+        epoch: Option<u64>,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let Some(ch) = inner.channels.get_mut(id) else {
+            return Ok(ReleaseOutcome { refusal: Some(FloorRefusal::NotHeld), epoch: 0, dequeued: false });
+        };
+        let refusal = match step.live_holder(ch) {
+            None => Some(FloorRefusal::NotHeld),
+            Some(h) if epoch.is_some_and(|e| e != h.epoch) => Some(FloorRefusal::StaleEpoch),
+            Some(_) => {
+                step.free(ch, FloorReason::ForceReleased);
+                None
+            }
+        };
+        Ok(ReleaseOutcome { refusal, epoch: ch.epoch, dequeued: false })
+    }
+
+    async fn channel_state(&self, id: &ChannelId) -> Result<ChannelState, StoreError> {
+        let inner = self.lock();
+        let step = self.step(id);
+        Ok(match inner.channels.get(id) {
+            Some(ch) => step.state(ch),
+            None => step.state(&Channel::default()),
+        })
+    }
+
+    async fn channel_config(&self, id: &ChannelId) -> Result<ChannelConfig, StoreError> {
+        Ok(self.lock().channels.get(id).map(|c| c.config).unwrap_or_default())
+    }
+
+    async fn set_channel_config(
+        &self,
+        id: &ChannelId,
+        config: ChannelConfig,
+    ) -> Result<ChannelConfig, StoreError> {
+        let config = config.validate()?;
+        self.lock().channels.entry(id.clone()).or_default().config = config;
+        Ok(config)
+    }
+
+    async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
+        let now = now_ms();
+        let ttl = if new.ttl_ms == 0 { self.settings.session_ttl_ms } else { new.ttl_ms };
+        let session = Session {
+            session_id: SessionId::generate(),
+            user_id: new.user_id,
+            user_name: new.user_name,
+            gateway_id: new.gateway_id,
+            created_at_ms: now,
+            expires_at_ms: now + i64::from(ttl),
+            channels: Vec::new(),
+        };
+        let mut inner = self.lock();
+        inner
+            .user_sessions
+            .entry(session.user_id.clone())
+            .or_default()
+            .insert(session.session_id.clone());
+        inner.sessions.insert(session.session_id.clone(), session.clone());
+        Ok(session)
+    }
+
+    async fn touch_session(&self, sid: &SessionId) -> Result<Session, StoreError> {
+        let now = now_ms();
+        let ttl = i64::from(self.settings.session_ttl_ms);
+        let mut inner = self.lock();
+        let session = inner.sessions.get_mut(sid).filter(|s| s.expires_at_ms > now).ok_or(not_found("session"))?;
+        session.expires_at_ms = session.expires_at_ms.max(now + ttl);
+        Ok(session.clone())
+    }
+
+    async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {
+        self.lock().sessions.get(sid).cloned().ok_or(not_found("session"))
+    }
+
+    async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
+        let inner = self.lock();
+        let mut sessions: Vec<Session> = inner
+            .user_sessions
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|sid| inner.sessions.get(sid).cloned())
+            .collect();
+        sessions.sort_by_key(|s| s.created_at_ms);
+        Ok(sessions)
+    }
+
+    async fn join_channel(&self, sid: &SessionId, id: &ChannelId) -> Result<ChannelState, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let session = inner.sessions.get_mut(sid).ok_or(not_found("session"))?;
+        if !session.channels.contains(id) {
+            session.channels.push(id.clone());
+        }
+        let member = Member {
+            session_id: sid.clone(),
+            user_id: session.user_id.clone(),
+            user_name: session.user_name.clone(),
+            joined_at_ms: step.now,
+        };
+        let ch = inner.channels.entry(id.clone()).or_default();
+        if !ch.members.contains_key(sid) {
+            ch.members.insert(sid.clone(), member.clone());
+            step.membership_event(ch, member, MembershipChange::Joined);
+        }
+        Ok(step.state(ch))
+    }
+
+    async fn leave_channel(&self, sid: &SessionId, id: &ChannelId) -> Result<LeaveOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(self.leave_locked(&mut inner, sid, id, FloorReason::LeftChannel))
+    }
+
+    async fn remove_session(&self, sid: &SessionId) -> Result<RemoveOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(self.remove_locked(&mut inner, sid))
+    }
+
+    async fn register_node(&self, node: NodeRegistration) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let record = MediaNode {
+            node_id: node.node_id.clone(),
+            grpc_addr: node.grpc_addr,
+            announced_ip: node.announced_ip,
+            capacity: node.capacity,
+            load: node.load,
+            channels: 0,
+            draining: false,
+            last_heartbeat_ms: now_ms(),
+            live: true,
+        };
+        inner.nodes.insert(node.node_id, record);
+        Ok(())
+    }
+
+    async fn heartbeat(&self, node: &NodeId, load: u32) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let record = inner.nodes.get_mut(node).ok_or(not_found("media node"))?;
+        record.load = load;
+        record.last_heartbeat_ms = now_ms();
+        Ok(record.draining)
+    }
+
+    async fn drain_node(&self, node: &NodeId) -> Result<MediaNode, StoreError> {
+        let mut inner = self.lock();
+        let record = inner.nodes.get_mut(node).ok_or(not_found("media node"))?;
+        record.draining = true;
+        let record = record.clone();
+        Ok(self.node_view(&inner, &record, now_ms()))
+    }
+
+    async fn deregister_node(&self, node: &NodeId) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.nodes.remove(node);
+        inner.node_channels.remove(node);
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<MediaNode>, StoreError> {
+        let inner = self.lock();
+        let now = now_ms();
+        let mut nodes: Vec<MediaNode> =
+            inner.nodes.values().map(|n| self.node_view(&inner, n, now)).collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(nodes)
+    }
+
+    async fn place_channel(&self, id: &ChannelId) -> Result<Placement, StoreError> {
+        let mut inner = self.lock();
+        let now = now_ms();
+        let nodes: Vec<MediaNode> =
+            inner.nodes.values().map(|n| self.node_view(&inner, n, now)).collect();
+        let current = inner.channels.get(id).and_then(|c| c.media.clone());
+        if let Some(node) = current.as_ref().and_then(|c| nodes.iter().find(|n| &n.node_id == c))
+            && node.live
+        {
+            return Ok(Placement { node: node.clone(), placed_now: false });
+        }
+        let chosen = choose_node(&nodes).ok_or(StoreError::NoMediaNode)?.clone();
+        if let Some(old) = current
+            && let Some(set) = inner.node_channels.get_mut(&old)
+        {
+            set.remove(id);
+        }
+        inner.channels.entry(id.clone()).or_default().media = Some(chosen.node_id.clone());
+        inner.node_channels.entry(chosen.node_id.clone()).or_default().insert(id.clone());
+        let node = self.node_view(&inner, &chosen, now);
+        Ok(Placement { node, placed_now: true })
+    }
+
+    async fn placement(&self, id: &ChannelId) -> Result<Option<MediaNode>, StoreError> {
+        let inner = self.lock();
+        let now = now_ms();
+        Ok(inner
+            .channels
+            .get(id)
+            .and_then(|c| c.media.as_ref())
+            .and_then(|n| inner.nodes.get(n))
+            .map(|n| self.node_view(&inner, n, now)))
+    }
+
+    async fn sweep(&self) -> Result<SweepReport, StoreError> {
+        let mut inner = self.lock();
+        let now = now_ms();
+        let mut report = SweepReport::default();
+        let expired: Vec<SessionId> = inner
+            .sessions
+            .values()
+            .filter(|s| s.expires_at_ms <= now)
+            .map(|s| s.session_id.clone())
+            .collect();
+        for sid in expired {
+            self.remove_locked(&mut inner, &sid);
+            report.sessions_expired += 1;
+        }
+        let due: Vec<ChannelId> = inner
+            .channels
+            .iter()
+            .filter(|(_, c)| c.floor.as_ref().is_some_and(|h| now >= h.expires_at_ms))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let step = self.step(&id);
+            if let Some(ch) = inner.channels.get_mut(&id) {
+                step.live_holder(ch);
+                report.floors_expired += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn listen(&self) -> Result<(), StoreError> {
+        // Events are dispatched to the hub directly; nothing to subscribe to.
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! Every Redis key and pub/sub channel name, built in one place.
+//!
+//! A channel's keys share the hash tag `{ch:<id>}` and a session's keys `{s:<id>}`, so each Lua
+//! script touches keys of one Redis Cluster slot only. Ids are validated before they get here
+//! (`domain`), so they can contain neither braces nor separators that would break the tags.
+
+use crate::domain::{ChannelId, NodeId, SessionId, UserId};
+
+/// Key builder under a configurable prefix (default `ptt`).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// The keys of one channel, in the order every floor script receives them (`KEYS[1..=9]`).
+#[derive(Debug, Clone)]
+pub struct ChannelKeys {
+    pub floor: String,
+    pub epoch: String,
+    pub members: String,
+    pub queue: String,
+    pub queue_info: String,
+    pub config: String,
+    pub events: String,
+    pub audit: String,
+    pub media: String,
+}
+
+impl ChannelKeys {
+    pub fn all(&self) -> [&str; 9] {
+        [
+            &self.floor,
+            &self.epoch,
+            &self.members,
+            &self.queue,
+            &self.queue_info,
+            &self.config,
+            &self.events,
+            &self.audit,
+            &self.media,
+        ]
+    }
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    pub fn channel(&self, ch: &ChannelId) -> ChannelKeys {
+        let base = format!("{}:{{ch:{ch}}}", self.prefix);
+        ChannelKeys {
+            floor: format!("{base}:floor"),
+            epoch: format!("{base}:epoch"),
+            members: format!("{base}:members"),
+            queue: format!("{base}:queue"),
+            queue_info: format!("{base}:queue-info"),
+            config: format!("{base}:config"),
+            events: format!("{base}:events"),
+            audit: format!("{base}:audit"),
+            media: format!("{base}:media"),
+        }
+    }
+
+    /// The pub/sub channel of a channel's events.
+    pub fn channel_events(&self, ch: &ChannelId) -> String {
+        format!("{}:{{ch:{ch}}}:events", self.prefix)
+    }
+
+    /// Parses a pub/sub channel name back into the channel id.
+    pub fn parse_channel_events(&self, name: &str) -> Option<ChannelId> {
+        let rest = name.strip_prefix(&self.prefix)?.strip_prefix(":{ch:")?;
+        let id = rest.strip_suffix("}:events")?;
+        ChannelId::parse(id).ok()
+    }
+
+    /// Sorted set: channel id -> time (ms) its floor grant should next be checked for expiry.
+    pub fn floor_deadlines(&self) -> String {
+        format!("{}:floor-deadlines", self.prefix)
+    }
+
+    pub fn session(&self, sid: &SessionId) -> String {
+        format!("{}:{{s:{sid}}}", self.prefix)
+    }
+
+    pub fn session_channels(&self, sid: &SessionId) -> String {
+        format!("{}:{{s:{sid}}}:channels", self.prefix)
+    }
+
+    /// Sorted set: session id -> expiry (ms).
+    pub fn session_deadlines(&self) -> String {
+        format!("{}:session-deadlines", self.prefix)
+    }
+
+    pub fn user_sessions(&self, uid: &UserId) -> String {
+        format!("{}:user:{uid}:sessions", self.prefix)
+    }
+
+    /// Set of registered media node ids.
+    pub fn media_nodes(&self) -> String {
+        format!("{}:media:nodes", self.prefix)
+    }
+
+    pub fn media_node(&self, node: &NodeId) -> String {
+        format!("{}:media:{{node:{node}}}", self.prefix)
+    }
+
+    pub fn media_node_channels(&self, node: &NodeId) -> String {
+        format!("{}:media:{{node:{node}}}:channels", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_keys_share_one_hash_tag() {
+        let keys = Keys::new("ptt");
+        let ch = ChannelId::parse("ops").unwrap();
+        let all = keys.channel(&ch);
+        for key in all.all() {
+            assert!(key.starts_with("ptt:{ch:ops}:"), "{key}");
+        }
+        assert_eq!(all.events, keys.channel_events(&ch));
+        assert_eq!(keys.parse_channel_events(&all.events), Some(ch));
+        assert_eq!(keys.parse_channel_events("other:{ch:ops}:events"), None);
+    }
+}

@@ -1,0 +1,158 @@
+//! The Redis pub/sub listener: one connection per process that subscribes to exactly the
+//! channels local watchers want and feeds their events to the hub.
+//!
+//! Pub/sub is at-most-once. Whenever the connection is (re)established, every local subscriber
+//! is told to resynchronise, so it re-reads the state it may have missed. Subscriptions use
+//! one name per channel, so moving to sharded pub/sub (`SSUBSCRIBE`) changes nothing here but
+//! the command.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::keys::Keys;
+use super::wire::{WireEvent, parse};
+use crate::domain::ChannelId;
+use crate::error::StoreError;
+use crate::hub::Hub;
+
+/// A request to make the subscriptions match the hub, answered once they do.
+pub type ReconcileRequest = oneshot::Sender<Result<(), StoreError>>;
+
+/// Pending reconcile requests the listener accepts before callers wait.
+pub const RECONCILE_QUEUE: usize = 256;
+/// Channels per SUBSCRIBE command.
+const SUBSCRIBE_BATCH: usize = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Listener {
+    pub client: redis::Client,
+    pub keys: Keys,
+    pub hub: Arc<Hub>,
+    pub timeout: Duration,
+    pub requests: mpsc::Receiver<ReconcileRequest>,
+    pub shutdown: CancellationToken,
+}
+
+impl Listener {
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let connected = tokio::select! {
+                c = tokio::time::timeout(self.timeout, self.client.get_async_pubsub()) => c,
+                () = self.shutdown.cancelled() => return,
+            };
+            let pubsub = match connected {
+                Ok(Ok(p)) => p,
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".to_owned(),
+                    };
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "redis pub/sub connect failed");
+                    if self.wait_refusing(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            tracing::info!("redis pub/sub connected");
+            let (mut sink, mut stream) = pubsub.split();
+            let mut subscribed = HashSet::new();
+            let mut healthy = self.reconcile(&mut sink, &mut subscribed).await.is_ok();
+            // Anything published while we were away is lost: make watchers re-read.
+            self.hub.resync_all();
+            while healthy {
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => self.deliver(&msg),
+                        None => healthy = false,
+                    },
+                    Some(reply) = self.requests.recv() => {
+                        let result = self.reconcile(&mut sink, &mut subscribed).await;
+                        healthy = result.is_ok();
+                        let _ = reply.send(result);
+                    }
+                    () = self.hub.wanted_changed() => {
+                        healthy = self.reconcile(&mut sink, &mut subscribed).await.is_ok();
+                    }
+                    () = self.shutdown.cancelled() => return,
+                }
+            }
+            tracing::warn!("redis pub/sub connection lost; reconnecting");
+        }
+    }
+
+    /// Sleeps for `delay` while answering reconcile requests with `Unavailable`. Returns true
+    /// on shutdown.
+    async fn wait_refusing(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return false,
+                Some(reply) = self.requests.recv() => {
+                    let _ = reply.send(Err(StoreError::Unavailable("pub/sub not connected".into())));
+                }
+                () = self.shutdown.cancelled() => return true,
+            }
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        subscribed: &mut HashSet<ChannelId>,
+    ) -> Result<(), StoreError> {
+        let wanted = self.hub.wanted_channels();
+        let add: Vec<ChannelId> = wanted.difference(subscribed).cloned().collect();
+        let remove: Vec<ChannelId> = subscribed.difference(&wanted).cloned().collect();
+        for batch in add.chunks(SUBSCRIBE_BATCH) {
+            let names: Vec<String> = batch.iter().map(|c| self.keys.channel_events(c)).collect();
+            self.bounded(sink.subscribe(names)).await?;
+            subscribed.extend(batch.iter().cloned());
+        }
+        for batch in remove.chunks(SUBSCRIBE_BATCH) {
+            let names: Vec<String> = batch.iter().map(|c| self.keys.channel_events(c)).collect();
+            self.bounded(sink.unsubscribe(names)).await?;
+            for ch in batch {
+                subscribed.remove(ch);
+            }
+        }
+        Ok(())
+    }
+
+    async fn bounded(
+        &self,
+        fut: impl Future<Output = redis::RedisResult<()>>,
+    ) -> Result<(), StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable("subscribe timed out".into())),
+        }
+    }
+
+    fn deliver(&self, msg: &redis::Msg) {
+        let name = msg.get_channel_name();
+        if self.keys.parse_channel_events(name).is_none() {
+            return;
+        }
+        let payload = msg.get_payload_bytes();
+        let event = std::str::from_utf8(payload)
+            .map_err(|_| StoreError::Internal("event is not utf-8".into()))
+            .and_then(|raw| parse::<WireEvent>(raw, "event"))
+            .and_then(WireEvent::into_domain);
+        match event {
+            Ok(event) => self.hub.dispatch(event),
+            Err(error) => tracing::warn!(%error, channel = name, "dropped unreadable event"),
+        }
+    }
+}

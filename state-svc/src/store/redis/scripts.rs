@@ -1,0 +1,363 @@
+//! Every Lua script of the Redis store.
+//!
+//! Channel scripts share one prelude and one calling convention: `KEYS` are the nine keys of
+//! one channel (`keys::ChannelKeys::all`, one hash tag, so one Cluster slot) and `ARGV[1..=5]`
+//! are the channel id, the default lease, the default maximum talk time, the garbage-collection
+//! grace and the audit stream's approximate length; script arguments follow from `ARGV[6]`.
+//! Each script reads the clock with `TIME` (the server clock decides every expiry), makes its
+//! change, publishes the event and appends the audit entry in the same atomic step, and answers
+//! with one JSON document. Epochs travel as strings: they exceed the 14 significant digits
+//! cjson keeps for numbers.
+//!
+//! The floor hash is not given a Redis TTL equal to the lease: a key that vanishes by itself
+//! cannot publish who lost the floor. Instead the hash records `expires` and `max_until`, every
+//! script treats a lapsed grant as free (and announces it), the sweeper expires grants nobody
+//! touches, and a generous `PEXPIRE` only collects garbage.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+const PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local CH = ARGV[1]
+local DEF_LEASE = tonumber(ARGV[2])
+local DEF_MAX = tonumber(ARGV[3])
+local GC_MS = tonumber(ARGV[4])
+local AUDIT_MAX = ARGV[5]
+local K_FLOOR, K_EPOCH, K_MEMBERS, K_QUEUE, K_QINFO, K_CONFIG, K_EVENTS, K_AUDIT, K_MEDIA =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+
+local function estr(e) return string.format('%.0f', e) end
+
+local function config()
+  local c = redis.call('HMGET', K_CONFIG, 'queue', 'lease_ms', 'max_talk_ms')
+  local lease = tonumber(c[2])
+  if not lease or lease <= 0 then lease = DEF_LEASE end
+  local max = tonumber(c[3])
+  if not max or max <= 0 then max = DEF_MAX end
+  return c[1] == '1', lease, max
+end
+
+local function current_epoch() return tonumber(redis.call('GET', K_EPOCH) or '0') end
+
+-- The fencing epoch never goes backwards, even when Redis lost the counter: the clock
+-- (milliseconds times 1000) carries it past every earlier value.
+local function bump_epoch()
+  local e = math.max(current_epoch() + 1, now * 1000)
+  redis.call('SET', K_EPOCH, estr(e))
+  return estr(e)
+end
+
+local function holder()
+  local f = redis.call('HMGET', K_FLOOR, 'sid', 'uid', 'name', 'prio', 'epoch', 'granted', 'expires', 'max_until')
+  if not f[1] then return nil end
+  return { sid = f[1], uid = f[2], name = f[3], prio = tonumber(f[4]), epoch = f[5],
+           granted = tonumber(f[6]), expires = tonumber(f[7]), max_until = tonumber(f[8]) }
+end
+
+local function speaker(h) return { sid = h.sid, uid = h.uid, name = h.name, prio = h.prio } end
+
+local function publish(ev)
+  ev.ch = CH
+  ev.at = now
+  redis.call('PUBLISH', K_EVENTS, cjson.encode(ev))
+end
+
+local function audit(ev, h, extra)
+  local args = { 'XADD', K_AUDIT, 'MAXLEN', '~', AUDIT_MAX, '*', 'ev', ev, 'ch', CH,
+                 'sid', h.sid, 'uid', h.uid, 'epoch', h.epoch or '', 'at', tostring(now) }
+  if extra then
+    for k, v in pairs(extra) do
+      table.insert(args, k)
+      table.insert(args, tostring(v))
+    end
+  end
+  redis.call(unpack(args))
+end
+
+local function grant(sid, m, prio)
+  local _, lease, max = config()
+  local e = bump_epoch()
+  local max_until = now + max
+  local expires = math.min(now + lease, max_until)
+  redis.call('HSET', K_FLOOR, 'sid', sid, 'uid', m.uid, 'name', m.name, 'prio', prio,
+             'epoch', e, 'granted', now, 'expires', expires, 'max_until', max_until)
+  redis.call('PEXPIRE', K_FLOOR, max + GC_MS)
+  redis.call('ZREM', K_QUEUE, sid)
+  redis.call('HDEL', K_QINFO, sid)
+  local h = { sid = sid, uid = m.uid, name = m.name, prio = prio, epoch = e,
+              granted = now, expires = expires, max_until = max_until }
+  audit('granted', h, { prio = prio })
+  return h, max
+end
+
+-- Frees the floor, then grants the head of the queue (still a member) in the same step.
+local function free(h, reason)
+  redis.call('DEL', K_FLOOR)
+  local e = bump_epoch()
+  local held = now - h.granted
+  publish({ k = 'floor', epoch = e, reason = reason, prev = speaker(h), prev_ms = held })
+  audit(reason, h, { held_ms = held })
+  while true do
+    local head = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+    if not head then return nil end
+    local info = redis.call('HGET', K_QINFO, head)
+    redis.call('ZREM', K_QUEUE, head)
+    redis.call('HDEL', K_QINFO, head)
+    local mj = redis.call('HGET', K_MEMBERS, head)
+    if mj and info then
+      local nh = grant(head, cjson.decode(mj), cjson.decode(info).prio)
+      publish({ k = 'floor', epoch = nh.epoch, reason = 'queue_granted', holder = nh })
+      return nh
+    end
+  end
+end
+
+local function lapse_reason(h)
+  if now >= h.max_until then return 'max_talk_time' end
+  return 'lease_expired'
+end
+
+-- The holder after lazily expiring a lapsed grant.
+local function live_holder()
+  local h = holder()
+  if h and now >= h.expires then return free(h, lapse_reason(h)) end
+  return h
+end
+
+local function state()
+  local raw = redis.call('HGETALL', K_MEMBERS)
+  local members = {}
+  for i = 1, #raw, 2 do
+    local m = cjson.decode(raw[i + 1])
+    m.sid = raw[i]
+    members[#members + 1] = m
+  end
+  local h = holder()
+  if h and now >= h.expires then h = nil end
+  return { members = members, holder = h, epoch = estr(current_epoch()),
+           node = redis.call('GET', K_MEDIA) or nil, now = now }
+end
+"#;
+
+const ACQUIRE: &str = r#"
+local sid, prio = ARGV[6], tonumber(ARGV[7])
+local mj = redis.call('HGET', K_MEMBERS, sid)
+if not mj then return cjson.encode({ r = 'not_member', now = now }) end
+local m = cjson.decode(mj)
+local queue_on, lease, max = config()
+local h = live_holder()
+if not h then
+  local nh = grant(sid, m, prio)
+  publish({ k = 'floor', epoch = nh.epoch, reason = 'granted', holder = nh })
+  return cjson.encode({ r = 'granted', holder = nh, max_talk = max, now = now })
+end
+if h.sid == sid then
+  -- Idempotent for the holder (a retried request): same epoch, lease refreshed.
+  h.expires = math.min(now + lease, h.max_until)
+  redis.call('HSET', K_FLOOR, 'expires', h.expires)
+  return cjson.encode({ r = 'granted', holder = h, max_talk = h.max_until - h.granted, now = now })
+end
+if prio > h.prio then
+  local held = now - h.granted
+  audit('preempted', h, { held_ms = held, by = sid })
+  local nh = grant(sid, m, prio)
+  publish({ k = 'floor', epoch = nh.epoch, reason = 'preempted', holder = nh,
+            prev = speaker(h), prev_ms = held })
+  return cjson.encode({ r = 'granted', holder = nh, max_talk = max, preempted = speaker(h), now = now })
+end
+audit('denied', { sid = sid, uid = m.uid, epoch = h.epoch }, { holder = h.sid })
+if queue_on then
+  if not redis.call('ZSCORE', K_QUEUE, sid) then
+    redis.call('ZADD', K_QUEUE, (255 - prio) * 1e13 + now, sid)
+    redis.call('HSET', K_QINFO, sid, cjson.encode({ prio = prio }))
+  end
+  local pos = redis.call('ZRANK', K_QUEUE, sid) + 1
+  return cjson.encode({ r = 'queued', holder = h, pos = pos, now = now })
+end
+return cjson.encode({ r = 'denied', holder = h, retry = h.expires - now, now = now })
+"#;
+
+const RENEW: &str = r#"
+local sid, ep = ARGV[6], ARGV[7]
+local _, lease = config()
+local h = holder()
+if h and now >= h.expires then
+  local reason = lapse_reason(h)
+  free(h, reason)
+  if h.sid == sid and h.epoch == ep and reason == 'max_talk_time' then
+    return cjson.encode({ r = 'max_talk_time', now = now })
+  end
+  return cjson.encode({ r = 'not_held', now = now })
+end
+if not h then return cjson.encode({ r = 'not_held', now = now }) end
+if h.sid ~= sid then return cjson.encode({ r = 'not_holder', now = now }) end
+if h.epoch ~= ep then return cjson.encode({ r = 'stale_epoch', now = now }) end
+local expires = math.min(now + lease, h.max_until)
+redis.call('HSET', K_FLOOR, 'expires', expires)
+return cjson.encode({ r = 'renewed', expires = expires, max_until = h.max_until, now = now })
+"#;
+
+const RELEASE: &str = r#"
+local sid, ep = ARGV[6], ARGV[7]
+local h = live_holder()
+if h and h.sid == sid then
+  if ep ~= '0' and h.epoch ~= ep then
+    return cjson.encode({ r = 'stale_epoch', epoch = estr(current_epoch()), now = now })
+  end
+  free(h, 'released')
+  return cjson.encode({ r = 'released', epoch = estr(current_epoch()), now = now })
+end
+local dq = redis.call('ZREM', K_QUEUE, sid)
+redis.call('HDEL', K_QINFO, sid)
+local r = 'not_held'
+if h then r = 'not_holder' end
+return cjson.encode({ r = r, dequeued = dq == 1, epoch = estr(current_epoch()), now = now })
+"#;
+
+const FORCE_RELEASE: &str = r#"
+local ep = ARGV[6]
+local h = live_holder()
+if not h then return cjson.encode({ r = 'not_held', epoch = estr(current_epoch()), now = now }) end
+if ep ~= '0' and h.epoch ~= ep then
+  return cjson.encode({ r = 'stale_epoch', epoch = estr(current_epoch()), now = now })
+end
+free(h, 'force_released')
+return cjson.encode({ r = 'released', epoch = estr(current_epoch()), now = now })
+"#;
+
+/// Sweeper step for one channel: expires a lapsed grant and says when to look again.
+const EXPIRE: &str = r#"
+local h = holder()
+local expired = false
+if h and now >= h.expires then
+  h = free(h, lapse_reason(h))
+  expired = true
+end
+local next_check = nil
+if h then next_check = h.expires end
+return cjson.encode({ expired = expired, next = next_check, now = now })
+"#;
+
+const JOIN: &str = r#"
+local sid, member = ARGV[6], ARGV[7]
+if redis.call('HSETNX', K_MEMBERS, sid, member) == 1 then
+  local m = cjson.decode(member)
+  m.sid = sid
+  publish({ k = 'member', change = 'joined', m = m, count = redis.call('HLEN', K_MEMBERS) })
+end
+return cjson.encode(state())
+"#;
+
+const LEAVE: &str = r#"
+local sid, reason = ARGV[6], ARGV[7]
+local mj = redis.call('HGET', K_MEMBERS, sid)
+if not mj then return cjson.encode({ was_member = false, released = false }) end
+local released = false
+local h = holder()
+if h and h.sid == sid then
+  free(h, reason)
+  released = true
+end
+redis.call('ZREM', K_QUEUE, sid)
+redis.call('HDEL', K_QINFO, sid)
+redis.call('HDEL', K_MEMBERS, sid)
+local count = redis.call('HLEN', K_MEMBERS)
+local m = cjson.decode(mj)
+m.sid = sid
+publish({ k = 'member', change = 'left', m = m, count = count })
+local node = nil
+if count == 0 then
+  node = redis.call('GET', K_MEDIA) or nil
+  redis.call('DEL', K_MEDIA)
+end
+return cjson.encode({ was_member = true, released = released, node = node })
+"#;
+
+const STATE: &str = "return cjson.encode(state())";
+
+/// Compare-and-set of a channel's media node (`KEYS[1]`): replaces `ARGV[1]` (empty: unset)
+/// with `ARGV[2]`; answers `{node holding the placement afterwards, 1 if this call set it}`.
+pub static PLACE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return { ARGV[2], 1 }
+end
+return { cur, 0 }
+"#,
+    )
+});
+
+/// Compare-and-set of one member's score in a deadline index (`KEYS[1]`): if `ARGV[1]` still
+/// has score `ARGV[2]`, set it to `ARGV[3]`, or remove it when `ARGV[3]` is empty.
+pub static RESCHEDULE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1])
+else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+return 1
+"#,
+    )
+});
+
+/// Updates a session hash (`KEYS[1]`) only if it still exists: `ARGV[1]` is the new expiry,
+/// `ARGV[2]` the key's time to live. Answers 1 when the session exists.
+pub static TOUCH_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'expires', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if KEYS[2] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return 1
+"#,
+    )
+});
+
+/// Heartbeat or drain of a registered node (`KEYS[1]`): sets field `ARGV[1]` to `ARGV[2]`
+/// (and `last_hb` to `ARGV[3]` when given) only if the node exists. Answers its `draining`
+/// flag, or nil when unknown.
+pub static NODE_UPDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] then redis.call('HSET', KEYS[1], 'last_hb', ARGV[3]) end
+return redis.call('HGET', KEYS[1], 'draining') or '0'
+"#,
+    )
+});
+
+fn channel_script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+/// The channel scripts, compiled (hashed) once per process.
+#[derive(Debug)]
+pub struct ChannelScripts {
+    pub acquire: Script,
+    pub renew: Script,
+    pub release: Script,
+    pub force_release: Script,
+    pub expire: Script,
+    pub join: Script,
+    pub leave: Script,
+    pub state: Script,
+}
+
+pub static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts {
+    acquire: channel_script(ACQUIRE),
+    renew: channel_script(RENEW),
+    release: channel_script(RELEASE),
+    force_release: channel_script(FORCE_RELEASE),
+    expire: channel_script(EXPIRE),
+    join: channel_script(JOIN),
+    leave: channel_script(LEAVE),
+    state: channel_script(STATE),
+});

@@ -1,0 +1,258 @@
+//! The JSON documents the Lua scripts answer with and publish, and their conversion into
+//! domain types. Data read back from Redis is validated like any other input: a record that
+//! does not parse is an internal error, never a panic.
+
+use serde::{Deserialize, Deserializer};
+
+use crate::domain::{
+    ChannelId, Event, FloorChanged, FloorHolder, FloorReason, Member, MembershipChange,
+    MembershipChanged, NodeId, SessionId, Speaker, UserId,
+};
+use crate::error::StoreError;
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Internal(format!("unreadable {what} in redis"))
+}
+
+pub fn parse<'a, T: Deserialize<'a>>(raw: &'a str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Internal(format!("unreadable {what}: {e}")))
+}
+
+pub fn epoch(raw: &str) -> Result<u64, StoreError> {
+    raw.parse().map_err(|_| corrupt("epoch"))
+}
+
+/// cjson encodes an empty Lua table as `{}`: accept it where a list is expected.
+fn list_or_empty_object<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrObject<T> {
+        List(Vec<T>),
+        Object(serde_json::Map<String, serde_json::Value>),
+    }
+    match ListOrObject::deserialize(d)? {
+        ListOrObject::List(v) => Ok(v),
+        ListOrObject::Object(m) if m.is_empty() => Ok(Vec::new()),
+        ListOrObject::Object(_) => Err(serde::de::Error::custom("expected a list")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireSpeaker {
+    pub sid: String,
+    pub uid: String,
+    pub name: String,
+    pub prio: u32,
+}
+
+impl WireSpeaker {
+    pub fn into_domain(self) -> Result<Speaker, StoreError> {
+        Ok(Speaker {
+            session_id: SessionId::parse(&self.sid).map_err(|_| corrupt("session id"))?,
+            user_id: UserId::parse(&self.uid).map_err(|_| corrupt("user id"))?,
+            user_name: self.name,
+            priority: self.prio,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireHolder {
+    #[serde(flatten)]
+    pub speaker: WireSpeaker,
+    pub epoch: String,
+    pub granted: i64,
+    pub expires: i64,
+    pub max_until: i64,
+}
+
+impl WireHolder {
+    pub fn into_domain(self) -> Result<FloorHolder, StoreError> {
+        Ok(FloorHolder {
+            epoch: epoch(&self.epoch)?,
+            granted_at_ms: self.granted,
+            expires_at_ms: self.expires,
+            max_until_ms: self.max_until,
+            speaker: self.speaker.into_domain()?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireMember {
+    pub sid: String,
+    pub uid: String,
+    pub name: String,
+    pub at: i64,
+}
+
+impl WireMember {
+    pub fn into_domain(self) -> Result<Member, StoreError> {
+        Ok(Member {
+            session_id: SessionId::parse(&self.sid).map_err(|_| corrupt("session id"))?,
+            user_id: UserId::parse(&self.uid).map_err(|_| corrupt("user id"))?,
+            user_name: self.name,
+            joined_at_ms: self.at,
+        })
+    }
+}
+
+/// What a member record stores (the session id is the hash field).
+#[derive(Debug, serde::Serialize)]
+pub struct StoredMember<'a> {
+    pub uid: &'a str,
+    pub name: &'a str,
+    pub at: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireAcquire {
+    pub r: String,
+    pub holder: Option<WireHolder>,
+    pub max_talk: Option<i64>,
+    pub retry: Option<i64>,
+    pub pos: Option<u32>,
+    pub preempted: Option<WireSpeaker>,
+    pub now: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireRenew {
+    pub r: String,
+    pub expires: Option<i64>,
+    pub max_until: Option<i64>,
+    pub now: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireRelease {
+    pub r: String,
+    pub epoch: String,
+    #[serde(default)]
+    pub dequeued: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireExpire {
+    pub expired: bool,
+    pub next: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireLeave {
+    pub was_member: bool,
+    pub released: bool,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireState {
+    #[serde(deserialize_with = "list_or_empty_object")]
+    pub members: Vec<WireMember>,
+    pub holder: Option<WireHolder>,
+    pub epoch: String,
+    pub node: Option<String>,
+    pub now: i64,
+}
+
+impl WireState {
+    pub fn into_domain(self, ch: &ChannelId) -> Result<crate::domain::ChannelState, StoreError> {
+        let mut members =
+            self.members.into_iter().map(WireMember::into_domain).collect::<Result<Vec<_>, _>>()?;
+        members.sort_by(|a, b| {
+            a.joined_at_ms.cmp(&b.joined_at_ms).then_with(|| a.session_id.cmp(&b.session_id))
+        });
+        Ok(crate::domain::ChannelState {
+            channel_id: ch.clone(),
+            holder: self.holder.map(WireHolder::into_domain).transpose()?,
+            epoch: epoch(&self.epoch)?,
+            members,
+            media_node: self
+                .node
+                .map(|n| NodeId::parse(&n).map_err(|_| corrupt("node id")))
+                .transpose()?,
+            server_time_ms: self.now,
+        })
+    }
+}
+
+/// An event as the scripts publish it.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "k", rename_all = "snake_case")]
+pub enum WireEvent {
+    Floor {
+        ch: String,
+        epoch: String,
+        reason: String,
+        holder: Option<WireHolder>,
+        prev: Option<WireSpeaker>,
+        prev_ms: Option<i64>,
+        at: i64,
+    },
+    Member {
+        ch: String,
+        change: String,
+        m: WireMember,
+        count: u32,
+        at: i64,
+    },
+}
+
+impl WireEvent {
+    pub fn into_domain(self) -> Result<Event, StoreError> {
+        let channel = |ch: &str| ChannelId::parse(ch).map_err(|_| corrupt("channel id"));
+        Ok(match self {
+            Self::Floor { ch, epoch: e, reason, holder, prev, prev_ms, at } => {
+                Event::Floor(FloorChanged {
+                    channel_id: channel(&ch)?,
+                    holder: holder.map(WireHolder::into_domain).transpose()?,
+                    previous: prev.map(WireSpeaker::into_domain).transpose()?,
+                    epoch: epoch(&e)?,
+                    reason: FloorReason::parse(&reason).ok_or_else(|| corrupt("floor reason"))?,
+                    previous_duration_ms: prev_ms.unwrap_or(0),
+                    at_ms: at,
+                })
+            }
+            Self::Member { ch, change, m, count, at } => Event::Membership(MembershipChanged {
+                channel_id: channel(&ch)?,
+                member: m.into_domain()?,
+                change: match change.as_str() {
+                    "joined" => MembershipChange::Joined,
+                    "left" => MembershipChange::Left,
+                    _ => return Err(corrupt("membership change")),
+                },
+                member_count: count,
+                at_ms: at,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_lua_table_reads_as_empty_list() {
+        let state: WireState =
+            parse(r#"{"members":{},"epoch":"1732245123456000","now":5}"#, "state").unwrap();
+        assert!(state.members.is_empty());
+        assert_eq!(epoch(&state.epoch).unwrap(), 1_732_245_123_456_000);
+    }
+
+    #[test]
+    fn events_parse_into_domain() {
+        let raw = r#"{"k":"floor","ch":"ops","epoch":"7","reason":"preempted",
+            "holder":{"sid":"s2","uid":"u2","name":"Bo","prio":5,"epoch":"7","granted":1,"expires":2,"max_until":3},
+            "prev":{"sid":"s1","uid":"u1","name":"Al","prio":0},"prev_ms":40,"at":9}"#;
+        let event = parse::<WireEvent>(raw, "event").unwrap().into_domain().unwrap();
+        let Event::Floor(f) = event else { panic!("not a floor event") };
+        assert_eq!(f.reason, FloorReason::Preempted);
+        assert_eq!(f.previous.unwrap().user_name, "Al");
+        assert_eq!(f.holder.unwrap().speaker.priority, 5);
+    }
+}

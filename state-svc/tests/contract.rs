@@ -1,0 +1,506 @@
+//! The contract both stores must keep, run over gRPC against the real server: once with the
+//! in-memory store and once with a real Redis.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Backend, TestServer, holder_user};
+use talkgroup_proto::state::v1 as pb;
+use tonic::Code;
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await })*
+        }
+    };
+}
+
+contract!(
+    grant_then_deny_with_holder_info,
+    reacquire_by_holder_is_idempotent,
+    renew_extends_only_the_holders_lease,
+    release_by_non_holder_or_stale_epoch_is_refused,
+    lease_expiry_frees_the_floor_and_the_next_epoch_is_higher,
+    max_talk_time_revokes_despite_renewal,
+    preemption_is_one_step,
+    queue_grants_the_head_on_release,
+    membership_changes_reach_watchers,
+    removing_a_session_leaves_every_channel_and_releases_its_floors,
+    untouched_sessions_expire,
+    placement_picks_least_loaded_live_node_and_agrees,
+    hostile_input_is_refused,
+);
+
+async fn grant_then_deny_with_holder_info(b: Backend) {
+    let server = TestServer::start(b.config("grant")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let bo = c.join("bo", "ops").await;
+
+    let granted = c.acquire("ops", &a, 0).await;
+    assert_eq!(granted.outcome(), pb::AcquireOutcome::Granted);
+    let holder = granted.holder.clone().unwrap();
+    assert!(holder.epoch > 0);
+    assert!(holder.expires_at_ms > granted.server_time_ms);
+    assert_eq!(holder.max_until_ms - holder.granted_at_ms, 60_000);
+    assert_eq!(granted.max_talk_ms, 60_000);
+
+    let denied = c.acquire("ops", &bo, 0).await;
+    assert_eq!(denied.outcome(), pb::AcquireOutcome::Denied);
+    let speaker = denied.holder.as_ref().unwrap().speaker.clone().unwrap();
+    assert_eq!((speaker.user_id.as_str(), speaker.user_name.as_str()), ("u-ana", "ana"));
+    assert!(denied.retry_after_ms > 0 && denied.retry_after_ms <= 5_000);
+
+    let floor = c.floor("ops").await;
+    assert_eq!(holder_user(&floor.holder), "u-ana");
+    assert_eq!(floor.epoch, holder.epoch);
+
+    // Only members may take the floor.
+    let outsider = c.session("cy").await;
+    let err = c
+        .floor
+        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: outsider, priority: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    server.stop().await;
+}
+
+async fn reacquire_by_holder_is_idempotent(b: Backend) {
+    let server = TestServer::start(b.config("idem")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let first = c.acquire("ops", &a, 0).await.holder.unwrap();
+    let again = c.acquire("ops", &a, 0).await;
+    assert_eq!(again.outcome(), pb::AcquireOutcome::Granted);
+    let again = again.holder.unwrap();
+    assert_eq!(again.epoch, first.epoch);
+    assert_eq!(again.granted_at_ms, first.granted_at_ms);
+    assert!(again.expires_at_ms >= first.expires_at_ms);
+    server.stop().await;
+}
+
+async fn renew_extends_only_the_holders_lease(b: Backend) {
+    let server = TestServer::start(b.config("renew")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let bo = c.join("bo", "ops").await;
+    let held = c.acquire("ops", &a, 0).await.holder.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await; // let the clock move so renewal shows
+    let renew = |sid: String, epoch| pb::RenewFloorRequest { channel_id: "ops".into(), session_id: sid, epoch };
+
+    let ok = c.floor.renew_floor(renew(a.clone(), held.epoch)).await.unwrap().into_inner();
+    assert!(ok.renewed);
+    assert!(ok.expires_at_ms > held.expires_at_ms);
+    assert_eq!(ok.max_until_ms, held.max_until_ms);
+
+    let other = c.floor.renew_floor(renew(bo.clone(), held.epoch)).await.unwrap().into_inner();
+    assert!(!other.renewed);
+    assert_eq!(other.refusal(), pb::FloorRefusal::NotHolder);
+
+    let stale = c.floor.renew_floor(renew(a.clone(), held.epoch - 1)).await.unwrap().into_inner();
+    assert_eq!(stale.refusal(), pb::FloorRefusal::StaleEpoch);
+
+    c.release("ops", &a, held.epoch).await;
+    let free = c.floor.renew_floor(renew(a, held.epoch)).await.unwrap().into_inner();
+    assert_eq!(free.refusal(), pb::FloorRefusal::NotHeld);
+    server.stop().await;
+}
+
+async fn release_by_non_holder_or_stale_epoch_is_refused(b: Backend) {
+    let server = TestServer::start(b.config("release")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let bo = c.join("bo", "ops").await;
+    let held = c.acquire("ops", &a, 0).await.holder.unwrap();
+
+    let by_other = c.release("ops", &bo, 0).await;
+    assert!(!by_other.released);
+    assert_eq!(by_other.refusal(), pb::FloorRefusal::NotHolder);
+    let by_other_epoch = c.release("ops", &bo, held.epoch).await;
+    assert!(!by_other_epoch.released);
+
+    let stale = c.release("ops", &a, held.epoch - 1).await;
+    assert!(!stale.released);
+    assert_eq!(stale.refusal(), pb::FloorRefusal::StaleEpoch);
+    assert_eq!(holder_user(&c.floor("ops").await.holder), "u-ana");
+
+    let released = c.release("ops", &a, held.epoch).await;
+    assert!(released.released);
+    assert!(released.epoch > held.epoch, "release moves the epoch on");
+    let floor = c.floor("ops").await;
+    assert!(floor.holder.is_none());
+    assert_eq!(floor.epoch, released.epoch);
+    server.stop().await;
+}
+
+async fn lease_expiry_frees_the_floor_and_the_next_epoch_is_higher(b: Backend) {
+    let mut config = b.config("lease");
+    config.lease_ms = 300;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let bo = c.join("bo", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    let held = c.acquire("ops", &a, 0).await.holder.unwrap();
+    assert_eq!(watch.next_floor().await.reason(), pb::FloorReason::Granted);
+
+    // Nobody renews and nobody touches the channel: the sweeper announces the expiry.
+    let expired = watch.next_floor().await;
+    assert_eq!(expired.reason(), pb::FloorReason::LeaseExpired);
+    assert!(expired.holder.is_none());
+    assert_eq!(expired.previous.unwrap().user_id, "u-ana");
+    assert!(expired.previous_duration_ms >= 300);
+    assert!(expired.epoch > held.epoch);
+    assert!(c.floor("ops").await.holder.is_none());
+
+    let next = c.acquire("ops", &bo, 0).await;
+    assert_eq!(next.outcome(), pb::AcquireOutcome::Granted);
+    assert!(next.holder.unwrap().epoch > expired.epoch);
+    server.stop().await;
+}
+
+async fn max_talk_time_revokes_despite_renewal(b: Backend) {
+    let mut config = b.config("maxtalk");
+    config.lease_ms = 200;
+    config.max_talk_ms = 700;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    let held = c.acquire("ops", &a, 0).await.holder.unwrap();
+    assert_eq!(held.max_until_ms - held.granted_at_ms, 700);
+    watch.next_floor().await;
+
+    // The gateway renews every lease/3, as long as it is allowed to.
+    let mut renewals = 0;
+    let refusal = loop {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let r = c
+            .floor
+            .renew_floor(pb::RenewFloorRequest { channel_id: "ops".into(), session_id: a.clone(), epoch: held.epoch })
+            .await
+            .unwrap()
+            .into_inner();
+        if !r.renewed {
+            break r.refusal();
+        }
+        assert!(r.expires_at_ms <= held.max_until_ms, "a renewal never passes max talk time");
+        renewals += 1;
+        assert!(renewals < 100, "never revoked");
+    };
+    assert!(matches!(refusal, pb::FloorRefusal::MaxTalkTime | pb::FloorRefusal::NotHeld));
+    assert!(renewals >= 5, "renewal kept the grant alive past several leases ({renewals})");
+    let revoked = watch.next_floor().await;
+    assert_eq!(revoked.reason(), pb::FloorReason::MaxTalkTime);
+    assert!(revoked.previous_duration_ms >= 700 && revoked.previous_duration_ms < 1_500);
+    server.stop().await;
+}
+
+async fn preemption_is_one_step(b: Backend) {
+    let server = TestServer::start(b.config("preempt")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let d = c.join("dispatch", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    let low = c.acquire("ops", &a, 0).await.holder.unwrap();
+    watch.next_floor().await;
+
+    let high = c.acquire("ops", &d, 50).await;
+    assert_eq!(high.outcome(), pb::AcquireOutcome::Granted);
+    assert_eq!(high.preempted.as_ref().unwrap().user_id, "u-ana");
+    let high_epoch = high.holder.as_ref().unwrap().epoch;
+    assert!(high_epoch > low.epoch);
+
+    // One event: the floor went straight from ana to dispatch, never through "free".
+    let change = watch.next_floor().await;
+    assert_eq!(change.reason(), pb::FloorReason::Preempted);
+    assert_eq!(holder_user(&change.holder), "u-dispatch");
+    assert_eq!(change.previous.unwrap().user_id, "u-ana");
+    assert_eq!(change.epoch, high_epoch);
+
+    // Equal or lower priority does not pre-empt.
+    assert_eq!(c.acquire("ops", &a, 0).await.outcome(), pb::AcquireOutcome::Denied);
+    assert_eq!(c.acquire("ops", &a, 50).await.outcome(), pb::AcquireOutcome::Denied);
+    // The interrupted holder's old epoch is dead.
+    assert!(!c.release("ops", &a, low.epoch).await.released);
+    server.stop().await;
+}
+
+async fn queue_grants_the_head_on_release(b: Backend) {
+    let server = TestServer::start(b.config("queue")).await;
+    let mut c = server.clients().await;
+    c.channel
+        .set_channel_config(pb::SetChannelConfigRequest {
+            config: Some(pb::ChannelConfig { channel_id: "ops".into(), queue_enabled: true, lease_ms: 0, max_talk_ms: 0 }),
+        })
+        .await
+        .unwrap();
+    let a = c.join("ana", "ops").await;
+    let bo = c.join("bo", "ops").await;
+    let cy = c.join("cy", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    // ana talks at priority 10, so the later requests below queue instead of pre-empting.
+    let held = c.acquire("ops", &a, 10).await.holder.unwrap();
+    watch.next_floor().await;
+
+    let q1 = c.acquire("ops", &bo, 0).await;
+    assert_eq!(q1.outcome(), pb::AcquireOutcome::Queued);
+    assert_eq!(q1.queue_position, 1);
+    assert_eq!(holder_user(&q1.holder), "u-ana");
+    // Priority first, then time: cy (5) goes ahead of bo (0), who asked earlier.
+    let q2 = c.acquire("ops", &cy, 5).await;
+    assert_eq!(q2.queue_position, 1);
+    assert_eq!(c.acquire("ops", &bo, 0).await.queue_position, 2, "asking again keeps the place");
+
+    assert!(c.release("ops", &a, held.epoch).await.released);
+    let freed = watch.next_floor().await;
+    assert_eq!(freed.reason(), pb::FloorReason::Released);
+    let to_cy = watch.next_floor().await;
+    assert_eq!(to_cy.reason(), pb::FloorReason::QueueGranted);
+    assert_eq!(holder_user(&to_cy.holder), "u-cy");
+    assert!(to_cy.epoch > freed.epoch);
+    assert_eq!(holder_user(&c.floor("ops").await.holder), "u-cy");
+
+    // A queued session that gives up leaves the queue.
+    let gave_up = c.release("ops", &bo, 0).await;
+    assert!(!gave_up.released);
+    assert!(gave_up.dequeued);
+    assert!(c.release("ops", &cy, 0).await.released);
+    assert_eq!(watch.next_floor().await.reason(), pb::FloorReason::Released);
+    assert!(c.floor("ops").await.holder.is_none(), "bo left the queue, nobody is granted");
+    server.stop().await;
+}
+
+async fn membership_changes_reach_watchers(b: Backend) {
+    let server = TestServer::start(b.config("members")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    let bo = c.join("bo", "ops").await;
+    let joined = watch.next_membership().await;
+    assert_eq!(joined.change(), pb::MembershipChange::Joined);
+    assert_eq!(joined.member.unwrap().user_name, "bo");
+    assert_eq!(joined.member_count, 2);
+
+    let members = c
+        .session
+        .list_members(pb::ListMembersRequest { channel_id: "ops".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    let names: Vec<_> = members.iter().map(|m| m.user_name.as_str()).collect();
+    assert_eq!(names, ["ana", "bo"]);
+
+    let left = c
+        .session
+        .leave_channel(pb::LeaveChannelRequest { session_id: bo.clone(), channel_id: "ops".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.was_member);
+    let event = watch.next_membership().await;
+    assert_eq!(event.change(), pb::MembershipChange::Left);
+    assert_eq!(event.member_count, 1);
+    let state = c
+        .channel
+        .get_channel_state(pb::GetChannelStateRequest { channel_id: "ops".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.members.len(), 1);
+    assert_eq!(state.members[0].session_id, a);
+    server.stop().await;
+}
+
+async fn removing_a_session_leaves_every_channel_and_releases_its_floors(b: Backend) {
+    let server = TestServer::start(b.config("remove")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    c.session
+        .join_channel(pb::JoinChannelRequest { session_id: a.clone(), channel_id: "gate".into() })
+        .await
+        .unwrap();
+    let mut watch = c.watch(&["ops"]).await;
+    c.acquire("ops", &a, 0).await;
+    watch.next_floor().await;
+
+    let removed = c
+        .session
+        .remove_session(pb::RemoveSessionRequest { session_id: a.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.channels_left, ["gate", "ops"]);
+    assert_eq!(removed.floors_released, 1);
+    let freed = watch.next_floor().await;
+    assert_eq!(freed.reason(), pb::FloorReason::Disconnected);
+    assert_eq!(watch.next_membership().await.change(), pb::MembershipChange::Left);
+    let err = c.session.get_session(pb::GetSessionRequest { session_id: a }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+async fn untouched_sessions_expire(b: Backend) {
+    let server = TestServer::start(b.config("expiry")).await;
+    let mut c = server.clients().await;
+    let keep = c.join("keeper", "ops").await;
+    let short = c
+        .session
+        .create_session(pb::CreateSessionRequest {
+            user_id: "u-short".into(),
+            user_name: "short".into(),
+            gateway_id: "gw".into(),
+            ttl_ms: 300,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.session
+        .join_channel(pb::JoinChannelRequest { session_id: short.session_id.clone(), channel_id: "ops".into() })
+        .await
+        .unwrap();
+    let mut watch = c.watch(&["ops"]).await;
+    c.acquire("ops", &short.session_id, 0).await;
+    watch.next_floor().await;
+
+    let freed = watch.next_floor().await;
+    assert_eq!(freed.reason(), pb::FloorReason::Disconnected);
+    let left = watch.next_membership().await;
+    assert_eq!(left.member.unwrap().user_id, "u-short");
+    let err = c.session.get_session(pb::GetSessionRequest { session_id: short.session_id }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // A session that is touched lives on.
+    let touched = c.session.touch_session(pb::TouchSessionRequest { session_id: keep.clone() }).await.unwrap();
+    assert!(touched.into_inner().expires_at_ms > 0);
+    let sessions = c
+        .session
+        .list_user_sessions(pb::ListUserSessionsRequest { user_id: "u-keeper".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].channel_ids, ["ops"]);
+    server.stop().await;
+}
+
+async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
+    let server = TestServer::start(b.config("place")).await;
+    let c = server.clients().await;
+    let mut reg = c.registry.clone();
+    let register = |id: &str, load| pb::RegisterNodeRequest {
+        node: Some(pb::MediaNode {
+            node_id: id.into(),
+            grpc_addr: format!("http://{id}:50052"),
+            announced_ip: "127.0.0.1".into(),
+            capacity: 100,
+            load,
+            ..Default::default()
+        }),
+    };
+    let err = reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "no node yet");
+    let reply = reg.register_node(register("busy", 40)).await.unwrap().into_inner();
+    assert_eq!(reply.dead_after_ms, 400);
+    reg.register_node(register("idle", 5)).await.unwrap();
+
+    // Concurrent first joins agree on one node: the least loaded.
+    let calls = (0..16).map(|_| {
+        let mut reg = reg.clone();
+        async move { reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner() }
+    });
+    let placements = futures::future::join_all(calls).await;
+    assert!(placements.iter().all(|p| p.node.as_ref().unwrap().node_id == "idle"));
+    assert_eq!(placements.iter().filter(|p| p.placed_now).count(), 1);
+
+    // A draining node keeps its channels but gets no new ones.
+    let drained = reg.drain_node(pb::DrainNodeRequest { node_id: "idle".into() }).await.unwrap().into_inner();
+    assert!(drained.draining);
+    assert_eq!(drained.channels, 1);
+    let again = reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner();
+    assert_eq!(again.node.unwrap().node_id, "idle");
+    let other = reg.place_channel(pb::PlaceChannelRequest { channel_id: "gate".into() }).await.unwrap().into_inner();
+    assert_eq!(other.node.unwrap().node_id, "busy");
+    assert!(reg.heartbeat(pb::HeartbeatRequest { node_id: "idle".into(), load: 1 }).await.unwrap().into_inner().draining);
+
+    // A node that stops heartbeating is dead; its channels move on the next placement.
+    let mut hb = reg.clone();
+    support_keep_alive(&mut hb, "busy", Duration::from_millis(700)).await;
+    let nodes = reg.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let idle = nodes.iter().find(|n| n.node_id == "idle").unwrap();
+    assert!(!idle.live, "idle stopped heartbeating");
+    assert!(nodes.iter().find(|n| n.node_id == "busy").unwrap().live);
+    let moved = reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner();
+    assert_eq!(moved.node.unwrap().node_id, "busy");
+    assert!(moved.placed_now);
+
+    let unknown = reg.heartbeat(pb::HeartbeatRequest { node_id: "ghost".into(), load: 0 }).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    server.stop().await;
+}
+
+/// Heartbeats `node` every 100 ms for `duration`.
+async fn support_keep_alive(
+    reg: &mut support::MediaRegistryServiceClient<tonic::transport::Channel>,
+    node: &str,
+    duration: Duration,
+) {
+    let until = tokio::time::Instant::now() + duration;
+    while tokio::time::Instant::now() < until {
+        reg.heartbeat(pb::HeartbeatRequest { node_id: node.into(), load: 40 }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn hostile_input_is_refused(b: Backend) {
+    let server = TestServer::start(b.config("hostile")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    let bad_channel = c
+        .floor
+        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops}:x{".into(), session_id: a.clone(), priority: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_channel.code(), Code::InvalidArgument);
+    let bad_priority = c
+        .floor
+        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a.clone(), priority: 1_000 })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_priority.code(), Code::InvalidArgument);
+    let bad_name = c
+        .session
+        .create_session(pb::CreateSessionRequest {
+            user_id: "u".into(),
+            user_name: "x".repeat(500),
+            gateway_id: String::new(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.code(), Code::InvalidArgument);
+    let unknown = c
+        .session
+        .join_channel(pb::JoinChannelRequest { session_id: "nosuchsession".into(), channel_id: "ops".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let bad_config = c
+        .channel
+        .set_channel_config(pb::SetChannelConfigRequest {
+            config: Some(pb::ChannelConfig { channel_id: "ops".into(), queue_enabled: false, lease_ms: 1, max_talk_ms: 0 }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_config.code(), Code::InvalidArgument);
+    server.stop().await;
+}

@@ -1,0 +1,225 @@
+//! Harness for state-svc's service tests: the real server on `127.0.0.1:0`, a real Redis shared
+//! by the test binary (one key prefix per test), and typed gRPC clients.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use state_svc::{Config, StoreKind};
+use talkgroup_proto::state::v1 as pb;
+use testkit::RedisServer;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use pb::channel_service_client::ChannelServiceClient;
+pub use pb::floor_service_client::FloorServiceClient;
+pub use pb::media_registry_service_client::MediaRegistryServiceClient;
+pub use pb::session_service_client::SessionServiceClient;
+
+/// The Redis server of this test binary.
+pub fn redis() -> &'static RedisServer {
+    static REDIS: OnceLock<RedisServer> = OnceLock::new();
+    REDIS.get_or_init(|| RedisServer::start().expect("start redis-server"))
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(name: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("t{}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed), name)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+impl Backend {
+    /// A configuration for this backend with short timings, so expiry tests run quickly.
+    pub fn config(self, name: &str) -> Config {
+        let mut config = Config::for_tests();
+        config.lease_ms = 5_000;
+        config.sweep_interval_ms = 20;
+        config.node_dead_after_ms = 400;
+        config.node_heartbeat_ms = 100;
+        if self == Backend::Redis {
+            config.store = Some(StoreKind::Redis);
+            config.redis_url = Some(redis().url());
+            config.key_prefix = unique_prefix(name);
+        }
+        config
+    }
+}
+
+/// A state-svc running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<Result<(), state_svc::RunError>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(state_svc::run(config, listener, shutdown.clone()));
+        Self { addr, shutdown, handle }
+    }
+
+    pub async fn clients(&self) -> Clients {
+        Clients::connect(self.addr).await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+#[derive(Clone)]
+pub struct Clients {
+    pub floor: FloorServiceClient<Channel>,
+    pub channel: ChannelServiceClient<Channel>,
+    pub session: SessionServiceClient<Channel>,
+    pub registry: MediaRegistryServiceClient<Channel>,
+}
+
+impl Clients {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            floor: FloorServiceClient::new(channel.clone()),
+            channel: ChannelServiceClient::new(channel.clone()),
+            session: SessionServiceClient::new(channel.clone()),
+            registry: MediaRegistryServiceClient::new(channel),
+        }
+    }
+
+    /// Creates a session for `user` and joins it to `channel`.
+    pub async fn join(&mut self, user: &str, channel: &str) -> String {
+        let sid = self.session(user).await;
+        self.session
+            .join_channel(pb::JoinChannelRequest { session_id: sid.clone(), channel_id: channel.into() })
+            .await
+            .unwrap();
+        sid
+    }
+
+    pub async fn session(&mut self, user: &str) -> String {
+        self.session
+            .create_session(pb::CreateSessionRequest {
+                user_id: format!("u-{user}"),
+                user_name: user.into(),
+                gateway_id: "gw-test".into(),
+                ttl_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id
+    }
+
+    pub async fn acquire(&mut self, channel: &str, sid: &str, priority: u32) -> pb::AcquireFloorResponse {
+        self.floor
+            .acquire_floor(pb::AcquireFloorRequest {
+                channel_id: channel.into(),
+                session_id: sid.into(),
+                priority,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn release(&mut self, channel: &str, sid: &str, epoch: u64) -> pb::ReleaseFloorResponse {
+        self.floor
+            .release_floor(pb::ReleaseFloorRequest { channel_id: channel.into(), session_id: sid.into(), epoch })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn floor(&mut self, channel: &str) -> pb::GetFloorResponse {
+        self.floor
+            .get_floor(pb::GetFloorRequest { channel_id: channel.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Opens a watch on `channels` and returns it once every snapshot has arrived.
+    pub async fn watch(&mut self, channels: &[&str]) -> Watch {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(pb::WatchRequest {
+            action: Some(pb::watch_request::Action::Subscribe(pb::ChannelSet {
+                channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
+            })),
+        })
+        .await
+        .unwrap();
+        let stream = self
+            .channel
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut watch = Watch { stream, _requests: tx };
+        for _ in channels {
+            match watch.next().await {
+                pb::watch_event::Event::Snapshot(_) => {}
+                other => panic!("expected a snapshot first, got {other:?}"),
+            }
+        }
+        watch
+    }
+}
+
+pub fn holder_user(holder: &Option<pb::FloorHolder>) -> String {
+    holder.as_ref().and_then(|h| h.speaker.as_ref()).map(|s| s.user_id.clone()).unwrap_or_default()
+}
+
+pub struct Watch {
+    stream: tonic::Streaming<pb::WatchEvent>,
+    _requests: tokio::sync::mpsc::Sender<pb::WatchRequest>,
+}
+
+impl Watch {
+    /// The next event, failing the test if none arrives within five seconds.
+    pub async fn next(&mut self) -> pb::watch_event::Event {
+        let item = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+            .await
+            .expect("watch event within 5 s")
+            .expect("watch stream open")
+            .expect("watch stream healthy");
+        item.event.expect("event set")
+    }
+
+    /// The next floor change, skipping membership events and snapshots.
+    pub async fn next_floor(&mut self) -> pb::FloorChanged {
+        loop {
+            if let pb::watch_event::Event::Floor(f) = self.next().await {
+                return f;
+            }
+        }
+    }
+
+    /// The next membership change, skipping floor events and snapshots.
+    pub async fn next_membership(&mut self) -> pb::MembershipChanged {
+        loop {
+            if let pb::watch_event::Event::Membership(m) = self.next().await {
+                return m;
+            }
+        }
+    }
+}

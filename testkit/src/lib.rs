@@ -1,0 +1,237 @@
+//! Test harness shared by Talkgroup's service tests, end-to-end tests and benchmarks.
+//!
+//! - [`RedisServer`]: a real `redis-server` process on an ephemeral loopback port, with no
+//!   persistence, that can be killed (`SIGKILL`) and restarted empty on the same port. The
+//!   process dies with the test binary even when the harness never drops it (a watchdog shell
+//!   holds the test's end of a pipe).
+//! - [`ServiceProcess`]: a service binary started with JSON logs, whose listening address is
+//!   read from its log.
+//! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Polls `check` every 10 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A free loopback port (bound and released; the caller retries if it is taken meanwhile).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A `redis-server` process owned by a test.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    pid: Option<u32>,
+    watchdog: Option<(Child, ChildStdin)>,
+}
+
+const WATCHDOG: &str = r#"redis-server "$@" & pid=$!; echo "$pid"; read -r _; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null"#;
+
+impl RedisServer {
+    /// Starts Redis on a fresh ephemeral port.
+    pub fn start() -> Result<Self> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut server = Self { port, pid: None, watchdog: None };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("redis did not start")))
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let port = self.port.to_string();
+        let mut child = Command::new("sh")
+            .args(["-c", WATCHDOG, "sh"])
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy(), "--loglevel", "warning"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot run redis-server (install the Debian package redis-server)")?;
+        let stdin = child.stdin.take().context("watchdog stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("watchdog stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let pid: u32 = line.trim().parse().context("watchdog did not report the redis pid")?;
+        // Keep draining redis's stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        self.pid = Some(pid);
+        self.watchdog = Some((child, stdin));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some((child, _)) = self.watchdog.as_mut()
+                && child.try_wait()?.is_some()
+            {
+                bail!("redis-server exited at start (port {} taken?)", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+        bail!("redis-server did not answer PING on port {}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// True when the server answers PING.
+    pub fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_millis(200),
+        ) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// `kill -9` of the Redis process: everything in memory is lost.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if let Some((mut child, stdin)) = self.watchdog.take() {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts an empty Redis again on the same port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A service binary running as its own process, with JSON logs on stdout.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServiceProcess {
+    /// Starts `bin` with `args` and waits for the log line `listening_message` carrying an
+    /// `addr` field.
+    pub fn start(bin: &str, args: &[&str], envs: &[(&str, &str)], listening_message: &str) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {bin}"))?;
+        let stdout = child.stdout.take().context("service stdout")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&logs);
+        let wanted = listening_message.to_owned();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
+                    && json["message"] == wanted.as_str()
+                    && let Some(addr) = json["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut logs) = sink.lock() {
+                    logs.push(line);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => Ok(Self { child, addr, logs }),
+            Err(_) => {
+                let _ = child.kill();
+                let logs = logs.lock().map(|l| l.join("\n")).unwrap_or_default();
+                bail!("{bin} did not log {listening_message:?}; its log:\n{logs}")
+            }
+        }
+    }
+
+    /// Log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                bail!("process did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
