@@ -137,6 +137,20 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the process (`SIGSTOP`): connections stay open and calls hang.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+        }
+    }
+
+    /// Thaws a paused process (`SIGCONT`).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid {
+            let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+        }
+    }
+
     /// Starts an empty Redis again on the same port.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
@@ -212,9 +226,14 @@ impl ServiceProcess {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
-    pub fn terminate(&mut self, timeout: Duration) -> Result<Option<i32>> {
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits for the process to exit and returns its code (None if killed by a signal);
+    /// kills it and fails after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -222,10 +241,16 @@ impl ServiceProcess {
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                bail!("process did not exit within {timeout:?} of SIGTERM");
+                bail!("process did not exit within {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        self.signal_term();
+        self.wait_exit(timeout)
     }
 }
 

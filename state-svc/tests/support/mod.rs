@@ -205,6 +205,14 @@ impl Watch {
         item.event.expect("event set")
     }
 
+    /// The next item, or None once the stream has ended (with an error or cleanly).
+    pub async fn next_or_end(&mut self) -> Option<pb::WatchEvent> {
+        match tokio::time::timeout(Duration::from_secs(5), self.stream.next()).await {
+            Ok(Some(Ok(event))) => Some(event),
+            _ => None,
+        }
+    }
+
     /// The next floor change, skipping membership events and snapshots.
     pub async fn next_floor(&mut self) -> pb::FloorChanged {
         loop {

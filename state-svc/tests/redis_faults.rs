@@ -1,0 +1,186 @@
+//! Redis-specific guarantees: one grant per contended round, epochs that survive Redis losing
+//! everything, events shared by replicas, and fail-safe behaviour while Redis is down.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use state_svc::StoreKind;
+use support::{Backend, Clients, TestServer, unique_prefix};
+use talkgroup_proto::state::v1 as pb;
+use testkit::{RedisServer, ServiceProcess, wait_until};
+use tonic::Code;
+
+const CONTENDERS: usize = 200;
+const ROUNDS: usize = 25;
+
+fn config_for(redis: &RedisServer, name: &str) -> state_svc::Config {
+    let mut config = Backend::Memory.config(name);
+    config.store = Some(StoreKind::Redis);
+    config.redis_url = Some(redis.url());
+    config.key_prefix = unique_prefix(name);
+    config.redis_timeout_ms = 300;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_grant_per_contended_round_and_epochs_survive_redis_loss() {
+    let mut redis = RedisServer::start().unwrap();
+    let server = TestServer::start(config_for(&redis, "race")).await;
+    let mut c = server.clients().await;
+    let mut sessions = Vec::with_capacity(CONTENDERS);
+    for i in 0..CONTENDERS {
+        sessions.push(c.join(&format!("user{i}"), "race").await);
+    }
+
+    let mut last_epoch = 0u64;
+    for round in 0..ROUNDS {
+        let calls = sessions.iter().map(|sid| {
+            let mut c = c.clone();
+            let sid = sid.clone();
+            tokio::spawn(async move { (sid.clone(), c.acquire("race", &sid, 0).await) })
+        });
+        let results: Vec<_> = futures::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
+        let granted: Vec<_> =
+            results.iter().filter(|(_, r)| r.outcome() == pb::AcquireOutcome::Granted).collect();
+        assert_eq!(granted.len(), 1, "round {round}: exactly one grant");
+        let (winner, grant) = granted[0];
+        let epoch = grant.holder.as_ref().unwrap().epoch;
+        assert!(epoch > last_epoch, "round {round}: epoch {epoch} after {last_epoch}");
+        for (_, r) in &results {
+            if r.outcome() == pb::AcquireOutcome::Denied {
+                assert_eq!(r.holder.as_ref().unwrap().epoch, epoch, "every denial names the one holder");
+            }
+        }
+        let released = c.release("race", winner, epoch).await;
+        assert!(released.released);
+        assert!(released.epoch > epoch);
+        last_epoch = released.epoch;
+    }
+
+    // Redis dies and comes back empty: the epoch counter is gone, yet the next grant's epoch is
+    // higher than every earlier one, so a stale holder can never be confused with a new one.
+    redis.kill();
+    redis.restart().unwrap();
+    wait_until(Duration::from_secs(10), "state-svc to reach the new redis", || {
+        let mut c = c.clone();
+        async move { c.floor.get_floor(pb::GetFloorRequest { channel_id: "race".into() }).await.is_ok() }
+    })
+    .await
+    .unwrap();
+    let sid = c.session("after").await;
+    c.session
+        .join_channel(pb::JoinChannelRequest { session_id: sid.clone(), channel_id: "race".into() })
+        .await
+        .unwrap();
+    let after = c.acquire("race", &sid, 0).await;
+    assert_eq!(after.outcome(), pb::AcquireOutcome::Granted);
+    let epoch = after.holder.unwrap().epoch;
+    assert!(epoch > last_epoch, "epoch after data loss {epoch} <= earlier {last_epoch}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restart() {
+    let mut redis = RedisServer::start().unwrap();
+    let server = TestServer::start(config_for(&redis, "down")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+
+    // A frozen Redis: connections stay open and nothing answers. The call is bounded.
+    redis.pause();
+    let started = Instant::now();
+    let err = c
+        .floor
+        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a.clone(), priority: 0 })
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(!err.message().contains("redis://"), "no internals in the message: {}", err.message());
+    assert!(waited < Duration::from_secs(2), "acquire took {waited:?}");
+    redis.resume();
+    wait_until(Duration::from_secs(10), "acquire after redis thawed", || {
+        let mut c = c.clone();
+        let a = a.clone();
+        async move {
+            c.floor
+                .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a, priority: 0 })
+                .await
+                .is_ok_and(|r| r.into_inner().outcome() == pb::AcquireOutcome::Granted)
+        }
+    })
+    .await
+    .unwrap();
+
+    // A dead Redis: refused connections. Never a grant, never a hang.
+    redis.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err = c
+            .floor
+            .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a.clone(), priority: 0 })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    redis.restart().unwrap();
+    wait_until(Duration::from_secs(10), "service to work again", || {
+        let mut c = c.clone();
+        async move { c.floor.get_floor(pb::GetFloorRequest { channel_id: "ops".into() }).await.is_ok() }
+    })
+    .await
+    .unwrap();
+    let mut fresh = Clients::connect(server.addr).await;
+    let b = fresh.join("bo", "ops").await;
+    assert_eq!(fresh.acquire("ops", &b, 0).await.outcome(), pb::AcquireOutcome::Granted);
+    server.stop().await;
+}
+
+// Multi-threaded, so the clients' connection tasks run while this thread waits for the exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_cross_state_svc_processes_sharing_one_redis() {
+    let redis = support::redis();
+    let prefix = unique_prefix("replicas");
+    let bin = env!("CARGO_BIN_EXE_state-svc");
+    let url = redis.url();
+    let args = [
+        "--listen", "127.0.0.1:0", "--store", "redis", "--redis-url", &url, "--key-prefix", &prefix,
+        "--log-format", "json",
+    ];
+    let mut one = ServiceProcess::start(bin, &args, &[], "state-svc listening").unwrap();
+    let mut two = ServiceProcess::start(bin, &args, &[], "state-svc listening").unwrap();
+    let mut via_one = Clients::connect(one.addr).await;
+    let mut via_two = Clients::connect(two.addr).await;
+
+    let mut watch = via_two.watch(&["ops"]).await;
+    let a = via_one.join("ana", "ops").await;
+    let joined = watch.next_membership().await;
+    assert_eq!(joined.member.unwrap().session_id, a);
+    let granted = via_one.acquire("ops", &a, 0).await;
+    let change = watch.next_floor().await;
+    assert_eq!(change.reason(), pb::FloorReason::Granted);
+    assert_eq!(change.epoch, granted.holder.unwrap().epoch);
+    // And the other way round.
+    let mut watch_one = via_one.watch(&["ops"]).await;
+    let b = via_two.join("bo", "ops").await;
+    assert_eq!(watch_one.next_membership().await.member.unwrap().session_id, b);
+
+    // SIGTERM with watch streams open: each stream ends with UNAVAILABLE (so its gateway can
+    // move to another replica), and both processes drain and exit cleanly, well within the
+    // grace period.
+    let started = Instant::now();
+    one.signal_term();
+    two.signal_term();
+    for mut w in [watch, watch_one] {
+        while w.next_or_end().await.is_some() {}
+    }
+    drop((via_one, via_two));
+    assert_eq!(one.wait_exit(Duration::from_secs(15)).unwrap(), Some(0));
+    assert_eq!(two.wait_exit(Duration::from_secs(15)).unwrap(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5), "drained in {:?}", started.elapsed());
+    assert!(two.logs().iter().any(|l| l.contains("state-svc stopped")));
+}
