@@ -41,5 +41,10 @@ pub fn standard_services() -> StandardServices<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("descriptor set built from our own contracts decodes");
-    StandardServices { reporter, health, reflection_v1, reflection_v1alpha }
+    StandardServices {
+        reporter,
+        health,
+        reflection_v1,
+        reflection_v1alpha,
+    }
 }

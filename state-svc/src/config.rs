@@ -63,7 +63,12 @@ pub struct Config {
     #[arg(long, env = "PTT_STATE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u32,
     /// Log format.
-    #[arg(long, env = "PTT_STATE_LOG_FORMAT", value_enum, default_value = "plain")]
+    #[arg(
+        long,
+        env = "PTT_STATE_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -100,24 +105,45 @@ impl Config {
     }
 
     pub fn store_kind(&self) -> StoreKind {
-        self.store.unwrap_or(if self.redis_url.is_some() { StoreKind::Redis } else { StoreKind::Memory })
+        self.store.unwrap_or(if self.redis_url.is_some() {
+            StoreKind::Redis
+        } else {
+            StoreKind::Memory
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let range = |name, v: u32, lo, hi| {
-            if (lo..=hi).contains(&v) { Ok(()) } else { Err(ConfigError::OutOfRange(name, lo, hi)) }
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange(name, lo, hi))
+            }
         };
         range("lease_ms", self.lease_ms, 100, 3_600_000)?;
         range("max_talk_ms", self.max_talk_ms, 100, 3_600_000)?;
         range("session_ttl_ms", self.session_ttl_ms, 1_000, 86_400_000)?;
-        range("node_dead_after_ms", self.node_dead_after_ms, 100, 3_600_000)?;
-        range("node_heartbeat_ms", self.node_heartbeat_ms, 50, self.node_dead_after_ms)?;
+        range(
+            "node_dead_after_ms",
+            self.node_dead_after_ms,
+            100,
+            3_600_000,
+        )?;
+        range(
+            "node_heartbeat_ms",
+            self.node_heartbeat_ms,
+            50,
+            self.node_dead_after_ms,
+        )?;
         range("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000)?;
         range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
         range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
         if self.key_prefix.is_empty()
             || self.key_prefix.len() > 64
-            || self.key_prefix.chars().any(|c| c == '{' || c == '}' || !c.is_ascii_graphic())
+            || self
+                .key_prefix
+                .chars()
+                .any(|c| c == '{' || c == '}' || !c.is_ascii_graphic())
         {
             return Err(ConfigError::BadKeyPrefix);
         }
@@ -165,7 +191,10 @@ mod tests {
     fn bad_values_are_refused() {
         let mut config = Config::for_tests();
         config.store = Some(StoreKind::Redis);
-        assert!(matches!(config.validate(), Err(ConfigError::MissingRedisUrl)));
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::MissingRedisUrl)
+        ));
         let mut config = Config::for_tests();
         config.lease_ms = 5;
         assert!(config.validate().is_err());

@@ -258,7 +258,9 @@ impl ChannelConfig {
     pub fn validate(self) -> Result<Self, StoreError> {
         let ok = |v: u32, min: u32| v == 0 || (min..=MAX_CONFIG_MS).contains(&v);
         if !ok(self.lease_ms, MIN_LEASE_MS) || !ok(self.max_talk_ms, MIN_LEASE_MS) {
-            return Err(StoreError::InvalidArgument("lease or max talk time out of range"));
+            return Err(StoreError::InvalidArgument(
+                "lease or max talk time out of range",
+            ));
         }
         Ok(self)
     }
@@ -335,11 +337,14 @@ pub struct Placement {
 
 /// Picks the least-loaded live, non-draining node (ties by id, so every caller agrees).
 pub fn choose_node(nodes: &[MediaNode]) -> Option<&MediaNode> {
-    nodes.iter().filter(|n| n.live && !n.draining).min_by(|a, b| {
-        a.load_score()
-            .total_cmp(&b.load_score())
-            .then_with(|| a.node_id.cmp(&b.node_id))
-    })
+    nodes
+        .iter()
+        .filter(|n| n.live && !n.draining)
+        .min_by(|a, b| {
+            a.load_score()
+                .total_cmp(&b.load_score())
+                .then_with(|| a.node_id.cmp(&b.node_id))
+        })
 }
 
 /// A change the store reports to watchers.

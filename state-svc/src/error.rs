@@ -53,7 +53,9 @@ mod tests {
 
     #[test]
     fn internal_details_never_reach_the_caller() {
-        let status = Status::from(StoreError::Unavailable("connection refused 10.0.0.7:6379".into()));
+        let status = Status::from(StoreError::Unavailable(
+            "connection refused 10.0.0.7:6379".into(),
+        ));
         assert_eq!(status.code(), Code::Unavailable);
         assert!(!status.message().contains("10.0.0.7"));
         let status = Status::from(StoreError::Internal("bad json at byte 7".into()));

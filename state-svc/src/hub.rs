@@ -61,7 +61,9 @@ impl Hub {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves only plain maps behind; keep serving.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A new subscriber with no channels yet.
@@ -73,9 +75,18 @@ impl Hub {
         let id = inner.next_id;
         inner.subs.insert(
             id,
-            Subscriber { tx, channels: HashSet::new(), lagged: Arc::clone(&lagged) },
+            Subscriber {
+                tx,
+                channels: HashSet::new(),
+                lagged: Arc::clone(&lagged),
+            },
         );
-        Subscription { id, hub: Arc::clone(self), rx, lagged }
+        Subscription {
+            id,
+            hub: Arc::clone(self),
+            rx,
+            lagged,
+        }
     }
 
     /// Delivers an event to every subscriber of its channel.
@@ -117,7 +128,9 @@ impl Hub {
 
     fn add(&self, id: u64, channels: &[ChannelId]) {
         let mut inner = self.lock();
-        let Inner { subs, by_channel, .. } = &mut *inner;
+        let Inner {
+            subs, by_channel, ..
+        } = &mut *inner;
         let Some(sub) = subs.get_mut(&id) else { return };
         for ch in channels {
             if sub.channels.insert(ch.clone()) {
@@ -130,7 +143,9 @@ impl Hub {
 
     fn remove(&self, id: u64, channels: &[ChannelId]) {
         let mut inner = self.lock();
-        let Inner { subs, by_channel, .. } = &mut *inner;
+        let Inner {
+            subs, by_channel, ..
+        } = &mut *inner;
         let Some(sub) = subs.get_mut(&id) else { return };
         for ch in channels {
             if sub.channels.remove(ch) {

@@ -58,7 +58,11 @@ pub enum RunError {
 }
 
 /// Serves until `shutdown` is cancelled, then drains within the configured grace period.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     config.validate()?;
     let hub = Hub::new();
     match config.store_kind() {
@@ -69,7 +73,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         StoreKind::Redis => {
             let options = config.redis_options().ok_or(ConfigError::MissingRedisUrl)?;
             tracing::info!(url = %store::redis::redact_url(&options.url), prefix = %options.key_prefix, "using redis store");
-            let store = RedisStore::connect(&options, config.store_settings(), Arc::clone(&hub), shutdown.child_token())?;
+            let store = RedisStore::connect(
+                &options,
+                config.store_settings(),
+                Arc::clone(&hub),
+                shutdown.child_token(),
+            )?;
             serve(Arc::new(store), hub, &config, listener, shutdown).await
         }
     }
@@ -93,7 +102,9 @@ async fn serve<S: Store>(
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
     for name in SERVICE_NAMES.into_iter().chain([""]) {
-        reporter.set_service_status(name, ServingStatus::Serving).await;
+        reporter
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
     }
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         conn.inspect(|stream| {
@@ -105,9 +116,15 @@ async fn serve<S: Store>(
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
         .add_service(standard.reflection_v1alpha)
-        .add_service(pb::floor_service_server::FloorServiceServer::new(api.clone()))
-        .add_service(pb::channel_service_server::ChannelServiceServer::new(api.clone()))
-        .add_service(pb::session_service_server::SessionServiceServer::new(api.clone()))
+        .add_service(pb::floor_service_server::FloorServiceServer::new(
+            api.clone(),
+        ))
+        .add_service(pb::channel_service_server::ChannelServiceServer::new(
+            api.clone(),
+        ))
+        .add_service(pb::session_service_server::SessionServiceServer::new(
+            api.clone(),
+        ))
         .add_service(pb::media_registry_service_server::MediaRegistryServiceServer::new(api));
     tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
     let drain = {
@@ -115,7 +132,9 @@ async fn serve<S: Store>(
         async move {
             shutdown.cancelled().await;
             for name in SERVICE_NAMES.into_iter().chain([""]) {
-                reporter.set_service_status(name, ServingStatus::NotServing).await;
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
             tracing::info!("draining");
         }

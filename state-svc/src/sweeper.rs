@@ -26,7 +26,11 @@ pub async fn run<S: Store>(store: Arc<S>, every: Duration, shutdown: Cancellatio
                     failing = false;
                 }
                 if report.floors_expired > 0 || report.sessions_expired > 0 {
-                    tracing::debug!(floors = report.floors_expired, sessions = report.sessions_expired, "swept");
+                    tracing::debug!(
+                        floors = report.floors_expired,
+                        sessions = report.sessions_expired,
+                        "swept"
+                    );
                 }
             }
             Err(error) => {

@@ -29,6 +29,7 @@ contract!(
     release_by_non_holder_or_stale_epoch_is_refused,
     lease_expiry_frees_the_floor_and_the_next_epoch_is_higher,
     max_talk_time_revokes_despite_renewal,
+    per_channel_lease_shorter_than_the_default_expires_on_time,
     preemption_is_one_step,
     queue_grants_the_head_on_release,
     membership_changes_reach_watchers,
@@ -55,7 +56,10 @@ async fn grant_then_deny_with_holder_info(b: Backend) {
     let denied = c.acquire("ops", &bo, 0).await;
     assert_eq!(denied.outcome(), pb::AcquireOutcome::Denied);
     let speaker = denied.holder.as_ref().unwrap().speaker.clone().unwrap();
-    assert_eq!((speaker.user_id.as_str(), speaker.user_name.as_str()), ("u-ana", "ana"));
+    assert_eq!(
+        (speaker.user_id.as_str(), speaker.user_name.as_str()),
+        ("u-ana", "ana")
+    );
     assert!(denied.retry_after_ms > 0 && denied.retry_after_ms <= 5_000);
 
     let floor = c.floor("ops").await;
@@ -66,7 +70,11 @@ async fn grant_then_deny_with_holder_info(b: Backend) {
     let outsider = c.session("cy").await;
     let err = c
         .floor
-        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: outsider, priority: 0 })
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: "ops".into(),
+            session_id: outsider,
+            priority: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -94,22 +102,46 @@ async fn renew_extends_only_the_holders_lease(b: Backend) {
     let bo = c.join("bo", "ops").await;
     let held = c.acquire("ops", &a, 0).await.holder.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await; // let the clock move so renewal shows
-    let renew = |sid: String, epoch| pb::RenewFloorRequest { channel_id: "ops".into(), session_id: sid, epoch };
+    let renew = |sid: String, epoch| pb::RenewFloorRequest {
+        channel_id: "ops".into(),
+        session_id: sid,
+        epoch,
+    };
 
-    let ok = c.floor.renew_floor(renew(a.clone(), held.epoch)).await.unwrap().into_inner();
+    let ok = c
+        .floor
+        .renew_floor(renew(a.clone(), held.epoch))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(ok.renewed);
     assert!(ok.expires_at_ms > held.expires_at_ms);
     assert_eq!(ok.max_until_ms, held.max_until_ms);
 
-    let other = c.floor.renew_floor(renew(bo.clone(), held.epoch)).await.unwrap().into_inner();
+    let other = c
+        .floor
+        .renew_floor(renew(bo.clone(), held.epoch))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!other.renewed);
     assert_eq!(other.refusal(), pb::FloorRefusal::NotHolder);
 
-    let stale = c.floor.renew_floor(renew(a.clone(), held.epoch - 1)).await.unwrap().into_inner();
+    let stale = c
+        .floor
+        .renew_floor(renew(a.clone(), held.epoch - 1))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stale.refusal(), pb::FloorRefusal::StaleEpoch);
 
     c.release("ops", &a, held.epoch).await;
-    let free = c.floor.renew_floor(renew(a, held.epoch)).await.unwrap().into_inner();
+    let free = c
+        .floor
+        .renew_floor(renew(a, held.epoch))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(free.refusal(), pb::FloorRefusal::NotHeld);
     server.stop().await;
 }
@@ -185,22 +217,64 @@ async fn max_talk_time_revokes_despite_renewal(b: Backend) {
         tokio::time::sleep(Duration::from_millis(60)).await;
         let r = c
             .floor
-            .renew_floor(pb::RenewFloorRequest { channel_id: "ops".into(), session_id: a.clone(), epoch: held.epoch })
+            .renew_floor(pb::RenewFloorRequest {
+                channel_id: "ops".into(),
+                session_id: a.clone(),
+                epoch: held.epoch,
+            })
             .await
             .unwrap()
             .into_inner();
         if !r.renewed {
             break r.refusal();
         }
-        assert!(r.expires_at_ms <= held.max_until_ms, "a renewal never passes max talk time");
+        assert!(
+            r.expires_at_ms <= held.max_until_ms,
+            "a renewal never passes max talk time"
+        );
         renewals += 1;
         assert!(renewals < 100, "never revoked");
     };
-    assert!(matches!(refusal, pb::FloorRefusal::MaxTalkTime | pb::FloorRefusal::NotHeld));
-    assert!(renewals >= 5, "renewal kept the grant alive past several leases ({renewals})");
+    assert!(matches!(
+        refusal,
+        pb::FloorRefusal::MaxTalkTime | pb::FloorRefusal::NotHeld
+    ));
+    assert!(
+        renewals >= 5,
+        "renewal kept the grant alive past several leases ({renewals})"
+    );
     let revoked = watch.next_floor().await;
     assert_eq!(revoked.reason(), pb::FloorReason::MaxTalkTime);
     assert!(revoked.previous_duration_ms >= 700 && revoked.previous_duration_ms < 1_500);
+    server.stop().await;
+}
+
+async fn per_channel_lease_shorter_than_the_default_expires_on_time(b: Backend) {
+    let server = TestServer::start(b.config("chlease")).await;
+    let mut c = server.clients().await;
+    c.channel
+        .set_channel_config(pb::SetChannelConfigRequest {
+            config: Some(pb::ChannelConfig {
+                channel_id: "ops".into(),
+                queue_enabled: false,
+                lease_ms: 250,
+                max_talk_ms: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    let a = c.join("ana", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    let held = c.acquire("ops", &a, 0).await.holder.unwrap();
+    assert_eq!(held.expires_at_ms - held.granted_at_ms, 250);
+    watch.next_floor().await;
+    let expired = watch.next_floor().await;
+    assert_eq!(expired.reason(), pb::FloorReason::LeaseExpired);
+    assert!(
+        expired.previous_duration_ms >= 250 && expired.previous_duration_ms < 1_000,
+        "announced after {} ms",
+        expired.previous_duration_ms
+    );
     server.stop().await;
 }
 
@@ -227,8 +301,14 @@ async fn preemption_is_one_step(b: Backend) {
     assert_eq!(change.epoch, high_epoch);
 
     // Equal or lower priority does not pre-empt.
-    assert_eq!(c.acquire("ops", &a, 0).await.outcome(), pb::AcquireOutcome::Denied);
-    assert_eq!(c.acquire("ops", &a, 50).await.outcome(), pb::AcquireOutcome::Denied);
+    assert_eq!(
+        c.acquire("ops", &a, 0).await.outcome(),
+        pb::AcquireOutcome::Denied
+    );
+    assert_eq!(
+        c.acquire("ops", &a, 50).await.outcome(),
+        pb::AcquireOutcome::Denied
+    );
     // The interrupted holder's old epoch is dead.
     assert!(!c.release("ops", &a, low.epoch).await.released);
     server.stop().await;
@@ -239,7 +319,12 @@ async fn queue_grants_the_head_on_release(b: Backend) {
     let mut c = server.clients().await;
     c.channel
         .set_channel_config(pb::SetChannelConfigRequest {
-            config: Some(pb::ChannelConfig { channel_id: "ops".into(), queue_enabled: true, lease_ms: 0, max_talk_ms: 0 }),
+            config: Some(pb::ChannelConfig {
+                channel_id: "ops".into(),
+                queue_enabled: true,
+                lease_ms: 0,
+                max_talk_ms: 0,
+            }),
         })
         .await
         .unwrap();
@@ -258,7 +343,11 @@ async fn queue_grants_the_head_on_release(b: Backend) {
     // Priority first, then time: cy (5) goes ahead of bo (0), who asked earlier.
     let q2 = c.acquire("ops", &cy, 5).await;
     assert_eq!(q2.queue_position, 1);
-    assert_eq!(c.acquire("ops", &bo, 0).await.queue_position, 2, "asking again keeps the place");
+    assert_eq!(
+        c.acquire("ops", &bo, 0).await.queue_position,
+        2,
+        "asking again keeps the place"
+    );
 
     assert!(c.release("ops", &a, held.epoch).await.released);
     let freed = watch.next_floor().await;
@@ -275,7 +364,10 @@ async fn queue_grants_the_head_on_release(b: Backend) {
     assert!(gave_up.dequeued);
     assert!(c.release("ops", &cy, 0).await.released);
     assert_eq!(watch.next_floor().await.reason(), pb::FloorReason::Released);
-    assert!(c.floor("ops").await.holder.is_none(), "bo left the queue, nobody is granted");
+    assert!(
+        c.floor("ops").await.holder.is_none(),
+        "bo left the queue, nobody is granted"
+    );
     server.stop().await;
 }
 
@@ -292,7 +384,9 @@ async fn membership_changes_reach_watchers(b: Backend) {
 
     let members = c
         .session
-        .list_members(pb::ListMembersRequest { channel_id: "ops".into() })
+        .list_members(pb::ListMembersRequest {
+            channel_id: "ops".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -302,7 +396,10 @@ async fn membership_changes_reach_watchers(b: Backend) {
 
     let left = c
         .session
-        .leave_channel(pb::LeaveChannelRequest { session_id: bo.clone(), channel_id: "ops".into() })
+        .leave_channel(pb::LeaveChannelRequest {
+            session_id: bo.clone(),
+            channel_id: "ops".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -312,7 +409,9 @@ async fn membership_changes_reach_watchers(b: Backend) {
     assert_eq!(event.member_count, 1);
     let state = c
         .channel
-        .get_channel_state(pb::GetChannelStateRequest { channel_id: "ops".into() })
+        .get_channel_state(pb::GetChannelStateRequest {
+            channel_id: "ops".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -326,7 +425,10 @@ async fn removing_a_session_leaves_every_channel_and_releases_its_floors(b: Back
     let mut c = server.clients().await;
     let a = c.join("ana", "ops").await;
     c.session
-        .join_channel(pb::JoinChannelRequest { session_id: a.clone(), channel_id: "gate".into() })
+        .join_channel(pb::JoinChannelRequest {
+            session_id: a.clone(),
+            channel_id: "gate".into(),
+        })
         .await
         .unwrap();
     let mut watch = c.watch(&["ops"]).await;
@@ -335,7 +437,9 @@ async fn removing_a_session_leaves_every_channel_and_releases_its_floors(b: Back
 
     let removed = c
         .session
-        .remove_session(pb::RemoveSessionRequest { session_id: a.clone() })
+        .remove_session(pb::RemoveSessionRequest {
+            session_id: a.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -343,8 +447,15 @@ async fn removing_a_session_leaves_every_channel_and_releases_its_floors(b: Back
     assert_eq!(removed.floors_released, 1);
     let freed = watch.next_floor().await;
     assert_eq!(freed.reason(), pb::FloorReason::Disconnected);
-    assert_eq!(watch.next_membership().await.change(), pb::MembershipChange::Left);
-    let err = c.session.get_session(pb::GetSessionRequest { session_id: a }).await.unwrap_err();
+    assert_eq!(
+        watch.next_membership().await.change(),
+        pb::MembershipChange::Left
+    );
+    let err = c
+        .session
+        .get_session(pb::GetSessionRequest { session_id: a })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }
@@ -365,7 +476,10 @@ async fn untouched_sessions_expire(b: Backend) {
         .unwrap()
         .into_inner();
     c.session
-        .join_channel(pb::JoinChannelRequest { session_id: short.session_id.clone(), channel_id: "ops".into() })
+        .join_channel(pb::JoinChannelRequest {
+            session_id: short.session_id.clone(),
+            channel_id: "ops".into(),
+        })
         .await
         .unwrap();
     let mut watch = c.watch(&["ops"]).await;
@@ -376,14 +490,28 @@ async fn untouched_sessions_expire(b: Backend) {
     assert_eq!(freed.reason(), pb::FloorReason::Disconnected);
     let left = watch.next_membership().await;
     assert_eq!(left.member.unwrap().user_id, "u-short");
-    let err = c.session.get_session(pb::GetSessionRequest { session_id: short.session_id }).await.unwrap_err();
+    let err = c
+        .session
+        .get_session(pb::GetSessionRequest {
+            session_id: short.session_id,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // A session that is touched lives on.
-    let touched = c.session.touch_session(pb::TouchSessionRequest { session_id: keep.clone() }).await.unwrap();
+    let touched = c
+        .session
+        .touch_session(pb::TouchSessionRequest {
+            session_id: keep.clone(),
+        })
+        .await
+        .unwrap();
     assert!(touched.into_inner().expires_at_ms > 0);
     let sessions = c
         .session
-        .list_user_sessions(pb::ListUserSessionsRequest { user_id: "u-keeper".into() })
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "u-keeper".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -407,43 +535,107 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
             ..Default::default()
         }),
     };
-    let err = reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap_err();
+    let err = reg
+        .place_channel(pb::PlaceChannelRequest {
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "no node yet");
-    let reply = reg.register_node(register("busy", 40)).await.unwrap().into_inner();
+    let reply = reg
+        .register_node(register("busy", 40))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(reply.dead_after_ms, 400);
     reg.register_node(register("idle", 5)).await.unwrap();
 
     // Concurrent first joins agree on one node: the least loaded.
     let calls = (0..16).map(|_| {
         let mut reg = reg.clone();
-        async move { reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner() }
+        async move {
+            reg.place_channel(pb::PlaceChannelRequest {
+                channel_id: "ops".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
     });
     let placements = futures::future::join_all(calls).await;
-    assert!(placements.iter().all(|p| p.node.as_ref().unwrap().node_id == "idle"));
+    assert!(
+        placements
+            .iter()
+            .all(|p| p.node.as_ref().unwrap().node_id == "idle")
+    );
     assert_eq!(placements.iter().filter(|p| p.placed_now).count(), 1);
 
     // A draining node keeps its channels but gets no new ones.
-    let drained = reg.drain_node(pb::DrainNodeRequest { node_id: "idle".into() }).await.unwrap().into_inner();
+    let drained = reg
+        .drain_node(pb::DrainNodeRequest {
+            node_id: "idle".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(drained.draining);
     assert_eq!(drained.channels, 1);
-    let again = reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner();
+    let again = reg
+        .place_channel(pb::PlaceChannelRequest {
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again.node.unwrap().node_id, "idle");
-    let other = reg.place_channel(pb::PlaceChannelRequest { channel_id: "gate".into() }).await.unwrap().into_inner();
+    let other = reg
+        .place_channel(pb::PlaceChannelRequest {
+            channel_id: "gate".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(other.node.unwrap().node_id, "busy");
-    assert!(reg.heartbeat(pb::HeartbeatRequest { node_id: "idle".into(), load: 1 }).await.unwrap().into_inner().draining);
+    assert!(
+        reg.heartbeat(pb::HeartbeatRequest {
+            node_id: "idle".into(),
+            load: 1
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .draining
+    );
 
     // A node that stops heartbeating is dead; its channels move on the next placement.
     let mut hb = reg.clone();
     support_keep_alive(&mut hb, "busy", Duration::from_millis(700)).await;
-    let nodes = reg.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = reg
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     let idle = nodes.iter().find(|n| n.node_id == "idle").unwrap();
     assert!(!idle.live, "idle stopped heartbeating");
     assert!(nodes.iter().find(|n| n.node_id == "busy").unwrap().live);
-    let moved = reg.place_channel(pb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner();
+    let moved = reg
+        .place_channel(pb::PlaceChannelRequest {
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(moved.node.unwrap().node_id, "busy");
     assert!(moved.placed_now);
 
-    let unknown = reg.heartbeat(pb::HeartbeatRequest { node_id: "ghost".into(), load: 0 }).await.unwrap_err();
+    let unknown = reg
+        .heartbeat(pb::HeartbeatRequest {
+            node_id: "ghost".into(),
+            load: 0,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     server.stop().await;
 }
@@ -456,7 +648,12 @@ async fn support_keep_alive(
 ) {
     let until = tokio::time::Instant::now() + duration;
     while tokio::time::Instant::now() < until {
-        reg.heartbeat(pb::HeartbeatRequest { node_id: node.into(), load: 40 }).await.unwrap();
+        reg.heartbeat(pb::HeartbeatRequest {
+            node_id: node.into(),
+            load: 40,
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -467,13 +664,21 @@ async fn hostile_input_is_refused(b: Backend) {
     let a = c.join("ana", "ops").await;
     let bad_channel = c
         .floor
-        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops}:x{".into(), session_id: a.clone(), priority: 0 })
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: "ops}:x{".into(),
+            session_id: a.clone(),
+            priority: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(bad_channel.code(), Code::InvalidArgument);
     let bad_priority = c
         .floor
-        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a.clone(), priority: 1_000 })
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: "ops".into(),
+            session_id: a.clone(),
+            priority: 1_000,
+        })
         .await
         .unwrap_err();
     assert_eq!(bad_priority.code(), Code::InvalidArgument);
@@ -490,14 +695,22 @@ async fn hostile_input_is_refused(b: Backend) {
     assert_eq!(bad_name.code(), Code::InvalidArgument);
     let unknown = c
         .session
-        .join_channel(pb::JoinChannelRequest { session_id: "nosuchsession".into(), channel_id: "ops".into() })
+        .join_channel(pb::JoinChannelRequest {
+            session_id: "nosuchsession".into(),
+            channel_id: "ops".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     let bad_config = c
         .channel
         .set_channel_config(pb::SetChannelConfigRequest {
-            config: Some(pb::ChannelConfig { channel_id: "ops".into(), queue_enabled: false, lease_ms: 1, max_talk_ms: 0 }),
+            config: Some(pb::ChannelConfig {
+                channel_id: "ops".into(),
+                queue_enabled: false,
+                lease_ms: 1,
+                max_talk_ms: 0,
+            }),
         })
         .await
         .unwrap_err();

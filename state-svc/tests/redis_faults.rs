@@ -42,16 +42,29 @@ async fn one_grant_per_contended_round_and_epochs_survive_redis_loss() {
             let sid = sid.clone();
             tokio::spawn(async move { (sid.clone(), c.acquire("race", &sid, 0).await) })
         });
-        let results: Vec<_> = futures::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
-        let granted: Vec<_> =
-            results.iter().filter(|(_, r)| r.outcome() == pb::AcquireOutcome::Granted).collect();
+        let results: Vec<_> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let granted: Vec<_> = results
+            .iter()
+            .filter(|(_, r)| r.outcome() == pb::AcquireOutcome::Granted)
+            .collect();
         assert_eq!(granted.len(), 1, "round {round}: exactly one grant");
         let (winner, grant) = granted[0];
         let epoch = grant.holder.as_ref().unwrap().epoch;
-        assert!(epoch > last_epoch, "round {round}: epoch {epoch} after {last_epoch}");
+        assert!(
+            epoch > last_epoch,
+            "round {round}: epoch {epoch} after {last_epoch}"
+        );
         for (_, r) in &results {
             if r.outcome() == pb::AcquireOutcome::Denied {
-                assert_eq!(r.holder.as_ref().unwrap().epoch, epoch, "every denial names the one holder");
+                assert_eq!(
+                    r.holder.as_ref().unwrap().epoch,
+                    epoch,
+                    "every denial names the one holder"
+                );
             }
         }
         let released = c.release("race", winner, epoch).await;
@@ -64,21 +77,38 @@ async fn one_grant_per_contended_round_and_epochs_survive_redis_loss() {
     // higher than every earlier one, so a stale holder can never be confused with a new one.
     redis.kill();
     redis.restart().unwrap();
-    wait_until(Duration::from_secs(10), "state-svc to reach the new redis", || {
-        let mut c = c.clone();
-        async move { c.floor.get_floor(pb::GetFloorRequest { channel_id: "race".into() }).await.is_ok() }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "state-svc to reach the new redis",
+        || {
+            let mut c = c.clone();
+            async move {
+                c.floor
+                    .get_floor(pb::GetFloorRequest {
+                        channel_id: "race".into(),
+                    })
+                    .await
+                    .is_ok()
+            }
+        },
+    )
     .await
     .unwrap();
     let sid = c.session("after").await;
     c.session
-        .join_channel(pb::JoinChannelRequest { session_id: sid.clone(), channel_id: "race".into() })
+        .join_channel(pb::JoinChannelRequest {
+            session_id: sid.clone(),
+            channel_id: "race".into(),
+        })
         .await
         .unwrap();
     let after = c.acquire("race", &sid, 0).await;
     assert_eq!(after.outcome(), pb::AcquireOutcome::Granted);
     let epoch = after.holder.unwrap().epoch;
-    assert!(epoch > last_epoch, "epoch after data loss {epoch} <= earlier {last_epoch}");
+    assert!(
+        epoch > last_epoch,
+        "epoch after data loss {epoch} <= earlier {last_epoch}"
+    );
     server.stop().await;
 }
 
@@ -94,24 +124,40 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
     let started = Instant::now();
     let err = c
         .floor
-        .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a.clone(), priority: 0 })
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: "ops".into(),
+            session_id: a.clone(),
+            priority: 0,
+        })
         .await
         .unwrap_err();
     let waited = started.elapsed();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(!err.message().contains("redis://"), "no internals in the message: {}", err.message());
+    assert!(
+        !err.message().contains("redis://"),
+        "no internals in the message: {}",
+        err.message()
+    );
     assert!(waited < Duration::from_secs(2), "acquire took {waited:?}");
     redis.resume();
-    wait_until(Duration::from_secs(10), "acquire after redis thawed", || {
-        let mut c = c.clone();
-        let a = a.clone();
-        async move {
-            c.floor
-                .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a, priority: 0 })
-                .await
-                .is_ok_and(|r| r.into_inner().outcome() == pb::AcquireOutcome::Granted)
-        }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "acquire after redis thawed",
+        || {
+            let mut c = c.clone();
+            let a = a.clone();
+            async move {
+                c.floor
+                    .acquire_floor(pb::AcquireFloorRequest {
+                        channel_id: "ops".into(),
+                        session_id: a,
+                        priority: 0,
+                    })
+                    .await
+                    .is_ok_and(|r| r.into_inner().outcome() == pb::AcquireOutcome::Granted)
+            }
+        },
+    )
     .await
     .unwrap();
 
@@ -121,7 +167,11 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
         let started = Instant::now();
         let err = c
             .floor
-            .acquire_floor(pb::AcquireFloorRequest { channel_id: "ops".into(), session_id: a.clone(), priority: 0 })
+            .acquire_floor(pb::AcquireFloorRequest {
+                channel_id: "ops".into(),
+                session_id: a.clone(),
+                priority: 0,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
@@ -130,13 +180,23 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
     redis.restart().unwrap();
     wait_until(Duration::from_secs(10), "service to work again", || {
         let mut c = c.clone();
-        async move { c.floor.get_floor(pb::GetFloorRequest { channel_id: "ops".into() }).await.is_ok() }
+        async move {
+            c.floor
+                .get_floor(pb::GetFloorRequest {
+                    channel_id: "ops".into(),
+                })
+                .await
+                .is_ok()
+        }
     })
     .await
     .unwrap();
     let mut fresh = Clients::connect(server.addr).await;
     let b = fresh.join("bo", "ops").await;
-    assert_eq!(fresh.acquire("ops", &b, 0).await.outcome(), pb::AcquireOutcome::Granted);
+    assert_eq!(
+        fresh.acquire("ops", &b, 0).await.outcome(),
+        pb::AcquireOutcome::Granted
+    );
     server.stop().await;
 }
 
@@ -148,8 +208,16 @@ async fn events_cross_state_svc_processes_sharing_one_redis() {
     let bin = env!("CARGO_BIN_EXE_state-svc");
     let url = redis.url();
     let args = [
-        "--listen", "127.0.0.1:0", "--store", "redis", "--redis-url", &url, "--key-prefix", &prefix,
-        "--log-format", "json",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--key-prefix",
+        &prefix,
+        "--log-format",
+        "json",
     ];
     let mut one = ServiceProcess::start(bin, &args, &[], "state-svc listening").unwrap();
     let mut two = ServiceProcess::start(bin, &args, &[], "state-svc listening").unwrap();
@@ -167,7 +235,10 @@ async fn events_cross_state_svc_processes_sharing_one_redis() {
     // And the other way round.
     let mut watch_one = via_one.watch(&["ops"]).await;
     let b = via_two.join("bo", "ops").await;
-    assert_eq!(watch_one.next_membership().await.member.unwrap().session_id, b);
+    assert_eq!(
+        watch_one.next_membership().await.member.unwrap().session_id,
+        b
+    );
 
     // SIGTERM with watch streams open: each stream ends with UNAVAILABLE (so its gateway can
     // move to another replica), and both processes drain and exit cleanly, well within the
@@ -181,6 +252,10 @@ async fn events_cross_state_svc_processes_sharing_one_redis() {
     drop((via_one, via_two));
     assert_eq!(one.wait_exit(Duration::from_secs(15)).unwrap(), Some(0));
     assert_eq!(two.wait_exit(Duration::from_secs(15)).unwrap(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(5), "drained in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drained in {:?}",
+        started.elapsed()
+    );
     assert!(two.logs().iter().any(|l| l.contains("state-svc stopped")));
 }

@@ -7,22 +7,28 @@ mod support;
 use std::time::Duration;
 
 use support::{Backend, TestServer};
+use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
-use tokio_stream::StreamExt;
 
 #[tokio::test]
 async fn health_reports_every_service_serving() {
     let server = TestServer::start(Backend::Memory.config("health")).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel);
     for service in state_svc::SERVICE_NAMES.into_iter().chain([""]) {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -35,19 +41,30 @@ async fn health_reports_every_service_serving() {
 #[tokio::test]
 async fn reflection_lists_the_contracts() {
     let server = TestServer::start(Backend::Memory.config("reflection")).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut replies = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
     let reply = replies.next().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
         panic!("unexpected reflection reply");
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for wanted in state_svc::SERVICE_NAMES.into_iter().chain(["grpc.health.v1.Health"]) {
+    for wanted in state_svc::SERVICE_NAMES
+        .into_iter()
+        .chain(["grpc.health.v1.Health"])
+    {
         assert!(names.contains(&wanted), "{wanted} missing from {names:?}");
     }
     server.stop().await;
@@ -60,6 +77,9 @@ async fn shutdown_ends_watch_streams_and_returns() {
     let mut watch = c.watch(&["ops"]).await;
     server.shutdown.cancel();
     let outcome = tokio::time::timeout(Duration::from_secs(5), server.handle).await;
-    assert!(matches!(outcome, Ok(Ok(Ok(())))), "server stopped cleanly within the grace period");
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "server stopped cleanly within the grace period"
+    );
     drop(watch.next_or_end().await);
 }

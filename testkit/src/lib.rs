@@ -34,6 +34,17 @@ where
     }
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports in clock ticks of 1/100 s on every platform this project targets.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// A free loopback port (bound and released; the caller retries if it is taken meanwhile).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -55,7 +66,11 @@ impl RedisServer {
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut server = Self { port, pid: None, watchdog: None };
+            let mut server = Self {
+                port,
+                pid: None,
+                watchdog: None,
+            };
             match server.spawn() {
                 Ok(()) => return Ok(server),
                 Err(e) => last_error = Some(e),
@@ -68,8 +83,22 @@ impl RedisServer {
         let port = self.port.to_string();
         let mut child = Command::new("sh")
             .args(["-c", WATCHDOG, "sh"])
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &std::env::temp_dir().to_string_lossy(), "--loglevel", "warning"])
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--dir",
+                &std::env::temp_dir().to_string_lossy(),
+                "--loglevel",
+                "warning",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -79,7 +108,10 @@ impl RedisServer {
         let mut stdout = BufReader::new(child.stdout.take().context("watchdog stdout")?);
         let mut line = String::new();
         stdout.read_line(&mut line)?;
-        let pid: u32 = line.trim().parse().context("watchdog did not report the redis pid")?;
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .context("watchdog did not report the redis pid")?;
         // Keep draining redis's stdout so it never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = Vec::new();
@@ -111,6 +143,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The Redis process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
     /// True when the server answers PING.
     pub fn ping(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect_timeout(
@@ -140,14 +177,18 @@ impl RedisServer {
     /// Freezes the process (`SIGSTOP`): connections stay open and calls hang.
     pub fn pause(&self) {
         if let Some(pid) = self.pid {
-            let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status();
         }
     }
 
     /// Thaws a paused process (`SIGCONT`).
     pub fn resume(&self) {
         if let Some(pid) = self.pid {
-            let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
         }
     }
 
@@ -182,7 +223,12 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `bin` with `args` and waits for the log line `listening_message` carrying an
     /// `addr` field.
-    pub fn start(bin: &str, args: &[&str], envs: &[(&str, &str)], listening_message: &str) -> Result<Self> {
+    pub fn start(
+        bin: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        listening_message: &str,
+    ) -> Result<Self> {
         let mut child = Command::new(bin)
             .args(args)
             .envs(envs.iter().copied())
@@ -201,7 +247,9 @@ impl ServiceProcess {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
                     && json["message"] == wanted.as_str()
-                    && let Some(addr) = json["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
+                    && let Some(addr) = json["addr"]
+                        .as_str()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(addr);
@@ -221,6 +269,10 @@ impl ServiceProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Log lines so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
@@ -228,7 +280,9 @@ impl ServiceProcess {
 
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
     }
 
     /// Waits for the process to exit and returns its code (None if killed by a signal);

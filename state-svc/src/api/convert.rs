@@ -64,7 +64,11 @@ pub fn channel_state(s: &ChannelState) -> pb::ChannelState {
         busy: s.holder.is_some(),
         epoch: s.epoch,
         members: s.members.iter().map(member).collect(),
-        media_node_id: s.media_node.as_ref().map(ToString::to_string).unwrap_or_default(),
+        media_node_id: s
+            .media_node
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         server_time_ms: s.server_time_ms,
     }
 }
@@ -155,5 +159,7 @@ pub fn event(e: &Event) -> pb::WatchEvent {
 }
 
 pub fn snapshot(s: &ChannelState) -> pb::WatchEvent {
-    pb::WatchEvent { event: Some(pb::watch_event::Event::Snapshot(channel_state(s))) }
+    pb::WatchEvent {
+        event: Some(pb::watch_event::Event::Snapshot(channel_state(s))),
+    }
 }

@@ -19,16 +19,26 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
         let sid = session_id(&req.session_id)?;
         let priority = parse_priority(req.priority)?;
         let outcome = self.store.acquire_floor(&ch, &sid, priority).await?;
-        let mut reply = pb::AcquireFloorResponse { server_time_ms: outcome.server_time_ms, ..Default::default() };
+        let mut reply = pb::AcquireFloorResponse {
+            server_time_ms: outcome.server_time_ms,
+            ..Default::default()
+        };
         match &outcome.result {
-            Acquired::Granted { holder, max_talk_ms, preempted } => {
+            Acquired::Granted {
+                holder,
+                max_talk_ms,
+                preempted,
+            } => {
                 tracing::debug!(channel_id = %ch, session_id = %sid, epoch = holder.epoch, "floor granted");
                 reply.set_outcome(pb::AcquireOutcome::Granted);
                 reply.holder = Some(convert::holder(holder));
                 reply.max_talk_ms = *max_talk_ms;
                 reply.preempted = preempted.as_ref().map(convert::speaker);
             }
-            Acquired::Denied { holder, retry_after_ms } => {
+            Acquired::Denied {
+                holder,
+                retry_after_ms,
+            } => {
                 tracing::debug!(channel_id = %ch, session_id = %sid, "floor denied");
                 reply.set_outcome(pb::AcquireOutcome::Denied);
                 reply.holder = Some(convert::holder(holder));
@@ -52,7 +62,10 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
         let ch = channel_id(&req.channel_id)?;
         let sid = session_id(&req.session_id)?;
         let outcome = self.store.renew_floor(&ch, &sid, req.epoch).await?;
-        let mut reply = pb::RenewFloorResponse { server_time_ms: outcome.server_time_ms, ..Default::default() };
+        let mut reply = pb::RenewFloorResponse {
+            server_time_ms: outcome.server_time_ms,
+            ..Default::default()
+        };
         match outcome.result {
             Ok(renewed) => {
                 reply.renewed = true;
@@ -71,7 +84,10 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
         let req = request.into_inner();
         let ch = channel_id(&req.channel_id)?;
         let sid = session_id(&req.session_id)?;
-        let outcome = self.store.release_floor(&ch, &sid, optional_epoch(req.epoch)).await?;
+        let outcome = self
+            .store
+            .release_floor(&ch, &sid, optional_epoch(req.epoch))
+            .await?;
         Ok(Response::new(release_reply(outcome)))
     }
 
@@ -81,7 +97,10 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
     ) -> Result<Response<pb::ReleaseFloorResponse>, Status> {
         let req = request.into_inner();
         let ch = channel_id(&req.channel_id)?;
-        let outcome = self.store.force_release_floor(&ch, optional_epoch(req.epoch)).await?;
+        let outcome = self
+            .store
+            .force_release_floor(&ch, optional_epoch(req.epoch))
+            .await?;
         if outcome.released() {
             tracing::info!(channel_id = %ch, epoch = outcome.epoch, "floor force-released");
         }

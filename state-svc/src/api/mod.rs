@@ -47,7 +47,12 @@ impl<S: Store> Api<S> {
         settings: StoreSettings,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { store, hub, settings: Arc::new(settings), shutdown }
+        Self {
+            store,
+            hub,
+            settings: Arc::new(settings),
+            shutdown,
+        }
     }
 
     fn settings(&self) -> &StoreSettings {

@@ -24,7 +24,10 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
-        let node = request.into_inner().node.ok_or_else(|| Status::invalid_argument("node is required"))?;
+        let node = request
+            .into_inner()
+            .node
+            .ok_or_else(|| Status::invalid_argument("node is required"))?;
         let grpc_addr = checked_addr(node.grpc_addr, "invalid grpc address")?;
         if grpc_addr.is_empty() {
             return Err(Status::invalid_argument("grpc address is required"));
@@ -84,7 +87,9 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.store.list_nodes().await?;
-        Ok(Response::new(pb::ListNodesResponse { nodes: nodes.iter().map(convert::node).collect() }))
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.iter().map(convert::node).collect(),
+        }))
     }
 
     async fn place_channel(

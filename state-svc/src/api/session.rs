@@ -42,7 +42,9 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
         request: Request<pb::TouchSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let sid = session_id(&request.into_inner().session_id)?;
-        Ok(Response::new(convert::session(&self.store.touch_session(&sid).await?)))
+        Ok(Response::new(convert::session(
+            &self.store.touch_session(&sid).await?,
+        )))
     }
 
     async fn get_session(
@@ -50,7 +52,9 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let sid = session_id(&request.into_inner().session_id)?;
-        Ok(Response::new(convert::session(&self.store.session(&sid).await?)))
+        Ok(Response::new(convert::session(
+            &self.store.session(&sid).await?,
+        )))
     }
 
     async fn list_user_sessions(
@@ -96,7 +100,9 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         let ch = channel_id(&request.into_inner().channel_id)?;
         let state = self.store.channel_state(&ch).await?;
-        Ok(Response::new(pb::ListMembersResponse { members: state.members.iter().map(convert::member).collect() }))
+        Ok(Response::new(pb::ListMembersResponse {
+            members: state.members.iter().map(convert::member).collect(),
+        }))
     }
 
     async fn remove_session(
@@ -107,7 +113,11 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
         let removed = self.store.remove_session(&sid).await?;
         tracing::debug!(session_id = %sid, channels = removed.channels_left.len(), "session removed");
         Ok(Response::new(pb::RemoveSessionResponse {
-            channels_left: removed.channels_left.iter().map(ToString::to_string).collect(),
+            channels_left: removed
+                .channels_left
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             floors_released: removed.floors_released,
         }))
     }
@@ -119,7 +129,9 @@ impl<S: Store> Api<S> {
         req: pb::GetChannelStateRequest,
     ) -> Result<pb::ChannelState, Status> {
         let ch = channel_id(&req.channel_id)?;
-        Ok(convert::channel_state(&self.store.channel_state(&ch).await?))
+        Ok(convert::channel_state(
+            &self.store.channel_state(&ch).await?,
+        ))
     }
 
     pub(super) async fn get_channel_config_impl(
@@ -127,14 +139,19 @@ impl<S: Store> Api<S> {
         req: pb::GetChannelConfigRequest,
     ) -> Result<pb::ChannelConfig, Status> {
         let ch = channel_id(&req.channel_id)?;
-        Ok(convert::channel_config(&ch, self.store.channel_config(&ch).await?))
+        Ok(convert::channel_config(
+            &ch,
+            self.store.channel_config(&ch).await?,
+        ))
     }
 
     pub(super) async fn set_channel_config_impl(
         &self,
         req: pb::SetChannelConfigRequest,
     ) -> Result<pb::ChannelConfig, Status> {
-        let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
         let ch = channel_id(&config.channel_id)?;
         let wanted = ChannelConfig {
             queue_enabled: config.queue_enabled,

@@ -31,21 +31,27 @@ impl<S: Store> pb::channel_service_server::ChannelService for Api<S> {
         &self,
         request: Request<pb::GetChannelStateRequest>,
     ) -> Result<Response<pb::ChannelState>, Status> {
-        Ok(Response::new(self.get_channel_state_impl(request.into_inner()).await?))
+        Ok(Response::new(
+            self.get_channel_state_impl(request.into_inner()).await?,
+        ))
     }
 
     async fn get_channel_config(
         &self,
         request: Request<pb::GetChannelConfigRequest>,
     ) -> Result<Response<pb::ChannelConfig>, Status> {
-        Ok(Response::new(self.get_channel_config_impl(request.into_inner()).await?))
+        Ok(Response::new(
+            self.get_channel_config_impl(request.into_inner()).await?,
+        ))
     }
 
     async fn set_channel_config(
         &self,
         request: Request<pb::SetChannelConfigRequest>,
     ) -> Result<Response<pb::ChannelConfig>, Status> {
-        Ok(Response::new(self.set_channel_config_impl(request.into_inner()).await?))
+        Ok(Response::new(
+            self.set_channel_config_impl(request.into_inner()).await?,
+        ))
     }
 
     type WatchStream = WatchStream;
@@ -112,14 +118,22 @@ impl<S: Store> WatchTask<S> {
         match request.action {
             Some(pb::watch_request::Action::Subscribe(set)) => {
                 let ids = parse_set(&set)?;
-                let new: Vec<ChannelId> =
-                    ids.into_iter().filter(|c| !self.channels.contains(c)).collect();
+                let new: Vec<ChannelId> = ids
+                    .into_iter()
+                    .filter(|c| !self.channels.contains(c))
+                    .collect();
                 if self.channels.len() + new.len() > MAX_CHANNELS_PER_WATCH {
-                    return Err(End::Error(Status::resource_exhausted("too many channels on one watch")));
+                    return Err(End::Error(Status::resource_exhausted(
+                        "too many channels on one watch",
+                    )));
                 }
                 self.subscription.add(&new);
                 self.channels.extend(new.iter().cloned());
-                self.api.store.listen().await.map_err(|e| End::Error(e.into()))?;
+                self.api
+                    .store
+                    .listen()
+                    .await
+                    .map_err(|e| End::Error(e.into()))?;
                 for ch in &new {
                     self.snapshot(ch).await?;
                 }
@@ -133,12 +147,19 @@ impl<S: Store> WatchTask<S> {
                 }
                 Ok(())
             }
-            None => Err(End::Error(Status::invalid_argument("watch request without action"))),
+            None => Err(End::Error(Status::invalid_argument(
+                "watch request without action",
+            ))),
         }
     }
 
     async fn snapshot(&self, ch: &ChannelId) -> Result<(), End> {
-        let state = self.api.store.channel_state(ch).await.map_err(|e| End::Error(e.into()))?;
+        let state = self
+            .api
+            .store
+            .channel_state(ch)
+            .await
+            .map_err(|e| End::Error(e.into()))?;
         self.send(convert::snapshot(&state)).await
     }
 
@@ -157,7 +178,9 @@ impl<S: Store> WatchTask<S> {
 
 fn parse_set(set: &pb::ChannelSet) -> Result<Vec<ChannelId>, End> {
     if set.channel_ids.len() > MAX_CHANNELS_PER_REQUEST {
-        return Err(End::Error(Status::invalid_argument("too many channels in one request")));
+        return Err(End::Error(Status::invalid_argument(
+            "too many channels in one request",
+        )));
     }
     set.channel_ids
         .iter()

@@ -135,7 +135,11 @@ impl Step<'_> {
 
     fn state(&self, ch: &Channel) -> ChannelState {
         let mut members: Vec<Member> = ch.members.values().cloned().collect();
-        members.sort_by(|a, b| a.joined_at_ms.cmp(&b.joined_at_ms).then(a.session_id.cmp(&b.session_id)));
+        members.sort_by(|a, b| {
+            a.joined_at_ms
+                .cmp(&b.joined_at_ms)
+                .then(a.session_id.cmp(&b.session_id))
+        });
         ChannelState {
             channel_id: self.id.clone(),
             holder: ch.floor.clone().filter(|h| self.now < h.expires_at_ms),
@@ -159,15 +163,26 @@ impl Step<'_> {
 
 impl MemoryStore {
     pub fn new(settings: StoreSettings, hub: Arc<Hub>) -> Self {
-        Self { inner: Mutex::new(Inner::default()), hub, settings }
+        Self {
+            inner: Mutex::new(Inner::default()),
+            hub,
+            settings,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn step<'a>(&'a self, id: &'a ChannelId) -> Step<'a> {
-        Step { id, now: now_ms(), settings: &self.settings, hub: &self.hub }
+        Step {
+            id,
+            now: now_ms(),
+            settings: &self.settings,
+            hub: &self.hub,
+        }
     }
 
     fn node_view(&self, inner: &Inner, node: &MediaNode, now: i64) -> MediaNode {
@@ -195,7 +210,11 @@ impl MemoryStore {
             return LeaveOutcome::default();
         };
         let mut released_floor = false;
-        if ch.floor.as_ref().is_some_and(|h| &h.speaker.session_id == sid) {
+        if ch
+            .floor
+            .as_ref()
+            .is_some_and(|h| &h.speaker.session_id == sid)
+        {
             step.free(ch, reason);
             released_floor = true;
         }
@@ -211,7 +230,10 @@ impl MemoryStore {
         if let Some(session) = inner.sessions.get_mut(sid) {
             session.channels.retain(|c| c != id);
         }
-        LeaveOutcome { was_member: true, released_floor }
+        LeaveOutcome {
+            was_member: true,
+            released_floor,
+        }
     }
 
     fn remove_locked(&self, inner: &mut Inner, sid: &SessionId) -> RemoveOutcome {
@@ -258,14 +280,23 @@ impl Store for MemoryStore {
             None => {
                 let holder = step.grant(ch, &member, priority);
                 step.floor_event(ch, FloorReason::Granted, None);
-                Acquired::Granted { holder, max_talk_ms, preempted: None }
+                Acquired::Granted {
+                    holder,
+                    max_talk_ms,
+                    preempted: None,
+                }
             }
             Some(mut h) if &h.speaker.session_id == sid => {
                 // Idempotent for the holder: same epoch, lease refreshed.
                 h.expires_at_ms = (step.now + lease).min(h.max_until_ms);
                 ch.floor = Some(h.clone());
-                let max_talk_ms = u32::try_from(h.max_until_ms - h.granted_at_ms).unwrap_or(u32::MAX);
-                Acquired::Granted { holder: h, max_talk_ms, preempted: None }
+                let max_talk_ms =
+                    u32::try_from(h.max_until_ms - h.granted_at_ms).unwrap_or(u32::MAX);
+                Acquired::Granted {
+                    holder: h,
+                    max_talk_ms,
+                    preempted: None,
+                }
             }
             Some(old) if priority > old.speaker.priority => {
                 let holder = step.grant(ch, &member, priority);
@@ -274,7 +305,11 @@ impl Store for MemoryStore {
                     FloorReason::Preempted,
                     Some((&old, step.now - old.granted_at_ms)),
                 );
-                Acquired::Granted { holder, max_talk_ms, preempted: Some(old.speaker) }
+                Acquired::Granted {
+                    holder,
+                    max_talk_ms,
+                    preempted: Some(old.speaker),
+                }
             }
             Some(h) if ch.config.queue_enabled => {
                 if !ch.queue.iter().any(|(_, _, q)| q == sid) {
@@ -282,14 +317,23 @@ impl Store for MemoryStore {
                 }
                 ch.queue.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
                 let position = ch.queue.iter().position(|(_, _, q)| q == sid).unwrap_or(0) + 1;
-                Acquired::Queued { holder: h, position: u32::try_from(position).unwrap_or(u32::MAX) }
+                Acquired::Queued {
+                    holder: h,
+                    position: u32::try_from(position).unwrap_or(u32::MAX),
+                }
             }
             Some(h) => {
                 let retry_after_ms = h.expires_at_ms - step.now;
-                Acquired::Denied { holder: h, retry_after_ms }
+                Acquired::Denied {
+                    holder: h,
+                    retry_after_ms,
+                }
             }
         };
-        Ok(AcquireOutcome { result, server_time_ms: step.now })
+        Ok(AcquireOutcome {
+            result,
+            server_time_ms: step.now,
+        })
     }
 
     async fn renew_floor(
@@ -302,7 +346,10 @@ impl Store for MemoryStore {
         let step = self.step(id);
         let now = step.now;
         let Some(ch) = inner.channels.get_mut(id) else {
-            return Ok(RenewOutcome { result: Err(FloorRefusal::NotHeld), server_time_ms: now });
+            return Ok(RenewOutcome {
+                result: Err(FloorRefusal::NotHeld),
+                server_time_ms: now,
+            });
         };
         let (lease, _) = step.limits(ch);
         let result = match ch.floor.clone() {
@@ -310,19 +357,29 @@ impl Store for MemoryStore {
                 let mine = &h.speaker.session_id == sid && h.epoch == epoch;
                 let max_talk = now >= h.max_until_ms;
                 step.live_holder(ch);
-                Err(if mine && max_talk { FloorRefusal::MaxTalkTime } else { FloorRefusal::NotHeld })
+                Err(if mine && max_talk {
+                    FloorRefusal::MaxTalkTime
+                } else {
+                    FloorRefusal::NotHeld
+                })
             }
             None => Err(FloorRefusal::NotHeld),
             Some(h) if &h.speaker.session_id != sid => Err(FloorRefusal::NotHolder),
             Some(h) if h.epoch != epoch => Err(FloorRefusal::StaleEpoch),
             Some(mut h) => {
                 h.expires_at_ms = (now + lease).min(h.max_until_ms);
-                let renewed = Renewed { expires_at_ms: h.expires_at_ms, max_until_ms: h.max_until_ms };
+                let renewed = Renewed {
+                    expires_at_ms: h.expires_at_ms,
+                    max_until_ms: h.max_until_ms,
+                };
                 ch.floor = Some(h);
                 Ok(renewed)
             }
         };
-        Ok(RenewOutcome { result, server_time_ms: now })
+        Ok(RenewOutcome {
+            result,
+            server_time_ms: now,
+        })
     }
 
     async fn release_floor(
@@ -334,7 +391,11 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let step = self.step(id);
         let Some(ch) = inner.channels.get_mut(id) else {
-            return Ok(ReleaseOutcome { refusal: Some(FloorRefusal::NotHeld), epoch: 0, dequeued: false });
+            return Ok(ReleaseOutcome {
+                refusal: Some(FloorRefusal::NotHeld),
+                epoch: 0,
+                dequeued: false,
+            });
         };
         let holder = step.live_holder(ch);
         let refusal = match holder {
@@ -353,7 +414,11 @@ impl Store for MemoryStore {
         if refusal.is_some() {
             ch.queue.retain(|(_, _, q)| q != sid);
         }
-        Ok(ReleaseOutcome { refusal, epoch: ch.epoch, dequeued: ch.queue.len() != before })
+        Ok(ReleaseOutcome {
+            refusal,
+            epoch: ch.epoch,
+            dequeued: ch.queue.len() != before,
+        })
     }
 
     async fn force_release_floor(
@@ -364,7 +429,11 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let step = self.step(id);
         let Some(ch) = inner.channels.get_mut(id) else {
-            return Ok(ReleaseOutcome { refusal: Some(FloorRefusal::NotHeld), epoch: 0, dequeued: false });
+            return Ok(ReleaseOutcome {
+                refusal: Some(FloorRefusal::NotHeld),
+                epoch: 0,
+                dequeued: false,
+            });
         };
         let refusal = match step.live_holder(ch) {
             None => Some(FloorRefusal::NotHeld),
@@ -374,7 +443,11 @@ impl Store for MemoryStore {
                 None
             }
         };
-        Ok(ReleaseOutcome { refusal, epoch: ch.epoch, dequeued: false })
+        Ok(ReleaseOutcome {
+            refusal,
+            epoch: ch.epoch,
+            dequeued: false,
+        })
     }
 
     async fn channel_state(&self, id: &ChannelId) -> Result<ChannelState, StoreError> {
@@ -387,7 +460,12 @@ impl Store for MemoryStore {
     }
 
     async fn channel_config(&self, id: &ChannelId) -> Result<ChannelConfig, StoreError> {
-        Ok(self.lock().channels.get(id).map(|c| c.config).unwrap_or_default())
+        Ok(self
+            .lock()
+            .channels
+            .get(id)
+            .map(|c| c.config)
+            .unwrap_or_default())
     }
 
     async fn set_channel_config(
@@ -402,7 +480,11 @@ impl Store for MemoryStore {
 
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = now_ms();
-        let ttl = if new.ttl_ms == 0 { self.settings.session_ttl_ms } else { new.ttl_ms };
+        let ttl = if new.ttl_ms == 0 {
+            self.settings.session_ttl_ms
+        } else {
+            new.ttl_ms
+        };
         let session = Session {
             session_id: SessionId::generate(),
             user_id: new.user_id,
@@ -418,7 +500,9 @@ impl Store for MemoryStore {
             .entry(session.user_id.clone())
             .or_default()
             .insert(session.session_id.clone());
-        inner.sessions.insert(session.session_id.clone(), session.clone());
+        inner
+            .sessions
+            .insert(session.session_id.clone(), session.clone());
         Ok(session)
     }
 
@@ -426,13 +510,21 @@ impl Store for MemoryStore {
         let now = now_ms();
         let ttl = i64::from(self.settings.session_ttl_ms);
         let mut inner = self.lock();
-        let session = inner.sessions.get_mut(sid).filter(|s| s.expires_at_ms > now).ok_or(not_found("session"))?;
+        let session = inner
+            .sessions
+            .get_mut(sid)
+            .filter(|s| s.expires_at_ms > now)
+            .ok_or(not_found("session"))?;
         session.expires_at_ms = session.expires_at_ms.max(now + ttl);
         Ok(session.clone())
     }
 
     async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {
-        self.lock().sessions.get(sid).cloned().ok_or(not_found("session"))
+        self.lock()
+            .sessions
+            .get(sid)
+            .cloned()
+            .ok_or(not_found("session"))
     }
 
     async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
@@ -448,7 +540,11 @@ impl Store for MemoryStore {
         Ok(sessions)
     }
 
-    async fn join_channel(&self, sid: &SessionId, id: &ChannelId) -> Result<ChannelState, StoreError> {
+    async fn join_channel(
+        &self,
+        sid: &SessionId,
+        id: &ChannelId,
+    ) -> Result<ChannelState, StoreError> {
         let mut inner = self.lock();
         let step = self.step(id);
         let session = inner.sessions.get_mut(sid).ok_or(not_found("session"))?;
@@ -469,7 +565,11 @@ impl Store for MemoryStore {
         Ok(step.state(ch))
     }
 
-    async fn leave_channel(&self, sid: &SessionId, id: &ChannelId) -> Result<LeaveOutcome, StoreError> {
+    async fn leave_channel(
+        &self,
+        sid: &SessionId,
+        id: &ChannelId,
+    ) -> Result<LeaveOutcome, StoreError> {
         let mut inner = self.lock();
         Ok(self.leave_locked(&mut inner, sid, id, FloorReason::LeftChannel))
     }
@@ -522,8 +622,11 @@ impl Store for MemoryStore {
     async fn list_nodes(&self) -> Result<Vec<MediaNode>, StoreError> {
         let inner = self.lock();
         let now = now_ms();
-        let mut nodes: Vec<MediaNode> =
-            inner.nodes.values().map(|n| self.node_view(&inner, n, now)).collect();
+        let mut nodes: Vec<MediaNode> = inner
+            .nodes
+            .values()
+            .map(|n| self.node_view(&inner, n, now))
+            .collect();
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         Ok(nodes)
     }
@@ -531,13 +634,21 @@ impl Store for MemoryStore {
     async fn place_channel(&self, id: &ChannelId) -> Result<Placement, StoreError> {
         let mut inner = self.lock();
         let now = now_ms();
-        let nodes: Vec<MediaNode> =
-            inner.nodes.values().map(|n| self.node_view(&inner, n, now)).collect();
+        let nodes: Vec<MediaNode> = inner
+            .nodes
+            .values()
+            .map(|n| self.node_view(&inner, n, now))
+            .collect();
         let current = inner.channels.get(id).and_then(|c| c.media.clone());
-        if let Some(node) = current.as_ref().and_then(|c| nodes.iter().find(|n| &n.node_id == c))
+        if let Some(node) = current
+            .as_ref()
+            .and_then(|c| nodes.iter().find(|n| &n.node_id == c))
             && node.live
         {
-            return Ok(Placement { node: node.clone(), placed_now: false });
+            return Ok(Placement {
+                node: node.clone(),
+                placed_now: false,
+            });
         }
         let chosen = choose_node(&nodes).ok_or(StoreError::NoMediaNode)?.clone();
         if let Some(old) = current
@@ -546,9 +657,16 @@ impl Store for MemoryStore {
             set.remove(id);
         }
         inner.channels.entry(id.clone()).or_default().media = Some(chosen.node_id.clone());
-        inner.node_channels.entry(chosen.node_id.clone()).or_default().insert(id.clone());
+        inner
+            .node_channels
+            .entry(chosen.node_id.clone())
+            .or_default()
+            .insert(id.clone());
         let node = self.node_view(&inner, &chosen, now);
-        Ok(Placement { node, placed_now: true })
+        Ok(Placement {
+            node,
+            placed_now: true,
+        })
     }
 
     async fn placement(&self, id: &ChannelId) -> Result<Option<MediaNode>, StoreError> {

@@ -30,7 +30,12 @@ pub fn redis() -> &'static RedisServer {
 /// A key prefix no other test uses.
 pub fn unique_prefix(name: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("t{}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed), name)
+    format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        name
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +74,11 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(state_svc::run(config, listener, shutdown.clone()));
-        Self { addr, shutdown, handle }
+        Self {
+            addr,
+            shutdown,
+            handle,
+        }
     }
 
     pub async fn clients(&self) -> Clients {
@@ -110,7 +119,10 @@ impl Clients {
     pub async fn join(&mut self, user: &str, channel: &str) -> String {
         let sid = self.session(user).await;
         self.session
-            .join_channel(pb::JoinChannelRequest { session_id: sid.clone(), channel_id: channel.into() })
+            .join_channel(pb::JoinChannelRequest {
+                session_id: sid.clone(),
+                channel_id: channel.into(),
+            })
             .await
             .unwrap();
         sid
@@ -130,7 +142,12 @@ impl Clients {
             .session_id
     }
 
-    pub async fn acquire(&mut self, channel: &str, sid: &str, priority: u32) -> pb::AcquireFloorResponse {
+    pub async fn acquire(
+        &mut self,
+        channel: &str,
+        sid: &str,
+        priority: u32,
+    ) -> pb::AcquireFloorResponse {
         self.floor
             .acquire_floor(pb::AcquireFloorRequest {
                 channel_id: channel.into(),
@@ -142,9 +159,18 @@ impl Clients {
             .into_inner()
     }
 
-    pub async fn release(&mut self, channel: &str, sid: &str, epoch: u64) -> pb::ReleaseFloorResponse {
+    pub async fn release(
+        &mut self,
+        channel: &str,
+        sid: &str,
+        epoch: u64,
+    ) -> pb::ReleaseFloorResponse {
         self.floor
-            .release_floor(pb::ReleaseFloorRequest { channel_id: channel.into(), session_id: sid.into(), epoch })
+            .release_floor(pb::ReleaseFloorRequest {
+                channel_id: channel.into(),
+                session_id: sid.into(),
+                epoch,
+            })
             .await
             .unwrap()
             .into_inner()
@@ -152,7 +178,9 @@ impl Clients {
 
     pub async fn floor(&mut self, channel: &str) -> pb::GetFloorResponse {
         self.floor
-            .get_floor(pb::GetFloorRequest { channel_id: channel.into() })
+            .get_floor(pb::GetFloorRequest {
+                channel_id: channel.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -174,7 +202,10 @@ impl Clients {
             .await
             .unwrap()
             .into_inner();
-        let mut watch = Watch { stream, _requests: tx };
+        let mut watch = Watch {
+            stream,
+            _requests: tx,
+        };
         for _ in channels {
             match watch.next().await {
                 pb::watch_event::Event::Snapshot(_) => {}
@@ -186,7 +217,11 @@ impl Clients {
 }
 
 pub fn holder_user(holder: &Option<pb::FloorHolder>) -> String {
-    holder.as_ref().and_then(|h| h.speaker.as_ref()).map(|s| s.user_id.clone()).unwrap_or_default()
+    holder
+        .as_ref()
+        .and_then(|h| h.speaker.as_ref())
+        .map(|s| s.user_id.clone())
+        .unwrap_or_default()
 }
 
 pub struct Watch {

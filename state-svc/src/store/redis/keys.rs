@@ -44,7 +44,9 @@ impl ChannelKeys {
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
+        Self {
+            prefix: prefix.to_owned(),
+        }
     }
 
     pub fn channel(&self, ch: &ChannelId) -> ChannelKeys {

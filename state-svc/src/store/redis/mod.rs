@@ -63,7 +63,9 @@ impl std::fmt::Debug for RedisOptions {
 /// The URL with any password replaced, for logs.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_owned(),
     }
 }
@@ -90,7 +92,9 @@ fn split_hash(map: &HashMap<String, String>, field: &str) -> Option<String> {
 }
 
 fn num<T: std::str::FromStr + Default>(map: &HashMap<String, String>, field: &str) -> T {
-    map.get(field).and_then(|v| v.parse().ok()).unwrap_or_default()
+    map.get(field)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
 }
 
 impl RedisStore {
@@ -146,62 +150,115 @@ impl RedisStore {
         }
     }
 
-    /// Runs a channel script with the standard keys and arguments, plus `extra` arguments.
+    /// `EVALSHA` of a channel script with the standard keys and arguments, plus `extra`.
+    fn evalsha(&self, script: &Script, ch: &ChannelId, extra: &[&str]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(9);
+        for key in self.keys.channel(ch).all() {
+            cmd.arg(key);
+        }
+        cmd.arg(ch.as_str())
+            .arg(self.settings.lease_ms)
+            .arg(self.settings.max_talk_ms)
+            .arg(GC_GRACE_MS)
+            .arg(&self.audit_maxlen);
+        for arg in extra {
+            cmd.arg(*arg);
+        }
+        cmd
+    }
+
+    /// Runs `pipe`, whose first command is `EVALSHA` of `script`; loads the script and retries
+    /// once if Redis does not know it (after a restart or a `SCRIPT FLUSH`).
+    async fn run_script_pipe<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(Err(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                self.bounded(script.prepare_invoke().load_async(&mut conn))
+                    .await?;
+                self.bounded(pipe.query_async::<T>(&mut conn)).await
+            }
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable("redis call timed out".into())),
+        }
+    }
+
+    /// Runs a channel script and returns its JSON answer.
     async fn channel_script(
         &self,
         script: &Script,
         ch: &ChannelId,
         extra: &[&str],
     ) -> Result<String, StoreError> {
-        let keys = self.keys.channel(ch);
-        let mut invocation = script.prepare_invoke();
-        for key in keys.all() {
-            invocation.key(key);
-        }
-        invocation
-            .arg(ch.as_str())
-            .arg(self.settings.lease_ms)
-            .arg(self.settings.max_talk_ms)
-            .arg(GC_GRACE_MS)
-            .arg(&self.audit_maxlen);
-        for arg in extra {
-            invocation.arg(*arg);
-        }
-        let mut conn = self.conn.clone();
-        self.bounded(invocation.invoke_async::<String>(&mut conn)).await
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.evalsha(script, ch, extra));
+        let (answer,): (String,) = self.run_script_pipe(script, &pipe).await?;
+        Ok(answer)
     }
 
     /// Makes sure the sweeper looks at this channel's floor no later than `at_ms`.
     async fn schedule_floor_check(&self, ch: &ChannelId, at_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("ZADD")
+        self.bounded(self.schedule_cmd(ch, at_ms).query_async::<()>(&mut conn))
+            .await
+    }
+
+    /// `ZADD LT`: the index entry only ever moves earlier here; the sweeper moves it to the
+    /// grant's real expiry when it looks.
+    fn schedule_cmd(&self, ch: &ChannelId, at_ms: i64) -> redis::Cmd {
+        redis::cmd("ZADD")
             .arg(self.keys.floor_deadlines())
             .arg("LT")
             .arg(at_ms)
             .arg(ch.as_str())
-            .to_owned();
-        self.bounded(cmd.query_async::<()>(&mut conn)).await
+            .to_owned()
     }
 
-    async fn reschedule(&self, index: &str, member: &str, seen: &str, next: Option<i64>) -> Result<(), StoreError> {
+    async fn reschedule(
+        &self,
+        index: &str,
+        member: &str,
+        seen: &str,
+        next: Option<i64>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let next = next.map(|n| n.to_string()).unwrap_or_default();
         let mut invocation = scripts::RESCHEDULE.prepare_invoke();
         invocation.key(index).arg(member).arg(seen).arg(next);
-        self.bounded(invocation.invoke_async::<i64>(&mut conn)).await.map(drop)
+        self.bounded(invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
     }
 
-    async fn leave(&self, sid: &SessionId, ch: &ChannelId, reason: &str) -> Result<LeaveOutcome, StoreError> {
-        let raw = self.channel_script(&CHANNEL.leave, ch, &[sid.as_str(), reason]).await?;
+    async fn leave(
+        &self,
+        sid: &SessionId,
+        ch: &ChannelId,
+        reason: &str,
+    ) -> Result<LeaveOutcome, StoreError> {
+        let raw = self
+            .channel_script(&CHANNEL.leave, ch, &[sid.as_str(), reason])
+            .await?;
         let left: WireLeave = parse(&raw, "leave result")?;
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.srem(self.keys.session_channels(sid), ch.as_str()).ignore();
+        pipe.srem(self.keys.session_channels(sid), ch.as_str())
+            .ignore();
         if let Some(node) = left.node.as_deref().and_then(|n| NodeId::parse(n).ok()) {
-            pipe.srem(self.keys.media_node_channels(&node), ch.as_str()).ignore();
+            pipe.srem(self.keys.media_node_channels(&node), ch.as_str())
+                .ignore();
         }
         self.bounded(pipe.query_async::<()>(&mut conn)).await?;
-        Ok(LeaveOutcome { was_member: left.was_member, released_floor: left.released })
+        Ok(LeaveOutcome {
+            was_member: left.was_member,
+            released_floor: left.released,
+        })
     }
 
     async fn read_session(&self, sid: &SessionId) -> Result<Option<Session>, StoreError> {
@@ -218,12 +275,15 @@ impl RedisStore {
             return Ok(None);
         }
         let corrupt = || StoreError::Internal("unreadable session in redis".into());
-        let mut channels: Vec<ChannelId> =
-            channels.iter().filter_map(|c| ChannelId::parse(c).ok()).collect();
+        let mut channels: Vec<ChannelId> = channels
+            .iter()
+            .filter_map(|c| ChannelId::parse(c).ok())
+            .collect();
         channels.sort();
         Ok(Some(Session {
             session_id: sid.clone(),
-            user_id: UserId::parse(&split_hash(&hash, "uid").unwrap_or_default()).map_err(|_| corrupt())?,
+            user_id: UserId::parse(&split_hash(&hash, "uid").unwrap_or_default())
+                .map_err(|_| corrupt())?,
             user_name: split_hash(&hash, "name").unwrap_or_default(),
             gateway_id: split_hash(&hash, "gw").unwrap_or_default(),
             created_at_ms: num(&hash, "created"),
@@ -232,7 +292,13 @@ impl RedisStore {
         }))
     }
 
-    fn node_from_hash(&self, id: NodeId, hash: &HashMap<String, String>, channels: u32, now: i64) -> MediaNode {
+    fn node_from_hash(
+        &self,
+        id: NodeId,
+        hash: &HashMap<String, String>,
+        channels: u32,
+        now: i64,
+    ) -> MediaNode {
         let last: i64 = num(hash, "last_hb");
         MediaNode {
             node_id: id,
@@ -260,7 +326,12 @@ impl RedisStore {
         if hash.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.node_from_hash(id.clone(), &hash, channels, now_ms())))
+        Ok(Some(self.node_from_hash(
+            id.clone(),
+            &hash,
+            channels,
+            now_ms(),
+        )))
     }
 
     async fn sweep_floors(&self, now: i64) -> Result<u32, StoreError> {
@@ -289,7 +360,8 @@ impl RedisStore {
             let raw = self.channel_script(&CHANNEL.expire, &ch, &[]).await?;
             let result: WireExpire = parse(&raw, "expire result")?;
             expired += u32::from(result.expired);
-            self.reschedule(&index, &member, &score, result.next).await?;
+            self.reschedule(&index, &member, &score, result.next)
+                .await?;
         }
         Ok(expired)
     }
@@ -319,7 +391,8 @@ impl RedisStore {
             };
             match self.read_session(&sid).await? {
                 Some(s) if s.expires_at_ms > now => {
-                    self.reschedule(&index, &member, &score, Some(s.expires_at_ms)).await?;
+                    self.reschedule(&index, &member, &score, Some(s.expires_at_ms))
+                        .await?;
                 }
                 _ => {
                     tracing::info!(session_id = %sid, "session expired");
@@ -338,7 +411,11 @@ fn refusal(r: &str) -> Result<FloorRefusal, StoreError> {
         "not_holder" => FloorRefusal::NotHolder,
         "stale_epoch" => FloorRefusal::StaleEpoch,
         "max_talk_time" => FloorRefusal::MaxTalkTime,
-        other => return Err(StoreError::Internal(format!("unknown script result {other}"))),
+        other => {
+            return Err(StoreError::Internal(format!(
+                "unknown script result {other}"
+            )));
+        }
     })
 }
 
@@ -354,18 +431,30 @@ impl Store for RedisStore {
         priority: u32,
     ) -> Result<AcquireOutcome, StoreError> {
         let priority_arg = priority.to_string();
-        let raw = self.channel_script(&CHANNEL.acquire, ch, &[sid.as_str(), &priority_arg]).await?;
+        // The acquire and the sweeper's index entry go in one round trip. The entry is an
+        // estimate (now + the default lease); a grant that ends sooner is rescheduled below.
+        let estimate = now_ms() + i64::from(self.settings.lease_ms);
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.evalsha(&CHANNEL.acquire, ch, &[sid.as_str(), &priority_arg]))
+            .add_command(self.schedule_cmd(ch, estimate))
+            .ignore();
+        let (raw,): (String,) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
         let a: WireAcquire = parse(&raw, "acquire result")?;
         let holder = a.holder.map(wire::WireHolder::into_domain).transpose()?;
         let result = match a.r.as_str() {
             "not_member" => return Err(StoreError::NotMember),
             "granted" => {
                 let holder = holder.ok_or_else(|| missing("holder"))?;
-                self.schedule_floor_check(ch, holder.expires_at_ms).await?;
+                if holder.expires_at_ms < estimate {
+                    self.schedule_floor_check(ch, holder.expires_at_ms).await?;
+                }
                 Acquired::Granted {
                     holder,
                     max_talk_ms: u32::try_from(a.max_talk.unwrap_or_default()).unwrap_or(u32::MAX),
-                    preempted: a.preempted.map(wire::WireSpeaker::into_domain).transpose()?,
+                    preempted: a
+                        .preempted
+                        .map(wire::WireSpeaker::into_domain)
+                        .transpose()?,
                 }
             }
             "denied" => Acquired::Denied {
@@ -376,14 +465,28 @@ impl Store for RedisStore {
                 holder: holder.ok_or_else(|| missing("holder"))?,
                 position: a.pos.unwrap_or_default(),
             },
-            other => return Err(StoreError::Internal(format!("unknown acquire result {other}"))),
+            other => {
+                return Err(StoreError::Internal(format!(
+                    "unknown acquire result {other}"
+                )));
+            }
         };
-        Ok(AcquireOutcome { result, server_time_ms: a.now })
+        Ok(AcquireOutcome {
+            result,
+            server_time_ms: a.now,
+        })
     }
 
-    async fn renew_floor(&self, ch: &ChannelId, sid: &SessionId, epoch: u64) -> Result<RenewOutcome, StoreError> {
+    async fn renew_floor(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        epoch: u64,
+    ) -> Result<RenewOutcome, StoreError> {
         let epoch_arg = epoch.to_string();
-        let raw = self.channel_script(&CHANNEL.renew, ch, &[sid.as_str(), &epoch_arg]).await?;
+        let raw = self
+            .channel_script(&CHANNEL.renew, ch, &[sid.as_str(), &epoch_arg])
+            .await?;
         let r: WireRenew = parse(&raw, "renew result")?;
         let result = match r.r.as_str() {
             "renewed" => Ok(Renewed {
@@ -392,7 +495,10 @@ impl Store for RedisStore {
             }),
             other => Err(refusal(other)?),
         };
-        Ok(RenewOutcome { result, server_time_ms: r.now })
+        Ok(RenewOutcome {
+            result,
+            server_time_ms: r.now,
+        })
     }
 
     async fn release_floor(
@@ -402,21 +508,37 @@ impl Store for RedisStore {
         epoch: Option<u64>,
     ) -> Result<ReleaseOutcome, StoreError> {
         let epoch_arg = epoch.unwrap_or(0).to_string();
-        let raw = self.channel_script(&CHANNEL.release, ch, &[sid.as_str(), &epoch_arg]).await?;
+        let raw = self
+            .channel_script(&CHANNEL.release, ch, &[sid.as_str(), &epoch_arg])
+            .await?;
         let r: WireRelease = parse(&raw, "release result")?;
         Ok(ReleaseOutcome {
-            refusal: if r.r == "released" { None } else { Some(refusal(&r.r)?) },
+            refusal: if r.r == "released" {
+                None
+            } else {
+                Some(refusal(&r.r)?)
+            },
             epoch: wire::epoch(&r.epoch)?,
             dequeued: r.dequeued,
         })
     }
 
-    async fn force_release_floor(&self, ch: &ChannelId, epoch: Option<u64>) -> Result<ReleaseOutcome, StoreError> {
+    async fn force_release_floor(
+        &self,
+        ch: &ChannelId,
+        epoch: Option<u64>,
+    ) -> Result<ReleaseOutcome, StoreError> {
         let epoch_arg = epoch.unwrap_or(0).to_string();
-        let raw = self.channel_script(&CHANNEL.force_release, ch, &[&epoch_arg]).await?;
+        let raw = self
+            .channel_script(&CHANNEL.force_release, ch, &[&epoch_arg])
+            .await?;
         let r: WireRelease = parse(&raw, "release result")?;
         Ok(ReleaseOutcome {
-            refusal: if r.r == "released" { None } else { Some(refusal(&r.r)?) },
+            refusal: if r.r == "released" {
+                None
+            } else {
+                Some(refusal(&r.r)?)
+            },
             epoch: wire::epoch(&r.epoch)?,
             dequeued: false,
         })
@@ -429,8 +551,9 @@ impl Store for RedisStore {
 
     async fn channel_config(&self, ch: &ChannelId) -> Result<ChannelConfig, StoreError> {
         let mut conn = self.conn.clone();
-        let hash: HashMap<String, String> =
-            self.bounded(conn.hgetall(self.keys.channel(ch).config)).await?;
+        let hash: HashMap<String, String> = self
+            .bounded(conn.hgetall(self.keys.channel(ch).config))
+            .await?;
         Ok(ChannelConfig {
             queue_enabled: hash.get("queue").is_some_and(|q| q == "1"),
             lease_ms: num(&hash, "lease_ms"),
@@ -438,21 +561,37 @@ impl Store for RedisStore {
         })
     }
 
-    async fn set_channel_config(&self, ch: &ChannelId, config: ChannelConfig) -> Result<ChannelConfig, StoreError> {
+    async fn set_channel_config(
+        &self,
+        ch: &ChannelId,
+        config: ChannelConfig,
+    ) -> Result<ChannelConfig, StoreError> {
         let config = config.validate()?;
         let mut conn = self.conn.clone();
         let fields = [
-            ("queue", if config.queue_enabled { "1".to_owned() } else { "0".to_owned() }),
+            (
+                "queue",
+                if config.queue_enabled {
+                    "1".to_owned()
+                } else {
+                    "0".to_owned()
+                },
+            ),
             ("lease_ms", config.lease_ms.to_string()),
             ("max_talk_ms", config.max_talk_ms.to_string()),
         ];
-        self.bounded(conn.hset_multiple::<_, _, _, ()>(self.keys.channel(ch).config, &fields)).await?;
+        self.bounded(conn.hset_multiple::<_, _, _, ()>(self.keys.channel(ch).config, &fields))
+            .await?;
         Ok(config)
     }
 
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = now_ms();
-        let ttl = i64::from(if new.ttl_ms == 0 { self.settings.session_ttl_ms } else { new.ttl_ms });
+        let ttl = i64::from(if new.ttl_ms == 0 {
+            self.settings.session_ttl_ms
+        } else {
+            new.ttl_ms
+        });
         let session = Session {
             session_id: SessionId::generate(),
             user_id: new.user_id,
@@ -491,11 +630,16 @@ impl Store for RedisStore {
 
     async fn touch_session(&self, sid: &SessionId) -> Result<Session, StoreError> {
         let now = now_ms();
-        let mut session = self.read_session(sid).await?.ok_or(StoreError::NotFound("session"))?;
+        let mut session = self
+            .read_session(sid)
+            .await?
+            .ok_or(StoreError::NotFound("session"))?;
         if session.expires_at_ms <= now {
             return Err(StoreError::NotFound("session"));
         }
-        let expires = session.expires_at_ms.max(now + i64::from(self.settings.session_ttl_ms));
+        let expires = session
+            .expires_at_ms
+            .max(now + i64::from(self.settings.session_ttl_ms));
         let mut conn = self.conn.clone();
         let mut invocation = scripts::TOUCH_SESSION.prepare_invoke();
         invocation
@@ -507,25 +651,38 @@ impl Store for RedisStore {
         if exists == 0 {
             return Err(StoreError::NotFound("session"));
         }
-        self.bounded(conn.zadd::<_, _, _, ()>(self.keys.session_deadlines(), sid.as_str(), expires)).await?;
+        self.bounded(conn.zadd::<_, _, _, ()>(
+            self.keys.session_deadlines(),
+            sid.as_str(),
+            expires,
+        ))
+        .await?;
         session.expires_at_ms = expires;
         Ok(session)
     }
 
     async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {
-        self.read_session(sid).await?.ok_or(StoreError::NotFound("session"))
+        self.read_session(sid)
+            .await?
+            .ok_or(StoreError::NotFound("session"))
     }
 
     async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
         let mut conn = self.conn.clone();
-        let ids: Vec<String> = self.bounded(conn.smembers(self.keys.user_sessions(uid))).await?;
+        let ids: Vec<String> = self
+            .bounded(conn.smembers(self.keys.user_sessions(uid)))
+            .await?;
         let mut sessions = Vec::with_capacity(ids.len());
         for id in ids {
-            let Ok(sid) = SessionId::parse(&id) else { continue };
+            let Ok(sid) = SessionId::parse(&id) else {
+                continue;
+            };
             match self.read_session(&sid).await? {
                 Some(s) => sessions.push(s),
                 None => {
-                    let _: () = self.bounded(conn.srem(self.keys.user_sessions(uid), &id)).await?;
+                    let _: () = self
+                        .bounded(conn.srem(self.keys.user_sessions(uid), &id))
+                        .await?;
                 }
             }
         }
@@ -533,15 +690,24 @@ impl Store for RedisStore {
         Ok(sessions)
     }
 
-    async fn join_channel(&self, sid: &SessionId, ch: &ChannelId) -> Result<ChannelState, StoreError> {
-        let session = self.read_session(sid).await?.ok_or(StoreError::NotFound("session"))?;
+    async fn join_channel(
+        &self,
+        sid: &SessionId,
+        ch: &ChannelId,
+    ) -> Result<ChannelState, StoreError> {
+        let session = self
+            .read_session(sid)
+            .await?
+            .ok_or(StoreError::NotFound("session"))?;
         let member = serde_json::to_string(&StoredMember {
             uid: session.user_id.as_str(),
             name: &session.user_name,
             at: now_ms(),
         })
         .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let raw = self.channel_script(&CHANNEL.join, ch, &[sid.as_str(), &member]).await?;
+        let raw = self
+            .channel_script(&CHANNEL.join, ch, &[sid.as_str(), &member])
+            .await?;
         let state = parse::<WireState>(&raw, "channel state")?.into_domain(ch)?;
         let mut conn = self.conn.clone();
         let (_, exists): ((), bool) = self
@@ -560,7 +726,11 @@ impl Store for RedisStore {
         Ok(state)
     }
 
-    async fn leave_channel(&self, sid: &SessionId, ch: &ChannelId) -> Result<LeaveOutcome, StoreError> {
+    async fn leave_channel(
+        &self,
+        sid: &SessionId,
+        ch: &ChannelId,
+    ) -> Result<LeaveOutcome, StoreError> {
         self.leave(sid, ch, "left_channel").await
     }
 
@@ -576,7 +746,9 @@ impl Store for RedisStore {
             .await?;
         let mut outcome = RemoveOutcome::default();
         for raw in channels {
-            let Ok(ch) = ChannelId::parse(&raw) else { continue };
+            let Ok(ch) = ChannelId::parse(&raw) else {
+                continue;
+            };
             let left = self.leave(sid, &ch, "disconnected").await?;
             if left.was_member {
                 outcome.channels_left.push(ch);
@@ -591,7 +763,8 @@ impl Store for RedisStore {
             .zrem(self.keys.session_deadlines(), sid.as_str())
             .ignore();
         if let Some(uid) = uid.as_deref().and_then(|u| UserId::parse(u).ok()) {
-            pipe.srem(self.keys.user_sessions(&uid), sid.as_str()).ignore();
+            pipe.srem(self.keys.user_sessions(&uid), sid.as_str())
+                .ignore();
         }
         self.bounded(pipe.query_async::<()>(&mut conn)).await?;
         outcome.channels_left.sort();
@@ -623,18 +796,29 @@ impl Store for RedisStore {
     async fn heartbeat(&self, node: &NodeId, load: u32) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
-        invocation.key(self.keys.media_node(node)).arg("load").arg(load).arg(now_ms());
+        invocation
+            .key(self.keys.media_node(node))
+            .arg("load")
+            .arg(load)
+            .arg(now_ms());
         let draining: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        draining.map(|d| d == "1").ok_or(StoreError::NotFound("media node"))
+        draining
+            .map(|d| d == "1")
+            .ok_or(StoreError::NotFound("media node"))
     }
 
     async fn drain_node(&self, node: &NodeId) -> Result<MediaNode, StoreError> {
         let mut conn = self.conn.clone();
         let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
-        invocation.key(self.keys.media_node(node)).arg("draining").arg("1");
+        invocation
+            .key(self.keys.media_node(node))
+            .arg("draining")
+            .arg("1");
         let found: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
         found.ok_or(StoreError::NotFound("media node"))?;
-        self.read_node(node).await?.ok_or(StoreError::NotFound("media node"))
+        self.read_node(node)
+            .await?
+            .ok_or(StoreError::NotFound("media node"))
     }
 
     async fn deregister_node(&self, node: &NodeId) -> Result<(), StoreError> {
@@ -658,7 +842,8 @@ impl Store for RedisStore {
         let ids: Vec<NodeId> = ids.iter().filter_map(|i| NodeId::parse(i).ok()).collect();
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.hgetall(self.keys.media_node(id)).scard(self.keys.media_node_channels(id));
+            pipe.hgetall(self.keys.media_node(id))
+                .scard(self.keys.media_node_channels(id));
         }
         let rows: Vec<(HashMap<String, String>, u32)> = if ids.is_empty() {
             Vec::new()
@@ -695,23 +880,35 @@ impl Store for RedisStore {
                 && let Some(node) = self.read_node(node_id).await?
                 && node.live
             {
-                return Ok(Placement { node, placed_now: false });
+                return Ok(Placement {
+                    node,
+                    placed_now: false,
+                });
             }
             let nodes = self.list_nodes().await?;
             let chosen = choose_node(&nodes).ok_or(StoreError::NoMediaNode)?.clone();
             let mut invocation = scripts::PLACE.prepare_invoke();
-            invocation.key(&media_key).arg(current.as_deref().unwrap_or("")).arg(chosen.node_id.as_str());
-            let (_holder, set_now): (String, bool) = self.bounded(invocation.invoke_async(&mut conn)).await?;
+            invocation
+                .key(&media_key)
+                .arg(current.as_deref().unwrap_or(""))
+                .arg(chosen.node_id.as_str());
+            let (_holder, set_now): (String, bool) =
+                self.bounded(invocation.invoke_async(&mut conn)).await?;
             if set_now {
                 let mut pipe = redis::pipe();
-                pipe.sadd(self.keys.media_node_channels(&chosen.node_id), ch.as_str()).ignore();
+                pipe.sadd(self.keys.media_node_channels(&chosen.node_id), ch.as_str())
+                    .ignore();
                 if let Some(old) = &current_node {
-                    pipe.srem(self.keys.media_node_channels(old), ch.as_str()).ignore();
+                    pipe.srem(self.keys.media_node_channels(old), ch.as_str())
+                        .ignore();
                 }
                 self.bounded(pipe.query_async::<()>(&mut conn)).await?;
                 tracing::info!(channel_id = %ch, node_id = %chosen.node_id, "channel placed");
                 let node = self.read_node(&chosen.node_id).await?.unwrap_or(chosen);
-                return Ok(Placement { node, placed_now: true });
+                return Ok(Placement {
+                    node,
+                    placed_now: true,
+                });
             }
         }
         Err(StoreError::Unavailable("placement contended".into()))
@@ -742,13 +939,17 @@ impl Store for RedisStore {
             .map_err(|_| StoreError::Unavailable("pub/sub listener stopped".into()))?;
         match tokio::time::timeout(self.timeout * 2, rx).await {
             Ok(Ok(result)) => result,
-            _ => Err(StoreError::Unavailable("pub/sub subscribe timed out".into())),
+            _ => Err(StoreError::Unavailable(
+                "pub/sub subscribe timed out".into(),
+            )),
         }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        self.bounded(redis::cmd("PING").query_async::<String>(&mut conn)).await.map(drop)
+        self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map(drop)
     }
 }
 
@@ -758,7 +959,13 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(redact_url("redis://:hunter2@db:6379/0"), "redis://***@db:6379/0");
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact_url("redis://:hunter2@db:6379/0"),
+            "redis://***@db:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
     }
 }

@@ -161,10 +161,15 @@ pub struct WireState {
 
 impl WireState {
     pub fn into_domain(self, ch: &ChannelId) -> Result<crate::domain::ChannelState, StoreError> {
-        let mut members =
-            self.members.into_iter().map(WireMember::into_domain).collect::<Result<Vec<_>, _>>()?;
+        let mut members = self
+            .members
+            .into_iter()
+            .map(WireMember::into_domain)
+            .collect::<Result<Vec<_>, _>>()?;
         members.sort_by(|a, b| {
-            a.joined_at_ms.cmp(&b.joined_at_ms).then_with(|| a.session_id.cmp(&b.session_id))
+            a.joined_at_ms
+                .cmp(&b.joined_at_ms)
+                .then_with(|| a.session_id.cmp(&b.session_id))
         });
         Ok(crate::domain::ChannelState {
             channel_id: ch.clone(),
@@ -206,18 +211,30 @@ impl WireEvent {
     pub fn into_domain(self) -> Result<Event, StoreError> {
         let channel = |ch: &str| ChannelId::parse(ch).map_err(|_| corrupt("channel id"));
         Ok(match self {
-            Self::Floor { ch, epoch: e, reason, holder, prev, prev_ms, at } => {
-                Event::Floor(FloorChanged {
-                    channel_id: channel(&ch)?,
-                    holder: holder.map(WireHolder::into_domain).transpose()?,
-                    previous: prev.map(WireSpeaker::into_domain).transpose()?,
-                    epoch: epoch(&e)?,
-                    reason: FloorReason::parse(&reason).ok_or_else(|| corrupt("floor reason"))?,
-                    previous_duration_ms: prev_ms.unwrap_or(0),
-                    at_ms: at,
-                })
-            }
-            Self::Member { ch, change, m, count, at } => Event::Membership(MembershipChanged {
+            Self::Floor {
+                ch,
+                epoch: e,
+                reason,
+                holder,
+                prev,
+                prev_ms,
+                at,
+            } => Event::Floor(FloorChanged {
+                channel_id: channel(&ch)?,
+                holder: holder.map(WireHolder::into_domain).transpose()?,
+                previous: prev.map(WireSpeaker::into_domain).transpose()?,
+                epoch: epoch(&e)?,
+                reason: FloorReason::parse(&reason).ok_or_else(|| corrupt("floor reason"))?,
+                previous_duration_ms: prev_ms.unwrap_or(0),
+                at_ms: at,
+            }),
+            Self::Member {
+                ch,
+                change,
+                m,
+                count,
+                at,
+            } => Event::Membership(MembershipChanged {
                 channel_id: channel(&ch)?,
                 member: m.into_domain()?,
                 change: match change.as_str() {
@@ -238,8 +255,11 @@ mod tests {
 
     #[test]
     fn empty_lua_table_reads_as_empty_list() {
-        let state: WireState =
-            parse(r#"{"members":{},"epoch":"1732245123456000","now":5}"#, "state").unwrap();
+        let state: WireState = parse(
+            r#"{"members":{},"epoch":"1732245123456000","now":5}"#,
+            "state",
+        )
+        .unwrap();
         assert!(state.members.is_empty());
         assert_eq!(epoch(&state.epoch).unwrap(), 1_732_245_123_456_000);
     }
@@ -249,8 +269,13 @@ mod tests {
         let raw = r#"{"k":"floor","ch":"ops","epoch":"7","reason":"preempted",
             "holder":{"sid":"s2","uid":"u2","name":"Bo","prio":5,"epoch":"7","granted":1,"expires":2,"max_until":3},
             "prev":{"sid":"s1","uid":"u1","name":"Al","prio":0},"prev_ms":40,"at":9}"#;
-        let event = parse::<WireEvent>(raw, "event").unwrap().into_domain().unwrap();
-        let Event::Floor(f) = event else { panic!("not a floor event") };
+        let event = parse::<WireEvent>(raw, "event")
+            .unwrap()
+            .into_domain()
+            .unwrap();
+        let Event::Floor(f) = event else {
+            panic!("not a floor event")
+        };
         assert_eq!(f.reason, FloorReason::Preempted);
         assert_eq!(f.previous.unwrap().user_name, "Al");
         assert_eq!(f.holder.unwrap().speaker.priority, 5);
