@@ -274,6 +274,8 @@ pub struct Session {
     pub gateway_id: String,
     pub created_at_ms: i64,
     pub expires_at_ms: i64,
+    /// How long a touch extends the session.
+    pub ttl_ms: u32,
     pub channels: Vec<ChannelId>,
 }
 

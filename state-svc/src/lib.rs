@@ -37,6 +37,9 @@ use crate::store::Store;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 
+/// Largest request message accepted, so hostile callers cannot make the server buffer much.
+const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
 /// The gRPC services this server reports health for.
 pub const SERVICE_NAMES: [&str; 4] = [
     "ptt.state.v1.FloorService",
@@ -116,16 +119,22 @@ async fn serve<S: Store>(
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
         .add_service(standard.reflection_v1alpha)
-        .add_service(pb::floor_service_server::FloorServiceServer::new(
-            api.clone(),
-        ))
-        .add_service(pb::channel_service_server::ChannelServiceServer::new(
-            api.clone(),
-        ))
-        .add_service(pb::session_service_server::SessionServiceServer::new(
-            api.clone(),
-        ))
-        .add_service(pb::media_registry_service_server::MediaRegistryServiceServer::new(api));
+        .add_service(
+            pb::floor_service_server::FloorServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::channel_service_server::ChannelServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::session_service_server::SessionServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::media_registry_service_server::MediaRegistryServiceServer::new(api)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        );
     tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
     let drain = {
         let shutdown = shutdown.clone();

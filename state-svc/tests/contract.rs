@@ -498,7 +498,7 @@ async fn untouched_sessions_expire(b: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    // A session that is touched lives on.
+    // A session that is touched lives on, for its own time to live.
     let touched = c
         .session
         .touch_session(pb::TouchSessionRequest {
@@ -506,7 +506,9 @@ async fn untouched_sessions_expire(b: Backend) {
         })
         .await
         .unwrap();
-    assert!(touched.into_inner().expires_at_ms > 0);
+    let touched = touched.into_inner();
+    assert_eq!(touched.ttl_ms, 60_000);
+    assert!(touched.expires_at_ms > touched.created_at_ms + 59_000);
     let sessions = c
         .session
         .list_user_sessions(pb::ListUserSessionsRequest {

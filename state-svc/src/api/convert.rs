@@ -114,6 +114,7 @@ pub fn session(s: &Session) -> pb::Session {
         gateway_id: s.gateway_id.clone(),
         created_at_ms: s.created_at_ms,
         expires_at_ms: s.expires_at_ms,
+        ttl_ms: s.ttl_ms,
         channel_ids: s.channels.iter().map(ToString::to_string).collect(),
     }
 }

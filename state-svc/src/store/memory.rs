@@ -492,6 +492,7 @@ impl Store for MemoryStore {
             gateway_id: new.gateway_id,
             created_at_ms: now,
             expires_at_ms: now + i64::from(ttl),
+            ttl_ms: ttl,
             channels: Vec::new(),
         };
         let mut inner = self.lock();
@@ -508,14 +509,13 @@ impl Store for MemoryStore {
 
     async fn touch_session(&self, sid: &SessionId) -> Result<Session, StoreError> {
         let now = now_ms();
-        let ttl = i64::from(self.settings.session_ttl_ms);
         let mut inner = self.lock();
         let session = inner
             .sessions
             .get_mut(sid)
             .filter(|s| s.expires_at_ms > now)
             .ok_or(not_found("session"))?;
-        session.expires_at_ms = session.expires_at_ms.max(now + ttl);
+        session.expires_at_ms = session.expires_at_ms.max(now + i64::from(session.ttl_ms));
         Ok(session.clone())
     }
 

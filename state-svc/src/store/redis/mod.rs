@@ -288,6 +288,7 @@ impl RedisStore {
             gateway_id: split_hash(&hash, "gw").unwrap_or_default(),
             created_at_ms: num(&hash, "created"),
             expires_at_ms: num(&hash, "expires"),
+            ttl_ms: num(&hash, "ttl"),
             channels,
         }))
     }
@@ -587,11 +588,12 @@ impl Store for RedisStore {
 
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = now_ms();
-        let ttl = i64::from(if new.ttl_ms == 0 {
+        let ttl_ms = if new.ttl_ms == 0 {
             self.settings.session_ttl_ms
         } else {
             new.ttl_ms
-        });
+        };
+        let ttl = i64::from(ttl_ms);
         let session = Session {
             session_id: SessionId::generate(),
             user_id: new.user_id,
@@ -599,6 +601,7 @@ impl Store for RedisStore {
             gateway_id: new.gateway_id,
             created_at_ms: now,
             expires_at_ms: now + ttl,
+            ttl_ms,
             channels: Vec::new(),
         };
         let key = self.keys.session(&session.session_id);
@@ -637,9 +640,7 @@ impl Store for RedisStore {
         if session.expires_at_ms <= now {
             return Err(StoreError::NotFound("session"));
         }
-        let expires = session
-            .expires_at_ms
-            .max(now + i64::from(self.settings.session_ttl_ms));
+        let expires = session.expires_at_ms.max(now + i64::from(session.ttl_ms));
         let mut conn = self.conn.clone();
         let mut invocation = scripts::TOUCH_SESSION.prepare_invoke();
         invocation
