@@ -3,7 +3,8 @@
 //!
 //! Run with `cargo bench -p state-svc --bench floor`. It starts its own `redis-server` and a
 //! release-built `state-svc` process on ephemeral loopback ports, and prints a table.
-//! `FLOOR_BENCH_SECS` sets the measuring time per row (default 4).
+//! `FLOOR_BENCH_SECS` sets the measuring time per run (default 3) and `FLOOR_BENCH_REPS` the
+//! number of alternating raw/gRPC runs per row (default 3); each row is the median run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +17,10 @@ use state_svc::store::redis::scripts::CHANNEL;
 use talkgroup_proto::state::v1 as pb;
 use testkit::{RedisServer, ServiceProcess};
 use tonic::transport::Channel;
+
+/// The allocator the services use, for both client paths alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PREFIX: &str = "bench";
 /// Callers sharing one HTTP/2 connection to state-svc.
@@ -180,6 +185,12 @@ async fn measure(
     }
 }
 
+/// The run with the median throughput.
+fn median(mut runs: Vec<Row>) -> Row {
+    runs.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+    runs.swap_remove(runs.len() / 2)
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -192,8 +203,12 @@ async fn run() {
     let secs: u64 = std::env::var("FLOOR_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(3);
     let duration = Duration::from_secs(secs);
+    let reps: usize = std::env::var("FLOOR_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let redis = RedisServer::start().expect("redis-server");
     let url = redis.url();
     let state = ServiceProcess::start(
@@ -276,24 +291,32 @@ async fn run() {
         state: state.pid(),
         redis: redis.pid().unwrap(),
     };
+    // Raw and gRPC alternate, several times, and each row reports its median run: the machine's
+    // speed drifts over a run, and alternating keeps both paths under the same drift.
     let mut rows = Vec::new();
     for concurrency in [1, 64] {
-        rows.push(
-            measure(
-                &raw_callers[..concurrency],
-                Mode::Raw,
-                &keys,
-                duration,
-                pids,
-            )
-            .await,
-        );
-        rows.push(measure(&callers[..concurrency], Mode::Grpc, &keys, duration, pids).await);
+        let mut raw = Vec::new();
+        let mut grpc = Vec::new();
+        for _ in 0..reps {
+            raw.push(
+                measure(
+                    &raw_callers[..concurrency],
+                    Mode::Raw,
+                    &keys,
+                    duration,
+                    pids,
+                )
+                .await,
+            );
+            grpc.push(measure(&callers[..concurrency], Mode::Grpc, &keys, duration, pids).await);
+        }
+        rows.push(median(raw));
+        rows.push(median(grpc));
     }
 
     println!();
     println!(
-        "floor acquire+release, {secs} s per row, {} cores",
+        "floor acquire+release, median of {reps} alternating runs of {secs} s, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
