@@ -736,15 +736,24 @@ impl Store for RedisStore {
     }
 
     async fn remove_session(&self, sid: &SessionId) -> Result<RemoveOutcome, StoreError> {
+        // The session disappears first, so nobody sees it after its channels announce it left.
+        // Its channel set and deadline entry go last: if this is interrupted, the sweeper finds
+        // the entry, sees no session, and finishes the removal.
         let mut conn = self.conn.clone();
-        let (uid, channels): (Option<String>, Vec<String>) = self
+        let (uid, channels, ()): (Option<String>, Vec<String>, ()) = self
             .bounded(
                 redis::pipe()
                     .hget(self.keys.session(sid), "uid")
                     .smembers(self.keys.session_channels(sid))
+                    .del(self.keys.session(sid))
                     .query_async(&mut conn),
             )
             .await?;
+        if let Some(uid) = uid.as_deref().and_then(|u| UserId::parse(u).ok()) {
+            let _: () = self
+                .bounded(conn.srem(self.keys.user_sessions(&uid), sid.as_str()))
+                .await?;
+        }
         let mut outcome = RemoveOutcome::default();
         for raw in channels {
             let Ok(ch) = ChannelId::parse(&raw) else {
@@ -756,18 +765,15 @@ impl Store for RedisStore {
             }
             outcome.floors_released += u32::from(left.released_floor);
         }
-        let mut pipe = redis::pipe();
-        pipe.del(self.keys.session(sid))
-            .ignore()
-            .del(self.keys.session_channels(sid))
-            .ignore()
-            .zrem(self.keys.session_deadlines(), sid.as_str())
-            .ignore();
-        if let Some(uid) = uid.as_deref().and_then(|u| UserId::parse(u).ok()) {
-            pipe.srem(self.keys.user_sessions(&uid), sid.as_str())
-                .ignore();
-        }
-        self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+        self.bounded(
+            redis::pipe()
+                .del(self.keys.session_channels(sid))
+                .ignore()
+                .zrem(self.keys.session_deadlines(), sid.as_str())
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
         outcome.channels_left.sort();
         Ok(outcome)
     }
