@@ -1,0 +1,159 @@
+//! A client peer from the `webrtc` crate, as an app would run it: it answers the media node's
+//! offer, sends Opus from a track, and collects what it receives.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use media_svc::engine::webrtc::{opus_codec, opus_media_engine};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use tokio::sync::Notify;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
+    RTCPeerConnectionState, RTCSessionDescription,
+};
+
+/// A received packet and when it arrived.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub packet: rtp::Packet,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Shared {
+    received: Mutex<Vec<Received>>,
+    tracks: Mutex<u32>,
+}
+
+struct Handler {
+    gathered: Arc<Notify>,
+    connected: Arc<Notify>,
+    shared: Arc<Shared>,
+    /// Stop reading (a stalled listener).
+    stalled: bool,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.notify_one();
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        if state == RTCPeerConnectionState::Connected {
+            self.connected.notify_one();
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        *self.shared.tracks.lock().unwrap() += 1;
+        let shared = Arc::clone(&self.shared);
+        let stalled = self.stalled;
+        tokio::spawn(async move {
+            if stalled {
+                // Hold the track and never read it.
+                std::future::pending::<()>().await;
+            }
+            while let Some(event) = track.poll().await {
+                if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+                    shared.received.lock().unwrap().push(Received { packet, at: Instant::now() });
+                }
+            }
+        });
+    }
+}
+
+pub struct Peer {
+    pub pc: Arc<dyn PeerConnection>,
+    shared: Arc<Shared>,
+    gathered: Arc<Notify>,
+    connected: Arc<Notify>,
+    pub track: Option<Arc<TrackLocalStaticRTP>>,
+    pub ssrc: u32,
+}
+
+impl Peer {
+    pub async fn new(stalled: bool) -> Self {
+        let shared = Arc::new(Shared::default());
+        let gathered = Arc::new(Notify::new());
+        let connected = Arc::new(Notify::new());
+        let pc = PeerConnectionBuilder::new()
+            .with_media_engine(opus_media_engine().unwrap())
+            .with_handler(Arc::new(Handler {
+                gathered: Arc::clone(&gathered),
+                connected: Arc::clone(&connected),
+                shared: Arc::clone(&shared),
+                stalled,
+            }))
+            .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
+            .build()
+            .await
+            .unwrap();
+        Self { pc: Arc::new(pc), shared, gathered, connected, track: None, ssrc: rand::random() }
+    }
+
+    /// Answers an offer; with `send`, attaches an Opus track to send on.
+    pub async fn answer(&mut self, offer: &str, send: bool) -> String {
+        self.pc.set_remote_description(RTCSessionDescription::offer(offer.to_owned()).unwrap()).await.unwrap();
+        if send {
+            let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                "client".to_owned(),
+                format!("mic-{}", self.ssrc),
+                "mic".to_owned(),
+                RtpCodecKind::Audio,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(self.ssrc), ..Default::default() },
+                    codec: opus_codec(),
+                    ..Default::default()
+                }],
+            )));
+            self.pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.unwrap();
+            self.track = Some(track);
+        }
+        let answer = self.pc.create_answer(None).await.unwrap();
+        self.pc.set_local_description(answer).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.gathered.notified()).await.expect("gathered");
+        self.pc.local_description().await.unwrap().sdp
+    }
+
+    pub async fn wait_connected(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.connected.notified()).await.expect("connected");
+    }
+
+    /// Sends one Opus frame with RTP `seq` and `timestamp`.
+    pub async fn send(&self, seq: u16, timestamp: u32, payload: Vec<u8>) {
+        let packet = rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: media_svc::engine::OPUS_PAYLOAD_TYPE,
+                sequence_number: seq,
+                timestamp,
+                ssrc: self.ssrc,
+                ..Default::default()
+            },
+            payload: payload.into(),
+        };
+        self.track.as_ref().expect("a sending peer").write_rtp(packet).await.unwrap();
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    pub fn track_count(&self) -> u32 {
+        *self.shared.tracks.lock().unwrap()
+    }
+
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}
