@@ -1,4 +1,124 @@
 //! media-svc: the SFU worker pool that forwards the floor holder's Opus audio.
+//!
+//! Layout:
+//! - [`router`]: one channel's forwarding decision and per-listener stream rewriting (sans-IO).
+//! - [`worker`]: the worker pool owning the routers; everything reaches it by bounded queues.
+//! - [`engine`]: the WebRTC engine behind the project's own trait (`webrtc` 0.21 today).
+//! - [`node`]: transports, producers and consumers of this node; [`ports`]: the UDP port range.
+//! - [`grpc`]: `ptt.media.v1.MediaService`; [`link`]: registration and floor watch on state-svc.
+//! - [`run`]: the server, taking a bound listener and a shutdown token; SIGTERM drains.
 
+pub mod config;
 pub mod engine;
+pub mod grpc;
+pub mod link;
+pub mod node;
+pub mod ports;
 pub mod router;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use talkgroup_proto::media::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+pub use crate::config::Config;
+use crate::engine::webrtc::WebrtcEngine;
+use crate::node::{Node, NodeSettings};
+use crate::ports::PortPool;
+
+/// The gRPC service this server reports health for.
+pub const SERVICE_NAME: &str = "ptt.media.v1.MediaService";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("grpc server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("listener has no local address: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown`, then drains: health NOT_SERVING, no new channels, and exit once the
+/// last transport closes or the drain timeout passes.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let addr = listener.local_addr()?;
+    let node_id = config.node_id();
+    let workers = if config.workers == 0 {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    } else {
+        config.workers
+    };
+    let ports = PortPool::new(config.rtc_bind_ip, config.port_range.map(|r| (r.0, r.1)));
+    let settings = NodeSettings { node_id: node_id.clone(), announced_ip: config.announced_ip, capacity: config.capacity };
+    let node = Node::new(WebrtcEngine::default(), settings, ports, workers);
+
+    let standard = talkgroup_common::grpc::standard_services();
+    let reporter = standard.reporter.clone();
+    for name in [SERVICE_NAME, ""] {
+        reporter.set_service_status(name, ServingStatus::Serving).await;
+    }
+    let link_stop = CancellationToken::new();
+    let link = config.state_url.clone().map(|url| {
+        let me = link::Registration {
+            node_id: node_id.clone(),
+            grpc_url: config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")),
+            announced_ip: config.announced_ip.unwrap_or(config.rtc_bind_ip).to_string(),
+            capacity: config.capacity,
+        };
+        tokio::spawn(link::run(Arc::clone(&node), url, me, link_stop.clone()))
+    });
+
+    let stop_serving = CancellationToken::new();
+    let drain = {
+        let node = Arc::clone(&node);
+        let stop_serving = stop_serving.clone();
+        let timeout = Duration::from_millis(config.drain_timeout_ms);
+        async move {
+            shutdown.cancelled().await;
+            for name in [SERVICE_NAME, ""] {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            node.set_draining();
+            tracing::info!(transports = node.transport_count(), "draining: no new channels");
+            let deadline = tokio::time::Instant::now() + timeout;
+            while node.transport_count() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tracing::info!(left = node.transport_count(), "drained");
+            stop_serving.cancel();
+        }
+    };
+    tokio::spawn(drain);
+
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    });
+    tracing::info!(%addr, %node_id, workers, "media-svc listening");
+    let served = Server::builder()
+        .add_service(standard.health)
+        .add_service(standard.reflection_v1)
+        .add_service(standard.reflection_v1alpha)
+        .add_service(
+            pb::media_service_server::MediaServiceServer::new(grpc::MediaApi::new(Arc::clone(&node)))
+                .max_decoding_message_size(64 * 1024),
+        )
+        .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
+        .await;
+    link_stop.cancel();
+    if let Some(link) = link {
+        let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
+    }
+    tracing::info!("media-svc stopped");
+    Ok(served?)
+}

@@ -1,0 +1,90 @@
+//! media-svc configuration: flags, each also readable from a `PTT_MEDIA_*` environment variable.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use clap::Parser;
+use talkgroup_common::telemetry::LogFormat;
+
+/// An inclusive UDP port range, written `MIN-MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange(pub u16, pub u16);
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (lo, hi) = s.split_once('-').ok_or("expected MIN-MAX")?;
+        let lo: u16 = lo.trim().parse().map_err(|_| "bad minimum port")?;
+        let hi: u16 = hi.trim().parse().map_err(|_| "bad maximum port")?;
+        if lo == 0 || lo > hi {
+            return Err("expected 0 < MIN <= MAX".into());
+        }
+        Ok(Self(lo, hi))
+    }
+}
+
+/// A Talkgroup media node: forwards the floor holder's Opus audio to a channel's listeners.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "media-svc", version, about)]
+pub struct Config {
+    /// Address the gRPC server (ptt.media.v1) listens on.
+    #[arg(long, env = "PTT_MEDIA_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+    /// This node's id in the registry; a random one when unset.
+    #[arg(long, env = "PTT_MEDIA_NODE_ID")]
+    pub node_id: Option<String>,
+    /// gRPC URL gateways use to reach this node (registered with state-svc); defaults to the
+    /// bound listen address.
+    #[arg(long, env = "PTT_MEDIA_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// IP address the UDP media sockets bind to. Bind a concrete address: a wildcard bind
+    /// leaves out loopback candidates.
+    #[arg(long, env = "PTT_MEDIA_RTC_BIND_IP", default_value = "127.0.0.1")]
+    pub rtc_bind_ip: IpAddr,
+    /// Public IP written into the node's ICE candidates (behind NAT or hostNetwork).
+    #[arg(long, env = "PTT_MEDIA_ANNOUNCED_IP")]
+    pub announced_ip: Option<IpAddr>,
+    /// UDP port range for peer connections, `MIN-MAX`; ephemeral ports when unset.
+    #[arg(long, env = "PTT_MEDIA_PORT_RANGE")]
+    pub port_range: Option<PortRange>,
+    /// Forwarding workers; 0 means one per core.
+    #[arg(long, env = "PTT_MEDIA_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+    /// Transports (peer connections) the node accepts.
+    #[arg(long, env = "PTT_MEDIA_CAPACITY", default_value_t = 4_000)]
+    pub capacity: u32,
+    /// state-svc gRPC URL: register, heartbeat and watch floors. Standalone when unset.
+    #[arg(long, env = "PTT_MEDIA_STATE_URL")]
+    pub state_url: Option<String>,
+    /// After SIGTERM, how long to wait for transports to close before exiting, in ms.
+    #[arg(long, env = "PTT_MEDIA_DRAIN_TIMEOUT_MS", default_value_t = 600_000)]
+    pub drain_timeout_ms: u64,
+    /// Log format.
+    #[arg(long, env = "PTT_MEDIA_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn for_tests() -> Self {
+        Self::parse_from(["media-svc", "--listen", "127.0.0.1:0"])
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err("node id must be 1 to 64 of [A-Za-z0-9._-]".into());
+        }
+        if self.rtc_bind_ip.is_unspecified() {
+            return Err("rtc bind ip must be a concrete address, not a wildcard".into());
+        }
+        if self.capacity == 0 {
+            return Err("capacity must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| format!("media-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+    }
+}

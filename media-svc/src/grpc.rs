@@ -1,0 +1,193 @@
+//! `ptt.media.v1.MediaService` over a [`Node`]. Requests are validated here; errors map to
+//! gRPC codes in one table and never carry internal details.
+
+use std::sync::Arc;
+
+use talkgroup_proto::media::v1 as pb;
+use tonic::{Code, Request, Response, Status};
+
+use crate::engine::{Candidate, Engine, OPUS_FMTP, OPUS_PAYLOAD_TYPE};
+use crate::node::{Direction, Node, NodeError};
+
+/// Largest accepted SDP answer.
+pub const MAX_SDP_BYTES: usize = 16 * 1024;
+/// Largest accepted ICE candidate line.
+const MAX_CANDIDATE_BYTES: usize = 1024;
+
+impl From<NodeError> for Status {
+    fn from(error: NodeError) -> Self {
+        let code = match &error {
+            NodeError::InvalidArgument(_) => Code::InvalidArgument,
+            NodeError::NotFound(_) => Code::NotFound,
+            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            NodeError::Exhausted(_) => Code::ResourceExhausted,
+            NodeError::Draining => Code::Unavailable,
+            NodeError::Engine(crate::engine::EngineError::BadDescription)
+            | NodeError::Engine(crate::engine::EngineError::BadCandidate) => Code::InvalidArgument,
+            NodeError::Engine(_) => {
+                tracing::warn!(%error, "transport failure");
+                return Status::unavailable("media transport could not be set up");
+            }
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+fn id(raw: &str, what: &'static str) -> Result<(), Status> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 64
+        && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok { Ok(()) } else { Err(Status::invalid_argument(what)) }
+}
+
+#[derive(Debug)]
+pub struct MediaApi<E: Engine> {
+    node: Arc<Node<E>>,
+}
+
+impl<E: Engine> MediaApi<E> {
+    pub fn new(node: Arc<Node<E>>) -> Self {
+        Self { node }
+    }
+}
+
+#[tonic::async_trait]
+impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
+    async fn get_router_capabilities(
+        &self,
+        request: Request<pb::GetRouterCapabilitiesRequest>,
+    ) -> Result<Response<pb::RouterCapabilities>, Status> {
+        id(&request.into_inner().channel_id, "invalid channel id")?;
+        Ok(Response::new(pb::RouterCapabilities {
+            codecs: vec![pb::Codec {
+                mime_type: "audio/opus".into(),
+                clock_rate: 48_000,
+                channels: 2,
+                payload_type: u32::from(OPUS_PAYLOAD_TYPE),
+                fmtp: OPUS_FMTP.into(),
+            }],
+        }))
+    }
+
+    async fn create_transport(
+        &self,
+        request: Request<pb::CreateTransportRequest>,
+    ) -> Result<Response<pb::CreateTransportResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.channel_id, "invalid channel id")?;
+        id(&req.session_id, "invalid session id")?;
+        let direction = match req.direction() {
+            pb::Direction::Send => Direction::Send,
+            pb::Direction::Recv => Direction::Recv,
+            pb::Direction::Unspecified => return Err(Status::invalid_argument("direction is required")),
+        };
+        let created = self.node.create_transport(&req.session_id, &req.channel_id, direction).await?;
+        Ok(Response::new(pb::CreateTransportResponse {
+            transport_id: created.transport_id,
+            offer: Some(pb::SessionDescription { r#type: "offer".into(), sdp: created.offer }),
+        }))
+    }
+
+    async fn connect_transport(
+        &self,
+        request: Request<pb::ConnectTransportRequest>,
+    ) -> Result<Response<pb::ConnectTransportResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.transport_id, "invalid transport id")?;
+        id(&req.session_id, "invalid session id")?;
+        match req.payload {
+            Some(pb::connect_transport_request::Payload::Answer(answer)) => {
+                if answer.r#type != "answer" || answer.sdp.is_empty() || answer.sdp.len() > MAX_SDP_BYTES {
+                    return Err(Status::invalid_argument("invalid answer"));
+                }
+                self.node.apply_answer(&req.transport_id, &req.session_id, answer.sdp).await?;
+            }
+            Some(pb::connect_transport_request::Payload::Candidate(c)) => {
+                if c.candidate.len() > MAX_CANDIDATE_BYTES || c.sdp_mid.len() > 64 {
+                    return Err(Status::invalid_argument("invalid candidate"));
+                }
+                let candidate = Candidate {
+                    candidate: c.candidate,
+                    sdp_mid: (!c.sdp_mid.is_empty()).then_some(c.sdp_mid),
+                    sdp_mline_index: u16::try_from(c.sdp_mline_index).ok(),
+                };
+                self.node.add_candidate(&req.transport_id, &req.session_id, candidate).await?;
+            }
+            None => return Err(Status::invalid_argument("answer or candidate is required")),
+        }
+        Ok(Response::new(pb::ConnectTransportResponse {}))
+    }
+
+    async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.transport_id, "invalid transport id")?;
+        id(&req.session_id, "invalid session id")?;
+        id(&req.channel_id, "invalid channel id")?;
+        let producer_id = self.node.produce(&req.transport_id, &req.session_id, &req.channel_id).await?;
+        Ok(Response::new(pb::ProduceResponse { producer_id }))
+    }
+
+    async fn consume(&self, request: Request<pb::ConsumeRequest>) -> Result<Response<pb::ConsumeResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.transport_id, "invalid transport id")?;
+        id(&req.session_id, "invalid session id")?;
+        id(&req.channel_id, "invalid channel id")?;
+        let (consumer_id, ssrc) = self.node.consume(&req.transport_id, &req.session_id, &req.channel_id).await?;
+        Ok(Response::new(pb::ConsumeResponse { consumer_id, ssrc }))
+    }
+
+    async fn set_floor(&self, request: Request<pb::SetFloorRequest>) -> Result<Response<pb::SetFloorResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.channel_id, "invalid channel id")?;
+        if req.epoch == 0 {
+            return Err(Status::invalid_argument("epoch is required"));
+        }
+        let producer = if req.producer_id.is_empty() {
+            None
+        } else {
+            id(&req.producer_id, "invalid producer id")?;
+            Some(req.producer_id)
+        };
+        let applied = self.node.set_floor(&req.channel_id, producer, req.epoch, req.expires_at_ms, false).await;
+        Ok(Response::new(pb::SetFloorResponse { applied: applied.applied, current_epoch: applied.current_epoch }))
+    }
+
+    async fn close_transport(
+        &self,
+        request: Request<pb::CloseTransportRequest>,
+    ) -> Result<Response<pb::CloseTransportResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.transport_id, "invalid transport id")?;
+        id(&req.session_id, "invalid session id")?;
+        self.node.close_transport(&req.transport_id, &req.session_id).await?;
+        Ok(Response::new(pb::CloseTransportResponse {}))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.session_id, "invalid session id")?;
+        let transports_closed = self.node.close_session(&req.session_id).await;
+        Ok(Response::new(pb::CloseSessionResponse { transports_closed }))
+    }
+
+    async fn get_node_stats(
+        &self,
+        _request: Request<pb::GetNodeStatsRequest>,
+    ) -> Result<Response<pb::NodeStats>, Status> {
+        let stats = self.node.stats().await;
+        let router = stats.pool.router;
+        Ok(Response::new(pb::NodeStats {
+            node_id: self.node.settings().node_id.clone(),
+            channels: stats.pool.channels,
+            transports: stats.transports,
+            producers: stats.pool.producers,
+            consumers: stats.pool.consumers,
+            packets_forwarded: router.forwarded,
+            packets_dropped: router.dropped_not_floor + router.dropped_slow_listener + stats.dropped_busy,
+            draining: self.node.is_draining(),
+        }))
+    }
+}

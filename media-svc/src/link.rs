@@ -1,0 +1,171 @@
+//! The node's link to state-svc: registration, heartbeats with load, draining, and a `Watch`
+//! on the floors of the channels the node hosts. Gateways tell the node about floor changes
+//! directly (`SetFloor`, the fast path); the watch is the safety net that cuts a speaker whose
+//! floor was revoked, expired or moved when no gateway said so (a gateway crash, say). Relayed
+//! decisions apply only with a strictly higher epoch, so they never undo a renewal.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use talkgroup_proto::state::v1 as pb;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::engine::Engine;
+use crate::node::Node;
+
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What the node registers as.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub node_id: String,
+    pub grpc_url: String,
+    pub announced_ip: String,
+    pub capacity: u32,
+}
+
+pub async fn run<E: Engine>(node: Arc<Node<E>>, state_url: String, me: Registration, shutdown: CancellationToken) {
+    let endpoint = match Endpoint::from_shared(state_url.clone()) {
+        Ok(e) => e.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(3)),
+        Err(_) => {
+            tracing::error!(url = %state_url, "invalid state-svc url; the node runs unregistered");
+            return;
+        }
+    };
+    let channel = endpoint.connect_lazy();
+    let watch = tokio::spawn(watch_floors(Arc::clone(&node), channel.clone(), shutdown.clone()));
+    heartbeat(&node, channel.clone(), &me, &shutdown).await;
+    watch.abort();
+    let mut registry = pb::media_registry_service_client::MediaRegistryServiceClient::new(channel);
+    if let Err(error) = registry.deregister_node(pb::DeregisterNodeRequest { node_id: me.node_id.clone() }).await {
+        tracing::warn!(%error, "deregistration failed; the registry will time the node out");
+    }
+}
+
+async fn heartbeat<E: Engine>(node: &Node<E>, channel: Channel, me: &Registration, shutdown: &CancellationToken) {
+    let mut registry = pb::media_registry_service_client::MediaRegistryServiceClient::new(channel);
+    let mut registered = false;
+    let mut drain_reported = false;
+    let mut every = Duration::from_secs(2);
+    loop {
+        let load = u32::try_from(node.transport_count()).unwrap_or(u32::MAX);
+        if !registered {
+            let request = pb::RegisterNodeRequest {
+                node: Some(pb::MediaNode {
+                    node_id: me.node_id.clone(),
+                    grpc_addr: me.grpc_url.clone(),
+                    announced_ip: me.announced_ip.clone(),
+                    capacity: me.capacity,
+                    load,
+                    ..Default::default()
+                }),
+            };
+            match registry.register_node(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    every = Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(50)));
+                    registered = true;
+                    drain_reported = false;
+                    tracing::info!(node_id = %me.node_id, "registered with state-svc");
+                }
+                Err(error) => tracing::warn!(%error, "registration failed; retrying"),
+            }
+        } else {
+            match registry.heartbeat(pb::HeartbeatRequest { node_id: me.node_id.clone(), load }).await {
+                Ok(_) => {}
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    tracing::warn!("registry lost this node; registering again");
+                    registered = false;
+                    continue;
+                }
+                Err(error) => tracing::warn!(%error, "heartbeat failed"),
+            }
+            if node.is_draining() && !drain_reported {
+                if registry.drain_node(pb::DrainNodeRequest { node_id: me.node_id.clone() }).await.is_ok() {
+                    drain_reported = true;
+                    tracing::info!("registry told the node is draining");
+                }
+                continue;
+            }
+        }
+        let wait = if registered { every } else { RETRY };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn watch_floors<E: Engine>(node: Arc<Node<E>>, channel: Channel, shutdown: CancellationToken) {
+    loop {
+        if let Err(error) = watch_once(&node, channel.clone(), &shutdown).await {
+            tracing::warn!(%error, "floor watch interrupted; reconnecting");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RETRY) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn watch_once<E: Engine>(node: &Node<E>, channel: Channel, shutdown: &CancellationToken) -> Result<(), tonic::Status> {
+    let mut client = pb::channel_service_client::ChannelServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut hosted = node.channels();
+    let mut subscribed: HashSet<String> = HashSet::new();
+    loop {
+        let wanted = hosted.borrow_and_update().clone();
+        let add: Vec<String> = wanted.difference(&subscribed).cloned().collect();
+        let remove: Vec<String> = subscribed.difference(&wanted).cloned().collect();
+        for (ids, subscribe) in [(add, true), (remove, false)] {
+            if ids.is_empty() {
+                continue;
+            }
+            let set = pb::ChannelSet { channel_ids: ids.clone() };
+            let action = if subscribe {
+                pb::watch_request::Action::Subscribe(set)
+            } else {
+                pb::watch_request::Action::Unsubscribe(set)
+            };
+            if tx.send(pb::WatchRequest { action: Some(action) }).await.is_err() {
+                return Err(tonic::Status::unavailable("watch closed"));
+            }
+        }
+        subscribed = wanted;
+        tokio::select! {
+            changed = hosted.changed() => if changed.is_err() { return Ok(()) },
+            event = stream.next() => match event {
+                Some(Ok(event)) => apply(node, event).await,
+                Some(Err(status)) => return Err(status),
+                None => return Err(tonic::Status::unavailable("watch ended")),
+            },
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn apply<E: Engine>(node: &Node<E>, event: pb::WatchEvent) {
+    let (channel, holder, epoch) = match event.event {
+        Some(pb::watch_event::Event::Floor(f)) => (f.channel_id, f.holder, f.epoch),
+        Some(pb::watch_event::Event::Snapshot(s)) => (s.channel_id, s.holder, s.epoch),
+        _ => return,
+    };
+    if epoch == 0 {
+        return;
+    }
+    let (producer, expires) = match &holder {
+        Some(h) => {
+            let session = h.speaker.as_ref().map(|s| s.session_id.as_str()).unwrap_or_default();
+            (node.producer_of(&channel, session), h.expires_at_ms)
+        }
+        None => (None, 0),
+    };
+    let applied = node.set_floor(&channel, producer, epoch, expires, true).await;
+    if applied.applied {
+        tracing::debug!(%channel, epoch, "floor applied from state-svc");
+    }
+}
