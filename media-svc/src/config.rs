@@ -60,7 +60,12 @@ pub struct Config {
     #[arg(long, env = "PTT_MEDIA_DRAIN_TIMEOUT_MS", default_value_t = 600_000)]
     pub drain_timeout_ms: u64,
     /// Log format.
-    #[arg(long, env = "PTT_MEDIA_LOG_FORMAT", value_enum, default_value = "plain")]
+    #[arg(
+        long,
+        env = "PTT_MEDIA_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -71,7 +76,11 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         if let Some(id) = &self.node_id
-            && (id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
         {
             return Err("node id must be 1 to 64 of [A-Za-z0-9._-]".into());
         }
@@ -85,6 +94,8 @@ impl Config {
     }
 
     pub fn node_id(&self) -> String {
-        self.node_id.clone().unwrap_or_else(|| format!("media-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+        self.node_id.clone().unwrap_or_else(|| {
+            format!("media-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+        })
     }
 }

@@ -36,8 +36,14 @@ impl From<NodeError> for Status {
 fn id(raw: &str, what: &'static str) -> Result<(), Status> {
     let ok = !raw.is_empty()
         && raw.len() <= 64
-        && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok { Ok(()) } else { Err(Status::invalid_argument(what)) }
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(what))
+    }
 }
 
 #[derive(Debug)]
@@ -79,12 +85,20 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
         let direction = match req.direction() {
             pb::Direction::Send => Direction::Send,
             pb::Direction::Recv => Direction::Recv,
-            pb::Direction::Unspecified => return Err(Status::invalid_argument("direction is required")),
+            pb::Direction::Unspecified => {
+                return Err(Status::invalid_argument("direction is required"));
+            }
         };
-        let created = self.node.create_transport(&req.session_id, &req.channel_id, direction).await?;
+        let created = self
+            .node
+            .create_transport(&req.session_id, &req.channel_id, direction)
+            .await?;
         Ok(Response::new(pb::CreateTransportResponse {
             transport_id: created.transport_id,
-            offer: Some(pb::SessionDescription { r#type: "offer".into(), sdp: created.offer }),
+            offer: Some(pb::SessionDescription {
+                r#type: "offer".into(),
+                sdp: created.offer,
+            }),
         }))
     }
 
@@ -97,10 +111,15 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
         id(&req.session_id, "invalid session id")?;
         match req.payload {
             Some(pb::connect_transport_request::Payload::Answer(answer)) => {
-                if answer.r#type != "answer" || answer.sdp.is_empty() || answer.sdp.len() > MAX_SDP_BYTES {
+                if answer.r#type != "answer"
+                    || answer.sdp.is_empty()
+                    || answer.sdp.len() > MAX_SDP_BYTES
+                {
                     return Err(Status::invalid_argument("invalid answer"));
                 }
-                self.node.apply_answer(&req.transport_id, &req.session_id, answer.sdp).await?;
+                self.node
+                    .apply_answer(&req.transport_id, &req.session_id, answer.sdp)
+                    .await?;
             }
             Some(pb::connect_transport_request::Payload::Candidate(c)) => {
                 if c.candidate.len() > MAX_CANDIDATE_BYTES || c.sdp_mid.len() > 64 {
@@ -111,32 +130,49 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
                     sdp_mid: (!c.sdp_mid.is_empty()).then_some(c.sdp_mid),
                     sdp_mline_index: u16::try_from(c.sdp_mline_index).ok(),
                 };
-                self.node.add_candidate(&req.transport_id, &req.session_id, candidate).await?;
+                self.node
+                    .add_candidate(&req.transport_id, &req.session_id, candidate)
+                    .await?;
             }
             None => return Err(Status::invalid_argument("answer or candidate is required")),
         }
         Ok(Response::new(pb::ConnectTransportResponse {}))
     }
 
-    async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
         let req = request.into_inner();
         id(&req.transport_id, "invalid transport id")?;
         id(&req.session_id, "invalid session id")?;
         id(&req.channel_id, "invalid channel id")?;
-        let producer_id = self.node.produce(&req.transport_id, &req.session_id, &req.channel_id).await?;
+        let producer_id = self
+            .node
+            .produce(&req.transport_id, &req.session_id, &req.channel_id)
+            .await?;
         Ok(Response::new(pb::ProduceResponse { producer_id }))
     }
 
-    async fn consume(&self, request: Request<pb::ConsumeRequest>) -> Result<Response<pb::ConsumeResponse>, Status> {
+    async fn consume(
+        &self,
+        request: Request<pb::ConsumeRequest>,
+    ) -> Result<Response<pb::ConsumeResponse>, Status> {
         let req = request.into_inner();
         id(&req.transport_id, "invalid transport id")?;
         id(&req.session_id, "invalid session id")?;
         id(&req.channel_id, "invalid channel id")?;
-        let (consumer_id, ssrc) = self.node.consume(&req.transport_id, &req.session_id, &req.channel_id).await?;
+        let (consumer_id, ssrc) = self
+            .node
+            .consume(&req.transport_id, &req.session_id, &req.channel_id)
+            .await?;
         Ok(Response::new(pb::ConsumeResponse { consumer_id, ssrc }))
     }
 
-    async fn set_floor(&self, request: Request<pb::SetFloorRequest>) -> Result<Response<pb::SetFloorResponse>, Status> {
+    async fn set_floor(
+        &self,
+        request: Request<pb::SetFloorRequest>,
+    ) -> Result<Response<pb::SetFloorResponse>, Status> {
         let req = request.into_inner();
         id(&req.channel_id, "invalid channel id")?;
         if req.epoch == 0 {
@@ -148,8 +184,20 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
             id(&req.producer_id, "invalid producer id")?;
             Some(req.producer_id)
         };
-        let applied = self.node.set_floor(&req.channel_id, producer, req.epoch, req.expires_at_ms, false).await;
-        Ok(Response::new(pb::SetFloorResponse { applied: applied.applied, current_epoch: applied.current_epoch }))
+        let applied = self
+            .node
+            .set_floor(
+                &req.channel_id,
+                producer,
+                req.epoch,
+                req.expires_at_ms,
+                false,
+            )
+            .await;
+        Ok(Response::new(pb::SetFloorResponse {
+            applied: applied.applied,
+            current_epoch: applied.current_epoch,
+        }))
     }
 
     async fn close_transport(
@@ -159,7 +207,9 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
         let req = request.into_inner();
         id(&req.transport_id, "invalid transport id")?;
         id(&req.session_id, "invalid session id")?;
-        self.node.close_transport(&req.transport_id, &req.session_id).await?;
+        self.node
+            .close_transport(&req.transport_id, &req.session_id)
+            .await?;
         Ok(Response::new(pb::CloseTransportResponse {}))
     }
 
@@ -170,7 +220,9 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
         let req = request.into_inner();
         id(&req.session_id, "invalid session id")?;
         let transports_closed = self.node.close_session(&req.session_id).await;
-        Ok(Response::new(pb::CloseSessionResponse { transports_closed }))
+        Ok(Response::new(pb::CloseSessionResponse {
+            transports_closed,
+        }))
     }
 
     async fn get_node_stats(
@@ -186,7 +238,9 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
             producers: stats.pool.producers,
             consumers: stats.pool.consumers,
             packets_forwarded: router.forwarded,
-            packets_dropped: router.dropped_not_floor + router.dropped_slow_listener + stats.dropped_busy,
+            packets_dropped: router.dropped_not_floor
+                + router.dropped_slow_listener
+                + stats.dropped_busy,
             draining: self.node.is_draining(),
         }))
     }

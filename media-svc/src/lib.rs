@@ -48,7 +48,11 @@ pub enum RunError {
 
 /// Serves until `shutdown`, then drains: health NOT_SERVING, no new channels, and exit once the
 /// last transport closes or the drain timeout passes.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let addr = listener.local_addr()?;
     let node_id = config.node_id();
@@ -58,20 +62,32 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         config.workers
     };
     let ports = PortPool::new(config.rtc_bind_ip, config.port_range.map(|r| (r.0, r.1)));
-    let settings = NodeSettings { node_id: node_id.clone(), announced_ip: config.announced_ip, capacity: config.capacity };
+    let settings = NodeSettings {
+        node_id: node_id.clone(),
+        announced_ip: config.announced_ip,
+        capacity: config.capacity,
+    };
     let node = Node::new(WebrtcEngine::default(), settings, ports, workers);
 
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
     for name in [SERVICE_NAME, ""] {
-        reporter.set_service_status(name, ServingStatus::Serving).await;
+        reporter
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
     }
     let link_stop = CancellationToken::new();
     let link = config.state_url.clone().map(|url| {
         let me = link::Registration {
             node_id: node_id.clone(),
-            grpc_url: config.advertise_url.clone().unwrap_or_else(|| format!("http://{addr}")),
-            announced_ip: config.announced_ip.unwrap_or(config.rtc_bind_ip).to_string(),
+            grpc_url: config
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}")),
+            announced_ip: config
+                .announced_ip
+                .unwrap_or(config.rtc_bind_ip)
+                .to_string(),
             capacity: config.capacity,
         };
         tokio::spawn(link::run(Arc::clone(&node), url, me, link_stop.clone()))
@@ -85,10 +101,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         async move {
             shutdown.cancelled().await;
             for name in [SERVICE_NAME, ""] {
-                reporter.set_service_status(name, ServingStatus::NotServing).await;
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
             node.set_draining();
-            tracing::info!(transports = node.transport_count(), "draining: no new channels");
+            tracing::info!(
+                transports = node.transport_count(),
+                "draining: no new channels"
+            );
             let deadline = tokio::time::Instant::now() + timeout;
             while node.transport_count() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -110,8 +131,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .add_service(standard.reflection_v1)
         .add_service(standard.reflection_v1alpha)
         .add_service(
-            pb::media_service_server::MediaServiceServer::new(grpc::MediaApi::new(Arc::clone(&node)))
-                .max_decoding_message_size(64 * 1024),
+            pb::media_service_server::MediaServiceServer::new(grpc::MediaApi::new(Arc::clone(
+                &node,
+            )))
+            .max_decoding_message_size(64 * 1024),
         )
         .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
         .await;

@@ -27,25 +27,46 @@ pub struct Registration {
     pub capacity: u32,
 }
 
-pub async fn run<E: Engine>(node: Arc<Node<E>>, state_url: String, me: Registration, shutdown: CancellationToken) {
+pub async fn run<E: Engine>(
+    node: Arc<Node<E>>,
+    state_url: String,
+    me: Registration,
+    shutdown: CancellationToken,
+) {
     let endpoint = match Endpoint::from_shared(state_url.clone()) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(3)),
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(3)),
         Err(_) => {
             tracing::error!(url = %state_url, "invalid state-svc url; the node runs unregistered");
             return;
         }
     };
     let channel = endpoint.connect_lazy();
-    let watch = tokio::spawn(watch_floors(Arc::clone(&node), channel.clone(), shutdown.clone()));
+    let watch = tokio::spawn(watch_floors(
+        Arc::clone(&node),
+        channel.clone(),
+        shutdown.clone(),
+    ));
     heartbeat(&node, channel.clone(), &me, &shutdown).await;
     watch.abort();
     let mut registry = pb::media_registry_service_client::MediaRegistryServiceClient::new(channel);
-    if let Err(error) = registry.deregister_node(pb::DeregisterNodeRequest { node_id: me.node_id.clone() }).await {
+    if let Err(error) = registry
+        .deregister_node(pb::DeregisterNodeRequest {
+            node_id: me.node_id.clone(),
+        })
+        .await
+    {
         tracing::warn!(%error, "deregistration failed; the registry will time the node out");
     }
 }
 
-async fn heartbeat<E: Engine>(node: &Node<E>, channel: Channel, me: &Registration, shutdown: &CancellationToken) {
+async fn heartbeat<E: Engine>(
+    node: &Node<E>,
+    channel: Channel,
+    me: &Registration,
+    shutdown: &CancellationToken,
+) {
     let mut registry = pb::media_registry_service_client::MediaRegistryServiceClient::new(channel);
     let mut registered = false;
     let mut drain_reported = false;
@@ -74,7 +95,13 @@ async fn heartbeat<E: Engine>(node: &Node<E>, channel: Channel, me: &Registratio
                 Err(error) => tracing::warn!(%error, "registration failed; retrying"),
             }
         } else {
-            match registry.heartbeat(pb::HeartbeatRequest { node_id: me.node_id.clone(), load }).await {
+            match registry
+                .heartbeat(pb::HeartbeatRequest {
+                    node_id: me.node_id.clone(),
+                    load,
+                })
+                .await
+            {
                 Ok(_) => {}
                 Err(status) if status.code() == tonic::Code::NotFound => {
                     tracing::warn!("registry lost this node; registering again");
@@ -84,7 +111,13 @@ async fn heartbeat<E: Engine>(node: &Node<E>, channel: Channel, me: &Registratio
                 Err(error) => tracing::warn!(%error, "heartbeat failed"),
             }
             if node.is_draining() && !drain_reported {
-                if registry.drain_node(pb::DrainNodeRequest { node_id: me.node_id.clone() }).await.is_ok() {
+                if registry
+                    .drain_node(pb::DrainNodeRequest {
+                        node_id: me.node_id.clone(),
+                    })
+                    .await
+                    .is_ok()
+                {
                     drain_reported = true;
                     tracing::info!("registry told the node is draining");
                 }
@@ -99,7 +132,11 @@ async fn heartbeat<E: Engine>(node: &Node<E>, channel: Channel, me: &Registratio
     }
 }
 
-async fn watch_floors<E: Engine>(node: Arc<Node<E>>, channel: Channel, shutdown: CancellationToken) {
+async fn watch_floors<E: Engine>(
+    node: Arc<Node<E>>,
+    channel: Channel,
+    shutdown: CancellationToken,
+) {
     loop {
         if let Err(error) = watch_once(&node, channel.clone(), &shutdown).await {
             tracing::warn!(%error, "floor watch interrupted; reconnecting");
@@ -111,10 +148,17 @@ async fn watch_floors<E: Engine>(node: Arc<Node<E>>, channel: Channel, shutdown:
     }
 }
 
-async fn watch_once<E: Engine>(node: &Node<E>, channel: Channel, shutdown: &CancellationToken) -> Result<(), tonic::Status> {
+async fn watch_once<E: Engine>(
+    node: &Node<E>,
+    channel: Channel,
+    shutdown: &CancellationToken,
+) -> Result<(), tonic::Status> {
     let mut client = pb::channel_service_client::ChannelServiceClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut stream = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     let mut hosted = node.channels();
     let mut subscribed: HashSet<String> = HashSet::new();
     loop {
@@ -125,13 +169,21 @@ async fn watch_once<E: Engine>(node: &Node<E>, channel: Channel, shutdown: &Canc
             if ids.is_empty() {
                 continue;
             }
-            let set = pb::ChannelSet { channel_ids: ids.clone() };
+            let set = pb::ChannelSet {
+                channel_ids: ids.clone(),
+            };
             let action = if subscribe {
                 pb::watch_request::Action::Subscribe(set)
             } else {
                 pb::watch_request::Action::Unsubscribe(set)
             };
-            if tx.send(pb::WatchRequest { action: Some(action) }).await.is_err() {
+            if tx
+                .send(pb::WatchRequest {
+                    action: Some(action),
+                })
+                .await
+                .is_err()
+            {
                 return Err(tonic::Status::unavailable("watch closed"));
             }
         }
@@ -159,12 +211,18 @@ async fn apply<E: Engine>(node: &Node<E>, event: pb::WatchEvent) {
     }
     let (producer, expires) = match &holder {
         Some(h) => {
-            let session = h.speaker.as_ref().map(|s| s.session_id.as_str()).unwrap_or_default();
+            let session = h
+                .speaker
+                .as_ref()
+                .map(|s| s.session_id.as_str())
+                .unwrap_or_default();
             (node.producer_of(&channel, session), h.expires_at_ms)
         }
         None => (None, 0),
     };
-    let applied = node.set_floor(&channel, producer, epoch, expires, true).await;
+    let applied = node
+        .set_floor(&channel, producer, epoch, expires, true)
+        .await;
     if applied.applied {
         tracing::debug!(%channel, epoch, "floor applied from state-svc");
     }

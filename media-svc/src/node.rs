@@ -64,7 +64,10 @@ struct ProducerSink {
 
 impl PacketSink for ProducerSink {
     fn on_rtp(&self, packet: rtp::Packet) {
-        let target = self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let target = self
+            .target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &*target {
             Some((pool, channel, producer)) => pool.packet(channel, producer, packet),
             None => {
@@ -94,7 +97,9 @@ struct Entry<T> {
 
 impl<T> Entry<T> {
     fn role(&self) -> MutexGuard<'_, Role> {
-        self.role.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.role
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -152,7 +157,11 @@ impl<E: Engine> Node<E> {
             settings,
             ports,
             pool: WorkerPool::start(workers),
-            registry: Mutex::new(Registry { transports: HashMap::new(), by_session: HashMap::new(), by_channel: HashMap::new() }),
+            registry: Mutex::new(Registry {
+                transports: HashMap::new(),
+                by_session: HashMap::new(),
+                by_channel: HashMap::new(),
+            }),
             draining: AtomicBool::new(false),
             channels_tx: watch::Sender::new(HashSet::new()),
             write_errors: Arc::default(),
@@ -160,7 +169,9 @@ impl<E: Engine> Node<E> {
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry<E::Transport>> {
-        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn settings(&self) -> &NodeSettings {
@@ -210,18 +221,31 @@ impl<E: Engine> Node<E> {
             if registry.transports.len() >= self.settings.capacity as usize {
                 return Err(NodeError::Exhausted("node at capacity"));
             }
-            if registry.by_session.get(session).is_some_and(|s| s.len() >= MAX_TRANSPORTS_PER_SESSION) {
+            if registry
+                .by_session
+                .get(session)
+                .is_some_and(|s| s.len() >= MAX_TRANSPORTS_PER_SESSION)
+            {
                 return Err(NodeError::Exhausted("too many transports for this session"));
             }
         }
-        let addr = self.ports.take().ok_or(NodeError::Exhausted("no free media port"))?;
+        let addr = self
+            .ports
+            .take()
+            .ok_or(NodeError::Exhausted("no free media port"))?;
         let sink = Arc::new(ProducerSink::default());
         let ssrc: u32 = rand::random();
         let spec = match direction {
-            Direction::Send => TransportSpec::Send { sink: Arc::clone(&sink) as Arc<dyn PacketSink> },
+            Direction::Send => TransportSpec::Send {
+                sink: Arc::clone(&sink) as Arc<dyn PacketSink>,
+            },
             Direction::Recv => TransportSpec::Recv { ssrc },
         };
-        let transport = match self.engine.create(spec, addr, self.settings.announced_ip).await {
+        let transport = match self
+            .engine
+            .create(spec, addr, self.settings.announced_ip)
+            .await
+        {
             Ok(t) => t,
             Err(e) => {
                 self.ports.release(addr);
@@ -242,14 +266,25 @@ impl<E: Engine> Node<E> {
         });
         let mut registry = self.registry();
         registry.transports.insert(transport_id.clone(), entry);
-        registry.by_session.entry(session.to_owned()).or_default().insert(transport_id.clone());
+        registry
+            .by_session
+            .entry(session.to_owned())
+            .or_default()
+            .insert(transport_id.clone());
         *registry.by_channel.entry(channel.to_owned()).or_default() += 1;
         self.publish_channels(&registry);
         tracing::debug!(%transport_id, channel, ?direction, "transport created");
-        Ok(CreatedTransport { transport_id, offer })
+        Ok(CreatedTransport {
+            transport_id,
+            offer,
+        })
     }
 
-    fn entry(&self, transport_id: &str, session: &str) -> Result<Arc<Entry<E::Transport>>, NodeError> {
+    fn entry(
+        &self,
+        transport_id: &str,
+        session: &str,
+    ) -> Result<Arc<Entry<E::Transport>>, NodeError> {
         let registry = self.registry();
         registry
             .transports
@@ -260,28 +295,47 @@ impl<E: Engine> Node<E> {
             .ok_or(NodeError::NotFound("transport"))
     }
 
-    pub async fn apply_answer(&self, transport_id: &str, session: &str, sdp: String) -> Result<(), NodeError> {
+    pub async fn apply_answer(
+        &self,
+        transport_id: &str,
+        session: &str,
+        sdp: String,
+    ) -> Result<(), NodeError> {
         let entry = self.entry(transport_id, session)?;
         entry.transport.apply_answer(sdp).await?;
         Ok(())
     }
 
-    pub async fn add_candidate(&self, transport_id: &str, session: &str, candidate: Candidate) -> Result<(), NodeError> {
+    pub async fn add_candidate(
+        &self,
+        transport_id: &str,
+        session: &str,
+        candidate: Candidate,
+    ) -> Result<(), NodeError> {
         let entry = self.entry(transport_id, session)?;
         entry.transport.add_candidate(candidate).await?;
         Ok(())
     }
 
-    pub async fn produce(&self, transport_id: &str, session: &str, channel: &str) -> Result<String, NodeError> {
+    pub async fn produce(
+        &self,
+        transport_id: &str,
+        session: &str,
+        channel: &str,
+    ) -> Result<String, NodeError> {
         let entry = self.entry(transport_id, session)?;
         if entry.direction != Direction::Send || entry.channel != channel {
-            return Err(NodeError::FailedPrecondition("not a send transport of this channel"));
+            return Err(NodeError::FailedPrecondition(
+                "not a send transport of this channel",
+            ));
         }
         let producer = {
             let mut role = entry.role();
             match &*role {
                 Role::Producer(id) => return Ok(id.clone()),
-                Role::Consumer(_) => return Err(NodeError::FailedPrecondition("transport already consumes")),
+                Role::Consumer(_) => {
+                    return Err(NodeError::FailedPrecondition("transport already consumes"));
+                }
                 Role::None => {}
             }
             let id = uuid::Uuid::new_v4().simple().to_string();
@@ -289,25 +343,48 @@ impl<E: Engine> Node<E> {
             id
         };
         self.pool
-            .send(channel, Command::AddProducer { channel: channel.to_owned(), producer: producer.clone(), session: session.to_owned() })
+            .send(
+                channel,
+                Command::AddProducer {
+                    channel: channel.to_owned(),
+                    producer: producer.clone(),
+                    session: session.to_owned(),
+                },
+            )
             .await;
-        *entry.sink.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((self.pool.clone(), Arc::from(channel), Arc::from(producer.as_str())));
+        *entry
+            .sink
+            .target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+            self.pool.clone(),
+            Arc::from(channel),
+            Arc::from(producer.as_str()),
+        ));
         Ok(producer)
     }
 
     /// Attaches a recv transport to the channel's floor stream; returns the consumer id and
     /// the SSRC the listener receives for the stream's whole life.
-    pub async fn consume(&self, transport_id: &str, session: &str, channel: &str) -> Result<(String, u32), NodeError> {
+    pub async fn consume(
+        &self,
+        transport_id: &str,
+        session: &str,
+        channel: &str,
+    ) -> Result<(String, u32), NodeError> {
         let entry = self.entry(transport_id, session)?;
         if entry.direction != Direction::Recv || entry.channel != channel {
-            return Err(NodeError::FailedPrecondition("not a receive transport of this channel"));
+            return Err(NodeError::FailedPrecondition(
+                "not a receive transport of this channel",
+            ));
         }
         let consumer = {
             let mut role = entry.role();
             match &*role {
                 Role::Consumer(id) => return Ok((id.clone(), entry.ssrc)),
-                Role::Producer(_) => return Err(NodeError::FailedPrecondition("transport already produces")),
+                Role::Producer(_) => {
+                    return Err(NodeError::FailedPrecondition("transport already produces"));
+                }
                 Role::None => {}
             }
             let id = uuid::Uuid::new_v4().simple().to_string();
@@ -316,10 +393,25 @@ impl<E: Engine> Node<E> {
         };
         let payload_type = entry.transport.payload_type().await;
         let (tx, rx) = mpsc::channel(LISTENER_QUEUE);
-        tokio::spawn(write_loop(Arc::clone(&entry.transport), rx, Arc::clone(&self.write_errors)));
-        let listener = Listener { session: session.to_owned(), rewriter: Rewriter::new(entry.ssrc, payload_type), out: tx };
+        tokio::spawn(write_loop(
+            Arc::clone(&entry.transport),
+            rx,
+            Arc::clone(&self.write_errors),
+        ));
+        let listener = Listener {
+            session: session.to_owned(),
+            rewriter: Rewriter::new(entry.ssrc, payload_type),
+            out: tx,
+        };
         self.pool
-            .send(channel, Command::AddListener { channel: channel.to_owned(), consumer: consumer.clone(), listener })
+            .send(
+                channel,
+                Command::AddListener {
+                    channel: channel.to_owned(),
+                    consumer: consumer.clone(),
+                    listener,
+                },
+            )
             .await;
         Ok((consumer, entry.ssrc))
     }
@@ -338,20 +430,36 @@ impl<E: Engine> Node<E> {
             let left = expires_at_ms.saturating_sub(wall_ms()).max(0);
             Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
         });
-        self.pool.set_floor(channel, Floor { epoch, producer, expires_at }, only_newer).await
+        self.pool
+            .set_floor(
+                channel,
+                Floor {
+                    epoch,
+                    producer,
+                    expires_at,
+                },
+                only_newer,
+            )
+            .await
     }
 
     /// The producer a session has in a channel, if any.
     pub fn producer_of(&self, channel: &str, session: &str) -> Option<String> {
         let registry = self.registry();
         let ids = registry.by_session.get(session)?;
-        ids.iter().filter_map(|id| registry.transports.get(id)).find_map(|e| match &*e.role() {
-            Role::Producer(p) if e.channel == channel => Some(p.clone()),
-            _ => None,
-        })
+        ids.iter()
+            .filter_map(|id| registry.transports.get(id))
+            .find_map(|e| match &*e.role() {
+                Role::Producer(p) if e.channel == channel => Some(p.clone()),
+                _ => None,
+            })
     }
 
-    pub async fn close_transport(&self, transport_id: &str, session: &str) -> Result<(), NodeError> {
+    pub async fn close_transport(
+        &self,
+        transport_id: &str,
+        session: &str,
+    ) -> Result<(), NodeError> {
         let entry = {
             let mut registry = self.registry();
             let entry = registry
@@ -376,14 +484,34 @@ impl<E: Engine> Node<E> {
             self.publish_channels(&registry);
             entry
         };
-        *entry.sink.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *entry
+            .sink
+            .target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         let role = entry.role().clone();
         match role {
             Role::Producer(producer) => {
-                self.pool.send(&entry.channel, Command::RemoveProducer { channel: entry.channel.clone(), producer }).await;
+                self.pool
+                    .send(
+                        &entry.channel,
+                        Command::RemoveProducer {
+                            channel: entry.channel.clone(),
+                            producer,
+                        },
+                    )
+                    .await;
             }
             Role::Consumer(consumer) => {
-                self.pool.send(&entry.channel, Command::RemoveListener { channel: entry.channel.clone(), consumer }).await;
+                self.pool
+                    .send(
+                        &entry.channel,
+                        Command::RemoveListener {
+                            channel: entry.channel.clone(),
+                            consumer,
+                        },
+                    )
+                    .await;
             }
             Role::None => {}
         }
@@ -394,7 +522,12 @@ impl<E: Engine> Node<E> {
     }
 
     pub async fn close_session(&self, session: &str) -> u32 {
-        let ids: Vec<String> = self.registry().by_session.get(session).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let ids: Vec<String> = self
+            .registry()
+            .by_session
+            .get(session)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
         let mut closed = 0;
         for id in ids {
             if self.close_transport(&id, session).await.is_ok() {
@@ -407,8 +540,15 @@ impl<E: Engine> Node<E> {
     pub async fn stats(&self) -> NodeStats {
         let (transports, unrouted) = {
             let registry = self.registry();
-            let unrouted = registry.transports.values().map(|e| e.sink.unrouted.load(Ordering::Relaxed)).sum();
-            (u32::try_from(registry.transports.len()).unwrap_or(u32::MAX), unrouted)
+            let unrouted = registry
+                .transports
+                .values()
+                .map(|e| e.sink.unrouted.load(Ordering::Relaxed))
+                .sum();
+            (
+                u32::try_from(registry.transports.len()).unwrap_or(u32::MAX),
+                unrouted,
+            )
         };
         NodeStats {
             transports,
@@ -422,7 +562,11 @@ impl<E: Engine> Node<E> {
 
 /// Feeds one listener's transport from its bounded queue. Ends when the router drops the
 /// queue's sender (the consumer was removed).
-async fn write_loop<T: Transport>(transport: Arc<T>, mut rx: mpsc::Receiver<rtp::Packet>, errors: Arc<AtomicU64>) {
+async fn write_loop<T: Transport>(
+    transport: Arc<T>,
+    mut rx: mpsc::Receiver<rtp::Packet>,
+    errors: Arc<AtomicU64>,
+) {
     while let Some(packet) = rx.recv().await {
         if transport.write_rtp(packet).await.is_err() {
             errors.fetch_add(1, Ordering::Relaxed);
@@ -432,6 +576,8 @@ async fn write_loop<T: Transport>(transport: Arc<T>, mut rx: mpsc::Receiver<rtp:
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn wall_ms() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }

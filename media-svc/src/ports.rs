@@ -12,11 +12,14 @@ pub struct PortPool {
     in_use: Mutex<BTreeSet<u16>>,
 }
 
-
 impl PortPool {
     /// `range`: inclusive; `None` for ephemeral ports.
     pub fn new(ip: IpAddr, range: Option<(u16, u16)>) -> Self {
-        Self { ip, range, in_use: Mutex::new(BTreeSet::new()) }
+        Self {
+            ip,
+            range,
+            in_use: Mutex::new(BTreeSet::new()),
+        }
     }
 
     pub fn ip(&self) -> IpAddr {
@@ -34,7 +37,10 @@ impl PortPool {
         let Some((lo, hi)) = self.range else {
             return Some(SocketAddr::new(self.ip, 0));
         };
-        let mut in_use = self.in_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut in_use = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let start = lo + (rand::random::<u16>() % (hi - lo + 1));
         for port in (start..=hi).chain(lo..start) {
             if in_use.contains(&port) {
@@ -51,7 +57,10 @@ impl PortPool {
 
     pub fn release(&self, addr: SocketAddr) {
         if self.range.is_some() {
-            let mut in_use = self.in_use.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut in_use = self
+                .in_use
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             in_use.remove(&addr.port());
         }
     }

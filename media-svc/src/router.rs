@@ -158,10 +158,16 @@ impl Router {
     /// applied again (a renewal moves the expiry).
     pub fn set_floor(&mut self, floor: Floor) -> FloorApplied {
         if floor.epoch < self.floor.epoch {
-            return FloorApplied { applied: false, current_epoch: self.floor.epoch };
+            return FloorApplied {
+                applied: false,
+                current_epoch: self.floor.epoch,
+            };
         }
         self.floor = floor;
-        FloorApplied { applied: true, current_epoch: self.floor.epoch }
+        FloorApplied {
+            applied: true,
+            current_epoch: self.floor.epoch,
+        }
     }
 
     pub fn floor(&self) -> &Floor {
@@ -245,11 +251,22 @@ mod tests {
 
     fn listener(session: &str, capacity: usize) -> (Listener, mpsc::Receiver<rtp::Packet>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Listener { session: session.into(), rewriter: Rewriter::new(777, 111), out: tx }, rx)
+        (
+            Listener {
+                session: session.into(),
+                rewriter: Rewriter::new(777, 111),
+                out: tx,
+            },
+            rx,
+        )
     }
 
     fn floor(epoch: u64, producer: Option<&str>) -> Floor {
-        Floor { epoch, producer: producer.map(Into::into), expires_at: None }
+        Floor {
+            epoch,
+            producer: producer.map(Into::into),
+            expires_at: None,
+        }
     }
 
     #[test]
@@ -271,7 +288,11 @@ mod tests {
         let a: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(a.len(), 3, "B is not heard while A holds the floor");
         assert!(a[0].header.marker && !a[1].header.marker);
-        assert!(a.iter().all(|p| p.header.ssrc == 777 && p.header.payload_type == 111 && !p.header.extension));
+        assert!(
+            a.iter().all(|p| p.header.ssrc == 777
+                && p.header.payload_type == 111
+                && !p.header.extension)
+        );
 
         // The floor moves to B 300 ms later: same SSRC, next sequence number, time advanced.
         router.set_floor(floor(11, Some("pb")));
@@ -281,12 +302,21 @@ mod tests {
         router.on_packet("pb", &packet(2, 51, 1083), t1);
         let b: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(b.len(), 2);
-        assert_eq!(b[0].header.sequence_number, a[2].header.sequence_number.wrapping_add(1));
-        assert_eq!(b[1].header.sequence_number, b[0].header.sequence_number.wrapping_add(1));
+        assert_eq!(
+            b[0].header.sequence_number,
+            a[2].header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(
+            b[1].header.sequence_number,
+            b[0].header.sequence_number.wrapping_add(1)
+        );
         assert!(b[0].header.marker);
         let gap = b[0].header.timestamp.wrapping_sub(a[2].header.timestamp);
         assert_eq!(gap, 300 * 48, "timestamp advanced by the real 300 ms gap");
-        assert_eq!(b[1].header.timestamp.wrapping_sub(b[0].header.timestamp), 960);
+        assert_eq!(
+            b[1].header.timestamp.wrapping_sub(b[0].header.timestamp),
+            960
+        );
         assert_eq!(router.stats().dropped_not_floor, 5);
     }
 
@@ -297,11 +327,20 @@ mod tests {
         let (c, mut rx) = listener("sc", 64);
         router.add_listener("c".into(), c);
         router.set_floor(floor(10, Some("pa")));
-        assert_eq!(router.set_floor(floor(9, None)), FloorApplied { applied: false, current_epoch: 10 });
+        assert_eq!(
+            router.set_floor(floor(9, None)),
+            FloorApplied {
+                applied: false,
+                current_epoch: 10
+            }
+        );
         router.set_floor(floor(12, None));
         router.on_packet("pa", &packet(1, 1, 1), Instant::now());
         assert!(rx.try_recv().is_err());
-        assert!(!router.set_floor(floor(11, Some("pa"))).applied, "an older grant cannot come back");
+        assert!(
+            !router.set_floor(floor(11, Some("pa"))).applied,
+            "an older grant cannot come back"
+        );
     }
 
     #[test]
@@ -313,7 +352,11 @@ mod tests {
         router.add_listener("own".into(), own);
         router.add_listener("other".into(), other);
         let t0 = Instant::now();
-        router.set_floor(Floor { epoch: 1, producer: Some("pa".into()), expires_at: Some(t0 + Duration::from_millis(100)) });
+        router.set_floor(Floor {
+            epoch: 1,
+            producer: Some("pa".into()),
+            expires_at: Some(t0 + Duration::from_millis(100)),
+        });
         router.on_packet("pa", &packet(1, 1, 1), t0);
         router.on_packet("pa", &packet(1, 2, 961), t0 + Duration::from_millis(100));
         assert!(own_rx.try_recv().is_err());

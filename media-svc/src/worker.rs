@@ -19,15 +19,41 @@ pub const WORKER_QUEUE: usize = 8192;
 
 #[derive(Debug)]
 pub enum Command {
-    Packet { channel: Arc<str>, producer: Arc<str>, packet: rtp::Packet, at: Instant },
+    Packet {
+        channel: Arc<str>,
+        producer: Arc<str>,
+        packet: rtp::Packet,
+        at: Instant,
+    },
     /// `only_newer`: apply only a strictly higher epoch (decisions relayed from state-svc events,
     /// which must never undo a renewal the gateway applied at the same epoch).
-    SetFloor { channel: String, floor: Floor, only_newer: bool, reply: oneshot::Sender<FloorApplied> },
-    AddProducer { channel: String, producer: String, session: String },
-    RemoveProducer { channel: String, producer: String },
-    AddListener { channel: String, consumer: String, listener: Listener },
-    RemoveListener { channel: String, consumer: String },
-    Stats { reply: oneshot::Sender<PoolStats> },
+    SetFloor {
+        channel: String,
+        floor: Floor,
+        only_newer: bool,
+        reply: oneshot::Sender<FloorApplied>,
+    },
+    AddProducer {
+        channel: String,
+        producer: String,
+        session: String,
+    },
+    RemoveProducer {
+        channel: String,
+        producer: String,
+    },
+    AddListener {
+        channel: String,
+        consumer: String,
+        listener: Listener,
+    },
+    RemoveListener {
+        channel: String,
+        consumer: String,
+    },
+    Stats {
+        reply: oneshot::Sender<PoolStats>,
+    },
 }
 
 /// Totals over the routers of one worker (or the whole pool).
@@ -68,7 +94,11 @@ impl WorkerPool {
                 tx
             })
             .collect();
-        Self { workers: workers.into(), hasher: RandomState::new(), dropped_busy: Arc::default() }
+        Self {
+            workers: workers.into(),
+            hasher: RandomState::new(),
+            dropped_busy: Arc::default(),
+        }
     }
 
     fn worker(&self, channel: &str) -> &mpsc::Sender<Command> {
@@ -96,8 +126,20 @@ impl WorkerPool {
 
     pub async fn set_floor(&self, channel: &str, floor: Floor, only_newer: bool) -> FloorApplied {
         let (reply, rx) = oneshot::channel();
-        self.send(channel, Command::SetFloor { channel: channel.to_owned(), floor, only_newer, reply }).await;
-        rx.await.unwrap_or(FloorApplied { applied: false, current_epoch: 0 })
+        self.send(
+            channel,
+            Command::SetFloor {
+                channel: channel.to_owned(),
+                floor,
+                only_newer,
+                reply,
+            },
+        )
+        .await;
+        rx.await.unwrap_or(FloorApplied {
+            applied: false,
+            current_epoch: 0,
+        })
     }
 
     pub async fn stats(&self) -> PoolStats {
@@ -139,7 +181,11 @@ impl Worker {
         if !self.routers.contains_key(channel) {
             let mut router = Router::new();
             if let Some(epoch) = self.epochs.remove(channel) {
-                router.set_floor(Floor { epoch, producer: None, expires_at: None });
+                router.set_floor(Floor {
+                    epoch,
+                    producer: None,
+                    expires_at: None,
+                });
             }
             self.routers.insert(channel.to_owned(), router);
         }
@@ -162,22 +208,39 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Packet { channel, producer, packet, at } => {
+            Command::Packet {
+                channel,
+                producer,
+                packet,
+                at,
+            } => {
                 if let Some(router) = self.routers.get_mut(&*channel) {
                     router.on_packet(&producer, &packet, at);
                 }
             }
-            Command::SetFloor { channel, floor, only_newer, reply } => {
+            Command::SetFloor {
+                channel,
+                floor,
+                only_newer,
+                reply,
+            } => {
                 let router = self.router(&channel);
                 let applied = if only_newer && floor.epoch <= router.floor().epoch {
-                    FloorApplied { applied: false, current_epoch: router.floor().epoch }
+                    FloorApplied {
+                        applied: false,
+                        current_epoch: router.floor().epoch,
+                    }
                 } else {
                     router.set_floor(floor)
                 };
                 self.retire_if_empty(&channel);
                 let _ = reply.send(applied);
             }
-            Command::AddProducer { channel, producer, session } => {
+            Command::AddProducer {
+                channel,
+                producer,
+                session,
+            } => {
                 self.router(&channel).add_producer(producer, session);
             }
             Command::RemoveProducer { channel, producer } => {
@@ -186,7 +249,11 @@ impl Worker {
                 }
                 self.retire_if_empty(&channel);
             }
-            Command::AddListener { channel, consumer, listener } => {
+            Command::AddListener {
+                channel,
+                consumer,
+                listener,
+            } => {
                 self.router(&channel).add_listener(consumer, listener);
             }
             Command::RemoveListener { channel, consumer } => {
@@ -196,7 +263,10 @@ impl Worker {
                 self.retire_if_empty(&channel);
             }
             Command::Stats { reply } => {
-                let mut stats = PoolStats { router: self.retired, ..Default::default() };
+                let mut stats = PoolStats {
+                    router: self.retired,
+                    ..Default::default()
+                };
                 for router in self.routers.values() {
                     let s = router.stats();
                     stats.channels += 1;

@@ -27,8 +27,14 @@ async fn packets_flow_both_ways_over_loopback() {
     let engine = WebrtcEngine::default();
     let sink = Arc::new(Collect::default());
     let bind = "127.0.0.1:0".parse().unwrap();
-    let up = engine.create(TransportSpec::Send { sink: sink.clone() }, bind, None).await.unwrap();
-    let down = engine.create(TransportSpec::Recv { ssrc: 4242 }, bind, None).await.unwrap();
+    let up = engine
+        .create(TransportSpec::Send { sink: sink.clone() }, bind, None)
+        .await
+        .unwrap();
+    let down = engine
+        .create(TransportSpec::Recv { ssrc: 4242 }, bind, None)
+        .await
+        .unwrap();
 
     let mut speaker = peer::Peer::new(false).await;
     let answer = speaker.answer(up.offer(), true).await;
@@ -40,7 +46,9 @@ async fn packets_flow_both_ways_over_loopback() {
     listener.wait_connected().await;
 
     for i in 0..50u16 {
-        speaker.send(i, u32::from(i) * 960, vec![0xF8, 1, 2, 3]).await;
+        speaker
+            .send(i, u32::from(i) * 960, vec![0xF8, 1, 2, 3])
+            .await;
         let pt = down.payload_type().await;
         let _ = down
             .write_rtp(rtp::Packet {

@@ -67,9 +67,15 @@ pub trait Transport: Send + Sync + 'static {
     fn offer(&self) -> &str;
     /// Applies the client's answer.
     fn apply_answer(&self, sdp: String) -> impl Future<Output = Result<(), EngineError>> + Send;
-    fn add_candidate(&self, candidate: Candidate) -> impl Future<Output = Result<(), EngineError>> + Send;
+    fn add_candidate(
+        &self,
+        candidate: Candidate,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
     /// Sends one packet on a recv transport (the node's sending side).
-    fn write_rtp(&self, packet: rtp::Packet) -> impl Future<Output = Result<(), EngineError>> + Send;
+    fn write_rtp(
+        &self,
+        packet: rtp::Packet,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
     /// The payload type the client accepted for the audio track (recv transports).
     fn payload_type(&self) -> impl Future<Output = u8> + Send;
     fn close(&self) -> impl Future<Output = ()> + Send;

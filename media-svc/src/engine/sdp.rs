@@ -19,7 +19,11 @@ pub fn announce_ip(sdp: &str, bound: IpAddr, announced: IpAddr) -> String {
             }
             out.push_str(&fields.join(" "));
         } else if line.starts_with("c=IN ") && line.contains(&bound) {
-            let family = if announced.contains(':') { "IP6" } else { "IP4" };
+            let family = if announced.contains(':') {
+                "IP6"
+            } else {
+                "IP4"
+            };
             let ending = if line.ends_with("\r\n") { "\r\n" } else { "\n" };
             out.push_str(&format!("c=IN {family} {announced}{ending}"));
         } else {
@@ -41,7 +45,11 @@ mod tests {
     #[test]
     fn announced_ip_replaces_the_bound_one() {
         let sdp = "v=0\r\nc=IN IP4 10.0.0.5\r\na=candidate:1 1 udp 2130706431 10.0.0.5 40000 typ host\r\n";
-        let out = announce_ip(sdp, "10.0.0.5".parse().unwrap(), "203.0.113.9".parse().unwrap());
+        let out = announce_ip(
+            sdp,
+            "10.0.0.5".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+        );
         assert_eq!(
             out,
             "v=0\r\nc=IN IP4 203.0.113.9\r\na=candidate:1 1 udp 2130706431 203.0.113.9 40000 typ host\r\n"

@@ -51,7 +51,9 @@ pub struct WebrtcTransport {
 
 impl std::fmt::Debug for WebrtcTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebrtcTransport").field("sends", &self.track.is_some()).finish_non_exhaustive()
+        f.debug_struct("WebrtcTransport")
+            .field("sends", &self.track.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,7 +101,9 @@ impl PeerConnectionEventHandler for Handler {
     }
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        let Some(sink) = self.sink.clone() else { return };
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
         tokio::spawn(async move {
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
@@ -139,7 +143,10 @@ impl Engine for WebrtcEngine {
             .with_media_engine(media)
             .with_interceptor_registry(registry)
             .with_setting_engine(settings)
-            .with_handler(Arc::new(Handler { gathered: Arc::clone(&gathered), sink }))
+            .with_handler(Arc::new(Handler {
+                gathered: Arc::clone(&gathered),
+                sink,
+            }))
             .with_udp_addrs(vec![bind.to_string()])
             .build()
             .await
@@ -153,7 +160,9 @@ impl Engine for WebrtcEngine {
                         streams: vec![],
                         send_encodings: vec![],
                     };
-                    pc.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init)).await.map_err(setup)?;
+                    pc.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init))
+                        .await
+                        .map_err(setup)?;
                     (None, None)
                 }
                 TransportSpec::Recv { ssrc } => {
@@ -163,7 +172,10 @@ impl Engine for WebrtcEngine {
                         "floor".to_owned(),
                         RtpCodecKind::Audio,
                         vec![RTCRtpEncodingParameters {
-                            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                            rtp_coding_parameters: RTCRtpCodingParameters {
+                                ssrc: Some(ssrc),
+                                ..Default::default()
+                            },
                             codec: opus_codec(),
                             ..Default::default()
                         }],
@@ -174,7 +186,10 @@ impl Engine for WebrtcEngine {
                         send_encodings: vec![],
                     };
                     let transceiver = pc
-                        .add_transceiver_from_track(Arc::clone(&track) as Arc<dyn TrackLocal>, Some(init))
+                        .add_transceiver_from_track(
+                            Arc::clone(&track) as Arc<dyn TrackLocal>,
+                            Some(init),
+                        )
                         .await
                         .map_err(setup)?;
                     let sender = transceiver.sender().await.map_err(setup)?;
@@ -186,7 +201,10 @@ impl Engine for WebrtcEngine {
             tokio::time::timeout(GATHER_TIMEOUT, gathered.notified())
                 .await
                 .map_err(|_| EngineError::Setup("candidate gathering timed out".into()))?;
-            let local = pc.local_description().await.ok_or_else(|| EngineError::Setup("no local description".into()))?;
+            let local = pc
+                .local_description()
+                .await
+                .ok_or_else(|| EngineError::Setup("no local description".into()))?;
             if !sdp::has_candidate(&local.sdp) {
                 return Err(EngineError::Setup(format!("no candidate on {bind}")));
             }
@@ -198,7 +216,12 @@ impl Engine for WebrtcEngine {
         }
         .await;
         match result {
-            Ok((offer, track, sender)) => Ok(WebrtcTransport { pc, offer, track, sender }),
+            Ok((offer, track, sender)) => Ok(WebrtcTransport {
+                pc,
+                offer,
+                track,
+                sender,
+            }),
             Err(e) => {
                 let _ = pc.close().await;
                 Err(e)
@@ -214,7 +237,10 @@ impl Transport for WebrtcTransport {
 
     async fn apply_answer(&self, sdp: String) -> Result<(), EngineError> {
         let answer = RTCSessionDescription::answer(sdp).map_err(|_| EngineError::BadDescription)?;
-        self.pc.set_remote_description(answer).await.map_err(|_| EngineError::BadDescription)
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .map_err(|_| EngineError::BadDescription)
     }
 
     async fn add_candidate(&self, candidate: Candidate) -> Result<(), EngineError> {
@@ -224,16 +250,24 @@ impl Transport for WebrtcTransport {
             sdp_mline_index: candidate.sdp_mline_index,
             ..Default::default()
         };
-        self.pc.add_ice_candidate(init).await.map_err(|_| EngineError::BadCandidate)
+        self.pc
+            .add_ice_candidate(init)
+            .await
+            .map_err(|_| EngineError::BadCandidate)
     }
 
     async fn write_rtp(&self, packet: rtp::Packet) -> Result<(), EngineError> {
         let track = self.track.as_ref().ok_or(EngineError::Closed)?;
-        track.write_rtp(packet).await.map_err(|_| EngineError::Closed)
+        track
+            .write_rtp(packet)
+            .await
+            .map_err(|_| EngineError::Closed)
     }
 
     async fn payload_type(&self) -> u8 {
-        let Some(sender) = &self.sender else { return OPUS_PAYLOAD_TYPE };
+        let Some(sender) = &self.sender else {
+            return OPUS_PAYLOAD_TYPE;
+        };
         sender
             .get_parameters()
             .await

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use media_svc::engine::webrtc::{opus_codec, opus_media_engine};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
 use tokio::sync::Notify;
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -65,7 +67,10 @@ impl PeerConnectionEventHandler for Handler {
             }
             while let Some(event) = track.poll().await {
                 if let TrackRemoteEvent::OnRtpPacket(packet) = event {
-                    shared.received.lock().unwrap().push(Received { packet, at: Instant::now() });
+                    shared.received.lock().unwrap().push(Received {
+                        packet,
+                        at: Instant::now(),
+                    });
                 }
             }
         });
@@ -98,12 +103,22 @@ impl Peer {
             .build()
             .await
             .unwrap();
-        Self { pc: Arc::new(pc), shared, gathered, connected, track: None, ssrc: rand::random() }
+        Self {
+            pc: Arc::new(pc),
+            shared,
+            gathered,
+            connected,
+            track: None,
+            ssrc: rand::random(),
+        }
     }
 
     /// Answers an offer; with `send`, attaches an Opus track to send on.
     pub async fn answer(&mut self, offer: &str, send: bool) -> String {
-        self.pc.set_remote_description(RTCSessionDescription::offer(offer.to_owned()).unwrap()).await.unwrap();
+        self.pc
+            .set_remote_description(RTCSessionDescription::offer(offer.to_owned()).unwrap())
+            .await
+            .unwrap();
         if send {
             let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
                 "client".to_owned(),
@@ -111,22 +126,32 @@ impl Peer {
                 "mic".to_owned(),
                 RtpCodecKind::Audio,
                 vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(self.ssrc), ..Default::default() },
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(self.ssrc),
+                        ..Default::default()
+                    },
                     codec: opus_codec(),
                     ..Default::default()
                 }],
             )));
-            self.pc.add_track(Arc::clone(&track) as Arc<dyn TrackLocal>).await.unwrap();
+            self.pc
+                .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+                .await
+                .unwrap();
             self.track = Some(track);
         }
         let answer = self.pc.create_answer(None).await.unwrap();
         self.pc.set_local_description(answer).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), self.gathered.notified()).await.expect("gathered");
+        tokio::time::timeout(Duration::from_secs(5), self.gathered.notified())
+            .await
+            .expect("gathered");
         self.pc.local_description().await.unwrap().sdp
     }
 
     pub async fn wait_connected(&self) {
-        tokio::time::timeout(Duration::from_secs(10), self.connected.notified()).await.expect("connected");
+        tokio::time::timeout(Duration::from_secs(10), self.connected.notified())
+            .await
+            .expect("connected");
     }
 
     /// Sends one Opus frame with RTP `seq` and `timestamp`.
@@ -142,7 +167,12 @@ impl Peer {
             },
             payload: payload.into(),
         };
-        self.track.as_ref().expect("a sending peer").write_rtp(packet).await.unwrap();
+        self.track
+            .as_ref()
+            .expect("a sending peer")
+            .write_rtp(packet)
+            .await
+            .unwrap();
     }
 
     pub fn received(&self) -> Vec<Received> {

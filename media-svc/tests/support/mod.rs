@@ -1,0 +1,225 @@
+//! Harness for media-svc tests: the real node on `127.0.0.1:0`, a gRPC client, client peers
+//! from the `webrtc` crate, and Opus tones.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod peer;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use media_svc::Config;
+use talkgroup_proto::media::v1 as pb;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub type Client = pb::media_service_client::MediaServiceClient<Channel>;
+
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<Result<(), media_svc::RunError>>,
+}
+
+impl TestNode {
+    pub async fn start(mut config: Config) -> Self {
+        config.drain_timeout_ms = config.drain_timeout_ms.min(5_000);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(media_svc::run(config, listener, shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Client::new(channel)
+    }
+}
+
+/// A connected speaker: its peer and producer id.
+pub async fn speaker(client: &mut Client, session: &str, channel: &str) -> (peer::Peer, String) {
+    let created = client
+        .create_transport(pb::CreateTransportRequest {
+            channel_id: channel.into(),
+            session_id: session.into(),
+            direction: pb::Direction::Send.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut peer = peer::Peer::new(false).await;
+    let answer = peer.answer(&created.offer.unwrap().sdp, true).await;
+    connect(client, &created.transport_id, session, answer).await;
+    let producer = client
+        .produce(pb::ProduceRequest {
+            transport_id: created.transport_id,
+            session_id: session.into(),
+            channel_id: channel.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .producer_id;
+    peer.wait_connected().await;
+    (peer, producer)
+}
+
+/// A connected listener: its peer, transport id and the SSRC it receives.
+pub async fn listener(
+    client: &mut Client,
+    session: &str,
+    channel: &str,
+    stalled: bool,
+) -> (peer::Peer, String, u32) {
+    let created = client
+        .create_transport(pb::CreateTransportRequest {
+            channel_id: channel.into(),
+            session_id: session.into(),
+            direction: pb::Direction::Recv.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut peer = peer::Peer::new(stalled).await;
+    let answer = peer.answer(&created.offer.unwrap().sdp, false).await;
+    connect(client, &created.transport_id, session, answer).await;
+    let consumed = client
+        .consume(pb::ConsumeRequest {
+            transport_id: created.transport_id.clone(),
+            session_id: session.into(),
+            channel_id: channel.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    peer.wait_connected().await;
+    (peer, created.transport_id, consumed.ssrc)
+}
+
+async fn connect(client: &mut Client, transport_id: &str, session: &str, sdp: String) {
+    client
+        .connect_transport(pb::ConnectTransportRequest {
+            transport_id: transport_id.into(),
+            session_id: session.into(),
+            payload: Some(pb::connect_transport_request::Payload::Answer(
+                pb::SessionDescription {
+                    r#type: "answer".into(),
+                    sdp,
+                },
+            )),
+        })
+        .await
+        .unwrap();
+}
+
+pub async fn set_floor(
+    client: &mut Client,
+    channel: &str,
+    producer: Option<&str>,
+    epoch: u64,
+) -> pb::SetFloorResponse {
+    let expires = media_svc::node::wall_ms() + 30_000;
+    client
+        .set_floor(pb::SetFloorRequest {
+            channel_id: channel.into(),
+            producer_id: producer.unwrap_or_default().into(),
+            epoch,
+            expires_at_ms: if producer.is_some() { expires } else { 0 },
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn stats(client: &mut Client) -> pb::NodeStats {
+    client
+        .get_node_stats(pb::GetNodeStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Encodes a sine tone as 20 ms Opus frames (48 kHz mono).
+pub struct Tone {
+    encoder: opus::Encoder,
+    freq: f32,
+    phase: f32,
+    pub seq: u16,
+    pub ts: u32,
+}
+
+impl Tone {
+    pub fn new(freq: f32) -> Self {
+        Self {
+            encoder: opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)
+                .unwrap(),
+            freq,
+            phase: 0.0,
+            seq: rand::random(),
+            ts: rand::random(),
+        }
+    }
+
+    /// The next frame's Opus payload.
+    pub fn frame(&mut self) -> Vec<u8> {
+        let mut pcm = [0i16; 960];
+        for sample in &mut pcm {
+            *sample = (self.phase.sin() * 12_000.0) as i16;
+            self.phase += 2.0 * std::f32::consts::PI * self.freq / 48_000.0;
+        }
+        let mut out = vec![0u8; 1500];
+        let len = self.encoder.encode(&pcm, &mut out).unwrap();
+        out.truncate(len);
+        out
+    }
+
+    /// Sends `frames` frames from `peer`, paced at 20 ms.
+    pub async fn play(&mut self, peer: &peer::Peer, frames: usize) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        for _ in 0..frames {
+            ticker.tick().await;
+            let frame = self.frame();
+            peer.send(self.seq, self.ts, frame).await;
+            self.seq = self.seq.wrapping_add(1);
+            self.ts = self.ts.wrapping_add(960);
+        }
+    }
+}
+
+/// Decodes a run of Opus payloads and returns (RMS level, dominant frequency in Hz estimated
+/// from zero crossings) of the audio after the first frames settle.
+pub fn analyse(payloads: &[Vec<u8>]) -> (f32, f32) {
+    let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
+    let mut pcm = Vec::new();
+    for payload in payloads {
+        let mut out = [0i16; 5760];
+        let n = decoder.decode(payload, &mut out, false).unwrap();
+        pcm.extend_from_slice(&out[..n]);
+    }
+    let settled = &pcm[pcm.len().min(960 * 3)..];
+    if settled.is_empty() {
+        return (0.0, 0.0);
+    }
+    let rms = (settled
+        .iter()
+        .map(|&s| f64::from(s) * f64::from(s))
+        .sum::<f64>()
+        / settled.len() as f64)
+        .sqrt() as f32;
+    let crossings = settled
+        .windows(2)
+        .filter(|w| (w[0] < 0) != (w[1] < 0))
+        .count();
+    let seconds = settled.len() as f32 / 48_000.0;
+    (rms, crossings as f32 / 2.0 / seconds)
+}
