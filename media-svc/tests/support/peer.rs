@@ -179,6 +179,16 @@ impl Peer {
         self.shared.received.lock().unwrap().clone()
     }
 
+    /// Forgets what was received so far.
+    pub fn clear(&self) {
+        self.shared.received.lock().unwrap().clear();
+    }
+
+    /// How many packets were received so far.
+    pub fn received_count(&self) -> usize {
+        self.shared.received.lock().unwrap().len()
+    }
+
     pub fn track_count(&self) -> u32 {
         *self.shared.tracks.lock().unwrap()
     }

@@ -1,0 +1,153 @@
+//! Forwarding capacity of one media node: one channel, one speaker at 50 packets/s, N listeners.
+//!
+//! Run with `cargo bench -p media-svc --bench forwarding`. It starts a release-built media-svc
+//! process and connects real WebRTC peers (the `webrtc` crate, DTLS-SRTP over loopback) from
+//! this process: one speaker and up to 2000 listeners. For each N it talks for a few seconds and
+//! prints the delivered fraction, the added forwarding latency (speaker send to listener
+//! arrival, both measured in this process), and the node's CPU per forwarded packet (from
+//! `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the sizes, `MEDIA_BENCH_SECS`
+//! the talking time per size (default 5).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use testkit::{ServiceProcess, process_cpu_time};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SETUP_PARALLELISM: usize = 16;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(run());
+}
+
+struct Row {
+    listeners: usize,
+    delivered: f64,
+    p50_us: u64,
+    p99_us: u64,
+    cpu_us_per_packet: f64,
+    node_rss_mib: f64,
+}
+
+async fn run() {
+    let sizes: Vec<usize> = std::env::var("MEDIA_BENCH_LISTENERS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 500, 1000, 2000]);
+    let secs: u64 = std::env::var("MEDIA_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let frames = usize::try_from(secs * 50).unwrap_or(250);
+    let node = ServiceProcess::start(
+        env!("CARGO_BIN_EXE_media-svc"),
+        &["--listen", "127.0.0.1:0", "--log-format", "json", "--capacity", "10000"],
+        &[("RUST_LOG", "warn,media_svc=info")],
+        "media-svc listening",
+    )
+    .expect("media-svc");
+    let pid = node.pid();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr)).unwrap().connect().await.unwrap();
+    let mut client = support::Client::new(channel);
+    let (speaker, producer) = support::speaker(&mut client, "speaker", "bench").await;
+    let frame = support::Tone::new(440.0).frame();
+
+    let mut ears: Vec<support::peer::Peer> = Vec::new();
+    let mut rows = Vec::new();
+    for (round, &n) in sizes.iter().enumerate() {
+        let setup = Instant::now();
+        while ears.len() < n {
+            let batch = (n - ears.len()).min(SETUP_PARALLELISM);
+            let start = ears.len();
+            let joins = (start..start + batch).map(|i| {
+                let mut client = client.clone();
+                async move { support::listener(&mut client, &format!("l{i}"), "bench", false).await.0 }
+            });
+            ears.extend(futures::future::join_all(joins).await);
+        }
+        eprintln!("{n} listeners connected in {:.1} s", setup.elapsed().as_secs_f64());
+        for ear in &ears {
+            ear.clear();
+        }
+        // A new epoch per round: a new talk spurt, whose first packet carries the marker.
+        support::set_floor(&mut client, "bench", Some(&producer), round as u64 + 1).await;
+        let before = support::stats(&mut client).await;
+        let cpu_before = process_cpu_time(pid).unwrap_or_default();
+        let mut sent_at = Vec::with_capacity(frames);
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
+        for _ in 0..frames {
+            ticker.tick().await;
+            sent_at.push(Instant::now());
+            speaker.send(seq, ts, frame.clone()).await;
+            seq = seq.wrapping_add(1);
+            ts = ts.wrapping_add(960);
+        }
+        let expected = n * frames;
+        let _ = testkit::wait_until(Duration::from_secs(3), "delivery", || async {
+            ears.iter().map(|e| e.received_count()).sum::<usize>() >= expected
+        })
+        .await;
+        let cpu = process_cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
+        let after = support::stats(&mut client).await;
+
+        let mut hist = Histogram::<u64>::new(3).unwrap();
+        let mut received = 0usize;
+        for ear in &ears {
+            let got = ear.received();
+            received += got.len();
+            let Some(first) = got.first().filter(|p| p.packet.header.marker) else { continue };
+            let base = first.packet.header.timestamp;
+            for r in &got {
+                let index = (r.packet.header.timestamp.wrapping_sub(base) / 960) as usize;
+                if let Some(sent) = sent_at.get(index) {
+                    hist.record(r.at.saturating_duration_since(*sent).as_micros() as u64).unwrap();
+                }
+            }
+        }
+        let forwarded = after.packets_forwarded.saturating_sub(before.packets_forwarded).max(1);
+        rows.push(Row {
+            listeners: n,
+            delivered: received as f64 / expected as f64,
+            p50_us: hist.value_at_quantile(0.5),
+            p99_us: hist.value_at_quantile(0.99),
+            cpu_us_per_packet: cpu.as_secs_f64() * 1e6 / forwarded as f64,
+            node_rss_mib: rss_kib(pid) as f64 / 1024.0,
+        });
+    }
+
+    println!();
+    println!("one channel, one speaker at 50 packets/s for {secs} s, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("| listeners | delivered | added latency p50 | p99 | node CPU per forwarded packet | node RSS |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2}% | {:.2} ms | {:.2} ms | {:.1} µs | {:.0} MiB |",
+            r.listeners,
+            r.delivered * 100.0,
+            r.p50_us as f64 / 1000.0,
+            r.p99_us as f64 / 1000.0,
+            r.cpu_us_per_packet,
+            r.node_rss_mib
+        );
+    }
+    for ear in &ears {
+        ear.close().await;
+    }
+    speaker.close().await;
+}
