@@ -44,6 +44,8 @@ struct Row {
     p50_us: u64,
     p99_us: u64,
     cpu_us_per_packet: f64,
+    net_cpu_us_per_packet: f64,
+    idle_cores: f64,
     node_rss_mib: f64,
 }
 
@@ -81,6 +83,13 @@ async fn run() {
             ears.extend(futures::future::join_all(joins).await);
         }
         eprintln!("{n} listeners connected in {:.1} s", setup.elapsed().as_secs_f64());
+        // What the node spends with everyone connected and nobody talking (ICE keepalives,
+        // RTCP reports, timers), so the per-packet figure can be read with and without it.
+        let idle_window = Duration::from_secs(2);
+        let idle_before = process_cpu_time(pid).unwrap_or_default();
+        tokio::time::sleep(idle_window).await;
+        let idle_rate = process_cpu_time(pid).unwrap_or_default().saturating_sub(idle_before).as_secs_f64()
+            / idle_window.as_secs_f64();
         for ear in &ears {
             ear.clear();
         }
@@ -88,6 +97,7 @@ async fn run() {
         support::set_floor(&mut client, "bench", Some(&producer), round as u64 + 1).await;
         let before = support::stats(&mut client).await;
         let cpu_before = process_cpu_time(pid).unwrap_or_default();
+        let talk_started = Instant::now();
         let mut sent_at = Vec::with_capacity(frames);
         let mut ticker = tokio::time::interval(Duration::from_millis(20));
         let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
@@ -104,6 +114,7 @@ async fn run() {
         })
         .await;
         let cpu = process_cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
+        let idle_share = idle_rate * talk_started.elapsed().as_secs_f64();
         let after = support::stats(&mut client).await;
 
         let mut hist = Histogram::<u64>::new(3).unwrap();
@@ -127,22 +138,26 @@ async fn run() {
             p50_us: hist.value_at_quantile(0.5),
             p99_us: hist.value_at_quantile(0.99),
             cpu_us_per_packet: cpu.as_secs_f64() * 1e6 / forwarded as f64,
+            net_cpu_us_per_packet: (cpu.as_secs_f64() - idle_share).max(0.0) * 1e6 / forwarded as f64,
+            idle_cores: idle_rate,
             node_rss_mib: rss_kib(pid) as f64 / 1024.0,
         });
     }
 
     println!();
     println!("one channel, one speaker at 50 packets/s for {secs} s, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("| listeners | delivered | added latency p50 | p99 | node CPU per forwarded packet | node RSS |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| listeners | delivered | added latency p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2}% | {:.2} ms | {:.2} ms | {:.1} µs | {:.0} MiB |",
+            "| {} | {:.2}% | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
             r.listeners,
             r.delivered * 100.0,
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
             r.cpu_us_per_packet,
+            r.net_cpu_us_per_packet,
+            r.idle_cores * 100.0,
             r.node_rss_mib
         );
     }
