@@ -34,7 +34,10 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(run());
 }
 
@@ -54,21 +57,38 @@ async fn run() {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![100, 500, 1000, 2000]);
-    let secs: u64 = std::env::var("MEDIA_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let secs: u64 = std::env::var("MEDIA_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let frames = usize::try_from(secs * 50).unwrap_or(250);
     let node = ServiceProcess::start(
         env!("CARGO_BIN_EXE_media-svc"),
-        &["--listen", "127.0.0.1:0", "--log-format", "json", "--capacity", "10000"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--capacity",
+            "10000",
+        ],
         &[("RUST_LOG", "warn,media_svc=info")],
         "media-svc listening",
     )
     .expect("media-svc");
     let pid = node.pid();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = support::Client::new(channel);
     let (speaker, producer) = support::speaker(&mut client, "speaker", "bench").await;
     let frame = support::Tone::new(440.0).frame();
 
+    // One continuous stream from the speaker, as a real client sends: the receiver's SRTP
+    // replay protection rejects a sequence number that jumps backwards.
+    let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
     let mut ears: Vec<support::peer::Peer> = Vec::new();
     let mut rows = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
@@ -78,17 +98,27 @@ async fn run() {
             let start = ears.len();
             let joins = (start..start + batch).map(|i| {
                 let mut client = client.clone();
-                async move { support::listener(&mut client, &format!("l{i}"), "bench", false).await.0 }
+                async move {
+                    support::listener(&mut client, &format!("l{i}"), "bench", false)
+                        .await
+                        .0
+                }
             });
             ears.extend(futures::future::join_all(joins).await);
         }
-        eprintln!("{n} listeners connected in {:.1} s", setup.elapsed().as_secs_f64());
+        eprintln!(
+            "{n} listeners connected in {:.1} s",
+            setup.elapsed().as_secs_f64()
+        );
         // What the node spends with everyone connected and nobody talking (ICE keepalives,
         // RTCP reports, timers), so the per-packet figure can be read with and without it.
         let idle_window = Duration::from_secs(2);
         let idle_before = process_cpu_time(pid).unwrap_or_default();
         tokio::time::sleep(idle_window).await;
-        let idle_rate = process_cpu_time(pid).unwrap_or_default().saturating_sub(idle_before).as_secs_f64()
+        let idle_rate = process_cpu_time(pid)
+            .unwrap_or_default()
+            .saturating_sub(idle_before)
+            .as_secs_f64()
             / idle_window.as_secs_f64();
         for ear in &ears {
             ear.clear();
@@ -100,7 +130,6 @@ async fn run() {
         let talk_started = Instant::now();
         let mut sent_at = Vec::with_capacity(frames);
         let mut ticker = tokio::time::interval(Duration::from_millis(20));
-        let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
         for _ in 0..frames {
             ticker.tick().await;
             sent_at.push(Instant::now());
@@ -113,7 +142,9 @@ async fn run() {
             ears.iter().map(|e| e.received_count()).sum::<usize>() >= expected
         })
         .await;
-        let cpu = process_cpu_time(pid).unwrap_or_default().saturating_sub(cpu_before);
+        let cpu = process_cpu_time(pid)
+            .unwrap_or_default()
+            .saturating_sub(cpu_before);
         let idle_share = idle_rate * talk_started.elapsed().as_secs_f64();
         let after = support::stats(&mut client).await;
 
@@ -122,31 +153,43 @@ async fn run() {
         for ear in &ears {
             let got = ear.received();
             received += got.len();
-            let Some(first) = got.first().filter(|p| p.packet.header.marker) else { continue };
+            let Some(first) = got.first().filter(|p| p.packet.header.marker) else {
+                continue;
+            };
             let base = first.packet.header.timestamp;
             for r in &got {
                 let index = (r.packet.header.timestamp.wrapping_sub(base) / 960) as usize;
                 if let Some(sent) = sent_at.get(index) {
-                    hist.record(r.at.saturating_duration_since(*sent).as_micros() as u64).unwrap();
+                    hist.record(r.at.saturating_duration_since(*sent).as_micros() as u64)
+                        .unwrap();
                 }
             }
         }
-        let forwarded = after.packets_forwarded.saturating_sub(before.packets_forwarded).max(1);
+        let forwarded = after
+            .packets_forwarded
+            .saturating_sub(before.packets_forwarded)
+            .max(1);
         rows.push(Row {
             listeners: n,
             delivered: received as f64 / expected as f64,
             p50_us: hist.value_at_quantile(0.5),
             p99_us: hist.value_at_quantile(0.99),
             cpu_us_per_packet: cpu.as_secs_f64() * 1e6 / forwarded as f64,
-            net_cpu_us_per_packet: (cpu.as_secs_f64() - idle_share).max(0.0) * 1e6 / forwarded as f64,
+            net_cpu_us_per_packet: (cpu.as_secs_f64() - idle_share).max(0.0) * 1e6
+                / forwarded as f64,
             idle_cores: idle_rate,
             node_rss_mib: rss_kib(pid) as f64 / 1024.0,
         });
     }
 
     println!();
-    println!("one channel, one speaker at 50 packets/s for {secs} s, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("| listeners | delivered | added latency p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |");
+    println!(
+        "one channel, one speaker at 50 packets/s for {secs} s, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| listeners | delivered | added latency p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(

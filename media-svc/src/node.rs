@@ -8,17 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rtc::rtp;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::engine::{Candidate, Engine, EngineError, PacketSink, Transport, TransportSpec};
 use crate::ports::PortPool;
-use crate::router::{Floor, FloorApplied, Listener, Rewriter};
+use crate::router::{Floor, FloorApplied, Listener, ListenerSink, Rewriter};
 use crate::worker::{Command, PoolStats, WorkerPool};
 
-/// Packets queued per listener before that listener's packets are dropped (about 640 ms of
-/// 20 ms Opus frames): enough to ride out a scheduling hiccup, small enough that a stalled
-/// listener costs nothing.
-pub const LISTENER_QUEUE: usize = 32;
 /// Transports one session may hold (a send and a receive transport per channel, a few channels).
 pub const MAX_TRANSPORTS_PER_SESSION: usize = 16;
 
@@ -392,16 +388,14 @@ impl<E: Engine> Node<E> {
             id
         };
         let payload_type = entry.transport.payload_type().await;
-        let (tx, rx) = mpsc::channel(LISTENER_QUEUE);
-        tokio::spawn(write_loop(
-            Arc::clone(&entry.transport),
-            rx,
-            Arc::clone(&self.write_errors),
-        ));
+        let sink = TransportSink {
+            transport: Arc::clone(&entry.transport),
+            refused: Arc::clone(&self.write_errors),
+        };
         let listener = Listener {
             session: session.to_owned(),
             rewriter: Rewriter::new(entry.ssrc, payload_type),
-            out: tx,
+            out: Arc::new(sink),
         };
         self.pool
             .send(
@@ -560,17 +554,21 @@ impl<E: Engine> Node<E> {
     }
 }
 
-/// Feeds one listener's transport from its bounded queue. Ends when the router drops the
-/// queue's sender (the consumer was removed).
-async fn write_loop<T: Transport>(
+/// Feeds one listener's transport straight from the router: the transport's own bounded send
+/// queue is the listener's queue, so no task sits between them and a full queue drops only
+/// this listener's packet.
+struct TransportSink<T> {
     transport: Arc<T>,
-    mut rx: mpsc::Receiver<rtp::Packet>,
-    errors: Arc<AtomicU64>,
-) {
-    while let Some(packet) = rx.recv().await {
-        if transport.write_rtp(packet).await.is_err() {
-            errors.fetch_add(1, Ordering::Relaxed);
+    refused: Arc<AtomicU64>,
+}
+
+impl<T: Transport> ListenerSink for TransportSink<T> {
+    fn try_send(&self, packet: rtp::Packet) -> bool {
+        let queued = self.transport.try_write_rtp(packet);
+        if !queued {
+            self.refused.fetch_add(1, Ordering::Relaxed);
         }
+        queued
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Sans-IO: the router is a plain struct driven by `set_floor` and `on_packet(now)`; it never
 //! awaits. Packets from the producer named by the highest floor epoch are forwarded until the
-//! floor's expiry; everything else is dropped and counted. Each listener gets its own bounded
-//! queue: a full queue drops that listener's packet and never delays the others.
+//! floor's expiry; everything else is dropped and counted. Each listener is fed through a
+//! non-blocking [`ListenerSink`] in front of its own bounded queue: a full queue drops that
+//! listener's packet and never delays the others.
 //!
 //! Each listener's stream is rewritten so that it is one continuous RTP stream for its whole
 //! life, whoever speaks: its own SSRC and payload type, sequence numbers that continue across
@@ -12,6 +13,7 @@
 //! transport negotiated none).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use rtc::rtp;
@@ -113,13 +115,32 @@ impl Rewriter {
     }
 }
 
+/// Where a listener's packets go. Must never block: a full queue refuses the packet.
+pub trait ListenerSink: Send + Sync + 'static {
+    /// Queues `packet`; false when the listener's queue is full or closed.
+    fn try_send(&self, packet: rtp::Packet) -> bool;
+}
+
+impl ListenerSink for mpsc::Sender<rtp::Packet> {
+    fn try_send(&self, packet: rtp::Packet) -> bool {
+        mpsc::Sender::try_send(self, packet).is_ok()
+    }
+}
+
 /// A consumer of the channel's floor stream.
-#[derive(Debug)]
 pub struct Listener {
     /// The listener's session: it does not hear its own voice.
     pub session: String,
     pub rewriter: Rewriter,
-    pub out: mpsc::Sender<rtp::Packet>,
+    pub out: Arc<dyn ListenerSink>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counters of one router.
@@ -220,9 +241,10 @@ impl Router {
                 continue;
             }
             let out = listener.rewriter.rewrite(packet, epoch, now);
-            match listener.out.try_send(out) {
-                Ok(()) => self.stats.forwarded += 1,
-                Err(_) => self.stats.dropped_slow_listener += 1,
+            if listener.out.try_send(out) {
+                self.stats.forwarded += 1;
+            } else {
+                self.stats.dropped_slow_listener += 1;
             }
         }
     }
@@ -255,7 +277,7 @@ mod tests {
             Listener {
                 session: session.into(),
                 rewriter: Rewriter::new(777, 111),
-                out: tx,
+                out: Arc::new(tx),
             },
             rx,
         )

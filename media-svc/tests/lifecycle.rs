@@ -14,7 +14,9 @@ use talkgroup_proto::state::v1 as spb;
 use testkit::wait_until;
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn rss_kib() -> u64 {
@@ -36,7 +38,11 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     let cycle = |client: &mut support::Client, i: usize| {
         let mut client = client.clone();
         async move {
-            let direction = if i % 2 == 0 { pb::Direction::Send } else { pb::Direction::Recv };
+            let direction = if i % 2 == 0 {
+                pb::Direction::Send
+            } else {
+                pb::Direction::Recv
+            };
             let created = client
                 .create_transport(pb::CreateTransportRequest {
                     channel_id: format!("ch{}", i % 7),
@@ -47,9 +53,15 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
                 .unwrap()
                 .into_inner();
             let sdp = created.offer.unwrap().sdp;
-            assert!(sdp.contains(" 127.0.0.1 4") || sdp.contains(" 127.0.0.1 "), "candidate on loopback");
+            assert!(
+                sdp.contains(" 127.0.0.1 4") || sdp.contains(" 127.0.0.1 "),
+                "candidate on loopback"
+            );
             client
-                .close_transport(pb::CloseTransportRequest { transport_id: created.transport_id, session_id: format!("s{i}") })
+                .close_transport(pb::CloseTransportRequest {
+                    transport_id: created.transport_id,
+                    session_id: format!("s{i}"),
+                })
                 .await
                 .unwrap();
         }
@@ -62,12 +74,20 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     for i in 0..1_000 {
         cycle(&mut client, i).await;
     }
-    wait_until(Duration::from_secs(10), "sockets to be closed", || async { open_fds() <= fds_before + 4 })
-        .await
-        .unwrap_or_else(|_| panic!("open fds grew from {fds_before} to {}", open_fds()));
+    wait_until(Duration::from_secs(10), "sockets to be closed", || async {
+        open_fds() <= fds_before + 4
+    })
+    .await
+    .unwrap_or_else(|_| panic!("open fds grew from {fds_before} to {}", open_fds()));
     let rss_after = rss_kib();
-    eprintln!("1000 cycles: fds {fds_before} -> {}, rss {rss_before} KiB -> {rss_after} KiB", open_fds());
-    assert!(rss_after < rss_before + 16 * 1024, "rss grew from {rss_before} KiB to {rss_after} KiB");
+    eprintln!(
+        "1000 cycles: fds {fds_before} -> {}, rss {rss_before} KiB -> {rss_after} KiB",
+        open_fds()
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "rss grew from {rss_before} KiB to {rss_after} KiB"
+    );
     assert_eq!(stats(&mut client).await.transports, 0);
 }
 
@@ -81,10 +101,20 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     state_config.node_dead_after_ms = 1_000;
     state_config.lease_ms = 300;
     let state_stop = tokio_util::sync::CancellationToken::new();
-    let state = tokio::spawn(state_svc::run(state_config, state_listener, state_stop.clone()));
-    let state_channel = tonic::transport::Endpoint::from_shared(format!("http://{state_addr}")).unwrap().connect().await.unwrap();
-    let mut registry = spb::media_registry_service_client::MediaRegistryServiceClient::new(state_channel.clone());
-    let mut sessions = spb::session_service_client::SessionServiceClient::new(state_channel.clone());
+    let state = tokio::spawn(state_svc::run(
+        state_config,
+        state_listener,
+        state_stop.clone(),
+    ));
+    let state_channel = tonic::transport::Endpoint::from_shared(format!("http://{state_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut registry =
+        spb::media_registry_service_client::MediaRegistryServiceClient::new(state_channel.clone());
+    let mut sessions =
+        spb::session_service_client::SessionServiceClient::new(state_channel.clone());
     let mut floors = spb::floor_service_client::FloorServiceClient::new(state_channel);
 
     let mut config = Config::for_tests();
@@ -94,33 +124,70 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     wait_until(Duration::from_secs(5), "node registered and live", || {
         let mut registry = registry.clone();
         async move {
-            registry.list_nodes(spb::ListNodesRequest {}).await.unwrap().into_inner().nodes.iter().any(|n| n.node_id == "media-a" && n.live)
+            registry
+                .list_nodes(spb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes
+                .iter()
+                .any(|n| n.node_id == "media-a" && n.live)
         }
     })
     .await
     .unwrap();
-    let placed = registry.place_channel(spb::PlaceChannelRequest { channel_id: "ops".into() }).await.unwrap().into_inner();
+    let placed = registry
+        .place_channel(spb::PlaceChannelRequest {
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(placed.node.unwrap().node_id, "media-a");
 
     // A session talks through the state service; the gateway (this test) names its producer.
     let session = sessions
-        .create_session(spb::CreateSessionRequest { user_id: "u-a".into(), user_name: "Ana".into(), gateway_id: "gw".into(), ttl_ms: 0 })
+        .create_session(spb::CreateSessionRequest {
+            user_id: "u-a".into(),
+            user_name: "Ana".into(),
+            gateway_id: "gw".into(),
+            ttl_ms: 0,
+        })
         .await
         .unwrap()
         .into_inner()
         .session_id;
-    sessions.join_channel(spb::JoinChannelRequest { session_id: session.clone(), channel_id: "ops".into() }).await.unwrap();
+    sessions
+        .join_channel(spb::JoinChannelRequest {
+            session_id: session.clone(),
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap();
     let mut client = node.client().await;
     let (a, producer) = speaker(&mut client, &session, "ops").await;
     let (ear, _, _) = listener(&mut client, "listener", "ops", false).await;
     wait_until(Duration::from_secs(5), "load reported", || {
         let mut registry = registry.clone();
-        async move { registry.list_nodes(spb::ListNodesRequest {}).await.unwrap().into_inner().nodes[0].load == 2 }
+        async move {
+            registry
+                .list_nodes(spb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes[0]
+                .load
+                == 2
+        }
     })
     .await
     .unwrap();
     let grant = floors
-        .acquire_floor(spb::AcquireFloorRequest { channel_id: "ops".into(), session_id: session.clone(), priority: 0 })
+        .acquire_floor(spb::AcquireFloorRequest {
+            channel_id: "ops".into(),
+            session_id: session.clone(),
+            priority: 0,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -128,42 +195,92 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     set_floor(&mut client, "ops", Some(&producer), epoch).await;
     let mut tone = support::Tone::new(440.0);
     tone.play(&a, 5).await;
-    wait_until(Duration::from_secs(5), "audio", || async { ear.received().len() >= 5 }).await.unwrap();
+    wait_until(Duration::from_secs(5), "audio", || async {
+        ear.received().len() >= 5
+    })
+    .await
+    .unwrap();
 
     // Nobody renews: state-svc expires the lease and the node cuts the speaker on its own,
     // with no gateway telling it.
-    wait_until(Duration::from_secs(5), "the node to learn the floor expired", || {
-        let mut floors = floors.clone();
-        async move { floors.get_floor(spb::GetFloorRequest { channel_id: "ops".into() }).await.unwrap().into_inner().holder.is_none() }
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the node to learn the floor expired",
+        || {
+            let mut floors = floors.clone();
+            async move {
+                floors
+                    .get_floor(spb::GetFloorRequest {
+                        channel_id: "ops".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .holder
+                    .is_none()
+            }
+        },
+    )
     .await
     .unwrap();
     let revoked = wait_until(Duration::from_secs(5), "a higher epoch at the node", || {
         let mut client = client.clone();
         async move {
             // A stale SetFloor at the old epoch is refused once the node saw the expiry.
-            !set_floor(&mut client, "ops", Some("nobody"), epoch).await.applied
+            !set_floor(&mut client, "ops", Some("nobody"), epoch)
+                .await
+                .applied
         }
     })
     .await;
-    assert!(revoked.is_ok(), "the node applied the expiry from state-svc");
+    assert!(
+        revoked.is_ok(),
+        "the node applied the expiry from state-svc"
+    );
 
     // SIGTERM: health goes NOT_SERVING at once, the registry marks the node draining, and the
     // process ends once its last transports close.
     node.shutdown.cancel();
     wait_until(Duration::from_secs(5), "registry sees draining", || {
         let mut registry = registry.clone();
-        async move { registry.list_nodes(spb::ListNodesRequest {}).await.unwrap().into_inner().nodes.iter().any(|n| n.draining) }
+        async move {
+            registry
+                .list_nodes(spb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes
+                .iter()
+                .any(|n| n.draining)
+        }
     })
     .await
     .unwrap();
     let refused = client
-        .create_transport(pb::CreateTransportRequest { channel_id: "new".into(), session_id: "x".into(), direction: pb::Direction::Recv.into() })
+        .create_transport(pb::CreateTransportRequest {
+            channel_id: "new".into(),
+            session_id: "x".into(),
+            direction: pb::Direction::Recv.into(),
+        })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "no new channels while draining");
-    client.close_session(pb::CloseSessionRequest { session_id: session.clone() }).await.unwrap();
-    client.close_session(pb::CloseSessionRequest { session_id: "listener".into() }).await.unwrap();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unavailable,
+        "no new channels while draining"
+    );
+    client
+        .close_session(pb::CloseSessionRequest {
+            session_id: session.clone(),
+        })
+        .await
+        .unwrap();
+    client
+        .close_session(pb::CloseSessionRequest {
+            session_id: "listener".into(),
+        })
+        .await
+        .unwrap();
     let stopped = tokio::time::timeout(Duration::from_secs(5), node.handle).await;
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "node exits once empty");
     a.close().await;

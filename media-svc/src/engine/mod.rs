@@ -76,6 +76,9 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         packet: rtp::Packet,
     ) -> impl Future<Output = Result<(), EngineError>> + Send;
+    /// Queues one packet without waiting; false when the transport's bounded send queue is
+    /// full (the packet is dropped) or the transport is closed.
+    fn try_write_rtp(&self, packet: rtp::Packet) -> bool;
     /// The payload type the client accepted for the audio track (recv transports).
     fn payload_type(&self) -> impl Future<Output = u8> + Send;
     fn close(&self) -> impl Future<Output = ()> + Send;

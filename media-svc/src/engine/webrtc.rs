@@ -264,6 +264,17 @@ impl Transport for WebrtcTransport {
             .map_err(|_| EngineError::Closed)
     }
 
+    fn try_write_rtp(&self, packet: rtp::Packet) -> bool {
+        use futures::FutureExt;
+        // The track hands the packet to the connection's driver through a bounded queue; one
+        // poll either queues it or finds the queue full, and then the packet is dropped here
+        // rather than making the caller wait.
+        let Some(track) = &self.track else {
+            return false;
+        };
+        matches!(track.write_rtp(packet).now_or_never(), Some(Ok(())))
+    }
+
     async fn payload_type(&self) -> u8 {
         let Some(sender) = &self.sender else {
             return OPUS_PAYLOAD_TYPE;
