@@ -50,10 +50,13 @@ pub struct NodeSettings {
     pub capacity: u32,
 }
 
+/// The worker pool, channel and producer a send transport's packets are routed to.
+type Route = (WorkerPool, Arc<str>, Arc<str>);
+
 /// Where a send transport's packets go once it produces.
 #[derive(Default)]
 struct ProducerSink {
-    target: Mutex<Option<(WorkerPool, Arc<str>, Arc<str>)>>,
+    target: Mutex<Option<Route>>,
     /// Packets that arrived before `produce` (a producer starts paused).
     unrouted: AtomicU64,
 }

@@ -302,7 +302,7 @@ mod tests {
 
         router.on_packet("pa", &packet(1, 100, 5000), t0);
         assert!(rx.try_recv().is_err(), "nobody holds the floor yet");
-        assert_eq!(router.set_floor(floor(10, Some("pa"))).applied, true);
+        assert!(router.set_floor(floor(10, Some("pa"))).applied);
         for i in 0..3u16 {
             router.on_packet("pa", &packet(1, 100 + i, 5000 + 960 * u32::from(i)), t0);
             router.on_packet("pb", &packet(2, 7 + i, 90 + 960 * u32::from(i)), t0);

@@ -38,7 +38,7 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     let cycle = |client: &mut support::Client, i: usize| {
         let mut client = client.clone();
         async move {
-            let direction = if i % 2 == 0 {
+            let direction = if i.is_multiple_of(2) {
                 pb::Direction::Send
             } else {
                 pb::Direction::Recv

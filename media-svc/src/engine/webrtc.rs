@@ -75,7 +75,6 @@ pub fn opus_media_engine() -> Result<MediaEngine, EngineError> {
             RTCRtpCodecParameters {
                 rtp_codec: opus_codec(),
                 payload_type: OPUS_PAYLOAD_TYPE,
-                ..Default::default()
             },
             RtpCodecKind::Audio,
         )
@@ -132,9 +131,8 @@ impl Engine for WebrtcEngine {
             TransportSpec::Send { sink } => Some(Arc::clone(sink)),
             TransportSpec::Recv { .. } => None,
         };
-        let mut media = opus_media_engine()?;
+        let media = opus_media_engine()?;
         let registry = configure_rtcp_reports(Registry::new());
-        let _ = &mut media;
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_lite(!self.full_ice)
