@@ -6,7 +6,7 @@ use std::sync::Arc;
 use talkgroup_proto::media::v1 as pb;
 use tonic::{Code, Request, Response, Status};
 
-use crate::engine::{Candidate, Engine, OPUS_FMTP, OPUS_PAYLOAD_TYPE};
+use crate::engine::{Candidate, OPUS_FMTP, OPUS_PAYLOAD_TYPE};
 use crate::node::{Direction, Node, NodeError};
 
 /// Largest accepted SDP answer.
@@ -21,7 +21,7 @@ impl From<NodeError> for Status {
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
             NodeError::Exhausted(_) => Code::ResourceExhausted,
-            NodeError::Draining => Code::Unavailable,
+            NodeError::Draining | NodeError::Stopping => Code::Unavailable,
             NodeError::Engine(crate::engine::EngineError::BadDescription)
             | NodeError::Engine(crate::engine::EngineError::BadCandidate) => Code::InvalidArgument,
             NodeError::Engine(_) => {
@@ -47,18 +47,18 @@ fn id(raw: &str, what: &'static str) -> Result<(), Status> {
 }
 
 #[derive(Debug)]
-pub struct MediaApi<E: Engine> {
-    node: Arc<Node<E>>,
+pub struct MediaApi {
+    node: Arc<Node>,
 }
 
-impl<E: Engine> MediaApi<E> {
-    pub fn new(node: Arc<Node<E>>) -> Self {
+impl MediaApi {
+    pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
 }
 
 #[tonic::async_trait]
-impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
+impl pb::media_service_server::MediaService for MediaApi {
     async fn get_router_capabilities(
         &self,
         request: Request<pb::GetRouterCapabilitiesRequest>,
@@ -238,9 +238,7 @@ impl<E: Engine> pb::media_service_server::MediaService for MediaApi<E> {
             producers: stats.pool.producers,
             consumers: stats.pool.consumers,
             packets_forwarded: router.forwarded,
-            packets_dropped: router.dropped_not_floor
-                + router.dropped_slow_listener
-                + stats.dropped_busy,
+            packets_dropped: router.dropped_not_floor + router.dropped_slow_listener + stats.pool.send_dropped,
             draining: self.node.is_draining(),
         }))
     }

@@ -2,9 +2,10 @@
 //!
 //! Layout:
 //! - [`router`]: one channel's forwarding decision and per-listener stream rewriting (sans-IO).
-//! - [`worker`]: the worker pool owning the routers; everything reaches it by bounded queues.
-//! - [`engine`]: the WebRTC engine behind the project's own trait (`webrtc` 0.21 today).
-//! - [`node`]: transports, producers and consumers of this node; [`ports`]: the UDP port range.
+//! - [`engine`]: sans-IO WebRTC peers behind the project's own trait (the `rtc` 0.21 core).
+//! - [`worker`]: the worker pool; a channel's router and peers live on one worker, which
+//!   drives them in one task; everything reaches it by bounded queues.
+//! - [`node`]: the registry of transports, producers and consumers; [`ports`]: the UDP range.
 //! - [`grpc`]: `ptt.media.v1.MediaService`; [`link`]: registration and floor watch on state-svc.
 //! - [`run`]: the server, taking a bound listener and a shutdown token; SIGTERM drains.
 
@@ -29,7 +30,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use crate::config::Config;
-use crate::engine::webrtc::WebrtcEngine;
+use crate::engine::rtc_peer::RtcEngine;
 use crate::node::{Node, NodeSettings};
 use crate::ports::PortPool;
 
@@ -67,7 +68,7 @@ pub async fn run(
         announced_ip: config.announced_ip,
         capacity: config.capacity,
     };
-    let node = Node::new(WebrtcEngine::default(), settings, ports, workers);
+    let node = Node::new(RtcEngine, settings, ports, workers);
 
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();

@@ -13,7 +13,6 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::Engine;
 use crate::node::Node;
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -27,8 +26,8 @@ pub struct Registration {
     pub capacity: u32,
 }
 
-pub async fn run<E: Engine>(
-    node: Arc<Node<E>>,
+pub async fn run(
+    node: Arc<Node>,
     state_url: String,
     me: Registration,
     shutdown: CancellationToken,
@@ -61,8 +60,8 @@ pub async fn run<E: Engine>(
     }
 }
 
-async fn heartbeat<E: Engine>(
-    node: &Node<E>,
+async fn heartbeat(
+    node: &Node,
     channel: Channel,
     me: &Registration,
     shutdown: &CancellationToken,
@@ -132,8 +131,8 @@ async fn heartbeat<E: Engine>(
     }
 }
 
-async fn watch_floors<E: Engine>(
-    node: Arc<Node<E>>,
+async fn watch_floors(
+    node: Arc<Node>,
     channel: Channel,
     shutdown: CancellationToken,
 ) {
@@ -148,8 +147,8 @@ async fn watch_floors<E: Engine>(
     }
 }
 
-async fn watch_once<E: Engine>(
-    node: &Node<E>,
+async fn watch_once(
+    node: &Node,
     channel: Channel,
     shutdown: &CancellationToken,
 ) -> Result<(), tonic::Status> {
@@ -200,7 +199,7 @@ async fn watch_once<E: Engine>(
     }
 }
 
-async fn apply<E: Engine>(node: &Node<E>, event: pb::WatchEvent) {
+async fn apply(node: &Node, event: pb::WatchEvent) {
     let (channel, holder, epoch) = match event.event {
         Some(pb::watch_event::Event::Floor(f)) => (f.channel_id, f.holder, f.epoch),
         Some(pb::watch_event::Event::Snapshot(s)) => (s.channel_id, s.holder, s.epoch),

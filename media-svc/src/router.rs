@@ -2,9 +2,9 @@
 //!
 //! Sans-IO: the router is a plain struct driven by `set_floor` and `on_packet(now)`; it never
 //! awaits. Packets from the producer named by the highest floor epoch are forwarded until the
-//! floor's expiry; everything else is dropped and counted. Each listener is fed through a
-//! non-blocking [`ListenerSink`] in front of its own bounded queue: a full queue drops that
-//! listener's packet and never delays the others.
+//! floor's expiry; everything else is dropped and counted. Each listener's packet is handed to
+//! a non-blocking `deliver` function (the worker sends it on the listener's own socket): a
+//! listener that cannot take it loses that packet and never delays the others.
 //!
 //! Each listener's stream is rewritten so that it is one continuous RTP stream for its whole
 //! life, whoever speaks: its own SSRC and payload type, sequence numbers that continue across
@@ -13,11 +13,9 @@
 //! transport negotiated none).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use rtc::rtp;
-use tokio::sync::mpsc;
 
 /// Opus clock rate.
 pub const CLOCK_RATE: u32 = 48_000;
@@ -115,32 +113,14 @@ impl Rewriter {
     }
 }
 
-/// Where a listener's packets go. Must never block: a full queue refuses the packet.
-pub trait ListenerSink: Send + Sync + 'static {
-    /// Queues `packet`; false when the listener's queue is full or closed.
-    fn try_send(&self, packet: rtp::Packet) -> bool;
-}
-
-impl ListenerSink for mpsc::Sender<rtp::Packet> {
-    fn try_send(&self, packet: rtp::Packet) -> bool {
-        mpsc::Sender::try_send(self, packet).is_ok()
-    }
-}
-
 /// A consumer of the channel's floor stream.
+#[derive(Debug)]
 pub struct Listener {
     /// The listener's session: it does not hear its own voice.
     pub session: String,
     pub rewriter: Rewriter,
-    pub out: Arc<dyn ListenerSink>,
-}
-
-impl std::fmt::Debug for Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener")
-            .field("session", &self.session)
-            .finish_non_exhaustive()
-    }
+    /// The worker's key of the listener's peer connection.
+    pub peer: u64,
 }
 
 /// Counters of one router.
@@ -227,8 +207,16 @@ impl Router {
         self.stats
     }
 
-    /// Forwards one packet from `producer` if it holds the floor at `now`.
-    pub fn on_packet(&mut self, producer: &str, packet: &rtp::Packet, now: Instant) {
+    /// Forwards one packet from `producer` if it holds the floor at `now`, handing each
+    /// listener's rewritten copy to `deliver(peer, packet)`, which must not block and answers
+    /// whether the packet was taken.
+    pub fn on_packet(
+        &mut self,
+        producer: &str,
+        packet: &rtp::Packet,
+        now: Instant,
+        deliver: &mut dyn FnMut(u64, rtp::Packet) -> bool,
+    ) {
         let holds = self.floor.producer.as_deref() == Some(producer)
             && self.floor.expires_at.is_none_or(|at| now < at);
         let Some(speaker_session) = self.producers.get(producer).filter(|_| holds) else {
@@ -241,7 +229,7 @@ impl Router {
                 continue;
             }
             let out = listener.rewriter.rewrite(packet, epoch, now);
-            if listener.out.try_send(out) {
+            if deliver(listener.peer, out) {
                 self.stats.forwarded += 1;
             } else {
                 self.stats.dropped_slow_listener += 1;
@@ -271,135 +259,125 @@ mod tests {
         }
     }
 
-    fn listener(session: &str, capacity: usize) -> (Listener, mpsc::Receiver<rtp::Packet>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (
-            Listener {
-                session: session.into(),
-                rewriter: Rewriter::new(777, 111),
-                out: Arc::new(tx),
-            },
-            rx,
-        )
+    /// Listener outputs: per peer, what was delivered, up to a capacity.
+    #[derive(Default)]
+    struct Outputs {
+        capacity: HashMap<u64, usize>,
+        got: HashMap<u64, Vec<rtp::Packet>>,
+    }
+
+    impl Outputs {
+        fn send(&mut self, router: &mut Router, producer: &str, packet: &rtp::Packet, now: Instant) {
+            let mut deliver = |peer: u64, packet: rtp::Packet| {
+                let cap = self.capacity.get(&peer).copied().unwrap_or(usize::MAX);
+                let got = self.got.entry(peer).or_default();
+                if got.len() >= cap {
+                    return false;
+                }
+                got.push(packet);
+                true
+            };
+            router.on_packet(producer, packet, now, &mut deliver);
+        }
+
+        fn take(&mut self, peer: u64) -> Vec<rtp::Packet> {
+            self.got.remove(&peer).unwrap_or_default()
+        }
+    }
+
+    fn listener(session: &str, peer: u64) -> Listener {
+        Listener { session: session.into(), rewriter: Rewriter::new(777, 111), peer }
     }
 
     fn floor(epoch: u64, producer: Option<&str>) -> Floor {
-        Floor {
-            epoch,
-            producer: producer.map(Into::into),
-            expires_at: None,
-        }
+        Floor { epoch, producer: producer.map(Into::into), expires_at: None }
     }
 
     #[test]
     fn only_the_floor_holder_is_heard_and_the_stream_stays_continuous() {
         let mut router = Router::new();
+        let mut out = Outputs::default();
         router.add_producer("pa".into(), "sa".into());
         router.add_producer("pb".into(), "sb".into());
-        let (c, mut rx) = listener("sc", 64);
-        router.add_listener("c".into(), c);
+        router.add_listener("c".into(), listener("sc", 3));
         let t0 = Instant::now();
 
-        router.on_packet("pa", &packet(1, 100, 5000), t0);
-        assert!(rx.try_recv().is_err(), "nobody holds the floor yet");
+        out.send(&mut router, "pa", &packet(1, 100, 5000), t0);
+        assert!(out.take(3).is_empty(), "nobody holds the floor yet");
         assert!(router.set_floor(floor(10, Some("pa"))).applied);
         for i in 0..3u16 {
-            router.on_packet("pa", &packet(1, 100 + i, 5000 + 960 * u32::from(i)), t0);
-            router.on_packet("pb", &packet(2, 7 + i, 90 + 960 * u32::from(i)), t0);
+            out.send(&mut router, "pa", &packet(1, 100 + i, 5000 + 960 * u32::from(i)), t0);
+            out.send(&mut router, "pb", &packet(2, 7 + i, 90 + 960 * u32::from(i)), t0);
         }
-        let a: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let a = out.take(3);
         assert_eq!(a.len(), 3, "B is not heard while A holds the floor");
         assert!(a[0].header.marker && !a[1].header.marker);
-        assert!(
-            a.iter().all(|p| p.header.ssrc == 777
-                && p.header.payload_type == 111
-                && !p.header.extension)
-        );
+        assert!(a.iter().all(|p| p.header.ssrc == 777 && p.header.payload_type == 111 && !p.header.extension));
 
         // The floor moves to B 300 ms later: same SSRC, next sequence number, time advanced.
         router.set_floor(floor(11, Some("pb")));
         let t1 = t0 + Duration::from_millis(300);
-        router.on_packet("pa", &packet(1, 103, 7880), t1);
-        router.on_packet("pb", &packet(2, 50, 123), t1);
-        router.on_packet("pb", &packet(2, 51, 1083), t1);
-        let b: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        out.send(&mut router, "pa", &packet(1, 103, 7880), t1);
+        out.send(&mut router, "pb", &packet(2, 50, 123), t1);
+        out.send(&mut router, "pb", &packet(2, 51, 1083), t1);
+        let b = out.take(3);
         assert_eq!(b.len(), 2);
-        assert_eq!(
-            b[0].header.sequence_number,
-            a[2].header.sequence_number.wrapping_add(1)
-        );
-        assert_eq!(
-            b[1].header.sequence_number,
-            b[0].header.sequence_number.wrapping_add(1)
-        );
+        assert_eq!(b[0].header.sequence_number, a[2].header.sequence_number.wrapping_add(1));
+        assert_eq!(b[1].header.sequence_number, b[0].header.sequence_number.wrapping_add(1));
         assert!(b[0].header.marker);
         let gap = b[0].header.timestamp.wrapping_sub(a[2].header.timestamp);
         assert_eq!(gap, 300 * 48, "timestamp advanced by the real 300 ms gap");
-        assert_eq!(
-            b[1].header.timestamp.wrapping_sub(b[0].header.timestamp),
-            960
-        );
+        assert_eq!(b[1].header.timestamp.wrapping_sub(b[0].header.timestamp), 960);
         assert_eq!(router.stats().dropped_not_floor, 5);
     }
 
     #[test]
     fn stale_epochs_are_refused_and_revoke_cuts_at_once() {
         let mut router = Router::new();
+        let mut out = Outputs::default();
         router.add_producer("pa".into(), "sa".into());
-        let (c, mut rx) = listener("sc", 64);
-        router.add_listener("c".into(), c);
+        router.add_listener("c".into(), listener("sc", 1));
         router.set_floor(floor(10, Some("pa")));
-        assert_eq!(
-            router.set_floor(floor(9, None)),
-            FloorApplied {
-                applied: false,
-                current_epoch: 10
-            }
-        );
+        assert_eq!(router.set_floor(floor(9, None)), FloorApplied { applied: false, current_epoch: 10 });
         router.set_floor(floor(12, None));
-        router.on_packet("pa", &packet(1, 1, 1), Instant::now());
-        assert!(rx.try_recv().is_err());
-        assert!(
-            !router.set_floor(floor(11, Some("pa"))).applied,
-            "an older grant cannot come back"
-        );
+        out.send(&mut router, "pa", &packet(1, 1, 1), Instant::now());
+        assert!(out.take(1).is_empty());
+        assert!(!router.set_floor(floor(11, Some("pa"))).applied, "an older grant cannot come back");
     }
 
     #[test]
     fn expiry_stops_forwarding_and_speakers_do_not_hear_themselves() {
         let mut router = Router::new();
+        let mut out = Outputs::default();
         router.add_producer("pa".into(), "sa".into());
-        let (own, mut own_rx) = listener("sa", 8);
-        let (other, mut rx) = listener("sc", 8);
-        router.add_listener("own".into(), own);
-        router.add_listener("other".into(), other);
+        router.add_listener("own".into(), listener("sa", 1));
+        router.add_listener("other".into(), listener("sc", 2));
         let t0 = Instant::now();
         router.set_floor(Floor {
             epoch: 1,
             producer: Some("pa".into()),
             expires_at: Some(t0 + Duration::from_millis(100)),
         });
-        router.on_packet("pa", &packet(1, 1, 1), t0);
-        router.on_packet("pa", &packet(1, 2, 961), t0 + Duration::from_millis(100));
-        assert!(own_rx.try_recv().is_err());
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err(), "nothing after expiry");
+        out.send(&mut router, "pa", &packet(1, 1, 1), t0);
+        out.send(&mut router, "pa", &packet(1, 2, 961), t0 + Duration::from_millis(100));
+        assert!(out.take(1).is_empty());
+        assert_eq!(out.take(2).len(), 1, "nothing after expiry");
     }
 
     #[test]
-    fn a_full_listener_queue_drops_only_for_that_listener() {
+    fn a_listener_that_cannot_take_packets_drops_only_its_own() {
         let mut router = Router::new();
+        let mut out = Outputs::default();
+        out.capacity.insert(1, 2);
         router.add_producer("pa".into(), "sa".into());
-        let (slow, _slow_rx) = listener("s1", 2);
-        let (fast, mut fast_rx) = listener("s2", 64);
-        router.add_listener("slow".into(), slow);
-        router.add_listener("fast".into(), fast);
+        router.add_listener("slow".into(), listener("s1", 1));
+        router.add_listener("fast".into(), listener("s2", 2));
         router.set_floor(floor(1, Some("pa")));
         let t0 = Instant::now();
         for i in 0..10u16 {
-            router.on_packet("pa", &packet(1, i, u32::from(i) * 960), t0);
+            out.send(&mut router, "pa", &packet(1, i, u32::from(i) * 960), t0);
         }
-        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 10);
+        assert_eq!(out.take(2).len(), 10);
         assert_eq!(router.stats().dropped_slow_listener, 8);
         assert_eq!(router.stats().forwarded, 12);
     }

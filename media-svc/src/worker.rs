@@ -1,78 +1,78 @@
-//! The worker pool: each channel's router lives on exactly one worker, chosen by hashing the
-//! channel id, and workers own their routers exclusively (no locks on the media path). Everything
-//! reaches a worker as a message on its bounded queue; packets are offered with `try_send` and
-//! dropped (and counted) when a worker is saturated, control messages wait for room.
+//! The worker pool. Each channel lives on exactly one worker, chosen by hashing its id, and that
+//! worker owns everything of the channel: the router and the sans-IO peer connections of its
+//! speakers and listeners. Forwarding a packet is therefore a loop inside one task: decrypt from
+//! the speaker's peer, route, rewrite, encrypt into each listener's peer and hand the datagram
+//! to that listener's socket with a non-blocking send. Nothing waits for a listener: a socket
+//! whose send buffer is full loses that packet (counted) and the loop moves on.
+//!
+//! Everything else reaches a worker as a message on its bounded queue. Datagrams are read by one
+//! small task per socket and queued to the worker (the only per-peer task; inbound traffic of a
+//! listener is a few RTCP and STUN packets a second).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rtc::rtp;
+use bytes::BytesMut;
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
-use crate::router::{Floor, FloorApplied, Listener, Router, RouterStats};
+use crate::engine::{Candidate, Engine, EngineError, Peer, PeerSpec, PeerState};
+use crate::router::{Floor, FloorApplied, Listener, Rewriter, Router, RouterStats};
 
-/// Messages a worker may have queued.
-pub const WORKER_QUEUE: usize = 8192;
+/// Control messages a worker may have queued.
+pub const WORKER_QUEUE: usize = 4096;
+/// Datagrams a worker may have queued from its sockets.
+pub const INBOUND_QUEUE: usize = 8192;
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 2048;
+
+pub type Reply<T> = oneshot::Sender<T>;
 
 #[derive(Debug)]
 pub enum Command {
-    Packet {
-        channel: Arc<str>,
-        producer: Arc<str>,
-        packet: rtp::Packet,
-        at: Instant,
+    CreatePeer {
+        key: u64,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+        reply: Reply<Result<String, EngineError>>,
     },
-    /// `only_newer`: apply only a strictly higher epoch (decisions relayed from state-svc events,
-    /// which must never undo a renewal the gateway applied at the same epoch).
-    SetFloor {
-        channel: String,
-        floor: Floor,
-        only_newer: bool,
-        reply: oneshot::Sender<FloorApplied>,
-    },
-    AddProducer {
-        channel: String,
-        producer: String,
-        session: String,
-    },
-    RemoveProducer {
-        channel: String,
-        producer: String,
-    },
-    AddListener {
-        channel: String,
-        consumer: String,
-        listener: Listener,
-    },
-    RemoveListener {
-        channel: String,
-        consumer: String,
-    },
-    Stats {
-        reply: oneshot::Sender<PoolStats>,
-    },
+    Answer { key: u64, sdp: String, reply: Reply<Result<(), EngineError>> },
+    AddCandidate { key: u64, candidate: Candidate, reply: Reply<Result<(), EngineError>> },
+    Produce { key: u64, channel: String, producer: String, session: String, reply: Reply<()> },
+    Consume { key: u64, channel: String, consumer: String, session: String, ssrc: u32, reply: Reply<()> },
+    ClosePeer { key: u64, channel: String, producer: Option<String>, consumer: Option<String>, reply: Reply<()> },
+    SetFloor { channel: String, floor: Floor, only_newer: bool, reply: Reply<FloorApplied> },
+    Stats { reply: Reply<PoolStats> },
 }
 
-/// Totals over the routers of one worker (or the whole pool).
+/// Totals over the routers and peers of one worker (or the whole pool).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
     pub channels: u32,
     pub producers: u32,
     pub consumers: u32,
+    pub peers: u32,
     pub router: RouterStats,
+    /// Datagrams a full socket send buffer refused.
+    pub send_dropped: u64,
 }
 
 impl PoolStats {
-    fn add(&mut self, other: &PoolStats) {
-        self.channels += other.channels;
-        self.producers += other.producers;
-        self.consumers += other.consumers;
-        self.router.forwarded += other.router.forwarded;
-        self.router.dropped_not_floor += other.router.dropped_not_floor;
-        self.router.dropped_slow_listener += other.router.dropped_slow_listener;
+    fn add(&mut self, o: &PoolStats) {
+        self.channels += o.channels;
+        self.producers += o.producers;
+        self.consumers += o.consumers;
+        self.peers += o.peers;
+        self.router.forwarded += o.router.forwarded;
+        self.router.dropped_not_floor += o.router.dropped_not_floor;
+        self.router.dropped_slow_listener += o.router.dropped_slow_listener;
+        self.send_dropped += o.send_dropped;
     }
 }
 
@@ -80,25 +80,30 @@ impl PoolStats {
 pub struct WorkerPool {
     workers: Arc<[mpsc::Sender<Command>]>,
     hasher: RandomState,
-    /// Packets refused because a worker's queue was full.
-    dropped_busy: Arc<AtomicU64>,
 }
 
 impl WorkerPool {
     /// Starts `count` workers (at least one) on the current runtime.
-    pub fn start(count: usize) -> Self {
+    pub fn start<E: Engine>(count: usize, engine: Arc<E>) -> Self {
         let workers: Vec<_> = (0..count.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-                tokio::spawn(Worker::default().run(index, rx));
+                let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+                let worker = Worker {
+                    engine: Arc::clone(&engine),
+                    routers: HashMap::new(),
+                    epochs: HashMap::new(),
+                    retired: RouterStats::default(),
+                    peers: HashMap::new(),
+                    timers: BinaryHeap::new(),
+                    inbound_tx,
+                    send_dropped: 0,
+                };
+                tokio::spawn(worker.run(index, rx, inbound_rx));
                 tx
             })
             .collect();
-        Self {
-            workers: workers.into(),
-            hasher: RandomState::new(),
-            dropped_busy: Arc::default(),
-        }
+        Self { workers: workers.into(), hasher: RandomState::new() }
     }
 
     fn worker(&self, channel: &str) -> &mpsc::Sender<Command> {
@@ -106,40 +111,18 @@ impl WorkerPool {
         &self.workers[index]
     }
 
-    /// Offers a packet; drops it when the worker is saturated.
-    pub fn packet(&self, channel: &Arc<str>, producer: &Arc<str>, packet: rtp::Packet) {
-        let cmd = Command::Packet {
-            channel: Arc::clone(channel),
-            producer: Arc::clone(producer),
-            packet,
-            at: Instant::now(),
-        };
-        if self.worker(channel).try_send(cmd).is_err() {
-            self.dropped_busy.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub async fn send(&self, channel: &str, cmd: Command) {
-        // A worker only stops when the runtime does.
-        let _ = self.worker(channel).send(cmd).await;
+    /// Sends a command to the channel's worker and waits for its reply. `None` only if the
+    /// worker has stopped (the runtime is shutting down).
+    pub async fn request<T>(&self, channel: &str, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.worker(channel).send(make(reply)).await.ok()?;
+        rx.await.ok()
     }
 
     pub async fn set_floor(&self, channel: &str, floor: Floor, only_newer: bool) -> FloorApplied {
-        let (reply, rx) = oneshot::channel();
-        self.send(
-            channel,
-            Command::SetFloor {
-                channel: channel.to_owned(),
-                floor,
-                only_newer,
-                reply,
-            },
-        )
-        .await;
-        rx.await.unwrap_or(FloorApplied {
-            applied: false,
-            current_epoch: 0,
-        })
+        self.request(channel, |reply| Command::SetFloor { channel: channel.to_owned(), floor, only_newer, reply })
+            .await
+            .unwrap_or(FloorApplied { applied: false, current_epoch: 0 })
     }
 
     pub async fn stats(&self) -> PoolStats {
@@ -154,26 +137,147 @@ impl WorkerPool {
         }
         total
     }
-
-    pub fn dropped_busy(&self) -> u64 {
-        self.dropped_busy.load(Ordering::Relaxed)
-    }
 }
 
-#[derive(Debug, Default)]
-struct Worker {
+struct Datagram {
+    key: u64,
+    data: BytesMut,
+    from: SocketAddr,
+    at: Instant,
+}
+
+struct Slot<P> {
+    peer: P,
+    socket: Arc<UdpSocket>,
+    reader: JoinHandle<()>,
+    channel: String,
+    /// Set once the peer produces.
+    producer: Option<String>,
+    /// The earliest timer entry pending for this peer.
+    deadline: Option<Instant>,
+}
+
+struct Worker<E: Engine> {
+    engine: Arc<E>,
     routers: HashMap<String, Router>,
     /// Highest epoch of channels whose router was dropped, so a stale decision stays stale.
     epochs: HashMap<String, u64>,
     /// Counters of routers already dropped.
     retired: RouterStats,
+    peers: HashMap<u64, Slot<E::Peer>>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    inbound_tx: mpsc::Sender<Datagram>,
+    send_dropped: u64,
 }
 
-impl Worker {
-    async fn run(mut self, index: usize, mut rx: mpsc::Receiver<Command>) {
+/// Sends what the peer has queued; false when the socket refused a datagram.
+fn flush<P: Peer>(slot: &mut Slot<P>, send_dropped: &mut u64) -> bool {
+    let mut all_sent = true;
+    while let Some((data, to)) = slot.peer.poll_datagram() {
+        if slot.socket.try_send_to(&data, to).is_err() {
+            *send_dropped += 1;
+            all_sent = false;
+        }
+    }
+    all_sent
+}
+
+/// Arms the peer's next timer if it is earlier than the one pending.
+fn schedule<P: Peer>(key: u64, slot: &mut Slot<P>, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>) {
+    if let Some(at) = slot.peer.poll_timeout()
+        && slot.deadline.is_none_or(|pending| at < pending)
+    {
+        slot.deadline = Some(at);
+        timers.push(Reverse((at, key)));
+    }
+}
+
+impl<E: Engine> Worker<E> {
+    async fn run(mut self, index: usize, mut commands: mpsc::Receiver<Command>, mut inbound: mpsc::Receiver<Datagram>) {
         tracing::debug!(worker = index, "media worker started");
-        while let Some(cmd) = rx.recv().await {
-            self.handle(cmd);
+        loop {
+            let next = self.timers.peek().map(|Reverse((at, _))| *at);
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                Some(datagram) = inbound.recv() => self.on_datagram(datagram),
+                () = sleep => self.on_timers(Instant::now()),
+            }
+        }
+        for (_, slot) in self.peers.drain() {
+            slot.reader.abort();
+        }
+    }
+
+    fn on_datagram(&mut self, d: Datagram) {
+        let Some(slot) = self.peers.get_mut(&d.key) else { return };
+        slot.peer.handle_datagram(d.data, d.from, d.at);
+        self.after_input(d.key, d.at);
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(slot) = self.peers.get_mut(&key) else { continue };
+            if slot.deadline != Some(at) {
+                continue;
+            }
+            slot.deadline = None;
+            slot.peer.handle_timeout(now);
+            self.after_input(key, now);
+        }
+    }
+
+    /// After a peer took input: send its datagrams, route the RTP it decrypted, note state
+    /// changes, re-arm its timer.
+    fn after_input(&mut self, key: u64, now: Instant) {
+        let Worker { routers, peers, timers, send_dropped, .. } = self;
+        let Some(slot) = peers.get_mut(&key) else { return };
+        flush(slot, send_dropped);
+        while let Some(state) = slot.peer.poll_state() {
+            match state {
+                PeerState::Connected => tracing::debug!(peer = key, "peer connected"),
+                PeerState::Failed | PeerState::Closed => tracing::info!(peer = key, ?state, "peer connection ended"),
+            }
+        }
+        let mut packets = Vec::new();
+        while let Some(packet) = slot.peer.poll_rtp() {
+            packets.push(packet);
+        }
+        schedule(key, slot, timers);
+        if packets.is_empty() {
+            return;
+        }
+        let (Some(producer), channel) = (slot.producer.clone(), slot.channel.clone()) else { return };
+        let Some(router) = routers.get_mut(&channel) else { return };
+        let mut touched: Vec<u64> = Vec::new();
+        for packet in &packets {
+            let mut deliver = |peer: u64, out: rtc::rtp::Packet| -> bool {
+                let Some(listener) = peers.get_mut(&peer) else { return false };
+                if !listener.peer.write_rtp(out, now) {
+                    return false;
+                }
+                touched.push(peer);
+                flush(listener, send_dropped)
+            };
+            router.on_packet(&producer, packet, now, &mut deliver);
+        }
+        for peer in touched {
+            if let Some(listener) = peers.get_mut(&peer) {
+                schedule(peer, listener, timers);
+            }
         }
     }
 
@@ -181,11 +285,7 @@ impl Worker {
         if !self.routers.contains_key(channel) {
             let mut router = Router::new();
             if let Some(epoch) = self.epochs.remove(channel) {
-                router.set_floor(Floor {
-                    epoch,
-                    producer: None,
-                    expires_at: None,
-                });
+                router.set_floor(Floor { epoch, producer: None, expires_at: None });
             }
             self.routers.insert(channel.to_owned(), router);
         }
@@ -206,65 +306,95 @@ impl Worker {
         }
     }
 
+    fn create_peer(&mut self, key: u64, spec: PeerSpec, local: SocketAddr, announced: Option<IpAddr>, channel: String) -> Result<String, EngineError> {
+        let std_socket = std::net::UdpSocket::bind(local).map_err(|e| EngineError::Setup(format!("bind {local}: {e}")))?;
+        std_socket.set_nonblocking(true).map_err(|e| EngineError::Setup(e.to_string()))?;
+        let bound = std_socket.local_addr().map_err(|e| EngineError::Setup(e.to_string()))?;
+        let socket = Arc::new(UdpSocket::from_std(std_socket).map_err(|e| EngineError::Setup(e.to_string()))?);
+        let peer = self.engine.create(spec, bound, announced, Instant::now())?;
+        let offer = peer.offer().to_owned();
+        let reader = tokio::spawn(read_loop(key, Arc::clone(&socket), self.inbound_tx.clone()));
+        let mut slot = Slot { peer, socket, reader, channel, producer: None, deadline: None };
+        schedule(key, &mut slot, &mut self.timers);
+        self.peers.insert(key, slot);
+        Ok(offer)
+    }
+
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Packet {
-                channel,
-                producer,
-                packet,
-                at,
-            } => {
-                if let Some(router) = self.routers.get_mut(&*channel) {
-                    router.on_packet(&producer, &packet, at);
-                }
+            Command::CreatePeer { key, spec, local, announced, reply } => {
+                // The channel is learned when the peer produces or consumes; until then the
+                // peer only negotiates.
+                let _ = reply.send(self.create_peer(key, spec, local, announced, String::new()));
             }
-            Command::SetFloor {
-                channel,
-                floor,
-                only_newer,
-                reply,
-            } => {
+            Command::Answer { key, sdp, reply } => {
+                let result = match self.peers.get_mut(&key) {
+                    Some(slot) => slot.peer.apply_answer(sdp, Instant::now()),
+                    None => Err(EngineError::BadDescription),
+                };
+                self.after_input(key, Instant::now());
+                let _ = reply.send(result);
+            }
+            Command::AddCandidate { key, candidate, reply } => {
+                let result = match self.peers.get_mut(&key) {
+                    Some(slot) => slot.peer.add_candidate(candidate),
+                    None => Err(EngineError::BadCandidate),
+                };
+                self.after_input(key, Instant::now());
+                let _ = reply.send(result);
+            }
+            Command::Produce { key, channel, producer, session, reply } => {
+                if let Some(slot) = self.peers.get_mut(&key) {
+                    slot.channel.clone_from(&channel);
+                    slot.producer = Some(producer.clone());
+                }
+                self.router(&channel).add_producer(producer, session);
+                let _ = reply.send(());
+            }
+            Command::Consume { key, channel, consumer, session, ssrc, reply } => {
+                let payload_type = match self.peers.get_mut(&key) {
+                    Some(slot) => {
+                        slot.channel.clone_from(&channel);
+                        slot.peer.payload_type()
+                    }
+                    None => crate::engine::OPUS_PAYLOAD_TYPE,
+                };
+                let listener = Listener { session, rewriter: Rewriter::new(ssrc, payload_type), peer: key };
+                self.router(&channel).add_listener(consumer, listener);
+                let _ = reply.send(());
+            }
+            Command::ClosePeer { key, channel, producer, consumer, reply } => {
+                if let Some(mut slot) = self.peers.remove(&key) {
+                    slot.reader.abort();
+                    slot.peer.close();
+                    flush(&mut slot, &mut self.send_dropped);
+                }
+                if let Some(router) = self.routers.get_mut(&channel) {
+                    if let Some(p) = producer {
+                        router.remove_producer(&p);
+                    }
+                    if let Some(c) = consumer {
+                        router.remove_listener(&c);
+                    }
+                }
+                self.retire_if_empty(&channel);
+                let _ = reply.send(());
+            }
+            Command::SetFloor { channel, floor, only_newer, reply } => {
                 let router = self.router(&channel);
                 let applied = if only_newer && floor.epoch <= router.floor().epoch {
-                    FloorApplied {
-                        applied: false,
-                        current_epoch: router.floor().epoch,
-                    }
+                    FloorApplied { applied: false, current_epoch: router.floor().epoch }
                 } else {
                     router.set_floor(floor)
                 };
                 self.retire_if_empty(&channel);
                 let _ = reply.send(applied);
             }
-            Command::AddProducer {
-                channel,
-                producer,
-                session,
-            } => {
-                self.router(&channel).add_producer(producer, session);
-            }
-            Command::RemoveProducer { channel, producer } => {
-                if let Some(router) = self.routers.get_mut(&channel) {
-                    router.remove_producer(&producer);
-                }
-                self.retire_if_empty(&channel);
-            }
-            Command::AddListener {
-                channel,
-                consumer,
-                listener,
-            } => {
-                self.router(&channel).add_listener(consumer, listener);
-            }
-            Command::RemoveListener { channel, consumer } => {
-                if let Some(router) = self.routers.get_mut(&channel) {
-                    router.remove_listener(&consumer);
-                }
-                self.retire_if_empty(&channel);
-            }
             Command::Stats { reply } => {
                 let mut stats = PoolStats {
                     router: self.retired,
+                    peers: u32::try_from(self.peers.len()).unwrap_or(u32::MAX),
+                    send_dropped: self.send_dropped,
                     ..Default::default()
                 };
                 for router in self.routers.values() {
@@ -277,6 +407,26 @@ impl Worker {
                     stats.router.dropped_slow_listener += s.dropped_slow_listener;
                 }
                 let _ = reply.send(stats);
+            }
+        }
+    }
+}
+
+/// Reads one peer's socket into the worker's inbound queue.
+async fn read_loop(key: u64, socket: Arc<UdpSocket>, inbound: mpsc::Sender<Datagram>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let datagram = Datagram { key, data: BytesMut::from(&buf[..n]), from, at: Instant::now() };
+                if inbound.send(datagram).await.is_err() {
+                    return;
+                }
+            }
+            // Unconnected UDP sockets report little; a transient error must not end the reader.
+            Err(error) => {
+                tracing::trace!(peer = key, %error, "socket read");
+                tokio::task::yield_now().await;
             }
         }
     }

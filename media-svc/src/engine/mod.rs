@@ -1,17 +1,23 @@
 //! The WebRTC engine behind the project's own trait, so it can be replaced.
 //!
-//! The media node always offers: a *send* transport (the client sends) is offered one
-//! recvonly audio section; a *recv* transport (the client listens) one sendonly audio track.
-//! The server gathers its candidates before answering (non-trickle) on one UDP port taken from
-//! the configured range, and writes the announced IP into them.
+//! The engine is sans-IO: a [`Peer`] is a plain state machine fed with datagrams, timeouts and
+//! outgoing RTP, and polled for datagrams to send, received RTP and state changes. The worker
+//! that owns a channel's router also owns the peers of that channel and drives them in the same
+//! task, so forwarding a packet to a listener is a function call and one non-blocking UDP send,
+//! with no channel hop and no task wake-up per listener.
+//!
+//! The media node always offers: a *send* transport (the client sends) is offered one recvonly
+//! audio section; a *recv* transport (the client listens) one sendonly audio track. The node's
+//! one host candidate (its UDP port from the configured range) is in the offer (non-trickle,
+//! ICE-lite), with the announced IP written in.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::time::Instant;
 
 use rtc::rtp;
 
+pub mod rtc_peer;
 pub mod sdp;
-pub mod webrtc;
 
 /// Opus payload type the node offers.
 pub const OPUS_PAYLOAD_TYPE: u8 = 111;
@@ -26,31 +32,15 @@ pub enum EngineError {
     BadCandidate,
     #[error("transport could not be set up: {0}")]
     Setup(String),
-    #[error("transport closed")]
-    Closed,
-}
-
-/// Where packets arriving on a send transport go.
-pub trait PacketSink: Send + Sync + 'static {
-    fn on_rtp(&self, packet: rtp::Packet);
 }
 
 /// What to create.
-#[derive(Clone)]
-pub enum TransportSpec {
-    /// The client sends audio; the node receives it into `sink`.
-    Send { sink: Arc<dyn PacketSink> },
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSpec {
+    /// The client sends audio; the node receives it.
+    Send,
     /// The node sends one audio track with this SSRC.
     Recv { ssrc: u32 },
-}
-
-impl std::fmt::Debug for TransportSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Send { .. } => f.write_str("Send"),
-            Self::Recv { ssrc } => write!(f, "Recv {{ ssrc: {ssrc} }}"),
-        }
-    }
 }
 
 /// A client ICE candidate.
@@ -61,36 +51,47 @@ pub struct Candidate {
     pub sdp_mline_index: Option<u16>,
 }
 
-/// One peer connection of the node.
-pub trait Transport: Send + Sync + 'static {
-    /// The node's offer (candidates included).
-    fn offer(&self) -> &str;
-    /// Applies the client's answer.
-    fn apply_answer(&self, sdp: String) -> impl Future<Output = Result<(), EngineError>> + Send;
-    fn add_candidate(
-        &self,
-        candidate: Candidate,
-    ) -> impl Future<Output = Result<(), EngineError>> + Send;
-    /// Sends one packet on a recv transport (the node's sending side).
-    fn write_rtp(
-        &self,
-        packet: rtp::Packet,
-    ) -> impl Future<Output = Result<(), EngineError>> + Send;
-    /// Queues one packet without waiting; false when the transport's bounded send queue is
-    /// full (the packet is dropped) or the transport is closed.
-    fn try_write_rtp(&self, packet: rtp::Packet) -> bool;
-    /// The payload type the client accepted for the audio track (recv transports).
-    fn payload_type(&self) -> impl Future<Output = u8> + Send;
-    fn close(&self) -> impl Future<Output = ()> + Send;
+/// Connection states the node acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Connected,
+    Failed,
+    Closed,
 }
 
-/// Creates transports.
+/// One peer connection of the node, sans-IO.
+pub trait Peer: Send + 'static {
+    /// The node's offer (candidate included).
+    fn offer(&self) -> &str;
+    fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<(), EngineError>;
+    fn add_candidate(&mut self, candidate: Candidate) -> Result<(), EngineError>;
+    /// A datagram arrived from `from` on the peer's socket.
+    fn handle_datagram(&mut self, data: bytes::BytesMut, from: SocketAddr, now: Instant);
+    fn handle_timeout(&mut self, now: Instant);
+    /// When `handle_timeout` wants to run next.
+    fn poll_timeout(&mut self) -> Option<Instant>;
+    /// The next datagram to send, and where.
+    fn poll_datagram(&mut self) -> Option<(bytes::BytesMut, SocketAddr)>;
+    /// The next RTP packet received from the client (send transports).
+    fn poll_rtp(&mut self) -> Option<rtp::Packet>;
+    /// Queues one RTP packet to the client (recv transports); false if it cannot be sent.
+    fn write_rtp(&mut self, packet: rtp::Packet, now: Instant) -> bool;
+    /// The payload type the client accepted for the node's track (recv transports).
+    fn payload_type(&mut self) -> u8;
+    /// The next connection state change.
+    fn poll_state(&mut self) -> Option<PeerState>;
+    fn close(&mut self);
+}
+
+/// Creates peers.
 pub trait Engine: Send + Sync + 'static {
-    type Transport: Transport;
+    type Peer: Peer;
+    /// A peer whose socket is bound at `local`; `announced` replaces its IP in the offer.
     fn create(
         &self,
-        spec: TransportSpec,
-        bind: SocketAddr,
-        announced_ip: Option<IpAddr>,
-    ) -> impl Future<Output = Result<Self::Transport, EngineError>> + Send;
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Self::Peer, EngineError>;
 }

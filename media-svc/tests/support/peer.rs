@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use media_svc::engine::webrtc::{opus_codec, opus_media_engine};
+use media_svc::engine::rtc_peer::{opus_codec, opus_media_engine};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{

@@ -1,0 +1,260 @@
+//! The engine on the sans-IO `rtc` 0.21 core (the protocol stack under `webrtc` 0.21; the two
+//! are pinned together). Opus only, RTCP reports as the only interceptor (no NACK or TWCC for
+//! forwarded audio), mDNS off, ICE-lite.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::Registry;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::event::RTCPeerConnectionEvent;
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+
+use super::{Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, Peer, PeerSpec, PeerState, sdp};
+
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: OPUS_FMTP.to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// A media engine that knows Opus only.
+pub fn opus_media_engine() -> Result<MediaEngine, EngineError> {
+    let mut media = MediaEngine::default();
+    media
+        .register_codec(
+            RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PAYLOAD_TYPE },
+            RtpCodecKind::Audio,
+        )
+        .map_err(setup)?;
+    Ok(media)
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> EngineError {
+    EngineError::Setup(e.to_string())
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RtcEngine;
+
+pub struct RtcPeer {
+    core: RTCPeerConnection,
+    local: SocketAddr,
+    offer: String,
+    sender: Option<RTCRtpSenderId>,
+    inbound: std::collections::VecDeque<rtp::Packet>,
+    states: std::collections::VecDeque<PeerState>,
+}
+
+impl std::fmt::Debug for RtcPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RtcPeer").field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+impl Engine for RtcEngine {
+    type Peer = RtcPeer;
+
+    fn create(
+        &self,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<RtcPeer, EngineError> {
+        let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+            .with_lite(true)
+            .build();
+        let mut core = RTCPeerConnectionBuilder::new()
+            .with_setting_engine(settings)
+            .with_media_engine(opus_media_engine()?)
+            .with_interceptor_registry(configure_rtcp_reports(Registry::new()))
+            .build(now)
+            .map_err(setup)?;
+        let sender = match spec {
+            PeerSpec::Send => {
+                let init = RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    streams: vec![],
+                    send_encodings: vec![],
+                };
+                core.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init)).map_err(setup)?;
+                None
+            }
+            PeerSpec::Recv { ssrc } => {
+                let track = MediaStreamTrack::new(
+                    "talkgroup".to_owned(),
+                    format!("floor-{ssrc}"),
+                    "floor".to_owned(),
+                    RtpCodecKind::Audio,
+                    vec![RTCRtpEncodingParameters {
+                        rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                        codec: opus_codec(),
+                        ..Default::default()
+                    }],
+                );
+                let init = RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Sendonly,
+                    streams: vec![],
+                    send_encodings: vec![],
+                };
+                core.add_transceiver_from_track(track, Some(init)).map_err(setup)?;
+                core.get_senders().next()
+            }
+        };
+        let candidate = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: local.ip().to_string(),
+                port: local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()
+        .map_err(setup)?;
+        let init = RTCIceCandidate::from(&candidate).to_json().map_err(setup)?;
+        core.add_local_candidate(init).map_err(setup)?;
+        let offer = core.create_offer(None).map_err(setup)?;
+        core.set_local_description(now, offer).map_err(setup)?;
+        let local_sdp = core.local_description().map(|d| d.sdp).ok_or_else(|| setup("no local description"))?;
+        if !sdp::has_candidate(&local_sdp) {
+            return Err(setup(format!("no candidate on {local}")));
+        }
+        let offer = match announced {
+            Some(ip) => sdp::announce_ip(&local_sdp, local.ip(), ip),
+            None => local_sdp,
+        };
+        Ok(RtcPeer { core, local, offer, sender, inbound: Default::default(), states: Default::default() })
+    }
+}
+
+impl RtcPeer {
+    /// Moves what the core produced for the application into the peer's queues.
+    fn pump(&mut self) {
+        while let Some(TaggedRTCMessage { message, .. }) = self.core.poll_read() {
+            if let RTCMessage::RtpPacket(_, packet) = message {
+                self.inbound.push_back(packet);
+            }
+        }
+        while let Some(event) = self.core.poll_event() {
+            if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event {
+                let mapped = match state {
+                    RTCPeerConnectionState::Connected => Some(PeerState::Connected),
+                    RTCPeerConnectionState::Failed => Some(PeerState::Failed),
+                    RTCPeerConnectionState::Closed => Some(PeerState::Closed),
+                    _ => None,
+                };
+                if let Some(s) = mapped {
+                    self.states.push_back(s);
+                }
+            }
+        }
+    }
+}
+
+impl Peer for RtcPeer {
+    fn offer(&self) -> &str {
+        &self.offer
+    }
+
+    fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<(), EngineError> {
+        let answer = RTCSessionDescription::answer(sdp).map_err(|_| EngineError::BadDescription)?;
+        self.core.set_remote_description(now, answer).map_err(|_| EngineError::BadDescription)?;
+        self.pump();
+        Ok(())
+    }
+
+    fn add_candidate(&mut self, candidate: Candidate) -> Result<(), EngineError> {
+        let init = RTCIceCandidateInit {
+            candidate: candidate.candidate,
+            sdp_mid: candidate.sdp_mid,
+            sdp_mline_index: candidate.sdp_mline_index,
+            ..Default::default()
+        };
+        self.core.add_remote_candidate(init).map_err(|_| EngineError::BadCandidate)
+    }
+
+    fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+        let msg = TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr: self.local,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: data,
+        };
+        if let Err(error) = self.core.handle_read(msg) {
+            tracing::trace!(%error, "datagram refused");
+        }
+        self.pump();
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Err(error) = self.core.handle_timeout(now) {
+            tracing::trace!(%error, "timeout handling");
+        }
+        self.pump();
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.core.poll_timeout()
+    }
+
+    fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
+        self.core.poll_write().map(|m| (m.message, m.transport.peer_addr))
+    }
+
+    fn poll_rtp(&mut self) -> Option<rtp::Packet> {
+        self.inbound.pop_front()
+    }
+
+    fn write_rtp(&mut self, packet: rtp::Packet, now: Instant) -> bool {
+        let Some(id) = self.sender else { return false };
+        match self.core.rtp_sender(id) {
+            Some(mut sender) => sender.write_rtp(now, packet).is_ok(),
+            None => false,
+        }
+    }
+
+    fn payload_type(&mut self) -> u8 {
+        let Some(id) = self.sender else { return OPUS_PAYLOAD_TYPE };
+        self.core
+            .rtp_sender(id)
+            .and_then(|mut s| s.get_parameters().rtp_parameters.codecs.first().map(|c| c.payload_type))
+            .unwrap_or(OPUS_PAYLOAD_TYPE)
+    }
+
+    fn poll_state(&mut self) -> Option<PeerState> {
+        self.states.pop_front()
+    }
+
+    fn close(&mut self) {
+        let _ = self.core.close();
+        self.pump();
+    }
+}
