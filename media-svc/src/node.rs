@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::engine::{Candidate, Engine, EngineError, PeerSpec};
 use crate::ports::PortPool;
-use crate::router::{Floor, FloorApplied};
+use crate::router::{Floor, FloorApplied, Listener, Rewriter};
 use crate::worker::{Command, PoolStats, WorkerPool};
 
 /// Transports one session may hold (a send and a receive transport per channel, a few channels).
@@ -186,7 +186,7 @@ impl Node {
         let announced = self.settings.announced_ip;
         let created = self
             .pool
-            .request(channel, |reply| Command::CreatePeer { key, spec, local: addr, announced, reply })
+            .request_peer(key, |reply| Command::CreatePeer { key, spec, local: addr, announced, reply })
             .await;
         let offer = match created {
             Some(Ok(offer)) => offer,
@@ -231,14 +231,14 @@ impl Node {
     }
 
     pub async fn apply_answer(&self, transport_id: &str, session: &str, sdp: String) -> Result<(), NodeError> {
-        let (key, channel, ..) = self.lookup(transport_id, session)?;
-        let result = self.pool.request(&channel, |reply| Command::Answer { key, sdp, reply }).await;
+        let (key, ..) = self.lookup(transport_id, session)?;
+        let result = self.pool.request_peer(key, |reply| Command::Answer { key, sdp, reply }).await;
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
     pub async fn add_candidate(&self, transport_id: &str, session: &str, candidate: Candidate) -> Result<(), NodeError> {
-        let (key, channel, ..) = self.lookup(transport_id, session)?;
-        let result = self.pool.request(&channel, |reply| Command::AddCandidate { key, candidate, reply }).await;
+        let (key, ..) = self.lookup(transport_id, session)?;
+        let result = self.pool.request_peer(key, |reply| Command::AddCandidate { key, candidate, reply }).await;
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
@@ -267,11 +267,14 @@ impl Node {
             _ => None,
         })?;
         if new {
-            let (channel, producer_id, session) = (channel.to_owned(), producer.clone(), session.to_owned());
+            let (channel, session) = (channel.to_owned(), session.to_owned());
+            let (ch, p) = (channel.clone(), producer.clone());
             self.pool
-                .request(&own_channel, |reply| Command::Produce { key, channel, producer: producer_id, session, reply })
+                .request(&own_channel, |reply| Command::AddProducer { channel: ch, producer: p, session, reply })
                 .await
                 .ok_or(NodeError::Stopping)?;
+            let route = (channel, producer.clone());
+            self.pool.request_peer(key, |reply| Command::Route { key, route, reply }).await.ok_or(NodeError::Stopping)?;
         }
         Ok(producer)
     }
@@ -288,9 +291,15 @@ impl Node {
             _ => None,
         })?;
         if new {
-            let (channel, consumer_id, session) = (channel.to_owned(), consumer.clone(), session.to_owned());
+            let payload_type = self
+                .pool
+                .request_peer(key, |reply| Command::PayloadType { key, reply })
+                .await
+                .ok_or(NodeError::Stopping)?;
+            let listener = Listener { session: session.to_owned(), rewriter: Rewriter::new(ssrc, payload_type), peer: key };
+            let (channel, consumer_id) = (channel.to_owned(), consumer.clone());
             self.pool
-                .request(&own_channel, |reply| Command::Consume { key, channel, consumer: consumer_id, session, ssrc, reply })
+                .request(&own_channel, |reply| Command::AddListener { channel, consumer: consumer_id, listener, reply })
                 .await
                 .ok_or(NodeError::Stopping)?;
         }
@@ -341,15 +350,18 @@ impl Node {
             self.publish_channels(&registry);
             entry
         };
-        let (producer, consumer) = match entry.role {
-            Role::Producer(p) => (Some(p), None),
-            Role::Consumer(c) => (None, Some(c)),
-            Role::None => (None, None),
-        };
-        let (key, channel) = (entry.key, entry.channel.clone());
-        self.pool
-            .request(&entry.channel, |reply| Command::ClosePeer { key, channel, producer, consumer, reply })
-            .await;
+        let key = entry.key;
+        let channel = entry.channel.clone();
+        match entry.role {
+            Role::Producer(producer) => {
+                self.pool.request(&entry.channel, |reply| Command::RemoveProducer { channel, producer, reply }).await;
+            }
+            Role::Consumer(consumer) => {
+                self.pool.request(&entry.channel, |reply| Command::RemoveListener { channel, consumer, reply }).await;
+            }
+            Role::None => {}
+        }
+        self.pool.request_peer(key, |reply| Command::ClosePeer { key, reply }).await;
         self.ports.release(entry.addr);
         tracing::debug!(%transport_id, "transport closed");
         Ok(())
@@ -369,6 +381,12 @@ impl Node {
     pub async fn stats(&self) -> NodeStats {
         let transports = u32::try_from(self.transport_count()).unwrap_or(u32::MAX);
         NodeStats { transports, pool: self.pool.stats().await }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.pool.stop();
     }
 }
 

@@ -1,13 +1,15 @@
-//! The worker pool. Each channel lives on exactly one worker, chosen by hashing its id, and that
-//! worker owns everything of the channel: the router and the sans-IO peer connections of its
-//! speakers and listeners. Forwarding a packet is therefore a loop inside one task: decrypt from
-//! the speaker's peer, route, rewrite, encrypt into each listener's peer and hand the datagram
-//! to that listener's socket with a non-blocking send. Nothing waits for a listener: a socket
-//! whose send buffer is full loses that packet (counted) and the loop moves on.
+//! The worker pool: one worker per core, each a single task owning its share of the node.
 //!
-//! Everything else reaches a worker as a message on its bounded queue. Datagrams are read by one
-//! small task per socket and queued to the worker (the only per-peer task; inbound traffic of a
-//! listener is a few RTCP and STUN packets a second).
+//! - A channel's **router** lives on exactly one worker (chosen by hashing the channel id).
+//! - **Peer connections** are spread over all workers (by their key), so the expensive part of
+//!   forwarding, encrypting and sending one copy per listener, runs on every core.
+//!
+//! A packet from a speaker is decrypted by the worker owning the speaker's peer, handed to the
+//! channel's worker, routed and rewritten there, and handed in one batch per worker to the
+//! workers owning the listeners' peers, which encrypt and send each copy with a non-blocking
+//! UDP send. Nothing waits for a listener: a full socket buffer or a full worker queue loses
+//! that copy (counted). Everything reaches a worker as a message on its bounded queue;
+//! datagrams are read by one small task per socket.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -17,15 +19,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use rtc::rtp;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Candidate, Engine, EngineError, Peer, PeerSpec, PeerState};
-use crate::router::{Floor, FloorApplied, Listener, Rewriter, Router, RouterStats};
+use crate::router::{Floor, FloorApplied, Listener, Router, RouterStats};
 
-/// Control messages a worker may have queued.
-pub const WORKER_QUEUE: usize = 4096;
+/// Messages a worker may have queued.
+pub const WORKER_QUEUE: usize = 8192;
 /// Datagrams a worker may have queued from its sockets.
 pub const INBOUND_QUEUE: usize = 8192;
 /// Largest datagram read.
@@ -35,18 +39,21 @@ pub type Reply<T> = oneshot::Sender<T>;
 
 #[derive(Debug)]
 pub enum Command {
-    CreatePeer {
-        key: u64,
-        spec: PeerSpec,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-        reply: Reply<Result<String, EngineError>>,
-    },
+    // Handled by the worker owning the peer.
+    CreatePeer { key: u64, spec: PeerSpec, local: SocketAddr, announced: Option<IpAddr>, reply: Reply<Result<String, EngineError>> },
     Answer { key: u64, sdp: String, reply: Reply<Result<(), EngineError>> },
     AddCandidate { key: u64, candidate: Candidate, reply: Reply<Result<(), EngineError>> },
-    Produce { key: u64, channel: String, producer: String, session: String, reply: Reply<()> },
-    Consume { key: u64, channel: String, consumer: String, session: String, ssrc: u32, reply: Reply<()> },
-    ClosePeer { key: u64, channel: String, producer: Option<String>, consumer: Option<String>, reply: Reply<()> },
+    PayloadType { key: u64, reply: Reply<u8> },
+    /// Where the peer's incoming RTP goes: (channel, producer).
+    Route { key: u64, route: (String, String), reply: Reply<()> },
+    ClosePeer { key: u64, reply: Reply<()> },
+    Deliver { batch: Vec<(u64, rtp::Packet)>, at: Instant },
+    // Handled by the worker owning the channel's router.
+    AddProducer { channel: String, producer: String, session: String, reply: Reply<()> },
+    AddListener { channel: String, consumer: String, listener: Listener, reply: Reply<()> },
+    RemoveProducer { channel: String, producer: String, reply: Reply<()> },
+    RemoveListener { channel: String, consumer: String, reply: Reply<()> },
+    Packet { channel: String, producer: String, packet: rtp::Packet, at: Instant },
     SetFloor { channel: String, floor: Floor, only_newer: bool, reply: Reply<FloorApplied> },
     Stats { reply: Reply<PoolStats> },
 }
@@ -59,7 +66,7 @@ pub struct PoolStats {
     pub consumers: u32,
     pub peers: u32,
     pub router: RouterStats,
-    /// Datagrams a full socket send buffer refused.
+    /// Copies lost to a full socket send buffer or a full worker queue.
     pub send_dropped: u64,
 }
 
@@ -80,43 +87,55 @@ impl PoolStats {
 pub struct WorkerPool {
     workers: Arc<[mpsc::Sender<Command>]>,
     hasher: RandomState,
+    stop: CancellationToken,
 }
 
 impl WorkerPool {
     /// Starts `count` workers (at least one) on the current runtime.
     pub fn start<E: Engine>(count: usize, engine: Arc<E>) -> Self {
-        let workers: Vec<_> = (0..count.max(1))
-            .map(|index| {
-                let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-                let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-                let worker = Worker {
-                    engine: Arc::clone(&engine),
-                    routers: HashMap::new(),
-                    epochs: HashMap::new(),
-                    retired: RouterStats::default(),
-                    peers: HashMap::new(),
-                    timers: BinaryHeap::new(),
-                    inbound_tx,
-                    send_dropped: 0,
-                };
-                tokio::spawn(worker.run(index, rx, inbound_rx));
-                tx
-            })
-            .collect();
-        Self { workers: workers.into(), hasher: RandomState::new() }
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1)).map(|_| mpsc::channel(WORKER_QUEUE)).unzip();
+        let pool = Self { workers: senders.into(), hasher: RandomState::new(), stop: CancellationToken::new() };
+        for (index, rx) in receivers.into_iter().enumerate() {
+            let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+            let worker = Worker {
+                index,
+                pool: pool.clone(),
+                engine: Arc::clone(&engine),
+                routers: HashMap::new(),
+                epochs: HashMap::new(),
+                retired: RouterStats::default(),
+                peers: HashMap::new(),
+                timers: BinaryHeap::new(),
+                inbound_tx,
+                send_dropped: 0,
+            };
+            tokio::spawn(worker.run(rx, inbound_rx));
+        }
+        pool
     }
 
-    fn worker(&self, channel: &str) -> &mpsc::Sender<Command> {
-        let index = self.hasher.hash_one(channel) as usize % self.workers.len();
-        &self.workers[index]
+    fn channel_worker(&self, channel: &str) -> usize {
+        self.hasher.hash_one(channel) as usize % self.workers.len()
     }
 
-    /// Sends a command to the channel's worker and waits for its reply. `None` only if the
-    /// worker has stopped (the runtime is shutting down).
-    pub async fn request<T>(&self, channel: &str, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+    fn peer_worker(&self, key: u64) -> usize {
+        (key % self.workers.len() as u64) as usize
+    }
+
+    async fn request_at<T>(&self, index: usize, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
         let (reply, rx) = oneshot::channel();
-        self.worker(channel).send(make(reply)).await.ok()?;
+        self.workers[index].send(make(reply)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Asks the worker owning `channel`'s router; `None` only when the pool has stopped.
+    pub async fn request<T>(&self, channel: &str, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        self.request_at(self.channel_worker(channel), make).await
+    }
+
+    /// Asks the worker owning peer `key`.
+    pub async fn request_peer<T>(&self, key: u64, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        self.request_at(self.peer_worker(key), make).await
     }
 
     pub async fn set_floor(&self, channel: &str, floor: Floor, only_newer: bool) -> FloorApplied {
@@ -127,15 +146,17 @@ impl WorkerPool {
 
     pub async fn stats(&self) -> PoolStats {
         let mut total = PoolStats::default();
-        for worker in self.workers.iter() {
-            let (reply, rx) = oneshot::channel();
-            if worker.send(Command::Stats { reply }).await.is_ok()
-                && let Ok(stats) = rx.await
-            {
+        for index in 0..self.workers.len() {
+            if let Some(stats) = self.request_at(index, |reply| Command::Stats { reply }).await {
                 total.add(&stats);
             }
         }
         total
+    }
+
+    /// Stops every worker (their peers' sockets close).
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 }
 
@@ -150,14 +171,15 @@ struct Slot<P> {
     peer: P,
     socket: Arc<UdpSocket>,
     reader: JoinHandle<()>,
-    channel: String,
-    /// Set once the peer produces.
-    producer: Option<String>,
+    /// Where incoming RTP goes, once the peer produces: (channel, producer).
+    route: Option<(String, String)>,
     /// The earliest timer entry pending for this peer.
     deadline: Option<Instant>,
 }
 
 struct Worker<E: Engine> {
+    index: usize,
+    pool: WorkerPool,
     engine: Arc<E>,
     routers: HashMap<String, Router>,
     /// Highest epoch of channels whose router was dropped, so a stale decision stays stale.
@@ -192,9 +214,21 @@ fn schedule<P: Peer>(key: u64, slot: &mut Slot<P>, timers: &mut BinaryHeap<Rever
     }
 }
 
+/// Encrypts and sends one copy to a listener's peer; false if it could not go out.
+fn deliver_to<P: Peer>(peers: &mut HashMap<u64, Slot<P>>, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, send_dropped: &mut u64, key: u64, packet: rtp::Packet, at: Instant) -> bool {
+    let Some(slot) = peers.get_mut(&key) else { return false };
+    if !slot.peer.write_rtp(packet, at) {
+        return false;
+    }
+    let sent = flush(slot, send_dropped);
+    schedule(key, slot, timers);
+    sent
+}
+
 impl<E: Engine> Worker<E> {
-    async fn run(mut self, index: usize, mut commands: mpsc::Receiver<Command>, mut inbound: mpsc::Receiver<Datagram>) {
-        tracing::debug!(worker = index, "media worker started");
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut inbound: mpsc::Receiver<Datagram>) {
+        tracing::debug!(worker = self.index, "media worker started");
+        let stop = self.pool.stop.clone();
         loop {
             let next = self.timers.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
@@ -205,16 +239,15 @@ impl<E: Engine> Worker<E> {
             };
             tokio::select! {
                 biased;
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
-                    None => break,
-                },
+                () = stop.cancelled() => break,
+                Some(cmd) = commands.recv() => self.handle(cmd),
                 Some(datagram) = inbound.recv() => self.on_datagram(datagram),
                 () = sleep => self.on_timers(Instant::now()),
             }
         }
-        for (_, slot) in self.peers.drain() {
+        for (_, mut slot) in self.peers.drain() {
             slot.reader.abort();
+            slot.peer.close();
         }
     }
 
@@ -240,12 +273,11 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    /// After a peer took input: send its datagrams, route the RTP it decrypted, note state
-    /// changes, re-arm its timer.
+    /// After a peer took input: send its datagrams, note state changes, re-arm its timer and
+    /// pass the RTP it decrypted to the channel's router.
     fn after_input(&mut self, key: u64, now: Instant) {
-        let Worker { routers, peers, timers, send_dropped, .. } = self;
-        let Some(slot) = peers.get_mut(&key) else { return };
-        flush(slot, send_dropped);
+        let Some(slot) = self.peers.get_mut(&key) else { return };
+        flush(slot, &mut self.send_dropped);
         while let Some(state) = slot.peer.poll_state() {
             match state {
                 PeerState::Connected => tracing::debug!(peer = key, "peer connected"),
@@ -256,27 +288,45 @@ impl<E: Engine> Worker<E> {
         while let Some(packet) = slot.peer.poll_rtp() {
             packets.push(packet);
         }
-        schedule(key, slot, timers);
-        if packets.is_empty() {
-            return;
-        }
-        let (Some(producer), channel) = (slot.producer.clone(), slot.channel.clone()) else { return };
-        let Some(router) = routers.get_mut(&channel) else { return };
-        let mut touched: Vec<u64> = Vec::new();
-        for packet in &packets {
-            let mut deliver = |peer: u64, out: rtc::rtp::Packet| -> bool {
-                let Some(listener) = peers.get_mut(&peer) else { return false };
-                if !listener.peer.write_rtp(out, now) {
-                    return false;
+        schedule(key, slot, &mut self.timers);
+        let Some((channel, producer)) = slot.route.clone() else { return };
+        let router_worker = self.pool.channel_worker(&channel);
+        for packet in packets {
+            if router_worker == self.index {
+                self.route(&channel, &producer, &packet, now);
+            } else {
+                let cmd = Command::Packet { channel: channel.clone(), producer: producer.clone(), packet, at: now };
+                if self.pool.workers[router_worker].try_send(cmd).is_err() {
+                    self.send_dropped += 1;
                 }
-                touched.push(peer);
-                flush(listener, send_dropped)
-            };
-            router.on_packet(&producer, packet, now, &mut deliver);
+            }
         }
-        for peer in touched {
-            if let Some(listener) = peers.get_mut(&peer) {
-                schedule(peer, listener, timers);
+    }
+
+    /// Routes one packet of `channel`: copies for listeners on this worker go out at once, the
+    /// others in one batch per worker.
+    fn route(&mut self, channel: &str, producer: &str, packet: &rtp::Packet, at: Instant) {
+        let Worker { index, pool, routers, peers, timers, send_dropped, .. } = self;
+        let Some(router) = routers.get_mut(channel) else { return };
+        let workers = pool.workers.len();
+        let mut batches: Vec<Vec<(u64, rtp::Packet)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut deliver = |peer: u64, out: rtp::Packet| -> bool {
+            let owner = pool.peer_worker(peer);
+            if owner == *index {
+                deliver_to(peers, timers, send_dropped, peer, out, at)
+            } else {
+                batches[owner].push((peer, out));
+                true
+            }
+        };
+        router.on_packet(producer, packet, at, &mut deliver);
+        for (owner, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let lost = batch.len() as u64;
+            if pool.workers[owner].try_send(Command::Deliver { batch, at }).is_err() {
+                *send_dropped += lost;
             }
         }
     }
@@ -306,7 +356,7 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    fn create_peer(&mut self, key: u64, spec: PeerSpec, local: SocketAddr, announced: Option<IpAddr>, channel: String) -> Result<String, EngineError> {
+    fn create_peer(&mut self, key: u64, spec: PeerSpec, local: SocketAddr, announced: Option<IpAddr>) -> Result<String, EngineError> {
         let std_socket = std::net::UdpSocket::bind(local).map_err(|e| EngineError::Setup(format!("bind {local}: {e}")))?;
         std_socket.set_nonblocking(true).map_err(|e| EngineError::Setup(e.to_string()))?;
         let bound = std_socket.local_addr().map_err(|e| EngineError::Setup(e.to_string()))?;
@@ -314,7 +364,7 @@ impl<E: Engine> Worker<E> {
         let peer = self.engine.create(spec, bound, announced, Instant::now())?;
         let offer = peer.offer().to_owned();
         let reader = tokio::spawn(read_loop(key, Arc::clone(&socket), self.inbound_tx.clone()));
-        let mut slot = Slot { peer, socket, reader, channel, producer: None, deadline: None };
+        let mut slot = Slot { peer, socket, reader, route: None, deadline: None };
         schedule(key, &mut slot, &mut self.timers);
         self.peers.insert(key, slot);
         Ok(offer)
@@ -323,9 +373,7 @@ impl<E: Engine> Worker<E> {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::CreatePeer { key, spec, local, announced, reply } => {
-                // The channel is learned when the peer produces or consumes; until then the
-                // peer only negotiates.
-                let _ = reply.send(self.create_peer(key, spec, local, announced, String::new()));
+                let _ = reply.send(self.create_peer(key, spec, local, announced));
             }
             Command::Answer { key, sdp, reply } => {
                 let result = match self.peers.get_mut(&key) {
@@ -343,43 +391,53 @@ impl<E: Engine> Worker<E> {
                 self.after_input(key, Instant::now());
                 let _ = reply.send(result);
             }
-            Command::Produce { key, channel, producer, session, reply } => {
+            Command::PayloadType { key, reply } => {
+                let pt = self.peers.get_mut(&key).map_or(crate::engine::OPUS_PAYLOAD_TYPE, |s| s.peer.payload_type());
+                let _ = reply.send(pt);
+            }
+            Command::Route { key, route, reply } => {
                 if let Some(slot) = self.peers.get_mut(&key) {
-                    slot.channel.clone_from(&channel);
-                    slot.producer = Some(producer.clone());
+                    slot.route = Some(route);
                 }
-                self.router(&channel).add_producer(producer, session);
                 let _ = reply.send(());
             }
-            Command::Consume { key, channel, consumer, session, ssrc, reply } => {
-                let payload_type = match self.peers.get_mut(&key) {
-                    Some(slot) => {
-                        slot.channel.clone_from(&channel);
-                        slot.peer.payload_type()
-                    }
-                    None => crate::engine::OPUS_PAYLOAD_TYPE,
-                };
-                let listener = Listener { session, rewriter: Rewriter::new(ssrc, payload_type), peer: key };
-                self.router(&channel).add_listener(consumer, listener);
-                let _ = reply.send(());
-            }
-            Command::ClosePeer { key, channel, producer, consumer, reply } => {
+            Command::ClosePeer { key, reply } => {
                 if let Some(mut slot) = self.peers.remove(&key) {
                     slot.reader.abort();
                     slot.peer.close();
                     flush(&mut slot, &mut self.send_dropped);
                 }
+                let _ = reply.send(());
+            }
+            Command::Deliver { batch, at } => {
+                let Worker { peers, timers, send_dropped, .. } = self;
+                for (peer, packet) in batch {
+                    deliver_to(peers, timers, send_dropped, peer, packet, at);
+                }
+            }
+            Command::AddProducer { channel, producer, session, reply } => {
+                self.router(&channel).add_producer(producer, session);
+                let _ = reply.send(());
+            }
+            Command::AddListener { channel, consumer, listener, reply } => {
+                self.router(&channel).add_listener(consumer, listener);
+                let _ = reply.send(());
+            }
+            Command::RemoveProducer { channel, producer, reply } => {
                 if let Some(router) = self.routers.get_mut(&channel) {
-                    if let Some(p) = producer {
-                        router.remove_producer(&p);
-                    }
-                    if let Some(c) = consumer {
-                        router.remove_listener(&c);
-                    }
+                    router.remove_producer(&producer);
                 }
                 self.retire_if_empty(&channel);
                 let _ = reply.send(());
             }
+            Command::RemoveListener { channel, consumer, reply } => {
+                if let Some(router) = self.routers.get_mut(&channel) {
+                    router.remove_listener(&consumer);
+                }
+                self.retire_if_empty(&channel);
+                let _ = reply.send(());
+            }
+            Command::Packet { channel, producer, packet, at } => self.route(&channel, &producer, &packet, at),
             Command::SetFloor { channel, floor, only_newer, reply } => {
                 let router = self.router(&channel);
                 let applied = if only_newer && floor.epoch <= router.floor().epoch {
@@ -412,7 +470,7 @@ impl<E: Engine> Worker<E> {
     }
 }
 
-/// Reads one peer's socket into the worker's inbound queue.
+/// Reads one peer's socket into its worker's inbound queue.
 async fn read_loop(key: u64, socket: Arc<UdpSocket>, inbound: mpsc::Sender<Datagram>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
