@@ -3,9 +3,10 @@
 //! Run with `cargo bench -p media-svc --bench forwarding`. It starts a release-built media-svc
 //! process and connects real WebRTC peers (the `webrtc` crate, DTLS-SRTP over loopback) from
 //! this process: one speaker and up to 2000 listeners. For each N it talks for a few seconds and
-//! prints the delivered fraction, the added forwarding latency (speaker send to listener
-//! arrival, both measured in this process), and the node's CPU per forwarded packet (from
-//! `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the sizes, `MEDIA_BENCH_SECS`
+//! prints the delivered fraction, the latency the node adds (from a speaker's packet arriving
+//! at the node to each copy's send, measured by the node), the end-to-end latency (speaker send
+//! to listener arrival, both in this process, so it includes the clients' own WebRTC work on
+//! the same cores), and the node's CPU per forwarded packet (from `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the sizes, `MEDIA_BENCH_SECS`
 //! the talking time per size (default 5).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -46,6 +47,9 @@ struct Row {
     delivered: f64,
     p50_us: u64,
     p99_us: u64,
+    node_p50_us: u32,
+    node_p99_us: u32,
+    node_max_us: u32,
     cpu_us_per_packet: f64,
     net_cpu_us_per_packet: f64,
     idle_cores: f64,
@@ -125,7 +129,13 @@ async fn run() {
         }
         // A new epoch per round: a new talk spurt, whose first packet carries the marker.
         support::set_floor(&mut client, "bench", Some(&producer), round as u64 + 1).await;
-        let before = support::stats(&mut client).await;
+        let before = client
+            .get_node_stats(talkgroup_proto::media::v1::GetNodeStatsRequest {
+                reset_latency: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         let cpu_before = process_cpu_time(pid).unwrap_or_default();
         let talk_started = Instant::now();
         let mut sent_at = Vec::with_capacity(frames);
@@ -174,6 +184,9 @@ async fn run() {
             delivered: received as f64 / expected as f64,
             p50_us: hist.value_at_quantile(0.5),
             p99_us: hist.value_at_quantile(0.99),
+            node_p50_us: after.forward_latency_p50_us,
+            node_p99_us: after.forward_latency_p99_us,
+            node_max_us: after.forward_latency_max_us,
             cpu_us_per_packet: cpu.as_secs_f64() * 1e6 / forwarded as f64,
             net_cpu_us_per_packet: (cpu.as_secs_f64() - idle_share).max(0.0) * 1e6
                 / forwarded as f64,
@@ -188,14 +201,17 @@ async fn run() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| listeners | delivered | added latency p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
+        "| listeners | delivered | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2}% | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
+            "| {} | {:.2}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
             r.listeners,
             r.delivered * 100.0,
+            f64::from(r.node_p50_us) / 1000.0,
+            f64::from(r.node_p99_us) / 1000.0,
+            f64::from(r.node_max_us) / 1000.0,
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
             r.cpu_us_per_packet,

@@ -227,9 +227,14 @@ impl pb::media_service_server::MediaService for MediaApi {
 
     async fn get_node_stats(
         &self,
-        _request: Request<pb::GetNodeStatsRequest>,
+        request: Request<pb::GetNodeStatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
-        let stats = self.node.stats().await;
+        let stats = self.node.stats(request.into_inner().reset_latency).await;
+        let quantile = |q: f64| {
+            stats.pool.forward_latency.as_ref().map_or(0, |h| {
+                u32::try_from(h.value_at_quantile(q)).unwrap_or(u32::MAX)
+            })
+        };
         let router = stats.pool.router;
         Ok(Response::new(pb::NodeStats {
             node_id: self.node.settings().node_id.clone(),
@@ -238,8 +243,13 @@ impl pb::media_service_server::MediaService for MediaApi {
             producers: stats.pool.producers,
             consumers: stats.pool.consumers,
             packets_forwarded: router.forwarded,
-            packets_dropped: router.dropped_not_floor + router.dropped_slow_listener + stats.pool.send_dropped,
+            packets_dropped: router.dropped_not_floor
+                + router.dropped_slow_listener
+                + stats.pool.send_dropped,
             draining: self.node.is_draining(),
+            forward_latency_p50_us: quantile(0.5),
+            forward_latency_p99_us: quantile(0.99),
+            forward_latency_max_us: quantile(1.0),
         }))
     }
 }

@@ -60,12 +60,7 @@ pub async fn run(
     }
 }
 
-async fn heartbeat(
-    node: &Node,
-    channel: Channel,
-    me: &Registration,
-    shutdown: &CancellationToken,
-) {
+async fn heartbeat(node: &Node, channel: Channel, me: &Registration, shutdown: &CancellationToken) {
     let mut registry = pb::media_registry_service_client::MediaRegistryServiceClient::new(channel);
     let mut registered = false;
     let mut drain_reported = false;
@@ -131,11 +126,7 @@ async fn heartbeat(
     }
 }
 
-async fn watch_floors(
-    node: Arc<Node>,
-    channel: Channel,
-    shutdown: CancellationToken,
-) {
+async fn watch_floors(node: Arc<Node>, channel: Channel, shutdown: CancellationToken) {
     loop {
         if let Err(error) = watch_once(&node, channel.clone(), &shutdown).await {
             tracing::warn!(%error, "floor watch interrupted; reconnecting");

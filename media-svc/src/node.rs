@@ -107,14 +107,19 @@ pub struct CreatedTransport {
 }
 
 /// Node-wide numbers.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeStats {
     pub transports: u32,
     pub pool: PoolStats,
 }
 
 impl Node {
-    pub fn new<E: Engine>(engine: E, settings: NodeSettings, ports: PortPool, workers: usize) -> Arc<Self> {
+    pub fn new<E: Engine>(
+        engine: E,
+        settings: NodeSettings,
+        ports: PortPool,
+        workers: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             ports,
@@ -127,7 +132,9 @@ impl Node {
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn settings(&self) -> &NodeSettings {
@@ -163,7 +170,12 @@ impl Node {
         });
     }
 
-    pub async fn create_transport(&self, session: &str, channel: &str, direction: Direction) -> Result<CreatedTransport, NodeError> {
+    pub async fn create_transport(
+        &self,
+        session: &str,
+        channel: &str,
+        direction: Direction,
+    ) -> Result<CreatedTransport, NodeError> {
         {
             let registry = self.registry();
             if self.is_draining() && !registry.by_channel.contains_key(channel) {
@@ -172,11 +184,18 @@ impl Node {
             if registry.transports.len() >= self.settings.capacity as usize {
                 return Err(NodeError::Exhausted("node at capacity"));
             }
-            if registry.by_session.get(session).is_some_and(|s| s.len() >= MAX_TRANSPORTS_PER_SESSION) {
+            if registry
+                .by_session
+                .get(session)
+                .is_some_and(|s| s.len() >= MAX_TRANSPORTS_PER_SESSION)
+            {
                 return Err(NodeError::Exhausted("too many transports for this session"));
             }
         }
-        let addr = self.ports.take().ok_or(NodeError::Exhausted("no free media port"))?;
+        let addr = self
+            .ports
+            .take()
+            .ok_or(NodeError::Exhausted("no free media port"))?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let ssrc: u32 = rand::random();
         let spec = match direction {
@@ -186,7 +205,13 @@ impl Node {
         let announced = self.settings.announced_ip;
         let created = self
             .pool
-            .request_peer(key, |reply| Command::CreatePeer { key, spec, local: addr, announced, reply })
+            .request_peer(key, |reply| Command::CreatePeer {
+                key,
+                spec,
+                local: addr,
+                announced,
+                reply,
+            })
             .await;
         let offer = match created {
             Some(Ok(offer)) => offer,
@@ -211,56 +236,112 @@ impl Node {
         };
         let mut registry = self.registry();
         registry.transports.insert(transport_id.clone(), entry);
-        registry.by_session.entry(session.to_owned()).or_default().insert(transport_id.clone());
+        registry
+            .by_session
+            .entry(session.to_owned())
+            .or_default()
+            .insert(transport_id.clone());
         *registry.by_channel.entry(channel.to_owned()).or_default() += 1;
         self.publish_channels(&registry);
         tracing::debug!(%transport_id, channel, ?direction, "transport created");
-        Ok(CreatedTransport { transport_id, offer })
+        Ok(CreatedTransport {
+            transport_id,
+            offer,
+        })
     }
 
     /// The transport's worker key and channel, if it exists and belongs to `session` (another
     /// session's transport is as good as absent).
-    fn lookup(&self, transport_id: &str, session: &str) -> Result<(u64, String, Direction, u32, Role), NodeError> {
+    fn lookup(
+        &self,
+        transport_id: &str,
+        session: &str,
+    ) -> Result<(u64, String, Direction, u32, Role), NodeError> {
         let registry = self.registry();
         registry
             .transports
             .get(transport_id)
             .filter(|e| e.session == session)
-            .map(|e| (e.key, e.channel.clone(), e.direction, e.ssrc, e.role.clone()))
+            .map(|e| {
+                (
+                    e.key,
+                    e.channel.clone(),
+                    e.direction,
+                    e.ssrc,
+                    e.role.clone(),
+                )
+            })
             .ok_or(NodeError::NotFound("transport"))
     }
 
-    pub async fn apply_answer(&self, transport_id: &str, session: &str, sdp: String) -> Result<(), NodeError> {
+    pub async fn apply_answer(
+        &self,
+        transport_id: &str,
+        session: &str,
+        sdp: String,
+    ) -> Result<(), NodeError> {
         let (key, ..) = self.lookup(transport_id, session)?;
-        let result = self.pool.request_peer(key, |reply| Command::Answer { key, sdp, reply }).await;
+        let result = self
+            .pool
+            .request_peer(key, |reply| Command::Answer { key, sdp, reply })
+            .await;
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
-    pub async fn add_candidate(&self, transport_id: &str, session: &str, candidate: Candidate) -> Result<(), NodeError> {
+    pub async fn add_candidate(
+        &self,
+        transport_id: &str,
+        session: &str,
+        candidate: Candidate,
+    ) -> Result<(), NodeError> {
         let (key, ..) = self.lookup(transport_id, session)?;
-        let result = self.pool.request_peer(key, |reply| Command::AddCandidate { key, candidate, reply }).await;
+        let result = self
+            .pool
+            .request_peer(key, |reply| Command::AddCandidate {
+                key,
+                candidate,
+                reply,
+            })
+            .await;
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
     /// Claims a role for the transport; answers the existing id when it already has that role.
-    fn claim(&self, transport_id: &str, make: impl FnOnce(String) -> Role, same: impl Fn(&Role) -> Option<String>) -> Result<(String, bool), NodeError> {
+    fn claim(
+        &self,
+        transport_id: &str,
+        make: impl FnOnce(String) -> Role,
+        same: impl Fn(&Role) -> Option<String>,
+    ) -> Result<(String, bool), NodeError> {
         let mut registry = self.registry();
-        let entry = registry.transports.get_mut(transport_id).ok_or(NodeError::NotFound("transport"))?;
+        let entry = registry
+            .transports
+            .get_mut(transport_id)
+            .ok_or(NodeError::NotFound("transport"))?;
         if let Some(existing) = same(&entry.role) {
             return Ok((existing, false));
         }
         if entry.role != Role::None {
-            return Err(NodeError::FailedPrecondition("transport already has another role"));
+            return Err(NodeError::FailedPrecondition(
+                "transport already has another role",
+            ));
         }
         let id = uuid::Uuid::new_v4().simple().to_string();
         entry.role = make(id.clone());
         Ok((id, true))
     }
 
-    pub async fn produce(&self, transport_id: &str, session: &str, channel: &str) -> Result<String, NodeError> {
+    pub async fn produce(
+        &self,
+        transport_id: &str,
+        session: &str,
+        channel: &str,
+    ) -> Result<String, NodeError> {
         let (key, own_channel, direction, ..) = self.lookup(transport_id, session)?;
         if direction != Direction::Send || own_channel != channel {
-            return Err(NodeError::FailedPrecondition("not a send transport of this channel"));
+            return Err(NodeError::FailedPrecondition(
+                "not a send transport of this channel",
+            ));
         }
         let (producer, new) = self.claim(transport_id, Role::Producer, |r| match r {
             Role::Producer(p) => Some(p.clone()),
@@ -270,21 +351,36 @@ impl Node {
             let (channel, session) = (channel.to_owned(), session.to_owned());
             let (ch, p) = (channel.clone(), producer.clone());
             self.pool
-                .request(&own_channel, |reply| Command::AddProducer { channel: ch, producer: p, session, reply })
+                .request(&own_channel, |reply| Command::AddProducer {
+                    channel: ch,
+                    producer: p,
+                    session,
+                    reply,
+                })
                 .await
                 .ok_or(NodeError::Stopping)?;
             let route = (channel, producer.clone());
-            self.pool.request_peer(key, |reply| Command::Route { key, route, reply }).await.ok_or(NodeError::Stopping)?;
+            self.pool
+                .request_peer(key, |reply| Command::Route { key, route, reply })
+                .await
+                .ok_or(NodeError::Stopping)?;
         }
         Ok(producer)
     }
 
     /// Attaches a recv transport to the channel's floor stream; returns the consumer id and
     /// the SSRC the listener receives for the stream's whole life.
-    pub async fn consume(&self, transport_id: &str, session: &str, channel: &str) -> Result<(String, u32), NodeError> {
+    pub async fn consume(
+        &self,
+        transport_id: &str,
+        session: &str,
+        channel: &str,
+    ) -> Result<(String, u32), NodeError> {
         let (key, own_channel, direction, ssrc, _) = self.lookup(transport_id, session)?;
         if direction != Direction::Recv || own_channel != channel {
-            return Err(NodeError::FailedPrecondition("not a receive transport of this channel"));
+            return Err(NodeError::FailedPrecondition(
+                "not a receive transport of this channel",
+            ));
         }
         let (consumer, new) = self.claim(transport_id, Role::Consumer, |r| match r {
             Role::Consumer(c) => Some(c.clone()),
@@ -296,10 +392,19 @@ impl Node {
                 .request_peer(key, |reply| Command::PayloadType { key, reply })
                 .await
                 .ok_or(NodeError::Stopping)?;
-            let listener = Listener { session: session.to_owned(), rewriter: Rewriter::new(ssrc, payload_type), peer: key };
+            let listener = Listener {
+                session: session.to_owned(),
+                rewriter: Rewriter::new(ssrc, payload_type),
+                peer: key,
+            };
             let (channel, consumer_id) = (channel.to_owned(), consumer.clone());
             self.pool
-                .request(&own_channel, |reply| Command::AddListener { channel, consumer: consumer_id, listener, reply })
+                .request(&own_channel, |reply| Command::AddListener {
+                    channel,
+                    consumer: consumer_id,
+                    listener,
+                    reply,
+                })
                 .await
                 .ok_or(NodeError::Stopping)?;
         }
@@ -308,28 +413,52 @@ impl Node {
 
     /// Names the producer to forward (or nobody), fenced by epoch. `expires_at_ms` is wall-clock
     /// time; 0 means no expiry. `only_newer` applies a strictly higher epoch only.
-    pub async fn set_floor(&self, channel: &str, producer: Option<String>, epoch: u64, expires_at_ms: i64, only_newer: bool) -> FloorApplied {
+    pub async fn set_floor(
+        &self,
+        channel: &str,
+        producer: Option<String>,
+        epoch: u64,
+        expires_at_ms: i64,
+        only_newer: bool,
+    ) -> FloorApplied {
         let expires_at = (expires_at_ms > 0).then(|| {
             let left = expires_at_ms.saturating_sub(wall_ms()).max(0);
             Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
         });
-        self.pool.set_floor(channel, Floor { epoch, producer, expires_at }, only_newer).await
+        self.pool
+            .set_floor(
+                channel,
+                Floor {
+                    epoch,
+                    producer,
+                    expires_at,
+                },
+                only_newer,
+            )
+            .await
     }
 
     /// The producer a session has in a channel, if any.
     pub fn producer_of(&self, channel: &str, session: &str) -> Option<String> {
         let registry = self.registry();
         let ids = registry.by_session.get(session)?;
-        ids.iter().filter_map(|id| registry.transports.get(id)).find_map(|e| match &e.role {
-            Role::Producer(p) if e.channel == channel => Some(p.clone()),
-            _ => None,
-        })
+        ids.iter()
+            .filter_map(|id| registry.transports.get(id))
+            .find_map(|e| match &e.role {
+                Role::Producer(p) if e.channel == channel => Some(p.clone()),
+                _ => None,
+            })
     }
 
-    pub async fn close_transport(&self, transport_id: &str, session: &str) -> Result<(), NodeError> {
+    pub async fn close_transport(
+        &self,
+        transport_id: &str,
+        session: &str,
+    ) -> Result<(), NodeError> {
         let entry = {
             let mut registry = self.registry();
-            if !registry.transports.get(transport_id).is_some_and(|e| e.session == session) {
+            if registry.transports.get(transport_id).is_none_or(|e| e.session != session)
+            {
                 return Err(NodeError::NotFound("transport"));
             }
             // Invariant: checked just above under the same lock.
@@ -354,21 +483,40 @@ impl Node {
         let channel = entry.channel.clone();
         match entry.role {
             Role::Producer(producer) => {
-                self.pool.request(&entry.channel, |reply| Command::RemoveProducer { channel, producer, reply }).await;
+                self.pool
+                    .request(&entry.channel, |reply| Command::RemoveProducer {
+                        channel,
+                        producer,
+                        reply,
+                    })
+                    .await;
             }
             Role::Consumer(consumer) => {
-                self.pool.request(&entry.channel, |reply| Command::RemoveListener { channel, consumer, reply }).await;
+                self.pool
+                    .request(&entry.channel, |reply| Command::RemoveListener {
+                        channel,
+                        consumer,
+                        reply,
+                    })
+                    .await;
             }
             Role::None => {}
         }
-        self.pool.request_peer(key, |reply| Command::ClosePeer { key, reply }).await;
+        self.pool
+            .request_peer(key, |reply| Command::ClosePeer { key, reply })
+            .await;
         self.ports.release(entry.addr);
         tracing::debug!(%transport_id, "transport closed");
         Ok(())
     }
 
     pub async fn close_session(&self, session: &str) -> u32 {
-        let ids: Vec<String> = self.registry().by_session.get(session).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let ids: Vec<String> = self
+            .registry()
+            .by_session
+            .get(session)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
         let mut closed = 0;
         for id in ids {
             if self.close_transport(&id, session).await.is_ok() {
@@ -378,9 +526,13 @@ impl Node {
         closed
     }
 
-    pub async fn stats(&self) -> NodeStats {
+    /// Node-wide numbers; `reset_latency` starts a new latency measuring window.
+    pub async fn stats(&self, reset_latency: bool) -> NodeStats {
         let transports = u32::try_from(self.transport_count()).unwrap_or(u32::MAX);
-        NodeStats { transports, pool: self.pool.stats().await }
+        NodeStats {
+            transports,
+            pool: self.pool.stats(reset_latency).await,
+        }
     }
 }
 
@@ -392,6 +544,8 @@ impl Drop for Node {
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn wall_ms() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }

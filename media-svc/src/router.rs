@@ -267,7 +267,13 @@ mod tests {
     }
 
     impl Outputs {
-        fn send(&mut self, router: &mut Router, producer: &str, packet: &rtp::Packet, now: Instant) {
+        fn send(
+            &mut self,
+            router: &mut Router,
+            producer: &str,
+            packet: &rtp::Packet,
+            now: Instant,
+        ) {
             let mut deliver = |peer: u64, packet: rtp::Packet| {
                 let cap = self.capacity.get(&peer).copied().unwrap_or(usize::MAX);
                 let got = self.got.entry(peer).or_default();
@@ -286,11 +292,19 @@ mod tests {
     }
 
     fn listener(session: &str, peer: u64) -> Listener {
-        Listener { session: session.into(), rewriter: Rewriter::new(777, 111), peer }
+        Listener {
+            session: session.into(),
+            rewriter: Rewriter::new(777, 111),
+            peer,
+        }
     }
 
     fn floor(epoch: u64, producer: Option<&str>) -> Floor {
-        Floor { epoch, producer: producer.map(Into::into), expires_at: None }
+        Floor {
+            epoch,
+            producer: producer.map(Into::into),
+            expires_at: None,
+        }
     }
 
     #[test]
@@ -306,13 +320,27 @@ mod tests {
         assert!(out.take(3).is_empty(), "nobody holds the floor yet");
         assert!(router.set_floor(floor(10, Some("pa"))).applied);
         for i in 0..3u16 {
-            out.send(&mut router, "pa", &packet(1, 100 + i, 5000 + 960 * u32::from(i)), t0);
-            out.send(&mut router, "pb", &packet(2, 7 + i, 90 + 960 * u32::from(i)), t0);
+            out.send(
+                &mut router,
+                "pa",
+                &packet(1, 100 + i, 5000 + 960 * u32::from(i)),
+                t0,
+            );
+            out.send(
+                &mut router,
+                "pb",
+                &packet(2, 7 + i, 90 + 960 * u32::from(i)),
+                t0,
+            );
         }
         let a = out.take(3);
         assert_eq!(a.len(), 3, "B is not heard while A holds the floor");
         assert!(a[0].header.marker && !a[1].header.marker);
-        assert!(a.iter().all(|p| p.header.ssrc == 777 && p.header.payload_type == 111 && !p.header.extension));
+        assert!(
+            a.iter().all(|p| p.header.ssrc == 777
+                && p.header.payload_type == 111
+                && !p.header.extension)
+        );
 
         // The floor moves to B 300 ms later: same SSRC, next sequence number, time advanced.
         router.set_floor(floor(11, Some("pb")));
@@ -322,12 +350,21 @@ mod tests {
         out.send(&mut router, "pb", &packet(2, 51, 1083), t1);
         let b = out.take(3);
         assert_eq!(b.len(), 2);
-        assert_eq!(b[0].header.sequence_number, a[2].header.sequence_number.wrapping_add(1));
-        assert_eq!(b[1].header.sequence_number, b[0].header.sequence_number.wrapping_add(1));
+        assert_eq!(
+            b[0].header.sequence_number,
+            a[2].header.sequence_number.wrapping_add(1)
+        );
+        assert_eq!(
+            b[1].header.sequence_number,
+            b[0].header.sequence_number.wrapping_add(1)
+        );
         assert!(b[0].header.marker);
         let gap = b[0].header.timestamp.wrapping_sub(a[2].header.timestamp);
         assert_eq!(gap, 300 * 48, "timestamp advanced by the real 300 ms gap");
-        assert_eq!(b[1].header.timestamp.wrapping_sub(b[0].header.timestamp), 960);
+        assert_eq!(
+            b[1].header.timestamp.wrapping_sub(b[0].header.timestamp),
+            960
+        );
         assert_eq!(router.stats().dropped_not_floor, 5);
     }
 
@@ -338,11 +375,20 @@ mod tests {
         router.add_producer("pa".into(), "sa".into());
         router.add_listener("c".into(), listener("sc", 1));
         router.set_floor(floor(10, Some("pa")));
-        assert_eq!(router.set_floor(floor(9, None)), FloorApplied { applied: false, current_epoch: 10 });
+        assert_eq!(
+            router.set_floor(floor(9, None)),
+            FloorApplied {
+                applied: false,
+                current_epoch: 10
+            }
+        );
         router.set_floor(floor(12, None));
         out.send(&mut router, "pa", &packet(1, 1, 1), Instant::now());
         assert!(out.take(1).is_empty());
-        assert!(!router.set_floor(floor(11, Some("pa"))).applied, "an older grant cannot come back");
+        assert!(
+            !router.set_floor(floor(11, Some("pa"))).applied,
+            "an older grant cannot come back"
+        );
     }
 
     #[test]
@@ -359,7 +405,12 @@ mod tests {
             expires_at: Some(t0 + Duration::from_millis(100)),
         });
         out.send(&mut router, "pa", &packet(1, 1, 1), t0);
-        out.send(&mut router, "pa", &packet(1, 2, 961), t0 + Duration::from_millis(100));
+        out.send(
+            &mut router,
+            "pa",
+            &packet(1, 2, 961),
+            t0 + Duration::from_millis(100),
+        );
         assert!(out.take(1).is_empty());
         assert_eq!(out.take(2).len(), 1, "nothing after expiry");
     }

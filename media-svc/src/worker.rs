@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use hdrhistogram::Histogram;
 use rtc::rtp;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -40,26 +41,84 @@ pub type Reply<T> = oneshot::Sender<T>;
 #[derive(Debug)]
 pub enum Command {
     // Handled by the worker owning the peer.
-    CreatePeer { key: u64, spec: PeerSpec, local: SocketAddr, announced: Option<IpAddr>, reply: Reply<Result<String, EngineError>> },
-    Answer { key: u64, sdp: String, reply: Reply<Result<(), EngineError>> },
-    AddCandidate { key: u64, candidate: Candidate, reply: Reply<Result<(), EngineError>> },
-    PayloadType { key: u64, reply: Reply<u8> },
+    CreatePeer {
+        key: u64,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+        reply: Reply<Result<String, EngineError>>,
+    },
+    Answer {
+        key: u64,
+        sdp: String,
+        reply: Reply<Result<(), EngineError>>,
+    },
+    AddCandidate {
+        key: u64,
+        candidate: Candidate,
+        reply: Reply<Result<(), EngineError>>,
+    },
+    PayloadType {
+        key: u64,
+        reply: Reply<u8>,
+    },
     /// Where the peer's incoming RTP goes: (channel, producer).
-    Route { key: u64, route: (String, String), reply: Reply<()> },
-    ClosePeer { key: u64, reply: Reply<()> },
-    Deliver { batch: Vec<(u64, rtp::Packet)>, at: Instant },
+    Route {
+        key: u64,
+        route: (String, String),
+        reply: Reply<()>,
+    },
+    ClosePeer {
+        key: u64,
+        reply: Reply<()>,
+    },
+    Deliver {
+        batch: Vec<(u64, rtp::Packet)>,
+        at: Instant,
+    },
     // Handled by the worker owning the channel's router.
-    AddProducer { channel: String, producer: String, session: String, reply: Reply<()> },
-    AddListener { channel: String, consumer: String, listener: Listener, reply: Reply<()> },
-    RemoveProducer { channel: String, producer: String, reply: Reply<()> },
-    RemoveListener { channel: String, consumer: String, reply: Reply<()> },
-    Packet { channel: String, producer: String, packet: rtp::Packet, at: Instant },
-    SetFloor { channel: String, floor: Floor, only_newer: bool, reply: Reply<FloorApplied> },
-    Stats { reply: Reply<PoolStats> },
+    AddProducer {
+        channel: String,
+        producer: String,
+        session: String,
+        reply: Reply<()>,
+    },
+    AddListener {
+        channel: String,
+        consumer: String,
+        listener: Listener,
+        reply: Reply<()>,
+    },
+    RemoveProducer {
+        channel: String,
+        producer: String,
+        reply: Reply<()>,
+    },
+    RemoveListener {
+        channel: String,
+        consumer: String,
+        reply: Reply<()>,
+    },
+    Packet {
+        channel: String,
+        producer: String,
+        packet: rtp::Packet,
+        at: Instant,
+    },
+    SetFloor {
+        channel: String,
+        floor: Floor,
+        only_newer: bool,
+        reply: Reply<FloorApplied>,
+    },
+    Stats {
+        reset_latency: bool,
+        reply: Reply<PoolStats>,
+    },
 }
 
 /// Totals over the routers and peers of one worker (or the whole pool).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct PoolStats {
     pub channels: u32,
     pub producers: u32,
@@ -68,6 +127,8 @@ pub struct PoolStats {
     pub router: RouterStats,
     /// Copies lost to a full socket send buffer or a full worker queue.
     pub send_dropped: u64,
+    /// Microseconds from a speaker's packet arriving to each copy's send.
+    pub forward_latency: Option<Histogram<u64>>,
 }
 
 impl PoolStats {
@@ -80,6 +141,14 @@ impl PoolStats {
         self.router.dropped_not_floor += o.router.dropped_not_floor;
         self.router.dropped_slow_listener += o.router.dropped_slow_listener;
         self.send_dropped += o.send_dropped;
+        if let Some(h) = &o.forward_latency {
+            match &mut self.forward_latency {
+                Some(total) => {
+                    let _ = total.add(h);
+                }
+                None => self.forward_latency = Some(h.clone()),
+            }
+        }
     }
 }
 
@@ -93,8 +162,14 @@ pub struct WorkerPool {
 impl WorkerPool {
     /// Starts `count` workers (at least one) on the current runtime.
     pub fn start<E: Engine>(count: usize, engine: Arc<E>) -> Self {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1)).map(|_| mpsc::channel(WORKER_QUEUE)).unzip();
-        let pool = Self { workers: senders.into(), hasher: RandomState::new(), stop: CancellationToken::new() };
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
+            .map(|_| mpsc::channel(WORKER_QUEUE))
+            .unzip();
+        let pool = Self {
+            workers: senders.into(),
+            hasher: RandomState::new(),
+            stop: CancellationToken::new(),
+        };
         for (index, rx) in receivers.into_iter().enumerate() {
             let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
             let worker = Worker {
@@ -108,6 +183,7 @@ impl WorkerPool {
                 timers: BinaryHeap::new(),
                 inbound_tx,
                 send_dropped: 0,
+                latency: new_histogram(),
             };
             tokio::spawn(worker.run(rx, inbound_rx));
         }
@@ -122,32 +198,58 @@ impl WorkerPool {
         (key % self.workers.len() as u64) as usize
     }
 
-    async fn request_at<T>(&self, index: usize, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+    async fn request_at<T>(
+        &self,
+        index: usize,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Option<T> {
         let (reply, rx) = oneshot::channel();
         self.workers[index].send(make(reply)).await.ok()?;
         rx.await.ok()
     }
 
     /// Asks the worker owning `channel`'s router; `None` only when the pool has stopped.
-    pub async fn request<T>(&self, channel: &str, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+    pub async fn request<T>(
+        &self,
+        channel: &str,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Option<T> {
         self.request_at(self.channel_worker(channel), make).await
     }
 
     /// Asks the worker owning peer `key`.
-    pub async fn request_peer<T>(&self, key: u64, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+    pub async fn request_peer<T>(
+        &self,
+        key: u64,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Option<T> {
         self.request_at(self.peer_worker(key), make).await
     }
 
     pub async fn set_floor(&self, channel: &str, floor: Floor, only_newer: bool) -> FloorApplied {
-        self.request(channel, |reply| Command::SetFloor { channel: channel.to_owned(), floor, only_newer, reply })
-            .await
-            .unwrap_or(FloorApplied { applied: false, current_epoch: 0 })
+        self.request(channel, |reply| Command::SetFloor {
+            channel: channel.to_owned(),
+            floor,
+            only_newer,
+            reply,
+        })
+        .await
+        .unwrap_or(FloorApplied {
+            applied: false,
+            current_epoch: 0,
+        })
     }
 
-    pub async fn stats(&self) -> PoolStats {
+    pub async fn stats(&self, reset_latency: bool) -> PoolStats {
         let mut total = PoolStats::default();
         for index in 0..self.workers.len() {
-            if let Some(stats) = self.request_at(index, |reply| Command::Stats { reply }).await {
+            if let Some(stats) = self
+                .request_at(index, |reply| Command::Stats {
+                    reset_latency,
+                    reply,
+                })
+                .await
+            {
                 total.add(&stats);
             }
         }
@@ -190,6 +292,14 @@ struct Worker<E: Engine> {
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     inbound_tx: mpsc::Sender<Datagram>,
     send_dropped: u64,
+    latency: Histogram<u64>,
+}
+
+/// A histogram of microseconds, 1 µs to 10 s, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    // Invariant: constant, valid bounds.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 10_000_000, 3).expect("valid histogram bounds")
 }
 
 /// Sends what the peer has queued; false when the socket refused a datagram.
@@ -205,7 +315,11 @@ fn flush<P: Peer>(slot: &mut Slot<P>, send_dropped: &mut u64) -> bool {
 }
 
 /// Arms the peer's next timer if it is earlier than the one pending.
-fn schedule<P: Peer>(key: u64, slot: &mut Slot<P>, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>) {
+fn schedule<P: Peer>(
+    key: u64,
+    slot: &mut Slot<P>,
+    timers: &mut BinaryHeap<Reverse<(Instant, u64)>>,
+) {
     if let Some(at) = slot.peer.poll_timeout()
         && slot.deadline.is_none_or(|pending| at < pending)
     {
@@ -214,19 +328,38 @@ fn schedule<P: Peer>(key: u64, slot: &mut Slot<P>, timers: &mut BinaryHeap<Rever
     }
 }
 
-/// Encrypts and sends one copy to a listener's peer; false if it could not go out.
-fn deliver_to<P: Peer>(peers: &mut HashMap<u64, Slot<P>>, timers: &mut BinaryHeap<Reverse<(Instant, u64)>>, send_dropped: &mut u64, key: u64, packet: rtp::Packet, at: Instant) -> bool {
-    let Some(slot) = peers.get_mut(&key) else { return false };
-    if !slot.peer.write_rtp(packet, at) {
+/// Where copies go out and what their sending is measured into.
+struct Out<'a, P> {
+    peers: &'a mut HashMap<u64, Slot<P>>,
+    timers: &'a mut BinaryHeap<Reverse<(Instant, u64)>>,
+    send_dropped: &'a mut u64,
+    latency: &'a mut Histogram<u64>,
+}
+
+/// Encrypts and sends one copy to a listener's peer; false if it could not go out. `at` is
+/// when the speaker's packet arrived.
+fn deliver_to<P: Peer>(out: &mut Out<'_, P>, key: u64, packet: rtp::Packet, at: Instant) -> bool {
+    let Some(slot) = out.peers.get_mut(&key) else {
+        return false;
+    };
+    if !slot.peer.write_rtp(packet, Instant::now()) {
         return false;
     }
-    let sent = flush(slot, send_dropped);
-    schedule(key, slot, timers);
+    let sent = flush(slot, out.send_dropped);
+    schedule(key, slot, out.timers);
+    let micros = u64::try_from(at.elapsed().as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    out.latency.saturating_record(micros);
     sent
 }
 
 impl<E: Engine> Worker<E> {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut inbound: mpsc::Receiver<Datagram>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbound: mpsc::Receiver<Datagram>,
+    ) {
         tracing::debug!(worker = self.index, "media worker started");
         let stop = self.pool.stop.clone();
         loop {
@@ -252,7 +385,9 @@ impl<E: Engine> Worker<E> {
     }
 
     fn on_datagram(&mut self, d: Datagram) {
-        let Some(slot) = self.peers.get_mut(&d.key) else { return };
+        let Some(slot) = self.peers.get_mut(&d.key) else {
+            return;
+        };
         slot.peer.handle_datagram(d.data, d.from, d.at);
         self.after_input(d.key, d.at);
     }
@@ -263,7 +398,9 @@ impl<E: Engine> Worker<E> {
                 break;
             }
             self.timers.pop();
-            let Some(slot) = self.peers.get_mut(&key) else { continue };
+            let Some(slot) = self.peers.get_mut(&key) else {
+                continue;
+            };
             if slot.deadline != Some(at) {
                 continue;
             }
@@ -276,12 +413,16 @@ impl<E: Engine> Worker<E> {
     /// After a peer took input: send its datagrams, note state changes, re-arm its timer and
     /// pass the RTP it decrypted to the channel's router.
     fn after_input(&mut self, key: u64, now: Instant) {
-        let Some(slot) = self.peers.get_mut(&key) else { return };
+        let Some(slot) = self.peers.get_mut(&key) else {
+            return;
+        };
         flush(slot, &mut self.send_dropped);
         while let Some(state) = slot.peer.poll_state() {
             match state {
                 PeerState::Connected => tracing::debug!(peer = key, "peer connected"),
-                PeerState::Failed | PeerState::Closed => tracing::info!(peer = key, ?state, "peer connection ended"),
+                PeerState::Failed | PeerState::Closed => {
+                    tracing::info!(peer = key, ?state, "peer connection ended")
+                }
             }
         }
         let mut packets = Vec::new();
@@ -289,13 +430,20 @@ impl<E: Engine> Worker<E> {
             packets.push(packet);
         }
         schedule(key, slot, &mut self.timers);
-        let Some((channel, producer)) = slot.route.clone() else { return };
+        let Some((channel, producer)) = slot.route.clone() else {
+            return;
+        };
         let router_worker = self.pool.channel_worker(&channel);
         for packet in packets {
             if router_worker == self.index {
                 self.route(&channel, &producer, &packet, now);
             } else {
-                let cmd = Command::Packet { channel: channel.clone(), producer: producer.clone(), packet, at: now };
+                let cmd = Command::Packet {
+                    channel: channel.clone(),
+                    producer: producer.clone(),
+                    packet,
+                    at: now,
+                };
                 if self.pool.workers[router_worker].try_send(cmd).is_err() {
                     self.send_dropped += 1;
                 }
@@ -306,14 +454,31 @@ impl<E: Engine> Worker<E> {
     /// Routes one packet of `channel`: copies for listeners on this worker go out at once, the
     /// others in one batch per worker.
     fn route(&mut self, channel: &str, producer: &str, packet: &rtp::Packet, at: Instant) {
-        let Worker { index, pool, routers, peers, timers, send_dropped, .. } = self;
-        let Some(router) = routers.get_mut(channel) else { return };
+        let Worker {
+            index,
+            pool,
+            routers,
+            peers,
+            timers,
+            send_dropped,
+            latency,
+            ..
+        } = self;
+        let Some(router) = routers.get_mut(channel) else {
+            return;
+        };
         let workers = pool.workers.len();
         let mut batches: Vec<Vec<(u64, rtp::Packet)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut local = Out {
+            peers,
+            timers,
+            send_dropped,
+            latency,
+        };
         let mut deliver = |peer: u64, out: rtp::Packet| -> bool {
             let owner = pool.peer_worker(peer);
             if owner == *index {
-                deliver_to(peers, timers, send_dropped, peer, out, at)
+                deliver_to(&mut local, peer, out, at)
             } else {
                 batches[owner].push((peer, out));
                 true
@@ -325,8 +490,11 @@ impl<E: Engine> Worker<E> {
                 continue;
             }
             let lost = batch.len() as u64;
-            if pool.workers[owner].try_send(Command::Deliver { batch, at }).is_err() {
-                *send_dropped += lost;
+            if pool.workers[owner]
+                .try_send(Command::Deliver { batch, at })
+                .is_err()
+            {
+                *local.send_dropped += lost;
             }
         }
     }
@@ -335,7 +503,11 @@ impl<E: Engine> Worker<E> {
         if !self.routers.contains_key(channel) {
             let mut router = Router::new();
             if let Some(epoch) = self.epochs.remove(channel) {
-                router.set_floor(Floor { epoch, producer: None, expires_at: None });
+                router.set_floor(Floor {
+                    epoch,
+                    producer: None,
+                    expires_at: None,
+                });
             }
             self.routers.insert(channel.to_owned(), router);
         }
@@ -356,15 +528,34 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    fn create_peer(&mut self, key: u64, spec: PeerSpec, local: SocketAddr, announced: Option<IpAddr>) -> Result<String, EngineError> {
-        let std_socket = std::net::UdpSocket::bind(local).map_err(|e| EngineError::Setup(format!("bind {local}: {e}")))?;
-        std_socket.set_nonblocking(true).map_err(|e| EngineError::Setup(e.to_string()))?;
-        let bound = std_socket.local_addr().map_err(|e| EngineError::Setup(e.to_string()))?;
-        let socket = Arc::new(UdpSocket::from_std(std_socket).map_err(|e| EngineError::Setup(e.to_string()))?);
+    fn create_peer(
+        &mut self,
+        key: u64,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+    ) -> Result<String, EngineError> {
+        let std_socket = std::net::UdpSocket::bind(local)
+            .map_err(|e| EngineError::Setup(format!("bind {local}: {e}")))?;
+        std_socket
+            .set_nonblocking(true)
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let bound = std_socket
+            .local_addr()
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let socket = Arc::new(
+            UdpSocket::from_std(std_socket).map_err(|e| EngineError::Setup(e.to_string()))?,
+        );
         let peer = self.engine.create(spec, bound, announced, Instant::now())?;
         let offer = peer.offer().to_owned();
         let reader = tokio::spawn(read_loop(key, Arc::clone(&socket), self.inbound_tx.clone()));
-        let mut slot = Slot { peer, socket, reader, route: None, deadline: None };
+        let mut slot = Slot {
+            peer,
+            socket,
+            reader,
+            route: None,
+            deadline: None,
+        };
         schedule(key, &mut slot, &mut self.timers);
         self.peers.insert(key, slot);
         Ok(offer)
@@ -372,7 +563,13 @@ impl<E: Engine> Worker<E> {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::CreatePeer { key, spec, local, announced, reply } => {
+            Command::CreatePeer {
+                key,
+                spec,
+                local,
+                announced,
+                reply,
+            } => {
                 let _ = reply.send(self.create_peer(key, spec, local, announced));
             }
             Command::Answer { key, sdp, reply } => {
@@ -383,7 +580,11 @@ impl<E: Engine> Worker<E> {
                 self.after_input(key, Instant::now());
                 let _ = reply.send(result);
             }
-            Command::AddCandidate { key, candidate, reply } => {
+            Command::AddCandidate {
+                key,
+                candidate,
+                reply,
+            } => {
                 let result = match self.peers.get_mut(&key) {
                     Some(slot) => slot.peer.add_candidate(candidate),
                     None => Err(EngineError::BadCandidate),
@@ -392,7 +593,10 @@ impl<E: Engine> Worker<E> {
                 let _ = reply.send(result);
             }
             Command::PayloadType { key, reply } => {
-                let pt = self.peers.get_mut(&key).map_or(crate::engine::OPUS_PAYLOAD_TYPE, |s| s.peer.payload_type());
+                let pt = self
+                    .peers
+                    .get_mut(&key)
+                    .map_or(crate::engine::OPUS_PAYLOAD_TYPE, |s| s.peer.payload_type());
                 let _ = reply.send(pt);
             }
             Command::Route { key, route, reply } => {
@@ -410,51 +614,101 @@ impl<E: Engine> Worker<E> {
                 let _ = reply.send(());
             }
             Command::Deliver { batch, at } => {
-                let Worker { peers, timers, send_dropped, .. } = self;
+                let Worker {
+                    peers,
+                    timers,
+                    send_dropped,
+                    latency,
+                    ..
+                } = self;
+                let mut out = Out {
+                    peers,
+                    timers,
+                    send_dropped,
+                    latency,
+                };
                 for (peer, packet) in batch {
-                    deliver_to(peers, timers, send_dropped, peer, packet, at);
+                    deliver_to(&mut out, peer, packet, at);
                 }
             }
-            Command::AddProducer { channel, producer, session, reply } => {
+            Command::AddProducer {
+                channel,
+                producer,
+                session,
+                reply,
+            } => {
                 self.router(&channel).add_producer(producer, session);
                 let _ = reply.send(());
             }
-            Command::AddListener { channel, consumer, listener, reply } => {
+            Command::AddListener {
+                channel,
+                consumer,
+                listener,
+                reply,
+            } => {
                 self.router(&channel).add_listener(consumer, listener);
                 let _ = reply.send(());
             }
-            Command::RemoveProducer { channel, producer, reply } => {
+            Command::RemoveProducer {
+                channel,
+                producer,
+                reply,
+            } => {
                 if let Some(router) = self.routers.get_mut(&channel) {
                     router.remove_producer(&producer);
                 }
                 self.retire_if_empty(&channel);
                 let _ = reply.send(());
             }
-            Command::RemoveListener { channel, consumer, reply } => {
+            Command::RemoveListener {
+                channel,
+                consumer,
+                reply,
+            } => {
                 if let Some(router) = self.routers.get_mut(&channel) {
                     router.remove_listener(&consumer);
                 }
                 self.retire_if_empty(&channel);
                 let _ = reply.send(());
             }
-            Command::Packet { channel, producer, packet, at } => self.route(&channel, &producer, &packet, at),
-            Command::SetFloor { channel, floor, only_newer, reply } => {
+            Command::Packet {
+                channel,
+                producer,
+                packet,
+                at,
+            } => self.route(&channel, &producer, &packet, at),
+            Command::SetFloor {
+                channel,
+                floor,
+                only_newer,
+                reply,
+            } => {
                 let router = self.router(&channel);
                 let applied = if only_newer && floor.epoch <= router.floor().epoch {
-                    FloorApplied { applied: false, current_epoch: router.floor().epoch }
+                    FloorApplied {
+                        applied: false,
+                        current_epoch: router.floor().epoch,
+                    }
                 } else {
                     router.set_floor(floor)
                 };
                 self.retire_if_empty(&channel);
                 let _ = reply.send(applied);
             }
-            Command::Stats { reply } => {
+            Command::Stats {
+                reset_latency,
+                reply,
+            } => {
                 let mut stats = PoolStats {
                     router: self.retired,
                     peers: u32::try_from(self.peers.len()).unwrap_or(u32::MAX),
                     send_dropped: self.send_dropped,
+                    forward_latency: Some(self.latency.clone()),
                     ..Default::default()
                 };
+                if reset_latency {
+                    self.latency.reset();
+                }
                 for router in self.routers.values() {
                     let s = router.stats();
                     stats.channels += 1;
@@ -476,7 +730,12 @@ async fn read_loop(key: u64, socket: Arc<UdpSocket>, inbound: mpsc::Sender<Datag
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, from)) => {
-                let datagram = Datagram { key, data: BytesMut::from(&buf[..n]), from, at: Instant::now() };
+                let datagram = Datagram {
+                    key,
+                    data: BytesMut::from(&buf[..n]),
+                    from,
+                    at: Instant::now(),
+                };
                 if inbound.send(datagram).await.is_err() {
                     return;
                 }

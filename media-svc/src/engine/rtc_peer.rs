@@ -16,17 +16,22 @@ use rtc::peer_connection::event::RTCPeerConnectionEvent;
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit};
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
 };
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
-use super::{Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, Peer, PeerSpec, PeerState, sdp};
+use super::{
+    Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, Peer, PeerSpec, PeerState, sdp,
+};
 
 pub fn opus_codec() -> RTCRtpCodec {
     RTCRtpCodec {
@@ -43,7 +48,10 @@ pub fn opus_media_engine() -> Result<MediaEngine, EngineError> {
     let mut media = MediaEngine::default();
     media
         .register_codec(
-            RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: OPUS_PAYLOAD_TYPE },
+            RTCRtpCodecParameters {
+                rtp_codec: opus_codec(),
+                payload_type: OPUS_PAYLOAD_TYPE,
+            },
             RtpCodecKind::Audio,
         )
         .map_err(setup)?;
@@ -68,7 +76,9 @@ pub struct RtcPeer {
 
 impl std::fmt::Debug for RtcPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RtcPeer").field("local", &self.local).finish_non_exhaustive()
+        f.debug_struct("RtcPeer")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,7 +109,8 @@ impl Engine for RtcEngine {
                     streams: vec![],
                     send_encodings: vec![],
                 };
-                core.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init)).map_err(setup)?;
+                core.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init))
+                    .map_err(setup)?;
                 None
             }
             PeerSpec::Recv { ssrc } => {
@@ -109,7 +120,10 @@ impl Engine for RtcEngine {
                     "floor".to_owned(),
                     RtpCodecKind::Audio,
                     vec![RTCRtpEncodingParameters {
-                        rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                        rtp_coding_parameters: RTCRtpCodingParameters {
+                            ssrc: Some(ssrc),
+                            ..Default::default()
+                        },
                         codec: opus_codec(),
                         ..Default::default()
                     }],
@@ -119,7 +133,8 @@ impl Engine for RtcEngine {
                     streams: vec![],
                     send_encodings: vec![],
                 };
-                core.add_transceiver_from_track(track, Some(init)).map_err(setup)?;
+                core.add_transceiver_from_track(track, Some(init))
+                    .map_err(setup)?;
                 core.get_senders().next()
             }
         };
@@ -139,7 +154,10 @@ impl Engine for RtcEngine {
         core.add_local_candidate(init).map_err(setup)?;
         let offer = core.create_offer(None).map_err(setup)?;
         core.set_local_description(now, offer).map_err(setup)?;
-        let local_sdp = core.local_description().map(|d| d.sdp).ok_or_else(|| setup("no local description"))?;
+        let local_sdp = core
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| setup("no local description"))?;
         if !sdp::has_candidate(&local_sdp) {
             return Err(setup(format!("no candidate on {local}")));
         }
@@ -147,7 +165,14 @@ impl Engine for RtcEngine {
             Some(ip) => sdp::announce_ip(&local_sdp, local.ip(), ip),
             None => local_sdp,
         };
-        Ok(RtcPeer { core, local, offer, sender, inbound: Default::default(), states: Default::default() })
+        Ok(RtcPeer {
+            core,
+            local,
+            offer,
+            sender,
+            inbound: Default::default(),
+            states: Default::default(),
+        })
     }
 }
 
@@ -182,7 +207,9 @@ impl Peer for RtcPeer {
 
     fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<(), EngineError> {
         let answer = RTCSessionDescription::answer(sdp).map_err(|_| EngineError::BadDescription)?;
-        self.core.set_remote_description(now, answer).map_err(|_| EngineError::BadDescription)?;
+        self.core
+            .set_remote_description(now, answer)
+            .map_err(|_| EngineError::BadDescription)?;
         self.pump();
         Ok(())
     }
@@ -194,7 +221,9 @@ impl Peer for RtcPeer {
             sdp_mline_index: candidate.sdp_mline_index,
             ..Default::default()
         };
-        self.core.add_remote_candidate(init).map_err(|_| EngineError::BadCandidate)
+        self.core
+            .add_remote_candidate(init)
+            .map_err(|_| EngineError::BadCandidate)
     }
 
     fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
@@ -226,7 +255,9 @@ impl Peer for RtcPeer {
     }
 
     fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
-        self.core.poll_write().map(|m| (m.message, m.transport.peer_addr))
+        self.core
+            .poll_write()
+            .map(|m| (m.message, m.transport.peer_addr))
     }
 
     fn poll_rtp(&mut self) -> Option<rtp::Packet> {
@@ -242,10 +273,18 @@ impl Peer for RtcPeer {
     }
 
     fn payload_type(&mut self) -> u8 {
-        let Some(id) = self.sender else { return OPUS_PAYLOAD_TYPE };
+        let Some(id) = self.sender else {
+            return OPUS_PAYLOAD_TYPE;
+        };
         self.core
             .rtp_sender(id)
-            .and_then(|mut s| s.get_parameters().rtp_parameters.codecs.first().map(|c| c.payload_type))
+            .and_then(|mut s| {
+                s.get_parameters()
+                    .rtp_parameters
+                    .codecs
+                    .first()
+                    .map(|c| c.payload_type)
+            })
             .unwrap_or(OPUS_PAYLOAD_TYPE)
     }
 

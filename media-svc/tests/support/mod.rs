@@ -143,7 +143,9 @@ pub async fn set_floor(
 
 pub async fn stats(client: &mut Client) -> pb::NodeStats {
     client
-        .get_node_stats(pb::GetNodeStatsRequest {})
+        .get_node_stats(pb::GetNodeStatsRequest {
+            reset_latency: false,
+        })
         .await
         .unwrap()
         .into_inner()
