@@ -457,7 +457,10 @@ impl Node {
     ) -> Result<(), NodeError> {
         let entry = {
             let mut registry = self.registry();
-            if registry.transports.get(transport_id).is_none_or(|e| e.session != session)
+            if registry
+                .transports
+                .get(transport_id)
+                .is_none_or(|e| e.session != session)
             {
                 return Err(NodeError::NotFound("transport"));
             }

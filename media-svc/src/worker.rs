@@ -35,6 +35,9 @@ pub const WORKER_QUEUE: usize = 8192;
 pub const INBOUND_QUEUE: usize = 8192;
 /// Largest datagram read.
 const MAX_DATAGRAM: usize = 2048;
+/// A copy still unsent this long after its packet arrived is dropped: late audio is useless to
+/// a listener's jitter buffer, and shedding it keeps an overloaded node from building delay.
+pub const MAX_FORWARD_AGE: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub type Reply<T> = oneshot::Sender<T>;
 
@@ -125,7 +128,7 @@ pub struct PoolStats {
     pub consumers: u32,
     pub peers: u32,
     pub router: RouterStats,
-    /// Copies lost to a full socket send buffer or a full worker queue.
+    /// Copies lost to a full socket send buffer, a full worker queue, or lateness.
     pub send_dropped: u64,
     /// Microseconds from a speaker's packet arriving to each copy's send.
     pub forward_latency: Option<Histogram<u64>>,
@@ -339,6 +342,10 @@ struct Out<'a, P> {
 /// Encrypts and sends one copy to a listener's peer; false if it could not go out. `at` is
 /// when the speaker's packet arrived.
 fn deliver_to<P: Peer>(out: &mut Out<'_, P>, key: u64, packet: rtp::Packet, at: Instant) -> bool {
+    if at.elapsed() > MAX_FORWARD_AGE {
+        *out.send_dropped += 1;
+        return false;
+    }
     let Some(slot) = out.peers.get_mut(&key) else {
         return false;
     };
@@ -676,7 +683,13 @@ impl<E: Engine> Worker<E> {
                 producer,
                 packet,
                 at,
-            } => self.route(&channel, &producer, &packet, at),
+            } => {
+                if at.elapsed() > MAX_FORWARD_AGE {
+                    self.send_dropped += 1;
+                } else {
+                    self.route(&channel, &producer, &packet, at);
+                }
+            }
             Command::SetFloor {
                 channel,
                 floor,
