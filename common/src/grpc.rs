@@ -1,7 +1,23 @@
 //! The standard services of every Talkgroup gRPC server: `grpc.health.v1` and reflection
 //! (both `v1` and `v1alpha`, since common grpcurl builds speak only `v1alpha`).
 
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
+
+/// The connections of an already-bound listener, for `serve_with_incoming_shutdown`, with
+/// `TCP_NODELAY` set: the services exchange small request/response messages and must never
+/// wait for Nagle's algorithm.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    })
+}
 
 /// Health and reflection services, ready to be added to a tonic router.
 #[derive(Debug)]

@@ -24,16 +24,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SETUP_PARALLELISM: usize = 16;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -191,7 +181,7 @@ async fn run() {
             net_cpu_us_per_packet: (cpu.as_secs_f64() - idle_share).max(0.0) * 1e6
                 / forwarded as f64,
             idle_cores: idle_rate,
-            node_rss_mib: rss_kib(pid) as f64 / 1024.0,
+            node_rss_mib: testkit::process_rss_kib(&pid.to_string()) as f64 / 1024.0,
         });
     }
 

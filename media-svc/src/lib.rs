@@ -21,10 +21,8 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use talkgroup_proto::media::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -121,11 +119,7 @@ pub async fn run(
     };
     tokio::spawn(drain);
 
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            let _ = stream.set_nodelay(true);
-        })
-    });
+    let incoming = talkgroup_common::grpc::incoming(listener);
     tracing::info!(%addr, %node_id, workers, "media-svc listening");
     let served = Server::builder()
         .add_service(standard.health)

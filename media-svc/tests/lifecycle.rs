@@ -19,16 +19,6 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     let mut config = Config::for_tests();
@@ -70,7 +60,7 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     for i in 0..50 {
         cycle(&mut client, i).await;
     }
-    let (fds_before, rss_before) = (open_fds(), rss_kib());
+    let (fds_before, rss_before) = (open_fds(), testkit::process_rss_kib("self"));
     for i in 0..1_000 {
         cycle(&mut client, i).await;
     }
@@ -79,7 +69,7 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     })
     .await
     .unwrap_or_else(|_| panic!("open fds grew from {fds_before} to {}", open_fds()));
-    let rss_after = rss_kib();
+    let rss_after = testkit::process_rss_kib("self");
     eprintln!(
         "1000 cycles: fds {fds_before} -> {}, rss {rss_before} KiB -> {rss_after} KiB",
         open_fds()

@@ -22,10 +22,8 @@ pub mod sweeper;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use talkgroup_proto::state::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
@@ -109,12 +107,7 @@ async fn serve<S: Store>(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            // Small request/response messages: never wait for Nagle.
-            let _ = stream.set_nodelay(true);
-        })
-    });
+    let incoming = talkgroup_common::grpc::incoming(listener);
     let router = Server::builder()
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
