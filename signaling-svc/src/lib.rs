@@ -1,4 +1,210 @@
 //! signaling-svc: the authenticated WebSocket gateway clients speak to.
 //!
-//! Not built yet: this crate holds the place in the workspace until the gateway lands. The
-//! protocol it will speak is `docs/protocol.md`.
+//! Layout:
+//! - [`auth`]: JWT checks before the upgrade; [`protocol`]: the typed wire format.
+//! - [`connection`]: one WebSocket: its requests, pushes, floor renewal and cleanup.
+//! - [`hub`]: the gateway's one `Watch` on state-svc, fanned out to its connections.
+//! - [`app`] builds the axum router (`/ws`, `/health`); [`run`] serves it until shutdown.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod hub;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use talkgroup_proto::media::v1 as mpb;
+use talkgroup_proto::state::v1 as spb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::Authenticator;
+pub use crate::config::Config;
+use crate::hub::Hub;
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub gateway_id: String,
+    pub auth: Authenticator,
+    pub state: Channel,
+    pub hub: Arc<Hub>,
+    media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Channel>>>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    started: Instant,
+}
+
+impl AppState {
+    pub fn floors(&self) -> spb::floor_service_client::FloorServiceClient<Channel> {
+        spb::floor_service_client::FloorServiceClient::new(self.state.clone())
+    }
+
+    pub fn sessions(&self) -> spb::session_service_client::SessionServiceClient<Channel> {
+        spb::session_service_client::SessionServiceClient::new(self.state.clone())
+    }
+
+    pub fn registry(
+        &self,
+    ) -> spb::media_registry_service_client::MediaRegistryServiceClient<Channel> {
+        spb::media_registry_service_client::MediaRegistryServiceClient::new(self.state.clone())
+    }
+
+    /// A client for the media node at `url` (one HTTP/2 connection per node, reused).
+    pub fn media(
+        &self,
+        url: &str,
+    ) -> Option<mpb::media_service_client::MediaServiceClient<Channel>> {
+        let mut media = self
+            .media
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = media.get(url) {
+            return Some(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .ok()?
+            .connect_timeout(Duration::from_secs(3));
+        let client = mpb::media_service_client::MediaServiceClient::new(endpoint.connect_lazy());
+        media.insert(url.to_owned(), client.clone());
+        Some(client)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Builds the shared state; fails on configuration that cannot work.
+pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppState>, RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let auth = Authenticator::from_config(&config).map_err(RunError::Config)?;
+    let state = Endpoint::from_shared(config.state_url.clone())
+        .map_err(|_| RunError::Config("invalid state-svc url".into()))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(Arc::new(AppState {
+        gateway_id: config.gateway_id(),
+        config,
+        auth,
+        state,
+        hub: Hub::new(),
+        media: Mutex::default(),
+        shutdown,
+        tracker: TaskTracker::new(),
+        started: Instant::now(),
+    }))
+}
+
+/// The HTTP routes.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ws", get(ws))
+        .route("/health", get(health))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+}
+
+async fn ws(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let (claims, via_subprotocol) = match app.auth.authenticate(&headers, query.token.as_deref()) {
+        Ok(ok) => ok,
+        Err(error) => {
+            tracing::info!(%error, "refused connection");
+            return (StatusCode::UNAUTHORIZED, "unauthenticated").into_response();
+        }
+    };
+    let upgrade = upgrade
+        .max_frame_size(protocol::MAX_FRAME_BYTES)
+        .max_message_size(protocol::MAX_FRAME_BYTES);
+    let upgrade = if via_subprotocol {
+        upgrade.protocols([auth::SUBPROTOCOL])
+    } else {
+        upgrade
+    };
+    let tracker = app.tracker.clone();
+    upgrade.on_upgrade(move |socket| tracker.track_future(connection::run(app, claims, socket)))
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    let nodes = tokio::time::timeout(
+        Duration::from_millis(500),
+        app.registry().list_nodes(spb::ListNodesRequest {}),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(|r| r.into_inner().nodes.iter().filter(|n| n.live).count());
+    let status = if app.shutdown.is_cancelled() {
+        "draining"
+    } else if nodes.is_some() {
+        "ok"
+    } else {
+        "degraded"
+    };
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": status,
+        "uptimeMs": app.started.elapsed().as_millis() as u64,
+        "connections": app.hub.connection_count(),
+        "mediaNodes": nodes,
+    });
+    (code, axum::Json(body)).into_response()
+}
+
+/// Serves until `shutdown`, then closes every socket with 1001 after releasing its floors, within
+/// the grace period.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let app_state = app_state(config, shutdown.clone())?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(Arc::clone(&app_state.hub).run(app_state.state.clone(), shutdown.clone()));
+    tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
+    let tracker = app_state.tracker.clone();
+    let stop = shutdown.clone();
+    axum::serve(listener, app(app_state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("grace period over; closing remaining connections");
+    }
+    tracing::info!("signaling-svc stopped");
+    Ok(())
+}

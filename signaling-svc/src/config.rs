@@ -1,0 +1,109 @@
+//! signaling-svc configuration: flags, each also readable from a `PTT_SIGNALING_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use talkgroup_common::telemetry::LogFormat;
+
+/// The Talkgroup gateway: the WebSocket + JSON protocol clients speak.
+#[derive(Clone, Parser)]
+#[command(name = "signaling-svc", version, about)]
+pub struct Config {
+    /// HTTP/WebSocket listen address.
+    #[arg(long, env = "PTT_SIGNALING_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// state-svc gRPC URL.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_STATE_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub state_url: String,
+    /// HS256 shared secret for client tokens. Never logged.
+    #[arg(long, env = "PTT_SIGNALING_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file with the RS256 or ES256 public key for client tokens (instead of a secret).
+    #[arg(long, env = "PTT_SIGNALING_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "PTT_SIGNALING_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "PTT_SIGNALING_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// This gateway's id (recorded on its sessions); random when unset.
+    #[arg(long, env = "PTT_SIGNALING_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Interval of server pings; a socket silent for two intervals is closed.
+    #[arg(long, env = "PTT_SIGNALING_PING_INTERVAL_MS", default_value_t = 30_000)]
+    pub ping_interval_ms: u64,
+    /// Requests per second a connection may send (burst twice that).
+    #[arg(long, env = "PTT_SIGNALING_REQUEST_RATE", default_value_t = 20)]
+    pub request_rate: u32,
+    /// `ptt-start` requests per second a connection may send.
+    #[arg(long, env = "PTT_SIGNALING_PTT_RATE", default_value_t = 5)]
+    pub ptt_rate: u32,
+    /// Time connections get to close after SIGTERM, in ms.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_SHUTDOWN_GRACE_MS",
+        default_value_t = 10_000
+    )]
+    pub shutdown_grace_ms: u64,
+    /// Log format.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_LOG_FORMAT",
+        value_enum,
+        default_value = "plain"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("state_url", &self.state_url)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("gateway_id", &self.gateway_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    pub fn for_tests(secret: &str) -> Self {
+        Self::parse_from([
+            "signaling-svc",
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            secret,
+        ])
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (None, None) => return Err("set a JWT secret or public key".into()),
+            (Some(_), Some(_)) => {
+                return Err("set either a JWT secret or a public key, not both".into());
+            }
+            (Some(s), None) if s.len() < 16 => {
+                return Err("the JWT secret must be at least 16 bytes".into());
+            }
+            _ => {}
+        }
+        if self.ping_interval_ms < 100 || self.request_rate == 0 || self.ptt_rate == 0 {
+            return Err("ping interval and rates must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn gateway_id(&self) -> String {
+        self.gateway_id
+            .clone()
+            .unwrap_or_else(|| format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+    }
+}

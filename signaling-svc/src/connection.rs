@@ -1,0 +1,794 @@
+//! One client connection: its state session, requests, pushes, floor renewal and cleanup.
+//!
+//! The floor flow keeps the order that saves first words: state-svc grants (one atomic step),
+//! the media node is told (`SetFloor`), and only then the client hears `granted` and unmutes.
+//! While the socket lives the floor is renewed every third of its lease, and each renewal moves
+//! the media node's expiry too. Whatever ends the connection (close, error, dead socket,
+//! shutdown) removes the state session, which releases its floors and membership for everyone,
+//! and closes its media transports.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use talkgroup_proto::media::v1 as mpb;
+use talkgroup_proto::state::v1 as spb;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::AppState;
+use crate::auth::Claims;
+use crate::hub::HubEvent;
+use crate::protocol::{self, ClientError, Code, Frame, Request, TransportDirection, User};
+
+/// Frames queued to a client before the connection is considered stuck.
+const OUTBOX: usize = 256;
+/// Rate-limit refusals in a row after which the connection is closed as a flood.
+const FLOOD_LIMIT: u32 = 50;
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+fn err(code: Code, message: &'static str) -> ClientError {
+    ClientError::new(code, message)
+}
+
+/// A token bucket.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TransportInfo {
+    channel: String,
+    node: String,
+    direction: TransportDirection,
+}
+
+/// Producers of this connection by channel: (producer id, media node URL). Shared with the
+/// renewal tasks, so a renewal names the producer made after the grant.
+type Producers = Arc<Mutex<HashMap<String, (String, String)>>>;
+
+#[derive(Debug)]
+struct Held {
+    epoch: u64,
+    renewal: JoinHandle<()>,
+}
+
+struct Conn {
+    app: Arc<AppState>,
+    id: u64,
+    session: String,
+    user: User,
+    out: mpsc::Sender<Message>,
+    joined: HashSet<String>,
+    transports: HashMap<String, TransportInfo>,
+    producers: Producers,
+    floors: HashMap<String, Held>,
+    requests: Bucket,
+    ptt: Bucket,
+    refused_in_a_row: u32,
+}
+
+fn valid_name(name: &str) -> bool {
+    let n = name.trim();
+    !n.is_empty() && n.chars().count() <= 64 && !n.chars().any(char::is_control)
+}
+
+pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
+    let user_name = claims
+        .name
+        .clone()
+        .filter(|n| valid_name(n))
+        .unwrap_or_else(|| claims.sub.clone());
+    let (mut sink, mut stream) = socket.split();
+    let created = app
+        .sessions()
+        .create_session(spb::CreateSessionRequest {
+            user_id: claims.sub.clone(),
+            user_name: user_name.clone(),
+            gateway_id: app.gateway_id.clone(),
+            ttl_ms: 0,
+        })
+        .await;
+    let session = match created {
+        Ok(s) => s.into_inner(),
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), "cannot create a session; closing");
+            let close = CloseFrame {
+                code: 1011,
+                reason: "service unavailable".into(),
+            };
+            let _ = sink.send(Message::Close(Some(close))).await;
+            return;
+        }
+    };
+    let (id, mut events) = app.hub.register();
+    let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOX);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = out_rx.recv().await {
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let config = &app.config;
+    let mut conn = Conn {
+        app: Arc::clone(&app),
+        id,
+        session: session.session_id.clone(),
+        user: User {
+            user_id: claims.sub.clone(),
+            user_name,
+        },
+        out,
+        joined: HashSet::new(),
+        transports: HashMap::new(),
+        producers: Producers::default(),
+        floors: HashMap::new(),
+        requests: Bucket::new(config.request_rate, config.request_rate * 2),
+        ptt: Bucket::new(config.ptt_rate, config.ptt_rate),
+        refused_in_a_row: 0,
+    };
+    tracing::info!(conn = id, session_id = %conn.session, user_id = %conn.user.user_id, "connected");
+
+    let ping_every = Duration::from_millis(config.ping_interval_ms);
+    let mut ping = tokio::time::interval(ping_every);
+    let mut touch = tokio::time::interval(Duration::from_millis(u64::from(
+        session.ttl_ms.max(3_000) / 3,
+    )));
+    let mut last_heard = Instant::now();
+    let close_code = loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = Instant::now();
+                    if !conn.on_text(text.as_str()).await {
+                        break 1008;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    last_heard = Instant::now();
+                    conn.send(Frame::error(None, err(Code::BadRequest, "binary frames are not supported"))).await;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_heard = Instant::now(),
+                Some(Ok(Message::Close(_))) | None => break 1000,
+                Some(Err(_)) => break 1002,
+            },
+            Some(event) = events.recv() => conn.on_event(event).await,
+            _ = ping.tick() => {
+                if last_heard.elapsed() > ping_every * 2 {
+                    tracing::info!(conn = id, "no sign of life; closing");
+                    break 1001;
+                }
+                let _ = conn.out.try_send(Message::Ping(Vec::new().into()));
+            }
+            _ = touch.tick() => {
+                let _ = conn.app.sessions().touch_session(spb::TouchSessionRequest { session_id: conn.session.clone() }).await;
+            }
+            () = app.shutdown.cancelled() => break 1001,
+        }
+    };
+    conn.cleanup().await;
+    let reason = if close_code == 1001 { "going away" } else { "" };
+    let _ = conn
+        .out
+        .send(Message::Close(Some(CloseFrame {
+            code: close_code,
+            reason: reason.into(),
+        })))
+        .await;
+    drop(conn);
+    let _ = writer.await;
+    tracing::info!(conn = id, code = close_code, "disconnected");
+}
+
+impl Conn {
+    async fn send(&self, frame: Frame) {
+        match serde_json::to_string(&frame) {
+            Ok(text) => {
+                let _ = self.out.send(Message::Text(text.into())).await;
+            }
+            Err(error) => tracing::error!(%error, "cannot encode a frame"),
+        }
+    }
+
+    /// Handles one text frame; false when the connection must close (flood).
+    async fn on_text(&mut self, text: &str) -> bool {
+        let parsed = protocol::parse(text);
+        if !self.requests.take() {
+            self.refused_in_a_row += 1;
+            self.send(Frame::error(
+                parsed.id,
+                err(Code::RateLimited, "too many requests"),
+            ))
+            .await;
+            return self.refused_in_a_row < FLOOD_LIMIT;
+        }
+        self.refused_in_a_row = 0;
+        let request = match parsed.request {
+            Ok(r) => r,
+            Err(e) => {
+                self.send(Frame::error(parsed.id, e)).await;
+                return true;
+            }
+        };
+        let name = request.name();
+        let denied_push = match &request {
+            Request::PttStart(p) => Some(p.channel_id.clone()),
+            _ => None,
+        };
+        match self.handle(request).await {
+            Ok(data) => {
+                // A denied ptt-start also gets the ptt-denied push.
+                if let (Some(channel), Some(false)) =
+                    (denied_push, data.get("granted").and_then(Value::as_bool))
+                    && data.get("queued").is_none()
+                {
+                    let push = json!({"channelId": channel, "speaker": data["speaker"], "retryAfterMs": data["retryAfterMs"]});
+                    self.send(Frame::reply(name, parsed.id, data)).await;
+                    self.send(Frame::push("ptt-denied", push)).await;
+                } else {
+                    self.send(Frame::reply(name, parsed.id, data)).await;
+                }
+            }
+            Err(e) => self.send(Frame::error(parsed.id, e)).await,
+        }
+        true
+    }
+
+    fn require_joined(&self, channel: &str) -> Result<()> {
+        if self.joined.contains(channel) {
+            Ok(())
+        } else {
+            Err(err(Code::Forbidden, "join the channel first"))
+        }
+    }
+
+    async fn place(&self, channel: &str) -> Result<String> {
+        let placement = self
+            .app
+            .registry()
+            .place_channel(spb::PlaceChannelRequest {
+                channel_id: channel.to_owned(),
+            })
+            .await?
+            .into_inner();
+        placement
+            .node
+            .map(|n| n.grpc_addr)
+            .ok_or(err(Code::Unavailable, "no media node"))
+    }
+
+    fn media(
+        &self,
+        node: &str,
+    ) -> Result<mpb::media_service_client::MediaServiceClient<tonic::transport::Channel>> {
+        self.app
+            .media(node)
+            .ok_or(err(Code::Unavailable, "media node unreachable"))
+    }
+
+    async fn handle(&mut self, request: Request) -> Result<Value> {
+        match request {
+            Request::Ping(_) => Ok(json!({ "serverTime": crate_now_ms() })),
+            Request::JoinChannel(r) => {
+                let state = self
+                    .app
+                    .sessions()
+                    .join_channel(spb::JoinChannelRequest {
+                        session_id: self.session.clone(),
+                        channel_id: r.channel_id.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                self.app.hub.follow(self.id, &r.channel_id);
+                self.joined.insert(r.channel_id);
+                Ok(json!({ "channel": channel_state(&state) }))
+            }
+            Request::LeaveChannel(r) => {
+                self.require_joined(&r.channel_id)?;
+                self.stop_holding(&r.channel_id);
+                let ids: Vec<String> = self
+                    .transports
+                    .iter()
+                    .filter(|(_, t)| t.channel == r.channel_id)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in ids {
+                    self.close_transport(&id).await;
+                }
+                self.app
+                    .sessions()
+                    .leave_channel(spb::LeaveChannelRequest {
+                        session_id: self.session.clone(),
+                        channel_id: r.channel_id.clone(),
+                    })
+                    .await?;
+                self.app.hub.unfollow(self.id, &r.channel_id);
+                self.joined.remove(&r.channel_id);
+                Ok(json!({}))
+            }
+            Request::GetRouterCapabilities(r) => {
+                self.require_joined(&r.channel_id)?;
+                let node = self.place(&r.channel_id).await?;
+                let caps = self
+                    .media(&node)?
+                    .get_router_capabilities(mpb::GetRouterCapabilitiesRequest {
+                        channel_id: r.channel_id,
+                    })
+                    .await?
+                    .into_inner();
+                let codecs: Vec<Value> = caps
+                    .codecs
+                    .iter()
+                    .map(|c| json!({"mimeType": c.mime_type, "clockRate": c.clock_rate, "channels": c.channels, "payloadType": c.payload_type, "fmtp": c.fmtp}))
+                    .collect();
+                Ok(json!({ "codecs": codecs }))
+            }
+            Request::CreateTransport(r) => {
+                self.require_joined(&r.channel_id)?;
+                let node = self.place(&r.channel_id).await?;
+                let direction = match r.direction {
+                    TransportDirection::Send => mpb::Direction::Send,
+                    TransportDirection::Recv => mpb::Direction::Recv,
+                };
+                let created = self
+                    .media(&node)?
+                    .create_transport(mpb::CreateTransportRequest {
+                        channel_id: r.channel_id.clone(),
+                        session_id: self.session.clone(),
+                        direction: direction.into(),
+                    })
+                    .await?
+                    .into_inner();
+                let offer = created.offer.map(|o| o.sdp).unwrap_or_default();
+                self.transports.insert(
+                    created.transport_id.clone(),
+                    TransportInfo {
+                        channel: r.channel_id,
+                        node,
+                        direction: r.direction,
+                    },
+                );
+                Ok(
+                    json!({ "transportId": created.transport_id, "offer": {"type": "offer", "sdp": offer} }),
+                )
+            }
+            Request::ConnectTransport(r) => {
+                let info = self
+                    .transports
+                    .get(&r.transport_id)
+                    .cloned()
+                    .ok_or(err(Code::NotFound, "unknown transport"))?;
+                let payload = match (r.answer, r.candidate) {
+                    (Some(answer), None) if answer.kind == "answer" => {
+                        mpb::connect_transport_request::Payload::Answer(mpb::SessionDescription {
+                            r#type: answer.kind,
+                            sdp: answer.sdp,
+                        })
+                    }
+                    (None, Some(c)) => {
+                        mpb::connect_transport_request::Payload::Candidate(mpb::IceCandidate {
+                            candidate: c.candidate,
+                            sdp_mid: c.sdp_mid.unwrap_or_default(),
+                            sdp_mline_index: c.sdp_m_line_index.unwrap_or(0),
+                        })
+                    }
+                    _ => return Err(err(Code::BadRequest, "send an answer or a candidate")),
+                };
+                self.media(&info.node)?
+                    .connect_transport(mpb::ConnectTransportRequest {
+                        transport_id: r.transport_id,
+                        session_id: self.session.clone(),
+                        payload: Some(payload),
+                    })
+                    .await?;
+                Ok(json!({}))
+            }
+            Request::Produce(r) => {
+                if r.kind != "audio" {
+                    return Err(err(Code::BadRequest, "only audio can be produced"));
+                }
+                let info = self
+                    .transports
+                    .get(&r.transport_id)
+                    .cloned()
+                    .ok_or(err(Code::NotFound, "unknown transport"))?;
+                if info.channel != r.channel_id || info.direction != TransportDirection::Send {
+                    return Err(err(
+                        Code::BadRequest,
+                        "not a send transport of this channel",
+                    ));
+                }
+                let producer = self
+                    .media(&info.node)?
+                    .produce(mpb::ProduceRequest {
+                        transport_id: r.transport_id,
+                        session_id: self.session.clone(),
+                        channel_id: r.channel_id.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .producer_id;
+                self.lock_producers()
+                    .insert(r.channel_id, (producer.clone(), info.node));
+                Ok(json!({ "producerId": producer }))
+            }
+            Request::Consume(r) => {
+                self.require_joined(&r.channel_id)?;
+                let (transport_id, info) = self
+                    .transports
+                    .iter()
+                    .find(|(_, t)| {
+                        t.channel == r.channel_id && t.direction == TransportDirection::Recv
+                    })
+                    .map(|(id, t)| (id.clone(), t.clone()))
+                    .ok_or(err(Code::BadRequest, "create a recv transport first"))?;
+                let consumed = self
+                    .media(&info.node)?
+                    .consume(mpb::ConsumeRequest {
+                        transport_id,
+                        session_id: self.session.clone(),
+                        channel_id: r.channel_id,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(
+                    json!({ "consumerId": consumed.consumer_id, "kind": "audio", "ssrc": consumed.ssrc }),
+                )
+            }
+            Request::PttStart(r) => {
+                self.require_joined(&r.channel_id)?;
+                if !self.ptt.take() {
+                    return Err(err(Code::RateLimited, "too many ptt-start requests"));
+                }
+                // Roles arrive later: until then every user talks at normal priority.
+                if r.priority.unwrap_or(0) > 0 {
+                    return Err(err(Code::Forbidden, "priority not allowed for this user"));
+                }
+                self.ptt_start(&r.channel_id).await
+            }
+            Request::PttStop(r) => {
+                self.require_joined(&r.channel_id)?;
+                self.ptt_stop(&r.channel_id).await
+            }
+        }
+    }
+
+    fn lock_producers(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String)>> {
+        self.producers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn ptt_start(&mut self, channel: &str) -> Result<Value> {
+        let reply = self
+            .app
+            .floors()
+            .acquire_floor(spb::AcquireFloorRequest {
+                channel_id: channel.to_owned(),
+                session_id: self.session.clone(),
+                priority: 0,
+            })
+            .await?
+            .into_inner();
+        let holder = reply.holder.clone().unwrap_or_default();
+        match reply.outcome() {
+            spb::AcquireOutcome::Granted => {
+                // The media node first: the client unmutes on our reply, and its first words
+                // must already be forwarded.
+                let lease_ms = (holder.expires_at_ms - reply.server_time_ms).max(300);
+                self.tell_media(channel, holder.epoch, holder.expires_at_ms)
+                    .await?;
+                self.hold(channel, holder.epoch, lease_ms);
+                Ok(
+                    json!({"granted": true, "epoch": holder.epoch, "expiresAt": holder.expires_at_ms, "maxTalkMs": reply.max_talk_ms}),
+                )
+            }
+            spb::AcquireOutcome::Queued => Ok(
+                json!({"granted": false, "queued": true, "position": reply.queue_position, "speaker": user_of(&holder)}),
+            ),
+            _ => Ok(
+                json!({"granted": false, "speaker": user_of(&holder), "retryAfterMs": reply.retry_after_ms.max(0)}),
+            ),
+        }
+    }
+
+    async fn tell_media(&self, channel: &str, epoch: u64, expires_at_ms: i64) -> Result<()> {
+        let known = self.lock_producers().get(channel).map(|(_, n)| n.clone());
+        let node = match known {
+            Some(node) => node,
+            None => self.place(channel).await?,
+        };
+        set_floor(
+            &self.app,
+            &self.producers,
+            channel,
+            &node,
+            epoch,
+            expires_at_ms,
+        )
+        .await
+    }
+
+    fn hold(&mut self, channel: &str, epoch: u64, lease_ms: i64) {
+        self.stop_holding(channel);
+        let renewal = tokio::spawn(renew(
+            Arc::clone(&self.app),
+            Arc::clone(&self.producers),
+            channel.to_owned(),
+            self.session.clone(),
+            epoch,
+            Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1_000).max(100)),
+        ));
+        self.floors
+            .insert(channel.to_owned(), Held { epoch, renewal });
+    }
+
+    fn stop_holding(&mut self, channel: &str) -> Option<u64> {
+        self.floors.remove(channel).map(|held| {
+            held.renewal.abort();
+            held.epoch
+        })
+    }
+
+    async fn ptt_stop(&mut self, channel: &str) -> Result<Value> {
+        let epoch = self.stop_holding(channel).unwrap_or(0);
+        let released = self
+            .app
+            .floors()
+            .release_floor(spb::ReleaseFloorRequest {
+                channel_id: channel.to_owned(),
+                session_id: self.session.clone(),
+                epoch,
+            })
+            .await?
+            .into_inner();
+        if released.released {
+            // Cut at once with the release's epoch; the watch says so too, a moment later.
+            if let Ok(node) = self.place(channel).await {
+                let cut = mpb::SetFloorRequest {
+                    channel_id: channel.to_owned(),
+                    producer_id: String::new(),
+                    epoch: released.epoch,
+                    expires_at_ms: 0,
+                };
+                if let Err(status) = self.media(&node)?.set_floor(cut).await {
+                    tracing::warn!(code = ?status.code(), "media node did not take the release");
+                }
+            }
+        }
+        Ok(json!({}))
+    }
+
+    async fn on_event(&mut self, event: HubEvent) {
+        match event {
+            HubEvent::Floor(change) => {
+                let mine = change
+                    .holder
+                    .as_ref()
+                    .and_then(|h| h.speaker.as_ref())
+                    .is_some_and(|s| s.session_id == self.session);
+                if let Some(held) = self.floors.get(&change.channel_id)
+                    && held.epoch < change.epoch
+                    && !mine
+                {
+                    self.stop_holding(&change.channel_id);
+                }
+                if mine
+                    && let Some(h) = &change.holder
+                    && !self.floors.contains_key(&change.channel_id)
+                {
+                    // Granted from the queue: take it up as if just granted.
+                    let lease_ms = (h.expires_at_ms - change.at_ms).max(300);
+                    if self
+                        .tell_media(&change.channel_id, h.epoch, h.expires_at_ms)
+                        .await
+                        .is_ok()
+                    {
+                        self.hold(&change.channel_id, h.epoch, lease_ms);
+                    }
+                }
+                let speaker = change.holder.as_ref().map(user_of);
+                let data = json!({"channelId": change.channel_id, "speaker": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
+                self.send(Frame::push("speaker-changed", data)).await;
+            }
+            HubEvent::State(state) => {
+                self.send(Frame::push("channel-state", channel_state(&state)))
+                    .await
+            }
+        }
+    }
+
+    async fn close_transport(&mut self, transport_id: &str) {
+        if let Some(info) = self.transports.remove(transport_id)
+            && let Ok(mut media) = self.media(&info.node)
+        {
+            let _ = media
+                .close_transport(mpb::CloseTransportRequest {
+                    transport_id: transport_id.to_owned(),
+                    session_id: self.session.clone(),
+                })
+                .await;
+            self.lock_producers()
+                .retain(|ch, _| *ch != info.channel || info.direction != TransportDirection::Send);
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        for (_, held) in self.floors.drain() {
+            held.renewal.abort();
+        }
+        self.app.hub.unregister(self.id);
+        // One call releases the session's floors (reason `disconnected`) and memberships for
+        // every gateway's clients.
+        if let Err(status) = self
+            .app
+            .sessions()
+            .remove_session(spb::RemoveSessionRequest {
+                session_id: self.session.clone(),
+            })
+            .await
+        {
+            tracing::warn!(code = ?status.code(), "session removal failed; it will expire");
+        }
+        let nodes: HashSet<String> = self.transports.values().map(|t| t.node.clone()).collect();
+        for node in nodes {
+            if let Ok(mut media) = self.media(&node) {
+                let _ = media
+                    .close_session(mpb::CloseSessionRequest {
+                        session_id: self.session.clone(),
+                    })
+                    .await;
+            }
+        }
+        self.transports.clear();
+    }
+}
+
+async fn set_floor(
+    app: &AppState,
+    producers: &Producers,
+    channel: &str,
+    node: &str,
+    epoch: u64,
+    expires_at_ms: i64,
+) -> Result<()> {
+    let producer = producers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(channel)
+        .map(|(p, _)| p.clone())
+        .unwrap_or_default();
+    let mut media = app
+        .media(node)
+        .ok_or(err(Code::Unavailable, "media node unreachable"))?;
+    media
+        .set_floor(mpb::SetFloorRequest {
+            channel_id: channel.to_owned(),
+            producer_id: producer,
+            epoch,
+            expires_at_ms,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Renews a held floor until it is refused (released, revoked, expired) or aborted.
+async fn renew(
+    app: Arc<AppState>,
+    producers: Producers,
+    channel: String,
+    session: String,
+    epoch: u64,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let renewed = app
+            .floors()
+            .renew_floor(spb::RenewFloorRequest {
+                channel_id: channel.clone(),
+                session_id: session.clone(),
+                epoch,
+            })
+            .await;
+        match renewed.map(tonic::Response::into_inner) {
+            Ok(r) if r.renewed => {
+                let node = producers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&channel)
+                    .map(|(_, n)| n.clone());
+                if let Some(node) = node {
+                    let _ =
+                        set_floor(&app, &producers, &channel, &node, epoch, r.expires_at_ms).await;
+                }
+            }
+            Ok(_) => return,
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), %channel, "floor renewal failed; retrying")
+            }
+        }
+    }
+}
+
+fn user_of(holder: &spb::FloorHolder) -> Value {
+    holder
+        .speaker
+        .as_ref()
+        .map(|s| json!({"userId": s.user_id, "userName": s.user_name}))
+        .unwrap_or(Value::Null)
+}
+
+fn channel_state(state: &spb::ChannelState) -> Value {
+    let mut seen = HashSet::new();
+    let members: Vec<Value> = state
+        .members
+        .iter()
+        .filter(|m| seen.insert(m.user_id.clone()))
+        .map(|m| json!({"userId": m.user_id, "userName": m.user_name}))
+        .collect();
+    json!({
+        "channelId": state.channel_id,
+        "speaker": state.holder.as_ref().map(user_of),
+        "members": members,
+        "busy": state.busy,
+        "epoch": state.epoch,
+    })
+}
+
+fn reason(r: spb::FloorReason) -> &'static str {
+    match r {
+        spb::FloorReason::Granted => "granted",
+        spb::FloorReason::Released => "released",
+        spb::FloorReason::Preempted => "preempted",
+        spb::FloorReason::LeaseExpired => "lease-expired",
+        spb::FloorReason::MaxTalkTime => "max-talk-time",
+        spb::FloorReason::ForceReleased => "force-released",
+        spb::FloorReason::LeftChannel => "left-channel",
+        spb::FloorReason::Disconnected => "disconnected",
+        spb::FloorReason::QueueGranted => "queue-granted",
+        spb::FloorReason::Unspecified => "unknown",
+    }
+}
+
+fn crate_now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,236 @@
+//! The gateway's one `Watch` on state-svc, shared by all its connections.
+//!
+//! Connections say which channels they are in; the hub subscribes exactly those, keeps each
+//! channel's state (snapshot, then floor changes last-epoch-wins and membership changes), and
+//! hands every change to the local connections in the channel. Because the events come from
+//! state-svc, a change made through any gateway replica reaches clients on every replica. After
+//! a reconnect (backoff 1, 2, 4, 8, 16, 30 s) state-svc sends fresh snapshots, which reach the
+//! clients as `channel-state`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use talkgroup_proto::state::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Events a connection may have queued before the hub drops its events.
+pub const CONNECTION_EVENTS: usize = 256;
+const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
+
+/// What a connection receives.
+#[derive(Debug, Clone)]
+pub enum HubEvent {
+    Floor(pb::FloorChanged),
+    State(pb::ChannelState),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    conns: HashMap<u64, mpsc::Sender<HubEvent>>,
+    by_channel: HashMap<String, HashSet<u64>>,
+    cache: HashMap<String, pb::ChannelState>,
+}
+
+#[derive(Debug)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+    wanted: watch::Sender<HashSet<String>>,
+}
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::default(),
+            wanted: watch::Sender::new(HashSet::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn register(&self) -> (u64, mpsc::Receiver<HubEvent>) {
+        let (tx, rx) = mpsc::channel(CONNECTION_EVENTS);
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.conns.insert(id, tx);
+        (id, rx)
+    }
+
+    pub fn follow(&self, conn: u64, channel: &str) {
+        let mut inner = self.lock();
+        inner
+            .by_channel
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(conn);
+        self.publish(&inner);
+    }
+
+    pub fn unfollow(&self, conn: u64, channel: &str) {
+        let mut inner = self.lock();
+        if let Some(set) = inner.by_channel.get_mut(channel) {
+            set.remove(&conn);
+            if set.is_empty() {
+                inner.by_channel.remove(channel);
+                inner.cache.remove(channel);
+            }
+        }
+        self.publish(&inner);
+    }
+
+    pub fn unregister(&self, conn: u64) {
+        let mut inner = self.lock();
+        inner.conns.remove(&conn);
+        let channels: Vec<String> = inner.by_channel.keys().cloned().collect();
+        for ch in channels {
+            if let Some(set) = inner.by_channel.get_mut(&ch) {
+                set.remove(&conn);
+                if set.is_empty() {
+                    inner.by_channel.remove(&ch);
+                    inner.cache.remove(&ch);
+                }
+            }
+        }
+        self.publish(&inner);
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    fn publish(&self, inner: &Inner) {
+        let wanted: HashSet<String> = inner.by_channel.keys().cloned().collect();
+        self.wanted.send_if_modified(|current| {
+            if *current == wanted {
+                false
+            } else {
+                *current = wanted;
+                true
+            }
+        });
+    }
+
+    fn dispatch(&self, event: pb::watch_event::Event) {
+        let mut inner = self.lock();
+        let (channel, out) = match event {
+            pb::watch_event::Event::Snapshot(state) => {
+                inner.cache.insert(state.channel_id.clone(), state.clone());
+                (state.channel_id.clone(), HubEvent::State(state))
+            }
+            pb::watch_event::Event::Floor(change) => {
+                let Some(state) = inner.cache.get_mut(&change.channel_id) else {
+                    return;
+                };
+                if change.epoch < state.epoch {
+                    return;
+                }
+                state.epoch = change.epoch;
+                state.holder.clone_from(&change.holder);
+                state.busy = change.holder.is_some();
+                (change.channel_id.clone(), HubEvent::Floor(change))
+            }
+            pb::watch_event::Event::Membership(change) => {
+                let Some(state) = inner.cache.get_mut(&change.channel_id) else {
+                    return;
+                };
+                let Some(member) = change.member.clone() else {
+                    return;
+                };
+                state.members.retain(|m| m.session_id != member.session_id);
+                if change.change() == pb::MembershipChange::Joined {
+                    state.members.push(member);
+                }
+                (change.channel_id.clone(), HubEvent::State(state.clone()))
+            }
+        };
+        let Some(ids) = inner.by_channel.get(&channel) else {
+            return;
+        };
+        for id in ids {
+            if let Some(tx) = inner.conns.get(id)
+                && tx.try_send(out.clone()).is_err()
+            {
+                tracing::warn!(conn = id, "connection too slow for events; one dropped");
+            }
+        }
+    }
+
+    /// Keeps the watch open until shutdown, reconnecting with backoff.
+    pub async fn run(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
+        let mut attempt = 0usize;
+        loop {
+            match self.watch_once(state.clone(), &shutdown).await {
+                Ok(()) => return,
+                Err(error) => {
+                    let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
+                    attempt += 1;
+                    tracing::warn!(%error, retry_in_s = wait.as_secs(), "state watch interrupted");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn watch_once(
+        &self,
+        state: Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), tonic::Status> {
+        let mut client = pb::channel_service_client::ChannelServiceClient::new(state);
+        let (tx, rx) = mpsc::channel(64);
+        let mut stream = client
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut wanted = self.wanted.subscribe();
+        let mut subscribed: HashSet<String> = HashSet::new();
+        loop {
+            let now = wanted.borrow_and_update().clone();
+            let add: Vec<String> = now.difference(&subscribed).cloned().collect();
+            let remove: Vec<String> = subscribed.difference(&now).cloned().collect();
+            for chunk in add.chunks(500) {
+                let action = pb::watch_request::Action::Subscribe(pb::ChannelSet {
+                    channel_ids: chunk.to_vec(),
+                });
+                tx.send(pb::WatchRequest {
+                    action: Some(action),
+                })
+                .await
+                .map_err(|_| tonic::Status::unavailable("watch closed"))?;
+            }
+            for chunk in remove.chunks(500) {
+                let action = pb::watch_request::Action::Unsubscribe(pb::ChannelSet {
+                    channel_ids: chunk.to_vec(),
+                });
+                tx.send(pb::WatchRequest {
+                    action: Some(action),
+                })
+                .await
+                .map_err(|_| tonic::Status::unavailable("watch closed"))?;
+            }
+            subscribed = now;
+            tokio::select! {
+                changed = wanted.changed() => if changed.is_err() { return Ok(()) },
+                event = stream.next() => match event {
+                    Some(Ok(pb::WatchEvent { event: Some(event) })) => self.dispatch(event),
+                    Some(Ok(_)) => {}
+                    Some(Err(status)) => return Err(status),
+                    None => return Err(tonic::Status::unavailable("watch ended")),
+                },
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}

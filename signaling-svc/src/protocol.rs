@@ -1,0 +1,339 @@
+//! The client protocol on the wire: `{"type", "id", "data"}` envelopes, typed requests, replies,
+//! pushes and the stable error codes. See `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest frame accepted from a client.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Longest request id echoed back.
+const MAX_ID_CHARS: usize = 128;
+
+/// Stable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Code {
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    BadRequest,
+    FloorBusy,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+/// An error for the client: a code and a safe, fixed message.
+#[derive(Debug, Clone, Serialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ClientError {
+    pub code: Code,
+    pub message: &'static str,
+}
+
+impl ClientError {
+    pub const fn new(code: Code, message: &'static str) -> Self {
+        Self { code, message }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::InvalidArgument => Self::new(Code::BadRequest, "invalid request"),
+            tonic::Code::NotFound => Self::new(Code::NotFound, "not found"),
+            tonic::Code::FailedPrecondition => {
+                Self::new(Code::Forbidden, "not allowed in this state")
+            }
+            tonic::Code::PermissionDenied => Self::new(Code::Forbidden, "forbidden"),
+            tonic::Code::ResourceExhausted => Self::new(Code::RateLimited, "capacity exhausted"),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                Self::new(Code::Unavailable, "service unavailable")
+            }
+            _ => {
+                tracing::warn!(code = ?status.code(), "backend call failed");
+                Self::new(Code::Internal, "internal error")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChannelRef {
+    pub channel_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateTransport {
+    pub channel_id: String,
+    pub direction: TransportDirection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportDirection {
+    Send,
+    Recv,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SessionDescription {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub sdp: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IceCandidate {
+    pub candidate: String,
+    #[serde(default)]
+    pub sdp_mid: Option<String>,
+    #[serde(default, rename = "sdpMLineIndex")]
+    pub sdp_m_line_index: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectTransport {
+    pub transport_id: String,
+    #[serde(default)]
+    pub answer: Option<SessionDescription>,
+    #[serde(default)]
+    pub candidate: Option<IceCandidate>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Produce {
+    pub transport_id: String,
+    pub channel_id: String,
+    #[serde(default = "audio")]
+    pub kind: String,
+}
+
+fn audio() -> String {
+    "audio".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PttStart {
+    pub channel_id: String,
+    #[serde(default)]
+    pub priority: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// Every request a client may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "kebab-case")]
+pub enum Request {
+    JoinChannel(ChannelRef),
+    LeaveChannel(ChannelRef),
+    GetRouterCapabilities(ChannelRef),
+    CreateTransport(CreateTransport),
+    ConnectTransport(ConnectTransport),
+    Produce(Produce),
+    Consume(ChannelRef),
+    PttStart(PttStart),
+    PttStop(ChannelRef),
+    Ping(Empty),
+}
+
+impl Request {
+    /// The wire name, for replies.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::JoinChannel(_) => "join-channel",
+            Self::LeaveChannel(_) => "leave-channel",
+            Self::GetRouterCapabilities(_) => "get-router-capabilities",
+            Self::CreateTransport(_) => "create-transport",
+            Self::ConnectTransport(_) => "connect-transport",
+            Self::Produce(_) => "produce",
+            Self::Consume(_) => "consume",
+            Self::PttStart(_) => "ptt-start",
+            Self::PttStop(_) => "ptt-stop",
+            Self::Ping(_) => "pong",
+        }
+    }
+}
+
+const KNOWN: [&str; 10] = [
+    "join-channel",
+    "leave-channel",
+    "get-router-capabilities",
+    "create-transport",
+    "connect-transport",
+    "produce",
+    "consume",
+    "ptt-start",
+    "ptt-stop",
+    "ping",
+];
+
+/// A parsed frame: the request, or why it was refused; with the id to answer to.
+#[derive(Debug)]
+pub struct Parsed {
+    pub id: Option<String>,
+    pub request: Result<Request, ClientError>,
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Parsed {
+    let Ok(mut value) = serde_json::from_str::<Value>(text) else {
+        return Parsed {
+            id: None,
+            request: Err(ClientError::new(Code::BadRequest, "invalid JSON")),
+        };
+    };
+    let Some(object) = value.as_object_mut() else {
+        return Parsed {
+            id: None,
+            request: Err(ClientError::new(Code::BadRequest, "expected an object")),
+        };
+    };
+    let id = match object.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() <= MAX_ID_CHARS => Some(s),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => {
+            return Parsed {
+                id: None,
+                request: Err(ClientError::new(Code::BadRequest, "invalid id")),
+            };
+        }
+    };
+    let kind = object
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if !KNOWN.contains(&kind.as_str()) {
+        return Parsed {
+            id,
+            request: Err(ClientError::new(Code::BadRequest, "unknown message type")),
+        };
+    }
+    object
+        .entry("data")
+        .or_insert_with(|| Value::Object(Default::default()));
+    let request = serde_json::from_value::<Request>(value)
+        .map_err(|_| ClientError::new(Code::BadRequest, "missing or invalid fields"));
+    Parsed { id, request }
+}
+
+/// A frame to the client.
+#[derive(Debug, Clone, Serialize)]
+pub struct Frame {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ClientError>,
+}
+
+impl Frame {
+    pub fn reply(kind: &'static str, id: Option<String>, data: Value) -> Self {
+        Self {
+            kind,
+            id,
+            data: Some(data),
+            error: None,
+        }
+    }
+
+    pub fn push(kind: &'static str, data: Value) -> Self {
+        Self {
+            kind,
+            id: None,
+            data: Some(data),
+            error: None,
+        }
+    }
+
+    pub fn error(id: Option<String>, error: ClientError) -> Self {
+        Self {
+            kind: "error",
+            id,
+            data: None,
+            error: Some(error),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    pub user_id: String,
+    pub user_name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_with_and_without_data() {
+        let p = parse(r#"{"type":"ping","id":"7"}"#);
+        assert_eq!(p.id.as_deref(), Some("7"));
+        assert!(matches!(p.request, Ok(Request::Ping(_))));
+        let p = parse(r#"{"type":"ptt-start","id":1,"data":{"channelId":"ops","priority":5}}"#);
+        assert!(matches!(
+            p.request,
+            Ok(Request::PttStart(PttStart {
+                priority: Some(5),
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn bad_frames_get_stable_codes() {
+        for (frame, message) in [
+            ("not json", "invalid JSON"),
+            (r#"{"type":"fly","id":"1"}"#, "unknown message type"),
+            (
+                r#"{"type":"join-channel","id":"1","data":{}}"#,
+                "missing or invalid fields",
+            ),
+            (
+                r#"{"type":"join-channel","data":{"channelId":"a","x":1}}"#,
+                "missing or invalid fields",
+            ),
+        ] {
+            let p = parse(frame);
+            let err = p.request.unwrap_err();
+            assert_eq!(
+                (err.code, err.message),
+                (Code::BadRequest, message),
+                "{frame}"
+            );
+        }
+        assert_eq!(
+            parse(r#"{"type":"fly","id":"1"}"#).id.as_deref(),
+            Some("1"),
+            "id still echoed"
+        );
+    }
+
+    #[test]
+    fn frames_serialize_as_documented() {
+        let f = Frame::error(
+            Some("9".into()),
+            ClientError::new(Code::FloorBusy, "floor busy"),
+        );
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"type":"error","id":"9","error":{"code":"FLOOR_BUSY","message":"floor busy"}}"#
+        );
+    }
+}

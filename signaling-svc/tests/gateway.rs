@@ -1,0 +1,411 @@
+//! The gateway against the real state-svc and media-svc (in-process, on ephemeral ports), driven
+//! by a WebSocket client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use testkit::wait_until;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "a-test-secret-of-enough-length";
+
+fn token(sub: &str, name: &str, exp_offset: i64, secret: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = json!({"sub": sub, "name": name, "exp": now + exp_offset});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+struct Stack {
+    gateways: Vec<SocketAddr>,
+    stop: CancellationToken,
+}
+
+async fn serve<F: Future<Output = ()> + Send + 'static>(
+    f: impl FnOnce(tokio::net::TcpListener) -> F,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(f(listener));
+    addr
+}
+
+/// state-svc (memory store), one media node registered with it, and `gateways` gateways.
+async fn stack(gateways: usize, lease_ms: u32, max_talk_ms: u32) -> Stack {
+    let stop = CancellationToken::new();
+    let mut state_config = state_svc::Config::for_tests();
+    state_config.lease_ms = lease_ms;
+    state_config.max_talk_ms = max_talk_ms;
+    state_config.node_heartbeat_ms = 100;
+    let s = stop.clone();
+    let state =
+        serve(move |l| async move { state_svc::run(state_config, l, s).await.unwrap() }).await;
+    let mut media_config = media_svc::Config::for_tests();
+    media_config.state_url = Some(format!("http://{state}"));
+    media_config.drain_timeout_ms = 100;
+    let s = stop.clone();
+    serve(move |l| async move { media_svc::run(media_config, l, s).await.unwrap() }).await;
+    let mut addrs = Vec::new();
+    for _ in 0..gateways {
+        let mut config = signaling_svc::Config::for_tests(SECRET);
+        config.state_url = format!("http://{state}");
+        config.shutdown_grace_ms = 2_000;
+        let s = stop.clone();
+        addrs.push(
+            serve(move |l| async move { signaling_svc::run(config, l, s).await.unwrap() }).await,
+        );
+    }
+    // The media node is registered before anyone talks.
+    let addr = addrs[0];
+    wait_until(Duration::from_secs(5), "a live media node", || async move {
+        let body = reqwest_health(addr).await;
+        body["mediaNodes"].as_u64().unwrap_or(0) >= 1
+    })
+    .await
+    .unwrap();
+    Stack {
+        gateways: addrs,
+        stop,
+    }
+}
+
+/// GET /health with a bare HTTP/1.1 request.
+async fn reqwest_health(addr: SocketAddr) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return Value::Null;
+    };
+    let _ = s
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null)
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Client {
+    ws: Ws,
+    next_id: u64,
+    pushes: Vec<Value>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, sub: &str, name: &str) -> Self {
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token(sub, name, 600, SECRET))
+                .parse()
+                .unwrap(),
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        Self {
+            ws,
+            next_id: 0,
+            pushes: Vec::new(),
+        }
+    }
+
+    async fn next_frame(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .expect("a frame within 5 s")
+                .expect("open")
+                .expect("ok");
+            if let Message::Text(t) = msg {
+                return serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply; pushes that arrive meanwhile are kept.
+    async fn request(&mut self, kind: &str, data: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id.to_string();
+        let frame = json!({"type": kind, "id": id, "data": data});
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        loop {
+            let frame = self.next_frame().await;
+            if frame["id"] == id.as_str() {
+                return frame;
+            }
+            self.pushes.push(frame);
+        }
+    }
+
+    /// The next push of `kind` (kept or new).
+    async fn push(&mut self, kind: &str) -> Value {
+        if let Some(i) = self.pushes.iter().position(|p| p["type"] == kind) {
+            return self.pushes.remove(i);
+        }
+        loop {
+            let frame = self.next_frame().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+            self.pushes.push(frame);
+        }
+    }
+
+    /// The next `speaker-changed` push with `reason`.
+    async fn speaker_changed(&mut self, reason: &str) -> Value {
+        loop {
+            let p = self.push("speaker-changed").await;
+            if p["data"]["reason"] == reason {
+                return p;
+            }
+        }
+    }
+}
+
+async fn http_status(
+    addr: SocketAddr,
+    configure: impl FnOnce(&mut tokio_tungstenite::tungstenite::handshake::client::Request),
+    path: &str,
+) -> Result<Option<String>, u16> {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    configure(&mut request);
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => Ok(response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_owned())),
+        Err(WsError::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("unexpected {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_location_works_and_bad_tokens_get_401() {
+    let stack = stack(1, 5_000, 60_000).await;
+    let gw = stack.gateways[0];
+    let good = token("u1", "Ana", 600, SECRET);
+    assert!(
+        http_status(
+            gw,
+            |r| {
+                r.headers_mut()
+                    .insert("authorization", format!("Bearer {good}").parse().unwrap());
+            },
+            "/ws"
+        )
+        .await
+        .is_ok()
+    );
+    assert!(
+        http_status(gw, |_| {}, &format!("/ws?token={good}"))
+            .await
+            .is_ok()
+    );
+    let selected = http_status(
+        gw,
+        |r| {
+            r.headers_mut().insert(
+                "sec-websocket-protocol",
+                format!("voiceping, {good}").parse().unwrap(),
+            );
+        },
+        "/ws",
+    )
+    .await;
+    assert_eq!(
+        selected.unwrap().as_deref(),
+        Some("voiceping"),
+        "the reply selects voiceping"
+    );
+
+    let expired = token("u1", "Ana", -600, SECRET);
+    let wrong_key = token("u1", "Ana", 600, "another-secret-of-enough-length");
+    let header = r#"{"alg":"none","typ":"JWT"}"#;
+    let payload = format!(
+        r#"{{"sub":"u1","exp":{}}}"#,
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600
+    );
+    let alg_none = format!("{}.{}.", b64(header), b64(&payload));
+    for bad in [
+        "",
+        "garbage",
+        "a.b.c",
+        expired.as_str(),
+        wrong_key.as_str(),
+        alg_none.as_str(),
+    ] {
+        let result = http_status(
+            gw,
+            |r| {
+                r.headers_mut()
+                    .insert("authorization", format!("Bearer {bad}").parse().unwrap());
+            },
+            "/ws",
+        )
+        .await;
+        assert_eq!(result.unwrap_err(), 401, "token {bad:?}");
+    }
+    assert_eq!(
+        http_status(gw, |_| {}, "/ws").await.unwrap_err(),
+        401,
+        "no token at all"
+    );
+    stack.stop.cancel();
+}
+
+fn b64(s: &str) -> String {
+    const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = s.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_join_floor_contention_and_disconnect() {
+    let stack = stack(1, 5_000, 60_000).await;
+    let gw = stack.gateways[0];
+    let mut a = Client::connect(gw, "u-ana", "Ana").await;
+    let mut b = Client::connect(gw, "u-bo", "Bo").await;
+
+    let pong = a.request("ping", json!({})).await;
+    assert_eq!(pong["type"], "pong");
+    assert!(pong["data"]["serverTime"].as_i64().unwrap() > 0);
+
+    let bad = a.request("fly", json!({})).await;
+    assert_eq!(bad["error"]["code"], "BAD_REQUEST");
+    let not_joined = a.request("ptt-start", json!({"channelId": "ops"})).await;
+    assert_eq!(not_joined["error"]["code"], "FORBIDDEN");
+
+    a.request("join-channel", json!({"channelId": "ops"})).await;
+    let joined = b.request("join-channel", json!({"channelId": "ops"})).await;
+    let names: Vec<&str> = joined["data"]["channel"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Ana", "Bo"]);
+    // Ana sees Bo arrive.
+    loop {
+        let state = a.push("channel-state").await;
+        if state["data"]["members"].as_array().unwrap().len() == 2 {
+            break;
+        }
+    }
+
+    let granted = a.request("ptt-start", json!({"channelId": "ops"})).await;
+    assert_eq!(granted["data"]["granted"], true, "{granted}");
+    assert!(granted["data"]["epoch"].as_u64().unwrap() > 0);
+    assert_eq!(granted["data"]["maxTalkMs"], 60_000);
+    assert_eq!(
+        b.speaker_changed("granted").await["data"]["speaker"]["userName"],
+        "Ana"
+    );
+
+    let denied = b.request("ptt-start", json!({"channelId": "ops"})).await;
+    assert_eq!(denied["data"]["granted"], false);
+    assert_eq!(denied["data"]["speaker"]["userName"], "Ana");
+    assert_eq!(
+        b.push("ptt-denied").await["data"]["speaker"]["userId"],
+        "u-ana"
+    );
+
+    // Bo's stop must not release Ana's floor (the original VoicePing's bug).
+    b.request("ptt-stop", json!({"channelId": "ops"})).await;
+    let again = b.request("ptt-start", json!({"channelId": "ops"})).await;
+    assert_eq!(again["data"]["granted"], false, "Ana still holds the floor");
+
+    // Ana drops off: the floor is freed and everyone hears why.
+    drop(a);
+    let freed = b.speaker_changed("disconnected").await;
+    assert!(freed["data"]["speaker"].is_null());
+    let now_bo = b.request("ptt-start", json!({"channelId": "ops"})).await;
+    assert_eq!(now_bo["data"]["granted"], true);
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_a_long_transmission_alive_only_up_to_max_talk_time() {
+    // Scaled down: a 300 ms lease and 1.5 s of maximum talk time.
+    let stack = stack(1, 300, 1_500).await;
+    let gw = stack.gateways[0];
+    let mut a = Client::connect(gw, "u-ana", "Ana").await;
+    a.request("join-channel", json!({"channelId": "ops"})).await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        a.request("ptt-start", json!({"channelId": "ops"})).await["data"]["granted"],
+        true
+    );
+    let revoked = a.speaker_changed("max-talk-time").await;
+    let held = started.elapsed();
+    assert!(revoked["data"]["speaker"].is_null());
+    assert!(
+        held >= Duration::from_millis(1_400),
+        "renewed past five leases ({held:?})"
+    );
+    assert!(
+        held < Duration::from_millis(3_000),
+        "revoked at max talk time ({held:?})"
+    );
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaker_changes_reach_clients_on_every_gateway() {
+    let stack = stack(2, 5_000, 60_000).await;
+    let mut on_one = Client::connect(stack.gateways[0], "u-ana", "Ana").await;
+    let mut on_two = Client::connect(stack.gateways[1], "u-bo", "Bo").await;
+    on_one
+        .request("join-channel", json!({"channelId": "ops"}))
+        .await;
+    on_two
+        .request("join-channel", json!({"channelId": "ops"}))
+        .await;
+    assert_eq!(
+        on_two
+            .request("ptt-start", json!({"channelId": "ops"}))
+            .await["data"]["granted"],
+        true
+    );
+    let seen = on_one.speaker_changed("granted").await;
+    assert_eq!(seen["data"]["speaker"]["userName"], "Bo");
+    on_two
+        .request("ptt-stop", json!({"channelId": "ops"}))
+        .await;
+    assert!(on_one.speaker_changed("released").await["data"]["speaker"].is_null());
+    stack.stop.cancel();
+}
