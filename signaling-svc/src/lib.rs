@@ -143,8 +143,8 @@ async fn ws(
         }
     };
     let upgrade = upgrade
-        .max_frame_size(protocol::MAX_FRAME_BYTES)
-        .max_message_size(protocol::MAX_FRAME_BYTES);
+        .max_frame_size(protocol::HARD_FRAME_LIMIT)
+        .max_message_size(protocol::HARD_FRAME_LIMIT);
     let upgrade = if via_subprotocol {
         upgrade.protocols([auth::SUBPROTOCOL])
     } else {

@@ -4,8 +4,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Largest frame accepted from a client.
+/// Largest frame a client may send; a larger one gets a `BAD_REQUEST` reply.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Largest frame read at all; past this the socket is closed (1009).
+pub const HARD_FRAME_LIMIT: usize = 256 * 1024;
 /// Longest request id echoed back.
 const MAX_ID_CHARS: usize = 128;
 
@@ -186,6 +188,12 @@ pub struct Parsed {
 
 /// Parses one text frame.
 pub fn parse(text: &str) -> Parsed {
+    if text.len() > MAX_FRAME_BYTES {
+        return Parsed {
+            id: None,
+            request: Err(ClientError::new(Code::BadRequest, "frame too large")),
+        };
+    }
     let Ok(mut value) = serde_json::from_str::<Value>(text) else {
         return Parsed {
             id: None,

@@ -409,3 +409,85 @@ async fn speaker_changes_reach_clients_on_every_gateway() {
     assert!(on_one.speaker_changed("released").await["data"]["speaker"].is_null());
     stack.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_transports_and_graceful_shutdown() {
+    let stack = stack(2, 5_000, 60_000).await;
+    let mut a = Client::connect(stack.gateways[0], "u-ana", "Ana").await;
+    let mut watcher = Client::connect(stack.gateways[1], "u-cy", "Cy").await;
+
+    // An oversized frame is refused, and the connection stays open.
+    let big = json!({"type": "ping", "id": "big", "data": {"pad": "x".repeat(70 * 1024)}});
+    a.ws.send(Message::Text(big.to_string().into()))
+        .await
+        .unwrap();
+    let too_big = a.push("error").await;
+    assert_eq!(too_big["error"]["code"], "BAD_REQUEST");
+    assert_eq!(too_big["error"]["message"], "frame too large");
+    assert_eq!(a.request("ping", json!({})).await["type"], "pong");
+
+    // Media negotiation goes to the real media node the channel is placed on.
+    a.request("join-channel", json!({"channelId": "ops"})).await;
+    watcher
+        .request("join-channel", json!({"channelId": "ops"}))
+        .await;
+    let caps = a
+        .request("get-router-capabilities", json!({"channelId": "ops"}))
+        .await;
+    assert_eq!(caps["data"]["codecs"][0]["mimeType"], "audio/opus");
+    let send = a
+        .request(
+            "create-transport",
+            json!({"channelId": "ops", "direction": "send"}),
+        )
+        .await;
+    assert!(
+        send["data"]["offer"]["sdp"]
+            .as_str()
+            .unwrap()
+            .contains("m=audio"),
+        "{send}"
+    );
+    let consume = a.request("consume", json!({"channelId": "ops"})).await;
+    assert_eq!(
+        consume["error"]["code"], "BAD_REQUEST",
+        "no recv transport yet"
+    );
+    let unknown = a
+        .request(
+            "connect-transport",
+            json!({"transportId": "nope", "answer": {"type": "answer", "sdp": "v=0"}}),
+        )
+        .await;
+    assert_eq!(unknown["error"]["code"], "NOT_FOUND");
+
+    // Requests beyond the rate limit are refused with RATE_LIMITED.
+    let mut limited = 0;
+    for _ in 0..60 {
+        if a.request("ping", json!({})).await["error"]["code"] == "RATE_LIMITED" {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "a burst of 60 requests hits the limit");
+
+    // SIGTERM on Ana's gateway: her socket closes with 1001 and her floor is released for
+    // everyone, on every gateway.
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // let the rate limiter refill (a wait on time itself)
+    assert_eq!(
+        a.request("ptt-start", json!({"channelId": "ops"})).await["data"]["granted"],
+        true
+    );
+    watcher.speaker_changed("granted").await;
+    stack.stop.cancel();
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), a.ws.next())
+            .await
+            .expect("close within 5 s")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.expect("close frame").code), 1001);
+}
