@@ -45,10 +45,33 @@ async fn serve<F: Future<Output = ()> + Send + 'static>(
     addr
 }
 
-/// state-svc (memory store), one media node registered with it, and `gateways` gateways.
+/// The Redis server of this test binary.
+fn redis() -> &'static testkit::RedisServer {
+    static REDIS: std::sync::OnceLock<testkit::RedisServer> = std::sync::OnceLock::new();
+    REDIS.get_or_init(|| testkit::RedisServer::start().expect("start redis-server"))
+}
+
+/// state-svc on a real Redis (a key prefix of its own), one media node registered with it, and
+/// `gateways` gateways.
 async fn stack(gateways: usize, lease_ms: u32, max_talk_ms: u32) -> Stack {
+    stack_with(gateways, lease_ms, max_talk_ms, |_| {}).await
+}
+
+async fn stack_with(
+    gateways: usize,
+    lease_ms: u32,
+    max_talk_ms: u32,
+    configure: impl Fn(&mut signaling_svc::Config),
+) -> Stack {
+    static PREFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let stop = CancellationToken::new();
     let mut state_config = state_svc::Config::for_tests();
+    state_config.redis_url = Some(redis().url());
+    state_config.key_prefix = format!(
+        "gw{}-{}",
+        std::process::id(),
+        PREFIX.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     state_config.lease_ms = lease_ms;
     state_config.max_talk_ms = max_talk_ms;
     state_config.node_heartbeat_ms = 100;
@@ -65,6 +88,7 @@ async fn stack(gateways: usize, lease_ms: u32, max_talk_ms: u32) -> Stack {
         let mut config = signaling_svc::Config::for_tests(SECRET);
         config.state_url = format!("http://{state}");
         config.shutdown_grace_ms = 2_000;
+        configure(&mut config);
         let s = stop.clone();
         addrs.push(
             serve(move |l| async move { signaling_svc::run(config, l, s).await.unwrap() }).await,
@@ -490,4 +514,55 @@ async fn limits_transports_and_graceful_shutdown() {
         }
     };
     assert_eq!(u16::from(close.expect("close frame").code), 1001);
+}
+
+const EC_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgywAl8Wxhra3Db0Le
+j77LpSbTtPu0RB3ubflo8k60Q1ahRANCAARIlnOXQwjtdD8zGOOg0ja2a77ycHee
+CyFa2PD42o5zUHVqFgTc4PeNmI+U/nq2JtrhZshhHfBLGiFzK0ZNICaN
+-----END PRIVATE KEY-----
+";
+const EC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAESJZzl0MI7XQ/MxjjoNI2tmu+8nB3
+ngshWtjw+NqOc1B1ahYE3OD3jZiPlP56tiba4WbIYR3wSxohcytGTSAmjQ==
+-----END PUBLIC KEY-----
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_tokens_with_a_public_key_and_hs256_refused_then() {
+    let dir = std::env::temp_dir().join(format!("tg-es256-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_path = dir.join("pub.pem");
+    std::fs::write(&key_path, EC_PUBLIC).unwrap();
+    let stack = stack_with(1, 5_000, 60_000, |c| {
+        c.jwt_secret = None;
+        c.jwt_public_key = Some(key_path.clone());
+    })
+    .await;
+    let gw = stack.gateways[0];
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"sub": "u-es", "name": "Es", "exp": now + 600});
+    let es = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        http_status(gw, |_| {}, &format!("/ws?token={es}"))
+            .await
+            .is_ok()
+    );
+    // An HS256 token, even one signed with the public key's bytes, is refused.
+    let confused = token("u-es", "Es", 600, EC_PUBLIC);
+    assert_eq!(
+        http_status(gw, |_| {}, &format!("/ws?token={confused}"))
+            .await
+            .unwrap_err(),
+        401
+    );
+    stack.stop.cancel();
 }
