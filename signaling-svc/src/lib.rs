@@ -198,6 +198,11 @@ pub async fn run(
     tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let tracker = app_state.tracker.clone();
     let stop = shutdown.clone();
+    // Small frames both ways: never hold one back for Nagle's algorithm.
+    let listener =
+        axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            let _ = stream.set_nodelay(true);
+        });
     axum::serve(listener, app(app_state))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;

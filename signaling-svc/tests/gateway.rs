@@ -566,3 +566,79 @@ async fn es256_tokens_with_a_public_key_and_hs256_refused_then() {
     );
     stack.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_documented_errors_and_a_flood_is_closed() {
+    let stack = stack(1, 5_000, 60_000).await;
+    let gw = stack.gateways[0];
+    let mut bystander = Client::connect(gw, "u-by", "By").await;
+    let mut a = Client::connect(gw, "u-ana", "Ana").await;
+
+    for (frame, message) in [
+        ("{not json", "invalid JSON"),
+        (r#"{"type":"teleport","id":"1"}"#, "unknown message type"),
+        (
+            r#"{"type":"join-channel","id":"2","data":{}}"#,
+            "missing or invalid fields",
+        ),
+    ] {
+        a.ws.send(Message::Text(frame.into())).await.unwrap();
+        let error = a.push("error").await;
+        assert_eq!(
+            (
+                error["error"]["code"].as_str(),
+                error["error"]["message"].as_str()
+            ),
+            (Some("BAD_REQUEST"), Some(message)),
+            "{frame}"
+        );
+    }
+    a.ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.push("error").await["error"]["message"],
+        "binary frames are not supported"
+    );
+
+    // 1000 requests in one burst: the first ones are answered, then RATE_LIMITED, then the
+    // socket is closed as a flood (1008).
+    for i in 0..1_000 {
+        let frame = json!({"type": "ping", "id": format!("f{i}")});
+        if a.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (mut pongs, mut limited) = (0, 0);
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), a.ws.next())
+            .await
+            .expect("frames within 5 s")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "pong" {
+                    pongs += 1;
+                } else if v["error"]["code"] == "RATE_LIMITED" {
+                    limited += 1;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("expected frames then a close, got {other:?}"),
+        }
+    };
+    assert!(
+        pongs >= 20 && limited >= 50,
+        "{pongs} pongs, {limited} refusals"
+    );
+    assert_eq!(u16::from(close.expect("close frame").code), 1008);
+
+    // The server is up and the bystander never noticed.
+    assert_eq!(bystander.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}
