@@ -142,7 +142,10 @@ async fn ws(
             return (StatusCode::UNAUTHORIZED, "unauthenticated").into_response();
         }
     };
+    // Frames are small: a 4 KiB read buffer instead of the default 128 KiB, which the
+    // WebSocket library zero-fills on every read (a fifth of the gateway's CPU at 500 clients).
     let upgrade = upgrade
+        .read_buffer_size(protocol::READ_BUFFER_BYTES)
         .max_frame_size(protocol::HARD_FRAME_LIMIT)
         .max_message_size(protocol::HARD_FRAME_LIMIT);
     let upgrade = if via_subprotocol {

@@ -8,6 +8,8 @@ use serde_json::Value;
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// Largest frame read at all; past this the socket is closed (1009).
 pub const HARD_FRAME_LIMIT: usize = 256 * 1024;
+/// Read buffer per socket; it grows for larger frames.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Longest request id echoed back.
 const MAX_ID_CHARS: usize = 128;
 
