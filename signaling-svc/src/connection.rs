@@ -82,6 +82,8 @@ type Producers = Arc<Mutex<HashMap<String, (String, String)>>>;
 #[derive(Debug)]
 struct Held {
     epoch: u64,
+    /// Lease end as granted (renewals move it at the media node; this is a lower bound).
+    expires_at_ms: i64,
     renewal: JoinHandle<()>,
 }
 
@@ -444,7 +446,21 @@ impl Conn {
                     .into_inner()
                     .producer_id;
                 self.lock_producers()
-                    .insert(r.channel_id, (producer.clone(), info.node));
+                    .insert(r.channel_id.clone(), (producer.clone(), info.node.clone()));
+                // Already talking (pressed before producing): forward this producer now rather
+                // than at the next renewal.
+                if let Some(held) = self.floors.get(&r.channel_id) {
+                    let (epoch, expires) = (held.epoch, held.expires_at_ms);
+                    set_floor(
+                        &self.app,
+                        &self.producers,
+                        &r.channel_id,
+                        &info.node,
+                        epoch,
+                        expires,
+                    )
+                    .await?;
+                }
                 Ok(json!({ "producerId": producer }))
             }
             Request::Consume(r) => {
@@ -511,9 +527,20 @@ impl Conn {
                 // The media node first: the client unmutes on our reply, and its first words
                 // must already be forwarded.
                 let lease_ms = (holder.expires_at_ms - reply.server_time_ms).max(300);
-                self.tell_media(channel, holder.epoch, holder.expires_at_ms)
-                    .await?;
-                self.hold(channel, holder.epoch, lease_ms);
+                if let Err(e) = self
+                    .tell_media(channel, holder.epoch, holder.expires_at_ms)
+                    .await
+                {
+                    // Nobody would hear the speaker: give the floor back rather than hold it mute.
+                    let release = spb::ReleaseFloorRequest {
+                        channel_id: channel.to_owned(),
+                        session_id: self.session.clone(),
+                        epoch: holder.epoch,
+                    };
+                    let _ = self.app.floors().release_floor(release).await;
+                    return Err(e);
+                }
+                self.hold(channel, holder.epoch, holder.expires_at_ms, lease_ms);
                 Ok(
                     json!({"granted": true, "epoch": holder.epoch, "expiresAt": holder.expires_at_ms, "maxTalkMs": reply.max_talk_ms}),
                 )
@@ -544,7 +571,7 @@ impl Conn {
         .await
     }
 
-    fn hold(&mut self, channel: &str, epoch: u64, lease_ms: i64) {
+    fn hold(&mut self, channel: &str, epoch: u64, expires_at_ms: i64, lease_ms: i64) {
         self.stop_holding(channel);
         let renewal = tokio::spawn(renew(
             Arc::clone(&self.app),
@@ -554,8 +581,14 @@ impl Conn {
             epoch,
             Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1_000).max(100)),
         ));
-        self.floors
-            .insert(channel.to_owned(), Held { epoch, renewal });
+        self.floors.insert(
+            channel.to_owned(),
+            Held {
+                epoch,
+                expires_at_ms,
+                renewal,
+            },
+        );
     }
 
     fn stop_holding(&mut self, channel: &str) -> Option<u64> {
@@ -619,7 +652,7 @@ impl Conn {
                         .await
                         .is_ok()
                     {
-                        self.hold(&change.channel_id, h.epoch, lease_ms);
+                        self.hold(&change.channel_id, h.epoch, h.expires_at_ms, lease_ms);
                     }
                 }
                 let speaker = change.holder.as_ref().map(user_of);
