@@ -2,11 +2,14 @@
 //!
 //! - [`telemetry`]: `tracing` set-up with plain or JSON logs.
 //! - [`shutdown`]: a [`tokio_util::sync::CancellationToken`] cancelled on SIGTERM or Ctrl-C.
-//! - [`grpc`]: the health and reflection services every gRPC server exposes.
+//! - [`grpc`]: the health and reflection services every gRPC server exposes, and the listener
+//!   stream with `TCP_NODELAY`.
+//! - [`service`]: the `main` every service shares (validate, bind, run, exit codes).
 //!
 //! Domain code lives in the services; this crate must stay free of it.
 
 pub mod grpc;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use media_svc::Config;
-use talkgroup_common::{EXIT_BAD_CONFIG, shutdown, telemetry};
+use talkgroup_common::{service, telemetry};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -13,22 +13,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> ExitCode {
     let config = Config::parse();
     telemetry::init(config.log_format, "info");
-    if let Err(error) = config.validate() {
-        tracing::error!(%error, "invalid configuration");
-        return ExitCode::from(EXIT_BAD_CONFIG as u8);
-    }
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, addr = %config.listen, "cannot bind");
-            return ExitCode::FAILURE;
-        }
-    };
-    match media_svc::run(config, listener, shutdown::on_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "media-svc failed");
-            ExitCode::FAILURE
-        }
-    }
+    let valid = config.validate();
+    service::main("media-svc", config.listen, valid, |listener, shutdown| {
+        media_svc::run(config, listener, shutdown)
+    })
+    .await
 }
