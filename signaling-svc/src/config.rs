@@ -44,6 +44,10 @@ pub struct Config {
     /// `ptt-start` requests per second a connection may send.
     #[arg(long, env = "PTT_SIGNALING_PTT_RATE", default_value_t = 5)]
     pub ptt_rate: u32,
+    /// Development only: serve `POST /dev/token` {"name"} → a token for that name, signed with
+    /// the HS256 secret. Anyone can then sign in as anyone: never enable it in production.
+    #[arg(long, env = "PTT_SIGNALING_DEV_TOKENS", default_value_t = false)]
+    pub dev_tokens: bool,
     /// Time connections get to close after SIGTERM, in ms.
     #[arg(
         long,
@@ -94,6 +98,9 @@ impl Config {
                 return Err("the JWT secret must be at least 16 bytes".into());
             }
             _ => {}
+        }
+        if self.dev_tokens && self.jwt_secret.is_none() {
+            return Err("development tokens need the HS256 secret".into());
         }
         if self.ping_interval_ms < 100 || self.request_rate == 0 || self.ptt_rate == 0 {
             return Err("ping interval and rates must be positive".into());

@@ -115,10 +115,61 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
 
 /// The HTTP routes.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/ws", get(ws))
-        .route("/health", get(health))
-        .with_state(state)
+        .route("/health", get(health));
+    let router = if state.config.dev_tokens {
+        tracing::warn!("development token endpoint enabled: anyone can sign in as anyone");
+        router.route("/dev/token", axum::routing::post(dev_token))
+    } else {
+        router
+    };
+    router.with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+struct DevTokenRequest {
+    name: String,
+}
+
+/// Development only (`--dev-tokens`): a 12-hour token for a display name. The user id is the
+/// name made into a slug, so the same name signs in as the same user.
+async fn dev_token(
+    State(app): State<Arc<AppState>>,
+    body: axum::Json<DevTokenRequest>,
+) -> Response {
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        let body = serde_json::json!({"code": "BAD_REQUEST", "message": "name must be 1 to 64 characters"});
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
+    let slug: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let user_id = format!("dev-{slug}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let claims =
+        serde_json::json!({"sub": user_id, "name": name, "exp": now.as_secs() + 12 * 3600});
+    let Some(secret) = app.config.jwt_secret.as_deref() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    match jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key) {
+        Ok(token) => {
+            axum::Json(serde_json::json!({"token": token, "userId": user_id, "name": name}))
+                .into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize)]

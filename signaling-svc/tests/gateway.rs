@@ -642,3 +642,54 @@ async fn bad_input_gets_documented_errors_and_a_flood_is_closed() {
     assert_eq!(bystander.request("ping", json!({})).await["type"], "pong");
     stack.stop.cancel();
 }
+
+/// POST /dev/token with a bare HTTP/1.1 request; returns (status, body).
+async fn post_dev_token(addr: SocketAddr, body: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /dev/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn development_tokens_only_when_enabled() {
+    let off = stack(1, 5_000, 60_000).await;
+    assert_eq!(
+        post_dev_token(off.gateways[0], r#"{"name":"Ana"}"#).await.0,
+        404,
+        "off by default"
+    );
+    off.stop.cancel();
+
+    let on = stack_with(1, 5_000, 60_000, |c| c.dev_tokens = true).await;
+    let gw = on.gateways[0];
+    assert_eq!(post_dev_token(gw, r#"{"name":""}"#).await.0, 400);
+    let (status, body) = post_dev_token(gw, r#"{"name":"Ana Lee"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["userId"], "dev-ana-lee");
+    let token = body["token"].as_str().unwrap();
+    assert!(
+        http_status(gw, |_| {}, &format!("/ws?token={token}"))
+            .await
+            .is_ok(),
+        "the token signs in"
+    );
+    on.stop.cancel();
+}
