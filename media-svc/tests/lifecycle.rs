@@ -19,6 +19,20 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// The media nodes the registry knows.
+async fn nodes(
+    mut registry: spb::media_registry_service_client::MediaRegistryServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> Vec<spb::MediaNode> {
+    registry
+        .list_nodes(spb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
     let mut config = Config::for_tests();
@@ -112,14 +126,10 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     config.state_url = Some(format!("http://{state_addr}"));
     let node = TestNode::start(config).await;
     wait_until(Duration::from_secs(5), "node registered and live", || {
-        let mut registry = registry.clone();
+        let registry = registry.clone();
         async move {
-            registry
-                .list_nodes(spb::ListNodesRequest {})
+            nodes(registry)
                 .await
-                .unwrap()
-                .into_inner()
-                .nodes
                 .iter()
                 .any(|n| n.node_id == "media-a" && n.live)
         }
@@ -158,17 +168,8 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     let (a, producer) = speaker(&mut client, &session, "ops").await;
     let (ear, _, _) = listener(&mut client, "listener", "ops", false).await;
     wait_until(Duration::from_secs(5), "load reported", || {
-        let mut registry = registry.clone();
-        async move {
-            registry
-                .list_nodes(spb::ListNodesRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .nodes[0]
-                .load
-                == 2
-        }
+        let registry = registry.clone();
+        async move { nodes(registry).await[0].load == 2 }
     })
     .await
     .unwrap();
@@ -232,17 +233,8 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     // process ends once its last transports close.
     node.shutdown.cancel();
     wait_until(Duration::from_secs(5), "registry sees draining", || {
-        let mut registry = registry.clone();
-        async move {
-            registry
-                .list_nodes(spb::ListNodesRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .nodes
-                .iter()
-                .any(|n| n.draining)
-        }
+        let registry = registry.clone();
+        async move { nodes(registry).await.iter().any(|n| n.draining) }
     })
     .await
     .unwrap();

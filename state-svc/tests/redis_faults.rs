@@ -25,6 +25,16 @@ fn config_for(redis: &RedisServer, name: &str) -> state_svc::Config {
     config
 }
 
+/// True once state-svc answers for `channel` (its Redis is reachable).
+async fn reachable(mut c: Clients, channel: &str) -> bool {
+    c.floor
+        .get_floor(pb::GetFloorRequest {
+            channel_id: channel.into(),
+        })
+        .await
+        .is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_grant_per_contended_round_and_epochs_survive_redis_loss() {
     let mut redis = RedisServer::start().unwrap();
@@ -80,17 +90,7 @@ async fn one_grant_per_contended_round_and_epochs_survive_redis_loss() {
     wait_until(
         Duration::from_secs(10),
         "state-svc to reach the new redis",
-        || {
-            let mut c = c.clone();
-            async move {
-                c.floor
-                    .get_floor(pb::GetFloorRequest {
-                        channel_id: "race".into(),
-                    })
-                    .await
-                    .is_ok()
-            }
-        },
+        || reachable(c.clone(), "race"),
     )
     .await
     .unwrap();
@@ -179,15 +179,7 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
     }
     redis.restart().unwrap();
     wait_until(Duration::from_secs(10), "service to work again", || {
-        let mut c = c.clone();
-        async move {
-            c.floor
-                .get_floor(pb::GetFloorRequest {
-                    channel_id: "ops".into(),
-                })
-                .await
-                .is_ok()
-        }
+        reachable(c.clone(), "ops")
     })
     .await
     .unwrap();
