@@ -48,6 +48,15 @@ pub struct Config {
     /// the HS256 secret. Anyone can then sign in as anyone: never enable it in production.
     #[arg(long, env = "PTT_SIGNALING_DEV_TOKENS", default_value_t = false)]
     pub dev_tokens: bool,
+    /// Channels offered by `list-channels` (comma-separated ids; at most 64). Clients may still
+    /// join other channels by id.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_CHANNELS",
+        value_delimiter = ',',
+        default_value = "ops,security,stage"
+    )]
+    pub channels: Vec<String>,
     /// Time connections get to close after SIGTERM, in ms.
     #[arg(
         long,
@@ -77,6 +86,17 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// The most channels `--channels` may list.
+pub const MAX_LISTED_CHANNELS: usize = 64;
+
+/// The channel id rule state-svc enforces, checked early for configured ids.
+fn valid_channel_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 impl Config {
     pub fn for_tests(secret: &str) -> Self {
         Self::parse_from([
@@ -101,6 +121,14 @@ impl Config {
         }
         if self.dev_tokens && self.jwt_secret.is_none() {
             return Err("development tokens need the HS256 secret".into());
+        }
+        if self.channels.len() > MAX_LISTED_CHANNELS {
+            return Err(format!("at most {MAX_LISTED_CHANNELS} listed channels"));
+        }
+        if let Some(bad) = self.channels.iter().find(|c| !valid_channel_id(c)) {
+            return Err(format!(
+                "invalid channel id {bad:?}: 1-64 of A-Z a-z 0-9 - _ ."
+            ));
         }
         if self.ping_interval_ms < 100 || self.request_rate == 0 || self.ptt_rate == 0 {
             return Err("ping interval and rates must be positive".into());

@@ -271,6 +271,40 @@ impl Conn {
         true
     }
 
+    /// The configured channels with who is talking and how many are present, asked of
+    /// state-svc in parallel.
+    async fn list_channels(&self) -> Result<Value> {
+        let asks = self.app.config.channels.iter().map(|channel| {
+            let mut client =
+                spb::channel_service_client::ChannelServiceClient::new(self.app.state.clone());
+            async move {
+                client
+                    .get_channel_state(spb::GetChannelStateRequest {
+                        channel_id: channel.clone(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        });
+        let mut channels = Vec::new();
+        for state in futures::future::join_all(asks).await {
+            let state = state?;
+            let members = state
+                .members
+                .iter()
+                .map(|m| &m.user_id)
+                .collect::<HashSet<_>>()
+                .len();
+            channels.push(json!({
+                "channelId": state.channel_id,
+                "speaker": state.holder.as_ref().map(user_of),
+                "busy": state.busy,
+                "memberCount": members,
+            }));
+        }
+        Ok(json!({ "channels": channels }))
+    }
+
     fn require_joined(&self, channel: &str) -> Result<()> {
         if self.joined.contains(channel) {
             Ok(())
@@ -306,6 +340,7 @@ impl Conn {
     async fn handle(&mut self, request: Request) -> Result<Value> {
         match request {
             Request::Ping(_) => Ok(json!({ "serverTime": crate_now_ms() })),
+            Request::ListChannels(_) => self.list_channels().await,
             Request::JoinChannel(r) => {
                 let state = self
                     .app

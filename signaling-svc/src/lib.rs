@@ -116,6 +116,15 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
 /// The HTTP routes.
 pub fn app(state: Arc<AppState>) -> Router {
     let router = Router::new()
+        .route("/", get(|| async { web_file(INDEX_HTML, "text/html; charset=utf-8") }))
+        .route(
+            "/app.js",
+            get(|| async { web_file(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { web_file(STYLE_CSS, "text/css; charset=utf-8") }),
+        )
         .route("/ws", get(ws))
         .route("/health", get(health));
     let router = if state.config.dev_tokens {
@@ -125,6 +134,30 @@ pub fn app(state: Arc<AppState>) -> Router {
         router
     };
     router.with_state(state)
+}
+
+// The browser client (plain ES module, no build step), compiled into the binary.
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const APP_JS: &str = include_str!("../web/app.js");
+const STYLE_CSS: &str = include_str!("../web/style.css");
+
+/// Content Security Policy of the client: its own scripts and styles only, WebSockets to this
+/// origin, and no framing.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   media-src 'self' blob: mediastream:; img-src 'self'; frame-ancestors 'none'; \
+                   base-uri 'none'; form-action 'none'";
+
+fn web_file(body: &'static str, content_type: &'static str) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (axum::http::header::CONTENT_SECURITY_POLICY, CSP),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]

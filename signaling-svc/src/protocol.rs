@@ -148,6 +148,7 @@ pub enum Request {
     PttStart(PttStart),
     PttStop(ChannelRef),
     Ping(Empty),
+    ListChannels(Empty),
 }
 
 impl Request {
@@ -164,11 +165,12 @@ impl Request {
             Self::PttStart(_) => "ptt-start",
             Self::PttStop(_) => "ptt-stop",
             Self::Ping(_) => "pong",
+            Self::ListChannels(_) => "list-channels",
         }
     }
 }
 
-const KNOWN: [&str; 10] = [
+const KNOWN: [&str; 11] = [
     "join-channel",
     "leave-channel",
     "get-router-capabilities",
@@ -179,6 +181,7 @@ const KNOWN: [&str; 10] = [
     "ptt-start",
     "ptt-stop",
     "ping",
+    "list-channels",
 ];
 
 /// A parsed frame: the request, or why it was refused; with the id to answer to.

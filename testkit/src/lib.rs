@@ -8,6 +8,9 @@
 //!   read from its log.
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
 
+#[cfg(feature = "media")]
+pub mod media;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};

@@ -1,4 +1,255 @@
-//! End-to-end tests of Talkgroup, starting every service as its own process.
+//! End-to-end harness for Talkgroup: the real service binaries as separate processes on
+//! ephemeral loopback ports, one real Redis, clients that speak the WebSocket protocol with real
+//! WebRTC audio, and (in [`browser`]) headless Chromium driven over the DevTools protocol.
 //!
-//! Empty until the gateway and media services land; the state service's own service and fault
-//! tests live in `state-svc/tests`.
+//! The binaries are the ones `cargo build --bins` puts beside this crate's test executables
+//! (`target/debug` for tests, `target/release` for the benchmark); `TALKGROUP_BIN_DIR`
+//! overrides where they are looked up. `scripts/test` builds them first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod browser;
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use talkgroup_proto::state::v1 as spb;
+use testkit::{RedisServer, ServiceProcess};
+
+pub use client::Client;
+
+/// The HS256 secret every gateway of a test stack shares.
+pub const SECRET: &str = "talkgroup-e2e-secret-0123456789";
+
+/// Where the service binaries are.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("TALKGROUP_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            bail!("{} not found (TALKGROUP_BIN_DIR)", path.display())
+        };
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    for dir in exe.ancestors().skip(1).take(3) {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "{name} not found beside {}: build the services first (`cargo build --bins`, or \
+         `cargo build --release --bins` for benchmarks)",
+        exe.display()
+    )
+}
+
+/// How many of each service a [`Stack`] runs. State-svc `i` serves gateway `i % state` and
+/// media node `i % state`.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub state: usize,
+    pub media: usize,
+    pub gateways: usize,
+    /// Floor lease and maximum talk time at state-svc.
+    pub lease_ms: u32,
+    pub max_talk_ms: u32,
+    /// Extra gateway flags.
+    pub gateway_args: Vec<String>,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            state: 1,
+            media: 1,
+            gateways: 1,
+            lease_ms: 5_000,
+            max_talk_ms: 60_000,
+            gateway_args: Vec::new(),
+        }
+    }
+}
+
+/// A running stack. Dropping it kills every process.
+#[derive(Debug)]
+pub struct Stack {
+    pub gateways: Vec<ServiceProcess>,
+    pub media: Vec<ServiceProcess>,
+    pub state: Vec<ServiceProcess>,
+    pub redis: RedisServer,
+}
+
+fn start(bin: &str, args: &[String], message: &str) -> Result<ServiceProcess> {
+    let path = binary(bin)?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ServiceProcess::start(
+        path.to_str().context("binary path")?,
+        &args,
+        &[("RUST_LOG", "info")],
+        message,
+    )
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
+impl Stack {
+    /// Starts Redis, then state-svc, the media nodes (registered) and the gateways, and waits
+    /// until every gateway sees every media node live.
+    pub async fn start(topology: Topology) -> Result<Self> {
+        tokio::task::spawn_blocking(move || Self::start_blocking(&topology))
+            .await
+            .context("start task")?
+    }
+
+    fn start_blocking(t: &Topology) -> Result<Self> {
+        let redis = RedisServer::start()?;
+        let url = redis.url();
+        let mut state = Vec::new();
+        for _ in 0..t.state.max(1) {
+            let args = strings(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                "redis",
+                "--redis-url",
+                &url,
+                "--key-prefix",
+                "e2e",
+                "--lease-ms",
+                &t.lease_ms.to_string(),
+                "--max-talk-ms",
+                &t.max_talk_ms.to_string(),
+                "--node-heartbeat-ms",
+                "100",
+                "--log-format",
+                "json",
+            ]);
+            state.push(start("state-svc", &args, "state-svc listening")?);
+        }
+        let state_url = |i: usize| format!("http://{}", state[i % state.len()].addr);
+        let mut media = Vec::new();
+        for i in 0..t.media {
+            let args = strings(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--node-id",
+                &format!("media-{i}"),
+                "--state-url",
+                &state_url(i),
+                "--drain-timeout-ms",
+                "2000",
+                "--log-format",
+                "json",
+            ]);
+            media.push(start("media-svc", &args, "media-svc listening")?);
+        }
+        let mut gateways = Vec::new();
+        for i in 0..t.gateways.max(1) {
+            let mut args = strings(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--state-url",
+                &state_url(i),
+                "--jwt-secret",
+                SECRET,
+                "--gateway-id",
+                &format!("gw-{i}"),
+                "--shutdown-grace-ms",
+                "2000",
+                "--log-format",
+                "json",
+            ]);
+            args.extend(t.gateway_args.iter().cloned());
+            gateways.push(start("signaling-svc", &args, "signaling-svc listening")?);
+        }
+        Ok(Self {
+            gateways,
+            media,
+            state,
+            redis,
+        })
+    }
+
+    /// Waits until every gateway reports all media nodes live.
+    pub async fn ready(&self) -> Result<()> {
+        let want = self.media.len() as u64;
+        for gateway in &self.gateways {
+            let addr = gateway.addr;
+            testkit::wait_until(Duration::from_secs(10), "media nodes live", || async move {
+                health(addr).await["mediaNodes"].as_u64() == Some(want)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub fn gateway(&self, i: usize) -> SocketAddr {
+        self.gateways[i].addr
+    }
+
+    /// A signed-in client on gateway `gateway`.
+    pub async fn client(&self, gateway: usize, user: &str, name: &str) -> Client {
+        Client::connect(self.gateway(gateway), user, name).await
+    }
+
+    /// The registered media nodes, as state-svc `i` lists them.
+    pub async fn nodes(&self) -> Result<Vec<spb::MediaNode>> {
+        let mut registry =
+            spb::media_registry_service_client::MediaRegistryServiceClient::connect(format!(
+                "http://{}",
+                self.state[0].addr
+            ))
+            .await?;
+        Ok(registry
+            .list_nodes(spb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes)
+    }
+
+    /// The media node a channel is placed on ("" when not placed).
+    pub async fn placement(&self, channel: &str) -> Result<String> {
+        let mut channels = spb::channel_service_client::ChannelServiceClient::connect(format!(
+            "http://{}",
+            self.state[0].addr
+        ))
+        .await?;
+        Ok(channels
+            .get_channel_state(spb::GetChannelStateRequest {
+                channel_id: channel.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .media_node_id)
+    }
+}
+
+/// `GET path` on a gateway with a bare HTTP/1.1 request: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// A gateway's `/health` body (`Null` when unreachable).
+pub async fn health(addr: SocketAddr) -> serde_json::Value {
+    http_get(addr, "/health")
+        .await
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
+        .unwrap_or(serde_json::Value::Null)
+}

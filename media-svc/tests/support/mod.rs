@@ -1,12 +1,16 @@
 //! Harness for media-svc tests: the real node on `127.0.0.1:0`, a gRPC client, client peers
 //! from the `webrtc` crate, and Opus tones.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
-pub mod peer;
+pub use testkit::media::{Tone, analyse};
+
+/// The client peer, as the tests call it.
+pub mod peer {
+    pub use testkit::media::{Peer, Received};
+}
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use media_svc::Config;
 use talkgroup_proto::media::v1 as pb;
@@ -149,79 +153,4 @@ pub async fn stats(client: &mut Client) -> pb::NodeStats {
         .await
         .unwrap()
         .into_inner()
-}
-
-/// Encodes a sine tone as 20 ms Opus frames (48 kHz mono).
-pub struct Tone {
-    encoder: opus::Encoder,
-    freq: f32,
-    phase: f32,
-    pub seq: u16,
-    pub ts: u32,
-}
-
-impl Tone {
-    pub fn new(freq: f32) -> Self {
-        Self {
-            encoder: opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)
-                .unwrap(),
-            freq,
-            phase: 0.0,
-            seq: rand::random(),
-            ts: rand::random(),
-        }
-    }
-
-    /// The next frame's Opus payload.
-    pub fn frame(&mut self) -> Vec<u8> {
-        let mut pcm = [0i16; 960];
-        for sample in &mut pcm {
-            *sample = (self.phase.sin() * 12_000.0) as i16;
-            self.phase += 2.0 * std::f32::consts::PI * self.freq / 48_000.0;
-        }
-        let mut out = vec![0u8; 1500];
-        let len = self.encoder.encode(&pcm, &mut out).unwrap();
-        out.truncate(len);
-        out
-    }
-
-    /// Sends `frames` frames from `peer`, paced at 20 ms.
-    pub async fn play(&mut self, peer: &peer::Peer, frames: usize) {
-        let mut ticker = tokio::time::interval(Duration::from_millis(20));
-        for _ in 0..frames {
-            ticker.tick().await;
-            let frame = self.frame();
-            peer.send(self.seq, self.ts, frame).await;
-            self.seq = self.seq.wrapping_add(1);
-            self.ts = self.ts.wrapping_add(960);
-        }
-    }
-}
-
-/// Decodes a run of Opus payloads and returns (RMS level, dominant frequency in Hz estimated
-/// from zero crossings) of the audio after the first frames settle.
-pub fn analyse(payloads: &[Vec<u8>]) -> (f32, f32) {
-    let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
-    let mut pcm = Vec::new();
-    for payload in payloads {
-        let mut out = [0i16; 5760];
-        let n = decoder.decode(payload, &mut out, false).unwrap();
-        pcm.extend_from_slice(&out[..n]);
-    }
-    let settled = &pcm[pcm.len().min(960 * 3)..];
-    if settled.is_empty() {
-        return (0.0, 0.0);
-    }
-    let rms = (settled
-        .iter()
-        .map(|&s| f64::from(s) * f64::from(s))
-        .sum::<f64>()
-        / settled.len() as f64)
-        .sqrt() as f32;
-    let crossings = settled
-        .windows(2)
-        .filter(|w| (w[0] < 0) != (w[1] < 0))
-        .count();
-    let seconds = settled.len() as f32 / 48_000.0;
-    (rms, crossings as f32 / 2.0 / seconds)
 }

@@ -1,16 +1,18 @@
-//! A client peer from the `webrtc` crate, as an app would run it: it answers the media node's
-//! offer, sends Opus from a track, and collects what it receives.
+//! Client-side media for tests (feature `media`): a peer from the `webrtc` crate, as an app
+//! would run it (it answers the media node's offer, sends Opus from a track, and collects what
+//! it receives), Opus tones to send, and an analysis of what was heard.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use media_svc::engine::rtc_peer::{opus_codec, opus_media_engine};
 use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
 };
 use tokio::sync::Notify;
 use webrtc::media_stream::track_local::TrackLocal;
@@ -20,6 +22,34 @@ use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCIceGatheringState,
     RTCPeerConnectionState, RTCSessionDescription,
 };
+
+/// The Opus payload type the client offers (the one browsers use).
+pub const OPUS_PAYLOAD_TYPE: u8 = 111;
+
+/// Opus as a browser describes it.
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+fn opus_media_engine() -> MediaEngine {
+    let mut media = MediaEngine::default();
+    media
+        .register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: opus_codec(),
+                payload_type: OPUS_PAYLOAD_TYPE,
+            },
+            RtpCodecKind::Audio,
+        )
+        .expect("register opus");
+    media
+}
 
 /// A received packet and when it arrived.
 #[derive(Debug, Clone)]
@@ -92,7 +122,7 @@ impl Peer {
         let gathered = Arc::new(Notify::new());
         let connected = Arc::new(Notify::new());
         let pc = PeerConnectionBuilder::new()
-            .with_media_engine(opus_media_engine().unwrap())
+            .with_media_engine(opus_media_engine())
             .with_handler(Arc::new(Handler {
                 gathered: Arc::clone(&gathered),
                 connected: Arc::clone(&connected),
@@ -159,7 +189,7 @@ impl Peer {
         let packet = rtp::Packet {
             header: rtp::header::Header {
                 version: 2,
-                payload_type: media_svc::engine::OPUS_PAYLOAD_TYPE,
+                payload_type: OPUS_PAYLOAD_TYPE,
                 sequence_number: seq,
                 timestamp,
                 ssrc: self.ssrc,
@@ -196,4 +226,79 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// Encodes a sine tone as 20 ms Opus frames (48 kHz mono).
+pub struct Tone {
+    encoder: opus::Encoder,
+    freq: f32,
+    phase: f32,
+    pub seq: u16,
+    pub ts: u32,
+}
+
+impl Tone {
+    pub fn new(freq: f32) -> Self {
+        Self {
+            encoder: opus::Encoder::new(48_000, opus::Channels::Mono, opus::Application::Voip)
+                .unwrap(),
+            freq,
+            phase: 0.0,
+            seq: rand::random(),
+            ts: rand::random(),
+        }
+    }
+
+    /// The next frame's Opus payload.
+    pub fn frame(&mut self) -> Vec<u8> {
+        let mut pcm = [0i16; 960];
+        for sample in &mut pcm {
+            *sample = (self.phase.sin() * 12_000.0) as i16;
+            self.phase += 2.0 * std::f32::consts::PI * self.freq / 48_000.0;
+        }
+        let mut out = vec![0u8; 1500];
+        let len = self.encoder.encode(&pcm, &mut out).unwrap();
+        out.truncate(len);
+        out
+    }
+
+    /// Sends `frames` frames from `peer`, paced at 20 ms.
+    pub async fn play(&mut self, peer: &Peer, frames: usize) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        for _ in 0..frames {
+            ticker.tick().await;
+            let frame = self.frame();
+            peer.send(self.seq, self.ts, frame).await;
+            self.seq = self.seq.wrapping_add(1);
+            self.ts = self.ts.wrapping_add(960);
+        }
+    }
+}
+
+/// Decodes a run of Opus payloads and returns (RMS level, dominant frequency in Hz estimated
+/// from zero crossings) of the audio after the first frames settle.
+pub fn analyse(payloads: &[Vec<u8>]) -> (f32, f32) {
+    let mut decoder = opus::Decoder::new(48_000, opus::Channels::Mono).unwrap();
+    let mut pcm = Vec::new();
+    for payload in payloads {
+        let mut out = [0i16; 5760];
+        let n = decoder.decode(payload, &mut out, false).unwrap();
+        pcm.extend_from_slice(&out[..n]);
+    }
+    let settled = &pcm[pcm.len().min(960 * 3)..];
+    if settled.is_empty() {
+        return (0.0, 0.0);
+    }
+    let rms = (settled
+        .iter()
+        .map(|&s| f64::from(s) * f64::from(s))
+        .sum::<f64>()
+        / settled.len() as f64)
+        .sqrt() as f32;
+    let crossings = settled
+        .windows(2)
+        .filter(|w| (w[0] < 0) != (w[1] < 0))
+        .count();
+    let seconds = settled.len() as f32 / 48_000.0;
+    (rms, crossings as f32 / 2.0 / seconds)
 }

@@ -1,0 +1,322 @@
+//! The whole push-to-talk loop over separate processes: Redis, state-svc, media-svc and
+//! signaling-svc binaries on ephemeral loopback ports; clients speak the WebSocket protocol and
+//! send and receive real Opus over WebRTC.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+use talkgroup_e2e::{Client, Stack, Topology};
+use testkit::media::{Peer, Tone, analyse};
+use testkit::wait_until;
+
+/// The payloads `peer` received from `from` on, decoded: (RMS level, dominant frequency).
+fn heard(peer: &Peer, from: usize) -> (f32, f32) {
+    let payloads: Vec<Vec<u8>> = peer.received()[from..]
+        .iter()
+        .map(|r| r.packet.payload.to_vec())
+        .collect();
+    analyse(&payloads)
+}
+
+fn assert_tone(peer: &Peer, from: usize, freq: f32, who: &str) {
+    let (rms, hz) = heard(peer, from);
+    assert!(rms > 1_000.0, "{who} heard silence (rms {rms})");
+    assert!(
+        (hz - freq).abs() < freq * 0.1,
+        "{who} heard {hz} Hz, expected {freq} Hz"
+    );
+}
+
+async fn wait_packets(peer: &Peer, at_least: usize, who: &str) {
+    wait_until(Duration::from_secs(10), who, || async move {
+        peer.received_count() >= at_least
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn press_talk_hear_release_contend_and_disconnect() {
+    let stack = Stack::start(Topology::default()).await.unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(0, "u-ben", "Ben").await;
+    let mut cai = stack.client(0, "u-cai", "Cai").await;
+
+    // Join: everyone sees who is present.
+    ana.join("ops").await;
+    ben.join("ops").await;
+    let state = cai.join("ops").await;
+    let members: HashSet<&str> = state["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, HashSet::from(["u-ana", "u-ben", "u-cai"]));
+    let pushed = ana
+        .push_where("channel-state", |d| {
+            d["members"].as_array().map(Vec::len) == Some(3)
+        })
+        .await;
+    assert_eq!(pushed["data"]["channelId"], "ops");
+
+    // Negotiate: Ana and Ben can speak, Ben and Cai listen (one stream each).
+    let ana_mic = ana.speaker("ops").await;
+    let ben_mic = ben.speaker("ops").await;
+    let (ben_ear, ben_ssrc) = ben.listener("ops").await;
+    let (cai_ear, cai_ssrc) = cai.listener("ops").await;
+
+    // Ana presses: granted; everyone is told; both listeners decode her 440 Hz tone.
+    let granted = ana.ptt_start("ops").await;
+    assert_eq!(granted["granted"], true, "{granted}");
+    for c in [&mut ben, &mut cai] {
+        let changed = c.speaker_changed("ops", "granted").await;
+        assert_eq!(changed["speaker"]["userId"], "u-ana");
+        assert_eq!(changed["speaker"]["userName"], "Ana");
+    }
+    let mut ana_tone = Tone::new(440.0);
+    ana_tone.play(&ana_mic, 50).await;
+    wait_packets(&ben_ear, 40, "Ben hears Ana").await;
+    wait_packets(&cai_ear, 40, "Cai hears Ana").await;
+    assert_tone(&ben_ear, 0, 440.0, "Ben");
+    assert_tone(&cai_ear, 0, 440.0, "Cai");
+    assert!(
+        cai_ear
+            .received()
+            .iter()
+            .all(|r| r.packet.header.ssrc == cai_ssrc)
+    );
+
+    // Contention: Ben is denied, told who holds the floor, and his audio reaches nobody.
+    let denied = ben.ptt_start("ops").await;
+    assert_eq!(denied["granted"], false);
+    assert_eq!(denied["speaker"]["userId"], "u-ana");
+    let push = ben.push_where("ptt-denied", |_| true).await;
+    assert_eq!(push["data"]["speaker"]["userName"], "Ana");
+    let before = cai_ear.received_count();
+    let mut ben_tone = Tone::new(1_000.0);
+    ben_tone.play(&ben_mic, 25).await;
+    // Ana's silence meanwhile: nothing may arrive (a few in-flight frames of Ana's at most).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        cai_ear.received_count() - before <= 2,
+        "a denied speaker's audio was forwarded"
+    );
+
+    // Ben's stop does not release Ana's floor.
+    ben.ptt_stop("ops").await;
+    let floor = cai.join("ops").await;
+    assert_eq!(floor["speaker"]["userId"], "u-ana");
+
+    // Ana releases; Ben takes the floor; Cai's one stream carries Ben's 1 kHz tone on.
+    ana.ptt_stop("ops").await;
+    cai.speaker_changed("ops", "released").await;
+    let granted = ben.ptt_start("ops").await;
+    assert_eq!(granted["granted"], true, "{granted}");
+    let from = cai_ear.received_count();
+    ben_tone.play(&ben_mic, 50).await;
+    wait_packets(&cai_ear, from + 40, "Cai hears Ben").await;
+    assert_tone(&cai_ear, from, 1_000.0, "Cai");
+    let got = cai_ear.received();
+    assert!(got.iter().all(|r| r.packet.header.ssrc == cai_ssrc));
+    for w in got.windows(2) {
+        assert_eq!(
+            w[1].packet.header.sequence_number,
+            w[0].packet.header.sequence_number.wrapping_add(1),
+            "Cai's stream has a gap across the speaker change"
+        );
+    }
+    // Ben never hears himself.
+    assert!(
+        ben_ear
+            .received()
+            .iter()
+            .all(|r| r.packet.header.ssrc == ben_ssrc)
+    );
+    let ben_heard_before = ben_ear.received_count();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ben_ear.received_count(), ben_heard_before);
+
+    // Ben disconnects while talking: the floor is freed, with a reason, and Ana can talk.
+    ben.close().await;
+    let changed = cai.speaker_changed("ops", "disconnected").await;
+    assert_eq!(changed["speaker"], serde_json::Value::Null);
+    let left = cai
+        .push_where("channel-state", |d| {
+            d["members"].as_array().map(Vec::len) == Some(2)
+        })
+        .await;
+    assert!(
+        !left["data"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["userId"] == "u-ben")
+    );
+    let granted = ana.ptt_start("ops").await;
+    assert_eq!(granted["granted"], true, "{granted}");
+    ana_mic.close().await;
+    ben_mic.close().await;
+    ben_ear.close().await;
+    cai_ear.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_channel_goes_to_the_less_loaded_media_node() {
+    let stack = Stack::start(Topology {
+        media: 2,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+
+    // Load one node with a channel of three peer connections.
+    let mut clients = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..3 {
+        let mut c = stack.client(0, &format!("u-{i}"), "Loader").await;
+        c.join("busy").await;
+        peers.push(c.listener("busy").await.0);
+        clients.push(c);
+    }
+    let busy_node = stack.placement("busy").await.unwrap();
+    assert!(!busy_node.is_empty());
+    let stack_ref = &stack;
+    let node = busy_node.clone();
+    wait_until(Duration::from_secs(5), "the load reported", || {
+        let node = node.clone();
+        async move {
+            stack_ref
+                .nodes()
+                .await
+                .unwrap()
+                .iter()
+                .any(|n| n.node_id == node && n.load >= 3)
+        }
+    })
+    .await
+    .unwrap();
+
+    // The next channel is placed on the other one.
+    let mut dee = stack.client(0, "u-dee", "Dee").await;
+    dee.join("quiet").await;
+    let (ear, _) = dee.listener("quiet").await;
+    let quiet_node = stack.placement("quiet").await.unwrap();
+    assert!(!quiet_node.is_empty());
+    assert_ne!(
+        quiet_node, busy_node,
+        "placed on the loaded node ({busy_node})"
+    );
+
+    // And audio flows on it.
+    let mic = dee.speaker("quiet").await;
+    let mut eve = stack.client(0, "u-eve", "Eve").await;
+    eve.join("quiet").await;
+    let (eve_ear, _) = eve.listener("quiet").await;
+    assert_eq!(dee.ptt_start("quiet").await["granted"], true);
+    Tone::new(440.0).play(&mic, 40).await;
+    wait_packets(&eve_ear, 30, "Eve hears Dee").await;
+    assert_tone(&eve_ear, 0, 440.0, "Eve");
+    mic.close().await;
+    ear.close().await;
+    eve_ear.close().await;
+    for p in &mut peers {
+        p.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_two_state_services_two_media_nodes_one_redis() {
+    let stack = Stack::start(Topology {
+        state: 2,
+        media: 2,
+        gateways: 2,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    // Ana on gateway 0 (state-svc 0), Ben and Cai on gateway 1 (state-svc 1).
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(1, "u-ben", "Ben").await;
+    let mut cai = stack.client(1, "u-cai", "Cai").await;
+    for (channel, c) in [("ops", &mut ana), ("ops", &mut ben), ("ops", &mut cai)] {
+        c.join(channel).await;
+    }
+    let members = ana
+        .push_where("channel-state", |d| {
+            d["members"].as_array().map(Vec::len) == Some(3)
+        })
+        .await;
+    assert_eq!(members["data"]["channelId"], "ops");
+
+    let mic = ana.speaker("ops").await;
+    let ben_mic = ben.speaker("ops").await;
+    let (ben_ear, _) = ben.listener("ops").await;
+    let (cai_ear, _) = cai.listener("ops").await;
+
+    // A grant through gateway 0 is seen on gateway 1, and its audio heard there.
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    let changed = ben.speaker_changed("ops", "granted").await;
+    assert_eq!(changed["speaker"]["userId"], "u-ana");
+    Tone::new(440.0).play(&mic, 40).await;
+    wait_packets(&ben_ear, 30, "Ben hears Ana across gateways").await;
+    wait_packets(&cai_ear, 30, "Cai hears Ana across gateways").await;
+    assert_tone(&ben_ear, 0, 440.0, "Ben");
+    assert_tone(&cai_ear, 0, 440.0, "Cai");
+
+    // The floor is one across replicas: Ben (other gateway, other state-svc) is denied.
+    let denied = ben.ptt_start("ops").await;
+    assert_eq!(denied["granted"], false);
+    assert_eq!(denied["speaker"]["userId"], "u-ana");
+
+    // Ana's gateway loses her; Ben's side sees it and takes over.
+    ana.close().await;
+    ben.speaker_changed("ops", "disconnected").await;
+    assert_eq!(ben.ptt_start("ops").await["granted"], true);
+    let from = cai_ear.received_count();
+    Tone::new(1_000.0).play(&ben_mic, 40).await;
+    wait_packets(&cai_ear, from + 30, "Cai hears Ben").await;
+    assert_tone(&cai_ear, from, 1_000.0, "Cai");
+
+    // Both media nodes are registered and live with every state-svc.
+    let nodes = stack.nodes().await.unwrap();
+    assert_eq!(nodes.iter().filter(|n| n.live).count(), 2, "{nodes:?}");
+    mic.close().await;
+    ben_mic.close().await;
+    ben_ear.close().await;
+    cai_ear.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_the_browser_client() {
+    let stack = Stack::start(Topology::default()).await.unwrap();
+    let addr = stack.gateway(0);
+    let (status, html) = talkgroup_e2e::http_get(addr, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(html.contains("<script type=\"module\" src=\"/app.js\">"));
+    let (status, js) = talkgroup_e2e::http_get(addr, "/app.js").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(js.contains("RTCPeerConnection"));
+    // Development tokens are off unless enabled.
+    let (status, _) = talkgroup_e2e::http_get(addr, "/dev/token").await.unwrap();
+    assert!(status == 404 || status == 405, "{status}");
+    // The channel list the client shows.
+    let mut c: Client = stack.client(0, "u-ana", "Ana").await;
+    let list = c.ok("list-channels", json!({})).await;
+    let ids: Vec<&str> = list["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["channelId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["ops", "security", "stage"]);
+    c.join("ops").await;
+    let list = c.ok("list-channels", json!({})).await;
+    assert_eq!(list["channels"][0]["memberCount"], 1);
+}
