@@ -116,7 +116,10 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
 /// The HTTP routes.
 pub fn app(state: Arc<AppState>) -> Router {
     let router = Router::new()
-        .route("/", get(|| async { web_file(INDEX_HTML, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|| async { web_file(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
         .route(
             "/app.js",
             get(|| async { web_file(APP_JS, "text/javascript; charset=utf-8") }),

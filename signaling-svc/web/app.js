@@ -99,6 +99,8 @@ function connect() {
     $("signin").hidden = true;
     $("channels").hidden = false;
     await refreshChannels();
+    clearInterval(state.listTimer);
+    state.listTimer = setInterval(refreshChannels, 10000);
     if (state.channel) {
       const rejoin = state.channel;
       state.channel = null;
@@ -119,6 +121,7 @@ function connect() {
       reject(new Error("disconnected"));
     }
     state.pending.clear();
+    clearInterval(state.listTimer);
     stopTalking();
     closeMedia();
     if (!ws.opened && state.reconnects === 0) {
@@ -254,9 +257,12 @@ function waitForGathering(pc) {
   });
 }
 
-async function negotiate(channelId, direction, attach) {
+// The server offers; `prepare` runs before the offer is applied (track handlers must be in
+// place by then), `attach` after it (to put the microphone on the offered transceiver).
+async function negotiate(channelId, direction, { prepare = () => {}, attach = async () => {} }) {
   const created = await request("create-transport", { channelId, direction });
   const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
+  prepare(pc);
   await pc.setRemoteDescription(created.offer);
   await attach(pc);
   await pc.setLocalDescription(await pc.createAnswer());
@@ -272,12 +278,17 @@ async function setUpMedia(channelId) {
   const media = $("media");
   media.dataset.state = "connecting";
   try {
-    const recv = await negotiate(channelId, "recv", async (pc) => {
-      pc.ontrack = (event) => {
-        const audio = $("audio");
-        audio.srcObject = event.streams[0] ?? new MediaStream([event.track]);
-        audio.play().catch(() => log("click anywhere to hear the channel"));
-      };
+    const recv = await negotiate(channelId, "recv", {
+      prepare: (pc) => {
+        pc.ontrack = (event) => {
+          const audio = $("audio");
+          audio.srcObject = event.streams[0] ?? new MediaStream([event.track]);
+          audio.play().catch(() => {
+            log("click anywhere to hear the channel");
+            document.addEventListener("click", () => audio.play(), { once: true });
+          });
+        };
+      },
     });
     state.recvPc = recv.pc;
     await request("consume", { channelId });
@@ -300,10 +311,12 @@ async function setUpMedia(channelId) {
   mic.enabled = false;
   state.mic = mic;
   try {
-    const send = await negotiate(channelId, "send", async (pc) => {
-      const transceiver = pc.getTransceivers()[0];
-      transceiver.direction = "sendonly";
-      await transceiver.sender.replaceTrack(mic);
+    const send = await negotiate(channelId, "send", {
+      attach: async (pc) => {
+        const transceiver = pc.getTransceivers()[0];
+        transceiver.direction = "sendonly";
+        await transceiver.sender.replaceTrack(mic);
+      },
     });
     state.sendPc = send.pc;
     await request("produce", { transportId: send.transportId, channelId, kind: "audio" });

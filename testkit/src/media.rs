@@ -2,7 +2,11 @@
 //! would run it (it answers the media node's offer, sends Opus from a track, and collects what
 //! it receives), Opus tones to send, and an analysis of what was heard.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

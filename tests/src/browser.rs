@@ -62,7 +62,8 @@ pub struct Browser {
 impl Browser {
     pub fn launch() -> Result<Self> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let bin = chromium_path().context("Chromium is not installed (apt-get install chromium)")?;
+        let bin =
+            chromium_path().context("Chromium is not installed (apt-get install chromium)")?;
         let profile = std::env::temp_dir().join(format!(
             "talkgroup-chromium-{}-{}",
             std::process::id(),
@@ -87,6 +88,7 @@ impl Browser {
                 "--use-fake-ui-for-media-stream",
                 "--allow-loopback-in-peer-connection",
                 "--autoplay-policy=no-user-gesture-required",
+                "--disable-audio-output",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 "--window-size=800,900",
@@ -237,8 +239,11 @@ impl Cdp {
         };
         page.call("Runtime.enable", json!({})).await?;
         // Every page behaves as focused, as a visible tab would.
-        page.call("Emulation.setFocusEmulationEnabled", json!({"enabled": true}))
-            .await?;
+        page.call(
+            "Emulation.setFocusEmulationEnabled",
+            json!({"enabled": true}),
+        )
+        .await?;
         Ok(page)
     }
 
@@ -316,6 +321,8 @@ impl Page {
 
     /// Saves a PNG screenshot to `path`.
     pub async fn screenshot(&self, path: &Path) -> Result<()> {
+        // Only the front tab of a headless browser renders frames.
+        self.call("Page.bringToFront", json!({})).await?;
         let shot = self
             .call("Page.captureScreenshot", json!({"format": "png"}))
             .await?;

@@ -202,12 +202,10 @@ impl Stack {
 
     /// The registered media nodes, as state-svc `i` lists them.
     pub async fn nodes(&self) -> Result<Vec<spb::MediaNode>> {
-        let mut registry =
-            spb::media_registry_service_client::MediaRegistryServiceClient::connect(format!(
-                "http://{}",
-                self.state[0].addr
-            ))
-            .await?;
+        let mut registry = spb::media_registry_service_client::MediaRegistryServiceClient::connect(
+            format!("http://{}", self.state[0].addr),
+        )
+        .await?;
         Ok(registry
             .list_nodes(spb::ListNodesRequest {})
             .await?
