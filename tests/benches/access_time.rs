@@ -41,7 +41,9 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let stack = Stack::start(Topology {
-            gateway_args: vec!["--ptt-rate".into(), "1000".into()],
+            gateway_args: ["--ptt-rate", "1000", "--request-rate", "1000"]
+                .map(String::from)
+                .to_vec(),
             ..Topology::default()
         })
         .await
