@@ -214,6 +214,18 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         .await;
     drop(conn);
     let _ = writer.await;
+    if close_code != 1000 {
+        // The closing handshake: read and discard until the client's Close (at most 2 s), so
+        // frames it sent meanwhile do not turn the close into a TCP reset that hides the code.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
     tracing::info!(conn = id, code = close_code, "disconnected");
 }
 

@@ -144,17 +144,21 @@ impl Client {
         self.ok("ptt-stop", json!({"channelId": channel})).await;
     }
 
-    /// A send transport with a producer: the peer to speak from.
-    pub async fn speaker(&mut self, channel: &str) -> Peer {
+    /// Creates a transport of `direction`, answers the server's offer with a new peer (with a
+    /// microphone track when sending) and connects it: (peer, transport id).
+    async fn negotiate(&mut self, channel: &str, direction: &str) -> (Peer, String) {
         let created = self
             .ok(
                 "create-transport",
-                json!({"channelId": channel, "direction": "send"}),
+                json!({"channelId": channel, "direction": direction}),
             )
             .await;
         let mut peer = Peer::new(false).await;
         let answer = peer
-            .answer(created["offer"]["sdp"].as_str().unwrap(), true)
+            .answer(
+                created["offer"]["sdp"].as_str().unwrap(),
+                direction == "send",
+            )
             .await;
         let transport = created["transportId"].as_str().unwrap().to_owned();
         self.ok(
@@ -162,6 +166,12 @@ impl Client {
             json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
         )
         .await;
+        (peer, transport)
+    }
+
+    /// A send transport with a producer: the peer to speak from.
+    pub async fn speaker(&mut self, channel: &str) -> Peer {
+        let (peer, transport) = self.negotiate(channel, "send").await;
         self.ok(
             "produce",
             json!({"transportId": transport, "channelId": channel, "kind": "audio"}),
@@ -174,22 +184,7 @@ impl Client {
     /// A recv transport consuming the channel's stream: the peer to listen with, and the SSRC
     /// the stream arrives on.
     pub async fn listener(&mut self, channel: &str) -> (Peer, u32) {
-        let created = self
-            .ok(
-                "create-transport",
-                json!({"channelId": channel, "direction": "recv"}),
-            )
-            .await;
-        let mut peer = Peer::new(false).await;
-        let answer = peer
-            .answer(created["offer"]["sdp"].as_str().unwrap(), false)
-            .await;
-        let transport = created["transportId"].as_str().unwrap().to_owned();
-        self.ok(
-            "connect-transport",
-            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
-        )
-        .await;
+        let (peer, _) = self.negotiate(channel, "recv").await;
         let consumed = self.ok("consume", json!({"channelId": channel})).await;
         peer.wait_connected().await;
         (peer, consumed["ssrc"].as_u64().unwrap() as u32)
