@@ -142,3 +142,23 @@ impl Config {
             .unwrap_or_else(|| format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_channels_are_validated() {
+        let mut config = Config::for_tests("a-test-secret-of-enough-length");
+        assert_eq!(config.channels, ["ops", "security", "stage"]);
+        assert!(config.validate().is_ok());
+        config.channels = vec!["ops".into(), "bad id".into()];
+        assert!(config.validate().unwrap_err().contains("bad id"));
+        config.channels = vec![String::new()];
+        assert!(config.validate().is_err());
+        config.channels = (0..=MAX_LISTED_CHANNELS).map(|i| format!("c{i}")).collect();
+        assert!(config.validate().is_err());
+        config.channels = vec!["a".repeat(65)];
+        assert!(config.validate().is_err());
+    }
+}
