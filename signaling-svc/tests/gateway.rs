@@ -12,7 +12,6 @@ use testkit::wait_until;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "a-test-secret-of-enough-length";
@@ -126,84 +125,22 @@ async fn reqwest_health(addr: SocketAddr) -> Value {
         .unwrap_or(Value::Null)
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use testkit::ws::WsClient as Client;
 
-struct Client {
-    ws: Ws,
-    next_id: u64,
-    pushes: Vec<Value>,
+/// A client signed in as `sub` with a 10-minute token.
+async fn client(addr: SocketAddr, sub: &str, name: &str) -> Client {
+    Client::connect(addr, &token(sub, name, 600, SECRET)).await
 }
 
-impl Client {
-    async fn connect(addr: SocketAddr, sub: &str, name: &str) -> Self {
-        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", token(sub, name, 600, SECRET))
-                .parse()
-                .unwrap(),
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        Self {
-            ws,
-            next_id: 0,
-            pushes: Vec::new(),
-        }
-    }
-
-    async fn next_frame(&mut self) -> Value {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
-                .await
-                .expect("a frame within 5 s")
-                .expect("open")
-                .expect("ok");
-            if let Message::Text(t) = msg {
-                return serde_json::from_str(t.as_str()).unwrap();
-            }
-        }
-    }
-
-    /// Sends a request and returns its reply; pushes that arrive meanwhile are kept.
-    async fn request(&mut self, kind: &str, data: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id.to_string();
-        let frame = json!({"type": kind, "id": id, "data": data});
-        self.ws
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
-        loop {
-            let frame = self.next_frame().await;
-            if frame["id"] == id.as_str() {
-                return frame;
-            }
-            self.pushes.push(frame);
-        }
-    }
-
-    /// The next push of `kind` (kept or new).
-    async fn push(&mut self, kind: &str) -> Value {
-        if let Some(i) = self.pushes.iter().position(|p| p["type"] == kind) {
-            return self.pushes.remove(i);
-        }
-        loop {
-            let frame = self.next_frame().await;
-            if frame["type"] == kind {
-                return frame;
-            }
-            self.pushes.push(frame);
-        }
-    }
-
+trait SpeakerChanged {
     /// The next `speaker-changed` push with `reason`.
+    async fn speaker_changed(&mut self, reason: &str) -> Value;
+}
+
+impl SpeakerChanged for Client {
     async fn speaker_changed(&mut self, reason: &str) -> Value {
-        loop {
-            let p = self.push("speaker-changed").await;
-            if p["data"]["reason"] == reason {
-                return p;
-            }
-        }
+        self.push_where("speaker-changed", |d| d["reason"] == reason)
+            .await
     }
 }
 
@@ -322,8 +259,8 @@ fn b64(s: &str) -> String {
 async fn ping_join_floor_contention_and_disconnect() {
     let stack = stack(1, 5_000, 60_000).await;
     let gw = stack.gateways[0];
-    let mut a = Client::connect(gw, "u-ana", "Ana").await;
-    let mut b = Client::connect(gw, "u-bo", "Bo").await;
+    let mut a = client(gw, "u-ana", "Ana").await;
+    let mut b = client(gw, "u-bo", "Bo").await;
 
     let pong = a.request("ping", json!({})).await;
     assert_eq!(pong["type"], "pong");
@@ -387,7 +324,7 @@ async fn renewal_keeps_a_long_transmission_alive_only_up_to_max_talk_time() {
     // Scaled down: a 300 ms lease and 1.5 s of maximum talk time.
     let stack = stack(1, 300, 1_500).await;
     let gw = stack.gateways[0];
-    let mut a = Client::connect(gw, "u-ana", "Ana").await;
+    let mut a = client(gw, "u-ana", "Ana").await;
     a.request("join-channel", json!({"channelId": "ops"})).await;
     let started = std::time::Instant::now();
     assert_eq!(
@@ -411,8 +348,8 @@ async fn renewal_keeps_a_long_transmission_alive_only_up_to_max_talk_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speaker_changes_reach_clients_on_every_gateway() {
     let stack = stack(2, 5_000, 60_000).await;
-    let mut on_one = Client::connect(stack.gateways[0], "u-ana", "Ana").await;
-    let mut on_two = Client::connect(stack.gateways[1], "u-bo", "Bo").await;
+    let mut on_one = client(stack.gateways[0], "u-ana", "Ana").await;
+    let mut on_two = client(stack.gateways[1], "u-bo", "Bo").await;
     on_one
         .request("join-channel", json!({"channelId": "ops"}))
         .await;
@@ -437,8 +374,8 @@ async fn speaker_changes_reach_clients_on_every_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_transports_and_graceful_shutdown() {
     let stack = stack(2, 5_000, 60_000).await;
-    let mut a = Client::connect(stack.gateways[0], "u-ana", "Ana").await;
-    let mut watcher = Client::connect(stack.gateways[1], "u-cy", "Cy").await;
+    let mut a = client(stack.gateways[0], "u-ana", "Ana").await;
+    let mut watcher = client(stack.gateways[1], "u-cy", "Cy").await;
 
     // An oversized frame is refused, and the connection stays open.
     let big = json!({"type": "ping", "id": "big", "data": {"pad": "x".repeat(70 * 1024)}});
@@ -571,8 +508,8 @@ async fn es256_tokens_with_a_public_key_and_hs256_refused_then() {
 async fn bad_input_gets_documented_errors_and_a_flood_is_closed() {
     let stack = stack(1, 5_000, 60_000).await;
     let gw = stack.gateways[0];
-    let mut bystander = Client::connect(gw, "u-by", "By").await;
-    let mut a = Client::connect(gw, "u-ana", "Ana").await;
+    let mut bystander = client(gw, "u-by", "By").await;
+    let mut a = client(gw, "u-ana", "Ana").await;
 
     for (frame, message) in [
         ("{not json", "invalid JSON"),

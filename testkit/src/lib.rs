@@ -10,6 +10,8 @@
 
 #[cfg(feature = "media")]
 pub mod media;
+#[cfg(feature = "ws")]
+pub mod ws;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,17 +1,11 @@
 //! A client of the WebSocket protocol, with real WebRTC media: what an app does, step by step.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use testkit::media::Peer;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use testkit::ws::WsClient;
 
 /// A token for `user` signed with the stack's secret.
 pub fn token(user: &str, name: &str) -> String {
@@ -28,98 +22,31 @@ pub fn token(user: &str, name: &str) -> String {
     .unwrap()
 }
 
+/// A protocol client ([`WsClient`]: requests, replies, pushes) that also negotiates media.
 #[derive(Debug)]
 pub struct Client {
-    ws: Ws,
-    next_id: u64,
-    /// Pushes (and stale replies) received while waiting for something else.
-    pub pushes: Vec<Value>,
+    inner: WsClient,
     pub user: String,
+}
+
+impl std::ops::Deref for Client {
+    type Target = WsClient;
+    fn deref(&self) -> &WsClient {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut WsClient {
+        &mut self.inner
+    }
 }
 
 impl Client {
     pub async fn connect(addr: SocketAddr, user: &str, name: &str) -> Self {
-        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", token(user, name)).parse().unwrap(),
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
         Self {
-            ws,
-            next_id: 0,
-            pushes: Vec::new(),
+            inner: WsClient::connect(addr, &token(user, name)).await,
             user: user.to_owned(),
-        }
-    }
-
-    async fn next_frame(&mut self) -> Value {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
-                .await
-                .expect("a frame within 10 s")
-                .expect("socket open")
-                .expect("frame ok");
-            if let Message::Text(t) = msg {
-                return serde_json::from_str(t.as_str()).unwrap();
-            }
-        }
-    }
-
-    /// Sends a request without waiting; returns its id.
-    pub async fn send(&mut self, kind: &str, data: Value) -> String {
-        self.next_id += 1;
-        let id = self.next_id.to_string();
-        let frame = json!({"type": kind, "id": id, "data": data});
-        self.ws
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
-        id
-    }
-
-    /// The reply to request `id`; pushes meanwhile are kept.
-    pub async fn reply(&mut self, id: &str) -> Value {
-        if let Some(i) = self.pushes.iter().position(|p| p["id"] == id) {
-            return self.pushes.remove(i);
-        }
-        loop {
-            let frame = self.next_frame().await;
-            if frame["id"] == id {
-                return frame;
-            }
-            self.pushes.push(frame);
-        }
-    }
-
-    /// Sends a request and returns its reply frame.
-    pub async fn request(&mut self, kind: &str, data: Value) -> Value {
-        let id = self.send(kind, data).await;
-        self.reply(&id).await
-    }
-
-    /// Sends a request and returns its reply's `data`; panics on an error reply.
-    pub async fn ok(&mut self, kind: &str, data: Value) -> Value {
-        let reply = self.request(kind, data).await;
-        assert_ne!(reply["type"], "error", "{kind} failed: {reply}");
-        reply["data"].clone()
-    }
-
-    /// The next push of `kind` matching `filter` (kept or new).
-    pub async fn push_where(&mut self, kind: &str, filter: impl Fn(&Value) -> bool) -> Value {
-        if let Some(i) = self
-            .pushes
-            .iter()
-            .position(|p| p["type"] == kind && filter(&p["data"]))
-        {
-            return self.pushes.remove(i);
-        }
-        loop {
-            let frame = self.next_frame().await;
-            if frame["type"] == kind && filter(&frame["data"]) {
-                return frame;
-            }
-            self.pushes.push(frame);
         }
     }
 
@@ -192,6 +119,6 @@ impl Client {
 
     /// Closes the socket (the gateway cleans up as for a lost client).
     pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+        let _ = self.inner.ws.close(None).await;
     }
 }

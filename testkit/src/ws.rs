@@ -1,0 +1,117 @@
+//! A client of the gateway's WebSocket + JSON protocol (feature `ws`): requests with ids, their
+//! replies, and pushes kept aside until asked for.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Debug)]
+pub struct WsClient {
+    /// The socket, for tests that send raw frames.
+    pub ws: Ws,
+    next_id: u64,
+    /// Pushes (and replies) received while waiting for something else.
+    pub pushes: Vec<Value>,
+}
+
+impl WsClient {
+    /// Connects to `ws://addr/ws` with `token` as a bearer token.
+    pub async fn connect(addr: SocketAddr, token: &str) -> Self {
+        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        Self {
+            ws,
+            next_id: 0,
+            pushes: Vec::new(),
+        }
+    }
+
+    /// The next text frame, parsed (panics after 10 s).
+    pub async fn next_frame(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("a frame within 10 s")
+                .expect("socket open")
+                .expect("frame ok");
+            if let Message::Text(t) = msg {
+                return serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    }
+
+    /// Sends a request without waiting; returns its id.
+    pub async fn send(&mut self, kind: &str, data: Value) -> String {
+        self.next_id += 1;
+        let id = self.next_id.to_string();
+        let frame = json!({"type": kind, "id": id, "data": data});
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        id
+    }
+
+    /// The reply to request `id`; pushes meanwhile are kept.
+    pub async fn reply(&mut self, id: &str) -> Value {
+        if let Some(i) = self.pushes.iter().position(|p| p["id"] == id) {
+            return self.pushes.remove(i);
+        }
+        loop {
+            let frame = self.next_frame().await;
+            if frame["id"] == id {
+                return frame;
+            }
+            self.pushes.push(frame);
+        }
+    }
+
+    /// Sends a request and returns its reply frame.
+    pub async fn request(&mut self, kind: &str, data: Value) -> Value {
+        let id = self.send(kind, data).await;
+        self.reply(&id).await
+    }
+
+    /// Sends a request and returns its reply's `data`; panics on an error reply.
+    pub async fn ok(&mut self, kind: &str, data: Value) -> Value {
+        let reply = self.request(kind, data).await;
+        assert_ne!(reply["type"], "error", "{kind} failed: {reply}");
+        reply["data"].clone()
+    }
+
+    /// The next push of `kind` whose data matches `filter` (kept or new).
+    pub async fn push_where(&mut self, kind: &str, filter: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self
+            .pushes
+            .iter()
+            .position(|p| p["type"] == kind && filter(&p["data"]))
+        {
+            return self.pushes.remove(i);
+        }
+        loop {
+            let frame = self.next_frame().await;
+            if frame["type"] == kind && filter(&frame["data"]) {
+                return frame;
+            }
+            self.pushes.push(frame);
+        }
+    }
+
+    /// The next push of `kind` (kept or new).
+    pub async fn push(&mut self, kind: &str) -> Value {
+        self.push_where(kind, |_| true).await
+    }
+}
