@@ -41,6 +41,21 @@ pub struct Config {
     /// Maximum talk time of one grant in milliseconds, after which the floor is revoked.
     #[arg(long, env = "PTT_STATE_MAX_TALK_MS", default_value_t = 60_000)]
     pub max_talk_ms: u32,
+    /// Maximum length of an emergency broadcast in milliseconds; its floors are revoked after it.
+    #[arg(long, env = "PTT_STATE_EMERGENCY_MAX_MS", default_value_t = 600_000)]
+    pub emergency_max_ms: u32,
+    /// Redis pub/sub channel on which an external control plane publishes membership updates
+    /// (`{eventId, userId, channelIds, action: "set_user_channels"}`). Redis store only.
+    #[arg(
+        long,
+        env = "PTT_STATE_MEMBERSHIP_CHANNEL",
+        default_value = "vp:membership_updates"
+    )]
+    pub membership_channel: String,
+    /// Bearer token of the admin API (`ptt.admin.v1.AdminService`), at least 16 characters.
+    /// Without it the admin API refuses every call. Never logged.
+    #[arg(long, env = "PTT_STATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Session time to live in milliseconds without a touch from its gateway.
     #[arg(long, env = "PTT_STATE_SESSION_TTL_MS", default_value_t = 60_000)]
     pub session_ttl_ms: u32,
@@ -83,6 +98,8 @@ impl std::fmt::Debug for Config {
             .field("max_talk_ms", &self.max_talk_ms)
             .field("session_ttl_ms", &self.session_ttl_ms)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("membership_channel", &self.membership_channel)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +113,10 @@ pub enum ConfigError {
     OutOfRange(&'static str, u32, u32),
     #[error("key prefix must be 1 to 64 characters without braces or spaces")]
     BadKeyPrefix,
+    #[error("membership channel must be 1 to 128 printable characters without spaces")]
+    BadMembershipChannel,
+    #[error("admin token must be 16 to 512 printable characters without spaces")]
+    BadAdminToken,
 }
 
 impl Config {
@@ -138,6 +159,18 @@ impl Config {
         range("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000)?;
         range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
         range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
+        range("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000)?;
+        let printable = |v: &str, lo: usize, hi: usize| {
+            (lo..=hi).contains(&v.len()) && v.chars().all(|c| c.is_ascii_graphic())
+        };
+        if !printable(&self.membership_channel, 1, 128) {
+            return Err(ConfigError::BadMembershipChannel);
+        }
+        if let Some(token) = &self.admin_token
+            && !printable(token, 16, 512)
+        {
+            return Err(ConfigError::BadAdminToken);
+        }
         if self.key_prefix.is_empty()
             || self.key_prefix.len() > 64
             || self
@@ -160,6 +193,7 @@ impl Config {
             session_ttl_ms: self.session_ttl_ms,
             node_dead_after_ms: self.node_dead_after_ms,
             node_heartbeat_ms: self.node_heartbeat_ms,
+            emergency_max_ms: self.emergency_max_ms,
         }
     }
 
@@ -169,6 +203,7 @@ impl Config {
             key_prefix: self.key_prefix.clone(),
             timeout: Duration::from_millis(u64::from(self.redis_timeout_ms)),
             audit_maxlen: self.audit_maxlen,
+            membership_channel: self.membership_channel.clone(),
         })
     }
 }
@@ -182,8 +217,10 @@ mod tests {
         let mut config = Config::for_tests();
         assert_eq!(config.store_kind(), StoreKind::Memory);
         config.redis_url = Some("redis://:secret@db:6379".into());
+        config.admin_token = Some("admin-token-0123456789".into());
         assert_eq!(config.store_kind(), StoreKind::Redis);
         assert!(!format!("{config:?}").contains("secret"));
+        assert!(!format!("{config:?}").contains("admin-token"));
         assert!(config.validate().is_ok());
     }
 
@@ -201,5 +238,8 @@ mod tests {
         let mut config = Config::for_tests();
         config.key_prefix = "a{b}".into();
         assert!(config.validate().is_err());
+        let mut config = Config::for_tests();
+        config.admin_token = Some("short".into());
+        assert!(matches!(config.validate(), Err(ConfigError::BadAdminToken)));
     }
 }

@@ -60,6 +60,10 @@ id_type!(
     /// A media node id: 1 to 64 of `[A-Za-z0-9._-]`.
     NodeId, "node id", 64, id_char
 );
+id_type!(
+    /// An event id (a named group of channels): 1 to 64 of `[A-Za-z0-9._-]`.
+    EventId, "event id", 64, id_char
+);
 
 impl SessionId {
     /// A fresh random session id.
@@ -122,6 +126,10 @@ pub enum FloorReason {
     LeftChannel,
     Disconnected,
     QueueGranted,
+    /// Taken by an emergency broadcast.
+    Emergency,
+    /// Freed when an emergency broadcast ended.
+    EmergencyEnded,
 }
 
 impl FloorReason {
@@ -137,6 +145,8 @@ impl FloorReason {
             Self::LeftChannel => "left_channel",
             Self::Disconnected => "disconnected",
             Self::QueueGranted => "queue_granted",
+            Self::Emergency => "emergency",
+            Self::EmergencyEnded => "emergency_ended",
         }
     }
 
@@ -151,6 +161,8 @@ impl FloorReason {
             "left_channel" => Self::LeftChannel,
             "disconnected" => Self::Disconnected,
             "queue_granted" => Self::QueueGranted,
+            "emergency" => Self::Emergency,
+            "emergency_ended" => Self::EmergencyEnded,
             _ => return None,
         })
     }
@@ -356,6 +368,14 @@ pub enum Event {
     Membership(MembershipChanged),
 }
 
+/// What grant watchers receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantsEvent {
+    Changed(UserGrants),
+    /// Changes may have been missed: re-read.
+    Resync,
+}
+
 impl Event {
     pub fn channel_id(&self) -> &ChannelId {
         match self {
@@ -389,6 +409,92 @@ pub struct MembershipChanged {
     pub change: MembershipChange,
     pub member_count: u32,
     pub at_ms: i64,
+}
+
+/// What a user may do in a channel, as stored. Ordered: each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// No access, whatever the token says.
+    None,
+    /// Access given by the control plane: the token's role, or talk. Resolved by the gateway.
+    Member,
+    Listen,
+    Talk,
+    Dispatch,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Member => "member",
+            Self::Listen => "listen",
+            Self::Talk => "talk",
+            Self::Dispatch => "dispatch",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "none" => Self::None,
+            "member" => Self::Member,
+            "listen" => Self::Listen,
+            "talk" => Self::Talk,
+            "dispatch" => Self::Dispatch,
+            "admin" => Self::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// Most stored grants one user may have.
+pub const MAX_GRANTS_PER_USER: usize = 1_024;
+/// Most channels one event may group.
+pub const MAX_CHANNELS_PER_EVENT: usize = 256;
+
+/// A user's stored grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserGrants {
+    pub user_id: UserId,
+    /// Moves on at every change; 0 when nothing is stored.
+    pub version: u64,
+    pub grants: std::collections::BTreeMap<ChannelId, Role>,
+}
+
+/// A change to a user's grants: `None` removes the entry.
+#[derive(Debug, Clone, Default)]
+pub struct GrantChange {
+    pub set: Vec<(ChannelId, Option<Role>)>,
+    /// Drop every entry not named in `set`.
+    pub replace: bool,
+    /// Compare-and-set: apply only if the stored version is still this one.
+    pub expect_version: Option<u64>,
+}
+
+/// The result of a grant change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantsUpdate {
+    Changed(UserGrants),
+    Unchanged(UserGrants),
+    /// `expect_version` did not match; the stored grants are returned.
+    VersionMismatch(UserGrants),
+}
+
+/// Who runs an active emergency broadcast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmergencyHolder {
+    pub speaker: Speaker,
+    pub started_at_ms: i64,
+}
+
+/// An event: a named group of channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventInfo {
+    pub event_id: EventId,
+    pub channels: Vec<ChannelId>,
+    pub emergency: Option<EmergencyHolder>,
 }
 
 /// The next fencing epoch: `max(current + 1, now_ms * 1000)`, so epochs keep rising even when

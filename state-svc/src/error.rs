@@ -15,6 +15,11 @@ pub enum StoreError {
     NotMember,
     #[error("no live media node")]
     NoMediaNode,
+    /// The thing is held by someone else (an emergency broadcast).
+    #[error("busy: {0}")]
+    Busy(&'static str),
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
     #[error("state store unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -34,6 +39,8 @@ impl From<StoreError> for Status {
             StoreError::NotFound(what) => (Code::NotFound, format!("{what} not found")),
             StoreError::NotMember => (Code::FailedPrecondition, error.to_string()),
             StoreError::NoMediaNode => (Code::Unavailable, error.to_string()),
+            StoreError::Busy(what) => (Code::Aborted, (*what).to_owned()),
+            StoreError::PermissionDenied(what) => (Code::PermissionDenied, (*what).to_owned()),
             StoreError::Unavailable(_) => {
                 tracing::warn!(%error, "state store unavailable");
                 (Code::Unavailable, "state store unavailable".to_owned())

@@ -10,12 +10,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::domain::{ChannelId, Event};
+use crate::domain::{ChannelId, Event, GrantsEvent};
 
 /// Events a subscriber may have queued before it is marked lagged.
 const SUBSCRIBER_QUEUE: usize = 1024;
+/// Grant changes a grant watcher may lag behind before it is told to resynchronise.
+const GRANTS_QUEUE: usize = 1024;
+/// Control-plane membership updates waiting to be applied before new ones are dropped.
+pub const MEMBERSHIP_QUEUE: usize = 1024;
 
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
@@ -25,11 +29,29 @@ pub enum Delivery {
     Resync,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hub {
     inner: Mutex<Inner>,
     /// Woken whenever the set of wanted channels changes (the Redis listener reconciles).
     wanted_changed: Notify,
+    /// Grant changes of every user, for `WatchGrants` streams.
+    grants: broadcast::Sender<Arc<GrantsEvent>>,
+    /// Raw control-plane membership updates, applied by one task (`access::run_membership`).
+    membership_tx: mpsc::Sender<String>,
+    membership_rx: Mutex<Option<mpsc::Receiver<String>>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        let (membership_tx, membership_rx) = mpsc::channel(MEMBERSHIP_QUEUE);
+        Self {
+            inner: Mutex::default(),
+            wanted_changed: Notify::new(),
+            grants: broadcast::Sender::new(GRANTS_QUEUE),
+            membership_tx,
+            membership_rx: Mutex::new(Some(membership_rx)),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -103,12 +125,39 @@ impl Hub {
         }
     }
 
-    /// Tells every subscriber to re-read its channels (after a gap in the event source).
+    /// Tells every subscriber to re-read its channels and grants (after a gap in the event
+    /// source).
     pub fn resync_all(&self) {
         let inner = self.lock();
         for sub in inner.subs.values() {
             sub.deliver(Delivery::Resync);
         }
+        drop(inner);
+        let _ = self.grants.send(Arc::new(GrantsEvent::Resync));
+    }
+
+    /// Hands a grant change to every grant watcher of this process.
+    pub fn grants_changed(&self, event: GrantsEvent) {
+        // No receiver is fine: no gateway is watching this replica.
+        let _ = self.grants.send(Arc::new(event));
+    }
+
+    /// A stream of grant changes from now on.
+    pub fn watch_grants(&self) -> broadcast::Receiver<Arc<GrantsEvent>> {
+        self.grants.subscribe()
+    }
+
+    /// Queues a raw control-plane membership update; false when the queue is full (dropped).
+    pub fn membership_update(&self, raw: String) -> bool {
+        self.membership_tx.try_send(raw).is_ok()
+    }
+
+    /// The receiving end of membership updates; `None` after the first call.
+    pub fn take_membership_updates(&self) -> Option<mpsc::Receiver<String>> {
+        self.membership_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Every channel some local subscriber wants.

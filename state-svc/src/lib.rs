@@ -8,9 +8,12 @@
 //! - [`domain`]: validated ids and records; [`error`]: the one error type and its gRPC mapping.
 //! - [`store`]: the [`store::Store`] trait with the Redis and in-memory stores.
 //! - [`hub`]: fan-out of store events to local `Watch` streams.
+//! - [`access`]: control-plane membership updates and the emergency broadcast, built from
+//!   per-channel store steps.
 //! - [`api`]: the gRPC services; [`sweeper`]: expiry of floors and sessions.
 //! - [`run`]: the server, taking an already-bound listener and a shutdown token.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod domain;
@@ -39,11 +42,12 @@ use crate::store::redis::RedisStore;
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 /// The gRPC services this server reports health for.
-pub const SERVICE_NAMES: [&str; 4] = [
+pub const SERVICE_NAMES: [&str; 5] = [
     "ptt.state.v1.FloorService",
     "ptt.state.v1.ChannelService",
     "ptt.state.v1.SessionService",
     "ptt.state.v1.MediaRegistryService",
+    "ptt.state.v1.AccessService",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +103,11 @@ async fn serve<S: Store>(
         Duration::from_millis(u64::from(config.sweep_interval_ms)),
         shutdown.clone(),
     ));
+    tracker.spawn(access::run_membership(
+        Arc::clone(&store),
+        Arc::clone(&hub),
+        shutdown.clone(),
+    ));
     let api = api::Api::new(store, hub, config.store_settings(), shutdown.clone());
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
@@ -125,7 +134,11 @@ async fn serve<S: Store>(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            pb::media_registry_service_server::MediaRegistryServiceServer::new(api)
+            pb::media_registry_service_server::MediaRegistryServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::access_service_server::AccessServiceServer::new(api)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         );
     tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");

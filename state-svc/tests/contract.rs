@@ -37,6 +37,10 @@ contract!(
     untouched_sessions_expire,
     placement_picks_least_loaded_live_node_and_agrees,
     hostile_input_is_refused,
+    grants_change_once_and_reach_grant_watchers,
+    events_are_indexed_both_ways,
+    membership_update_scopes_to_the_event_and_refuses_foreign_channels,
+    emergency_takes_every_channel_and_holds_off_normal_talk,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -717,5 +721,407 @@ async fn hostile_input_is_refused(b: Backend) {
         .await
         .unwrap_err();
     assert_eq!(bad_config.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+fn grant(channel: &str, role: pb::Role) -> pb::Grant {
+    pb::Grant {
+        channel_id: channel.into(),
+        role: role.into(),
+    }
+}
+
+fn roles(g: &pb::UserGrants) -> Vec<(String, pb::Role)> {
+    g.grants
+        .iter()
+        .map(|g| (g.channel_id.clone(), g.role()))
+        .collect()
+}
+
+async fn next_grants(stream: &mut tonic::Streaming<pb::GrantsEvent>) -> pb::UserGrants {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("grant change in time")
+            .unwrap()
+            .unwrap();
+        if let Some(pb::grants_event::Event::Changed(g)) = event.event {
+            return g;
+        }
+    }
+}
+
+async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
+    let server = TestServer::start(b.config("grants")).await;
+    let mut c = server.clients().await;
+    let mut watch = c
+        .access
+        .watch_grants(pb::WatchGrantsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let set = |grants: Vec<pb::Grant>, replace| pb::SetUserGrantsRequest {
+        user_id: "u-ana".into(),
+        grants,
+        replace,
+    };
+    // Nothing stored yet.
+    let none = c
+        .access
+        .get_user_grants(pb::GetUserGrantsRequest {
+            user_id: "u-ana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((none.version, none.grants.len()), (0, 0));
+
+    let first = c
+        .access
+        .set_user_grants(set(
+            vec![
+                grant("ops", pb::Role::Talk),
+                grant("disp", pb::Role::Dispatch),
+            ],
+            false,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.version, 1);
+    let seen = next_grants(&mut watch).await;
+    assert_eq!((seen.user_id.as_str(), seen.version), ("u-ana", 1));
+    assert_eq!(roles(&seen), roles(&first));
+
+    // The same grants again change nothing and are not announced: the next announcement is
+    // the next real change.
+    let again = c
+        .access
+        .set_user_grants(set(vec![grant("ops", pb::Role::Talk)], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.version, 1);
+    let removed = c
+        .access
+        .set_user_grants(set(vec![grant("disp", pb::Role::Unspecified)], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.version, 2);
+    assert_eq!(roles(&removed), [("ops".to_owned(), pb::Role::Talk)]);
+    assert_eq!(next_grants(&mut watch).await.version, 2);
+
+    let replaced = c
+        .access
+        .set_user_grants(set(vec![grant("stage", pb::Role::Listen)], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(roles(&replaced), [("stage".to_owned(), pb::Role::Listen)]);
+
+    // Hostile input changes nothing.
+    let too_many: Vec<pb::Grant> = (0..1_025)
+        .map(|i| grant(&format!("c{i}"), pb::Role::Talk))
+        .collect();
+    for bad in [
+        set(too_many, true),
+        set(vec![grant("a b", pb::Role::Talk)], false),
+        set(
+            vec![pb::Grant {
+                channel_id: "ops".into(),
+                role: 99,
+            }],
+            false,
+        ),
+    ] {
+        let err = c.access.set_user_grants(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    let after = c
+        .access
+        .get_user_grants(pb::GetUserGrantsRequest {
+            user_id: "u-ana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.version, replaced.version);
+    assert_eq!(roles(&after), roles(&replaced));
+    server.stop().await;
+}
+
+async fn set_event(c: &mut support::Clients, event: &str, channels: &[&str]) -> pb::Event {
+    c.access
+        .set_event_channels(pb::SetEventChannelsRequest {
+            event_id: event.into(),
+            channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn event_channels(c: &mut support::Clients, event: &str) -> Result<Vec<String>, Code> {
+    c.access
+        .get_event(pb::GetEventRequest {
+            event_id: event.into(),
+        })
+        .await
+        .map(|e| e.into_inner().channel_ids)
+        .map_err(|s| s.code())
+}
+
+async fn channel_event(c: &mut support::Clients, channel: &str) -> String {
+    c.access
+        .get_channel_event(pb::GetChannelEventRequest {
+            channel_id: channel.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_id
+}
+
+async fn events_are_indexed_both_ways(b: Backend) {
+    let server = TestServer::start(b.config("events")).await;
+    let mut c = server.clients().await;
+    set_event(&mut c, "fest", &["gate", "stage", "bar", "gate"]).await;
+    assert_eq!(
+        event_channels(&mut c, "fest").await.unwrap(),
+        ["gate", "stage", "bar"]
+    );
+    assert_eq!(channel_event(&mut c, "stage").await, "fest");
+    // A channel belongs to one event: moving it removes it from the other.
+    set_event(&mut c, "vip", &["bar", "lounge"]).await;
+    assert_eq!(
+        event_channels(&mut c, "fest").await.unwrap(),
+        ["gate", "stage"]
+    );
+    assert_eq!(channel_event(&mut c, "bar").await, "vip");
+    // Empty deletes.
+    set_event(&mut c, "fest", &[]).await;
+    assert_eq!(event_channels(&mut c, "fest").await, Err(Code::NotFound));
+    assert_eq!(channel_event(&mut c, "gate").await, "");
+    let many: Vec<String> = (0..257).map(|i| format!("c{i}")).collect();
+    let err = c
+        .access
+        .set_event_channels(pb::SetEventChannelsRequest {
+            event_id: "big".into(),
+            channel_ids: many,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+async fn membership_update_scopes_to_the_event_and_refuses_foreign_channels(b: Backend) {
+    let server = TestServer::start(b.config("membership")).await;
+    let mut c = server.clients().await;
+    set_event(&mut c, "fest", &["gate", "stage", "bar"]).await;
+    set_event(&mut c, "vip", &["lounge"]).await;
+    c.access
+        .set_user_grants(pb::SetUserGrantsRequest {
+            user_id: "u-ana".into(),
+            grants: vec![
+                grant("gate", pb::Role::Dispatch),
+                grant("lounge", pb::Role::Talk),
+            ],
+            replace: false,
+        })
+        .await
+        .unwrap();
+    let update = |channels: &[&str], event: &str| pb::MembershipUpdate {
+        event_id: event.into(),
+        user_id: "u-ana".into(),
+        channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    let applied = c
+        .access
+        .apply_membership_update(update(&["gate", "stage"], "fest"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Listed channels keep their role or become members; the event's others are closed; other
+    // events are untouched.
+    assert_eq!(
+        roles(&applied),
+        [
+            ("bar".to_owned(), pb::Role::None),
+            ("gate".to_owned(), pb::Role::Dispatch),
+            ("lounge".to_owned(), pb::Role::Talk),
+            ("stage".to_owned(), pb::Role::Member),
+        ]
+    );
+    let again = c
+        .access
+        .apply_membership_update(update(&["gate", "stage"], "fest"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.version, applied.version);
+
+    for (bad, code) in [
+        (update(&["gate", "lounge"], "fest"), Code::PermissionDenied),
+        (update(&["gate"], "nope"), Code::NotFound),
+        (update(&["ga te"], "fest"), Code::InvalidArgument),
+    ] {
+        let err = c.access.apply_membership_update(bad).await.unwrap_err();
+        assert_eq!(err.code(), code);
+    }
+    let after = c
+        .access
+        .get_user_grants(pb::GetUserGrantsRequest {
+            user_id: "u-ana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.version, applied.version);
+    server.stop().await;
+}
+
+async fn emergency_takes_every_channel_and_holds_off_normal_talk(b: Backend) {
+    let server = TestServer::start(b.config("emergency")).await;
+    let mut c = server.clients().await;
+    set_event(&mut c, "fest", &["gate", "stage", "bar"]).await;
+    let ana = c.join("ana", "gate").await;
+    let bo = c.join("bo", "stage").await;
+    let mut watch = c.watch(&["gate"]).await;
+    c.acquire("gate", &ana, 0).await;
+    // A dispatcher's priority talk is pre-empted too.
+    c.acquire("stage", &bo, 100).await;
+    watch.next_floor().await;
+    let disp = c.session("disp").await;
+    let start = |sid: &str, priority| pb::StartEmergencyRequest {
+        event_id: "fest".into(),
+        session_id: sid.into(),
+        priority,
+    };
+    let started = c
+        .access
+        .start_emergency(start(&disp, 200))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.channels.len(), 3);
+    assert!(started.channels.iter().all(|ch| ch.holder.is_some()));
+    let preempted: Vec<_> = started
+        .channels
+        .iter()
+        .map(|ch| ch.preempted.as_ref().map(|s| s.user_id.clone()))
+        .collect();
+    assert_eq!(
+        preempted,
+        [Some("u-ana".to_owned()), Some("u-bo".to_owned()), None]
+    );
+    let change = watch.next_floor().await;
+    assert_eq!(change.reason(), pb::FloorReason::Emergency);
+    assert_eq!(holder_user(&change.holder), "u-disp");
+    assert_eq!(change.previous.unwrap().user_id, "u-ana");
+    let event = c
+        .access
+        .get_event(pb::GetEventRequest {
+            event_id: "fest".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(event.emergency.unwrap().by.unwrap().user_id, "u-disp");
+
+    // Normal and priority talk are held off; so is a second dispatcher.
+    for priority in [0, 100] {
+        let denied = c.acquire("gate", &ana, priority).await;
+        assert_eq!(denied.outcome(), pb::AcquireOutcome::Denied);
+        assert_eq!(holder_user(&denied.holder), "u-disp");
+    }
+    let rival = c.session("rival").await;
+    let err = c
+        .access
+        .start_emergency(start(&rival, 200))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    let err = c
+        .access
+        .stop_emergency(pb::StopEmergencyRequest {
+            event_id: "fest".into(),
+            session_id: rival.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Channels of an event under emergency cannot be moved away.
+    let err = c
+        .access
+        .set_event_channels(pb::SetEventChannelsRequest {
+            event_id: "other".into(),
+            channel_ids: vec!["bar".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+
+    // An admin overrides.
+    let admin = c.session("admin").await;
+    let taken = c
+        .access
+        .start_emergency(start(&admin, 250))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(taken.channels.iter().all(|ch| {
+        ch.holder
+            .as_ref()
+            .and_then(|h| h.speaker.as_ref())
+            .unwrap()
+            .user_id
+            == "u-admin"
+    }));
+    assert_eq!(
+        c.acquire("gate", &ana, 0).await.outcome(),
+        pb::AcquireOutcome::Denied
+    );
+    let stopped = c
+        .access
+        .stop_emergency(pb::StopEmergencyRequest {
+            event_id: "fest".into(),
+            session_id: admin.clone(),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.channels.len(), 3);
+    loop {
+        let change = watch.next_floor().await;
+        if change.reason() == pb::FloorReason::EmergencyEnded {
+            assert!(change.holder.is_none());
+            break;
+        }
+    }
+    // Normal talk resumes.
+    assert_eq!(
+        c.acquire("gate", &ana, 0).await.outcome(),
+        pb::AcquireOutcome::Granted
+    );
+
+    // A broadcaster that disconnects frees its channels, and a new dispatcher takes over the
+    // event's stale record.
+    c.release("gate", &ana, 0).await;
+    c.access.start_emergency(start(&disp, 200)).await.unwrap();
+    c.session
+        .remove_session(pb::RemoveSessionRequest {
+            session_id: disp.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        c.acquire("gate", &ana, 0).await.outcome(),
+        pb::AcquireOutcome::Granted
+    );
+    c.access.start_emergency(start(&rival, 200)).await.unwrap();
     server.stop().await;
 }

@@ -93,6 +93,8 @@ pub fn reason(r: FloorReason) -> pb::FloorReason {
         FloorReason::LeftChannel => pb::FloorReason::LeftChannel,
         FloorReason::Disconnected => pb::FloorReason::Disconnected,
         FloorReason::QueueGranted => pb::FloorReason::QueueGranted,
+        FloorReason::Emergency => pb::FloorReason::Emergency,
+        FloorReason::EmergencyEnded => pb::FloorReason::EmergencyEnded,
     }
 }
 

@@ -2,6 +2,7 @@
 //! services over any [`Store`]. Requests are validated and converted into domain types here
 //! (`convert`); replies are converted back. Nothing below this module sees protobuf.
 
+mod access;
 pub mod convert;
 mod floor;
 mod registry;

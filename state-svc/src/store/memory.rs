@@ -6,19 +6,20 @@
 //! floor rules mirror `store::redis::scripts` step for step; the contract tests hold both to
 //! the same behaviour.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::domain::{
-    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, Event, FloorChanged,
-    FloorHolder, FloorReason, FloorRefusal, LeaveOutcome, MediaNode, Member, MembershipChange,
-    MembershipChanged, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome,
-    RemoveOutcome, RenewOutcome, Renewed, Session, SessionId, Speaker, UserId, choose_node,
-    next_epoch, now_ms,
+    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, Event,
+    EventId, EventInfo, FloorChanged, FloorHolder, FloorReason, FloorRefusal, GrantChange,
+    GrantsEvent, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER, MediaNode, Member,
+    MembershipChange, MembershipChanged, NewSession, NodeId, NodeRegistration, Placement,
+    ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Role, Session, SessionId, Speaker,
+    UserGrants, UserId, choose_node, next_epoch, now_ms,
 };
 use crate::error::StoreError;
 use crate::hub::Hub;
-use crate::store::{Store, StoreSettings, SweepReport};
+use crate::store::{Store, StoreSettings, SweepReport, event_channel_list};
 
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -34,6 +35,10 @@ struct Inner {
     user_sessions: HashMap<UserId, HashSet<SessionId>>,
     nodes: HashMap<NodeId, MediaNode>,
     node_channels: HashMap<NodeId, HashSet<ChannelId>>,
+    grants: HashMap<UserId, (u64, BTreeMap<ChannelId, Role>)>,
+    events: HashMap<EventId, Vec<ChannelId>>,
+    channel_event: HashMap<ChannelId, EventId>,
+    emergencies: HashMap<EventId, EmergencyHolder>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +50,8 @@ struct Channel {
     queue: Vec<(u32, i64, SessionId)>,
     config: ChannelConfig,
     media: Option<NodeId>,
+    /// The emergency broadcast this channel is under: (event, broadcaster).
+    emergency: Option<(EventId, Speaker)>,
 }
 
 /// One operation's view of a channel: the clock, the defaults and where events go.
@@ -82,7 +89,18 @@ impl Step<'_> {
     }
 
     fn grant(&self, ch: &mut Channel, member: &Member, priority: u32) -> FloorHolder {
-        let (lease, max_talk) = self.limits(ch);
+        let (_, max_talk) = self.limits(ch);
+        self.grant_for(ch, member, priority, max_talk)
+    }
+
+    fn grant_for(
+        &self,
+        ch: &mut Channel,
+        member: &Member,
+        priority: u32,
+        max_talk: i64,
+    ) -> FloorHolder {
+        let (lease, _) = self.limits(ch);
         ch.epoch = next_epoch(ch.epoch, self.now);
         let max_until = self.now + max_talk;
         let holder = FloorHolder {
@@ -105,6 +123,13 @@ impl Step<'_> {
     /// Frees the floor, then grants the head of the queue (if any) in the same step.
     fn free(&self, ch: &mut Channel, reason: FloorReason) {
         let Some(old) = ch.floor.take() else { return };
+        if ch
+            .emergency
+            .as_ref()
+            .is_some_and(|(_, by)| by.session_id == old.speaker.session_id)
+        {
+            ch.emergency = None;
+        }
         ch.epoch = next_epoch(ch.epoch, self.now);
         self.floor_event(ch, reason, Some((&old, self.now - old.granted_at_ms)));
         ch.queue.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -263,6 +288,37 @@ fn not_found(what: &'static str) -> StoreError {
     StoreError::NotFound(what)
 }
 
+/// Retry hint given to requests denied by an emergency broadcast.
+pub const EMERGENCY_RETRY_MS: i64 = 1_000;
+
+/// The holder reported to a request denied by an emergency whose floor is momentarily free.
+fn emergency_placeholder(by: Speaker, epoch: u64, now: i64) -> FloorHolder {
+    FloorHolder {
+        speaker: by,
+        epoch,
+        granted_at_ms: now,
+        expires_at_ms: now,
+        max_until_ms: now,
+    }
+}
+
+fn user_grants(inner: &Inner, uid: &UserId) -> UserGrants {
+    let (version, grants) = inner.grants.get(uid).cloned().unwrap_or_default();
+    UserGrants {
+        user_id: uid.clone(),
+        version,
+        grants,
+    }
+}
+
+fn event_info(inner: &Inner, eid: &EventId) -> Option<EventInfo> {
+    inner.events.get(eid).map(|channels| EventInfo {
+        event_id: eid.clone(),
+        channels: channels.clone(),
+        emergency: inner.emergencies.get(eid).cloned(),
+    })
+}
+
 impl Store for MemoryStore {
     async fn acquire_floor(
         &self,
@@ -276,6 +332,22 @@ impl Store for MemoryStore {
         let member = ch.members.get(sid).cloned().ok_or(StoreError::NotMember)?;
         let (lease, max_talk) = step.limits(ch);
         let max_talk_ms = u32::try_from(max_talk).unwrap_or(u32::MAX);
+        if let Some((_, by)) = ch.emergency.clone()
+            && &by.session_id != sid
+            && priority <= by.priority
+        {
+            // Under an emergency broadcast only a higher priority gets through.
+            let holder = step
+                .live_holder(ch)
+                .unwrap_or_else(|| emergency_placeholder(by, ch.epoch, step.now));
+            return Ok(AcquireOutcome {
+                result: Acquired::Denied {
+                    holder,
+                    retry_after_ms: EMERGENCY_RETRY_MS,
+                },
+                server_time_ms: step.now,
+            });
+        }
         let result = match step.live_holder(ch) {
             None => {
                 let holder = step.grant(ch, &member, priority);
@@ -678,6 +750,231 @@ impl Store for MemoryStore {
             .and_then(|c| c.media.as_ref())
             .and_then(|n| inner.nodes.get(n))
             .map(|n| self.node_view(&inner, n, now)))
+    }
+
+    async fn user_grants(&self, uid: &UserId) -> Result<UserGrants, StoreError> {
+        Ok(user_grants(&self.lock(), uid))
+    }
+
+    async fn update_grants(
+        &self,
+        uid: &UserId,
+        change: &GrantChange,
+    ) -> Result<GrantsUpdate, StoreError> {
+        let mut inner = self.lock();
+        let current = user_grants(&inner, uid);
+        if change.expect_version.is_some_and(|v| v != current.version) {
+            return Ok(GrantsUpdate::VersionMismatch(current));
+        }
+        let mut next = if change.replace {
+            BTreeMap::new()
+        } else {
+            current.grants.clone()
+        };
+        for (ch, role) in &change.set {
+            match role {
+                Some(role) => next.insert(ch.clone(), *role),
+                None => next.remove(ch),
+            };
+        }
+        if next == current.grants {
+            return Ok(GrantsUpdate::Unchanged(current));
+        }
+        if next.len() > MAX_GRANTS_PER_USER {
+            return Err(StoreError::InvalidArgument("too many grants"));
+        }
+        let version = current.version + 1;
+        inner.grants.insert(uid.clone(), (version, next.clone()));
+        let updated = UserGrants {
+            user_id: uid.clone(),
+            version,
+            grants: next,
+        };
+        self.hub
+            .grants_changed(GrantsEvent::Changed(updated.clone()));
+        Ok(GrantsUpdate::Changed(updated))
+    }
+
+    async fn set_event_channels(
+        &self,
+        eid: &EventId,
+        channels: &[ChannelId],
+    ) -> Result<EventInfo, StoreError> {
+        let channels = event_channel_list(channels)?;
+        let mut inner = self.lock();
+        let busy = |e: &EventId| inner.emergencies.contains_key(e);
+        if busy(eid)
+            || channels
+                .iter()
+                .filter_map(|ch| inner.channel_event.get(ch))
+                .any(|other| other != eid && busy(other))
+        {
+            return Err(StoreError::Busy("emergency active on the event"));
+        }
+        if let Some(old) = inner.events.remove(eid) {
+            for ch in old {
+                inner.channel_event.remove(&ch);
+            }
+        }
+        for ch in &channels {
+            if let Some(other) = inner.channel_event.insert(ch.clone(), eid.clone())
+                && let Some(list) = inner.events.get_mut(&other)
+            {
+                list.retain(|c| c != ch);
+                if list.is_empty() {
+                    inner.events.remove(&other);
+                }
+            }
+        }
+        if !channels.is_empty() {
+            inner.events.insert(eid.clone(), channels.clone());
+        }
+        Ok(EventInfo {
+            event_id: eid.clone(),
+            channels,
+            emergency: None,
+        })
+    }
+
+    async fn event(&self, eid: &EventId) -> Result<Option<EventInfo>, StoreError> {
+        Ok(event_info(&self.lock(), eid))
+    }
+
+    async fn channel_event(&self, ch: &ChannelId) -> Result<Option<EventId>, StoreError> {
+        Ok(self.lock().channel_event.get(ch).cloned())
+    }
+
+    async fn claim_emergency(
+        &self,
+        eid: &EventId,
+        by: &Speaker,
+        force: bool,
+    ) -> Result<Result<EventInfo, EmergencyHolder>, StoreError> {
+        let mut inner = self.lock();
+        if !inner.events.contains_key(eid) {
+            return Err(not_found("event"));
+        }
+        if let Some(current) = inner.emergencies.get(eid)
+            && current.speaker.session_id != by.session_id
+            && current.speaker.priority >= by.priority
+            && !force
+        {
+            return Ok(Err(current.clone()));
+        }
+        inner.emergencies.insert(
+            eid.clone(),
+            EmergencyHolder {
+                speaker: by.clone(),
+                started_at_ms: now_ms(),
+            },
+        );
+        event_info(&inner, eid).ok_or(not_found("event")).map(Ok)
+    }
+
+    async fn clear_emergency(
+        &self,
+        eid: &EventId,
+        sid: Option<&SessionId>,
+    ) -> Result<Option<EmergencyHolder>, StoreError> {
+        let mut inner = self.lock();
+        let mine = inner
+            .emergencies
+            .get(eid)
+            .is_some_and(|e| sid.is_none_or(|s| &e.speaker.session_id == s));
+        Ok(if mine {
+            inner.emergencies.remove(eid)
+        } else {
+            None
+        })
+    }
+
+    async fn emergency_take(
+        &self,
+        id: &ChannelId,
+        sid: &SessionId,
+        eid: &EventId,
+        priority: u32,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let ch = inner.channels.get_mut(id).ok_or(StoreError::NotMember)?;
+        let member = ch.members.get(sid).cloned().ok_or(StoreError::NotMember)?;
+        let current = step.live_holder(ch);
+        let outranked = |by: &Speaker| &by.session_id != sid && by.priority >= priority;
+        let blocker = match (&ch.emergency, &current) {
+            (Some((_, by)), _) if outranked(by) => Some(
+                current
+                    .clone()
+                    .unwrap_or_else(|| emergency_placeholder(by.clone(), ch.epoch, step.now)),
+            ),
+            (_, Some(h)) if outranked(&h.speaker) => Some(h.clone()),
+            _ => None,
+        };
+        if let Some(holder) = blocker {
+            return Ok(AcquireOutcome {
+                result: Acquired::Denied {
+                    holder,
+                    retry_after_ms: EMERGENCY_RETRY_MS,
+                },
+                server_time_ms: step.now,
+            });
+        }
+        let max_talk = i64::from(self.settings.emergency_max_ms);
+        let previous = current
+            .filter(|h| &h.speaker.session_id != sid)
+            .map(|h| (h.clone(), step.now - h.granted_at_ms));
+        let holder = step.grant_for(ch, &member, priority, max_talk);
+        ch.emergency = Some((eid.clone(), holder.speaker.clone()));
+        step.floor_event(
+            ch,
+            FloorReason::Emergency,
+            previous.as_ref().map(|(h, d)| (h, *d)),
+        );
+        Ok(AcquireOutcome {
+            result: Acquired::Granted {
+                holder,
+                max_talk_ms: self.settings.emergency_max_ms,
+                preempted: previous.map(|(h, _)| h.speaker),
+            },
+            server_time_ms: step.now,
+        })
+    }
+
+    async fn emergency_release(
+        &self,
+        id: &ChannelId,
+        sid: Option<&SessionId>,
+        eid: &EventId,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let Some(ch) = inner.channels.get_mut(id) else {
+            return Ok(ReleaseOutcome {
+                refusal: Some(FloorRefusal::NotHeld),
+                epoch: 0,
+                dequeued: false,
+            });
+        };
+        let refusal = match ch.emergency.take() {
+            Some((e, by)) if &e == eid && sid.is_none_or(|s| s == &by.session_id) => {
+                match step.live_holder(ch) {
+                    Some(h) if h.speaker.session_id == by.session_id => {
+                        step.free(ch, FloorReason::EmergencyEnded);
+                        None
+                    }
+                    _ => Some(FloorRefusal::NotHeld),
+                }
+            }
+            other => {
+                ch.emergency = other;
+                Some(FloorRefusal::NotHolder)
+            }
+        };
+        Ok(ReleaseOutcome {
+            refusal,
+            epoch: ch.epoch,
+            dequeued: false,
+        })
     }
 
     async fn sweep(&self) -> Result<SweepReport, StoreError> {

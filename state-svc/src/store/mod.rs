@@ -11,9 +11,10 @@
 use std::future::Future;
 
 use crate::domain::{
-    AcquireOutcome, ChannelConfig, ChannelId, ChannelState, LeaveOutcome, MediaNode, NewSession,
-    NodeId, NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Session,
-    SessionId, UserId,
+    AcquireOutcome, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId, EventInfo,
+    GrantChange, GrantsUpdate, LeaveOutcome, MediaNode, NewSession, NodeId, NodeRegistration,
+    Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Session, SessionId, Speaker,
+    UserGrants, UserId,
 };
 use crate::error::StoreError;
 
@@ -33,6 +34,8 @@ pub struct StoreSettings {
     pub node_dead_after_ms: u32,
     /// How often media nodes are asked to heartbeat.
     pub node_heartbeat_ms: u32,
+    /// Maximum talk time of an emergency broadcast's grants.
+    pub emergency_max_ms: u32,
 }
 
 impl Default for StoreSettings {
@@ -43,6 +46,7 @@ impl Default for StoreSettings {
             session_ttl_ms: 60_000,
             node_dead_after_ms: 5_000,
             node_heartbeat_ms: 2_000,
+            emergency_max_ms: 600_000,
         }
     }
 }
@@ -55,6 +59,22 @@ pub struct SweepReport {
 }
 
 type Res<T> = Result<T, StoreError>;
+
+/// Validates an event's channel list: at most `MAX_CHANNELS_PER_EVENT`, duplicates dropped,
+/// order kept.
+pub fn event_channel_list(channels: &[ChannelId]) -> Res<Vec<ChannelId>> {
+    if channels.len() > crate::domain::MAX_CHANNELS_PER_EVENT {
+        return Err(StoreError::InvalidArgument(
+            "too many channels in the event",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(channels
+        .iter()
+        .filter(|c| seen.insert((*c).clone()))
+        .cloned()
+        .collect())
+}
 
 /// Everything state-svc keeps. Methods take validated domain types; each floor change is
 /// atomic in the store and emits its event to the hub in the same step.
@@ -121,6 +141,58 @@ pub trait Store: Send + Sync + 'static {
     fn list_nodes(&self) -> impl Future<Output = Res<Vec<MediaNode>>> + Send;
     fn place_channel(&self, ch: &ChannelId) -> impl Future<Output = Res<Placement>> + Send;
     fn placement(&self, ch: &ChannelId) -> impl Future<Output = Res<Option<MediaNode>>> + Send;
+
+    // ---- access: grants, events, emergency ----
+    fn user_grants(&self, uid: &UserId) -> impl Future<Output = Res<UserGrants>> + Send;
+    /// Applies a grant change atomically; reports `Changed` (and tells grant watchers on every
+    /// replica) only when an entry actually changed. Fails when the result would exceed
+    /// `MAX_GRANTS_PER_USER`.
+    fn update_grants(
+        &self,
+        uid: &UserId,
+        change: &GrantChange,
+    ) -> impl Future<Output = Res<GrantsUpdate>> + Send;
+    /// Sets an event's channels (validated, at most `MAX_CHANNELS_PER_EVENT`); each channel
+    /// leaves any other event. Empty deletes the event. Refused while its emergency is active.
+    fn set_event_channels(
+        &self,
+        eid: &EventId,
+        channels: &[ChannelId],
+    ) -> impl Future<Output = Res<EventInfo>> + Send;
+    fn event(&self, eid: &EventId) -> impl Future<Output = Res<Option<EventInfo>>> + Send;
+    fn channel_event(&self, ch: &ChannelId) -> impl Future<Output = Res<Option<EventId>>> + Send;
+    /// Marks the event's emergency as `by`'s. Refused with the current holder when another
+    /// session's emergency of equal or higher priority is active, unless `force`.
+    fn claim_emergency(
+        &self,
+        eid: &EventId,
+        by: &Speaker,
+        force: bool,
+    ) -> impl Future<Output = Res<Result<EventInfo, EmergencyHolder>>> + Send;
+    /// Clears the event's emergency if it is `sid`'s (anyone's when `None`); returns who held it.
+    fn clear_emergency(
+        &self,
+        eid: &EventId,
+        sid: Option<&SessionId>,
+    ) -> impl Future<Output = Res<Option<EmergencyHolder>>> + Send;
+    /// One channel of an emergency, in one atomic step: marks the channel as under `eid`'s
+    /// emergency (normal requests are denied while the mark stands) and grants the session the
+    /// floor at `priority`, pre-empting any lower holder. The session must be a member.
+    fn emergency_take(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        eid: &EventId,
+        priority: u32,
+    ) -> impl Future<Output = Res<AcquireOutcome>> + Send;
+    /// Ends `eid`'s emergency in the channel if it is `sid`'s (anyone's when `None`) and frees
+    /// the floor the broadcast holds there (reason `emergency_ended`).
+    fn emergency_release(
+        &self,
+        ch: &ChannelId,
+        sid: Option<&SessionId>,
+        eid: &EventId,
+    ) -> impl Future<Output = Res<ReleaseOutcome>> + Send;
 
     // ---- housekeeping ----
     /// Expires floors whose lease or maximum talk time has passed and sessions that were not

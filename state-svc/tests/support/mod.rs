@@ -16,6 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub use pb::access_service_client::AccessServiceClient;
 pub use pb::channel_service_client::ChannelServiceClient;
 pub use pb::floor_service_client::FloorServiceClient;
 pub use pb::media_registry_service_client::MediaRegistryServiceClient;
@@ -56,6 +57,7 @@ impl Backend {
             config.store = Some(StoreKind::Redis);
             config.redis_url = Some(redis().url());
             config.key_prefix = unique_prefix(name);
+            config.membership_channel = format!("{}:membership", config.key_prefix);
         }
         config
     }
@@ -97,6 +99,7 @@ pub struct Clients {
     pub channel: ChannelServiceClient<Channel>,
     pub session: SessionServiceClient<Channel>,
     pub registry: MediaRegistryServiceClient<Channel>,
+    pub access: AccessServiceClient<Channel>,
 }
 
 impl Clients {
@@ -111,7 +114,8 @@ impl Clients {
             floor: FloorServiceClient::new(channel.clone()),
             channel: ChannelServiceClient::new(channel.clone()),
             session: SessionServiceClient::new(channel.clone()),
-            registry: MediaRegistryServiceClient::new(channel),
+            registry: MediaRegistryServiceClient::new(channel.clone()),
+            access: AccessServiceClient::new(channel),
         }
     }
 

@@ -6,6 +6,17 @@
 
 use crate::domain::{ChannelId, NodeId, SessionId, UserId};
 
+/// The keys of events, all under one hash tag (`{events}`) so event scripts touch one slot.
+#[derive(Debug, Clone)]
+pub struct EventKeys {
+    /// Hash: event id -> its channels, comma-joined.
+    pub channels: String,
+    /// Hash: channel id -> its event id.
+    pub channel_event: String,
+    /// Hash: event id -> the active emergency broadcast (JSON).
+    pub emergency: String,
+}
+
 /// Key builder under a configurable prefix (default `ptt`).
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -105,6 +116,25 @@ impl Keys {
 
     pub fn media_node(&self, node: &NodeId) -> String {
         format!("{}:media:{{node:{node}}}", self.prefix)
+    }
+
+    /// Hash of a user's grants: channel id -> role, plus `#v` (the version).
+    pub fn grants(&self, uid: &UserId) -> String {
+        format!("{}:{{u:{uid}}}:grants", self.prefix)
+    }
+
+    /// The pub/sub channel on which grant changes reach every replica.
+    pub fn grants_events(&self) -> String {
+        format!("{}:grants", self.prefix)
+    }
+
+    pub fn events(&self) -> EventKeys {
+        let base = format!("{}:{{events}}", self.prefix);
+        EventKeys {
+            channels: format!("{base}:event-channels"),
+            channel_event: format!("{base}:channel-event"),
+            emergency: format!("{base}:emergency"),
+        }
     }
 
     pub fn media_node_channels(&self, node: &NodeId) -> String {

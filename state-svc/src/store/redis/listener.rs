@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
-use super::wire::{WireEvent, parse};
+use super::wire::{WireEvent, WireGrants, parse};
 use crate::domain::ChannelId;
+use crate::domain::GrantsEvent;
 use crate::error::StoreError;
 use crate::hub::Hub;
 
@@ -27,6 +28,8 @@ pub type ReconcileRequest = oneshot::Sender<Result<(), StoreError>>;
 pub const RECONCILE_QUEUE: usize = 256;
 /// Channels per SUBSCRIBE command.
 const SUBSCRIBE_BATCH: usize = 256;
+/// Largest control-plane membership update accepted; bigger ones are dropped unread.
+pub const MAX_MEMBERSHIP_UPDATE_BYTES: usize = 64 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -35,6 +38,8 @@ pub struct Listener {
     pub client: redis::Client,
     pub keys: Keys,
     pub hub: Arc<Hub>,
+    /// Pub/sub channel of control-plane membership updates.
+    pub membership_channel: String,
     pub timeout: Duration,
     pub requests: mpsc::Receiver<ReconcileRequest>,
     pub shutdown: CancellationToken,
@@ -67,7 +72,9 @@ impl Listener {
             tracing::info!("redis pub/sub connected");
             let (mut sink, mut stream) = pubsub.split();
             let mut subscribed = HashSet::new();
-            let mut healthy = self.reconcile(&mut sink, &mut subscribed).await.is_ok();
+            let fixed = vec![self.keys.grants_events(), self.membership_channel.clone()];
+            let mut healthy = self.bounded(sink.subscribe(fixed)).await.is_ok()
+                && self.reconcile(&mut sink, &mut subscribed).await.is_ok();
             // Anything published while we were away is lost: make watchers re-read.
             self.hub.resync_all();
             while healthy {
@@ -142,10 +149,36 @@ impl Listener {
 
     fn deliver(&self, msg: &redis::Msg) {
         let name = msg.get_channel_name();
+        let payload = msg.get_payload_bytes();
+        if name == self.membership_channel {
+            // Published by an external control plane: hostile until validated (`access`).
+            match std::str::from_utf8(payload) {
+                Ok(raw) if payload.len() <= MAX_MEMBERSHIP_UPDATE_BYTES => {
+                    if !self.hub.membership_update(raw.to_owned()) {
+                        tracing::warn!("membership update queue full; update dropped");
+                    }
+                }
+                _ => tracing::warn!(
+                    bytes = payload.len(),
+                    "membership update refused: not utf-8 or too large"
+                ),
+            }
+            return;
+        }
+        if name == self.keys.grants_events() {
+            let grants = std::str::from_utf8(payload)
+                .map_err(|_| StoreError::Internal("grants are not utf-8".into()))
+                .and_then(|raw| parse::<WireGrants>(raw, "grants"))
+                .and_then(WireGrants::into_published);
+            match grants {
+                Ok(grants) => self.hub.grants_changed(GrantsEvent::Changed(grants)),
+                Err(error) => tracing::warn!(%error, "dropped unreadable grants change"),
+            }
+            return;
+        }
         if self.keys.parse_channel_events(name).is_none() {
             return;
         }
-        let payload = msg.get_payload_bytes();
         let event = std::str::from_utf8(payload)
             .map_err(|_| StoreError::Internal("event is not utf-8".into()))
             .and_then(|raw| parse::<WireEvent>(raw, "event"))

@@ -26,16 +26,19 @@ pub use self::keys::Keys;
 use self::listener::{Listener, RECONCILE_QUEUE, ReconcileRequest};
 use self::scripts::CHANNEL;
 use self::wire::{
-    StoredMember, WireAcquire, WireExpire, WireLeave, WireRelease, WireRenew, WireState, parse,
+    StoredMember, WireAcquire, WireClaim, WireEmergency, WireExpire, WireGrants, WireLeave,
+    WireRelease, WireRenew, WireState, parse,
 };
 use crate::domain::{
-    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, FloorRefusal, LeaveOutcome,
+    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId,
+    EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
     MediaNode, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome,
-    RenewOutcome, Renewed, Session, SessionId, UserId, choose_node, now_ms,
+    RenewOutcome, Renewed, Role, Session, SessionId, Speaker, UserGrants, UserId, choose_node,
+    now_ms,
 };
 use crate::error::StoreError;
 use crate::hub::Hub;
-use crate::store::{Store, StoreSettings, SweepReport};
+use crate::store::{Store, StoreSettings, SweepReport, event_channel_list};
 
 /// How the Redis store connects and bounds its work.
 #[derive(Clone)]
@@ -47,6 +50,8 @@ pub struct RedisOptions {
     pub timeout: Duration,
     /// Approximate length each channel's audit stream is trimmed to.
     pub audit_maxlen: u32,
+    /// Pub/sub channel of control-plane membership updates.
+    pub membership_channel: String,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -56,6 +61,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("audit_maxlen", &self.audit_maxlen)
+            .field("membership_channel", &self.membership_channel)
             .finish()
     }
 }
@@ -120,6 +126,7 @@ impl RedisStore {
             client,
             keys: keys.clone(),
             hub,
+            membership_channel: options.membership_channel.clone(),
             timeout: options.timeout,
             requests: rx,
             shutdown,
@@ -420,6 +427,53 @@ fn refusal(r: &str) -> Result<FloorRefusal, StoreError> {
     })
 }
 
+/// Converts an acquire script's answer (also the emergency take's).
+fn acquire_outcome(raw: &str) -> Result<AcquireOutcome, StoreError> {
+    let a: WireAcquire = parse(raw, "acquire result")?;
+    let holder = a.holder.map(wire::WireHolder::into_domain).transpose()?;
+    let result = match a.r.as_str() {
+        "not_member" => return Err(StoreError::NotMember),
+        "granted" => Acquired::Granted {
+            holder: holder.ok_or_else(|| missing("holder"))?,
+            max_talk_ms: u32::try_from(a.max_talk.unwrap_or_default()).unwrap_or(u32::MAX),
+            preempted: a
+                .preempted
+                .map(wire::WireSpeaker::into_domain)
+                .transpose()?,
+        },
+        "denied" => Acquired::Denied {
+            holder: holder.ok_or_else(|| missing("holder"))?,
+            retry_after_ms: a.retry.unwrap_or_default(),
+        },
+        "queued" => Acquired::Queued {
+            holder: holder.ok_or_else(|| missing("holder"))?,
+            position: a.pos.unwrap_or_default(),
+        },
+        other => {
+            return Err(StoreError::Internal(format!(
+                "unknown acquire result {other}"
+            )));
+        }
+    };
+    Ok(AcquireOutcome {
+        result,
+        server_time_ms: a.now,
+    })
+}
+
+fn release_outcome(raw: &str) -> Result<ReleaseOutcome, StoreError> {
+    let r: WireRelease = parse(raw, "release result")?;
+    Ok(ReleaseOutcome {
+        refusal: if r.r == "released" {
+            None
+        } else {
+            Some(refusal(&r.r)?)
+        },
+        epoch: wire::epoch(&r.epoch)?,
+        dequeued: r.dequeued,
+    })
+}
+
 fn missing(what: &str) -> StoreError {
     StoreError::Internal(format!("script result without {what}"))
 }
@@ -440,42 +494,13 @@ impl Store for RedisStore {
             .add_command(self.schedule_cmd(ch, estimate))
             .ignore();
         let (raw,): (String,) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
-        let a: WireAcquire = parse(&raw, "acquire result")?;
-        let holder = a.holder.map(wire::WireHolder::into_domain).transpose()?;
-        let result = match a.r.as_str() {
-            "not_member" => return Err(StoreError::NotMember),
-            "granted" => {
-                let holder = holder.ok_or_else(|| missing("holder"))?;
-                if holder.expires_at_ms < estimate {
-                    self.schedule_floor_check(ch, holder.expires_at_ms).await?;
-                }
-                Acquired::Granted {
-                    holder,
-                    max_talk_ms: u32::try_from(a.max_talk.unwrap_or_default()).unwrap_or(u32::MAX),
-                    preempted: a
-                        .preempted
-                        .map(wire::WireSpeaker::into_domain)
-                        .transpose()?,
-                }
-            }
-            "denied" => Acquired::Denied {
-                holder: holder.ok_or_else(|| missing("holder"))?,
-                retry_after_ms: a.retry.unwrap_or_default(),
-            },
-            "queued" => Acquired::Queued {
-                holder: holder.ok_or_else(|| missing("holder"))?,
-                position: a.pos.unwrap_or_default(),
-            },
-            other => {
-                return Err(StoreError::Internal(format!(
-                    "unknown acquire result {other}"
-                )));
-            }
-        };
-        Ok(AcquireOutcome {
-            result,
-            server_time_ms: a.now,
-        })
+        let outcome = acquire_outcome(&raw)?;
+        if let Acquired::Granted { holder, .. } = &outcome.result
+            && holder.expires_at_ms < estimate
+        {
+            self.schedule_floor_check(ch, holder.expires_at_ms).await?;
+        }
+        Ok(outcome)
     }
 
     async fn renew_floor(
@@ -928,6 +953,214 @@ impl Store for RedisStore {
             Some(node) => self.read_node(&node).await,
             None => Ok(None),
         }
+    }
+
+    async fn user_grants(&self, uid: &UserId) -> Result<UserGrants, StoreError> {
+        let mut conn = self.conn.clone();
+        let hash: HashMap<String, String> =
+            self.bounded(conn.hgetall(self.keys.grants(uid))).await?;
+        let version = num(&hash, "#v");
+        let g = hash.into_iter().filter(|(k, _)| k != "#v").collect();
+        WireGrants {
+            r: String::new(),
+            uid: None,
+            v: version,
+            g,
+        }
+        .into_domain(uid)
+    }
+
+    async fn update_grants(
+        &self,
+        uid: &UserId,
+        change: &GrantChange,
+    ) -> Result<GrantsUpdate, StoreError> {
+        let mut invocation = scripts::UPDATE_GRANTS.prepare_invoke();
+        invocation
+            .key(self.keys.grants(uid))
+            .arg(self.keys.grants_events())
+            .arg(uid.as_str())
+            .arg(
+                change
+                    .expect_version
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(if change.replace { "1" } else { "0" })
+            .arg(MAX_GRANTS_PER_USER);
+        for (ch, role) in &change.set {
+            invocation
+                .arg(ch.as_str())
+                .arg(role.map(Role::as_str).unwrap_or_default());
+        }
+        let mut conn = self.conn.clone();
+        let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let answer: WireGrants = parse(&raw, "grants result")?;
+        let kind = answer.r.clone();
+        let grants = answer.into_domain(uid)?;
+        match kind.as_str() {
+            "changed" => Ok(GrantsUpdate::Changed(grants)),
+            "unchanged" => Ok(GrantsUpdate::Unchanged(grants)),
+            "mismatch" => Ok(GrantsUpdate::VersionMismatch(grants)),
+            "too_many" => Err(StoreError::InvalidArgument("too many grants")),
+            other => Err(StoreError::Internal(format!(
+                "unknown grants result {other}"
+            ))),
+        }
+    }
+
+    async fn set_event_channels(
+        &self,
+        eid: &EventId,
+        channels: &[ChannelId],
+    ) -> Result<EventInfo, StoreError> {
+        let channels = event_channel_list(channels)?;
+        let joined = channels
+            .iter()
+            .map(ChannelId::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let keys = self.keys.events();
+        let mut invocation = scripts::SET_EVENT.prepare_invoke();
+        invocation
+            .key(&keys.channels)
+            .key(&keys.channel_event)
+            .key(&keys.emergency)
+            .arg(eid.as_str())
+            .arg(joined);
+        let mut conn = self.conn.clone();
+        let answer: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if answer == "busy" {
+            return Err(StoreError::Busy("emergency active on the event"));
+        }
+        Ok(EventInfo {
+            event_id: eid.clone(),
+            channels,
+            emergency: None,
+        })
+    }
+
+    async fn event(&self, eid: &EventId) -> Result<Option<EventInfo>, StoreError> {
+        let keys = self.keys.events();
+        let mut conn = self.conn.clone();
+        let (channels, emergency): (Option<String>, Option<String>) = self
+            .bounded(
+                redis::pipe()
+                    .hget(&keys.channels, eid.as_str())
+                    .hget(&keys.emergency, eid.as_str())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let Some(channels) = channels else {
+            return Ok(None);
+        };
+        Ok(Some(EventInfo {
+            event_id: eid.clone(),
+            channels: wire::channel_list(&channels)?,
+            emergency: emergency
+                .map(|raw| parse::<WireEmergency>(&raw, "emergency")?.into_domain())
+                .transpose()?,
+        }))
+    }
+
+    async fn channel_event(&self, ch: &ChannelId) -> Result<Option<EventId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let eid: Option<String> = self
+            .bounded(conn.hget(self.keys.events().channel_event, ch.as_str()))
+            .await?;
+        eid.map(|e| EventId::parse(&e).map_err(|_| missing("event id")))
+            .transpose()
+    }
+
+    async fn claim_emergency(
+        &self,
+        eid: &EventId,
+        by: &Speaker,
+        force: bool,
+    ) -> Result<Result<EventInfo, EmergencyHolder>, StoreError> {
+        let keys = self.keys.events();
+        let record = serde_json::to_string(&WireEmergency::from_speaker(by))
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut invocation = scripts::CLAIM_EMERGENCY.prepare_invoke();
+        invocation
+            .key(&keys.channels)
+            .key(&keys.emergency)
+            .arg(eid.as_str())
+            .arg(by.session_id.as_str())
+            .arg(by.priority)
+            .arg(record)
+            .arg(if force { "1" } else { "0" });
+        let mut conn = self.conn.clone();
+        let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let claim: WireClaim = parse(&raw, "emergency claim")?;
+        let holder = claim.em.map(WireEmergency::into_domain).transpose()?;
+        match claim.r.as_str() {
+            "no_event" => Err(StoreError::NotFound("event")),
+            "busy" => Ok(Err(holder.ok_or_else(|| missing("emergency"))?)),
+            "ok" => Ok(Ok(EventInfo {
+                event_id: eid.clone(),
+                channels: wire::channel_list(claim.chans.as_deref().unwrap_or_default())?,
+                emergency: holder,
+            })),
+            other => Err(StoreError::Internal(format!(
+                "unknown claim result {other}"
+            ))),
+        }
+    }
+
+    async fn clear_emergency(
+        &self,
+        eid: &EventId,
+        sid: Option<&SessionId>,
+    ) -> Result<Option<EmergencyHolder>, StoreError> {
+        let mut invocation = scripts::CLEAR_EMERGENCY.prepare_invoke();
+        invocation
+            .key(self.keys.events().emergency)
+            .arg(eid.as_str())
+            .arg(sid.map(SessionId::as_str).unwrap_or_default());
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        raw.map(|r| parse::<WireEmergency>(&r, "emergency")?.into_domain())
+            .transpose()
+    }
+
+    async fn emergency_take(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        eid: &EventId,
+        priority: u32,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let priority_arg = priority.to_string();
+        let max_arg = self.settings.emergency_max_ms.to_string();
+        let raw = self
+            .channel_script(
+                &CHANNEL.emergency_take,
+                ch,
+                &[sid.as_str(), &priority_arg, eid.as_str(), &max_arg],
+            )
+            .await?;
+        let outcome = acquire_outcome(&raw)?;
+        if let Acquired::Granted { holder, .. } = &outcome.result {
+            self.schedule_floor_check(ch, holder.expires_at_ms).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn emergency_release(
+        &self,
+        ch: &ChannelId,
+        sid: Option<&SessionId>,
+        eid: &EventId,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let raw = self
+            .channel_script(
+                &CHANNEL.emergency_release,
+                ch,
+                &[sid.map(SessionId::as_str).unwrap_or_default(), eid.as_str()],
+            )
+            .await?;
+        release_outcome(&raw)
     }
 
     async fn sweep(&self) -> Result<SweepReport, StoreError> {

@@ -24,6 +24,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local CH = ARGV[1]
 local DEF_LEASE = tonumber(ARGV[2])
 local DEF_MAX = tonumber(ARGV[3])
+local EMERGENCY_RETRY_MS = 1000
 local GC_MS = tonumber(ARGV[4])
 local AUDIT_MAX = ARGV[5]
 local K_FLOOR, K_EPOCH, K_MEMBERS, K_QUEUE, K_QINFO, K_CONFIG, K_EVENTS, K_AUDIT, K_MEDIA =
@@ -77,8 +78,9 @@ local function audit(ev, h, extra)
   redis.call(unpack(args))
 end
 
-local function grant(sid, m, prio)
+local function grant(sid, m, prio, max_override)
   local _, lease, max = config()
+  if max_override then max = max_override end
   local e = bump_epoch()
   local max_until = now + max
   local expires = math.min(now + lease, max_until)
@@ -94,8 +96,17 @@ local function grant(sid, m, prio)
 end
 
 -- Frees the floor, then grants the head of the queue (still a member) in the same step.
+local function emergency()
+  local em = redis.call('HGET', K_CONFIG, 'emergency')
+  if em then return cjson.decode(em) end
+  return nil
+end
+
 local function free(h, reason)
   redis.call('DEL', K_FLOOR)
+  -- Freeing the broadcaster's floor ends the emergency in this channel.
+  local em = emergency()
+  if em and em.sid == h.sid then redis.call('HDEL', K_CONFIG, 'emergency') end
   local e = bump_epoch()
   local held = now - h.granted
   publish({ k = 'floor', epoch = e, reason = reason, prev = speaker(h), prev_ms = held })
@@ -149,6 +160,14 @@ if not mj then return cjson.encode({ r = 'not_member', now = now }) end
 local m = cjson.decode(mj)
 local queue_on, lease, max = config()
 local h = live_holder()
+-- Under an emergency broadcast only a higher priority gets through (no queueing).
+local em = emergency()
+if em and em.sid ~= sid and prio <= em.prio then
+  local shown = h or { sid = em.sid, uid = em.uid, name = em.name, prio = em.prio,
+                       epoch = estr(current_epoch()), granted = now, expires = now, max_until = now }
+  audit('denied', { sid = sid, uid = m.uid, epoch = shown.epoch }, { holder = em.sid, emergency = em.eid })
+  return cjson.encode({ r = 'denied', holder = shown, retry = EMERGENCY_RETRY_MS, now = now })
+end
 if not h then
   local nh = grant(sid, m, prio)
   publish({ k = 'floor', epoch = nh.epoch, reason = 'granted', holder = nh })
@@ -278,6 +297,169 @@ return cjson.encode({ was_member = true, released = released, node = node })
 
 const STATE: &str = "return cjson.encode(state())";
 
+/// One channel of an emergency broadcast: marks the channel with the broadcast and grants the
+/// session the floor at the emergency priority, pre-empting any lower holder.
+const EMERGENCY_TAKE: &str = r#"
+local sid, prio, eid, emax = ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local mj = redis.call('HGET', K_MEMBERS, sid)
+if not mj then return cjson.encode({ r = 'not_member', now = now }) end
+local m = cjson.decode(mj)
+local h = live_holder()
+local em = emergency()
+if em and em.sid ~= sid and em.prio >= prio then
+  local shown = h or { sid = em.sid, uid = em.uid, name = em.name, prio = em.prio,
+                       epoch = estr(current_epoch()), granted = now, expires = now, max_until = now }
+  return cjson.encode({ r = 'denied', holder = shown, retry = EMERGENCY_RETRY_MS, now = now })
+end
+if h and h.sid ~= sid and h.prio >= prio then
+  return cjson.encode({ r = 'denied', holder = h, retry = EMERGENCY_RETRY_MS, now = now })
+end
+redis.call('HSET', K_CONFIG, 'emergency',
+           cjson.encode({ eid = eid, sid = sid, uid = m.uid, name = m.name, prio = prio }))
+local prev, held = nil, 0
+if h and h.sid ~= sid then
+  held = now - h.granted
+  audit('preempted', h, { held_ms = held, by = sid, emergency = eid })
+  prev = speaker(h)
+end
+local nh = grant(sid, m, prio, emax)
+publish({ k = 'floor', epoch = nh.epoch, reason = 'emergency', holder = nh, prev = prev, prev_ms = held })
+return cjson.encode({ r = 'granted', holder = nh, max_talk = emax, preempted = prev, now = now })
+"#;
+
+/// Ends an emergency broadcast in one channel: clears the mark if it is the event's (and the
+/// session's, unless `ARGV[6]` is empty) and frees the broadcaster's floor.
+const EMERGENCY_RELEASE: &str = r#"
+local sid, eid = ARGV[6], ARGV[7]
+local em = emergency()
+if not em or em.eid ~= eid or (sid ~= '' and em.sid ~= sid) then
+  return cjson.encode({ r = 'not_holder', epoch = estr(current_epoch()), now = now })
+end
+redis.call('HDEL', K_CONFIG, 'emergency')
+local h = live_holder()
+if h and h.sid == em.sid then
+  free(h, 'emergency_ended')
+  return cjson.encode({ r = 'released', epoch = estr(current_epoch()), now = now })
+end
+return cjson.encode({ r = 'not_held', epoch = estr(current_epoch()), now = now })
+"#;
+
+/// Changes a user's grants (`KEYS[1]`, a hash of channel -> role plus `#v`, the version).
+/// `ARGV`: pub/sub channel, user id, expected version ('' for any), replace ('1'/'0'), most
+/// entries allowed, then pairs of channel and role ('' removes). Publishes the new grants only
+/// when something changed, so replicas applying the same update announce it once.
+pub static UPDATE_GRANTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = tonumber(redis.call('HGET', KEYS[1], '#v') or '0')
+local raw = redis.call('HGETALL', KEYS[1])
+local cur = {}
+for i = 1, #raw, 2 do
+  if raw[i] ~= '#v' then cur[raw[i]] = raw[i + 1] end
+end
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= v then
+  return cjson.encode({ r = 'mismatch', v = v, g = cur })
+end
+local nxt = {}
+if ARGV[4] ~= '1' then
+  for k, r in pairs(cur) do nxt[k] = r end
+end
+for i = 6, #ARGV, 2 do
+  if ARGV[i + 1] == '' then nxt[ARGV[i]] = nil else nxt[ARGV[i]] = ARGV[i + 1] end
+end
+local changed, n = false, 0
+for k, r in pairs(nxt) do
+  n = n + 1
+  if cur[k] ~= r then changed = true end
+end
+for k, _ in pairs(cur) do
+  if nxt[k] == nil then changed = true end
+end
+if not changed then return cjson.encode({ r = 'unchanged', v = v, g = cur }) end
+if n > tonumber(ARGV[5]) then return cjson.encode({ r = 'too_many', v = v, g = cur }) end
+v = v + 1
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '#v', tostring(v))
+for k, r in pairs(nxt) do redis.call('HSET', KEYS[1], k, r) end
+local doc = cjson.encode({ r = 'changed', uid = ARGV[2], v = v, g = nxt })
+redis.call('PUBLISH', ARGV[1], doc)
+return doc
+"#,
+    )
+});
+
+/// Sets an event's channels. `KEYS`: event -> channels (comma-joined), channel -> event,
+/// event -> emergency. `ARGV`: event id, comma-joined channels ('' deletes the event).
+/// Refused ('busy') while this event, or an event losing a channel, has an active emergency.
+pub static SET_EVENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local eid = ARGV[1]
+if redis.call('HEXISTS', KEYS[3], eid) == 1 then return 'busy' end
+local new = {}
+for ch in string.gmatch(ARGV[2], '[^,]+') do new[#new + 1] = ch end
+for _, ch in ipairs(new) do
+  local other = redis.call('HGET', KEYS[2], ch)
+  if other and other ~= eid and redis.call('HEXISTS', KEYS[3], other) == 1 then return 'busy' end
+end
+local old = redis.call('HGET', KEYS[1], eid)
+if old then
+  for ch in string.gmatch(old, '[^,]+') do redis.call('HDEL', KEYS[2], ch) end
+end
+for _, ch in ipairs(new) do
+  local other = redis.call('HGET', KEYS[2], ch)
+  if other and other ~= eid then
+    local kept = {}
+    for c in string.gmatch(redis.call('HGET', KEYS[1], other) or '', '[^,]+') do
+      if c ~= ch then kept[#kept + 1] = c end
+    end
+    if #kept == 0 then redis.call('HDEL', KEYS[1], other)
+    else redis.call('HSET', KEYS[1], other, table.concat(kept, ',')) end
+  end
+  redis.call('HSET', KEYS[2], ch, eid)
+end
+if #new == 0 then redis.call('HDEL', KEYS[1], eid) else redis.call('HSET', KEYS[1], eid, ARGV[2]) end
+return 'ok'
+"#,
+    )
+});
+
+/// Claims an event's emergency. `KEYS`: event -> channels, event -> emergency. `ARGV`: event
+/// id, session id, priority, the broadcaster as JSON, force ('1'/'0').
+pub static CLAIM_EMERGENCY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local eid, sid, prio = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local chans = redis.call('HGET', KEYS[1], eid)
+if not chans then return cjson.encode({ r = 'no_event' }) end
+local cur = redis.call('HGET', KEYS[2], eid)
+if cur and ARGV[5] ~= '1' then
+  local c = cjson.decode(cur)
+  if c.sid ~= sid and c.prio >= prio then return cjson.encode({ r = 'busy', em = c }) end
+end
+local t = redis.call('TIME')
+local e = cjson.decode(ARGV[4])
+e.started = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[2], eid, cjson.encode(e))
+return cjson.encode({ r = 'ok', chans = chans, em = e })
+"#,
+    )
+});
+
+/// Clears an event's emergency (`KEYS[1]`: event -> emergency) if it is session `ARGV[2]`'s
+/// (anyone's when empty); answers the cleared record or nil.
+pub static CLEAR_EMERGENCY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return nil end
+if ARGV[2] ~= '' and cjson.decode(cur).sid ~= ARGV[2] then return nil end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return cur
+"#,
+    )
+});
+
 /// Compare-and-set of a channel's media node (`KEYS[1]`): replaces `ARGV[1]` (empty: unset)
 /// with `ARGV[2]`; answers `{node holding the placement afterwards, 1 if this call set it}`.
 pub static PLACE: LazyLock<Script> = LazyLock::new(|| {
@@ -349,6 +531,8 @@ pub struct ChannelScripts {
     pub join: Script,
     pub leave: Script,
     pub state: Script,
+    pub emergency_take: Script,
+    pub emergency_release: Script,
 }
 
 pub static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts {
@@ -360,4 +544,6 @@ pub static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts {
     join: channel_script(JOIN),
     leave: channel_script(LEAVE),
     state: channel_script(STATE),
+    emergency_take: channel_script(EMERGENCY_TAKE),
+    emergency_release: channel_script(EMERGENCY_RELEASE),
 });

@@ -4,9 +4,11 @@
 
 use serde::{Deserialize, Deserializer};
 
+use std::collections::{BTreeMap, HashMap};
+
 use crate::domain::{
-    ChannelId, Event, FloorChanged, FloorHolder, FloorReason, Member, MembershipChange,
-    MembershipChanged, NodeId, SessionId, Speaker, UserId,
+    ChannelId, EmergencyHolder, Event, FloorChanged, FloorHolder, FloorReason, Member,
+    MembershipChange, MembershipChanged, NodeId, Role, SessionId, Speaker, UserGrants, UserId,
 };
 use crate::error::StoreError;
 
@@ -280,4 +282,92 @@ mod tests {
         assert_eq!(f.previous.unwrap().user_name, "Al");
         assert_eq!(f.holder.unwrap().speaker.priority, 5);
     }
+}
+
+/// A user's grants as the grant script answers and publishes them.
+#[derive(Debug, Deserialize)]
+pub struct WireGrants {
+    pub r: String,
+    #[serde(default)]
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub v: u64,
+    #[serde(default)]
+    pub g: HashMap<String, String>,
+}
+
+impl WireGrants {
+    pub fn into_domain(self, uid: &UserId) -> Result<UserGrants, StoreError> {
+        let mut grants = BTreeMap::new();
+        for (ch, role) in self.g {
+            let ch = ChannelId::parse(&ch).map_err(|_| corrupt("grant channel"))?;
+            let role = Role::parse(&role).ok_or_else(|| corrupt("grant role"))?;
+            grants.insert(ch, role);
+        }
+        Ok(UserGrants {
+            user_id: uid.clone(),
+            version: self.v,
+            grants,
+        })
+    }
+
+    /// A published change names its user.
+    pub fn into_published(self) -> Result<UserGrants, StoreError> {
+        let uid = UserId::parse(self.uid.as_deref().unwrap_or_default())
+            .map_err(|_| corrupt("grant user"))?;
+        self.into_domain(&uid)
+    }
+}
+
+/// An event's emergency broadcaster as stored.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct WireEmergency {
+    pub sid: String,
+    pub uid: String,
+    pub name: String,
+    pub prio: u32,
+    #[serde(default)]
+    pub started: i64,
+}
+
+impl WireEmergency {
+    pub fn from_speaker(s: &Speaker) -> Self {
+        Self {
+            sid: s.session_id.to_string(),
+            uid: s.user_id.to_string(),
+            name: s.user_name.clone(),
+            prio: s.priority,
+            started: 0,
+        }
+    }
+
+    pub fn into_domain(self) -> Result<EmergencyHolder, StoreError> {
+        Ok(EmergencyHolder {
+            started_at_ms: self.started,
+            speaker: WireSpeaker {
+                sid: self.sid,
+                uid: self.uid,
+                name: self.name,
+                prio: self.prio,
+            }
+            .into_domain()?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireClaim {
+    pub r: String,
+    #[serde(default)]
+    pub chans: Option<String>,
+    #[serde(default)]
+    pub em: Option<WireEmergency>,
+}
+
+/// Splits a stored comma-joined channel list.
+pub fn channel_list(raw: &str) -> Result<Vec<ChannelId>, StoreError> {
+    raw.split(',')
+        .filter(|c| !c.is_empty())
+        .map(|c| ChannelId::parse(c).map_err(|_| corrupt("event channel")))
+        .collect()
 }
