@@ -3,10 +3,13 @@
 //! HS256 with a shared secret, or RS256/ES256 with a public key; `alg: none` and any algorithm
 //! other than the configured one are refused.
 
+use std::collections::{BTreeMap, HashMap};
+
 use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::access::{Role, token_grants};
 use crate::config::Config;
 
 /// Longest token accepted.
@@ -22,6 +25,12 @@ pub struct Claims {
     #[serde(default)]
     pub name: Option<String>,
     pub exp: u64,
+    /// Initial grants: channel id (or `*`) -> role. Validated in [`Authenticator::authenticate`].
+    #[serde(default)]
+    pub grants: BTreeMap<String, String>,
+    /// The grants, parsed.
+    #[serde(skip)]
+    pub roles: HashMap<String, Role>,
 }
 
 /// Why a request was refused (all map to HTTP 401; the reason is only logged).
@@ -95,10 +104,18 @@ impl Authenticator {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let claims = data.claims;
-        if claims.sub.is_empty() || claims.sub.len() > 128 {
+        let mut claims = data.claims;
+        if claims.sub.is_empty()
+            || claims.sub.len() > 128
+            || !claims
+                .sub
+                .chars()
+                .all(|c| c.is_ascii_graphic() && c != '{' && c != '}')
+        {
             return Err(AuthError::Invalid("bad subject".into()));
         }
+        claims.roles =
+            token_grants(&claims.grants).ok_or(AuthError::Invalid("bad grants claim".into()))?;
         Ok((claims, via_subprotocol))
     }
 }

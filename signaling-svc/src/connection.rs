@@ -20,9 +20,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::AppState;
+use crate::access::{
+    ADMIN_EMERGENCY_PRIORITY, DISPATCH_PRIORITY, EMERGENCY_PRIORITY, Grants, Role,
+};
 use crate::auth::Claims;
 use crate::hub::HubEvent;
-use crate::protocol::{self, ClientError, Code, Frame, Request, TransportDirection, User};
+use crate::protocol::{
+    self, ClientError, Code, EMERGENCY_CONFIRM, Frame, Request, TransportDirection, User,
+};
 
 /// Frames queued to a client before the connection is considered stuck.
 const OUTBOX: usize = 256;
@@ -97,6 +102,10 @@ struct Conn {
     transports: HashMap<String, TransportInfo>,
     producers: Producers,
     floors: HashMap<String, Held>,
+    /// What the user may do where.
+    grants: Grants,
+    /// Events whose emergency broadcast this connection runs.
+    emergencies: HashSet<String>,
     requests: Bucket,
     ptt: Bucket,
     refused_in_a_row: u32,
@@ -135,7 +144,37 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
             return;
         }
     };
-    let (id, mut events) = app.hub.register();
+    // Register before reading the grants, so a change made in between is not missed.
+    let (id, mut events) = app.hub.register(&claims.sub);
+    let mut grants = Grants::new(claims.roles.clone());
+    match app
+        .access()
+        .get_user_grants(spb::GetUserGrantsRequest {
+            user_id: claims.sub.clone(),
+        })
+        .await
+    {
+        Ok(stored) => {
+            grants.apply(&stored.into_inner());
+        }
+        Err(status) => {
+            // Fail closed: without the stored grants a revoked channel could look open.
+            tracing::warn!(code = ?status.code(), "cannot read grants; closing");
+            app.hub.unregister(id);
+            let _ = app
+                .sessions()
+                .remove_session(spb::RemoveSessionRequest {
+                    session_id: session.session_id.clone(),
+                })
+                .await;
+            let close = CloseFrame {
+                code: 1011,
+                reason: "service unavailable".into(),
+            };
+            let _ = sink.send(Message::Close(Some(close))).await;
+            return;
+        }
+    }
     let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOX);
     let writer = tokio::spawn(async move {
         while let Some(message) = out_rx.recv().await {
@@ -160,6 +199,8 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         transports: HashMap::new(),
         producers: Producers::default(),
         floors: HashMap::new(),
+        grants,
+        emergencies: HashSet::new(),
         requests: Bucket::new(config.request_rate, config.request_rate * 2),
         ptt: Bucket::new(config.ptt_rate, config.ptt_rate),
         refused_in_a_row: 0,
@@ -286,7 +327,14 @@ impl Conn {
     /// The configured channels with who is talking and how many are present, asked of
     /// state-svc in parallel.
     async fn list_channels(&self) -> Result<Value> {
-        let asks = self.app.config.channels.iter().map(|channel| {
+        let visible: Vec<&String> = self
+            .app
+            .config
+            .channels
+            .iter()
+            .filter(|c| self.grants.role(c) >= Role::Listen)
+            .collect();
+        let asks = visible.into_iter().map(|channel| {
             let mut client =
                 spb::channel_service_client::ChannelServiceClient::new(self.app.state.clone());
             async move {
@@ -312,9 +360,23 @@ impl Conn {
                 "speaker": state.holder.as_ref().map(user_of),
                 "busy": state.busy,
                 "memberCount": members,
+                "role": self.grants.role(&state.channel_id),
             }));
         }
         Ok(json!({ "channels": channels }))
+    }
+
+    /// The user's role in `channel` must be at least `least`.
+    fn require_role(&self, channel: &str, least: Role) -> Result<Role> {
+        let role = self.grants.role(channel);
+        if role >= least {
+            return Ok(role);
+        }
+        Err(match least {
+            Role::Listen => err(Code::Forbidden, "no access to this channel"),
+            Role::Talk => err(Code::Forbidden, "this user may only listen here"),
+            _ => err(Code::Forbidden, "not a dispatcher of this channel"),
+        })
     }
 
     fn require_joined(&self, channel: &str) -> Result<()> {
@@ -354,6 +416,7 @@ impl Conn {
             Request::Ping(_) => Ok(json!({ "serverTime": crate_now_ms() })),
             Request::ListChannels(_) => self.list_channels().await,
             Request::JoinChannel(r) => {
+                let role = self.require_role(&r.channel_id, Role::Listen)?;
                 let state = self
                     .app
                     .sessions()
@@ -365,29 +428,11 @@ impl Conn {
                     .into_inner();
                 self.app.hub.follow(self.id, &r.channel_id);
                 self.joined.insert(r.channel_id);
-                Ok(json!({ "channel": channel_state(&state) }))
+                Ok(json!({ "channel": channel_state(&state), "role": role }))
             }
             Request::LeaveChannel(r) => {
                 self.require_joined(&r.channel_id)?;
-                self.stop_holding(&r.channel_id);
-                let ids: Vec<String> = self
-                    .transports
-                    .iter()
-                    .filter(|(_, t)| t.channel == r.channel_id)
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in ids {
-                    self.close_transport(&id).await;
-                }
-                self.app
-                    .sessions()
-                    .leave_channel(spb::LeaveChannelRequest {
-                        session_id: self.session.clone(),
-                        channel_id: r.channel_id.clone(),
-                    })
-                    .await?;
-                self.app.hub.unfollow(self.id, &r.channel_id);
-                self.joined.remove(&r.channel_id);
+                self.leave(&r.channel_id).await?;
                 Ok(json!({}))
             }
             Request::GetRouterCapabilities(r) => {
@@ -409,6 +454,9 @@ impl Conn {
             }
             Request::CreateTransport(r) => {
                 self.require_joined(&r.channel_id)?;
+                if r.direction == TransportDirection::Send {
+                    self.require_role(&r.channel_id, Role::Talk)?;
+                }
                 let node = self.place(&r.channel_id).await?;
                 let direction = match r.direction {
                     TransportDirection::Send => mpb::Direction::Send,
@@ -482,6 +530,7 @@ impl Conn {
                         "not a send transport of this channel",
                     ));
                 }
+                self.require_role(&r.channel_id, Role::Talk)?;
                 let producer = self
                     .media(&info.node)?
                     .produce(mpb::ProduceRequest {
@@ -512,6 +561,7 @@ impl Conn {
             }
             Request::Consume(r) => {
                 self.require_joined(&r.channel_id)?;
+                self.require_role(&r.channel_id, Role::Listen)?;
                 let (transport_id, info) = self
                     .transports
                     .iter()
@@ -535,19 +585,41 @@ impl Conn {
             }
             Request::PttStart(r) => {
                 self.require_joined(&r.channel_id)?;
+                let role = self.require_role(&r.channel_id, Role::Talk)?;
+                let priority = r.priority.unwrap_or(0);
+                if priority > role.max_priority() {
+                    return Err(err(Code::Forbidden, "priority not allowed for this user"));
+                }
                 if !self.ptt.take() {
                     return Err(err(Code::RateLimited, "too many ptt-start requests"));
                 }
-                // Roles arrive later: until then every user talks at normal priority.
-                if r.priority.unwrap_or(0) > 0 {
-                    return Err(err(Code::Forbidden, "priority not allowed for this user"));
-                }
-                self.ptt_start(&r.channel_id).await
+                self.ptt_start(&r.channel_id, priority).await
             }
-            Request::PttStop(r) => {
+            Request::PriorityPttStart(r) => {
+                self.require_joined(&r.channel_id)?;
+                self.require_role(&r.channel_id, Role::Dispatch)?;
+                if !self.ptt.take() {
+                    return Err(err(Code::RateLimited, "too many ptt-start requests"));
+                }
+                self.ptt_start(&r.channel_id, DISPATCH_PRIORITY).await
+            }
+            Request::PttStop(r) | Request::PriorityPttStop(r) => {
                 self.require_joined(&r.channel_id)?;
                 self.ptt_stop(&r.channel_id).await
             }
+            Request::EmergencyBroadcastStart(r) => {
+                if r.confirm != EMERGENCY_CONFIRM {
+                    return Err(err(
+                        Code::BadRequest,
+                        "confirm the emergency broadcast with \"EMERGENCY\"",
+                    ));
+                }
+                if !self.ptt.take() {
+                    return Err(err(Code::RateLimited, "too many ptt-start requests"));
+                }
+                self.emergency_start(&r.event_id).await
+            }
+            Request::EmergencyBroadcastStop(r) => self.emergency_stop(&r.event_id).await,
         }
     }
 
@@ -557,14 +629,208 @@ impl Conn {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn ptt_start(&mut self, channel: &str) -> Result<Value> {
+    /// Leaves a channel: gives up its floor, closes its transports, tells state-svc.
+    async fn leave(&mut self, channel: &str) -> Result<()> {
+        self.stop_holding(channel);
+        let ids: Vec<String> = self
+            .transports
+            .iter()
+            .filter(|(_, t)| t.channel == channel)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.close_transport(&id).await;
+        }
+        self.app.hub.unfollow(self.id, channel);
+        self.joined.remove(channel);
+        self.app
+            .sessions()
+            .leave_channel(spb::LeaveChannelRequest {
+                session_id: self.session.clone(),
+                channel_id: channel.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The event's channels, each of which the user must dispatch in. Returns them with
+    /// whether the user is an admin in all of them.
+    async fn dispatch_event(&self, event_id: &str) -> Result<(Vec<String>, bool)> {
+        let event = self
+            .app
+            .access()
+            .get_event(spb::GetEventRequest {
+                event_id: event_id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let roles: Vec<Role> = event
+            .channel_ids
+            .iter()
+            .map(|c| self.grants.role(c))
+            .collect();
+        if roles.iter().any(|r| *r < Role::Dispatch) {
+            return Err(err(Code::Forbidden, "not a dispatcher of this event"));
+        }
+        let admin = roles.iter().all(|r| *r == Role::Admin);
+        Ok((event.channel_ids, admin))
+    }
+
+    async fn emergency_start(&mut self, event_id: &str) -> Result<Value> {
+        let (_, admin) = self.dispatch_event(event_id).await?;
+        let priority = if admin {
+            ADMIN_EMERGENCY_PRIORITY
+        } else {
+            EMERGENCY_PRIORITY
+        };
+        let started = self
+            .app
+            .access()
+            .start_emergency(spb::StartEmergencyRequest {
+                event_id: event_id.to_owned(),
+                session_id: self.session.clone(),
+                priority,
+            })
+            .await?
+            .into_inner();
+        self.emergencies.insert(event_id.to_owned());
+        let mut channels = Vec::new();
+        for ch in started.channels {
+            let Some(holder) = ch.holder else {
+                channels.push(json!({"channelId": ch.channel_id, "granted": false}));
+                continue;
+            };
+            if self.joined.insert(ch.channel_id.clone()) {
+                self.app.hub.follow(self.id, &ch.channel_id);
+            }
+            // The media node first, as for any grant; a channel whose node cannot be told
+            // still belongs to the broadcast (the renewal tells it again).
+            if let Err(e) = self
+                .tell_media(&ch.channel_id, holder.epoch, holder.expires_at_ms)
+                .await
+            {
+                tracing::warn!(channel = %ch.channel_id, error = %e, "media node not told of the emergency");
+            }
+            let lease_ms = (holder.expires_at_ms - started.server_time_ms).max(300);
+            self.hold(&ch.channel_id, holder.epoch, holder.expires_at_ms, lease_ms);
+            channels.push(json!({
+                "channelId": ch.channel_id,
+                "granted": true,
+                "epoch": holder.epoch,
+                "expiresAt": holder.expires_at_ms,
+            }));
+        }
+        tracing::info!(
+            conn = self.id,
+            event_id,
+            channels = channels.len(),
+            "emergency broadcast started"
+        );
+        Ok(json!({ "eventId": event_id, "channels": channels }))
+    }
+
+    async fn emergency_stop(&mut self, event_id: &str) -> Result<Value> {
+        let (_, admin) = self.dispatch_event(event_id).await?;
+        // An admin may end anyone's broadcast; a dispatcher only their own.
+        let force = admin && !self.emergencies.contains(event_id);
+        let stopped = self
+            .app
+            .access()
+            .stop_emergency(spb::StopEmergencyRequest {
+                event_id: event_id.to_owned(),
+                session_id: self.session.clone(),
+                force,
+            })
+            .await?
+            .into_inner();
+        self.emergencies.remove(event_id);
+        let mut channels = Vec::new();
+        for ch in stopped.channels {
+            self.stop_holding(&ch.channel_id);
+            self.cut_media(&ch.channel_id, ch.epoch).await;
+            channels.push(json!({"channelId": ch.channel_id, "epoch": ch.epoch}));
+        }
+        tracing::info!(conn = self.id, event_id, "emergency broadcast stopped");
+        Ok(json!({ "eventId": event_id, "channels": channels }))
+    }
+
+    /// Tells the channel's media node to forward nobody from `epoch` on.
+    async fn cut_media(&self, channel: &str, epoch: u64) {
+        if let Ok(node) = self.place(channel).await
+            && let Ok(mut media) = self.media(&node)
+        {
+            let cut = mpb::SetFloorRequest {
+                channel_id: channel.to_owned(),
+                producer_id: String::new(),
+                epoch,
+                expires_at_ms: 0,
+            };
+            if let Err(status) = media.set_floor(cut).await {
+                tracing::warn!(code = ?status.code(), "media node did not take the release");
+            }
+        }
+    }
+
+    /// Applies the user's current grants to this connection: leaves channels it may no longer
+    /// hear, gives up floors and send transports where it may no longer talk, and tells the
+    /// client.
+    async fn enforce_grants(&mut self) {
+        let revoked: Vec<String> = self
+            .joined
+            .iter()
+            .filter(|c| self.grants.role(c) < Role::Listen)
+            .cloned()
+            .collect();
+        for channel in &revoked {
+            if let Err(e) = self.leave(channel).await {
+                tracing::warn!(%channel, error = %e, "leaving a revoked channel failed");
+            }
+        }
+        let muted: Vec<String> = self
+            .floors
+            .keys()
+            .filter(|c| self.grants.role(c) < Role::Talk)
+            .cloned()
+            .collect();
+        for channel in &muted {
+            let _ = self.ptt_stop(channel).await;
+        }
+        let senders: Vec<String> = self
+            .transports
+            .iter()
+            .filter(|(_, t)| {
+                t.direction == TransportDirection::Send && self.grants.role(&t.channel) < Role::Talk
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in senders {
+            self.close_transport(&id).await;
+        }
+        let channels: Vec<Value> = self
+            .grants
+            .named()
+            .into_iter()
+            .map(|(channel, role)| json!({"channelId": channel, "role": role}))
+            .collect();
+        if !revoked.is_empty() {
+            tracing::info!(conn = self.id, revoked = revoked.len(), "channels revoked");
+        }
+        let data = json!({
+            "channels": channels,
+            "defaultRole": self.grants.default_role(),
+            "revoked": revoked,
+        });
+        self.send(Frame::push("permission-update", data)).await;
+    }
+
+    async fn ptt_start(&mut self, channel: &str, priority: u32) -> Result<Value> {
         let reply = self
             .app
             .floors()
             .acquire_floor(spb::AcquireFloorRequest {
                 channel_id: channel.to_owned(),
                 session_id: self.session.clone(),
-                priority: 0,
+                priority,
             })
             .await?
             .into_inner();
@@ -659,17 +925,7 @@ impl Conn {
             .into_inner();
         if released.released {
             // Cut at once with the release's epoch; the watch says so too, a moment later.
-            if let Ok(node) = self.place(channel).await {
-                let cut = mpb::SetFloorRequest {
-                    channel_id: channel.to_owned(),
-                    producer_id: String::new(),
-                    epoch: released.epoch,
-                    expires_at_ms: 0,
-                };
-                if let Err(status) = self.media(&node)?.set_floor(cut).await {
-                    tracing::warn!(code = ?status.code(), "media node did not take the release");
-                }
-            }
+            self.cut_media(channel, released.epoch).await;
         }
         Ok(json!({}))
     }
@@ -703,12 +959,48 @@ impl Conn {
                     }
                 }
                 let speaker = change.holder.as_ref().map(user_of);
+                let interrupted = change
+                    .previous
+                    .as_ref()
+                    .is_some_and(|p| p.session_id == self.session)
+                    && matches!(
+                        change.reason(),
+                        spb::FloorReason::Preempted | spb::FloorReason::Emergency
+                    );
+                if interrupted {
+                    let data = json!({"channelId": change.channel_id, "by": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
+                    self.send(Frame::push("ptt-interrupted", data)).await;
+                }
                 let data = json!({"channelId": change.channel_id, "speaker": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
                 self.send(Frame::push("speaker-changed", data)).await;
             }
             HubEvent::State(state) => {
                 self.send(Frame::push("channel-state", channel_state(&state)))
                     .await
+            }
+            HubEvent::Grants(grants) => {
+                if self.grants.apply(&grants) {
+                    self.enforce_grants().await;
+                }
+            }
+            HubEvent::GrantsResync => {
+                let read = self
+                    .app
+                    .access()
+                    .get_user_grants(spb::GetUserGrantsRequest {
+                        user_id: self.user.user_id.clone(),
+                    })
+                    .await;
+                match read {
+                    Ok(grants) => {
+                        if self.grants.apply(&grants.into_inner()) {
+                            self.enforce_grants().await;
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(code = ?status.code(), "cannot re-read grants");
+                    }
+                }
             }
         }
     }
@@ -731,6 +1023,17 @@ impl Conn {
     async fn cleanup(&mut self) {
         for (_, held) in self.floors.drain() {
             held.renewal.abort();
+        }
+        // An emergency broadcast ends with its broadcaster's connection.
+        for event_id in std::mem::take(&mut self.emergencies) {
+            let stop = spb::StopEmergencyRequest {
+                event_id,
+                session_id: self.session.clone(),
+                force: false,
+            };
+            if let Err(status) = self.app.access().stop_emergency(stop).await {
+                tracing::debug!(code = ?status.code(), "emergency already over");
+            }
         }
         self.app.hub.unregister(self.id);
         // One call releases the session's floors (reason `disconnected`) and memberships for
@@ -862,6 +1165,8 @@ fn reason(r: spb::FloorReason) -> &'static str {
         spb::FloorReason::LeftChannel => "left-channel",
         spb::FloorReason::Disconnected => "disconnected",
         spb::FloorReason::QueueGranted => "queue-granted",
+        spb::FloorReason::Emergency => "emergency",
+        spb::FloorReason::EmergencyEnded => "emergency-ended",
         spb::FloorReason::Unspecified => "unknown",
     }
 }

@@ -26,12 +26,17 @@ const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
 pub enum HubEvent {
     Floor(pb::FloorChanged),
     State(pb::ChannelState),
+    /// The user's stored grants changed.
+    Grants(pb::UserGrants),
+    /// Grant changes may have been missed: re-read the user's grants.
+    GrantsResync,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
     conns: HashMap<u64, mpsc::Sender<HubEvent>>,
+    by_user: HashMap<String, HashSet<u64>>,
     by_channel: HashMap<String, HashSet<u64>>,
     cache: HashMap<String, pb::ChannelState>,
 }
@@ -56,12 +61,17 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn register(&self) -> (u64, mpsc::Receiver<HubEvent>) {
+    pub fn register(&self, user_id: &str) -> (u64, mpsc::Receiver<HubEvent>) {
         let (tx, rx) = mpsc::channel(CONNECTION_EVENTS);
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
         inner.conns.insert(id, tx);
+        inner
+            .by_user
+            .entry(user_id.to_owned())
+            .or_default()
+            .insert(id);
         (id, rx)
     }
 
@@ -90,6 +100,10 @@ impl Hub {
     pub fn unregister(&self, conn: u64) {
         let mut inner = self.lock();
         inner.conns.remove(&conn);
+        inner.by_user.retain(|_, ids| {
+            ids.remove(&conn);
+            !ids.is_empty()
+        });
         let channels: Vec<String> = inner.by_channel.keys().cloned().collect();
         for ch in channels {
             if let Some(set) = inner.by_channel.get_mut(&ch) {
@@ -160,6 +174,72 @@ impl Hub {
                 && tx.try_send(out.clone()).is_err()
             {
                 tracing::warn!(conn = id, "connection too slow for events; one dropped");
+            }
+        }
+    }
+
+    /// Hands a grant change to the connections of its user.
+    fn dispatch_grants(&self, event: pb::grants_event::Event) {
+        let inner = self.lock();
+        let (ids, out): (Vec<u64>, HubEvent) = match event {
+            pb::grants_event::Event::Changed(grants) => (
+                inner
+                    .by_user
+                    .get(&grants.user_id)
+                    .map(|ids| ids.iter().copied().collect())
+                    .unwrap_or_default(),
+                HubEvent::Grants(grants),
+            ),
+            pb::grants_event::Event::Resync(_) => (
+                inner.conns.keys().copied().collect(),
+                HubEvent::GrantsResync,
+            ),
+        };
+        for id in ids {
+            if let Some(tx) = inner.conns.get(&id)
+                && tx.try_send(out.clone()).is_err()
+            {
+                tracing::warn!(conn = id, "connection too slow for a grant change");
+            }
+        }
+    }
+
+    /// Keeps the grant watch open until shutdown, reconnecting with backoff 1, 2, 4, 8, 16,
+    /// 30 s. Every (re)connection makes every connection re-read its user's grants, since
+    /// changes may have been missed while the watch was down.
+    pub async fn run_grants(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
+        let mut attempt = 0usize;
+        loop {
+            let mut client = pb::access_service_client::AccessServiceClient::new(state.clone());
+            let opened = tokio::select! {
+                opened = client.watch_grants(pb::WatchGrantsRequest {}) => opened,
+                () = shutdown.cancelled() => return,
+            };
+            let error = match opened {
+                Ok(stream) => {
+                    attempt = 0;
+                    self.dispatch_grants(pb::grants_event::Event::Resync(pb::GrantsResync {}));
+                    let mut stream = stream.into_inner();
+                    loop {
+                        tokio::select! {
+                            event = stream.next() => match event {
+                                Some(Ok(pb::GrantsEvent { event: Some(event) })) => self.dispatch_grants(event),
+                                Some(Ok(_)) => {}
+                                Some(Err(status)) => break status,
+                                None => break tonic::Status::unavailable("grant watch ended"),
+                            },
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
+            attempt += 1;
+            tracing::warn!(code = ?error.code(), retry_in_s = wait.as_secs(), "grant watch interrupted");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
             }
         }
     }

@@ -2,10 +2,12 @@
 //!
 //! Layout:
 //! - [`auth`]: JWT checks before the upgrade; [`protocol`]: the typed wire format.
+//! - [`access`]: roles per channel, from the token and from state-svc's stored grants.
 //! - [`connection`]: one WebSocket: its requests, pushes, floor renewal and cleanup.
 //! - [`hub`]: the gateway's one `Watch` on state-svc, fanned out to its connections.
 //! - [`app`] builds the axum router (`/ws`, `/health`); [`run`] serves it until shutdown.
 
+pub mod access;
 pub mod auth;
 pub mod config;
 pub mod connection;
@@ -54,6 +56,10 @@ impl AppState {
 
     pub fn sessions(&self) -> spb::session_service_client::SessionServiceClient<Channel> {
         spb::session_service_client::SessionServiceClient::new(self.state.clone())
+    }
+
+    pub fn access(&self) -> spb::access_service_client::AccessServiceClient<Channel> {
+        spb::access_service_client::AccessServiceClient::new(self.state.clone())
     }
 
     pub fn registry(
@@ -193,8 +199,14 @@ async fn dev_token(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let claims =
-        serde_json::json!({"sub": user_id, "name": name, "exp": now.as_secs() + 12 * 3600});
+    // Development users may talk in the configured channels.
+    let grants: serde_json::Map<String, serde_json::Value> = app
+        .config
+        .channels
+        .iter()
+        .map(|c| (c.clone(), "talk".into()))
+        .collect();
+    let claims = serde_json::json!({"sub": user_id, "name": name, "exp": now.as_secs() + 12 * 3600, "grants": grants});
     let Some(secret) = app.config.jwt_secret.as_deref() else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -285,6 +297,7 @@ pub async fn run(
     let app_state = app_state(config, shutdown.clone())?;
     let addr = listener.local_addr()?;
     tokio::spawn(Arc::clone(&app_state.hub).run(app_state.state.clone(), shutdown.clone()));
+    tokio::spawn(Arc::clone(&app_state.hub).run_grants(app_state.state.clone(), shutdown.clone()));
     tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let tracker = app_state.tracker.clone();
     let stop = shutdown.clone();

@@ -51,6 +51,7 @@ impl From<tonic::Status> for ClientError {
             }
             tonic::Code::PermissionDenied => Self::new(Code::Forbidden, "forbidden"),
             tonic::Code::ResourceExhausted => Self::new(Code::RateLimited, "capacity exhausted"),
+            tonic::Code::Aborted => Self::new(Code::FloorBusy, "an emergency broadcast is active"),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 Self::new(Code::Unavailable, "service unavailable")
             }
@@ -134,6 +135,23 @@ pub struct PttStart {
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
+/// The word an `emergency-broadcast-start` must carry in `confirm`, so that a stray or replayed
+/// generic message cannot start a broadcast by accident.
+pub const EMERGENCY_CONFIRM: &str = "EMERGENCY";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmergencyStart {
+    pub event_id: String,
+    pub confirm: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventRef {
+    pub event_id: String,
+}
+
 /// Every request a client may send.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "kebab-case")]
@@ -149,6 +167,10 @@ pub enum Request {
     PttStop(ChannelRef),
     Ping(Empty),
     ListChannels(Empty),
+    PriorityPttStart(ChannelRef),
+    PriorityPttStop(ChannelRef),
+    EmergencyBroadcastStart(EmergencyStart),
+    EmergencyBroadcastStop(EventRef),
 }
 
 impl Request {
@@ -166,11 +188,19 @@ impl Request {
             Self::PttStop(_) => "ptt-stop",
             Self::Ping(_) => "pong",
             Self::ListChannels(_) => "list-channels",
+            Self::PriorityPttStart(_) => "priority-ptt-start",
+            Self::PriorityPttStop(_) => "priority-ptt-stop",
+            Self::EmergencyBroadcastStart(_) => "emergency-broadcast-start",
+            Self::EmergencyBroadcastStop(_) => "emergency-broadcast-stop",
         }
     }
 }
 
-const KNOWN: [&str; 11] = [
+const KNOWN: [&str; 15] = [
+    "priority-ptt-start",
+    "priority-ptt-stop",
+    "emergency-broadcast-start",
+    "emergency-broadcast-stop",
     "join-channel",
     "leave-channel",
     "get-router-capabilities",

@@ -21,7 +21,8 @@ fn token(sub: &str, name: &str, exp_offset: i64, secret: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let claims = json!({"sub": sub, "name": name, "exp": now + exp_offset});
+    let claims =
+        json!({"sub": sub, "name": name, "exp": now + exp_offset, "grants": {"*": "talk"}});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -481,7 +482,7 @@ async fn es256_tokens_with_a_public_key_and_hs256_refused_then() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let claims = json!({"sub": "u-es", "name": "Es", "exp": now + 600});
+    let claims = json!({"sub": "u-es", "name": "Es", "exp": now + 600, "grants": {"*": "talk"}});
     let es = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
         &claims,

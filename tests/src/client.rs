@@ -7,13 +7,18 @@ use serde_json::{Value, json};
 use testkit::media::Peer;
 use testkit::ws::WsClient;
 
-/// A token for `user` signed with the stack's secret.
+/// A token for `user` signed with the stack's secret, allowed to talk in every channel.
 pub fn token(user: &str, name: &str) -> String {
+    token_with_grants(user, name, &json!({"*": "talk"}))
+}
+
+/// A token for `user` with the given `grants` claim (channel or `*` -> role).
+pub fn token_with_grants(user: &str, name: &str, grants: &Value) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let claims = json!({"sub": user, "name": name, "exp": now + 3600});
+    let claims = json!({"sub": user, "name": name, "exp": now + 3600, "grants": grants});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -44,8 +49,13 @@ impl std::ops::DerefMut for Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr, user: &str, name: &str) -> Self {
+        Self::connect_with(addr, user, name, &json!({"*": "talk"})).await
+    }
+
+    /// Signs in with a token carrying `grants` (channel or `*` -> role).
+    pub async fn connect_with(addr: SocketAddr, user: &str, name: &str, grants: &Value) -> Self {
         Self {
-            inner: WsClient::connect(addr, &token(user, name)).await,
+            inner: WsClient::connect(addr, &token_with_grants(user, name, grants)).await,
             user: user.to_owned(),
         }
     }

@@ -195,9 +195,33 @@ impl Stack {
         self.gateways[i].addr
     }
 
-    /// A signed-in client on gateway `gateway`.
+    /// A signed-in client on gateway `gateway`, allowed to talk everywhere.
     pub async fn client(&self, gateway: usize, user: &str, name: &str) -> Client {
         Client::connect(self.gateway(gateway), user, name).await
+    }
+
+    /// A signed-in client on gateway `gateway` whose token carries `grants`.
+    pub async fn client_with(
+        &self,
+        gateway: usize,
+        user: &str,
+        name: &str,
+        grants: &serde_json::Value,
+    ) -> Client {
+        Client::connect_with(self.gateway(gateway), user, name, grants).await
+    }
+
+    /// A client of state-svc `0`'s access service (grants, events, emergencies).
+    pub async fn access(
+        &self,
+    ) -> Result<spb::access_service_client::AccessServiceClient<tonic::transport::Channel>> {
+        Ok(
+            spb::access_service_client::AccessServiceClient::connect(format!(
+                "http://{}",
+                self.state[0].addr
+            ))
+            .await?,
+        )
     }
 
     /// The registered media nodes, as state-svc `i` lists them.
