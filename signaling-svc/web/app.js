@@ -81,6 +81,17 @@ function onFrame(frame) {
         showDenied(data.speaker);
       }
       break;
+    case "ptt-interrupted":
+      if (data.channelId === state.channel) {
+        stopTalking();
+        const who = data.by ? data.by.userName || data.by.userId : "a dispatcher";
+        $("denied").textContent =
+          data.reason === "emergency" ? `Emergency broadcast by ${who}` : `Interrupted by ${who}`;
+      }
+      break;
+    case "permission-update":
+      applyPermissions(data);
+      break;
     case "error":
       log(`server: ${frame.error?.code ?? "error"}`);
       break;
@@ -182,12 +193,35 @@ async function joinChannel(channelId) {
     return;
   }
   state.channel = channelId;
+  state.role = reply.role;
   state.epoch = 0;
   $("channel").hidden = false;
   $("channel-name").textContent = channelId;
   $("denied").textContent = "";
   applyChannelState(reply.channel);
   await setUpMedia(channelId);
+}
+
+// The server already left revoked channels; follow it here, and mute where talk was taken away.
+function applyPermissions(update) {
+  const channelId = state.channel;
+  if (channelId && (update.revoked ?? []).includes(channelId)) {
+    stopTalking();
+    closeMedia();
+    state.channel = null;
+    $("channel").hidden = true;
+    log(`access to ${channelId} was withdrawn`);
+  } else if (channelId) {
+    const named = (update.channels ?? []).find((c) => c.channelId === channelId);
+    const role = named ? named.role : update.defaultRole;
+    if (role === "listen" && state.role !== "listen") {
+      stopTalking();
+      $("ptt").disabled = true;
+      $("media").textContent = "Listening only: your role in this channel";
+    }
+    state.role = role;
+  }
+  refreshChannels();
 }
 
 async function leaveChannel() {
@@ -295,6 +329,11 @@ async function setUpMedia(channelId) {
   } catch (e) {
     media.dataset.state = "failed";
     media.textContent = `Audio failed: ${e.code ?? e.message}`;
+    return;
+  }
+  if (state.role === "listen") {
+    media.dataset.state = "listen-only";
+    media.textContent = "Listening only: your role in this channel";
     return;
   }
   let mic = null;
