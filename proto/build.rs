@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["ptt/state/v1/state.proto", "ptt/media/v1/media.proto"];
+const PROTOS: &[&str] = &[
+    "ptt/state/v1/state.proto",
+    "ptt/media/v1/media.proto",
+    "ptt/admin/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -19,6 +19,14 @@ pub mod media {
     }
 }
 
+/// `ptt.admin.v1`: the administration API (state-svc, bearer admin token).
+pub mod admin {
+    pub mod v1 {
+        #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+        tonic::include_proto!("ptt.admin.v1");
+    }
+}
+
 /// The encoded file descriptor set of every contract, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/talkgroup_descriptor.bin"));

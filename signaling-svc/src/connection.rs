@@ -33,6 +33,8 @@ use crate::protocol::{
 const OUTBOX: usize = 256;
 /// Rate-limit refusals in a row after which the connection is closed as a flood.
 const FLOOD_LIMIT: u32 = 50;
+/// Close code of a socket an administrator disconnected (after a `force-disconnect` push).
+const KICKED: u16 = 4000;
 
 type Result<T> = std::result::Result<T, ClientError>;
 
@@ -230,7 +232,14 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
                 Some(Ok(Message::Close(_))) | None => break 1000,
                 Some(Err(_)) => break 1002,
             },
-            Some(event) = events.recv() => conn.on_event(event).await,
+            Some(event) = events.recv() => {
+                if let HubEvent::Kicked(reason) = &event {
+                    tracing::info!(conn = id, "disconnected by an administrator");
+                    conn.send(Frame::push("force-disconnect", json!({"reason": reason}))).await;
+                    break KICKED;
+                }
+                conn.on_event(event).await;
+            }
             _ = ping.tick() => {
                 if last_heard.elapsed() > ping_every * 2 {
                     tracing::info!(conn = id, "no sign of life; closing");
@@ -245,7 +254,11 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         }
     };
     conn.cleanup().await;
-    let reason = if close_code == 1001 { "going away" } else { "" };
+    let reason = match close_code {
+        1001 => "going away",
+        KICKED => "disconnected by an administrator",
+        _ => "",
+    };
     let _ = conn
         .out
         .send(Message::Close(Some(CloseFrame {
@@ -983,6 +996,8 @@ impl Conn {
                     self.enforce_grants().await;
                 }
             }
+            // Handled by the connection loop, which closes the socket.
+            HubEvent::Kicked(_) => {}
             HubEvent::GrantsResync => {
                 let read = self
                     .app
@@ -1045,6 +1060,7 @@ impl Conn {
                 session_id: self.session.clone(),
             })
             .await
+            && status.code() != tonic::Code::NotFound
         {
             tracing::warn!(code = ?status.code(), "session removal failed; it will expire");
         }

@@ -30,6 +30,8 @@ pub enum HubEvent {
     Grants(pb::UserGrants),
     /// Grant changes may have been missed: re-read the user's grants.
     GrantsResync,
+    /// An admin disconnected the user (the reason is shown to them).
+    Kicked(String),
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +195,14 @@ impl Hub {
             pb::grants_event::Event::Resync(_) => (
                 inner.conns.keys().copied().collect(),
                 HubEvent::GrantsResync,
+            ),
+            pb::grants_event::Event::Kicked(kick) => (
+                inner
+                    .by_user
+                    .get(&kick.user_id)
+                    .map(|ids| ids.iter().copied().collect())
+                    .unwrap_or_default(),
+                HubEvent::Kicked(kick.reason),
             ),
         };
         for id in ids {

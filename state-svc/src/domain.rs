@@ -372,6 +372,11 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrantsEvent {
     Changed(UserGrants),
+    /// An admin disconnected the user: gateways close the user's sockets.
+    Kicked {
+        user_id: UserId,
+        reason: String,
+    },
     /// Changes may have been missed: re-read.
     Resync,
 }

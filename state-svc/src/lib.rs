@@ -42,12 +42,13 @@ use crate::store::redis::RedisStore;
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 /// The gRPC services this server reports health for.
-pub const SERVICE_NAMES: [&str; 5] = [
+pub const SERVICE_NAMES: [&str; 6] = [
     "ptt.state.v1.FloorService",
     "ptt.state.v1.ChannelService",
     "ptt.state.v1.SessionService",
     "ptt.state.v1.MediaRegistryService",
     "ptt.state.v1.AccessService",
+    "ptt.admin.v1.AdminService",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -138,9 +139,22 @@ async fn serve<S: Store>(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            pb::access_service_server::AccessServiceServer::new(api)
+            pb::access_service_server::AccessServiceServer::new(api.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
-        );
+        )
+        .add_service({
+            let auth = api::admin::AdminAuth::new(config.admin_token.as_deref());
+            if config.admin_token.is_none() {
+                tracing::warn!("no --admin-token: the admin API refuses every call");
+            }
+            let admin = talkgroup_proto::admin::v1::admin_service_server::AdminServiceServer::new(
+                api::admin::AdminApi::new(api),
+            )
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+            tonic::service::interceptor::InterceptedService::new(admin, move |request| {
+                auth.check(request)
+            })
+        });
     tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
     let drain = {
         let shutdown = shutdown.clone();

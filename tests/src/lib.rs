@@ -23,6 +23,8 @@ pub use client::Client;
 
 /// The HS256 secret every gateway of a test stack shares.
 pub const SECRET: &str = "talkgroup-e2e-secret-0123456789";
+/// The admin token of every state-svc of a test stack.
+pub const ADMIN_TOKEN: &str = "talkgroup-e2e-admin-token-0123";
 
 /// Where the service binaries are.
 pub fn binary(name: &str) -> Result<PathBuf> {
@@ -129,6 +131,8 @@ impl Stack {
                 &t.max_talk_ms.to_string(),
                 "--node-heartbeat-ms",
                 "100",
+                "--admin-token",
+                ADMIN_TOKEN,
                 "--log-format",
                 "json",
             ]);
@@ -209,6 +213,11 @@ impl Stack {
         grants: &serde_json::Value,
     ) -> Client {
         Client::connect_with(self.gateway(gateway), user, name, grants).await
+    }
+
+    /// The gRPC URL of state-svc `i`.
+    pub fn state_url(&self, i: usize) -> String {
+        format!("http://{}", self.state[i].addr)
     }
 
     /// A client of state-svc `0`'s access service (grants, events, emergencies).

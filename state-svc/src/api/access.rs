@@ -269,6 +269,10 @@ impl<S: Store> pb::access_service_server::AccessService for Api<S> {
                         Ok(change) => match &*change {
                             GrantsEvent::Changed(g) => pb::grants_event::Event::Changed(user_grants(g)),
                             GrantsEvent::Resync => pb::grants_event::Event::Resync(pb::GrantsResync {}),
+                            GrantsEvent::Kicked { user_id, reason } => pb::grants_event::Event::Kicked(pb::UserKicked {
+                                user_id: user_id.to_string(),
+                                reason: reason.clone(),
+                            }),
                         },
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             pb::grants_event::Event::Resync(pb::GrantsResync {})

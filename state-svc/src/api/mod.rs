@@ -3,6 +3,7 @@
 //! (`convert`); replies are converted back. Nothing below this module sees protobuf.
 
 mod access;
+pub mod admin;
 pub mod convert;
 mod floor;
 mod registry;

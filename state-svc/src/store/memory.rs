@@ -977,6 +977,44 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+        let inner = self.lock();
+        let mut channels: Vec<ChannelId> = inner
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.members.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn list_sessions(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let inner = self.lock();
+        let mut sessions: Vec<Session> = inner.sessions.values().cloned().collect();
+        sessions.sort_by_key(|s| s.expires_at_ms);
+        sessions.truncate(limit);
+        Ok(sessions)
+    }
+
+    async fn kick_user(&self, uid: &UserId, reason: &str) -> Result<u32, StoreError> {
+        let mut inner = self.lock();
+        let sids: Vec<SessionId> = inner
+            .user_sessions
+            .get(uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for sid in &sids {
+            self.remove_locked(&mut inner, sid);
+        }
+        drop(inner);
+        self.hub.grants_changed(GrantsEvent::Kicked {
+            user_id: uid.clone(),
+            reason: reason.to_owned(),
+        });
+        Ok(u32::try_from(sids.len()).unwrap_or(u32::MAX))
+    }
+
     async fn sweep(&self) -> Result<SweepReport, StoreError> {
         let mut inner = self.lock();
         let now = now_ms();

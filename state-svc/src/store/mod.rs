@@ -194,6 +194,16 @@ pub trait Store: Send + Sync + 'static {
         eid: &EventId,
     ) -> impl Future<Output = Res<ReleaseOutcome>> + Send;
 
+    // ---- admin ----
+    /// Channels that have members (a channel that just emptied may still be listed).
+    fn list_channels(&self) -> impl Future<Output = Res<Vec<ChannelId>>> + Send;
+    /// Live sessions, oldest deadline first, at most `limit`.
+    fn list_sessions(&self, limit: usize) -> impl Future<Output = Res<Vec<Session>>> + Send;
+    /// Removes every session of the user (releasing floors, reason `disconnected`) and tells
+    /// grant watchers on every replica, so gateways close the user's sockets. Returns how many
+    /// sessions were removed.
+    fn kick_user(&self, uid: &UserId, reason: &str) -> impl Future<Output = Res<u32>> + Send;
+
     // ---- housekeeping ----
     /// Expires floors whose lease or maximum talk time has passed and sessions that were not
     /// touched in time. Safe to run on every replica at once.

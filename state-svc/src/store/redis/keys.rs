@@ -123,6 +123,16 @@ impl Keys {
         format!("{}:{{u:{uid}}}:grants", self.prefix)
     }
 
+    /// Set of channels that have (or recently had) members, for the admin listing.
+    pub fn channels_index(&self) -> String {
+        format!("{}:channels", self.prefix)
+    }
+
+    /// The pub/sub channel on which admin kicks reach every replica.
+    pub fn kicks(&self) -> String {
+        format!("{}:kicks", self.prefix)
+    }
+
     /// The pub/sub channel on which grant changes reach every replica.
     pub fn grants_events(&self) -> String {
         format!("{}:grants", self.prefix)

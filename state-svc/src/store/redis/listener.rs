@@ -15,9 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
-use super::wire::{WireEvent, WireGrants, parse};
-use crate::domain::ChannelId;
-use crate::domain::GrantsEvent;
+use super::wire::{WireEvent, WireGrants, WireKick, parse};
+use crate::domain::{ChannelId, GrantsEvent, UserId};
 use crate::error::StoreError;
 use crate::hub::Hub;
 
@@ -72,7 +71,11 @@ impl Listener {
             tracing::info!("redis pub/sub connected");
             let (mut sink, mut stream) = pubsub.split();
             let mut subscribed = HashSet::new();
-            let fixed = vec![self.keys.grants_events(), self.membership_channel.clone()];
+            let fixed = vec![
+                self.keys.grants_events(),
+                self.keys.kicks(),
+                self.membership_channel.clone(),
+            ];
             let mut healthy = self.bounded(sink.subscribe(fixed)).await.is_ok()
                 && self.reconcile(&mut sink, &mut subscribed).await.is_ok();
             // Anything published while we were away is lost: make watchers re-read.
@@ -162,6 +165,23 @@ impl Listener {
                     bytes = payload.len(),
                     "membership update refused: not utf-8 or too large"
                 ),
+            }
+            return;
+        }
+        if name == self.keys.kicks() {
+            let kick = std::str::from_utf8(payload)
+                .map_err(|_| StoreError::Internal("kick is not utf-8".into()))
+                .and_then(|raw| parse::<WireKick>(raw, "kick"))
+                .and_then(|k| {
+                    let user_id = UserId::parse(&k.uid)?;
+                    Ok(GrantsEvent::Kicked {
+                        user_id,
+                        reason: k.reason,
+                    })
+                });
+            match kick {
+                Ok(kick) => self.hub.grants_changed(kick),
+                Err(error) => tracing::warn!(%error, "dropped unreadable kick"),
             }
             return;
         }

@@ -261,6 +261,9 @@ impl RedisStore {
             pipe.srem(self.keys.media_node_channels(&node), ch.as_str())
                 .ignore();
         }
+        if left.empty {
+            pipe.srem(self.keys.channels_index(), ch.as_str()).ignore();
+        }
         self.bounded(pipe.query_async::<()>(&mut conn)).await?;
         Ok(LeaveOutcome {
             was_member: left.was_member,
@@ -741,6 +744,8 @@ impl Store for RedisStore {
                 redis::pipe()
                     .sadd(self.keys.session_channels(sid), ch.as_str())
                     .exists(self.keys.session(sid))
+                    .sadd(self.keys.channels_index(), ch.as_str())
+                    .ignore()
                     .query_async(&mut conn),
             )
             .await?;
@@ -1161,6 +1166,51 @@ impl Store for RedisStore {
             )
             .await?;
         release_outcome(&raw)
+    }
+
+    async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = self
+            .bounded(conn.smembers(self.keys.channels_index()))
+            .await?;
+        let mut channels: Vec<ChannelId> = raw
+            .iter()
+            .filter_map(|c| ChannelId::parse(c).ok())
+            .collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn list_sessions(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let mut conn = self.conn.clone();
+        let last = isize::try_from(limit.max(1)).unwrap_or(isize::MAX) - 1;
+        let ids: Vec<String> = self
+            .bounded(conn.zrange(self.keys.session_deadlines(), 0, last))
+            .await?;
+        let mut sessions = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Ok(sid) = SessionId::parse(&id)
+                && let Some(session) = self.read_session(&sid).await?
+            {
+                sessions.push(session);
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn kick_user(&self, uid: &UserId, reason: &str) -> Result<u32, StoreError> {
+        let sessions = self.user_sessions(uid).await?;
+        for session in &sessions {
+            self.remove_session(&session.session_id).await?;
+        }
+        let kick = serde_json::to_string(&wire::WireKick {
+            uid: uid.to_string(),
+            reason: reason.to_owned(),
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(conn.publish(self.keys.kicks(), kick)).await?;
+        Ok(u32::try_from(sessions.len()).unwrap_or(u32::MAX))
     }
 
     async fn sweep(&self) -> Result<SweepReport, StoreError> {

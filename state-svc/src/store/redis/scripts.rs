@@ -292,7 +292,7 @@ if count == 0 then
   node = redis.call('GET', K_MEDIA) or nil
   redis.call('DEL', K_MEDIA)
 end
-return cjson.encode({ was_member = true, released = released, node = node })
+return cjson.encode({ was_member = true, released = released, node = node, empty = count == 0 })
 "#;
 
 const STATE: &str = "return cjson.encode(state())";

@@ -149,6 +149,9 @@ pub struct WireLeave {
     pub was_member: bool,
     pub released: bool,
     pub node: Option<String>,
+    /// The channel has no members left.
+    #[serde(default)]
+    pub empty: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,4 +373,11 @@ pub fn channel_list(raw: &str) -> Result<Vec<ChannelId>, StoreError> {
         .filter(|c| !c.is_empty())
         .map(|c| ChannelId::parse(c).map_err(|_| corrupt("event channel")))
         .collect()
+}
+
+/// An admin kick as published to every replica.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct WireKick {
+    pub uid: String,
+    pub reason: String,
 }

@@ -1,0 +1,559 @@
+//! pttctl: administration of a Talkgroup deployment over `ptt.admin.v1.AdminService`.
+//!
+//! Each subcommand is one admin call. Output is a plain table for people, or JSON with
+//! `--json` for scripts. The admin token comes from `--token` or `PTT_ADMIN_TOKEN` and is never
+//! printed. Exit codes: 0 success, 1 the call failed or an argument is invalid (the reason is
+//! printed), 2 the command line does not parse.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use talkgroup_proto::admin::v1 as apb;
+use talkgroup_proto::state::v1 as spb;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Administer a Talkgroup deployment (state-svc's admin API).
+#[derive(Debug, Parser)]
+#[command(name = "pttctl", version, about)]
+struct Cli {
+    /// state-svc gRPC URL.
+    #[arg(long, env = "PTT_ADMIN_URL", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Admin token (state-svc's --admin-token).
+    #[arg(long, env = "PTT_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up on a call after this many milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Channels with members or media, with speaker and member counts.
+    Channels,
+    /// One channel: speaker, members, configuration, event.
+    Channel { channel: String },
+    /// Release a channel's floor, whoever holds it.
+    Release { channel: String },
+    /// Disconnect every session of a user.
+    Kick {
+        user: String,
+        /// Shown to the user.
+        #[arg(long, default_value = "disconnected by an administrator")]
+        reason: String,
+    },
+    /// Live sessions, all or of one user.
+    Sessions {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value_t = 1_000)]
+        limit: u32,
+    },
+    /// Media nodes with their load.
+    Nodes,
+    /// Stop placing new channels on a media node.
+    Drain { node: String },
+    /// A user's stored grants.
+    Grants { user: String },
+    /// Set a user's grants: CHANNEL=ROLE (none, member, listen, talk, dispatch, admin, or
+    /// `unset` to fall back to the token).
+    Grant {
+        user: String,
+        #[arg(required = true)]
+        grants: Vec<String>,
+        /// Drop every stored grant not named.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Set an event's channels (none: delete the event).
+    SetEvent {
+        event: String,
+        channels: Vec<String>,
+    },
+    /// An event's channels and emergency state.
+    Event { event: String },
+    /// Who is talking in each channel of an event.
+    Speakers { event: String },
+    /// Release every floor of an event.
+    Pause { event: String },
+    /// End the emergency broadcast of an event, whoever runs it.
+    StopEmergency { event: String },
+}
+
+/// Adds the admin token to every call.
+type AuthInterceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Admin =
+    apb::admin_service_client::AdminServiceClient<InterceptedService<Channel, AuthInterceptor>>;
+
+fn connect(cli: &Cli) -> Result<Admin> {
+    let channel = Endpoint::from_shared(cli.server.clone())
+        .context("invalid --server URL")?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_millis(cli.timeout_ms))
+        .connect_lazy();
+    let header: MetadataValue<_> = format!("Bearer {}", cli.token)
+        .parse()
+        .context("the token has characters a header cannot carry")?;
+    let auth: AuthInterceptor = Box::new(move |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", header.clone());
+        Ok(request)
+    });
+    Ok(apb::admin_service_client::AdminServiceClient::with_interceptor(channel, auth))
+}
+
+fn role_name(raw: i32) -> &'static str {
+    match spb::Role::try_from(raw) {
+        Ok(spb::Role::None) => "none",
+        Ok(spb::Role::Member) => "member",
+        Ok(spb::Role::Listen) => "listen",
+        Ok(spb::Role::Talk) => "talk",
+        Ok(spb::Role::Dispatch) => "dispatch",
+        Ok(spb::Role::Admin) => "admin",
+        _ => "unspecified",
+    }
+}
+
+fn parse_role(raw: &str) -> Result<spb::Role> {
+    Ok(match raw {
+        "none" => spb::Role::None,
+        "member" => spb::Role::Member,
+        "listen" => spb::Role::Listen,
+        "talk" => spb::Role::Talk,
+        "dispatch" => spb::Role::Dispatch,
+        "admin" => spb::Role::Admin,
+        "unset" => spb::Role::Unspecified,
+        other => bail!("unknown role {other:?}"),
+    })
+}
+
+fn holder_json(h: Option<&spb::FloorHolder>) -> Value {
+    h.and_then(|h| h.speaker.as_ref().map(|s| (h, s)))
+        .map(|(h, s)| {
+            json!({"userId": s.user_id, "userName": s.user_name, "sessionId": s.session_id,
+                   "priority": s.priority, "epoch": h.epoch, "grantedAtMs": h.granted_at_ms,
+                   "expiresAtMs": h.expires_at_ms})
+        })
+        .unwrap_or(Value::Null)
+}
+
+fn speaker_cell(v: &Value) -> String {
+    v["userName"]
+        .as_str()
+        .map_or_else(|| "-".to_owned(), str::to_owned)
+}
+
+fn grants_json(g: &spb::UserGrants) -> Value {
+    json!({
+        "userId": g.user_id,
+        "version": g.version,
+        "grants": g.grants.iter().map(|g| json!({"channelId": g.channel_id, "role": role_name(g.role)})).collect::<Vec<_>>(),
+    })
+}
+
+fn event_json(e: &spb::Event) -> Value {
+    json!({
+        "eventId": e.event_id,
+        "channelIds": e.channel_ids,
+        "emergency": e.emergency.as_ref().map(|m| json!({
+            "by": m.by.as_ref().map(|s| json!({"userId": s.user_id, "userName": s.user_name})),
+            "startedAtMs": m.started_at_ms,
+        })),
+    })
+}
+
+fn node_json(n: &spb::MediaNode) -> Value {
+    json!({"nodeId": n.node_id, "grpcAddr": n.grpc_addr, "announcedIp": n.announced_ip,
+           "capacity": n.capacity, "load": n.load, "channels": n.channels,
+           "draining": n.draining, "live": n.live, "lastHeartbeatMs": n.last_heartbeat_ms})
+}
+
+fn session_json(s: &spb::Session) -> Value {
+    json!({"sessionId": s.session_id, "userId": s.user_id, "userName": s.user_name,
+           "gatewayId": s.gateway_id, "createdAtMs": s.created_at_ms,
+           "expiresAtMs": s.expires_at_ms, "channelIds": s.channel_ids})
+}
+
+/// A table with a header row and left-aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+/// Runs the command: the JSON document and its table rendering.
+async fn run(cli: &Cli) -> Result<(Value, String)> {
+    let mut admin = connect(cli)?;
+    Ok(match &cli.command {
+        Command::Channels => {
+            let list = admin
+                .list_channels(apb::ListChannelsRequest {})
+                .await?
+                .into_inner();
+            let items: Vec<Value> = list
+                .channels
+                .iter()
+                .map(|c| {
+                    json!({"channelId": c.channel_id, "speaker": holder_json(c.holder.as_ref()),
+                           "memberCount": c.member_count, "mediaNodeId": c.media_node_id,
+                           "eventId": c.event_id})
+                })
+                .collect();
+            let rows = items
+                .iter()
+                .map(|c| {
+                    vec![
+                        c["channelId"].as_str().unwrap_or_default().to_owned(),
+                        speaker_cell(&c["speaker"]),
+                        c["memberCount"].to_string(),
+                        c["mediaNodeId"].as_str().unwrap_or_default().to_owned(),
+                        c["eventId"].as_str().unwrap_or_default().to_owned(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            let text = table(
+                &["CHANNEL", "SPEAKER", "MEMBERS", "MEDIA NODE", "EVENT"],
+                &rows,
+            );
+            (json!({"channels": items}), text)
+        }
+        Command::Channel { channel } => {
+            let detail = admin
+                .get_channel(apb::GetChannelRequest {
+                    channel_id: channel.clone(),
+                })
+                .await?
+                .into_inner();
+            let state = detail.state.unwrap_or_default();
+            let config = detail.config.unwrap_or_default();
+            let members: Vec<Value> = state
+                .members
+                .iter()
+                .map(|m| json!({"userId": m.user_id, "userName": m.user_name, "sessionId": m.session_id}))
+                .collect();
+            let doc = json!({
+                "channelId": state.channel_id, "speaker": holder_json(state.holder.as_ref()),
+                "epoch": state.epoch, "members": members, "mediaNodeId": state.media_node_id,
+                "eventId": detail.event_id,
+                "config": {"queueEnabled": config.queue_enabled, "leaseMs": config.lease_ms, "maxTalkMs": config.max_talk_ms},
+            });
+            let rows = vec![
+                vec!["channel".into(), state.channel_id.clone()],
+                vec!["speaker".into(), speaker_cell(&doc["speaker"])],
+                vec!["epoch".into(), state.epoch.to_string()],
+                vec![
+                    "members".into(),
+                    state
+                        .members
+                        .iter()
+                        .map(|m| m.user_name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ],
+                vec!["media node".into(), state.media_node_id.clone()],
+                vec!["event".into(), detail.event_id.clone()],
+            ];
+            (doc, table(&["FIELD", "VALUE"], &rows))
+        }
+        Command::Release { channel } => {
+            let r = admin
+                .force_release_floor(apb::ForceReleaseFloorRequest {
+                    channel_id: channel.clone(),
+                })
+                .await?
+                .into_inner();
+            let text = if r.released {
+                format!("released {channel} (epoch {})", r.epoch)
+            } else {
+                format!("{channel}: nobody was talking")
+            };
+            (json!({"released": r.released, "epoch": r.epoch}), text)
+        }
+        Command::Kick { user, reason } => {
+            let r = admin
+                .kick_user(apb::KickUserRequest {
+                    user_id: user.clone(),
+                    reason: reason.clone(),
+                })
+                .await?
+                .into_inner();
+            (
+                json!({"sessionsClosed": r.sessions_closed}),
+                format!("{user}: {} session(s) closed", r.sessions_closed),
+            )
+        }
+        Command::Sessions { user, limit } => {
+            let r = admin
+                .list_sessions(apb::ListSessionsRequest {
+                    user_id: user.clone().unwrap_or_default(),
+                    limit: *limit,
+                })
+                .await?
+                .into_inner();
+            let rows = r
+                .sessions
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.session_id.clone(),
+                        s.user_id.clone(),
+                        s.user_name.clone(),
+                        s.gateway_id.clone(),
+                        s.channel_ids.join(","),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            (
+                json!({"sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>()}),
+                table(&["SESSION", "USER", "NAME", "GATEWAY", "CHANNELS"], &rows),
+            )
+        }
+        Command::Nodes => {
+            let r = admin
+                .list_media_nodes(apb::ListMediaNodesRequest {})
+                .await?
+                .into_inner();
+            let rows = r
+                .nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.node_id.clone(),
+                        n.grpc_addr.clone(),
+                        n.announced_ip.clone(),
+                        format!("{}/{}", n.load, n.capacity),
+                        n.channels.to_string(),
+                        if !n.live {
+                            "dead"
+                        } else if n.draining {
+                            "draining"
+                        } else {
+                            "live"
+                        }
+                        .to_owned(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            (
+                json!({"nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>()}),
+                table(&["NODE", "GRPC", "IP", "LOAD", "CHANNELS", "STATE"], &rows),
+            )
+        }
+        Command::Drain { node } => {
+            let n = admin
+                .drain_media_node(apb::DrainMediaNodeRequest {
+                    node_id: node.clone(),
+                })
+                .await?
+                .into_inner();
+            (node_json(&n), format!("{node}: draining"))
+        }
+        Command::Grants { user } => {
+            let g = admin
+                .get_user_grants(spb::GetUserGrantsRequest {
+                    user_id: user.clone(),
+                })
+                .await?
+                .into_inner();
+            grants_output(&g)
+        }
+        Command::Grant {
+            user,
+            grants,
+            replace,
+        } => {
+            let grants = grants
+                .iter()
+                .map(|g| {
+                    let (channel, role) = g
+                        .split_once('=')
+                        .with_context(|| format!("{g:?}: expected CHANNEL=ROLE"))?;
+                    Ok(spb::Grant {
+                        channel_id: channel.to_owned(),
+                        role: parse_role(role)?.into(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let g = admin
+                .set_user_grants(spb::SetUserGrantsRequest {
+                    user_id: user.clone(),
+                    grants,
+                    replace: *replace,
+                })
+                .await?
+                .into_inner();
+            grants_output(&g)
+        }
+        Command::SetEvent { event, channels } => {
+            let e = admin
+                .set_event_channels(spb::SetEventChannelsRequest {
+                    event_id: event.clone(),
+                    channel_ids: channels.clone(),
+                })
+                .await?
+                .into_inner();
+            event_output(&e)
+        }
+        Command::Event { event } => {
+            let e = admin
+                .get_event(spb::GetEventRequest {
+                    event_id: event.clone(),
+                })
+                .await?
+                .into_inner();
+            event_output(&e)
+        }
+        Command::Speakers { event } => {
+            let r = admin
+                .event_speakers(spb::GetEventRequest {
+                    event_id: event.clone(),
+                })
+                .await?
+                .into_inner();
+            let items: Vec<Value> = r
+                .channels
+                .iter()
+                .map(|c| json!({"channelId": c.channel_id, "speaker": holder_json(c.holder.as_ref())}))
+                .collect();
+            let rows = items
+                .iter()
+                .map(|c| {
+                    vec![
+                        c["channelId"].as_str().unwrap_or_default().to_owned(),
+                        speaker_cell(&c["speaker"]),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            (
+                json!({"eventId": r.event_id, "channels": items}),
+                table(&["CHANNEL", "SPEAKER"], &rows),
+            )
+        }
+        Command::Pause { event } => {
+            let r = admin
+                .pause_event(spb::GetEventRequest {
+                    event_id: event.clone(),
+                })
+                .await?
+                .into_inner();
+            (
+                json!({"releasedChannelIds": r.released_channel_ids}),
+                format!("{event}: released {}", r.released_channel_ids.join(", ")),
+            )
+        }
+        Command::StopEmergency { event } => {
+            let r = admin
+                .stop_emergency(apb::StopEmergencyRequest {
+                    event_id: event.clone(),
+                })
+                .await?
+                .into_inner();
+            let channels: Vec<&str> = r.channels.iter().map(|c| c.channel_id.as_str()).collect();
+            (
+                json!({"eventId": r.event_id, "channelIds": channels}),
+                format!("{event}: emergency ended in {}", channels.join(", ")),
+            )
+        }
+    })
+}
+
+fn grants_output(g: &spb::UserGrants) -> (Value, String) {
+    let rows = g
+        .grants
+        .iter()
+        .map(|g| vec![g.channel_id.clone(), role_name(g.role).to_owned()])
+        .collect::<Vec<_>>();
+    (
+        grants_json(g),
+        format!(
+            "{} (version {})\n{}",
+            g.user_id,
+            g.version,
+            table(&["CHANNEL", "ROLE"], &rows)
+        ),
+    )
+}
+
+fn event_output(e: &spb::Event) -> (Value, String) {
+    let emergency = e
+        .emergency
+        .as_ref()
+        .and_then(|m| m.by.as_ref())
+        .map_or_else(|| "none".to_owned(), |s| format!("by {}", s.user_name));
+    (
+        event_json(e),
+        format!(
+            "event {}\nchannels: {}\nemergency: {emergency}",
+            e.event_id,
+            e.channel_ids.join(", ")
+        ),
+    )
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok((doc, text)) => {
+            if cli.json {
+                println!("{doc}");
+            } else {
+                println!("{text}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            match error.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("pttctl: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("pttctl: {error:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_roles_parse() {
+        let t = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
+        assert_eq!(t, "A     BB\nlong  x");
+        assert!(parse_role("god").is_err());
+        assert_eq!(
+            role_name(parse_role("dispatch").unwrap().into()),
+            "dispatch"
+        );
+    }
+}
