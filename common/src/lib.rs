@@ -5,10 +5,12 @@
 //! - [`grpc`]: the health and reflection services every gRPC server exposes, and the listener
 //!   stream with `TCP_NODELAY`.
 //! - [`service`]: the `main` every service shares (validate, bind, run, exit codes).
+//! - [`metrics`]: Prometheus text exposition of a service's registry on `/metrics`.
 //!
 //! Domain code lives in the services; this crate must stay free of it.
 
 pub mod grpc;
+pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

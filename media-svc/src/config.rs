@@ -30,6 +30,9 @@ pub struct Config {
     /// Address the gRPC server (ptt.media.v1) listens on.
     #[arg(long, env = "PTT_MEDIA_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
+    #[arg(long, env = "PTT_MEDIA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// This node's id in the registry; a random one when unset.
     #[arg(long, env = "PTT_MEDIA_NODE_ID")]
     pub node_id: Option<String>,

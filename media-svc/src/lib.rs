@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod grpc;
 pub mod link;
+pub mod metrics;
 pub mod node;
 pub mod ports;
 pub mod router;
@@ -41,7 +42,7 @@ pub enum RunError {
     Config(String),
     #[error("grpc server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error("listener has no local address: {0}")]
+    #[error("listener has no local address, or metrics cannot listen: {0}")]
     Listener(#[from] std::io::Error),
 }
 
@@ -67,6 +68,11 @@ pub async fn run(
         capacity: config.capacity,
     };
     let node = Node::new(RtcEngine, settings, ports, workers);
+    let metrics_stop = CancellationToken::new();
+    if let Some(metrics_addr) = config.metrics_listen {
+        let exposition = metrics::start(Arc::clone(&node), config.capacity, metrics_stop.clone());
+        talkgroup_common::metrics::serve(metrics_addr, exposition, metrics_stop.clone()).await?;
+    }
 
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
@@ -134,6 +140,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
         .await;
     link_stop.cancel();
+    metrics_stop.cancel();
     if let Some(link) = link {
         let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
     }

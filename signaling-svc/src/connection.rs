@@ -314,12 +314,30 @@ impl Conn {
             }
         };
         let name = request.name();
+        self.app.metrics.request(name);
+        let pressed = Instant::now();
         let denied_push = match &request {
             Request::PttStart(p) => Some(p.channel_id.clone()),
             _ => None,
         };
+        let is_press = matches!(request, Request::PttStart(_) | Request::PriorityPttStart(_));
         match self.handle(request).await {
             Ok(data) => {
+                if is_press {
+                    match data.get("granted").and_then(Value::as_bool) {
+                        Some(true) => {
+                            self.app.metrics.floor_grants.inc();
+                            self.app
+                                .metrics
+                                .press_to_grant
+                                .observe(pressed.elapsed().as_secs_f64());
+                        }
+                        Some(false) => {
+                            self.app.metrics.floor_denials.inc();
+                        }
+                        None => {}
+                    }
+                }
                 // A denied ptt-start also gets the ptt-denied push.
                 if let (Some(channel), Some(false)) =
                     (denied_push, data.get("granted").and_then(Value::as_bool))
@@ -332,7 +350,10 @@ impl Conn {
                     self.send(Frame::reply(name, parsed.id, data)).await;
                 }
             }
-            Err(e) => self.send(Frame::error(parsed.id, e)).await,
+            Err(e) => {
+                self.app.metrics.error(e.code.as_str());
+                self.send(Frame::error(parsed.id, e)).await;
+            }
         }
         true
     }
@@ -833,6 +854,7 @@ impl Conn {
             "defaultRole": self.grants.default_role(),
             "revoked": revoked,
         });
+        self.app.metrics.permission_updates.inc();
         self.send(Frame::push("permission-update", data)).await;
     }
 
@@ -867,6 +889,9 @@ impl Conn {
                     return Err(e);
                 }
                 self.hold(channel, holder.epoch, holder.expires_at_ms, lease_ms);
+                if reply.preempted.is_some() {
+                    self.app.metrics.floor_preemptions.inc();
+                }
                 Ok(
                     json!({"granted": true, "epoch": holder.epoch, "expiresAt": holder.expires_at_ms, "maxTalkMs": reply.max_talk_ms}),
                 )

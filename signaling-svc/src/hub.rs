@@ -123,6 +123,11 @@ impl Hub {
         self.lock().conns.len()
     }
 
+    /// Channels some local connection follows.
+    pub fn channel_count(&self) -> usize {
+        self.lock().by_channel.len()
+    }
+
     fn publish(&self, inner: &Inner) {
         let wanted: HashSet<String> = inner.by_channel.keys().cloned().collect();
         self.wanted.send_if_modified(|current| {

@@ -5,13 +5,16 @@
 //! - [`access`]: roles per channel, from the token and from state-svc's stored grants.
 //! - [`connection`]: one WebSocket: its requests, pushes, floor renewal and cleanup.
 //! - [`hub`]: the gateway's one `Watch` on state-svc, fanned out to its connections.
-//! - [`app`] builds the axum router (`/ws`, `/health`); [`run`] serves it until shutdown.
+//! - [`metrics`]: the Prometheus figures on `/metrics`.
+//! - [`app`] builds the axum router (`/ws`, `/health`, `/metrics`, the browser client); [`run`]
+//!   serves it until shutdown.
 
 pub mod access;
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 
 use std::collections::HashMap;
@@ -43,6 +46,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub state: Channel,
     pub hub: Arc<Hub>,
+    pub metrics: Arc<metrics::GatewayMetrics>,
     media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Channel>>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -112,6 +116,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         auth,
         state,
         hub: Hub::new(),
+        metrics: metrics::GatewayMetrics::new(),
         media: Mutex::default(),
         shutdown,
         tracker: TaskTracker::new(),
@@ -142,7 +147,10 @@ pub fn app(state: Arc<AppState>) -> Router {
     } else {
         router
     };
-    router.with_state(state)
+    let exposition = state.metrics.exposition(Arc::clone(&state.hub));
+    router
+        .with_state(state)
+        .merge(talkgroup_common::metrics::route(exposition))
 }
 
 // The browser client (plain ES module, no build step), compiled into the binary.

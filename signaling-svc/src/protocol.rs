@@ -27,6 +27,22 @@ pub enum Code {
     Internal,
 }
 
+impl Code {
+    /// The wire name, for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden => "FORBIDDEN",
+            Self::NotFound => "NOT_FOUND",
+            Self::BadRequest => "BAD_REQUEST",
+            Self::FloorBusy => "FLOOR_BUSY",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::Internal => "INTERNAL",
+        }
+    }
+}
+
 /// An error for the client: a code and a safe, fixed message.
 #[derive(Debug, Clone, Serialize, thiserror::Error)]
 #[error("{code:?}: {message}")]

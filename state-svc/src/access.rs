@@ -16,6 +16,7 @@ use crate::domain::{
 };
 use crate::error::StoreError;
 use crate::hub::Hub;
+use crate::metrics::StateMetrics;
 use crate::store::Store;
 
 /// Attempts at a compare-and-set grant change before giving up (only concurrent writers to
@@ -120,7 +121,12 @@ pub async fn apply_membership_update<S: Store>(
 /// Applies control-plane membership updates as they arrive, until shutdown. Each replica runs
 /// one; replicas applying the same update change the grants once (the others find nothing to
 /// change), so it is announced once.
-pub async fn run_membership<S: Store>(store: Arc<S>, hub: Arc<Hub>, shutdown: CancellationToken) {
+pub async fn run_membership<S: Store>(
+    store: Arc<S>,
+    hub: Arc<Hub>,
+    metrics: Arc<StateMetrics>,
+    shutdown: CancellationToken,
+) {
     let Some(mut updates) = hub.take_membership_updates() else {
         return;
     };
@@ -132,20 +138,30 @@ pub async fn run_membership<S: Store>(store: Arc<S>, hub: Arc<Hub>, shutdown: Ca
         let update = match MembershipUpdate::parse(&raw) {
             Ok(update) => update,
             Err(error) => {
+                metrics.membership_update("refused");
                 tracing::warn!(%error, bytes = raw.len(), "membership update refused");
                 continue;
             }
         };
         match apply_membership_update(&*store, &update).await {
-            Ok(GrantsUpdate::Changed(grants)) => tracing::info!(
-                event_id = %update.event, user_id = %update.user, version = grants.version,
-                "membership update applied"
-            ),
-            Ok(_) => tracing::debug!(user_id = %update.user, "membership update changed nothing"),
-            Err(error) => tracing::warn!(
-                %error, event_id = %update.event, user_id = %update.user,
-                "membership update refused"
-            ),
+            Ok(GrantsUpdate::Changed(grants)) => {
+                metrics.membership_update("applied");
+                tracing::info!(
+                    event_id = %update.event, user_id = %update.user, version = grants.version,
+                    "membership update applied"
+                );
+            }
+            Ok(_) => {
+                metrics.membership_update("unchanged");
+                tracing::debug!(user_id = %update.user, "membership update changed nothing");
+            }
+            Err(error) => {
+                metrics.membership_update("refused");
+                tracing::warn!(
+                    %error, event_id = %update.event, user_id = %update.user,
+                    "membership update refused"
+                );
+            }
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "PTT_STATE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
+    #[arg(long, env = "PTT_STATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// State store. Defaults to `redis` when a Redis URL is set, otherwise `memory`.
     #[arg(long, env = "PTT_STATE_STORE", value_enum)]
     pub store: Option<StoreKind>,

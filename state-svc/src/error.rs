@@ -3,7 +3,13 @@
 //! Messages sent to callers are fixed strings: the source of an internal error is logged, never
 //! returned.
 
+use std::sync::LazyLock;
+
+use prometheus_client::metrics::counter::Counter;
 use tonic::{Code, Status};
+
+/// Store calls that failed `Unavailable` (Redis unreachable or too slow), for `/metrics`.
+pub static STORE_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +48,7 @@ impl From<StoreError> for Status {
             StoreError::Busy(what) => (Code::Aborted, (*what).to_owned()),
             StoreError::PermissionDenied(what) => (Code::PermissionDenied, (*what).to_owned()),
             StoreError::Unavailable(_) => {
+                STORE_ERRORS.inc();
                 tracing::warn!(%error, "state store unavailable");
                 (Code::Unavailable, "state store unavailable".to_owned())
             }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod hub;
+pub mod metrics;
 pub mod store;
 pub mod sweeper;
 
@@ -59,7 +60,7 @@ pub enum RunError {
     Store(#[from] error::StoreError),
     #[error("grpc server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error("listener has no local address: {0}")]
+    #[error("listener has no local address, or metrics cannot listen: {0}")]
     Listener(#[from] std::io::Error),
 }
 
@@ -104,12 +105,28 @@ async fn serve<S: Store>(
         Duration::from_millis(u64::from(config.sweep_interval_ms)),
         shutdown.clone(),
     ));
+    let metrics = metrics::StateMetrics::new();
+    if let Some(addr) = config.metrics_listen {
+        talkgroup_common::metrics::serve(
+            addr,
+            metrics.exposition(Arc::clone(&hub)),
+            shutdown.clone(),
+        )
+        .await?;
+    }
     tracker.spawn(access::run_membership(
         Arc::clone(&store),
         Arc::clone(&hub),
+        Arc::clone(&metrics),
         shutdown.clone(),
     ));
-    let api = api::Api::new(store, hub, config.store_settings(), shutdown.clone());
+    let api = api::Api::new(
+        store,
+        hub,
+        config.store_settings(),
+        metrics,
+        shutdown.clone(),
+    );
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
     for name in SERVICE_NAMES.into_iter().chain([""]) {

@@ -289,6 +289,17 @@ impl ServiceProcess {
         self.child.id()
     }
 
+    /// The `addr` field of the first log line with `message` so far (for example the
+    /// "metrics listening" line of a service started with `--metrics-listen 127.0.0.1:0`).
+    pub fn logged_addr(&self, message: &str) -> Option<SocketAddr> {
+        self.logs().iter().find_map(|line| {
+            let json: serde_json::Value = serde_json::from_str(line).ok()?;
+            (json["message"] == message)
+                .then(|| json["addr"].as_str()?.parse().ok())
+                .flatten()
+        })
+    }
+
     /// Log lines so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()

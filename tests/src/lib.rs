@@ -133,6 +133,8 @@ impl Stack {
                 "100",
                 "--admin-token",
                 ADMIN_TOKEN,
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
             ]);
@@ -150,6 +152,8 @@ impl Stack {
                 &state_url(i),
                 "--drain-timeout-ms",
                 "2000",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
             ]);

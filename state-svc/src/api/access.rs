@@ -349,6 +349,15 @@ impl<S: Store> pb::access_service_server::AccessService for Api<S> {
         let sid = session_id(&req.session_id)?;
         let priority = parse_priority(req.priority)?;
         let started = access::start_emergency(&*self.store, &eid, &sid, priority).await?;
+        self.metrics.emergencies.inc();
+        for (_, outcome) in &started.channels {
+            if let Acquired::Granted { preempted, .. } = &outcome.result {
+                self.metrics.floor_grants.inc();
+                if preempted.is_some() {
+                    self.metrics.floor_preemptions.inc();
+                }
+            }
+        }
         let mut server_time_ms = 0;
         let channels = started
             .channels

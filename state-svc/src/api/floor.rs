@@ -30,6 +30,10 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
                 preempted,
             } => {
                 tracing::debug!(channel_id = %ch, session_id = %sid, epoch = holder.epoch, "floor granted");
+                self.metrics.floor_grants.inc();
+                if preempted.is_some() {
+                    self.metrics.floor_preemptions.inc();
+                }
                 reply.set_outcome(pb::AcquireOutcome::Granted);
                 reply.holder = Some(convert::holder(holder));
                 reply.max_talk_ms = *max_talk_ms;
@@ -40,12 +44,14 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
                 retry_after_ms,
             } => {
                 tracing::debug!(channel_id = %ch, session_id = %sid, "floor denied");
+                self.metrics.floor_denials.inc();
                 reply.set_outcome(pb::AcquireOutcome::Denied);
                 reply.holder = Some(convert::holder(holder));
                 reply.retry_after_ms = *retry_after_ms;
             }
             Acquired::Queued { holder, position } => {
                 tracing::debug!(channel_id = %ch, session_id = %sid, position, "floor request queued");
+                self.metrics.floor_queued.inc();
                 reply.set_outcome(pb::AcquireOutcome::Queued);
                 reply.holder = Some(convert::holder(holder));
                 reply.queue_position = *position;

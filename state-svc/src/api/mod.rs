@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
+use crate::metrics::StateMetrics;
 use crate::store::{Store, StoreSettings};
 
 /// Channels one subscribe or unsubscribe request may name.
@@ -28,6 +29,7 @@ pub struct Api<S> {
     store: Arc<S>,
     hub: Arc<Hub>,
     settings: Arc<StoreSettings>,
+    metrics: Arc<StateMetrics>,
     shutdown: CancellationToken,
 }
 
@@ -37,6 +39,7 @@ impl<S> Clone for Api<S> {
             store: Arc::clone(&self.store),
             hub: Arc::clone(&self.hub),
             settings: Arc::clone(&self.settings),
+            metrics: Arc::clone(&self.metrics),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -47,12 +50,14 @@ impl<S: Store> Api<S> {
         store: Arc<S>,
         hub: Arc<Hub>,
         settings: StoreSettings,
+        metrics: Arc<StateMetrics>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
             hub,
             settings: Arc::new(settings),
+            metrics,
             shutdown,
         }
     }
