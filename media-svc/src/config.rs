@@ -62,6 +62,10 @@ pub struct Config {
     /// After SIGTERM, how long to wait for transports to close before exiting, in ms.
     #[arg(long, env = "PTT_MEDIA_DRAIN_TIMEOUT_MS", default_value_t = 600_000)]
     pub drain_timeout_ms: u64,
+    /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
+    /// no export when unset.
+    #[arg(long, env = "PTT_MEDIA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(
         long,

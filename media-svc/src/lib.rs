@@ -128,6 +128,7 @@ pub async fn run(
     let incoming = talkgroup_common::grpc::incoming(listener);
     tracing::info!(%addr, %node_id, workers, "media-svc listening");
     let served = Server::builder()
+        .trace_fn(talkgroup_common::telemetry::server_span)
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
         .add_service(standard.reflection_v1alpha)

@@ -12,7 +12,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    telemetry::init(config.log_format, "info");
+    let _telemetry = telemetry::init(
+        config.log_format,
+        "info",
+        "media-svc",
+        config.otlp_endpoint.as_deref(),
+    );
     let valid = config.validate();
     service::main("media-svc", config.listen, valid, |listener, shutdown| {
         media_svc::run(config, listener, shutdown)

@@ -64,6 +64,10 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u64,
+    /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
+    /// no export when unset.
+    #[arg(long, env = "PTT_SIGNALING_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(
         long,

@@ -18,6 +18,7 @@ use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::access::{
@@ -321,7 +322,13 @@ impl Conn {
             _ => None,
         };
         let is_press = matches!(request, Request::PttStart(_) | Request::PriorityPttStart(_));
-        match self.handle(request).await {
+        let span = tracing::info_span!(
+            "ws request",
+            otel.name = name,
+            otel.kind = "server",
+            conn = self.id
+        );
+        match self.handle(request).instrument(span).await {
             Ok(data) => {
                 if is_press {
                     match data.get("granted").and_then(Value::as_bool) {
@@ -439,7 +446,7 @@ impl Conn {
     fn media(
         &self,
         node: &str,
-    ) -> Result<mpb::media_service_client::MediaServiceClient<tonic::transport::Channel>> {
+    ) -> Result<mpb::media_service_client::MediaServiceClient<crate::Traced>> {
         self.app
             .media(node)
             .ok_or(err(Code::Unavailable, "media node unreachable"))

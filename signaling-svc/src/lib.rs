@@ -34,7 +34,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
+use talkgroup_common::telemetry::Inject;
+use tonic::service::interceptor::InterceptedService;
+
 use crate::auth::Authenticator;
+
+/// A gRPC channel whose calls carry the current trace context.
+pub type Traced = InterceptedService<Channel, Inject>;
 pub use crate::config::Config;
 use crate::hub::Hub;
 
@@ -47,36 +53,45 @@ pub struct AppState {
     pub state: Channel,
     pub hub: Arc<Hub>,
     pub metrics: Arc<metrics::GatewayMetrics>,
-    media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Channel>>>,
+    media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Traced>>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     started: Instant,
 }
 
 impl AppState {
-    pub fn floors(&self) -> spb::floor_service_client::FloorServiceClient<Channel> {
-        spb::floor_service_client::FloorServiceClient::new(self.state.clone())
+    pub fn floors(&self) -> spb::floor_service_client::FloorServiceClient<Traced> {
+        spb::floor_service_client::FloorServiceClient::with_interceptor(self.state.clone(), Inject)
     }
 
-    pub fn sessions(&self) -> spb::session_service_client::SessionServiceClient<Channel> {
-        spb::session_service_client::SessionServiceClient::new(self.state.clone())
+    pub fn sessions(&self) -> spb::session_service_client::SessionServiceClient<Traced> {
+        spb::session_service_client::SessionServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
     }
 
-    pub fn access(&self) -> spb::access_service_client::AccessServiceClient<Channel> {
-        spb::access_service_client::AccessServiceClient::new(self.state.clone())
+    pub fn access(&self) -> spb::access_service_client::AccessServiceClient<Traced> {
+        spb::access_service_client::AccessServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
     }
 
     pub fn registry(
         &self,
-    ) -> spb::media_registry_service_client::MediaRegistryServiceClient<Channel> {
-        spb::media_registry_service_client::MediaRegistryServiceClient::new(self.state.clone())
+    ) -> spb::media_registry_service_client::MediaRegistryServiceClient<Traced> {
+        spb::media_registry_service_client::MediaRegistryServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
     }
 
     /// A client for the media node at `url` (one HTTP/2 connection per node, reused).
     pub fn media(
         &self,
         url: &str,
-    ) -> Option<mpb::media_service_client::MediaServiceClient<Channel>> {
+    ) -> Option<mpb::media_service_client::MediaServiceClient<Traced>> {
         let mut media = self
             .media
             .lock()
@@ -87,7 +102,10 @@ impl AppState {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .ok()?
             .connect_timeout(Duration::from_secs(3));
-        let client = mpb::media_service_client::MediaServiceClient::new(endpoint.connect_lazy());
+        let client = mpb::media_service_client::MediaServiceClient::with_interceptor(
+            endpoint.connect_lazy(),
+            Inject,
+        );
         media.insert(url.to_owned(), client.clone());
         Some(client)
     }

@@ -12,7 +12,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    telemetry::init(config.log_format, "info");
+    let _telemetry = telemetry::init(
+        config.log_format,
+        "info",
+        "signaling-svc",
+        config.otlp_endpoint.as_deref(),
+    );
     tracing::info!(?config, "starting signaling-svc");
     let valid = config
         .validate()

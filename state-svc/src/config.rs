@@ -80,6 +80,10 @@ pub struct Config {
     /// Time allowed for in-flight calls to finish after SIGTERM, in milliseconds.
     #[arg(long, env = "PTT_STATE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u32,
+    /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
+    /// no export when unset.
+    #[arg(long, env = "PTT_STATE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(
         long,

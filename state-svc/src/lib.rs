@@ -136,6 +136,7 @@ async fn serve<S: Store>(
     }
     let incoming = talkgroup_common::grpc::incoming(listener);
     let router = Server::builder()
+        .trace_fn(talkgroup_common::telemetry::server_span)
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
         .add_service(standard.reflection_v1alpha)

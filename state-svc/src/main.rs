@@ -14,7 +14,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    telemetry::init(config.log_format, "info");
+    let _telemetry = telemetry::init(
+        config.log_format,
+        "info",
+        "state-svc",
+        config.otlp_endpoint.as_deref(),
+    );
     tracing::info!(?config, "starting state-svc");
     let valid = config.validate().map_err(|e| e.to_string());
     service::main("state-svc", config.listen, valid, |listener, shutdown| {

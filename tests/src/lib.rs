@@ -63,6 +63,8 @@ pub struct Topology {
     pub max_talk_ms: u32,
     /// Extra gateway flags.
     pub gateway_args: Vec<String>,
+    /// OTLP/gRPC endpoint every service exports traces to.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Topology {
@@ -74,6 +76,7 @@ impl Default for Topology {
             lease_ms: 5_000,
             max_talk_ms: 60_000,
             gateway_args: Vec::new(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -93,9 +96,17 @@ fn start(bin: &str, args: &[String], message: &str) -> Result<ServiceProcess> {
     ServiceProcess::start(
         path.to_str().context("binary path")?,
         &args,
-        &[("RUST_LOG", "info")],
+        // Export finished spans quickly (tests wait for them).
+        &[("RUST_LOG", "info"), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
         message,
     )
+}
+
+fn with_otlp(mut args: Vec<String>, t: &Topology) -> Vec<String> {
+    if let Some(endpoint) = &t.otlp_endpoint {
+        args.extend(["--otlp-endpoint".to_owned(), endpoint.clone()]);
+    }
+    args
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -138,6 +149,7 @@ impl Stack {
                 "--log-format",
                 "json",
             ]);
+            let args = with_otlp(args, t);
             state.push(start("state-svc", &args, "state-svc listening")?);
         }
         let state_url = |i: usize| format!("http://{}", state[i % state.len()].addr);
@@ -157,6 +169,7 @@ impl Stack {
                 "--log-format",
                 "json",
             ]);
+            let args = with_otlp(args, t);
             media.push(start("media-svc", &args, "media-svc listening")?);
         }
         let mut gateways = Vec::new();
@@ -176,6 +189,7 @@ impl Stack {
                 "json",
             ]);
             args.extend(t.gateway_args.iter().cloned());
+            let args = with_otlp(args, t);
             gateways.push(start("signaling-svc", &args, "signaling-svc listening")?);
         }
         Ok(Self {

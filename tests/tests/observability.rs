@@ -1,9 +1,20 @@
-//! What operators see: Prometheus `/metrics` on every service after real traffic.
+//! What operators see: Prometheus `/metrics` on every service after real traffic, and one
+//! OpenTelemetry trace following a `ptt-start` from the gateway through state-svc to the media
+//! node, received by an OTLP collector running in this test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value;
 
 use talkgroup_e2e::{Stack, Topology, http_get};
 use testkit::media::Tone;
@@ -126,4 +137,99 @@ async fn every_service_exposes_metrics_with_help_after_real_traffic() {
     }
     assert_eq!(sample(&media, "ptt_media_peer_connections"), Some(2.0));
     assert_eq!(sample(&media, "ptt_media_channels"), Some(1.0));
+}
+
+/// One received span: (service, name, trace id, span id, parent span id).
+type SpanRow = (String, String, Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// An OTLP/gRPC trace collector that keeps what it receives.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<SpanRow>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                    any_value::Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push((
+                        service.clone(),
+                        span.name,
+                        span.trace_id,
+                        span.span_id,
+                        span.parent_span_id,
+                    ));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_ptt_start_from_the_gateway_through_state_to_media() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let collector = Collector::default();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let stack = Stack::start(Topology {
+        otlp_endpoint: Some(endpoint),
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    ana.join("ops").await;
+    let _mic = ana.speaker("ops").await;
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+
+    // The gateway's span of the request, and the state and media spans in the same trace.
+    let spans = Arc::clone(&collector.spans);
+    let found = wait_until(Duration::from_secs(15), "the ptt-start trace", || {
+        let spans = Arc::clone(&spans);
+        async move {
+            let spans = spans.lock().unwrap();
+            spans
+                .iter()
+                .filter(|s| s.0 == "signaling-svc" && s.1 == "ptt-start")
+                .any(|root| {
+                    let child = |service: &str, name: &str| {
+                        spans.iter().any(|s| {
+                            s.0 == service && s.1 == name && s.2 == root.2 && s.4 == root.3
+                        })
+                    };
+                    child("state-svc", "/ptt.state.v1.FloorService/AcquireFloor")
+                        && child("media-svc", "/ptt.media.v1.MediaService/SetFloor")
+                })
+        }
+    })
+    .await;
+    if found.is_err() {
+        let spans = collector.spans.lock().unwrap();
+        let names: Vec<_> = spans.iter().map(|s| (&s.0, &s.1)).collect();
+        panic!("no single trace across the services; spans received: {names:?}");
+    }
 }
