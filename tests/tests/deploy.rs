@@ -72,5 +72,8 @@ fn every_env_var_in_the_manifests_is_accepted_by_its_binary() {
             unknown.push(format!("{var} ({bin})"));
         }
     }
-    assert!(unknown.is_empty(), "not accepted by their binaries: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "not accepted by their binaries: {unknown:?}"
+    );
 }
