@@ -147,6 +147,48 @@ impl Peer {
         }
     }
 
+    /// Offers to send Opus to another client peer directly (no server): the baseline the SFU
+    /// path is compared with. Returns the offer SDP, candidates included.
+    pub async fn offer_to_send(&mut self) -> String {
+        self.add_mic().await;
+        let offer = self.pc.create_offer(None).await.unwrap();
+        self.pc.set_local_description(offer).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.gathered.notified())
+            .await
+            .expect("gathered");
+        self.pc.local_description().await.unwrap().sdp
+    }
+
+    /// Takes the answer to [`Peer::offer_to_send`].
+    pub async fn accept_answer(&self, answer: &str) {
+        self.pc
+            .set_remote_description(RTCSessionDescription::answer(answer.to_owned()).unwrap())
+            .await
+            .unwrap();
+    }
+
+    async fn add_mic(&mut self) {
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            "client".to_owned(),
+            format!("mic-{}", self.ssrc),
+            "mic".to_owned(),
+            RtpCodecKind::Audio,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(self.ssrc),
+                    ..Default::default()
+                },
+                codec: opus_codec(),
+                ..Default::default()
+            }],
+        )));
+        self.pc
+            .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+            .await
+            .unwrap();
+        self.track = Some(track);
+    }
+
     /// Answers an offer; with `send`, attaches an Opus track to send on.
     pub async fn answer(&mut self, offer: &str, send: bool) -> String {
         self.pc
@@ -154,25 +196,7 @@ impl Peer {
             .await
             .unwrap();
         if send {
-            let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-                "client".to_owned(),
-                format!("mic-{}", self.ssrc),
-                "mic".to_owned(),
-                RtpCodecKind::Audio,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(self.ssrc),
-                        ..Default::default()
-                    },
-                    codec: opus_codec(),
-                    ..Default::default()
-                }],
-            )));
-            self.pc
-                .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
-                .await
-                .unwrap();
-            self.track = Some(track);
+            self.add_mic().await;
         }
         let answer = self.pc.create_answer(None).await.unwrap();
         self.pc.set_local_description(answer).await.unwrap();

@@ -1,7 +1,8 @@
 //! Access time over the whole stack, every service its own release process on loopback:
 //! `ptt-start` sent → first audio packet of that talk spurt received by a listener, as a client
 //! that unmutes on `granted` sees it; and mouth-to-ear through the SFU (speaker's `write_rtp` →
-//! listener's decrypted packet) next to the forwarding latency the media node reports.
+//! listener's decrypted packet) next to the forwarding latency the media node reports, and the
+//! baseline: the same two client peers connected directly, with no server between them.
 //!
 //! Run: `cargo build --release --bins && cargo bench -p talkgroup-e2e --bench access_time`
 //! (`ACCESS_BENCH_PRESSES`, default 200).
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use talkgroup_e2e::{Stack, Topology};
 use talkgroup_proto::media::v1 as mpb;
-use testkit::media::Tone;
+use testkit::media::{Peer, Tone};
 
 const FRAMES_PER_PRESS: usize = 5;
 
@@ -131,6 +132,14 @@ fn main() {
             stats.forward_latency_p99_us as f64 / 1000.0,
             stats.forward_latency_max_us as f64 / 1000.0,
         );
+        let p2p = direct_baseline(presses * FRAMES_PER_PRESS).await;
+        row("baseline: direct peer-to-peer send → receive (no server)", &p2p);
+        let ratio = m2e.value_at_quantile(0.5) as f64 / p2p.value_at_quantile(0.5).max(1) as f64;
+        println!(
+            "\nmouth-to-ear through the SFU / direct peer-to-peer, p50: {ratio:.2}x \
+             (p99 {:.2}x)",
+            m2e.value_at_quantile(0.99) as f64 / p2p.value_at_quantile(0.99).max(1) as f64
+        );
         println!("\nframes lost: {lost}");
         let p95 = access.value_at_quantile(0.95) as f64 / 1000.0;
         println!(
@@ -140,4 +149,43 @@ fn main() {
         mic.close().await;
         ear.close().await;
     });
+}
+
+/// Send → receive of `frames` frames (20 ms apart) between two client peers connected directly.
+async fn direct_baseline(frames: usize) -> Histogram<u64> {
+    let mut speaker = Peer::new(false).await;
+    let mut listener = Peer::new(false).await;
+    let offer = speaker.offer_to_send().await;
+    let answer = listener.answer(&offer, false).await;
+    speaker.accept_answer(&answer).await;
+    speaker.wait_connected().await;
+    let mut tone = Tone::new(440.0);
+    let mut h = Histogram::<u64>::new(3).unwrap();
+    let mut sent = Vec::with_capacity(frames);
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    for _ in 0..frames {
+        ticker.tick().await;
+        let frame = tone.frame();
+        sent.push(Instant::now());
+        speaker.send(tone.seq, tone.ts, frame).await;
+        tone.seq = tone.seq.wrapping_add(1);
+        tone.ts = tone.ts.wrapping_add(960);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while listener.received_count() < frames && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Align by sequence: the first packets may arrive before the track handler is up.
+    let got = listener.received();
+    let first_seq = tone.seq.wrapping_sub(frames as u16);
+    for r in &got {
+        let index = usize::from(r.packet.header.sequence_number.wrapping_sub(first_seq));
+        if let Some(at) = sent.get(index) {
+            h.record(r.at.saturating_duration_since(*at).as_micros() as u64)
+                .unwrap();
+        }
+    }
+    speaker.close().await;
+    listener.close().await;
+    h
 }

@@ -52,6 +52,14 @@ impl Client {
         Self::connect_with(addr, user, name, &json!({"*": "talk"})).await
     }
 
+    /// Wraps an already signed-in protocol client.
+    pub fn from_ws(inner: WsClient, user: &str) -> Self {
+        Self {
+            inner,
+            user: user.to_owned(),
+        }
+    }
+
     /// Signs in with a token carrying `grants` (channel or `*` -> role).
     pub async fn connect_with(addr: SocketAddr, user: &str, name: &str, grants: &Value) -> Self {
         Self {
