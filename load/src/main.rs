@@ -379,6 +379,30 @@ fn server_figures(text: &str) -> Vec<(String, f64)> {
             out.push((name.to_owned(), values.iter().sum()));
         }
     }
+    // The gateway's own press-to-grant quantiles, from its histogram buckets (upper bounds).
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("ptt_press_to_grant_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    if let Some(&(_, total)) = buckets.last().filter(|(_, total)| *total > 0.0) {
+        for (q, name) in [
+            (0.5, "gateway_press_to_grant_p50_le_ms"),
+            (0.99, "gateway_press_to_grant_p99_le_ms"),
+        ] {
+            if let Some(&(le, _)) = buckets.iter().find(|(_, c)| *c >= q * total) {
+                out.push((name.to_owned(), le * 1000.0));
+            }
+        }
+    }
     out
 }
 

@@ -322,8 +322,14 @@ pub async fn run(
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let app_state = app_state(config, shutdown.clone())?;
     let addr = listener.local_addr()?;
-    tokio::spawn(Arc::clone(&app_state.hub).run(app_state.state.clone(), shutdown.clone()));
-    tokio::spawn(Arc::clone(&app_state.hub).run_grants(app_state.state.clone(), shutdown.clone()));
+    // The event streams get their own HTTP/2 connection, so a burst of events never queues
+    // in front of a floor request's reply.
+    let watches = Endpoint::from_shared(app_state.config.state_url.clone())
+        .map_err(|_| RunError::Config("invalid state-svc url".into()))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect_lazy();
+    tokio::spawn(Arc::clone(&app_state.hub).run(watches.clone(), shutdown.clone()));
+    tokio::spawn(Arc::clone(&app_state.hub).run_grants(watches, shutdown.clone()));
     tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let tracker = app_state.tracker.clone();
     let stop = shutdown.clone();

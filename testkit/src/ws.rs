@@ -31,7 +31,10 @@ impl WsClient {
         request
             .headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        // No Nagle, as browsers do: a small request must not wait for the ACK of the last one.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+            .await
+            .unwrap();
         Self {
             ws,
             next_id: 0,

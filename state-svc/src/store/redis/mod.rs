@@ -112,7 +112,13 @@ impl RedisStore {
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(options.url.as_str())
+        // TCP_NODELAY: many small pipelined commands share one connection, and with Nagle
+        // a write waits for the ACK of the previous one, which Redis delays (up to 40 ms on
+        // Linux): measured as a p99 press-to-grant of 50-100 ms under ptt-load.
+        let info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
+            .map_err(|_| StoreError::InvalidArgument("invalid redis url"))?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info)
             .map_err(|_| StoreError::InvalidArgument("invalid redis url"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.timeout))
