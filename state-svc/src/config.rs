@@ -55,6 +55,15 @@ pub struct Config {
         default_value = "vp:membership_updates"
     )]
     pub membership_channel: String,
+    /// PostgreSQL URL of the audit trail (`postgres://user:password@host/db`); every floor
+    /// event is copied there from Redis. Off when unset (the audit then stays in Redis,
+    /// trimmed to --audit-maxlen per channel). Redis store only. Never logged.
+    #[arg(long, env = "PTT_STATE_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    /// How often the audit writer looks at every audit stream, in milliseconds (it also
+    /// follows the channels' events).
+    #[arg(long, env = "PTT_STATE_AUDIT_SWEEP_MS", default_value_t = 30_000)]
+    pub audit_sweep_ms: u32,
     /// Bearer token of the admin API (`ptt.admin.v1.AdminService`), at least 16 characters.
     /// Without it the admin API refuses every call. Never logged.
     #[arg(long, env = "PTT_STATE_ADMIN_TOKEN", hide_env_values = true)]
@@ -107,6 +116,7 @@ impl std::fmt::Debug for Config {
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("membership_channel", &self.membership_channel)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("postgres_url", &self.postgres_url.as_ref().map(|_| "***"))
             .finish_non_exhaustive()
     }
 }
@@ -167,6 +177,7 @@ impl Config {
         range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
         range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
         range("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000)?;
+        range("audit_sweep_ms", self.audit_sweep_ms, 50, 3_600_000)?;
         let printable = |v: &str, lo: usize, hi: usize| {
             (lo..=hi).contains(&v.len()) && v.chars().all(|c| c.is_ascii_graphic())
         };

@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -86,6 +87,17 @@ pub async fn run(
                 Arc::clone(&hub),
                 shutdown.child_token(),
             )?;
+            if let Some(postgres_url) = &config.postgres_url {
+                let writer = audit::AuditWriter::new(
+                    store::redis::client(&options.url)?,
+                    store.keys().clone(),
+                    audit::AuditSettings {
+                        postgres_url: postgres_url.clone(),
+                        sweep: Duration::from_millis(u64::from(config.audit_sweep_ms)),
+                    },
+                );
+                tokio::spawn(writer.run(shutdown.child_token()));
+            }
             serve(Arc::new(store), hub, &config, listener, shutdown).await
         }
     }

@@ -10,8 +10,10 @@
 
 #[cfg(feature = "media")]
 pub mod media;
+pub mod postgres;
 #[cfg(feature = "ws")]
 pub mod ws;
+pub use postgres::PostgresServer;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -60,6 +60,11 @@ impl Keys {
         }
     }
 
+    /// The prefix every key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn channel(&self, ch: &ChannelId) -> ChannelKeys {
         let base = format!("{}:{{ch:{ch}}}", self.prefix);
         ChannelKeys {

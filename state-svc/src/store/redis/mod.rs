@@ -76,6 +76,16 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A Redis client for `url` with `TCP_NODELAY`: many small pipelined commands share one
+/// connection, and with Nagle a write waits for the ACK of the previous one, which Redis delays
+/// (up to 40 ms on Linux).
+pub fn client(url: &str) -> Result<redis::Client, StoreError> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|_| StoreError::InvalidArgument("invalid redis url"))?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info).map_err(|_| StoreError::InvalidArgument("invalid redis url"))
+}
+
 /// Extra time a floor hash outlives its maximum talk time before Redis collects it.
 const GC_GRACE_MS: u32 = 60_000;
 /// Extra time session keys outlive their expiry, so the sweeper still finds their channels.
@@ -112,14 +122,7 @@ impl RedisStore {
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
-        // TCP_NODELAY: many small pipelined commands share one connection, and with Nagle
-        // a write waits for the ACK of the previous one, which Redis delays (up to 40 ms on
-        // Linux): measured as a p99 press-to-grant of 50-100 ms under ptt-load.
-        let info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
-            .map_err(|_| StoreError::InvalidArgument("invalid redis url"))?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = redis::Client::open(info)
-            .map_err(|_| StoreError::InvalidArgument("invalid redis url"))?;
+        let client = client(&options.url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.timeout))
             .set_response_timeout(Some(options.timeout))

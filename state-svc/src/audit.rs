@@ -1,0 +1,362 @@
+//! The audit writer: copies every channel's audit stream (`ptt:{ch:<id>}:audit`, appended by the
+//! floor scripts in the same atomic step as each change) into PostgreSQL.
+//!
+//! - Idempotent: rows are keyed by (stream, entry id) and inserted with `ON CONFLICT DO
+//!   NOTHING`, so copying an entry twice (a retry, two replicas) leaves one row.
+//! - Nothing lost while PostgreSQL is down: entries are read through a consumer group and
+//!   acknowledged only after the transaction that holds them commits; unacknowledged entries
+//!   stay pending in Redis and are read again (pending first) when PostgreSQL is back. Every
+//!   replica uses the same consumer name, so a replica that dies leaves nothing stranded.
+//! - Which streams have news: the channel events the same scripts publish (pattern
+//!   subscription), plus a periodic `SCAN` that also finds streams with only denials (which
+//!   publish nothing).
+//! - Copied entries are trimmed from the stream once none is pending.
+//! - Schema migrations run at start, under an advisory lock, recorded in `schema_migrations`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::redis::Keys;
+
+/// The consumer group and the one consumer name every replica shares.
+const GROUP: &str = "audit-writer";
+const CONSUMER: &str = "writer";
+/// Entries copied per transaction.
+const BATCH: usize = 500;
+const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
+
+/// Each migration once, in order.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE floor_events (
+        stream text NOT NULL,
+        entry_id text NOT NULL,
+        channel_id text NOT NULL,
+        event text NOT NULL,
+        session_id text,
+        user_id text,
+        epoch text,
+        at_ms bigint NOT NULL,
+        held_ms bigint,
+        fields jsonb NOT NULL,
+        PRIMARY KEY (stream, entry_id)
+     );
+     CREATE INDEX floor_events_channel_at ON floor_events (channel_id, at_ms);
+     CREATE INDEX floor_events_user_at ON floor_events (user_id, at_ms);
+     CREATE TABLE audit_cursor (
+        stream text PRIMARY KEY,
+        last_id text NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+     );",
+)];
+
+#[derive(Debug, thiserror::Error)]
+enum AuditError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Lost(&'static str),
+}
+
+/// Applies the migrations not yet applied.
+pub async fn migrate(pg: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let tx = pg.transaction().await?;
+    // One replica migrates at a time.
+    tx.execute("SELECT pg_advisory_xact_lock(7210551)", &[])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version integer PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    for (version, sql) in MIGRATIONS {
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "audit schema migrated");
+        }
+    }
+    tx.commit().await
+}
+
+/// One stream entry as a row.
+#[derive(Debug)]
+struct Row {
+    entry_id: String,
+    channel: String,
+    event: String,
+    session: Option<String>,
+    user: Option<String>,
+    epoch: Option<String>,
+    at_ms: i64,
+    held_ms: Option<i64>,
+    fields: serde_json::Value,
+}
+
+fn row(entry_id: String, map: &std::collections::HashMap<String, redis::Value>) -> Row {
+    let text = |k: &str| {
+        map.get(k).and_then(|v| match v {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        })
+    };
+    let fields: BTreeMap<&String, String> =
+        map.keys().filter_map(|k| Some((k, text(k)?))).collect();
+    Row {
+        entry_id,
+        channel: text("ch").unwrap_or_default(),
+        event: text("ev").unwrap_or_default(),
+        session: text("sid").filter(|s| !s.is_empty()),
+        user: text("uid").filter(|s| !s.is_empty()),
+        epoch: text("epoch").filter(|s| !s.is_empty()),
+        at_ms: text("at").and_then(|s| s.parse().ok()).unwrap_or_default(),
+        held_ms: text("held_ms").and_then(|s| s.parse().ok()),
+        fields: serde_json::to_value(fields).unwrap_or_default(),
+    }
+}
+
+/// The writer's settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub postgres_url: String,
+    /// How often every audit stream is looked at, whatever the events say.
+    pub sweep: Duration,
+}
+
+pub struct AuditWriter {
+    redis: redis::Client,
+    keys: Keys,
+    settings: AuditSettings,
+}
+
+impl std::fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditWriter")
+            .field("sweep", &self.settings.sweep)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditWriter {
+    pub fn new(redis: redis::Client, keys: Keys, settings: AuditSettings) -> Self {
+        Self {
+            redis,
+            keys,
+            settings,
+        }
+    }
+
+    /// Copies until shutdown, reconnecting to PostgreSQL and Redis with backoff 1-30 s.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut attempt = 0usize;
+        loop {
+            let error = tokio::select! {
+                result = self.session(&shutdown) => match result {
+                    Ok(()) => return,
+                    Err(error) => error,
+                },
+                () = shutdown.cancelled() => return,
+            };
+            let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
+            attempt += 1;
+            tracing::warn!(%error, retry_in_s = wait.as_secs(), "audit writer interrupted; the backlog waits in redis");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One connected period: migrate, then copy whatever is marked or swept.
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), AuditError> {
+        let (mut pg, connection) =
+            tokio_postgres::connect(&self.settings.postgres_url, tokio_postgres::NoTls).await?;
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = lost_tx.send(connection.await);
+        });
+        migrate(&mut pg).await?;
+        let mut conn = self.redis.get_multiplexed_async_connection().await?;
+        let mut pubsub = self.redis.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(format!("{}:{{ch:*}}:events", self.keys.prefix()))
+            .await?;
+        let mut events = pubsub.on_message();
+        tracing::info!("audit writer connected");
+        // Everything once at the start: the backlog of an outage included.
+        let mut dirty: HashSet<String> = self.scan(&mut conn).await?;
+        let mut sweep = tokio::time::interval(self.settings.sweep);
+        sweep.tick().await;
+        loop {
+            for stream in std::mem::take(&mut dirty) {
+                self.copy(&mut conn, &mut pg, &stream).await?;
+            }
+            tokio::select! {
+                message = events.next() => {
+                    let Some(message) = message else {
+                        return Err(AuditError::Lost("redis pub/sub connection lost"));
+                    };
+                    if let Some(ch) = self.keys.parse_channel_events(message.get_channel_name()) {
+                        dirty.insert(self.keys.channel(&ch).audit);
+                    }
+                }
+                _ = sweep.tick() => dirty = self.scan(&mut conn).await?,
+                outcome = &mut lost => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connection closed".to_owned(),
+                    };
+                    tracing::warn!(%error, "postgres connection lost");
+                    return Err(AuditError::Lost("postgres connection lost"));
+                }
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Every channel audit stream in Redis.
+    async fn scan(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<HashSet<String>, AuditError> {
+        let pattern = format!("{}:{{ch:*}}:audit", self.keys.prefix());
+        let mut found = HashSet::new();
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
+        while let Some(key) = iter.next_item().await {
+            found.insert(key?);
+        }
+        Ok(found)
+    }
+
+    /// Copies one stream: entries pending from an earlier try first, then new ones.
+    async fn copy(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        pg: &mut tokio_postgres::Client,
+        stream: &str,
+    ) -> Result<(), AuditError> {
+        let created: redis::RedisResult<()> = conn.xgroup_create(stream, GROUP, "0").await;
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(e.into());
+        }
+        let mut start = "0";
+        loop {
+            let options = StreamReadOptions::default()
+                .group(GROUP, CONSUMER)
+                .count(BATCH);
+            let reply: StreamReadReply = conn.xread_options(&[stream], &[start], &options).await?;
+            let entries: Vec<Row> = reply
+                .keys
+                .into_iter()
+                .flat_map(|k| k.ids)
+                .map(|e| row(e.id, &e.map))
+                .collect();
+            if entries.is_empty() {
+                if start == ">" {
+                    break;
+                }
+                // Pending ones done: now the new ones.
+                start = ">";
+                continue;
+            }
+            let last = entries
+                .last()
+                .map(|r| r.entry_id.clone())
+                .unwrap_or_default();
+            self.insert(pg, stream, &entries, &last).await?;
+            let ids: Vec<&str> = entries.iter().map(|r| r.entry_id.as_str()).collect();
+            let _: i64 = conn.xack(stream, GROUP, &ids).await?;
+            tracing::debug!(stream, copied = entries.len(), "audit entries copied");
+        }
+        // Trim what every replica has copied: nothing may be pending.
+        let pending: redis::streams::StreamPendingReply = conn.xpending(stream, GROUP).await?;
+        if pending.count() == 0 {
+            let last: Option<String> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async::<Vec<std::collections::HashMap<String, redis::Value>>>(conn)
+                .await?
+                .into_iter()
+                .find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == GROUP.as_bytes()))
+                .and_then(|g| match g.get("last-delivered-id") {
+                    Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                    _ => None,
+                });
+            if let Some(last) = last {
+                let _: i64 = redis::cmd("XTRIM")
+                    .arg(stream)
+                    .arg("MINID")
+                    .arg(&last)
+                    .query_async(conn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn insert(
+        &self,
+        pg: &mut tokio_postgres::Client,
+        stream: &str,
+        rows: &[Row],
+        last: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        let tx = pg.transaction().await?;
+        let statement = tx
+            .prepare(
+                "INSERT INTO floor_events
+                   (stream, entry_id, channel_id, event, session_id, user_id, epoch, at_ms, held_ms, fields)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb)
+                 ON CONFLICT (stream, entry_id) DO NOTHING",
+            )
+            .await?;
+        for r in rows {
+            let fields = r.fields.to_string();
+            tx.execute(
+                &statement,
+                &[
+                    &stream,
+                    &r.entry_id,
+                    &r.channel,
+                    &r.event,
+                    &r.session,
+                    &r.user,
+                    &r.epoch,
+                    &r.at_ms,
+                    &r.held_ms,
+                    &fields,
+                ],
+            )
+            .await?;
+        }
+        tx.execute(
+            "INSERT INTO audit_cursor (stream, last_id) VALUES ($1, $2)
+             ON CONFLICT (stream) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()",
+            &[&stream, &last],
+        )
+        .await?;
+        tx.commit().await
+    }
+}

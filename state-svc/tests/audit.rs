@@ -1,0 +1,138 @@
+//! The audit trail in PostgreSQL: a real `redis-server`, a real PostgreSQL from `initdb`, and
+//! an outage in the middle.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Backend, TestServer, redis};
+use testkit::{PostgresServer, wait_until};
+
+async fn pg_client(url: &str) -> Option<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    Some(client)
+}
+
+async fn count(url: &str, sql: &str) -> Option<i64> {
+    let client = pg_client(url).await?;
+    client.query_one(sql, &[]).await.ok()?.try_get(0).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
+    let pg = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = pg.url();
+    let mut config = Backend::Redis.config("audit");
+    config.postgres_url = Some(url.clone());
+    config.audit_sweep_ms = 200;
+    let prefix = config.key_prefix.clone();
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+
+    // The writer has migrated the schema.
+    wait_until(Duration::from_secs(20), "audit schema", || {
+        let url = url.clone();
+        async move { count(&url, "SELECT count(*) FROM schema_migrations").await == Some(1) }
+    })
+    .await
+    .unwrap();
+
+    // PostgreSQL goes away; 1000 floor changes happen in four channels meanwhile.
+    let mut pg = pg;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let channels = ["a1", "a2", "a3", "a4"];
+    let mut sessions = Vec::new();
+    for ch in channels {
+        sessions.push(c.join(&format!("u-{ch}"), ch).await);
+    }
+    for round in 0..125 {
+        for (ch, sid) in channels.iter().zip(&sessions) {
+            let granted = c.acquire(ch, sid, 0).await;
+            let epoch = granted.holder.unwrap().epoch;
+            assert!(c.release(ch, sid, epoch).await.released, "round {round}");
+        }
+    }
+
+    // Back: every change arrives, once.
+    let mut pg = pg;
+    let mut pg = tokio::task::spawn_blocking(move || {
+        pg.resume().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(60), "1000 audit rows", || {
+        let url = url.clone();
+        async move { count(&url, "SELECT count(*) FROM floor_events").await == Some(1000) }
+    })
+    .await
+    .unwrap();
+    let client = pg_client(&url).await.unwrap();
+    let rows = client
+        .query(
+            "SELECT event, count(*), count(DISTINCT (stream, entry_id)), count(DISTINCT channel_id)
+             FROM floor_events GROUP BY event ORDER BY event",
+            &[],
+        )
+        .await
+        .unwrap();
+    let summary: Vec<(String, i64, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("granted".to_owned(), 500, 500, 4),
+            ("released".to_owned(), 500, 500, 4)
+        ]
+    );
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM floor_events WHERE event = 'released' AND held_ms IS NOT NULL AND user_id LIKE 'u-u-a%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 500);
+    // A few more seconds of sweeps change nothing (no duplicates), and copied entries are
+    // trimmed from Redis.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM floor_events").await,
+        Some(1000)
+    );
+    let mut conn = ::redis::Client::open(redis().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for ch in channels {
+        let len: i64 = ::redis::cmd("XLEN")
+            .arg(format!("{prefix}:{{ch:{ch}}}:audit"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(len <= 1, "{ch}: {len} entries left in the stream");
+    }
+    server.stop().await;
+    drop(client);
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await
+        .unwrap()
+        .unwrap();
+}
