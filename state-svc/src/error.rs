@@ -26,6 +26,11 @@ pub enum StoreError {
     Busy(&'static str),
     #[error("permission denied: {0}")]
     PermissionDenied(&'static str),
+    #[error("not allowed in this state: {0}")]
+    FailedPrecondition(&'static str),
+    /// An optimistic-lock mismatch: the caller expected another version.
+    #[error("version conflict: expected {expected}, actual {actual}")]
+    Conflict { expected: u64, actual: u64 },
     #[error("state store unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -47,6 +52,16 @@ impl From<StoreError> for Status {
             StoreError::NoMediaNode => (Code::Unavailable, error.to_string()),
             StoreError::Busy(what) => (Code::Aborted, (*what).to_owned()),
             StoreError::PermissionDenied(what) => (Code::PermissionDenied, (*what).to_owned()),
+            StoreError::FailedPrecondition(what) => (Code::FailedPrecondition, (*what).to_owned()),
+            StoreError::Conflict { expected, actual } => {
+                let mut status = Status::aborted("version conflict");
+                let metadata = status.metadata_mut();
+                if let (Ok(e), Ok(a)) = (expected.to_string().parse(), actual.to_string().parse()) {
+                    metadata.insert("expected-version", e);
+                    metadata.insert("actual-version", a);
+                }
+                return status;
+            }
             StoreError::Unavailable(_) => {
                 STORE_ERRORS.inc();
                 tracing::warn!(%error, "state store unavailable");

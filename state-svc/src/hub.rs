@@ -13,6 +13,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::domain::{ChannelId, Event, GrantsEvent};
+use crate::sync::SyncSession;
+
+/// A sync session changed (`state` is `None` when it was deleted).
+#[derive(Debug, Clone)]
+pub struct SyncEvent {
+    pub session_id: String,
+    pub version: u64,
+    pub state: Option<SyncSession>,
+}
 
 /// Events a subscriber may have queued before it is marked lagged.
 const SUBSCRIBER_QUEUE: usize = 1024;
@@ -36,6 +45,8 @@ pub struct Hub {
     wanted_changed: Notify,
     /// Grant changes of every user, for `WatchGrants` streams.
     grants: broadcast::Sender<Arc<GrantsEvent>>,
+    /// Sync session changes, for `WatchSync` streams.
+    sync: broadcast::Sender<Arc<SyncEvent>>,
     /// Raw control-plane membership updates, applied by one task (`access::run_membership`).
     membership_tx: mpsc::Sender<String>,
     membership_rx: Mutex<Option<mpsc::Receiver<String>>>,
@@ -48,6 +59,7 @@ impl Default for Hub {
             inner: Mutex::default(),
             wanted_changed: Notify::new(),
             grants: broadcast::Sender::new(GRANTS_QUEUE),
+            sync: broadcast::Sender::new(GRANTS_QUEUE),
             membership_tx,
             membership_rx: Mutex::new(Some(membership_rx)),
         }
@@ -140,6 +152,15 @@ impl Hub {
     pub fn grants_changed(&self, event: GrantsEvent) {
         // No receiver is fine: no gateway is watching this replica.
         let _ = self.grants.send(Arc::new(event));
+    }
+
+    /// Hands a sync session change to every `WatchSync` stream of this process.
+    pub fn sync_changed(&self, event: SyncEvent) {
+        let _ = self.sync.send(Arc::new(event));
+    }
+
+    pub fn watch_sync(&self) -> broadcast::Receiver<Arc<SyncEvent>> {
+        self.sync.subscribe()
     }
 
     /// A stream of grant changes from now on.

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod metrics;
 pub mod store;
 pub mod sweeper;
+pub mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +45,8 @@ use crate::store::redis::RedisStore;
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 /// The gRPC services this server reports health for.
-pub const SERVICE_NAMES: [&str; 6] = [
+pub const SERVICE_NAMES: [&str; 7] = [
+    "ptt.state.v1.SyncService",
     "ptt.state.v1.FloorService",
     "ptt.state.v1.ChannelService",
     "ptt.state.v1.SessionService",
@@ -126,6 +128,11 @@ async fn serve<S: Store>(
         )
         .await?;
     }
+    tracker.spawn(sync::run_scheduler(
+        Arc::clone(&store),
+        Duration::from_millis(u64::from(config.sweep_interval_ms)),
+        shutdown.clone(),
+    ));
     tracker.spawn(access::run_membership(
         Arc::clone(&store),
         Arc::clone(&hub),
@@ -170,6 +177,10 @@ async fn serve<S: Store>(
         )
         .add_service(
             pb::access_service_server::AccessServiceServer::new(api.clone())
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::sync_service_server::SyncServiceServer::new(api.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service({

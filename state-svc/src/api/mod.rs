@@ -8,6 +8,7 @@ pub mod convert;
 mod floor;
 mod registry;
 mod session;
+pub mod sync;
 mod watch;
 
 use std::sync::Arc;

@@ -18,7 +18,8 @@ use crate::domain::{
     UserGrants, UserId, choose_node, next_epoch, now_ms,
 };
 use crate::error::StoreError;
-use crate::hub::Hub;
+use crate::hub::{Hub, SyncEvent};
+use crate::sync::SyncSession;
 use crate::store::{Store, StoreSettings, SweepReport, event_channel_list};
 
 #[derive(Debug)]
@@ -39,6 +40,8 @@ struct Inner {
     events: HashMap<EventId, Vec<ChannelId>>,
     channel_event: HashMap<ChannelId, EventId>,
     emergencies: HashMap<EventId, EmergencyHolder>,
+    /// Sync sessions with their expiry (none while running).
+    syncs: HashMap<String, (SyncSession, Option<i64>)>,
 }
 
 #[derive(Debug, Default)]
@@ -975,6 +978,85 @@ impl Store for MemoryStore {
             epoch: ch.epoch,
             dequeued: false,
         })
+    }
+
+    async fn sync_get(&self, id: &str) -> Result<Option<SyncSession>, StoreError> {
+        let mut inner = self.lock();
+        let now = now_ms();
+        if inner
+            .syncs
+            .get(id)
+            .is_some_and(|(_, exp)| exp.is_some_and(|e| e <= now))
+        {
+            inner.syncs.remove(id);
+        }
+        Ok(inner.syncs.get(id).map(|(s, _)| s.clone()))
+    }
+
+    async fn sync_put(
+        &self,
+        session: &SyncSession,
+        expected: Option<u64>,
+        _action: &str,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let actual = inner.syncs.get(&session.session_id).map(|(s, _)| s.version);
+        if actual != expected {
+            return Err(StoreError::Conflict {
+                expected: expected.unwrap_or(0),
+                actual: actual.unwrap_or(0),
+            });
+        }
+        let expires = crate::store::sync_ttl_ms(session).map(|ttl| now_ms() + ttl);
+        inner
+            .syncs
+            .insert(session.session_id.clone(), (session.clone(), expires));
+        drop(inner);
+        self.hub.sync_changed(SyncEvent {
+            session_id: session.session_id.clone(),
+            version: session.version,
+            state: Some(session.clone()),
+        });
+        Ok(())
+    }
+
+    async fn sync_delete(&self, id: &str, expected: Option<u64>) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let actual = inner
+            .syncs
+            .get(id)
+            .map(|(s, _)| s.version)
+            .ok_or(not_found("sync session"))?;
+        if expected.is_some_and(|e| e != actual) {
+            return Err(StoreError::Conflict {
+                expected: expected.unwrap_or(0),
+                actual,
+            });
+        }
+        inner.syncs.remove(id);
+        drop(inner);
+        self.hub.sync_changed(SyncEvent {
+            session_id: id.to_owned(),
+            version: actual + 1,
+            state: None,
+        });
+        Ok(actual + 1)
+    }
+
+    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .syncs
+            .values()
+            .filter(|(s, _)| s.deadline().is_some_and(|d| d <= now))
+            .map(|(s, _)| s.session_id.clone())
+            .take(limit)
+            .collect())
+    }
+
+    async fn sync_reschedule(&self, _id: &str) -> Result<(), StoreError> {
+        // Deadlines are computed from the stored sessions on every scan.
+        Ok(())
     }
 
     async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {

@@ -17,6 +17,7 @@ use crate::domain::{
     UserGrants, UserId,
 };
 use crate::error::StoreError;
+use crate::sync::{SyncAction, SyncSession};
 
 pub mod memory;
 pub mod redis;
@@ -194,6 +195,23 @@ pub trait Store: Send + Sync + 'static {
         eid: &EventId,
     ) -> impl Future<Output = Res<ReleaseOutcome>> + Send;
 
+    // ---- sync sessions (see `crate::sync`) ----
+    fn sync_get(&self, id: &str) -> impl Future<Output = Res<Option<SyncSession>>> + Send;
+    /// Writes `session` if the stored version is `expected` (`None`: only if absent), in one
+    /// atomic step that also publishes it and appends `action` to the session's audit stream.
+    /// Keeps the deadline index and the TTL in step. `Conflict` carries the stored version.
+    fn sync_put(
+        &self,
+        session: &SyncSession,
+        expected: Option<u64>,
+        action: &str,
+    ) -> impl Future<Output = Res<()>> + Send;
+    fn sync_delete(&self, id: &str, expected: Option<u64>) -> impl Future<Output = Res<u64>> + Send;
+    /// Sessions whose deadline has passed, at most `limit`.
+    fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<String>>> + Send;
+    /// Re-reads the session and sets its deadline entry from what is stored.
+    fn sync_reschedule(&self, id: &str) -> impl Future<Output = Res<()>> + Send;
+
     // ---- admin ----
     /// Channels that have members (a channel that just emptied may still be listed).
     fn list_channels(&self) -> impl Future<Output = Res<Vec<ChannelId>>> + Send;
@@ -213,4 +231,45 @@ pub trait Store: Send + Sync + 'static {
     fn listen(&self) -> impl Future<Output = Res<()>> + Send;
     /// A cheap round trip to the backing store, for health checks.
     fn ping(&self) -> impl Future<Output = Res<()>> + Send;
+}
+
+/// Applies a sync action as one compare-and-set. With `expected`, a stored version other than
+/// it is a `Conflict`; without, a concurrent change is retried on the fresh state.
+pub async fn sync_mutate<S: Store>(
+    store: &S,
+    id: &str,
+    expected: Option<u64>,
+    action: &SyncAction,
+    now: i64,
+) -> Res<SyncSession> {
+    for _ in 0..16 {
+        let current = store
+            .sync_get(id)
+            .await?
+            .ok_or(StoreError::NotFound("sync session"))?;
+        if let Some(expected) = expected
+            && expected != current.version
+        {
+            return Err(StoreError::Conflict {
+                expected,
+                actual: current.version,
+            });
+        }
+        let next = current.apply(action, now)?;
+        match store.sync_put(&next, Some(current.version), action.name()).await {
+            Ok(()) => return Ok(next),
+            Err(StoreError::Conflict { actual, .. }) => {
+                if let Some(expected) = expected {
+                    return Err(StoreError::Conflict { expected, actual });
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Unavailable("sync session kept changing".into()))
+}
+
+/// What the TTL of a stored sync session should be: none while running, an hour otherwise.
+pub fn sync_ttl_ms(session: &SyncSession) -> Option<i64> {
+    (session.status != crate::sync::SyncStatus::Running).then_some(crate::sync::TTL_MS)
 }

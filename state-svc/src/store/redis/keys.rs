@@ -123,6 +123,23 @@ impl Keys {
         format!("{}:media:{{node:{node}}}", self.prefix)
     }
 
+    /// A sync session (JSON), its audit stream and its event channel share `{sync:<id>}`.
+    pub fn sync(&self, id: &str) -> [String; 3] {
+        let base = format!("{}:{{sync:{id}}}", self.prefix);
+        [base.clone(), format!("{base}:audit"), format!("{base}:events")]
+    }
+
+    /// Parses a sync event channel name back into the session id.
+    pub fn parse_sync_events(&self, name: &str) -> Option<String> {
+        let rest = name.strip_prefix(&self.prefix)?.strip_prefix(":{sync:")?;
+        Some(rest.strip_suffix("}:events")?.to_owned())
+    }
+
+    /// Sorted set: sync session id -> when its running clock runs out (ms).
+    pub fn sync_deadlines(&self) -> String {
+        format!("{}:sync-deadlines", self.prefix)
+    }
+
     /// Hash of a user's grants: channel id -> role, plus `#v` (the version).
     pub fn grants(&self, uid: &UserId) -> String {
         format!("{}:{{u:{uid}}}:grants", self.prefix)

@@ -76,7 +76,9 @@ impl Listener {
                 self.keys.kicks(),
                 self.membership_channel.clone(),
             ];
+            let sync_pattern = format!("{}:{{sync:*}}:events", self.keys.prefix());
             let mut healthy = self.bounded(sink.subscribe(fixed)).await.is_ok()
+                && self.bounded(sink.psubscribe(sync_pattern)).await.is_ok()
                 && self.reconcile(&mut sink, &mut subscribed).await.is_ok();
             // Anything published while we were away is lost: make watchers re-read.
             self.hub.resync_all();
@@ -166,6 +168,33 @@ impl Listener {
                     "membership update refused: not utf-8 or too large"
                 ),
             }
+            return;
+        }
+        if let Some(session_id) = self.keys.parse_sync_events(name) {
+            let event = std::str::from_utf8(payload)
+                .ok()
+                .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok());
+            let Some(event) = event else {
+                tracing::warn!(%session_id, "dropped unreadable sync event");
+                return;
+            };
+            let version = event["version"].as_u64().unwrap_or_default();
+            let state = if event["deleted"] == true {
+                None
+            } else {
+                match serde_json::from_value::<crate::sync::SyncSession>(event) {
+                    Ok(state) => Some(state),
+                    Err(error) => {
+                        tracing::warn!(%error, %session_id, "dropped unreadable sync event");
+                        return;
+                    }
+                }
+            };
+            self.hub.sync_changed(crate::hub::SyncEvent {
+                session_id,
+                version,
+                state,
+            });
             return;
         }
         if name == self.keys.kicks() {

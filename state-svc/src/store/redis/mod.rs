@@ -39,6 +39,7 @@ use crate::domain::{
 use crate::error::StoreError;
 use crate::hub::Hub;
 use crate::store::{Store, StoreSettings, SweepReport, event_channel_list};
+use crate::sync::SyncSession;
 
 /// How the Redis store connects and bounds its work.
 #[derive(Clone)]
@@ -216,6 +217,16 @@ impl RedisStore {
         pipe.add_command(self.evalsha(script, ch, extra));
         let (answer,): (String,) = self.run_script_pipe(script, &pipe).await?;
         Ok(answer)
+    }
+
+    /// Keeps a sync session's entry in the deadline index in step with its state.
+    async fn set_sync_deadline(&self, id: &str, deadline: Option<i64>) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let index = self.keys.sync_deadlines();
+        match deadline {
+            Some(at) => self.bounded(conn.zadd::<_, _, _, ()>(index, id, at)).await,
+            None => self.bounded(conn.zrem::<_, _, ()>(index, id)).await,
+        }
     }
 
     /// Makes sure the sweeper looks at this channel's floor no later than `at_ms`.
@@ -1175,6 +1186,90 @@ impl Store for RedisStore {
             )
             .await?;
         release_outcome(&raw)
+    }
+
+    async fn sync_get(&self, id: &str) -> Result<Option<SyncSession>, StoreError> {
+        let [key, _, _] = self.keys.sync(id);
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = self.bounded(conn.get(key)).await?;
+        raw.map(|r| parse::<SyncSession>(&r, "sync session"))
+            .transpose()
+    }
+
+    async fn sync_put(
+        &self,
+        session: &SyncSession,
+        expected: Option<u64>,
+        action: &str,
+    ) -> Result<(), StoreError> {
+        let [key, audit, events] = self.keys.sync(&session.session_id);
+        let doc =
+            serde_json::to_string(session).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut invocation = scripts::SYNC_PUT.prepare_invoke();
+        invocation
+            .key(key)
+            .key(audit)
+            .key(events)
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(doc)
+            .arg(session.version)
+            .arg(action)
+            .arg(crate::store::sync_ttl_ms(session).map(|t| t.to_string()).unwrap_or_default())
+            .arg(&self.audit_maxlen);
+        let mut conn = self.conn.clone();
+        let (outcome, version): (String, u64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if outcome != "ok" {
+            return Err(StoreError::Conflict {
+                expected: expected.unwrap_or(0),
+                actual: version,
+            });
+        }
+        self.set_sync_deadline(&session.session_id, session.deadline())
+            .await
+    }
+
+    async fn sync_delete(&self, id: &str, expected: Option<u64>) -> Result<u64, StoreError> {
+        let [key, audit, events] = self.keys.sync(id);
+        let mut invocation = scripts::SYNC_DELETE.prepare_invoke();
+        invocation
+            .key(key)
+            .key(audit)
+            .key(events)
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(id)
+            .arg(&self.audit_maxlen);
+        let mut conn = self.conn.clone();
+        let (outcome, version): (String, u64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        match outcome.as_str() {
+            "ok" => {
+                self.set_sync_deadline(id, None).await?;
+                Ok(version)
+            }
+            "missing" => Err(StoreError::NotFound("sync session")),
+            _ => Err(StoreError::Conflict {
+                expected: expected.unwrap_or(0),
+                actual: version,
+            }),
+        }
+    }
+
+    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(conn.zrangebyscore_limit(
+            self.keys.sync_deadlines(),
+            "-inf",
+            now,
+            0,
+            isize::try_from(limit).unwrap_or(isize::MAX),
+        ))
+        .await
+    }
+
+    async fn sync_reschedule(&self, id: &str) -> Result<(), StoreError> {
+        let deadline = self.sync_get(id).await?.and_then(|s| s.deadline());
+        self.set_sync_deadline(id, deadline).await
     }
 
     async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {

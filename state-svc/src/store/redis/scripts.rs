@@ -547,3 +547,52 @@ pub static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts {
     emergency_take: channel_script(EMERGENCY_TAKE),
     emergency_release: channel_script(EMERGENCY_RELEASE),
 });
+
+/// Compare-and-set of a sync session. `KEYS`: state, audit stream, event channel. `ARGV`:
+/// expected version ('' = must not exist), new state (JSON), new version, action, time to live
+/// in ms ('' = none: running), audit stream length. Answers `{'ok', version}` or
+/// `{'conflict', stored version}`.
+pub static SYNC_PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+local actual = 0
+if cur then actual = tonumber(cjson.decode(cur).version) end
+if ARGV[1] == '' then
+  if cur then return { 'conflict', actual } end
+elseif tonumber(ARGV[1]) ~= actual or not cur then
+  return { 'conflict', actual }
+end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[5] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'action', ARGV[4], 'version', ARGV[3],
+           'at', tostring(now), 'state', ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return { 'ok', tonumber(ARGV[3]) }
+"#,
+    )
+});
+
+/// Deletes a sync session if its version is `ARGV[1]` ('' = any). `KEYS` as for `SYNC_PUT`;
+/// `ARGV[2]` the session id, `ARGV[3]` the audit stream length. Answers `{'ok', version}`,
+/// `{'conflict', stored}` or `{'missing', 0}`.
+pub static SYNC_DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return { 'missing', 0 } end
+local actual = tonumber(cjson.decode(cur).version)
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= actual then return { 'conflict', actual } end
+redis.call('DEL', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local doc = cjson.encode({ deleted = true, session_id = ARGV[2], version = actual + 1 })
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'action', 'delete',
+           'version', tostring(actual + 1), 'at', tostring(now), 'state', doc)
+redis.call('PUBLISH', KEYS[3], doc)
+return { 'ok', actual + 1 }
+"#,
+    )
+});
