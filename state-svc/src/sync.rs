@@ -157,10 +157,18 @@ fn bad(what: &'static str) -> StoreError {
     StoreError::InvalidArgument(what)
 }
 
-fn check_times(mode: SyncMode, total: i64, per_cycle: i64, increment: i64, max: i64) -> Result<(), StoreError> {
+fn check_times(
+    mode: SyncMode,
+    total: i64,
+    per_cycle: i64,
+    increment: i64,
+    max: i64,
+) -> Result<(), StoreError> {
     let within = |v: i64, lo: i64| (lo..=MAX_TIME_MS).contains(&v);
     match mode {
-        SyncMode::PerParticipant | SyncMode::PerGroup | SyncMode::Global if !within(total, 1_000) => {
+        SyncMode::PerParticipant | SyncMode::PerGroup | SyncMode::Global
+            if !within(total, 1_000) =>
+        {
             Err(bad("total_time_ms must be 1 s to 24 h"))
         }
         SyncMode::PerCycle if !within(per_cycle, 100) => {
@@ -235,7 +243,9 @@ impl SyncSession {
 
     fn active_index(&self) -> Option<usize> {
         let id = self.active_participant_id.as_ref()?;
-        self.participants.iter().position(|p| &p.participant_id == id)
+        self.participants
+            .iter()
+            .position(|p| &p.participant_id == id)
     }
 
     /// Time of the running stretch at `now`.
@@ -311,11 +321,13 @@ impl SyncSession {
                         }
                     }
                 }
-                .max(if self.sync_mode == SyncMode::CountUp && self.max_time_ms == 0 {
-                    i64::MIN
-                } else {
-                    0
-                })
+                .max(
+                    if self.sync_mode == SyncMode::CountUp && self.max_time_ms == 0 {
+                        i64::MIN
+                    } else {
+                        0
+                    },
+                )
             })
             .collect()
     }
@@ -354,7 +366,9 @@ impl SyncSession {
             && self.remaining_ms(now).is_some_and(|r| r <= 0)
             && *action != SyncAction::Expire
         {
-            return Err(StoreError::FailedPrecondition("the sync session has expired"));
+            return Err(StoreError::FailedPrecondition(
+                "the sync session has expired",
+            ));
         }
         let not = |what| Err(StoreError::FailedPrecondition(what));
         match action {
@@ -429,7 +443,13 @@ impl SyncSession {
                 if !matches!(self.status, SyncStatus::Pending | SyncStatus::Paused) {
                     return not("only a pending or paused session can be updated");
                 }
-                check_times(self.sync_mode, *total_time_ms, *time_per_cycle_ms, *increment_ms, *max_time_ms)?;
+                check_times(
+                    self.sync_mode,
+                    *total_time_ms,
+                    *time_per_cycle_ms,
+                    *increment_ms,
+                    *max_time_ms,
+                )?;
                 if self.status == SyncStatus::Pending {
                     for p in &mut next.participants {
                         p.total_time_ms = *total_time_ms;
@@ -564,7 +584,10 @@ mod tests {
 
     #[test]
     fn per_group_shares_a_bank() {
-        let s = new(SyncMode::PerGroup, &[Some("red"), Some("blue"), Some("red")]);
+        let s = new(
+            SyncMode::PerGroup,
+            &[Some("red"), Some("blue"), Some("red")],
+        );
         let s = s.apply(&SyncAction::Start, 0).unwrap();
         let s = s.apply(&SyncAction::Switch(None), 20_000).unwrap(); // red used 20 s
         let s = s.apply(&SyncAction::Switch(None), 30_000).unwrap(); // blue used 10 s
@@ -572,20 +595,22 @@ mod tests {
         assert_eq!(s.remaining_ms(35_000), Some(35_000));
         assert_eq!(s.participant_remaining_ms(35_000), [35_000, 50_000, 35_000]);
         assert_eq!(s.deadline(), Some(70_000));
-        assert!(SyncSession::create(
-            NewSync {
-                session_id: "g".into(),
-                channel_id: None,
-                sync_mode: SyncMode::PerGroup,
-                participants: vec![("a".into(), None)],
-                total_time_ms: 60_000,
-                time_per_cycle_ms: 0,
-                increment_ms: 0,
-                max_time_ms: 0,
-            },
-            0
-        )
-        .is_err());
+        assert!(
+            SyncSession::create(
+                NewSync {
+                    session_id: "g".into(),
+                    channel_id: None,
+                    sync_mode: SyncMode::PerGroup,
+                    participants: vec![("a".into(), None)],
+                    total_time_ms: 60_000,
+                    time_per_cycle_ms: 0,
+                    increment_ms: 0,
+                    max_time_ms: 0,
+                },
+                0
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -608,12 +633,7 @@ mod tests {
         s = s.apply(&SyncAction::Start, 0).unwrap();
         assert_eq!(s.deadline(), None);
         assert_eq!(s.participant_remaining_ms(7_000), [7_000]);
-        let s = s
-            .apply(
-                &SyncAction::Cancel,
-                8_000,
-            )
-            .unwrap();
+        let s = s.apply(&SyncAction::Cancel, 8_000).unwrap();
         assert_eq!(s.status, SyncStatus::Cancelled);
         let capped = new(SyncMode::CountUp, &[None])
             .apply(
@@ -650,7 +670,9 @@ mod tests {
         let mut dup = base.clone();
         dup.participants.push(("a".into(), None));
         let mut many = base.clone();
-        many.participants = (0..=MAX_PARTICIPANTS).map(|i| (format!("p{i}"), None)).collect();
+        many.participants = (0..=MAX_PARTICIPANTS)
+            .map(|i| (format!("p{i}"), None))
+            .collect();
         let mut none = base.clone();
         none.participants.clear();
         let mut huge = base.clone();

@@ -41,6 +41,9 @@ contract!(
     events_are_indexed_both_ways,
     membership_update_scopes_to_the_event_and_refuses_foreign_channels,
     emergency_takes_every_channel_and_holds_off_normal_talk,
+    sync_session_runs_out_with_nobody_calling,
+    sync_conflicts_carry_both_versions,
+    sixty_four_concurrent_sync_updaters_lose_nothing,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -1123,5 +1126,283 @@ async fn emergency_takes_every_channel_and_holds_off_normal_talk(b: Backend) {
         pb::AcquireOutcome::Granted
     );
     c.access.start_emergency(start(&rival, 200)).await.unwrap();
+    server.stop().await;
+}
+
+fn create_sync(
+    id: &str,
+    mode: pb::SyncMode,
+    participants: usize,
+    total_ms: i64,
+) -> pb::CreateSyncRequest {
+    pb::CreateSyncRequest {
+        session_id: id.into(),
+        channel_id: "ops".into(),
+        sync_mode: mode.into(),
+        participants: (0..participants)
+            .map(|i| pb::SyncParticipantSpec {
+                participant_id: format!("p{i}"),
+                group_id: String::new(),
+            })
+            .collect(),
+        total_time_ms: total_ms,
+        time_per_cycle_ms: total_ms,
+        increment_ms: 0,
+        max_time_ms: 0,
+    }
+}
+
+fn mutate(
+    id: &str,
+    expected: u64,
+    action: pb::mutate_sync_request::Action,
+) -> pb::MutateSyncRequest {
+    pb::MutateSyncRequest {
+        session_id: id.into(),
+        expected_version: expected,
+        action: Some(action),
+    }
+}
+
+async fn sync_session_runs_out_with_nobody_calling(b: Backend) {
+    use pb::mutate_sync_request::Action;
+    let server = TestServer::start(b.config("sync-expiry")).await;
+    let mut c = server.clients().await;
+    let created = c
+        .sync
+        .create_sync(create_sync("clock", pb::SyncMode::Global, 2, 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (created.version, created.status()),
+        (1, pb::SyncStatus::Pending)
+    );
+    let started = c
+        .sync
+        .mutate_sync(mutate("clock", 1, Action::Start(pb::Empty {})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.status(), pb::SyncStatus::Running);
+    assert!(started.participants[0].time_remaining_ms <= 1_000);
+    let mut watch = c
+        .sync
+        .watch_sync(pb::GetSyncRequest {
+            session_id: "clock".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().version, 2);
+    // Nobody calls: the scheduler expires it about a second later, and watchers hear it.
+    let expired = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("expiry in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(expired.status(), pb::SyncStatus::Expired);
+    assert_eq!(expired.version, 3);
+    assert!(expired.participants[0].has_expired);
+    assert_eq!(
+        expired.session_completed_at - expired.session_started_at,
+        1_000
+    );
+    // An ended clock refuses more.
+    let err = c
+        .sync
+        .mutate_sync(mutate(
+            "clock",
+            0,
+            Action::Switch(pb::SyncSwitch::default()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    server.stop().await;
+}
+
+async fn sync_conflicts_carry_both_versions(b: Backend) {
+    use pb::mutate_sync_request::Action;
+    let server = TestServer::start(b.config("sync-conflict")).await;
+    let mut c = server.clients().await;
+    c.sync
+        .create_sync(create_sync(
+            "debate",
+            pb::SyncMode::PerParticipant,
+            2,
+            60_000,
+        ))
+        .await
+        .unwrap();
+    let err = c
+        .sync
+        .create_sync(create_sync(
+            "debate",
+            pb::SyncMode::PerParticipant,
+            2,
+            60_000,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    c.sync
+        .mutate_sync(mutate("debate", 1, Action::Start(pb::Empty {})))
+        .await
+        .unwrap();
+    let err = c
+        .sync
+        .mutate_sync(mutate("debate", 1, Action::Pause(pb::Empty {})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert_eq!(err.metadata().get("expected-version").unwrap(), "1");
+    assert_eq!(err.metadata().get("actual-version").unwrap(), "2");
+    let paused = c
+        .sync
+        .mutate_sync(mutate("debate", 2, Action::Pause(pb::Empty {})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.status(), pb::SyncStatus::Paused);
+    if b == Backend::Redis {
+        // Paused: expires an hour after the last change. Running: never.
+        let mut conn = ::redis::Client::open(support::redis().url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let key = |p: &str| format!("{p}:{{sync:debate}}");
+        let prefix = server_prefix(&server);
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(key(&prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 3_500_000 && ttl <= 3_600_000, "{ttl}");
+        c.sync
+            .mutate_sync(mutate("debate", 3, Action::Resume(pb::Empty {})))
+            .await
+            .unwrap();
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(key(&prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(ttl, -1);
+    }
+    // Bad input.
+    for bad in [
+        create_sync("a b", pb::SyncMode::Global, 1, 60_000),
+        create_sync("none", pb::SyncMode::Global, 0, 60_000),
+        create_sync("many", pb::SyncMode::Global, 1_001, 60_000),
+        create_sync("long", pb::SyncMode::Global, 1, 90_000_000),
+        create_sync("mode", pb::SyncMode::Unspecified, 1, 60_000),
+    ] {
+        assert_eq!(
+            c.sync.create_sync(bad).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+    let deleted = c
+        .sync
+        .delete_sync(pb::DeleteSyncRequest {
+            session_id: "debate".into(),
+            expected_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.version > 3);
+    let err = c
+        .sync
+        .get_sync(pb::GetSyncRequest {
+            session_id: "debate".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+fn server_prefix(server: &TestServer) -> String {
+    server.prefix.clone()
+}
+
+async fn sixty_four_concurrent_sync_updaters_lose_nothing(b: Backend) {
+    use pb::mutate_sync_request::Action;
+    let server = TestServer::start(b.config("sync-cas")).await;
+    let c = server.clients().await;
+    let mut sync = c.sync.clone();
+    sync.create_sync(create_sync("rounds", pb::SyncMode::PerCycle, 8, 3_600_000))
+        .await
+        .unwrap();
+    let start = sync
+        .mutate_sync(mutate("rounds", 1, Action::Start(pb::Empty {})))
+        .await
+        .unwrap()
+        .into_inner();
+    const UPDATERS: usize = 64;
+    const EACH: usize = 5;
+    let tasks: Vec<_> = (0..UPDATERS)
+        .map(|_| {
+            let mut sync = c.sync.clone();
+            tokio::spawn(async move {
+                let mut versions = Vec::new();
+                let mut conflicts = 0u32;
+                while versions.len() < EACH {
+                    let seen = sync
+                        .get_sync(pb::GetSyncRequest {
+                            session_id: "rounds".into(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .version;
+                    match sync
+                        .mutate_sync(mutate(
+                            "rounds",
+                            seen,
+                            Action::Switch(pb::SyncSwitch::default()),
+                        ))
+                        .await
+                    {
+                        Ok(state) => {
+                            let state = state.into_inner();
+                            assert_eq!(state.version, seen + 1);
+                            versions.push(state.version);
+                        }
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::Aborted);
+                            conflicts += 1;
+                        }
+                    }
+                }
+                (versions, conflicts)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut conflicts = 0;
+    for task in tasks {
+        let (versions, c) = task.await.unwrap();
+        all.extend(versions);
+        conflicts += c;
+    }
+    let successes = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), successes, "two updates got the same version");
+    let last = sync
+        .get_sync(pb::GetSyncRequest {
+            session_id: "rounds".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(last.version, start.version + successes as u64);
+    let cycles: u32 = last.participants.iter().map(|p| p.cycle_count).sum();
+    assert_eq!(cycles as usize, 1 + successes, "a switch was lost");
+    assert!(conflicts > 0, "the updaters never contended");
     server.stop().await;
 }

@@ -95,24 +95,28 @@ fn expected(raw: u64) -> Option<u64> {
     (raw != 0).then_some(raw)
 }
 
-fn action_from_pb(action: Option<pb::mutate_sync_request::Action>) -> Result<SyncAction, StoreError> {
+fn action_from_pb(
+    action: Option<pb::mutate_sync_request::Action>,
+) -> Result<SyncAction, StoreError> {
     use pb::mutate_sync_request::Action;
-    Ok(match action.ok_or(StoreError::InvalidArgument("no action"))? {
-        Action::Start(_) => SyncAction::Start,
-        Action::Switch(s) => SyncAction::Switch(
-            (!s.participant_id.is_empty()).then_some(s.participant_id),
-        ),
-        Action::Pause(_) => SyncAction::Pause,
-        Action::Resume(_) => SyncAction::Resume,
-        Action::Complete(_) => SyncAction::Complete,
-        Action::Cancel(_) => SyncAction::Cancel,
-        Action::Update(t) => SyncAction::Update {
-            total_time_ms: t.total_time_ms,
-            time_per_cycle_ms: t.time_per_cycle_ms,
-            increment_ms: t.increment_ms,
-            max_time_ms: t.max_time_ms,
+    Ok(
+        match action.ok_or(StoreError::InvalidArgument("no action"))? {
+            Action::Start(_) => SyncAction::Start,
+            Action::Switch(s) => {
+                SyncAction::Switch((!s.participant_id.is_empty()).then_some(s.participant_id))
+            }
+            Action::Pause(_) => SyncAction::Pause,
+            Action::Resume(_) => SyncAction::Resume,
+            Action::Complete(_) => SyncAction::Complete,
+            Action::Cancel(_) => SyncAction::Cancel,
+            Action::Update(t) => SyncAction::Update {
+                total_time_ms: t.total_time_ms,
+                time_per_cycle_ms: t.time_per_cycle_ms,
+                increment_ms: t.increment_ms,
+                max_time_ms: t.max_time_ms,
+            },
         },
-    })
+    )
 }
 
 #[tonic::async_trait]
@@ -123,7 +127,9 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
     ) -> Result<Response<pb::SyncState>, Status> {
         let req = request.into_inner();
         if req.participants.len() > crate::sync::MAX_PARTICIPANTS {
-            return Err(StoreError::InvalidArgument("a sync session needs 1 to 1000 participants").into());
+            return Err(
+                StoreError::InvalidArgument("a sync session needs 1 to 1000 participants").into(),
+            );
         }
         let now = now_ms();
         let session = SyncSession::create(
@@ -138,7 +144,12 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                 participants: req
                     .participants
                     .into_iter()
-                    .map(|p| (p.participant_id, (!p.group_id.is_empty()).then_some(p.group_id)))
+                    .map(|p| {
+                        (
+                            p.participant_id,
+                            (!p.group_id.is_empty()).then_some(p.group_id),
+                        )
+                    })
                     .collect(),
                 total_time_ms: req.total_time_ms,
                 time_per_cycle_ms: req.time_per_cycle_ms,
@@ -243,13 +254,15 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                         }
                     }
                     Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => match store.sync_get(&id).await {
-                        Ok(Some(s)) if s.version > last => {
-                            last = s.version;
-                            sync_state(&s, now_ms())
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match store.sync_get(&id).await {
+                            Ok(Some(s)) if s.version > last => {
+                                last = s.version;
+                                sync_state(&s, now_ms())
+                            }
+                            _ => continue,
                         }
-                        _ => continue,
-                    },
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
                 let ended = state.deleted;

@@ -19,8 +19,8 @@ use crate::domain::{
 };
 use crate::error::StoreError;
 use crate::hub::{Hub, SyncEvent};
-use crate::sync::SyncSession;
 use crate::store::{Store, StoreSettings, SweepReport, event_channel_list};
+use crate::sync::SyncSession;
 
 #[derive(Debug)]
 pub struct MemoryStore {

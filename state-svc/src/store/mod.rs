@@ -206,7 +206,8 @@ pub trait Store: Send + Sync + 'static {
         expected: Option<u64>,
         action: &str,
     ) -> impl Future<Output = Res<()>> + Send;
-    fn sync_delete(&self, id: &str, expected: Option<u64>) -> impl Future<Output = Res<u64>> + Send;
+    fn sync_delete(&self, id: &str, expected: Option<u64>)
+    -> impl Future<Output = Res<u64>> + Send;
     /// Sessions whose deadline has passed, at most `limit`.
     fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<String>>> + Send;
     /// Re-reads the session and sets its deadline entry from what is stored.
@@ -256,7 +257,10 @@ pub async fn sync_mutate<S: Store>(
             });
         }
         let next = current.apply(action, now)?;
-        match store.sync_put(&next, Some(current.version), action.name()).await {
+        match store
+            .sync_put(&next, Some(current.version), action.name())
+            .await
+        {
             Ok(()) => return Ok(next),
             Err(StoreError::Conflict { actual, .. }) => {
                 if let Some(expected) = expected {

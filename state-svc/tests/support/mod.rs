@@ -21,6 +21,7 @@ pub use pb::channel_service_client::ChannelServiceClient;
 pub use pb::floor_service_client::FloorServiceClient;
 pub use pb::media_registry_service_client::MediaRegistryServiceClient;
 pub use pb::session_service_client::SessionServiceClient;
+pub use pb::sync_service_client::SyncServiceClient;
 
 /// The Redis server of this test binary.
 pub fn redis() -> &'static RedisServer {
@@ -66,18 +67,22 @@ impl Backend {
 /// A state-svc running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The Redis key prefix (the default one for the memory store).
+    pub prefix: String,
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<Result<(), state_svc::RunError>>,
 }
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
+        let prefix = config.key_prefix.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(state_svc::run(config, listener, shutdown.clone()));
         Self {
             addr,
+            prefix,
             shutdown,
             handle,
         }
@@ -100,6 +105,7 @@ pub struct Clients {
     pub session: SessionServiceClient<Channel>,
     pub registry: MediaRegistryServiceClient<Channel>,
     pub access: AccessServiceClient<Channel>,
+    pub sync: SyncServiceClient<Channel>,
 }
 
 impl Clients {
@@ -115,7 +121,8 @@ impl Clients {
             channel: ChannelServiceClient::new(channel.clone()),
             session: SessionServiceClient::new(channel.clone()),
             registry: MediaRegistryServiceClient::new(channel.clone()),
-            access: AccessServiceClient::new(channel),
+            access: AccessServiceClient::new(channel.clone()),
+            sync: SyncServiceClient::new(channel),
         }
     }
 

@@ -126,7 +126,11 @@ impl Keys {
     /// A sync session (JSON), its audit stream and its event channel share `{sync:<id>}`.
     pub fn sync(&self, id: &str) -> [String; 3] {
         let base = format!("{}:{{sync:{id}}}", self.prefix);
-        [base.clone(), format!("{base}:audit"), format!("{base}:events")]
+        [
+            base.clone(),
+            format!("{base}:audit"),
+            format!("{base}:events"),
+        ]
     }
 
     /// Parses a sync event channel name back into the session id.

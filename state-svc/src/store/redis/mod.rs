@@ -1214,7 +1214,11 @@ impl Store for RedisStore {
             .arg(doc)
             .arg(session.version)
             .arg(action)
-            .arg(crate::store::sync_ttl_ms(session).map(|t| t.to_string()).unwrap_or_default())
+            .arg(
+                crate::store::sync_ttl_ms(session)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            )
             .arg(&self.audit_maxlen);
         let mut conn = self.conn.clone();
         let (outcome, version): (String, u64) =
