@@ -1,5 +1,7 @@
 //! The audit writer: copies every channel's audit stream (`ptt:{ch:<id>}:audit`, appended by the
-//! floor scripts in the same atomic step as each change) into PostgreSQL.
+//! floor scripts in the same atomic step as each change) and every sync session's
+//! (`ptt:{sync:<id>}:audit`, appended by its compare-and-set) into PostgreSQL (`floor_events`,
+//! `sync_events`), and answers the history queries of the admin API ([`History`]).
 //!
 //! - Idempotent: rows are keyed by (stream, entry id) and inserted with `ON CONFLICT DO
 //!   NOTHING`, so copying an entry twice (a retry, two replicas) leaves one row.
@@ -31,9 +33,10 @@ const BATCH: usize = 500;
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
 /// Each migration once, in order.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE floor_events (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE floor_events (
         stream text NOT NULL,
         entry_id text NOT NULL,
         channel_id text NOT NULL,
@@ -53,7 +56,22 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         last_id text NOT NULL,
         updated_at timestamptz NOT NULL DEFAULT now()
      );",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE sync_events (
+            stream text NOT NULL,
+            entry_id text NOT NULL,
+            session_id text NOT NULL,
+            version bigint NOT NULL,
+            action text NOT NULL,
+            at_ms bigint NOT NULL,
+            state jsonb NOT NULL,
+            PRIMARY KEY (stream, entry_id)
+         );
+         CREATE INDEX sync_events_session_version ON sync_events (session_id, version);",
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 enum AuditError {
@@ -98,7 +116,18 @@ pub async fn migrate(pg: &mut tokio_postgres::Client) -> Result<(), tokio_postgr
     tx.commit().await
 }
 
-/// One stream entry as a row.
+/// One sync-session stream entry as a row.
+#[derive(Debug)]
+struct SyncRow {
+    entry_id: String,
+    session_id: String,
+    version: i64,
+    action: String,
+    at_ms: i64,
+    state: String,
+}
+
+/// One floor stream entry as a row.
 #[derive(Debug)]
 struct Row {
     entry_id: String,
@@ -112,14 +141,34 @@ struct Row {
     fields: serde_json::Value,
 }
 
+fn field(map: &std::collections::HashMap<String, redis::Value>, k: &str) -> Option<String> {
+    map.get(k).and_then(|v| match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+fn sync_row(
+    entry_id: String,
+    session_id: &str,
+    map: &std::collections::HashMap<String, redis::Value>,
+) -> SyncRow {
+    let text = |k: &str| field(map, k);
+    SyncRow {
+        entry_id,
+        session_id: session_id.to_owned(),
+        version: text("version")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default(),
+        action: text("action").unwrap_or_default(),
+        at_ms: text("at").and_then(|s| s.parse().ok()).unwrap_or_default(),
+        state: text("state").unwrap_or_else(|| "{}".to_owned()),
+    }
+}
+
 fn row(entry_id: String, map: &std::collections::HashMap<String, redis::Value>) -> Row {
-    let text = |k: &str| {
-        map.get(k).and_then(|v| match v {
-            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            redis::Value::SimpleString(s) => Some(s.clone()),
-            _ => None,
-        })
-    };
+    let text = |k: &str| field(map, k);
     let fields: BTreeMap<&String, String> =
         map.keys().filter_map(|k| Some((k, text(k)?))).collect();
     Row {
@@ -201,6 +250,9 @@ impl AuditWriter {
         pubsub
             .psubscribe(format!("{}:{{ch:*}}:events", self.keys.prefix()))
             .await?;
+        pubsub
+            .psubscribe(format!("{}:{{sync:*}}:events", self.keys.prefix()))
+            .await?;
         let mut events = pubsub.on_message();
         tracing::info!("audit writer connected");
         // Everything once at the start: the backlog of an outage included.
@@ -216,8 +268,12 @@ impl AuditWriter {
                     let Some(message) = message else {
                         return Err(AuditError::Lost("redis pub/sub connection lost"));
                     };
-                    if let Some(ch) = self.keys.parse_channel_events(message.get_channel_name()) {
+                    let name = message.get_channel_name();
+                    if let Some(ch) = self.keys.parse_channel_events(name) {
                         dirty.insert(self.keys.channel(&ch).audit);
+                    } else if let Some(id) = self.keys.parse_sync_events(name) {
+                        let [_, audit, _] = self.keys.sync(&id);
+                        dirty.insert(audit);
                     }
                 }
                 _ = sweep.tick() => dirty = self.scan(&mut conn).await?,
@@ -239,11 +295,13 @@ impl AuditWriter {
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
     ) -> Result<HashSet<String>, AuditError> {
-        let pattern = format!("{}:{{ch:*}}:audit", self.keys.prefix());
         let mut found = HashSet::new();
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
-        while let Some(key) = iter.next_item().await {
-            found.insert(key?);
+        for kind in ["ch", "sync"] {
+            let pattern = format!("{}:{{{kind}:*}}:audit", self.keys.prefix());
+            let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
+            while let Some(key) = iter.next_item().await {
+                found.insert(key?);
+            }
         }
         Ok(found)
     }
@@ -267,12 +325,8 @@ impl AuditWriter {
                 .group(GROUP, CONSUMER)
                 .count(BATCH);
             let reply: StreamReadReply = conn.xread_options(&[stream], &[start], &options).await?;
-            let entries: Vec<Row> = reply
-                .keys
-                .into_iter()
-                .flat_map(|k| k.ids)
-                .map(|e| row(e.id, &e.map))
-                .collect();
+            let entries: Vec<redis::streams::StreamId> =
+                reply.keys.into_iter().flat_map(|k| k.ids).collect();
             if entries.is_empty() {
                 if start == ">" {
                     break;
@@ -281,12 +335,22 @@ impl AuditWriter {
                 start = ">";
                 continue;
             }
-            let last = entries
-                .last()
-                .map(|r| r.entry_id.clone())
-                .unwrap_or_default();
-            self.insert(pg, stream, &entries, &last).await?;
-            let ids: Vec<&str> = entries.iter().map(|r| r.entry_id.as_str()).collect();
+            let last = entries.last().map(|e| e.id.clone()).unwrap_or_default();
+            match self.sync_session_of(stream) {
+                Some(session) => {
+                    let rows: Vec<SyncRow> = entries
+                        .iter()
+                        .map(|e| sync_row(e.id.clone(), &session, &e.map))
+                        .collect();
+                    self.insert_sync(pg, stream, &rows, &last).await?;
+                }
+                None => {
+                    let rows: Vec<Row> =
+                        entries.iter().map(|e| row(e.id.clone(), &e.map)).collect();
+                    self.insert(pg, stream, &rows, &last).await?;
+                }
+            }
+            let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
             let _: i64 = conn.xack(stream, GROUP, &ids).await?;
             tracing::debug!(stream, copied = entries.len(), "audit entries copied");
         }
@@ -314,6 +378,53 @@ impl AuditWriter {
             }
         }
         Ok(())
+    }
+
+    /// The sync session whose audit stream `stream` is, if it is one.
+    fn sync_session_of(&self, stream: &str) -> Option<String> {
+        let rest = stream
+            .strip_prefix(self.keys.prefix())?
+            .strip_prefix(":{sync:")?;
+        Some(rest.strip_suffix("}:audit")?.to_owned())
+    }
+
+    async fn insert_sync(
+        &self,
+        pg: &mut tokio_postgres::Client,
+        stream: &str,
+        rows: &[SyncRow],
+        last: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        let tx = pg.transaction().await?;
+        let statement = tx
+            .prepare(
+                "INSERT INTO sync_events (stream, entry_id, session_id, version, action, at_ms, state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb)
+                 ON CONFLICT (stream, entry_id) DO NOTHING",
+            )
+            .await?;
+        for r in rows {
+            tx.execute(
+                &statement,
+                &[
+                    &stream,
+                    &r.entry_id,
+                    &r.session_id,
+                    &r.version,
+                    &r.action,
+                    &r.at_ms,
+                    &r.state,
+                ],
+            )
+            .await?;
+        }
+        tx.execute(
+            "INSERT INTO audit_cursor (stream, last_id) VALUES ($1, $2)
+             ON CONFLICT (stream) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()",
+            &[&stream, &last],
+        )
+        .await?;
+        tx.commit().await
     }
 
     async fn insert(
@@ -358,5 +469,134 @@ impl AuditWriter {
         )
         .await?;
         tx.commit().await
+    }
+}
+
+/// One floor event from the audit database.
+#[derive(Debug, Clone)]
+pub struct TalkRecord {
+    pub channel_id: String,
+    pub event: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub epoch: String,
+    pub at_ms: i64,
+    pub held_ms: Option<i64>,
+    /// Who cut in (pre-emptions).
+    pub by: Option<String>,
+}
+
+/// One change of a sync session from the audit database.
+#[derive(Debug, Clone)]
+pub struct SyncRecord {
+    pub version: i64,
+    pub action: String,
+    pub at_ms: i64,
+    pub status: String,
+}
+
+/// Queries over the audit database for the admin API, on one lazily (re)connected client.
+pub struct History {
+    url: String,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(error: &tokio_postgres::Error) -> crate::error::StoreError {
+    crate::error::StoreError::Unavailable(format!("audit database: {error}"))
+}
+
+impl History {
+    pub fn new(url: String) -> Self {
+        Self {
+            url,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, crate::error::StoreError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            tokio::spawn(connection);
+            *guard = Some(client);
+        }
+        let client = guard
+            .as_ref()
+            .ok_or_else(|| crate::error::StoreError::Unavailable("audit database".into()))?;
+        client.query(sql, params).await.map_err(|e| unavailable(&e))
+    }
+
+    /// Floor events of a channel and/or a user between two instants, oldest first.
+    pub async fn talk(
+        &self,
+        channel: Option<&str>,
+        user: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<TalkRecord>, crate::error::StoreError> {
+        let rows = self
+            .query(
+                "SELECT channel_id, event, coalesce(user_id, ''), coalesce(session_id, ''),
+                        coalesce(epoch, ''), at_ms, held_ms, fields->>'by'
+                 FROM floor_events
+                 WHERE ($1::text IS NULL OR channel_id = $1)
+                   AND ($2::text IS NULL OR user_id = $2)
+                   AND at_ms >= $3 AND at_ms < $4
+                 ORDER BY at_ms, entry_id
+                 LIMIT $5",
+                &[&channel, &user, &from_ms, &to_ms, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| TalkRecord {
+                channel_id: r.get(0),
+                event: r.get(1),
+                user_id: r.get(2),
+                session_id: r.get(3),
+                epoch: r.get(4),
+                at_ms: r.get(5),
+                held_ms: r.get(6),
+                by: r.get(7),
+            })
+            .collect())
+    }
+
+    /// A sync session's changes, oldest first.
+    pub async fn sync(
+        &self,
+        session_id: &str,
+        limit: i64,
+    ) -> Result<Vec<SyncRecord>, crate::error::StoreError> {
+        let rows = self
+            .query(
+                "SELECT version, action, at_ms, coalesce(state->>'status', '')
+                 FROM sync_events WHERE session_id = $1
+                 ORDER BY version, entry_id LIMIT $2",
+                &[&session_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SyncRecord {
+                version: r.get(0),
+                action: r.get(1),
+                at_ms: r.get(2),
+                status: r.get(3),
+            })
+            .collect())
     }
 }

@@ -189,7 +189,13 @@ async fn serve<S: Store>(
                 tracing::warn!("no --admin-token: the admin API refuses every call");
             }
             let admin = talkgroup_proto::admin::v1::admin_service_server::AdminServiceServer::new(
-                api::admin::AdminApi::new(api),
+                api::admin::AdminApi::new(
+                    api,
+                    config
+                        .postgres_url
+                        .clone()
+                        .map(|url| Arc::new(audit::History::new(url))),
+                ),
             )
             .max_decoding_message_size(MAX_REQUEST_BYTES);
             tonic::service::interceptor::InterceptedService::new(admin, move |request| {

@@ -8,7 +8,20 @@ mod support;
 use std::time::Duration;
 
 use support::{Backend, TestServer, redis};
+use talkgroup_proto::admin::v1 as apb;
+use talkgroup_proto::state::v1 as pb;
 use testkit::{PostgresServer, wait_until};
+
+const ADMIN_TOKEN: &str = "audit-test-admin-token-0123";
+
+fn admin<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    request
+}
 
 async fn pg_client(url: &str) -> Option<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -32,6 +45,7 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     let url = pg.url();
     let mut config = Backend::Redis.config("audit");
     config.postgres_url = Some(url.clone());
+    config.admin_token = Some(ADMIN_TOKEN.into());
     config.audit_sweep_ms = 200;
     let prefix = config.key_prefix.clone();
     let server = TestServer::start(config).await;
@@ -40,7 +54,7 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     // The writer has migrated the schema.
     wait_until(Duration::from_secs(20), "audit schema", || {
         let url = url.clone();
-        async move { count(&url, "SELECT count(*) FROM schema_migrations").await == Some(1) }
+        async move { count(&url, "SELECT count(*) FROM schema_migrations").await == Some(2) }
     })
     .await
     .unwrap();
@@ -129,6 +143,134 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
             .unwrap();
         assert!(len <= 1, "{ch}: {len} entries left in the stream");
     }
+
+    // The history through the admin API: a pre-emption says who cut in and how long the
+    // interrupted holder had talked; a sync session's changes in order.
+    let disp = c.join("disp", "a1").await;
+    let low = c.acquire("a1", &sessions[0], 0).await;
+    assert_eq!(low.outcome(), pb::AcquireOutcome::Granted);
+    c.acquire("a1", &disp, 100).await;
+    let mut sync = c.sync.clone();
+    sync.create_sync(pb::CreateSyncRequest {
+        session_id: "brief".into(),
+        channel_id: "a1".into(),
+        sync_mode: pb::SyncMode::PerCycle.into(),
+        participants: vec![pb::SyncParticipantSpec {
+            participant_id: "lead".into(),
+            group_id: String::new(),
+        }],
+        total_time_ms: 0,
+        time_per_cycle_ms: 60_000,
+        increment_ms: 0,
+        max_time_ms: 0,
+    })
+    .await
+    .unwrap();
+    use pb::mutate_sync_request::Action;
+    for action in [
+        Action::Start(pb::Empty {}),
+        Action::Switch(pb::SyncSwitch::default()),
+        Action::Complete(pb::Empty {}),
+    ] {
+        sync.mutate_sync(pb::MutateSyncRequest {
+            session_id: "brief".into(),
+            expected_version: 0,
+            action: Some(action),
+        })
+        .await
+        .unwrap();
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin_client = apb::admin_service_client::AdminServiceClient::new(channel);
+    let talk = wait_until(
+        Duration::from_secs(20),
+        "pre-emption in the history",
+        || {
+            let mut admin_client = admin_client.clone();
+            async move {
+                admin_client
+                    .talk_history(admin(apb::TalkHistoryRequest {
+                        channel_id: "a1".into(),
+                        user_id: String::new(),
+                        from_ms: 0,
+                        to_ms: 0,
+                        limit: 0,
+                    }))
+                    .await
+                    .is_ok_and(|r| {
+                        r.into_inner()
+                            .records
+                            .iter()
+                            .any(|r| r.event == "preempted")
+                    })
+            }
+        },
+    )
+    .await;
+    assert!(talk.is_ok());
+    let records = admin_client
+        .talk_history(admin(apb::TalkHistoryRequest {
+            channel_id: "a1".into(),
+            user_id: String::new(),
+            from_ms: 0,
+            to_ms: 0,
+            limit: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    // 125 grant-release pairs, then a grant, its pre-emption and the pre-empting grant.
+    assert_eq!(records.len(), 250 + 3);
+    let cut = records.iter().find(|r| r.event == "preempted").unwrap();
+    assert_eq!(cut.user_id, "u-u-a1");
+    assert_eq!(cut.by, disp);
+    wait_until(Duration::from_secs(20), "sync history", || {
+        let mut admin_client = admin_client.clone();
+        async move {
+            admin_client
+                .sync_history(admin(apb::SyncHistoryRequest {
+                    session_id: "brief".into(),
+                    limit: 0,
+                }))
+                .await
+                .is_ok_and(|r| r.into_inner().records.len() == 4)
+        }
+    })
+    .await
+    .unwrap();
+    let changes = admin_client
+        .sync_history(admin(apb::SyncHistoryRequest {
+            session_id: "brief".into(),
+            limit: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let summary: Vec<(u64, &str, &str)> = changes
+        .iter()
+        .map(|r| (r.version, r.action.as_str(), r.status.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, "create", "pending"),
+            (2, "start", "running"),
+            (3, "switch", "running"),
+            (4, "complete", "completed")
+        ]
+    );
+    let err = admin_client
+        .talk_history(admin(apb::TalkHistoryRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
     server.stop().await;
     drop(client);
     tokio::task::spawn_blocking(move || pg.stop())

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::Api;
 use super::access::event_id;
 use super::convert::{self, channel_id, node_id, user_id};
+use crate::audit::History;
 use crate::store::Store;
 
 /// Longest admin token accepted (config validation allows 16 to 512 characters).
@@ -91,12 +92,26 @@ impl AdminAuth {
 #[derive(Debug)]
 pub struct AdminApi<S> {
     api: Api<S>,
+    history: Option<Arc<History>>,
 }
 
 impl<S> AdminApi<S> {
-    pub fn new(api: Api<S>) -> Self {
-        Self { api }
+    pub fn new(api: Api<S>, history: Option<Arc<History>>) -> Self {
+        Self { api, history }
     }
+
+    fn history(&self) -> Result<&History, Status> {
+        self.history
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition("no audit database configured"))
+    }
+}
+
+fn history_limit(raw: u32) -> i64 {
+    i64::from(match raw {
+        0 => DEFAULT_SESSION_LIMIT,
+        n => n.min(MAX_SESSION_LIMIT),
+    })
 }
 
 #[tonic::async_trait]
@@ -283,6 +298,85 @@ impl<S: Store> apb::admin_service_server::AdminService for AdminApi<S> {
         Ok(Response::new(
             self.api.pause_event_impl(request.into_inner()).await?,
         ))
+    }
+
+    async fn talk_history(
+        &self,
+        request: Request<apb::TalkHistoryRequest>,
+    ) -> Result<Response<apb::TalkHistoryResponse>, Status> {
+        let req = request.into_inner();
+        let channel = if req.channel_id.is_empty() {
+            None
+        } else {
+            Some(channel_id(&req.channel_id)?.to_string())
+        };
+        let user = if req.user_id.is_empty() {
+            None
+        } else {
+            Some(user_id(&req.user_id)?.to_string())
+        };
+        if channel.is_none() && user.is_none() {
+            return Err(Status::invalid_argument("name a channel or a user"));
+        }
+        let (from, to) = if req.from_ms == 0 && req.to_ms == 0 {
+            let now = crate::domain::now_ms();
+            (now - 86_400_000, now + 1)
+        } else {
+            (req.from_ms, req.to_ms)
+        };
+        if from >= to {
+            return Err(Status::invalid_argument("from_ms must be before to_ms"));
+        }
+        let records = self
+            .history()?
+            .talk(
+                channel.as_deref(),
+                user.as_deref(),
+                from,
+                to,
+                history_limit(req.limit),
+            )
+            .await?;
+        Ok(Response::new(apb::TalkHistoryResponse {
+            records: records
+                .into_iter()
+                .map(|r| apb::TalkRecord {
+                    channel_id: r.channel_id,
+                    event: r.event,
+                    user_id: r.user_id,
+                    session_id: r.session_id,
+                    epoch: r.epoch,
+                    at_ms: r.at_ms,
+                    held_ms: r.held_ms.unwrap_or_default(),
+                    by: r.by.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn sync_history(
+        &self,
+        request: Request<apb::SyncHistoryRequest>,
+    ) -> Result<Response<apb::SyncHistoryResponse>, Status> {
+        let req = request.into_inner();
+        if req.session_id.is_empty() || req.session_id.len() > 64 {
+            return Err(Status::invalid_argument("invalid sync session id"));
+        }
+        let records = self
+            .history()?
+            .sync(&req.session_id, history_limit(req.limit))
+            .await?;
+        Ok(Response::new(apb::SyncHistoryResponse {
+            records: records
+                .into_iter()
+                .map(|r| apb::SyncRecord {
+                    version: u64::try_from(r.version).unwrap_or_default(),
+                    action: r.action,
+                    at_ms: r.at_ms,
+                    status: r.status,
+                })
+                .collect(),
+        }))
     }
 
     async fn stop_emergency(
