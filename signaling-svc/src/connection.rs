@@ -16,6 +16,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
+use talkgroup_proto::state::v1::mutate_sync_request::Action as SyncAction;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -661,6 +662,61 @@ impl Conn {
                 self.emergency_start(&r.event_id).await
             }
             Request::EmergencyBroadcastStop(r) => self.emergency_stop(&r.event_id).await,
+            Request::SyncCreate(r) => {
+                self.require_role(&r.channel_id, Role::Dispatch)?;
+                let created = self
+                    .app
+                    .syncs()
+                    .create_sync(crate::sync::create_request(r)?)
+                    .await?
+                    .into_inner();
+                Ok(crate::sync::envelope(&created))
+            }
+            Request::SyncGet(r) => {
+                let session = self.sync_session(&r.session_id, Role::Listen).await?;
+                Ok(crate::sync::envelope(&session))
+            }
+            Request::SyncStart(r) => {
+                self.sync_mutate(r, Role::Dispatch, SyncAction::Start(spb::Empty {}))
+                    .await
+            }
+            Request::SyncSwitch(r) => {
+                let to = spb::SyncSwitch {
+                    participant_id: r.participant_id.clone().unwrap_or_default(),
+                };
+                // Participants hand over themselves: talk is enough.
+                self.sync_mutate(r, Role::Talk, SyncAction::Switch(to))
+                    .await
+            }
+            Request::SyncPause(r) => {
+                self.sync_mutate(r, Role::Dispatch, SyncAction::Pause(spb::Empty {}))
+                    .await
+            }
+            Request::SyncResume(r) => {
+                self.sync_mutate(r, Role::Dispatch, SyncAction::Resume(spb::Empty {}))
+                    .await
+            }
+            Request::SyncComplete(r) => {
+                self.sync_mutate(r, Role::Dispatch, SyncAction::Complete(spb::Empty {}))
+                    .await
+            }
+            Request::SyncCancel(r) => {
+                self.sync_mutate(r, Role::Dispatch, SyncAction::Cancel(spb::Empty {}))
+                    .await
+            }
+            Request::SyncDelete(r) => {
+                self.sync_session(&r.session_id, Role::Dispatch).await?;
+                let deleted = self
+                    .app
+                    .syncs()
+                    .delete_sync(spb::DeleteSyncRequest {
+                        session_id: r.session_id.clone(),
+                        expected_version: r.expected_version.unwrap_or(0),
+                    })
+                    .await?
+                    .into_inner();
+                Ok(json!({"sessionId": r.session_id, "version": deleted.version}))
+            }
         }
     }
 
@@ -668,6 +724,39 @@ impl Conn {
         self.producers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A sync session, if the user has at least `least` in its channel.
+    async fn sync_session(&self, id: &str, least: Role) -> Result<spb::SyncState> {
+        let session = self
+            .app
+            .syncs()
+            .get_sync(spb::GetSyncRequest {
+                session_id: id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        if session.channel_id.is_empty() {
+            return Err(err(Code::Forbidden, "this sync session has no channel"));
+        }
+        self.require_role(&session.channel_id, least)?;
+        Ok(session)
+    }
+
+    async fn sync_mutate(
+        &self,
+        r: crate::protocol::SyncRef,
+        least: Role,
+        action: SyncAction,
+    ) -> Result<Value> {
+        self.sync_session(&r.session_id, least).await?;
+        let state = self
+            .app
+            .syncs()
+            .mutate_sync(crate::sync::mutate_request(r, action))
+            .await?
+            .into_inner();
+        Ok(crate::sync::envelope(&state))
     }
 
     /// Leaves a channel: gives up its floor, closes its transports, tells state-svc.
@@ -1030,6 +1119,10 @@ impl Conn {
             }
             // Handled by the connection loop, which closes the socket.
             HubEvent::Kicked(_) => {}
+            HubEvent::Sync(state) => {
+                self.send(Frame::push("sync-state", crate::sync::envelope(&state)))
+                    .await;
+            }
             HubEvent::GrantsResync => {
                 let read = self
                     .app

@@ -32,6 +32,8 @@ pub enum HubEvent {
     GrantsResync,
     /// An admin disconnected the user (the reason is shown to them).
     Kicked(String),
+    /// A sync session of a followed channel changed.
+    Sync(pb::SyncState),
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +41,8 @@ struct Inner {
     next_id: u64,
     conns: HashMap<u64, mpsc::Sender<HubEvent>>,
     by_user: HashMap<String, HashSet<u64>>,
+    /// The channel of each sync session seen, to route its deletion.
+    sync_channels: HashMap<String, String>,
     by_channel: HashMap<String, HashSet<u64>>,
     cache: HashMap<String, pb::ChannelState>,
 }
@@ -215,6 +219,67 @@ impl Hub {
                 && tx.try_send(out.clone()).is_err()
             {
                 tracing::warn!(conn = id, "connection too slow for a grant change");
+            }
+        }
+    }
+
+    /// Hands a sync session change to the connections following its channel.
+    fn dispatch_sync(&self, state: pb::SyncState) {
+        let mut inner = self.lock();
+        let channel = if state.deleted {
+            inner.sync_channels.remove(&state.session_id)
+        } else if state.channel_id.is_empty() {
+            None
+        } else {
+            inner
+                .sync_channels
+                .insert(state.session_id.clone(), state.channel_id.clone());
+            Some(state.channel_id.clone())
+        };
+        let Some(ids) = channel.and_then(|c| inner.by_channel.get(&c)) else {
+            return;
+        };
+        for id in ids {
+            if let Some(tx) = inner.conns.get(id)
+                && tx.try_send(HubEvent::Sync(state.clone())).is_err()
+            {
+                tracing::warn!(conn = id, "connection too slow for a sync change");
+            }
+        }
+    }
+
+    /// Keeps the sync watch open until shutdown, reconnecting with backoff 1-30 s.
+    pub async fn run_syncs(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
+        let mut attempt = 0usize;
+        loop {
+            let mut client = pb::sync_service_client::SyncServiceClient::new(state.clone());
+            let opened = tokio::select! {
+                opened = client.watch_all_syncs(pb::WatchAllSyncsRequest {}) => opened,
+                () = shutdown.cancelled() => return,
+            };
+            let error = match opened {
+                Ok(stream) => {
+                    attempt = 0;
+                    let mut stream = stream.into_inner();
+                    loop {
+                        tokio::select! {
+                            event = stream.next() => match event {
+                                Some(Ok(state)) => self.dispatch_sync(state),
+                                Some(Err(status)) => break status,
+                                None => break tonic::Status::unavailable("sync watch ended"),
+                            },
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
+            attempt += 1;
+            tracing::warn!(code = ?error.code(), retry_in_s = wait.as_secs(), "sync watch interrupted");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
             }
         }
     }

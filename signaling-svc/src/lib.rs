@@ -16,6 +16,7 @@ pub mod connection;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod sync;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -69,6 +70,10 @@ impl AppState {
             self.state.clone(),
             Inject,
         )
+    }
+
+    pub fn syncs(&self) -> spb::sync_service_client::SyncServiceClient<Traced> {
+        spb::sync_service_client::SyncServiceClient::with_interceptor(self.state.clone(), Inject)
     }
 
     pub fn access(&self) -> spb::access_service_client::AccessServiceClient<Traced> {
@@ -329,7 +334,8 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(3))
         .connect_lazy();
     tokio::spawn(Arc::clone(&app_state.hub).run(watches.clone(), shutdown.clone()));
-    tokio::spawn(Arc::clone(&app_state.hub).run_grants(watches, shutdown.clone()));
+    tokio::spawn(Arc::clone(&app_state.hub).run_grants(watches.clone(), shutdown.clone()));
+    tokio::spawn(Arc::clone(&app_state.hub).run_syncs(watches, shutdown.clone()));
     tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let tracker = app_state.tracker.clone();
     let stop = shutdown.clone();

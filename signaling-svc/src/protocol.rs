@@ -22,6 +22,9 @@ pub enum Code {
     NotFound,
     BadRequest,
     FloorBusy,
+    /// An optimistic-lock mismatch (sync sessions): `expectedVersion` and `actualVersion` say
+    /// which.
+    Conflict,
     RateLimited,
     Unavailable,
     Internal,
@@ -36,6 +39,7 @@ impl Code {
             Self::NotFound => "NOT_FOUND",
             Self::BadRequest => "BAD_REQUEST",
             Self::FloorBusy => "FLOOR_BUSY",
+            Self::Conflict => "CONFLICT",
             Self::RateLimited => "RATE_LIMITED",
             Self::Unavailable => "UNAVAILABLE",
             Self::Internal => "INTERNAL",
@@ -49,11 +53,21 @@ impl Code {
 pub struct ClientError {
     pub code: Code,
     pub message: &'static str,
+    /// Version conflicts: what the client expected and what is stored.
+    #[serde(rename = "expectedVersion", skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<u64>,
+    #[serde(rename = "actualVersion", skip_serializing_if = "Option::is_none")]
+    pub actual_version: Option<u64>,
 }
 
 impl ClientError {
     pub const fn new(code: Code, message: &'static str) -> Self {
-        Self { code, message }
+        Self {
+            code,
+            message,
+            expected_version: None,
+            actual_version: None,
+        }
     }
 }
 
@@ -67,7 +81,22 @@ impl From<tonic::Status> for ClientError {
             }
             tonic::Code::PermissionDenied => Self::new(Code::Forbidden, "forbidden"),
             tonic::Code::ResourceExhausted => Self::new(Code::RateLimited, "capacity exhausted"),
+            tonic::Code::Aborted if status.message() == "version conflict" => {
+                let version = |key: &str| {
+                    status
+                        .metadata()
+                        .get(key)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                };
+                Self {
+                    expected_version: version("expected-version"),
+                    actual_version: version("actual-version"),
+                    ..Self::new(Code::Conflict, "version conflict")
+                }
+            }
             tonic::Code::Aborted => Self::new(Code::FloorBusy, "an emergency broadcast is active"),
+            tonic::Code::AlreadyExists => Self::new(Code::BadRequest, "already exists"),
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 Self::new(Code::Unavailable, "service unavailable")
             }
@@ -168,6 +197,44 @@ pub struct EventRef {
     pub event_id: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncParticipantSpec {
+    pub participant_id: String,
+    #[serde(default)]
+    pub group_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncCreate {
+    pub session_id: String,
+    pub channel_id: String,
+    /// per_participant, per_cycle, per_group, global or count_up.
+    pub mode: String,
+    pub participants: Vec<SyncParticipantSpec>,
+    #[serde(default)]
+    pub total_time_ms: i64,
+    #[serde(default)]
+    pub time_per_cycle_ms: i64,
+    #[serde(default)]
+    pub increment_ms: i64,
+    #[serde(default)]
+    pub max_time_ms: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncRef {
+    pub session_id: String,
+    /// The version the client last saw; absent: whatever is current.
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+    /// `sync-switch` only: who is next (absent: the next in order).
+    #[serde(default)]
+    pub participant_id: Option<String>,
+}
+
 /// Every request a client may send.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "kebab-case")]
@@ -187,6 +254,15 @@ pub enum Request {
     PriorityPttStop(ChannelRef),
     EmergencyBroadcastStart(EmergencyStart),
     EmergencyBroadcastStop(EventRef),
+    SyncCreate(SyncCreate),
+    SyncGet(SyncRef),
+    SyncStart(SyncRef),
+    SyncSwitch(SyncRef),
+    SyncPause(SyncRef),
+    SyncResume(SyncRef),
+    SyncComplete(SyncRef),
+    SyncCancel(SyncRef),
+    SyncDelete(SyncRef),
 }
 
 impl Request {
@@ -208,11 +284,29 @@ impl Request {
             Self::PriorityPttStop(_) => "priority-ptt-stop",
             Self::EmergencyBroadcastStart(_) => "emergency-broadcast-start",
             Self::EmergencyBroadcastStop(_) => "emergency-broadcast-stop",
+            Self::SyncCreate(_) => "sync-create",
+            Self::SyncGet(_) => "sync-get",
+            Self::SyncStart(_) => "sync-start",
+            Self::SyncSwitch(_) => "sync-switch",
+            Self::SyncPause(_) => "sync-pause",
+            Self::SyncResume(_) => "sync-resume",
+            Self::SyncComplete(_) => "sync-complete",
+            Self::SyncCancel(_) => "sync-cancel",
+            Self::SyncDelete(_) => "sync-delete",
         }
     }
 }
 
-const KNOWN: [&str; 15] = [
+const KNOWN: [&str; 24] = [
+    "sync-create",
+    "sync-get",
+    "sync-start",
+    "sync-switch",
+    "sync-pause",
+    "sync-resume",
+    "sync-complete",
+    "sync-cancel",
+    "sync-delete",
     "priority-ptt-start",
     "priority-ptt-stop",
     "emergency-broadcast-start",

@@ -212,8 +212,36 @@ async fn every_call(admin: &mut Admin, token: Option<&str>) -> Vec<(&'static str
                     .map(drop),
             ),
         ),
-        ("TalkHistory", code(admin.talk_history(with_token(apb::TalkHistoryRequest { channel_id: "ops".into(), ..Default::default() }, t())).await.map(drop))),
-        ("SyncHistory", code(admin.sync_history(with_token(apb::SyncHistoryRequest { session_id: "probe".into(), limit: 0 }, t())).await.map(drop))),
+        (
+            "TalkHistory",
+            code(
+                admin
+                    .talk_history(with_token(
+                        apb::TalkHistoryRequest {
+                            channel_id: "ops".into(),
+                            ..Default::default()
+                        },
+                        t(),
+                    ))
+                    .await
+                    .map(drop),
+            ),
+        ),
+        (
+            "SyncHistory",
+            code(
+                admin
+                    .sync_history(with_token(
+                        apb::SyncHistoryRequest {
+                            session_id: "probe".into(),
+                            limit: 0,
+                        },
+                        t(),
+                    ))
+                    .await
+                    .map(drop),
+            ),
+        ),
         // Last: it changes placement for the rest of the test.
         (
             "DrainMediaNode",

@@ -211,6 +211,47 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         Ok(Response::new(pb::DeleteSyncResponse { version }))
     }
 
+    type WatchAllSyncsStream = SyncStream;
+
+    async fn watch_all_syncs(
+        &self,
+        _request: Request<pb::WatchAllSyncsRequest>,
+    ) -> Result<Response<Self::WatchAllSyncsStream>, Status> {
+        let mut changes = self.hub.watch_sync();
+        let (tx, rx) = mpsc::channel(SYNC_OUTBOX);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = changes.recv() => event,
+                    () = tx.closed() => return,
+                    () = shutdown.cancelled() => return,
+                };
+                let state = match event {
+                    Ok(event) => match &event.state {
+                        Some(s) => sync_state(s, now_ms()),
+                        None => pb::SyncState {
+                            session_id: event.session_id.clone(),
+                            version: event.version,
+                            deleted: true,
+                            server_time_ms: now_ms(),
+                            ..Default::default()
+                        },
+                    },
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "sync watcher lagged");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(state)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
     type WatchSyncStream = SyncStream;
 
     async fn watch_sync(
