@@ -87,6 +87,20 @@ enum Command {
     Pause { event: String },
     /// End the emergency broadcast of an event, whoever runs it.
     StopEmergency { event: String },
+    /// Who talked, when, for how long, and who cut in (needs the audit database).
+    History {
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Hours back from now.
+        #[arg(long, default_value_t = 24)]
+        hours: i64,
+        #[arg(long, default_value_t = 1_000)]
+        limit: u32,
+    },
+    /// A sync session's changes (needs the audit database).
+    SyncHistory { session: String },
 }
 
 /// Adds the admin token to every call.
@@ -469,6 +483,91 @@ async fn run(cli: &Cli) -> Result<(Value, String)> {
             (
                 json!({"releasedChannelIds": r.released_channel_ids}),
                 format!("{event}: released {}", r.released_channel_ids.join(", ")),
+            )
+        }
+        Command::History {
+            channel,
+            user,
+            hours,
+            limit,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis();
+            let now = i64::try_from(now)?;
+            let r = admin
+                .talk_history(apb::TalkHistoryRequest {
+                    channel_id: channel.clone().unwrap_or_default(),
+                    user_id: user.clone().unwrap_or_default(),
+                    from_ms: now - hours.clamp(&1, &8_760) * 3_600_000,
+                    to_ms: now + 1,
+                    limit: *limit,
+                })
+                .await?
+                .into_inner();
+            let items: Vec<Value> = r
+                .records
+                .iter()
+                .map(|t| {
+                    json!({"channelId": t.channel_id, "event": t.event, "userId": t.user_id,
+                           "sessionId": t.session_id, "epoch": t.epoch, "atMs": t.at_ms,
+                           "heldMs": t.held_ms, "by": t.by})
+                })
+                .collect();
+            let rows = r
+                .records
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.at_ms.to_string(),
+                        t.channel_id.clone(),
+                        t.event.clone(),
+                        t.user_id.clone(),
+                        if t.held_ms > 0 {
+                            format!("{:.1} s", t.held_ms as f64 / 1000.0)
+                        } else {
+                            String::new()
+                        },
+                        t.by.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            (
+                json!({"records": items}),
+                table(
+                    &["AT MS", "CHANNEL", "EVENT", "USER", "HELD", "CUT IN BY"],
+                    &rows,
+                ),
+            )
+        }
+        Command::SyncHistory { session } => {
+            let r = admin
+                .sync_history(apb::SyncHistoryRequest {
+                    session_id: session.clone(),
+                    limit: 0,
+                })
+                .await?
+                .into_inner();
+            let items: Vec<Value> = r
+                .records
+                .iter()
+                .map(|c| json!({"version": c.version, "action": c.action, "atMs": c.at_ms, "status": c.status}))
+                .collect();
+            let rows = r
+                .records
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.version.to_string(),
+                        c.action.clone(),
+                        c.status.clone(),
+                        c.at_ms.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            (
+                json!({"records": items}),
+                table(&["VERSION", "ACTION", "STATUS", "AT MS"], &rows),
             )
         }
         Command::StopEmergency { event } => {
