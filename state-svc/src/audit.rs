@@ -184,6 +184,20 @@ fn row(entry_id: String, map: &std::collections::HashMap<String, redis::Value>) 
     }
 }
 
+/// Records the last entry copied from `stream`, in the transaction that copied it.
+async fn advance_cursor(
+    tx: &tokio_postgres::Transaction<'_>,
+    stream: &str,
+    last: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO audit_cursor (stream, last_id) VALUES ($1, $2)
+         ON CONFLICT (stream) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()",
+        &[&stream, &last],
+    )
+    .await
+}
+
 /// The writer's settings.
 #[derive(Debug, Clone)]
 pub struct AuditSettings {
@@ -418,12 +432,7 @@ impl AuditWriter {
             )
             .await?;
         }
-        tx.execute(
-            "INSERT INTO audit_cursor (stream, last_id) VALUES ($1, $2)
-             ON CONFLICT (stream) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()",
-            &[&stream, &last],
-        )
-        .await?;
+        advance_cursor(&tx, stream, last).await?;
         tx.commit().await
     }
 
@@ -462,12 +471,7 @@ impl AuditWriter {
             )
             .await?;
         }
-        tx.execute(
-            "INSERT INTO audit_cursor (stream, last_id) VALUES ($1, $2)
-             ON CONFLICT (stream) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()",
-            &[&stream, &last],
-        )
-        .await?;
+        advance_cursor(&tx, stream, last).await?;
         tx.commit().await
     }
 }

@@ -302,3 +302,9 @@ pub async fn health(addr: SocketAddr) -> serde_json::Value {
         .and_then(|(_, body)| serde_json::from_str(&body).ok())
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// The code of an error reply (panics, showing the reply, when it is not an error).
+pub fn error_code(reply: &serde_json::Value) -> &str {
+    assert_eq!(reply["type"], "error", "expected an error: {reply}");
+    reply["error"]["code"].as_str().unwrap_or_default()
+}

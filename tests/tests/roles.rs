@@ -6,15 +6,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use talkgroup_e2e::{Client, Stack, Topology};
+use talkgroup_e2e::{Client, Stack, Topology, error_code};
 use talkgroup_proto::state::v1 as spb;
 use testkit::media::{Peer, Tone, analyse};
 use testkit::wait_until;
-
-fn error_code(reply: &Value) -> &str {
-    assert_eq!(reply["type"], "error", "expected an error: {reply}");
-    reply["error"]["code"].as_str().unwrap()
-}
 
 fn dominant(peer: &Peer, range: std::ops::Range<usize>) -> (f32, f32) {
     let received = peer.received();

@@ -4,13 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use serde_json::{Value, json};
-use talkgroup_e2e::{Stack, Topology};
-
-fn code(reply: &Value) -> &str {
-    assert_eq!(reply["type"], "error", "expected an error: {reply}");
-    reply["error"]["code"].as_str().unwrap()
-}
+use serde_json::json;
+use talkgroup_e2e::{Stack, Topology, error_code};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
@@ -57,12 +52,12 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
     // Only a dispatcher starts; a talker hands over; nobody outside the channel looks.
     for (client, kind) in [(&mut lee, "sync-start"), (&mut tom, "sync-start")] {
         let reply = client.request(kind, json!({"sessionId": "debate"})).await;
-        assert_eq!(code(&reply), "FORBIDDEN");
+        assert_eq!(error_code(&reply), "FORBIDDEN");
     }
     let reply = eve
         .request("sync-get", json!({"sessionId": "debate"}))
         .await;
-    assert_eq!(code(&reply), "FORBIDDEN");
+    assert_eq!(error_code(&reply), "FORBIDDEN");
     let started = dee
         .ok(
             "sync-start",
@@ -79,7 +74,7 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
             json!({"sessionId": "debate", "expectedVersion": 1}),
         )
         .await;
-    assert_eq!(code(&reply), "CONFLICT");
+    assert_eq!(error_code(&reply), "CONFLICT");
     assert_eq!(reply["error"]["expectedVersion"], 1);
     assert_eq!(reply["error"]["actualVersion"], 2);
     let switched = tom
@@ -127,7 +122,7 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
     let reply = tom
         .request("sync-delete", json!({"sessionId": "debate"}))
         .await;
-    assert_eq!(code(&reply), "FORBIDDEN");
+    assert_eq!(error_code(&reply), "FORBIDDEN");
     dee.ok("sync-delete", json!({"sessionId": "debate"})).await;
     let gone = tom
         .push_where("sync-state", |d| d["session"]["deleted"] == true)
@@ -136,12 +131,12 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
     let reply = dee
         .request("sync-get", json!({"sessionId": "debate"}))
         .await;
-    assert_eq!(code(&reply), "NOT_FOUND");
+    assert_eq!(error_code(&reply), "NOT_FOUND");
     let reply = dee
         .request(
             "sync-create",
             json!({"sessionId": "x", "channelId": "ops", "mode": "chess", "participants": []}),
         )
         .await;
-    assert_eq!(code(&reply), "BAD_REQUEST");
+    assert_eq!(error_code(&reply), "BAD_REQUEST");
 }

@@ -560,16 +560,7 @@ impl Store for RedisStore {
         let raw = self
             .channel_script(&CHANNEL.release, ch, &[sid.as_str(), &epoch_arg])
             .await?;
-        let r: WireRelease = parse(&raw, "release result")?;
-        Ok(ReleaseOutcome {
-            refusal: if r.r == "released" {
-                None
-            } else {
-                Some(refusal(&r.r)?)
-            },
-            epoch: wire::epoch(&r.epoch)?,
-            dequeued: r.dequeued,
-        })
+        release_outcome(&raw)
     }
 
     async fn force_release_floor(
@@ -581,15 +572,10 @@ impl Store for RedisStore {
         let raw = self
             .channel_script(&CHANNEL.force_release, ch, &[&epoch_arg])
             .await?;
-        let r: WireRelease = parse(&raw, "release result")?;
+        // A force release never dequeues anyone.
         Ok(ReleaseOutcome {
-            refusal: if r.r == "released" {
-                None
-            } else {
-                Some(refusal(&r.r)?)
-            },
-            epoch: wire::epoch(&r.epoch)?,
             dequeued: false,
+            ..release_outcome(&raw)?
         })
     }
 
