@@ -8,7 +8,7 @@
 //! clients as `channel-state`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use talkgroup_proto::state::v1 as pb;
@@ -19,6 +19,10 @@ use tonic::transport::Channel;
 
 /// Events a connection may have queued before the hub drops its events.
 pub const CONNECTION_EVENTS: usize = 256;
+/// Membership changes of a channel within this window reach its members as one `channel-state`
+/// (the whole member list): a burst of N joins to an N-member channel would otherwise send N²
+/// lists.
+const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(25);
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
 /// What a connection receives.
@@ -43,6 +47,8 @@ struct Inner {
     by_user: HashMap<String, HashSet<u64>>,
     /// The channel of each sync session seen, to route its deletion.
     sync_channels: HashMap<String, String>,
+    /// Channels with a membership change whose `channel-state` is about to go out.
+    pending_state: HashSet<String>,
     by_channel: HashMap<String, HashSet<u64>>,
     cache: HashMap<String, pb::ChannelState>,
 }
@@ -51,14 +57,36 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     wanted: watch::Sender<HashSet<String>>,
+    /// Itself, for the delayed membership flushes.
+    me: Weak<Hub>,
 }
 
 impl Hub {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             inner: Mutex::default(),
             wanted: watch::Sender::new(HashSet::new()),
+            me: me.clone(),
         })
+    }
+
+    /// Sends a channel's current state to its connections (the coalesced membership push).
+    fn flush_state(&self, channel: &str) {
+        let mut inner = self.lock();
+        inner.pending_state.remove(channel);
+        let Some(state) = inner.cache.get(channel).cloned() else {
+            return;
+        };
+        let Some(ids) = inner.by_channel.get(channel) else {
+            return;
+        };
+        for id in ids {
+            if let Some(tx) = inner.conns.get(id)
+                && tx.try_send(HubEvent::State(state.clone())).is_err()
+            {
+                tracing::warn!(conn = id, "connection too slow for events; one dropped");
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -174,7 +202,16 @@ impl Hub {
                 if change.change() == pb::MembershipChange::Joined {
                     state.members.push(member);
                 }
-                (change.channel_id.clone(), HubEvent::State(state.clone()))
+                let channel = change.channel_id.clone();
+                if inner.pending_state.insert(channel.clone())
+                    && let Some(hub) = self.me.upgrade()
+                {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(MEMBERSHIP_COALESCE).await;
+                        hub.flush_state(&channel);
+                    });
+                }
+                return;
             }
         };
         let Some(ids) = inner.by_channel.get(&channel) else {
