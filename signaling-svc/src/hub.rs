@@ -53,6 +53,59 @@ struct Inner {
     cache: HashMap<String, pb::ChannelState>,
 }
 
+/// The connections of a user.
+fn user_conns(inner: &Inner, user_id: &str) -> Vec<u64> {
+    inner
+        .by_user
+        .get(user_id)
+        .map(|ids| ids.iter().copied().collect())
+        .unwrap_or_default()
+}
+
+/// Hands `event` to every connection following `channel`, never waiting on a slow one.
+fn send_to_channel(inner: &Inner, channel: &str, event: &HubEvent) {
+    let Some(ids) = inner.by_channel.get(channel) else {
+        return;
+    };
+    for id in ids {
+        if let Some(tx) = inner.conns.get(id)
+            && tx.try_send(event.clone()).is_err()
+        {
+            tracing::warn!(conn = id, "connection too slow for events; one dropped");
+        }
+    }
+}
+
+/// A stream that ran at least this long restarts the backoff from its first step.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+/// Runs `session` (one connected stream, `Ok` on shutdown) until shutdown, reconnecting with
+/// backoff 1, 2, 4, 8, 16, 30 s; a session that lasted a while starts the backoff over.
+async fn reconnecting<F, Fut>(what: &'static str, shutdown: &CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
+    let mut attempt = 0usize;
+    loop {
+        let started = tokio::time::Instant::now();
+        let error = match session().await {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        if started.elapsed() >= HEALTHY_SESSION {
+            attempt = 0;
+        }
+        let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
+        attempt += 1;
+        tracing::warn!(code = ?error.code(), retry_in_s = wait.as_secs(), "{what} interrupted");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Hub {
     inner: Mutex<Inner>,
@@ -74,18 +127,8 @@ impl Hub {
     fn flush_state(&self, channel: &str) {
         let mut inner = self.lock();
         inner.pending_state.remove(channel);
-        let Some(state) = inner.cache.get(channel).cloned() else {
-            return;
-        };
-        let Some(ids) = inner.by_channel.get(channel) else {
-            return;
-        };
-        for id in ids {
-            if let Some(tx) = inner.conns.get(id)
-                && tx.try_send(HubEvent::State(state.clone())).is_err()
-            {
-                tracing::warn!(conn = id, "connection too slow for events; one dropped");
-            }
+        if let Some(state) = inner.cache.get(channel).cloned() {
+            send_to_channel(&inner, channel, &HubEvent::State(state));
         }
     }
 
@@ -214,16 +257,7 @@ impl Hub {
                 return;
             }
         };
-        let Some(ids) = inner.by_channel.get(&channel) else {
-            return;
-        };
-        for id in ids {
-            if let Some(tx) = inner.conns.get(id)
-                && tx.try_send(out.clone()).is_err()
-            {
-                tracing::warn!(conn = id, "connection too slow for events; one dropped");
-            }
-        }
+        send_to_channel(&inner, &channel, &out);
     }
 
     /// Hands a grant change to the connections of its user.
@@ -231,11 +265,7 @@ impl Hub {
         let inner = self.lock();
         let (ids, out): (Vec<u64>, HubEvent) = match event {
             pb::grants_event::Event::Changed(grants) => (
-                inner
-                    .by_user
-                    .get(&grants.user_id)
-                    .map(|ids| ids.iter().copied().collect())
-                    .unwrap_or_default(),
+                user_conns(&inner, &grants.user_id),
                 HubEvent::Grants(grants),
             ),
             pb::grants_event::Event::Resync(_) => (
@@ -243,11 +273,7 @@ impl Hub {
                 HubEvent::GrantsResync,
             ),
             pb::grants_event::Event::Kicked(kick) => (
-                inner
-                    .by_user
-                    .get(&kick.user_id)
-                    .map(|ids| ids.iter().copied().collect())
-                    .unwrap_or_default(),
+                user_conns(&inner, &kick.user_id),
                 HubEvent::Kicked(kick.reason),
             ),
         };
@@ -273,50 +299,39 @@ impl Hub {
                 .insert(state.session_id.clone(), state.channel_id.clone());
             Some(state.channel_id.clone())
         };
-        let Some(ids) = channel.and_then(|c| inner.by_channel.get(&c)) else {
-            return;
-        };
-        for id in ids {
-            if let Some(tx) = inner.conns.get(id)
-                && tx.try_send(HubEvent::Sync(state.clone())).is_err()
-            {
-                tracing::warn!(conn = id, "connection too slow for a sync change");
-            }
+        if let Some(channel) = channel {
+            send_to_channel(&inner, &channel, &HubEvent::Sync(state));
         }
     }
 
     /// Keeps the sync watch open until shutdown, reconnecting with backoff 1-30 s.
     pub async fn run_syncs(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
-        let mut attempt = 0usize;
+        let stop = shutdown.clone();
+        reconnecting("sync watch", &stop, move || {
+            let (hub, state, shutdown) = (Arc::clone(&self), state.clone(), shutdown.clone());
+            async move { hub.syncs_once(state, &shutdown).await }
+        })
+        .await;
+    }
+
+    async fn syncs_once(
+        &self,
+        state: Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), tonic::Status> {
+        let mut client = pb::sync_service_client::SyncServiceClient::new(state);
+        let mut stream = client
+            .watch_all_syncs(pb::WatchAllSyncsRequest {})
+            .await?
+            .into_inner();
         loop {
-            let mut client = pb::sync_service_client::SyncServiceClient::new(state.clone());
-            let opened = tokio::select! {
-                opened = client.watch_all_syncs(pb::WatchAllSyncsRequest {}) => opened,
-                () = shutdown.cancelled() => return,
-            };
-            let error = match opened {
-                Ok(stream) => {
-                    attempt = 0;
-                    let mut stream = stream.into_inner();
-                    loop {
-                        tokio::select! {
-                            event = stream.next() => match event {
-                                Some(Ok(state)) => self.dispatch_sync(state),
-                                Some(Err(status)) => break status,
-                                None => break tonic::Status::unavailable("sync watch ended"),
-                            },
-                            () = shutdown.cancelled() => return,
-                        }
-                    }
-                }
-                Err(status) => status,
-            };
-            let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
-            attempt += 1;
-            tracing::warn!(code = ?error.code(), retry_in_s = wait.as_secs(), "sync watch interrupted");
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(Ok(state)) => self.dispatch_sync(state),
+                    Some(Err(status)) => return Err(status),
+                    None => return Err(tonic::Status::unavailable("sync watch ended")),
+                },
+                () = shutdown.cancelled() => return Ok(()),
             }
         }
     }
@@ -325,59 +340,46 @@ impl Hub {
     /// 30 s. Every (re)connection makes every connection re-read its user's grants, since
     /// changes may have been missed while the watch was down.
     pub async fn run_grants(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
-        let mut attempt = 0usize;
+        let stop = shutdown.clone();
+        reconnecting("grant watch", &stop, move || {
+            let (hub, state, shutdown) = (Arc::clone(&self), state.clone(), shutdown.clone());
+            async move { hub.grants_once(state, &shutdown).await }
+        })
+        .await;
+    }
+
+    async fn grants_once(
+        &self,
+        state: Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), tonic::Status> {
+        let mut client = pb::access_service_client::AccessServiceClient::new(state);
+        let mut stream = client
+            .watch_grants(pb::WatchGrantsRequest {})
+            .await?
+            .into_inner();
+        self.dispatch_grants(pb::grants_event::Event::Resync(pb::GrantsResync {}));
         loop {
-            let mut client = pb::access_service_client::AccessServiceClient::new(state.clone());
-            let opened = tokio::select! {
-                opened = client.watch_grants(pb::WatchGrantsRequest {}) => opened,
-                () = shutdown.cancelled() => return,
-            };
-            let error = match opened {
-                Ok(stream) => {
-                    attempt = 0;
-                    self.dispatch_grants(pb::grants_event::Event::Resync(pb::GrantsResync {}));
-                    let mut stream = stream.into_inner();
-                    loop {
-                        tokio::select! {
-                            event = stream.next() => match event {
-                                Some(Ok(pb::GrantsEvent { event: Some(event) })) => self.dispatch_grants(event),
-                                Some(Ok(_)) => {}
-                                Some(Err(status)) => break status,
-                                None => break tonic::Status::unavailable("grant watch ended"),
-                            },
-                            () = shutdown.cancelled() => return,
-                        }
-                    }
-                }
-                Err(status) => status,
-            };
-            let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
-            attempt += 1;
-            tracing::warn!(code = ?error.code(), retry_in_s = wait.as_secs(), "grant watch interrupted");
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(Ok(pb::GrantsEvent { event: Some(event) })) => self.dispatch_grants(event),
+                    Some(Ok(_)) => {}
+                    Some(Err(status)) => return Err(status),
+                    None => return Err(tonic::Status::unavailable("grant watch ended")),
+                },
+                () = shutdown.cancelled() => return Ok(()),
             }
         }
     }
 
     /// Keeps the watch open until shutdown, reconnecting with backoff.
     pub async fn run(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
-        let mut attempt = 0usize;
-        loop {
-            match self.watch_once(state.clone(), &shutdown).await {
-                Ok(()) => return,
-                Err(error) => {
-                    let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
-                    attempt += 1;
-                    tracing::warn!(%error, retry_in_s = wait.as_secs(), "state watch interrupted");
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            }
-        }
+        let stop = shutdown.clone();
+        reconnecting("state watch", &stop, move || {
+            let (hub, state, shutdown) = (Arc::clone(&self), state.clone(), shutdown.clone());
+            async move { hub.watch_once(state, &shutdown).await }
+        })
+        .await;
     }
 
     async fn watch_once(

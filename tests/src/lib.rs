@@ -308,3 +308,44 @@ pub fn error_code(reply: &serde_json::Value) -> &str {
     assert_eq!(reply["type"], "error", "expected an error: {reply}");
     reply["error"]["code"].as_str().unwrap_or_default()
 }
+
+/// What `peer` received in `range` (of its packet indices), decoded: (RMS level, dominant
+/// frequency in Hz).
+pub fn heard(peer: &testkit::media::Peer, range: std::ops::Range<usize>) -> (f32, f32) {
+    let received = peer.received();
+    let end = range.end.min(received.len());
+    let payloads: Vec<Vec<u8>> = received[range.start.min(end)..end]
+        .iter()
+        .map(|r| r.packet.payload.to_vec())
+        .collect();
+    testkit::media::analyse(&payloads)
+}
+
+/// Asserts that `peer` heard a tone of `freq` Hz in the packets of `range`.
+pub fn assert_tone_in(
+    peer: &testkit::media::Peer,
+    range: std::ops::Range<usize>,
+    freq: f32,
+    who: &str,
+) {
+    let (rms, hz) = heard(peer, range);
+    assert!(rms > 1_000.0, "{who} heard silence (rms {rms})");
+    assert!(
+        (hz - freq).abs() < freq * 0.1,
+        "{who} heard {hz} Hz, expected {freq} Hz"
+    );
+}
+
+/// Asserts that `peer` heard a tone of `freq` Hz from packet `from` on.
+pub fn assert_tone(peer: &testkit::media::Peer, from: usize, freq: f32, who: &str) {
+    assert_tone_in(peer, from..usize::MAX, freq, who);
+}
+
+/// Waits (up to 10 s) until `peer` has received `at_least` packets.
+pub async fn wait_packets(peer: &testkit::media::Peer, at_least: usize, who: &str) {
+    testkit::wait_until(Duration::from_secs(10), who, || async move {
+        peer.received_count() >= at_least
+    })
+    .await
+    .unwrap();
+}

@@ -8,35 +8,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use talkgroup_e2e::{Client, Stack, Topology};
-use testkit::media::{Peer, Tone, analyse};
+use talkgroup_e2e::{Client, Stack, Topology, assert_tone, wait_packets};
+use testkit::media::Tone;
 use testkit::wait_until;
-
-/// The payloads `peer` received from `from` on, decoded: (RMS level, dominant frequency).
-fn heard(peer: &Peer, from: usize) -> (f32, f32) {
-    let payloads: Vec<Vec<u8>> = peer.received()[from..]
-        .iter()
-        .map(|r| r.packet.payload.to_vec())
-        .collect();
-    analyse(&payloads)
-}
-
-fn assert_tone(peer: &Peer, from: usize, freq: f32, who: &str) {
-    let (rms, hz) = heard(peer, from);
-    assert!(rms > 1_000.0, "{who} heard silence (rms {rms})");
-    assert!(
-        (hz - freq).abs() < freq * 0.1,
-        "{who} heard {hz} Hz, expected {freq} Hz"
-    );
-}
-
-async fn wait_packets(peer: &Peer, at_least: usize, who: &str) {
-    wait_until(Duration::from_secs(10), who, || async move {
-        peer.received_count() >= at_least
-    })
-    .await
-    .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn press_talk_hear_release_contend_and_disconnect() {

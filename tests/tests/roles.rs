@@ -6,41 +6,11 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use talkgroup_e2e::{Client, Stack, Topology, error_code};
+use talkgroup_e2e::{
+    Client, Stack, Topology, assert_tone, assert_tone_in, error_code, wait_packets,
+};
 use talkgroup_proto::state::v1 as spb;
-use testkit::media::{Peer, Tone, analyse};
-use testkit::wait_until;
-
-fn dominant(peer: &Peer, range: std::ops::Range<usize>) -> (f32, f32) {
-    let received = peer.received();
-    let end = range.end.min(received.len());
-    let payloads: Vec<Vec<u8>> = received[range.start.min(end)..end]
-        .iter()
-        .map(|r| r.packet.payload.to_vec())
-        .collect();
-    analyse(&payloads)
-}
-
-fn assert_tone(peer: &Peer, from: usize, freq: f32, who: &str) {
-    assert_tone_in(peer, from..usize::MAX, freq, who);
-}
-
-fn assert_tone_in(peer: &Peer, range: std::ops::Range<usize>, freq: f32, who: &str) {
-    let (rms, hz) = dominant(peer, range);
-    assert!(rms > 1_000.0, "{who} heard silence (rms {rms})");
-    assert!(
-        (hz - freq).abs() < freq * 0.1,
-        "{who} heard {hz} Hz, expected {freq} Hz"
-    );
-}
-
-async fn wait_packets(peer: &Peer, at_least: usize, who: &str) {
-    wait_until(Duration::from_secs(10), who, || async move {
-        peer.received_count() >= at_least
-    })
-    .await
-    .unwrap();
-}
+use testkit::media::{Peer, Tone};
 
 async fn set_event(stack: &Stack, event: &str, channels: &[&str]) {
     stack
