@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use talkgroup_proto::media::v1 as mpb;
@@ -26,9 +26,10 @@ use crate::access::{
     ADMIN_EMERGENCY_PRIORITY, DISPATCH_PRIORITY, EMERGENCY_PRIORITY, Grants, Role,
 };
 use crate::auth::Claims;
-use crate::hub::HubEvent;
+use crate::hub::{Hub, HubEvent};
 use crate::protocol::{
     self, ClientError, Code, EMERGENCY_CONFIRM, Frame, Request, TransportDirection, User,
+    channel_state, reason, user_of,
 };
 
 /// Frames queued to a client before the connection is considered stuck.
@@ -101,7 +102,7 @@ struct Conn {
     id: u64,
     session: String,
     user: User,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Outgoing>,
     joined: HashSet<String>,
     transports: HashMap<String, TransportInfo>,
     producers: Producers,
@@ -179,9 +180,17 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
             return;
         }
     }
-    let (out, mut out_rx) = mpsc::channel::<Message>(OUTBOX);
+    let (out, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let writer = tokio::spawn(async move {
-        while let Some(message) = out_rx.recv().await {
+        while let Some(outgoing) = out_rx.recv().await {
+            let message = match outgoing {
+                Outgoing::Message(message) => message,
+                // The frames before it are on the socket: the request's fan-out may go.
+                Outgoing::Written(request) => {
+                    drop(request);
+                    continue;
+                }
+            };
             let closing = matches!(message, Message::Close(_));
             if sink.send(message).await.is_err() || closing {
                 break;
@@ -247,7 +256,7 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
                     tracing::info!(conn = id, "no sign of life; closing");
                     break 1001;
                 }
-                let _ = conn.out.try_send(Message::Ping(Vec::new().into()));
+                let _ = conn.out.try_send(Outgoing::Message(Message::Ping(Vec::new().into())));
             }
             _ = touch.tick() => {
                 let _ = conn.app.sessions().touch_session(spb::TouchSessionRequest { session_id: conn.session.clone() }).await;
@@ -263,10 +272,10 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
     };
     let _ = conn
         .out
-        .send(Message::Close(Some(CloseFrame {
+        .send(Outgoing::Message(Message::Close(Some(CloseFrame {
             code: close_code,
             reason: reason.into(),
-        })))
+        }))))
         .await;
     drop(conn);
     let _ = writer.await;
@@ -285,14 +294,48 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
     tracing::info!(conn = id, code = close_code, "disconnected");
 }
 
+/// What the writer task is given, in order.
+enum Outgoing {
+    Message(Message),
+    /// Dropped by the writer once the frames queued before it (the request's reply) are
+    /// written.
+    Written(FloorRequest),
+}
+
+/// A floor request in flight: the hub holds back the floor change it causes until this is
+/// dropped, once the reply is on the socket.
+struct FloorRequest {
+    hub: Arc<Hub>,
+    channel: String,
+    session: String,
+}
+
+impl FloorRequest {
+    fn start(hub: &Arc<Hub>, channel: &str, session: &str) -> Self {
+        hub.request_started(channel, session);
+        Self {
+            hub: Arc::clone(hub),
+            channel: channel.to_owned(),
+            session: session.to_owned(),
+        }
+    }
+}
+
+impl Drop for FloorRequest {
+    fn drop(&mut self) {
+        self.hub.request_done(&self.channel, &self.session);
+    }
+}
+
 impl Conn {
     async fn send(&self, frame: Frame) {
-        match serde_json::to_string(&frame) {
-            Ok(text) => {
-                let _ = self.out.send(Message::Text(text.into())).await;
-            }
-            Err(error) => tracing::error!(%error, "cannot encode a frame"),
+        if let Some(text) = frame.encode() {
+            self.send_text(text).await;
         }
+    }
+
+    async fn send_text(&self, text: Utf8Bytes) {
+        let _ = self.out.send(Outgoing::Message(Message::Text(text))).await;
     }
 
     /// Handles one text frame; false when the connection must close (flood).
@@ -323,6 +366,15 @@ impl Conn {
             _ => None,
         };
         let is_press = matches!(request, Request::PttStart(_) | Request::PriorityPttStart(_));
+        let floor_channel = match &request {
+            Request::PttStart(r) => Some(r.channel_id.as_str()),
+            Request::PttStop(r) | Request::PriorityPttStart(r) | Request::PriorityPttStop(r) => {
+                Some(r.channel_id.as_str())
+            }
+            _ => None,
+        };
+        let floor_request =
+            floor_channel.map(|c| FloorRequest::start(&self.app.hub, c, &self.session));
         let span = tracing::info_span!(
             "ws request",
             otel.name = name,
@@ -362,6 +414,10 @@ impl Conn {
                 self.app.metrics.error(e.code.as_str());
                 self.send(Frame::error(parsed.id, e)).await;
             }
+        }
+        if let Some(request) = floor_request {
+            // Behind the reply; if the writer is gone, dropping it here ends the request.
+            let _ = self.out.send(Outgoing::Written(request)).await;
         }
         true
     }
@@ -955,26 +1011,44 @@ impl Conn {
     }
 
     async fn ptt_start(&mut self, channel: &str, priority: u32) -> Result<Value> {
-        let reply = self
-            .app
-            .floors()
-            .acquire_floor(spb::AcquireFloorRequest {
-                channel_id: channel.to_owned(),
-                session_id: self.session.clone(),
-                priority,
-            })
-            .await?
-            .into_inner();
+        let mut floors = self.app.floors();
+        let acquire = floors.acquire_floor(spb::AcquireFloorRequest {
+            channel_id: channel.to_owned(),
+            session_id: self.session.clone(),
+            priority,
+        });
+        // Where the channel's media is does not depend on the grant: when this socket has no
+        // producer there to say so, ask at the same time as for the floor.
+        let known = self.lock_producers().get(channel).map(|(_, n)| n.clone());
+        let (reply, node) = match known {
+            Some(node) => (acquire.await?, Ok(node)),
+            None => {
+                let (reply, node) = tokio::join!(acquire, self.place(channel));
+                (reply?, node)
+            }
+        };
+        let reply = reply.into_inner();
         let holder = reply.holder.clone().unwrap_or_default();
         match reply.outcome() {
             spb::AcquireOutcome::Granted => {
                 // The media node first: the client unmutes on our reply, and its first words
                 // must already be forwarded.
                 let lease_ms = (holder.expires_at_ms - reply.server_time_ms).max(300);
-                if let Err(e) = self
-                    .tell_media(channel, holder.epoch, holder.expires_at_ms)
-                    .await
-                {
+                let told = match node {
+                    Ok(node) => {
+                        set_floor(
+                            &self.app,
+                            &self.producers,
+                            channel,
+                            &node,
+                            holder.epoch,
+                            holder.expires_at_ms,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = told {
                     // Nobody would hear the speaker: give the floor back rather than hold it mute.
                     let release = spb::ReleaseFloorRequest {
                         channel_id: channel.to_owned(),
@@ -1066,7 +1140,8 @@ impl Conn {
 
     async fn on_event(&mut self, event: HubEvent) {
         match event {
-            HubEvent::Floor(change) => {
+            HubEvent::Floor(push) => {
+                let change = &push.change;
                 let mine = change
                     .holder
                     .as_ref()
@@ -1092,7 +1167,6 @@ impl Conn {
                         self.hold(&change.channel_id, h.epoch, h.expires_at_ms, lease_ms);
                     }
                 }
-                let speaker = change.holder.as_ref().map(user_of);
                 let interrupted = change
                     .previous
                     .as_ref()
@@ -1102,16 +1176,13 @@ impl Conn {
                         spb::FloorReason::Preempted | spb::FloorReason::Emergency
                     );
                 if interrupted {
-                    let data = json!({"channelId": change.channel_id, "by": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
+                    let by = change.holder.as_ref().map(user_of);
+                    let data = json!({"channelId": change.channel_id, "by": by, "epoch": change.epoch, "reason": reason(change.reason())});
                     self.send(Frame::push("ptt-interrupted", data)).await;
                 }
-                let data = json!({"channelId": change.channel_id, "speaker": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
-                self.send(Frame::push("speaker-changed", data)).await;
+                self.send_text(push.speaker_changed.clone()).await;
             }
-            HubEvent::State(state) => {
-                self.send(Frame::push("channel-state", channel_state(&state)))
-                    .await
-            }
+            HubEvent::Push(text) => self.send_text(text).await,
             HubEvent::Grants(grants) => {
                 if self.grants.apply(&grants) {
                     self.enforce_grants().await;
@@ -1119,10 +1190,6 @@ impl Conn {
             }
             // Handled by the connection loop, which closes the socket.
             HubEvent::Kicked(_) => {}
-            HubEvent::Sync(state) => {
-                self.send(Frame::push("sync-state", crate::sync::envelope(&state)))
-                    .await;
-            }
             HubEvent::GrantsResync => {
                 let read = self
                     .app
@@ -1267,48 +1334,6 @@ async fn renew(
                 tracing::warn!(code = ?status.code(), %channel, "floor renewal failed; retrying")
             }
         }
-    }
-}
-
-fn user_of(holder: &spb::FloorHolder) -> Value {
-    holder
-        .speaker
-        .as_ref()
-        .map(|s| json!({"userId": s.user_id, "userName": s.user_name}))
-        .unwrap_or(Value::Null)
-}
-
-fn channel_state(state: &spb::ChannelState) -> Value {
-    let mut seen = HashSet::new();
-    let members: Vec<Value> = state
-        .members
-        .iter()
-        .filter(|m| seen.insert(m.user_id.clone()))
-        .map(|m| json!({"userId": m.user_id, "userName": m.user_name}))
-        .collect();
-    json!({
-        "channelId": state.channel_id,
-        "speaker": state.holder.as_ref().map(user_of),
-        "members": members,
-        "busy": state.busy,
-        "epoch": state.epoch,
-    })
-}
-
-fn reason(r: spb::FloorReason) -> &'static str {
-    match r {
-        spb::FloorReason::Granted => "granted",
-        spb::FloorReason::Released => "released",
-        spb::FloorReason::Preempted => "preempted",
-        spb::FloorReason::LeaseExpired => "lease-expired",
-        spb::FloorReason::MaxTalkTime => "max-talk-time",
-        spb::FloorReason::ForceReleased => "force-released",
-        spb::FloorReason::LeftChannel => "left-channel",
-        spb::FloorReason::Disconnected => "disconnected",
-        spb::FloorReason::QueueGranted => "queue-granted",
-        spb::FloorReason::Emergency => "emergency",
-        spb::FloorReason::EmergencyEnded => "emergency-ended",
-        spb::FloorReason::Unspecified => "unknown",
     }
 }
 

@@ -11,11 +11,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
+use serde_json::json;
 use talkgroup_proto::state::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::protocol::{Frame, channel_state, reason, user_of};
 
 /// Events a connection may have queued before the hub drops its events.
 pub const CONNECTION_EVENTS: usize = 256;
@@ -25,19 +29,37 @@ pub const CONNECTION_EVENTS: usize = 256;
 const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(25);
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
+/// Floor changes a local request caused wait at most this long for the request's reply.
+const HOLD_BACK_AT_MOST: Duration = Duration::from_millis(250);
+
+/// A floor change, with its `speaker-changed` push encoded once for every member.
+#[derive(Debug)]
+pub struct FloorPush {
+    pub change: pb::FloorChanged,
+    pub speaker_changed: Utf8Bytes,
+}
+
 /// What a connection receives.
 #[derive(Debug, Clone)]
 pub enum HubEvent {
-    Floor(pb::FloorChanged),
-    State(pb::ChannelState),
+    Floor(Arc<FloorPush>),
+    /// A push that is the same for every member (`channel-state`, `sync-state`), encoded once.
+    Push(Utf8Bytes),
     /// The user's stored grants changed.
     Grants(pb::UserGrants),
     /// Grant changes may have been missed: re-read the user's grants.
     GrantsResync,
     /// An admin disconnected the user (the reason is shown to them).
     Kicked(String),
-    /// A sync session of a followed channel changed.
-    Sync(pb::SyncState),
+}
+
+/// Events of a channel waiting for a requester's reply.
+#[derive(Debug)]
+struct HeldBack {
+    /// The session whose request caused the first of them.
+    session: String,
+    hold: u64,
+    events: Vec<HubEvent>,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +73,14 @@ struct Inner {
     pending_state: HashSet<String>,
     by_channel: HashMap<String, HashSet<u64>>,
     cache: HashMap<String, pb::ChannelState>,
+    /// Local sessions with a floor request (`ptt-start`, `ptt-stop`) awaiting its reply, by
+    /// channel.
+    requests: HashMap<String, HashSet<String>>,
+    /// Per channel, the events held back until the reply to the request that caused the first
+    /// of them has gone out.
+    held_back: HashMap<String, HeldBack>,
+    /// Numbers the holds, so a hold's time limit never releases a later one.
+    holds: u64,
 }
 
 /// The connections of a user.
@@ -62,8 +92,17 @@ fn user_conns(inner: &Inner, user_id: &str) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Hands `event` to every connection following `channel`, never waiting on a slow one.
-fn send_to_channel(inner: &Inner, channel: &str, event: &HubEvent) {
+/// Hands `event` to every connection following `channel`, never waiting on a slow one; behind
+/// the channel's held-back events, if it has some.
+fn send_to_channel(inner: &mut Inner, channel: &str, event: HubEvent) {
+    if let Some(held) = inner.held_back.get_mut(channel) {
+        held.events.push(event);
+        return;
+    }
+    deliver(inner, channel, &event);
+}
+
+fn deliver(inner: &Inner, channel: &str, event: &HubEvent) {
     let Some(ids) = inner.by_channel.get(channel) else {
         return;
     };
@@ -74,6 +113,24 @@ fn send_to_channel(inner: &Inner, channel: &str, event: &HubEvent) {
             tracing::warn!(conn = id, "connection too slow for events; one dropped");
         }
     }
+}
+
+/// Sends what `channel` held back, in order, if it is still the hold `only` (any hold if
+/// `None`).
+fn release_held(inner: &mut Inner, channel: &str, only: Option<u64>) {
+    if only.is_some_and(|hold| inner.held_back.get(channel).is_none_or(|h| h.hold != hold)) {
+        return;
+    }
+    if let Some(held) = inner.held_back.remove(channel) {
+        for event in &held.events {
+            deliver(inner, channel, event);
+        }
+    }
+}
+
+/// The `channel-state` push of a channel.
+fn state_push(state: &pb::ChannelState) -> Option<Utf8Bytes> {
+    Frame::push("channel-state", channel_state(state)).encode()
 }
 
 /// A stream that ran at least this long restarts the backoff from its first step.
@@ -127,8 +184,57 @@ impl Hub {
     fn flush_state(&self, channel: &str) {
         let mut inner = self.lock();
         inner.pending_state.remove(channel);
-        if let Some(state) = inner.cache.get(channel).cloned() {
-            send_to_channel(&inner, channel, &HubEvent::State(state));
+        if let Some(text) = inner.cache.get(channel).and_then(state_push) {
+            send_to_channel(&mut inner, channel, HubEvent::Push(text));
+        }
+    }
+
+    /// A local session asks for or gives up `channel`'s floor: a floor change naming it waits
+    /// until [`Hub::request_done`], so the requester reads its reply before the members'
+    /// `speaker-changed` fan-out (hundreds of frames in a large channel) takes the CPU.
+    pub fn request_started(&self, channel: &str, session: &str) {
+        self.lock()
+            .requests
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(session.to_owned());
+    }
+
+    /// The reply to the session's floor request has been queued: what it held back goes out.
+    pub fn request_done(&self, channel: &str, session: &str) {
+        let mut inner = self.lock();
+        if let Some(sessions) = inner.requests.get_mut(channel) {
+            sessions.remove(session);
+            if sessions.is_empty() {
+                inner.requests.remove(channel);
+            }
+        }
+        if inner
+            .held_back
+            .get(channel)
+            .is_some_and(|h| h.session == session)
+        {
+            release_held(&mut inner, channel, None);
+        }
+    }
+
+    /// Holds back a floor change of `channel` caused by `session`, for at most
+    /// [`HOLD_BACK_AT_MOST`] whatever happens to the request.
+    fn hold_back(&self, inner: &mut Inner, channel: &str, session: &str, event: HubEvent) {
+        inner.holds += 1;
+        let hold = inner.holds;
+        let held = HeldBack {
+            session: session.to_owned(),
+            hold,
+            events: vec![event],
+        };
+        inner.held_back.insert(channel.to_owned(), held);
+        if let Some(hub) = self.me.upgrade() {
+            let channel = channel.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(HOLD_BACK_AT_MOST).await;
+                release_held(&mut hub.lock(), &channel, Some(hold));
+            });
         }
     }
 
@@ -219,8 +325,12 @@ impl Hub {
         let mut inner = self.lock();
         let (channel, out) = match event {
             pb::watch_event::Event::Snapshot(state) => {
-                inner.cache.insert(state.channel_id.clone(), state.clone());
-                (state.channel_id.clone(), HubEvent::State(state))
+                let Some(text) = state_push(&state) else {
+                    return;
+                };
+                let channel = state.channel_id.clone();
+                inner.cache.insert(channel.clone(), state);
+                (channel, HubEvent::Push(text))
             }
             pb::watch_event::Event::Floor(change) => {
                 let Some(state) = inner.cache.get_mut(&change.channel_id) else {
@@ -232,7 +342,31 @@ impl Hub {
                 state.epoch = change.epoch;
                 state.holder.clone_from(&change.holder);
                 state.busy = change.holder.is_some();
-                (change.channel_id.clone(), HubEvent::Floor(change))
+                let speaker = change.holder.as_ref().map(user_of);
+                let data = json!({"channelId": change.channel_id, "speaker": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
+                let Some(speaker_changed) = Frame::push("speaker-changed", data).encode() else {
+                    return;
+                };
+                let channel = change.channel_id.clone();
+                let requester = inner.requests.get(&channel).and_then(|sessions| {
+                    let holder = change.holder.as_ref().and_then(|h| h.speaker.as_ref());
+                    [holder, change.previous.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .find(|s| sessions.contains(&s.session_id))
+                        .map(|s| s.session_id.clone())
+                });
+                let event = HubEvent::Floor(Arc::new(FloorPush {
+                    change,
+                    speaker_changed,
+                }));
+                match requester {
+                    Some(session) if !inner.held_back.contains_key(&channel) => {
+                        self.hold_back(&mut inner, &channel, &session, event);
+                        return;
+                    }
+                    _ => (channel, event),
+                }
             }
             pb::watch_event::Event::Membership(change) => {
                 let Some(state) = inner.cache.get_mut(&change.channel_id) else {
@@ -257,7 +391,7 @@ impl Hub {
                 return;
             }
         };
-        send_to_channel(&inner, &channel, &out);
+        send_to_channel(&mut inner, &channel, out);
     }
 
     /// Hands a grant change to the connections of its user.
@@ -299,8 +433,9 @@ impl Hub {
                 .insert(state.session_id.clone(), state.channel_id.clone());
             Some(state.channel_id.clone())
         };
-        if let Some(channel) = channel {
-            send_to_channel(&inner, &channel, &HubEvent::Sync(state));
+        let push = Frame::push("sync-state", crate::sync::envelope(&state)).encode();
+        if let (Some(channel), Some(text)) = (channel, push) {
+            send_to_channel(&mut inner, &channel, HubEvent::Push(text));
         }
     }
 
@@ -431,5 +566,85 @@ impl Hub {
                 () = shutdown.cancelled() => return Ok(()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn floor(channel: &str, session: &str, epoch: u64) -> pb::watch_event::Event {
+        let speaker = pb::Speaker {
+            session_id: session.to_owned(),
+            user_id: format!("u-{session}"),
+            user_name: session.to_owned(),
+            priority: 0,
+        };
+        pb::watch_event::Event::Floor(pb::FloorChanged {
+            channel_id: channel.to_owned(),
+            holder: Some(pb::FloorHolder {
+                speaker: Some(speaker),
+                epoch,
+                ..Default::default()
+            }),
+            epoch,
+            reason: pb::FloorReason::Granted.into(),
+            ..Default::default()
+        })
+    }
+
+    fn epoch_of(event: HubEvent) -> u64 {
+        match event {
+            HubEvent::Floor(push) => push.change.epoch,
+            other => panic!("a floor change, not {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_waits_for_its_requesters_reply_and_later_ones_queue_behind() {
+        let hub = Hub::new();
+        let (conn, mut rx) = hub.register("u-listener");
+        hub.follow(conn, "ch");
+        hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
+            channel_id: "ch".into(),
+            ..Default::default()
+        }));
+        assert!(matches!(rx.try_recv(), Ok(HubEvent::Push(_))));
+
+        hub.request_started("ch", "s-ana");
+        hub.dispatch(floor("ch", "s-ana", 5));
+        hub.dispatch(floor("ch", "s-bo", 6));
+        hub.request_done("ch", "s-someone-else");
+        assert!(rx.try_recv().is_err(), "held until Ana's reply is out");
+        hub.request_done("ch", "s-ana");
+        assert_eq!(epoch_of(rx.try_recv().unwrap()), 5);
+        assert_eq!(epoch_of(rx.try_recv().unwrap()), 6);
+
+        // A change nobody here asked for goes out at once.
+        hub.dispatch(floor("ch", "s-cai", 7));
+        assert_eq!(epoch_of(rx.try_recv().unwrap()), 7);
+    }
+
+    #[tokio::test]
+    async fn a_requester_that_never_finishes_holds_back_only_for_a_moment() {
+        let hub = Hub::new();
+        let (conn, mut rx) = hub.register("u-listener");
+        hub.follow(conn, "ch");
+        hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
+            channel_id: "ch".into(),
+            ..Default::default()
+        }));
+        rx.try_recv().unwrap();
+        hub.request_started("ch", "s-ana");
+        let started = tokio::time::Instant::now();
+        hub.dispatch(floor("ch", "s-ana", 5));
+        let event = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(epoch_of(event), 5);
+        assert!(started.elapsed() >= HOLD_BACK_AT_MOST);
     }
 }

@@ -1,8 +1,12 @@
 //! The client protocol on the wire: `{"type", "id", "data"}` envelopes, typed requests, replies,
 //! pushes and the stable error codes. See `docs/protocol.md`.
 
+use std::collections::HashSet;
+
+use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
+use talkgroup_proto::state::v1 as spb;
 
 /// Largest frame a client may send; a larger one gets a `BAD_REQUEST` reply.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -428,6 +432,64 @@ impl Frame {
 pub struct User {
     pub user_id: String,
     pub user_name: String,
+}
+
+impl Frame {
+    /// The frame as a WebSocket text message body, encoded once and shared by every receiver.
+    pub fn encode(&self) -> Option<Utf8Bytes> {
+        match serde_json::to_string(self) {
+            Ok(text) => Some(text.into()),
+            Err(error) => {
+                tracing::error!(%error, kind = self.kind, "cannot encode a frame");
+                None
+            }
+        }
+    }
+}
+
+/// `{userId, userName}` of a floor holder, or null.
+pub fn user_of(holder: &spb::FloorHolder) -> Value {
+    holder
+        .speaker
+        .as_ref()
+        .map(|s| json!({"userId": s.user_id, "userName": s.user_name}))
+        .unwrap_or(Value::Null)
+}
+
+/// The `ChannelState` object; members are listed once per user.
+pub fn channel_state(state: &spb::ChannelState) -> Value {
+    let mut seen = HashSet::new();
+    let members: Vec<Value> = state
+        .members
+        .iter()
+        .filter(|m| seen.insert(m.user_id.clone()))
+        .map(|m| json!({"userId": m.user_id, "userName": m.user_name}))
+        .collect();
+    json!({
+        "channelId": state.channel_id,
+        "speaker": state.holder.as_ref().map(user_of),
+        "members": members,
+        "busy": state.busy,
+        "epoch": state.epoch,
+    })
+}
+
+/// The wire name of a floor change reason.
+pub fn reason(r: spb::FloorReason) -> &'static str {
+    match r {
+        spb::FloorReason::Granted => "granted",
+        spb::FloorReason::Released => "released",
+        spb::FloorReason::Preempted => "preempted",
+        spb::FloorReason::LeaseExpired => "lease-expired",
+        spb::FloorReason::MaxTalkTime => "max-talk-time",
+        spb::FloorReason::ForceReleased => "force-released",
+        spb::FloorReason::LeftChannel => "left-channel",
+        spb::FloorReason::Disconnected => "disconnected",
+        spb::FloorReason::QueueGranted => "queue-granted",
+        spb::FloorReason::Emergency => "emergency",
+        spb::FloorReason::EmergencyEnded => "emergency-ended",
+        spb::FloorReason::Unspecified => "unknown",
+    }
 }
 
 #[cfg(test)]

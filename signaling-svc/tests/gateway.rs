@@ -320,6 +320,54 @@ async fn ping_join_floor_contention_and_disconnect() {
     stack.stop.cancel();
 }
 
+/// The requester reads its `ptt-start`/`ptt-stop` reply before the `speaker-changed` its
+/// request caused (the order protocol.md promises), and every member hears every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_requester_reads_its_reply_before_the_fan_out() {
+    let stack = stack_with(1, 5_000, 60_000, |c| {
+        c.ptt_rate = 1_000;
+        c.request_rate = 1_000;
+    })
+    .await;
+    let gw = stack.gateways[0];
+    let mut a = client(gw, "u-ana", "Ana").await;
+    a.request("join-channel", json!({"channelId": "order"}))
+        .await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let mut c = client(gw, &format!("u-{i}"), "Listener").await;
+        c.request("join-channel", json!({"channelId": "order"}))
+            .await;
+        others.push(c);
+    }
+    for round in 0..30 {
+        for kind in ["ptt-start", "ptt-stop"] {
+            let id = a.send(kind, json!({"channelId": "order"})).await;
+            let first = loop {
+                let frame = a.next_frame().await;
+                if frame["type"] != "channel-state" {
+                    break frame;
+                }
+            };
+            assert_eq!(first["id"], id.as_str(), "round {round}, {kind}: {first}");
+            let reason = if kind == "ptt-start" {
+                "granted"
+            } else {
+                "released"
+            };
+            assert_eq!(a.speaker_changed(reason).await["type"], "speaker-changed");
+        }
+    }
+    // The members heard every change.
+    for c in &mut others {
+        for _ in 0..30 {
+            c.speaker_changed("granted").await;
+            c.speaker_changed("released").await;
+        }
+    }
+    stack.stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_keeps_a_long_transmission_alive_only_up_to_max_talk_time() {
     // Scaled down: a 300 ms lease and 1.5 s of maximum talk time.
