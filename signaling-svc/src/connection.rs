@@ -26,7 +26,7 @@ use crate::access::{
     ADMIN_EMERGENCY_PRIORITY, DISPATCH_PRIORITY, EMERGENCY_PRIORITY, Grants, Role,
 };
 use crate::auth::Claims;
-use crate::hub::{Hub, HubEvent};
+use crate::hub::{FloorRequest, HubEvent, Outgoing};
 use crate::protocol::{
     self, ClientError, Code, EMERGENCY_CONFIRM, Frame, Request, TransportDirection, User,
     channel_state, reason, user_of,
@@ -150,7 +150,11 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         }
     };
     // Register before reading the grants, so a change made in between is not missed.
-    let (id, mut events) = app.hub.register(&claims.sub);
+    // The outbox first: the hub writes members' pushes straight into it.
+    let (out, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
+    let (id, mut events) = app
+        .hub
+        .register(&claims.sub, &session.session_id, out.clone());
     let mut grants = Grants::new(claims.roles.clone());
     match app
         .access()
@@ -180,7 +184,6 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
             return;
         }
     }
-    let (out, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOX);
     let writer = tokio::spawn(async move {
         while let Some(outgoing) = out_rx.recv().await {
             let message = match outgoing {
@@ -292,39 +295,6 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         .await;
     }
     tracing::info!(conn = id, code = close_code, "disconnected");
-}
-
-/// What the writer task is given, in order.
-enum Outgoing {
-    Message(Message),
-    /// Dropped by the writer once the frames queued before it (the request's reply) are
-    /// written.
-    Written(FloorRequest),
-}
-
-/// A floor request in flight: the hub holds back the floor change it causes until this is
-/// dropped, once the reply is on the socket.
-struct FloorRequest {
-    hub: Arc<Hub>,
-    channel: String,
-    session: String,
-}
-
-impl FloorRequest {
-    fn start(hub: &Arc<Hub>, channel: &str, session: &str) -> Self {
-        hub.request_started(channel, session);
-        Self {
-            hub: Arc::clone(hub),
-            channel: channel.to_owned(),
-            session: session.to_owned(),
-        }
-    }
-}
-
-impl Drop for FloorRequest {
-    fn drop(&mut self) {
-        self.hub.request_done(&self.channel, &self.session);
-    }
 }
 
 impl Conn {
@@ -1094,6 +1064,7 @@ impl Conn {
 
     fn hold(&mut self, channel: &str, epoch: u64, expires_at_ms: i64, lease_ms: i64) {
         self.stop_holding(channel);
+        self.app.hub.holding(self.id, channel, true);
         let renewal = tokio::spawn(renew(
             Arc::clone(&self.app),
             Arc::clone(&self.producers),
@@ -1114,6 +1085,7 @@ impl Conn {
 
     fn stop_holding(&mut self, channel: &str) -> Option<u64> {
         self.floors.remove(channel).map(|held| {
+            self.app.hub.holding(self.id, channel, false);
             held.renewal.abort();
             held.epoch
         })

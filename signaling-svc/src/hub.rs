@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use axum::extract::ws::{Message, Utf8Bytes};
 use serde_json::json;
 use talkgroup_proto::state::v1 as pb;
 use tokio::sync::{mpsc, watch};
@@ -39,6 +39,17 @@ pub struct FloorPush {
     pub speaker_changed: Utf8Bytes,
 }
 
+impl FloorPush {
+    /// Whether `session` is the new holder or the one that lost the floor.
+    fn concerns(&self, session: &str) -> bool {
+        let holder = self.change.holder.as_ref().and_then(|h| h.speaker.as_ref());
+        [holder, self.change.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|s| s.session_id == session)
+    }
+}
+
 /// What a connection receives.
 #[derive(Debug, Clone)]
 pub enum HubEvent {
@@ -53,6 +64,53 @@ pub enum HubEvent {
     Kicked(String),
 }
 
+/// What the writer task is given, in order.
+#[derive(Debug)]
+pub enum Outgoing {
+    Message(Message),
+    /// Dropped by the writer once the frames queued before it (the request's reply) are
+    /// written.
+    Written(FloorRequest),
+}
+
+/// A floor request in flight: the hub holds back the floor change it causes until this is
+/// dropped, once the reply is on the socket.
+#[derive(Debug)]
+pub struct FloorRequest {
+    hub: Arc<Hub>,
+    channel: String,
+    session: String,
+}
+
+impl FloorRequest {
+    pub fn start(hub: &Arc<Hub>, channel: &str, session: &str) -> Self {
+        hub.request_started(channel, session);
+        Self {
+            hub: Arc::clone(hub),
+            channel: channel.to_owned(),
+            session: session.to_owned(),
+        }
+    }
+}
+
+impl Drop for FloorRequest {
+    fn drop(&mut self) {
+        self.hub.request_done(&self.channel, &self.session);
+    }
+}
+
+/// A local connection as the hub sees it.
+#[derive(Debug)]
+struct Member {
+    /// Events the connection itself must act on.
+    events: mpsc::Sender<HubEvent>,
+    /// Its socket's outbox: pushes that need nothing of the connection go straight in.
+    out: mpsc::Sender<Outgoing>,
+    session: String,
+    /// Channels whose floor it holds: their changes go through the connection.
+    holding: HashSet<String>,
+}
+
 /// Events of a channel waiting for a requester's reply.
 #[derive(Debug)]
 struct HeldBack {
@@ -65,7 +123,7 @@ struct HeldBack {
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
-    conns: HashMap<u64, mpsc::Sender<HubEvent>>,
+    conns: HashMap<u64, Member>,
     by_user: HashMap<String, HashSet<u64>>,
     /// The channel of each sync session seen, to route its deletion.
     sync_channels: HashMap<String, String>,
@@ -107,9 +165,28 @@ fn deliver(inner: &Inner, channel: &str, event: &HubEvent) {
         return;
     };
     for id in ids {
-        if let Some(tx) = inner.conns.get(id)
-            && tx.try_send(event.clone()).is_err()
-        {
+        let Some(member) = inner.conns.get(id) else {
+            continue;
+        };
+        // A push that needs nothing of the connection goes straight to its socket's outbox:
+        // one task wake-up per member instead of two.
+        let direct = match event {
+            HubEvent::Push(text) => Some(text),
+            HubEvent::Floor(push)
+                if !member.holding.contains(channel) && !push.concerns(&member.session) =>
+            {
+                Some(&push.speaker_changed)
+            }
+            _ => None,
+        };
+        let sent = match direct {
+            Some(text) => member
+                .out
+                .try_send(Outgoing::Message(Message::Text(text.clone())))
+                .is_ok(),
+            None => member.events.try_send(event.clone()).is_ok(),
+        };
+        if !sent {
             tracing::warn!(conn = id, "connection too slow for events; one dropped");
         }
     }
@@ -244,12 +321,24 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn register(&self, user_id: &str) -> (u64, mpsc::Receiver<HubEvent>) {
+    /// A new connection of `user_id` with session `session`, whose socket's outbox is `out`.
+    pub fn register(
+        &self,
+        user_id: &str,
+        session: &str,
+        out: mpsc::Sender<Outgoing>,
+    ) -> (u64, mpsc::Receiver<HubEvent>) {
         let (tx, rx) = mpsc::channel(CONNECTION_EVENTS);
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        inner.conns.insert(id, tx);
+        let member = Member {
+            events: tx,
+            out,
+            session: session.to_owned(),
+            holding: HashSet::new(),
+        };
+        inner.conns.insert(id, member);
         inner
             .by_user
             .entry(user_id.to_owned())
@@ -298,6 +387,17 @@ impl Hub {
             }
         }
         self.publish(&inner);
+    }
+
+    /// Whether connection `conn` holds `channel`'s floor (its changes then go through it).
+    pub fn holding(&self, conn: u64, channel: &str, holds: bool) {
+        if let Some(member) = self.lock().conns.get_mut(&conn) {
+            if holds {
+                member.holding.insert(channel.to_owned());
+            } else {
+                member.holding.remove(channel);
+            }
+        }
     }
 
     pub fn connection_count(&self) -> usize {
@@ -412,8 +512,8 @@ impl Hub {
             ),
         };
         for id in ids {
-            if let Some(tx) = inner.conns.get(&id)
-                && tx.try_send(out.clone()).is_err()
+            if let Some(member) = inner.conns.get(&id)
+                && member.events.try_send(out.clone()).is_err()
             {
                 tracing::warn!(conn = id, "connection too slow for a grant change");
             }
@@ -595,23 +695,39 @@ mod tests {
         })
     }
 
-    fn epoch_of(event: HubEvent) -> u64 {
-        match event {
-            HubEvent::Floor(push) => push.change.epoch,
-            other => panic!("a floor change, not {other:?}"),
+    /// The epoch of a `speaker-changed` push in a member's outbox.
+    fn epoch_of(out: Outgoing) -> u64 {
+        match out {
+            Outgoing::Message(Message::Text(text)) => {
+                let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                assert_eq!(frame["type"], "speaker-changed");
+                frame["data"]["epoch"].as_u64().unwrap()
+            }
+            other => panic!("a speaker-changed push, not {other:?}"),
         }
     }
 
-    #[tokio::test]
-    async fn a_change_waits_for_its_requesters_reply_and_later_ones_queue_behind() {
-        let hub = Hub::new();
-        let (conn, mut rx) = hub.register("u-listener");
+    /// A member following "ch" that the changes below do not concern: its pushes go straight
+    /// to its outbox.
+    fn member(hub: &Hub) -> (mpsc::Receiver<HubEvent>, mpsc::Receiver<Outgoing>) {
+        let (out, mut outbox) = mpsc::channel(64);
+        let (conn, events) = hub.register("u-listener", "s-listener", out);
         hub.follow(conn, "ch");
         hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
             channel_id: "ch".into(),
             ..Default::default()
         }));
-        assert!(matches!(rx.try_recv(), Ok(HubEvent::Push(_))));
+        assert!(matches!(
+            outbox.try_recv(),
+            Ok(Outgoing::Message(Message::Text(_)))
+        ));
+        (events, outbox)
+    }
+
+    #[tokio::test]
+    async fn a_change_waits_for_its_requesters_reply_and_later_ones_queue_behind() {
+        let hub = Hub::new();
+        let (mut events, mut rx) = member(&hub);
 
         hub.request_started("ch", "s-ana");
         hub.dispatch(floor("ch", "s-ana", 5));
@@ -625,18 +741,38 @@ mod tests {
         // A change nobody here asked for goes out at once.
         hub.dispatch(floor("ch", "s-cai", 7));
         assert_eq!(epoch_of(rx.try_recv().unwrap()), 7);
+        assert!(
+            events.try_recv().is_err(),
+            "nothing for the connection itself"
+        );
     }
 
     #[tokio::test]
-    async fn a_requester_that_never_finishes_holds_back_only_for_a_moment() {
+    async fn changes_of_a_held_floor_go_through_the_connection() {
         let hub = Hub::new();
-        let (conn, mut rx) = hub.register("u-listener");
+        let (out, _outbox) = mpsc::channel(64);
+        let (conn, mut events) = hub.register("u-ana", "s-ana", out);
         hub.follow(conn, "ch");
         hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
             channel_id: "ch".into(),
             ..Default::default()
         }));
-        rx.try_recv().unwrap();
+        // Named in the change: the connection acts on it.
+        hub.dispatch(floor("ch", "s-ana", 5));
+        assert!(matches!(events.try_recv(), Ok(HubEvent::Floor(_))));
+        // Holding the floor, a change naming others still goes through it.
+        hub.holding(conn, "ch", true);
+        hub.dispatch(floor("ch", "s-bo", 6));
+        assert!(matches!(events.try_recv(), Ok(HubEvent::Floor(_))));
+        hub.holding(conn, "ch", false);
+        hub.dispatch(floor("ch", "s-cai", 7));
+        assert!(events.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_requester_that_never_finishes_holds_back_only_for_a_moment() {
+        let hub = Hub::new();
+        let (_events, mut rx) = member(&hub);
         hub.request_started("ch", "s-ana");
         let started = tokio::time::Instant::now();
         hub.dispatch(floor("ch", "s-ana", 5));
