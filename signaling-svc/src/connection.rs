@@ -1154,7 +1154,6 @@ impl Conn {
                 }
                 self.send_text(push.speaker_changed.clone()).await;
             }
-            HubEvent::Push(text) => self.send_text(text).await,
             HubEvent::Grants(grants) => {
                 if self.grants.apply(&grants) {
                     self.enforce_grants().await;

@@ -50,12 +50,19 @@ impl FloorPush {
     }
 }
 
-/// What a connection receives.
+/// What goes to every member of a channel.
 #[derive(Debug, Clone)]
-pub enum HubEvent {
+enum Fanout {
     Floor(Arc<FloorPush>),
     /// A push that is the same for every member (`channel-state`, `sync-state`), encoded once.
     Push(Utf8Bytes),
+}
+
+/// What a connection itself receives (pushes that need nothing of it go to its outbox).
+#[derive(Debug, Clone)]
+pub enum HubEvent {
+    /// A floor change of a channel whose floor it holds, or that names its session.
+    Floor(Arc<FloorPush>),
     /// The user's stored grants changed.
     Grants(pb::UserGrants),
     /// Grant changes may have been missed: re-read the user's grants.
@@ -111,13 +118,22 @@ struct Member {
     holding: HashSet<String>,
 }
 
+impl Member {
+    /// Queues a push on its socket without waiting; false if the outbox is full or closed.
+    fn push(&self, text: &Utf8Bytes) -> bool {
+        self.out
+            .try_send(Outgoing::Message(Message::Text(text.clone())))
+            .is_ok()
+    }
+}
+
 /// Events of a channel waiting for a requester's reply.
 #[derive(Debug)]
 struct HeldBack {
     /// The session whose request caused the first of them.
     session: String,
     hold: u64,
-    events: Vec<HubEvent>,
+    events: Vec<Fanout>,
 }
 
 #[derive(Debug, Default)]
@@ -152,7 +168,7 @@ fn user_conns(inner: &Inner, user_id: &str) -> Vec<u64> {
 
 /// Hands `event` to every connection following `channel`, never waiting on a slow one; behind
 /// the channel's held-back events, if it has some.
-fn send_to_channel(inner: &mut Inner, channel: &str, event: HubEvent) {
+fn send_to_channel(inner: &mut Inner, channel: &str, event: Fanout) {
     if let Some(held) = inner.held_back.get_mut(channel) {
         held.events.push(event);
         return;
@@ -160,7 +176,7 @@ fn send_to_channel(inner: &mut Inner, channel: &str, event: HubEvent) {
     deliver(inner, channel, &event);
 }
 
-fn deliver(inner: &Inner, channel: &str, event: &HubEvent) {
+fn deliver(inner: &Inner, channel: &str, event: &Fanout) {
     let Some(ids) = inner.by_channel.get(channel) else {
         return;
     };
@@ -170,21 +186,17 @@ fn deliver(inner: &Inner, channel: &str, event: &HubEvent) {
         };
         // A push that needs nothing of the connection goes straight to its socket's outbox:
         // one task wake-up per member instead of two.
-        let direct = match event {
-            HubEvent::Push(text) => Some(text),
-            HubEvent::Floor(push)
-                if !member.holding.contains(channel) && !push.concerns(&member.session) =>
+        let sent = match event {
+            Fanout::Floor(push)
+                if member.holding.contains(channel) || push.concerns(&member.session) =>
             {
-                Some(&push.speaker_changed)
+                member
+                    .events
+                    .try_send(HubEvent::Floor(Arc::clone(push)))
+                    .is_ok()
             }
-            _ => None,
-        };
-        let sent = match direct {
-            Some(text) => member
-                .out
-                .try_send(Outgoing::Message(Message::Text(text.clone())))
-                .is_ok(),
-            None => member.events.try_send(event.clone()).is_ok(),
+            Fanout::Floor(push) => member.push(&push.speaker_changed),
+            Fanout::Push(text) => member.push(text),
         };
         if !sent {
             tracing::warn!(conn = id, "connection too slow for events; one dropped");
@@ -262,7 +274,7 @@ impl Hub {
         let mut inner = self.lock();
         inner.pending_state.remove(channel);
         if let Some(text) = inner.cache.get(channel).and_then(state_push) {
-            send_to_channel(&mut inner, channel, HubEvent::Push(text));
+            send_to_channel(&mut inner, channel, Fanout::Push(text));
         }
     }
 
@@ -297,7 +309,7 @@ impl Hub {
 
     /// Holds back a floor change of `channel` caused by `session`, for at most
     /// [`HOLD_BACK_AT_MOST`] whatever happens to the request.
-    fn hold_back(&self, inner: &mut Inner, channel: &str, session: &str, event: HubEvent) {
+    fn hold_back(&self, inner: &mut Inner, channel: &str, session: &str, event: Fanout) {
         inner.holds += 1;
         let hold = inner.holds;
         let held = HeldBack {
@@ -430,7 +442,7 @@ impl Hub {
                 };
                 let channel = state.channel_id.clone();
                 inner.cache.insert(channel.clone(), state);
-                (channel, HubEvent::Push(text))
+                (channel, Fanout::Push(text))
             }
             pb::watch_event::Event::Floor(change) => {
                 let Some(state) = inner.cache.get_mut(&change.channel_id) else {
@@ -448,18 +460,15 @@ impl Hub {
                     return;
                 };
                 let channel = change.channel_id.clone();
-                let requester = inner.requests.get(&channel).and_then(|sessions| {
-                    let holder = change.holder.as_ref().and_then(|h| h.speaker.as_ref());
-                    [holder, change.previous.as_ref()]
-                        .into_iter()
-                        .flatten()
-                        .find(|s| sessions.contains(&s.session_id))
-                        .map(|s| s.session_id.clone())
-                });
-                let event = HubEvent::Floor(Arc::new(FloorPush {
+                let push = Arc::new(FloorPush {
                     change,
                     speaker_changed,
-                }));
+                });
+                let requester = inner
+                    .requests
+                    .get(&channel)
+                    .and_then(|sessions| sessions.iter().find(|s| push.concerns(s)).cloned());
+                let event = Fanout::Floor(push);
                 match requester {
                     Some(session) if !inner.held_back.contains_key(&channel) => {
                         self.hold_back(&mut inner, &channel, &session, event);
@@ -535,7 +544,7 @@ impl Hub {
         };
         let push = Frame::push("sync-state", crate::sync::envelope(&state)).encode();
         if let (Some(channel), Some(text)) = (channel, push) {
-            send_to_channel(&mut inner, &channel, HubEvent::Push(text));
+            send_to_channel(&mut inner, &channel, Fanout::Push(text));
         }
     }
 

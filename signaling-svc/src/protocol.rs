@@ -399,6 +399,17 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// The frame as a WebSocket text message body, encoded once and shared by every receiver.
+    pub fn encode(&self) -> Option<Utf8Bytes> {
+        match serde_json::to_string(self) {
+            Ok(text) => Some(text.into()),
+            Err(error) => {
+                tracing::error!(%error, kind = self.kind, "cannot encode a frame");
+                None
+            }
+        }
+    }
+
     pub fn reply(kind: &'static str, id: Option<String>, data: Value) -> Self {
         Self {
             kind,
@@ -432,19 +443,6 @@ impl Frame {
 pub struct User {
     pub user_id: String,
     pub user_name: String,
-}
-
-impl Frame {
-    /// The frame as a WebSocket text message body, encoded once and shared by every receiver.
-    pub fn encode(&self) -> Option<Utf8Bytes> {
-        match serde_json::to_string(self) {
-            Ok(text) => Some(text.into()),
-            Err(error) => {
-                tracing::error!(%error, kind = self.kind, "cannot encode a frame");
-                None
-            }
-        }
-    }
 }
 
 /// `{userId, userName}` of a floor holder, or null.

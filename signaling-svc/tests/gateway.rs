@@ -323,7 +323,7 @@ async fn ping_join_floor_contention_and_disconnect() {
 /// The requester reads its `ptt-start`/`ptt-stop` reply before the `speaker-changed` its
 /// request caused (the order protocol.md promises), and every member hears every change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_requester_reads_its_reply_before_the_fan_out() {
+async fn the_requester_reads_its_reply_before_its_speaker_changed() {
     let stack = stack_with(1, 5_000, 60_000, |c| {
         c.ptt_rate = 1_000;
         c.request_rate = 1_000;
