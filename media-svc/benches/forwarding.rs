@@ -1,19 +1,24 @@
 //! Forwarding capacity of one media node: one channel, one speaker at 50 packets/s, N listeners.
 //!
 //! Run with `cargo bench -p media-svc --bench forwarding`. It starts a release-built media-svc
-//! process and connects real WebRTC peers (the `webrtc` crate, DTLS-SRTP over loopback) from
-//! this process: one speaker and up to 2000 listeners. For each N it talks for a few seconds and
-//! prints the delivered fraction, the latency the node adds (from a speaker's packet arriving
-//! at the node to each copy's send, measured by the node), the end-to-end latency (speaker send
-//! to listener arrival, both in this process, so it includes the clients' own WebRTC work on
-//! the same cores), and the node's CPU per forwarded packet (from `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the sizes, `MEDIA_BENCH_SECS`
-//! the talking time per size (default 5).
+//! process and connects real WebRTC peers over loopback from this process: one speaker (the
+//! `webrtc` crate) and up to 2000 listeners (sans-IO `rtc` peers on one thread of their own, see
+//! `farm`, so the clients take as little of the two cores from the node as a receiver can).
+//! For each N it talks for a few seconds and prints the delivered fraction, the latency the
+//! node adds (from a speaker's packet arriving at the node to each copy's send, measured by the
+//! node), the end-to-end latency (speaker send to the datagram's arrival at the listener's
+//! socket), how many copies the verifying listeners authenticated and decrypted, and the node's
+//! CPU per forwarded packet (from `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the
+//! sizes, `MEDIA_BENCH_SECS` the talking time per size (default 5), `MEDIA_BENCH_VERIFY_EVERY`
+//! how many listeners share one verifier (default 10).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod farm;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -35,6 +40,9 @@ fn main() {
 struct Row {
     listeners: usize,
     delivered: f64,
+    verified: u64,
+    checked: u64,
+    gaps: usize,
     p50_us: u64,
     p99_us: u64,
     node_p50_us: u32,
@@ -83,7 +91,13 @@ async fn run() {
     // One continuous stream from the speaker, as a real client sends: the receiver's SRTP
     // replay protection rejects a sequence number that jumps backwards.
     let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
-    let mut ears: Vec<support::peer::Peer> = Vec::new();
+    let verify_every: usize = std::env::var("MEDIA_BENCH_VERIFY_EVERY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let listeners = farm::Farm::start();
+    let mut ears: Vec<std::sync::Arc<farm::Ear>> = Vec::new();
     let mut rows = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
         let setup = Instant::now();
@@ -92,11 +106,8 @@ async fn run() {
             let start = ears.len();
             let joins = (start..start + batch).map(|i| {
                 let mut client = client.clone();
-                async move {
-                    support::listener(&mut client, &format!("l{i}"), "bench", false)
-                        .await
-                        .0
-                }
+                let listeners = &listeners;
+                async move { listener(&mut client, listeners, i, i % verify_every == 0).await }
             });
             ears.extend(futures::future::join_all(joins).await);
         }
@@ -115,8 +126,10 @@ async fn run() {
             .as_secs_f64()
             / idle_window.as_secs_f64();
         for ear in &ears {
-            ear.clear();
+            ear.take();
         }
+        let verified_before: u64 = ears.iter().map(|e| e.verified.load(Relaxed)).sum();
+        let checked_before: u64 = ears.iter().map(|e| e.checked.load(Relaxed)).sum();
         // A new epoch per round: a new talk spurt, whose first packet carries the marker.
         support::set_floor(&mut client, "bench", Some(&producer), round as u64 + 1).await;
         let before = client
@@ -139,7 +152,7 @@ async fn run() {
         }
         let expected = n * frames;
         let _ = testkit::wait_until(Duration::from_secs(3), "delivery", || async {
-            ears.iter().map(|e| e.received_count()).sum::<usize>() >= expected
+            ears.iter().map(|e| e.count()).sum::<usize>() >= expected
         })
         .await;
         let cpu = process_cpu_time(pid)
@@ -148,17 +161,29 @@ async fn run() {
         let idle_share = idle_rate * talk_started.elapsed().as_secs_f64();
         let after = support::stats(&mut client).await;
 
+        // The verifiers decrypt on the same thread after the count; give them a moment.
+        let checked = ears.iter().map(|e| e.checked.load(Relaxed)).sum::<u64>() - checked_before;
+        let _ = testkit::wait_until(Duration::from_secs(2), "verification", || async {
+            ears.iter().map(|e| e.verified.load(Relaxed)).sum::<u64>() - verified_before >= checked
+        })
+        .await;
+        let verified = ears.iter().map(|e| e.verified.load(Relaxed)).sum::<u64>() - verified_before;
         let mut hist = Histogram::<u64>::new(3).unwrap();
         let mut received = 0usize;
+        let mut gaps = 0usize;
         for ear in &ears {
-            let got = ear.received();
+            let got = ear.take();
             received += got.len();
-            let Some(first) = got.first().filter(|p| p.packet.header.marker) else {
+            gaps += got
+                .windows(2)
+                .filter(|w| w[1].sequence_number != w[0].sequence_number.wrapping_add(1))
+                .count();
+            let Some(first) = got.first().filter(|p| p.marker) else {
                 continue;
             };
-            let base = first.packet.header.timestamp;
+            let base = first.timestamp;
             for r in &got {
-                let index = (r.packet.header.timestamp.wrapping_sub(base) / 960) as usize;
+                let index = (r.timestamp.wrapping_sub(base) / 960) as usize;
                 if let Some(sent) = sent_at.get(index) {
                     hist.record(r.at.saturating_duration_since(*sent).as_micros() as u64)
                         .unwrap();
@@ -172,6 +197,9 @@ async fn run() {
         rows.push(Row {
             listeners: n,
             delivered: received as f64 / expected as f64,
+            verified,
+            checked,
+            gaps,
             p50_us: hist.value_at_quantile(0.5),
             p99_us: hist.value_at_quantile(0.99),
             node_p50_us: after.forward_latency_p50_us,
@@ -191,14 +219,19 @@ async fn run() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| listeners | delivered | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
+        "| listeners | delivered | decrypted by verifiers | sequence gaps | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut failed = false;
     for r in &rows {
+        failed |= r.verified != r.checked;
         println!(
-            "| {} | {:.2}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
+            "| {} | {:.2}% | {} of {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
             r.listeners,
             r.delivered * 100.0,
+            r.verified,
+            r.checked,
+            r.gaps,
             f64::from(r.node_p50_us) / 1000.0,
             f64::from(r.node_p99_us) / 1000.0,
             f64::from(r.node_max_us) / 1000.0,
@@ -210,8 +243,60 @@ async fn run() {
             r.node_rss_mib
         );
     }
-    for ear in &ears {
-        ear.close().await;
-    }
+    drop(listeners);
     speaker.close().await;
+    if failed {
+        eprintln!("some copies failed SRTP authentication at the verifying listeners");
+        std::process::exit(1);
+    }
+}
+
+/// A listener on the farm: a recv transport, the farm peer's answer, a consumer, connected.
+async fn listener(
+    client: &mut support::Client,
+    farm: &farm::Farm,
+    i: usize,
+    verifier: bool,
+) -> std::sync::Arc<farm::Ear> {
+    use talkgroup_proto::media::v1 as pb;
+    let session = format!("l{i}");
+    let created = client
+        .create_transport(pb::CreateTransportRequest {
+            channel_id: "bench".into(),
+            session_id: session.clone(),
+            direction: pb::Direction::Recv.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (pending, sdp) = farm::answer(&created.offer.unwrap().sdp, verifier);
+    let ear = pending.ear();
+    farm.add(pending);
+    client
+        .connect_transport(pb::ConnectTransportRequest {
+            transport_id: created.transport_id.clone(),
+            session_id: session.clone(),
+            payload: Some(pb::connect_transport_request::Payload::Answer(
+                pb::SessionDescription {
+                    r#type: "answer".into(),
+                    sdp,
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    client
+        .consume(pb::ConsumeRequest {
+            transport_id: created.transport_id,
+            session_id: session,
+            channel_id: "bench".into(),
+        })
+        .await
+        .unwrap();
+    testkit::wait_until(Duration::from_secs(10), "listener connected", || async {
+        ear.connected.load(Acquire)
+    })
+    .await
+    .expect("listener connected");
+    ear
 }

@@ -334,7 +334,6 @@ fn schedule<P: Peer>(
 /// Where copies go out and what their sending is measured into.
 struct Out<'a, P> {
     peers: &'a mut HashMap<u64, Slot<P>>,
-    timers: &'a mut BinaryHeap<Reverse<(Instant, u64)>>,
     send_dropped: &'a mut u64,
     latency: &'a mut Histogram<u64>,
 }
@@ -352,8 +351,9 @@ fn deliver_to<P: Peer>(out: &mut Out<'_, P>, key: u64, packet: rtp::Packet, at: 
     if !slot.peer.write_rtp(packet, Instant::now()) {
         return false;
     }
+    // No timer to re-arm: sending RTP starts none (the listener's peer has no sender-report
+    // interceptor), and its ICE and DTLS timers stay armed from the last input.
     let sent = flush(slot, out.send_dropped);
-    schedule(key, slot, out.timers);
     let micros = u64::try_from(at.elapsed().as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -466,7 +466,6 @@ impl<E: Engine> Worker<E> {
             pool,
             routers,
             peers,
-            timers,
             send_dropped,
             latency,
             ..
@@ -478,7 +477,6 @@ impl<E: Engine> Worker<E> {
         let mut batches: Vec<Vec<(u64, rtp::Packet)>> = (0..workers).map(|_| Vec::new()).collect();
         let mut local = Out {
             peers,
-            timers,
             send_dropped,
             latency,
         };
@@ -623,14 +621,12 @@ impl<E: Engine> Worker<E> {
             Command::Deliver { batch, at } => {
                 let Worker {
                     peers,
-                    timers,
                     send_dropped,
                     latency,
                     ..
                 } = self;
                 let mut out = Out {
                     peers,
-                    timers,
                     send_dropped,
                     latency,
                 };

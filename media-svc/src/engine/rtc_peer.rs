@@ -96,10 +96,18 @@ impl Engine for RtcEngine {
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_lite(true)
             .build();
+        // Receiver reports tell a speaker's client about loss (Opus FEC and bitrate adapt to
+        // them). The node sends no sender reports for forwarded audio: a listener's single
+        // audio stream needs none (no lip sync), and the report interceptor would sit in the
+        // path of every copy.
+        let interceptors = match spec {
+            PeerSpec::Send => configure_rtcp_reports(Registry::new()),
+            PeerSpec::Recv { .. } => Registry::new(),
+        };
         let mut core = RTCPeerConnectionBuilder::new()
             .with_setting_engine(settings)
             .with_media_engine(opus_media_engine()?)
-            .with_interceptor_registry(configure_rtcp_reports(Registry::new()))
+            .with_interceptor_registry(interceptors)
             .build(now)
             .map_err(setup)?;
         let sender = match spec {
@@ -265,11 +273,19 @@ impl Peer for RtcPeer {
     }
 
     fn write_rtp(&mut self, packet: rtp::Packet, now: Instant) -> bool {
-        let Some(id) = self.sender else { return false };
-        match self.core.rtp_sender(id) {
-            Some(mut sender) => sender.write_rtp(now, packet).is_ok(),
-            None => false,
+        if self.sender.is_none() {
+            return false;
         }
+        // Straight into the connection's pipeline: `RTCRtpSender::write_rtp` would rebuild the
+        // sender's negotiated parameters (codec strings and all) for every copy to check what
+        // the router already guarantees (the track's SSRC, the negotiated payload type, no
+        // header extensions).
+        self.core
+            .handle_write(TaggedRTCMessage {
+                now,
+                message: RTCMessage::RtpPacket(String::new(), packet),
+            })
+            .is_ok()
     }
 
     fn payload_type(&mut self) -> u8 {

@@ -1,0 +1,276 @@
+//! Listeners for the forwarding benchmark that cost the node's machine as little as a WebRTC
+//! receiver can: sans-IO `rtc` peers (ICE, DTLS-SRTP, the same protocol core as the node) all
+//! driven by one task each on a single thread of their own.
+//!
+//! Every datagram that reaches a listener's socket is timestamped at once. RTP is counted from
+//! its header, which SRTP leaves in the clear (sequence number, timestamp, marker). A sample of
+//! the listeners, the *verifiers*, also hand every RTP datagram to their peer, which checks the
+//! SRTP authentication tag and decrypts it; the benchmark reports how many copies verified and
+//! fails if any did not. STUN, DTLS and RTCP always go to the peer, so ICE consent, the DTLS
+//! session and the node's view of the connection are those of a real client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::event::RTCPeerConnectionEvent;
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::sync::mpsc;
+
+/// One RTP datagram as it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub at: Instant,
+    pub sequence_number: u16,
+    pub timestamp: u32,
+    pub marker: bool,
+}
+
+/// What a listener observed; shared between its task and the benchmark.
+#[derive(Debug, Default)]
+pub struct Ear {
+    pub connected: AtomicBool,
+    pub failed: AtomicBool,
+    arrivals: Mutex<Vec<Arrival>>,
+    /// RTP datagrams this listener's peer authenticated and decrypted (verifiers only).
+    pub verified: AtomicU64,
+    /// RTP datagrams handed to the peer (verifiers only).
+    pub checked: AtomicU64,
+    pub verifier: AtomicBool,
+}
+
+impl Ear {
+    pub fn take(&self) -> Vec<Arrival> {
+        std::mem::take(&mut *self.arrivals.lock().unwrap())
+    }
+
+    pub fn count(&self) -> usize {
+        self.arrivals.lock().unwrap().len()
+    }
+}
+
+/// A peer with its socket, ready to be driven by the farm.
+pub struct Pending {
+    core: RTCPeerConnection,
+    socket: std::net::UdpSocket,
+    local: SocketAddr,
+    ear: Arc<Ear>,
+}
+
+fn opus() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// Answers the node's offer with a receive-only peer on a fresh loopback socket.
+pub fn answer(offer: &str, verifier: bool) -> (Pending, String) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut media = MediaEngine::default();
+    media
+        .register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: opus(),
+                payload_type: 111,
+            },
+            RtpCodecKind::Audio,
+        )
+        .unwrap();
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .build();
+    let now = Instant::now();
+    let mut core = RTCPeerConnectionBuilder::new()
+        .with_setting_engine(settings)
+        .with_media_engine(media)
+        .build(now)
+        .unwrap();
+    core.set_remote_description(now, RTCSessionDescription::offer(offer.to_owned()).unwrap())
+        .unwrap();
+    let candidate = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: local.ip().to_string(),
+            port: local.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()
+    .unwrap();
+    core.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
+        .unwrap();
+    let answer = core.create_answer(None).unwrap();
+    core.set_local_description(now, answer).unwrap();
+    let sdp = core.local_description().unwrap().sdp;
+    let ear = Arc::new(Ear::default());
+    ear.verifier.store(verifier, Ordering::Relaxed);
+    (
+        Pending {
+            core,
+            socket,
+            local,
+            ear,
+        },
+        sdp,
+    )
+}
+
+impl Pending {
+    pub fn ear(&self) -> Arc<Ear> {
+        Arc::clone(&self.ear)
+    }
+}
+
+/// The thread the listeners run on. Dropping it stops them.
+pub struct Farm {
+    add: mpsc::UnboundedSender<Pending>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Farm {
+    pub fn start() -> Self {
+        let (add, mut added) = mpsc::unbounded_channel::<Pending>();
+        let thread = std::thread::Builder::new()
+            .name("listener-farm".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, async move {
+                    while let Some(pending) = added.recv().await {
+                        tokio::task::spawn_local(drive(pending));
+                    }
+                });
+            })
+            .unwrap();
+        Self {
+            add,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn add(&self, pending: Pending) {
+        self.add.send(pending).ok().expect("farm running");
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        self.add = closed;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// RTP, not RTCP (RFC 5761: RTCP packet types 192-223 put 64-95 in the payload type bits).
+fn rtp_header(data: &[u8]) -> Option<(u16, u32, bool)> {
+    if data.len() < 12 || data[0] >> 6 != 2 || (64..=95).contains(&(data[1] & 0x7f)) {
+        return None;
+    }
+    Some((
+        u16::from_be_bytes([data[2], data[3]]),
+        u32::from_be_bytes([data[4], data[5], data[6], data[7]]),
+        data[1] & 0x80 != 0,
+    ))
+}
+
+async fn drive(pending: Pending) {
+    let Pending {
+        mut core,
+        socket,
+        local,
+        ear,
+    } = pending;
+    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+    let verifier = ear.verifier.load(Ordering::Relaxed);
+    let mut buf = vec![0u8; 2048];
+    loop {
+        while let Some(out) = core.poll_write() {
+            let _ = socket.try_send_to(&out.message, out.transport.peer_addr);
+        }
+        while let Some(TaggedRTCMessage { message, .. }) = core.poll_read() {
+            if let RTCMessage::RtpPacket(_, _) = message {
+                ear.verified.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        while let Some(event) = core.poll_event() {
+            if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event {
+                match state {
+                    RTCPeerConnectionState::Connected => {
+                        ear.connected.store(true, Ordering::Release)
+                    }
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                        ear.failed.store(true, Ordering::Release);
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let deadline = core.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            read = socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = read else { continue };
+                let at = Instant::now();
+                let data = &buf[..n];
+                if let Some((sequence_number, timestamp, marker)) = rtp_header(data) {
+                    ear.arrivals.lock().unwrap().push(Arrival {
+                        at,
+                        sequence_number,
+                        timestamp,
+                        marker,
+                    });
+                    if !verifier {
+                        continue;
+                    }
+                    ear.checked.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = core.handle_read(TaggedBytesMut {
+                    now: at,
+                    transport: TransportContext {
+                        local_addr: local,
+                        peer_addr: from,
+                        ecn: None,
+                        transport_protocol: TransportProtocol::UDP,
+                    },
+                    message: BytesMut::from(data),
+                });
+            }
+            () = sleep => {
+                let _ = core.handle_timeout(Instant::now());
+            }
+        }
+    }
+}
