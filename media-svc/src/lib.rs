@@ -44,6 +44,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("listener has no local address, or metrics cannot listen: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("media engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 /// Serves until `shutdown`, then drains: health NOT_SERVING, no new channels, and exit once the
@@ -67,7 +69,8 @@ pub async fn run(
         announced_ip: config.announced_ip,
         capacity: config.capacity,
     };
-    let node = Node::new(RtcEngine, settings, ports, workers);
+    let engine = RtcEngine::new()?;
+    let node = Node::new(engine, settings, ports, workers);
     let metrics_stop = CancellationToken::new();
     if let Some(metrics_addr) = config.metrics_listen {
         let exposition = metrics::start(Arc::clone(&node), config.capacity, metrics_stop.clone());

@@ -174,7 +174,7 @@ impl Farm {
     }
 
     pub fn add(&self, pending: Pending) {
-        self.add.send(pending).ok().expect("farm running");
+        assert!(self.add.send(pending).is_ok(), "farm running");
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use rtc::rtp;
 
+pub mod listener;
 pub mod rtc_peer;
 pub mod sdp;
 

@@ -1,6 +1,9 @@
-//! The engine on the sans-IO `rtc` 0.21 core (the protocol stack under `webrtc` 0.21; the two
-//! are pinned together). Opus only, RTCP reports as the only interceptor (no NACK or TWCC for
-//! forwarded audio), mDNS off, ICE-lite.
+//! The engine on the sans-IO `rtc` 0.21 stack (the protocol core under `webrtc` 0.21; the two
+//! are pinned together). A speaker's transport (the node receives) is a full `rtc` peer
+//! connection: Opus only, RTCP reports as the only interceptor (no NACK or TWCC for audio),
+//! mDNS off, ICE-lite. A listener's transport (the node sends) is the lean
+//! [`ListenerPeer`](super::listener::ListenerPeer) built from the same stack's ICE, DTLS and
+//! SRTP crates, because it carries every forwarded copy.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -29,9 +32,11 @@ use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTra
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
+use super::listener::{Identity, ListenerPeer};
 use super::{
     Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, Peer, PeerSpec, PeerState, sdp,
 };
+use std::sync::Arc;
 
 pub fn opus_codec() -> RTCRtpCodec {
     RTCRtpCodec {
@@ -62,8 +67,27 @@ fn setup<E: std::fmt::Display>(e: E) -> EngineError {
     EngineError::Setup(e.to_string())
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct RtcEngine;
+/// Creates the node's transports; holds the node's DTLS identity for listener transports.
+#[derive(Debug, Clone)]
+pub struct RtcEngine {
+    identity: Arc<Identity>,
+}
+
+impl RtcEngine {
+    /// An engine with a fresh DTLS certificate.
+    pub fn new() -> Result<Self, EngineError> {
+        Ok(Self {
+            identity: Arc::new(Identity::generate()?),
+        })
+    }
+}
+
+/// A transport of the node: a speaker's (full peer connection) or a listener's (lean).
+#[derive(Debug)]
+pub enum NodePeer {
+    Speaker(Box<RtcPeer>),
+    Listener(Box<ListenerPeer>),
+}
 
 pub struct RtcPeer {
     core: RTCPeerConnection,
@@ -83,10 +107,32 @@ impl std::fmt::Debug for RtcPeer {
 }
 
 impl Engine for RtcEngine {
-    type Peer = RtcPeer;
+    type Peer = NodePeer;
 
     fn create(
         &self,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<NodePeer, EngineError> {
+        match spec {
+            PeerSpec::Recv { ssrc } => Ok(NodePeer::Listener(Box::new(ListenerPeer::new(
+                Arc::clone(&self.identity),
+                ssrc,
+                local,
+                announced,
+            )))),
+            PeerSpec::Send => Ok(NodePeer::Speaker(Box::new(RtcPeer::create(
+                spec, local, announced, now,
+            )?))),
+        }
+    }
+}
+
+impl RtcPeer {
+    /// A full `rtc` peer connection for `spec`.
+    pub fn create(
         spec: PeerSpec,
         local: SocketAddr,
         announced: Option<IpAddr>,
@@ -311,5 +357,76 @@ impl Peer for RtcPeer {
     fn close(&mut self) {
         let _ = self.core.close();
         self.pump();
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $p:ident => $e:expr) => {
+        match $self {
+            NodePeer::Speaker($p) => $e,
+            NodePeer::Listener($p) => $e,
+        }
+    };
+}
+
+impl Peer for NodePeer {
+    fn offer(&self) -> &str {
+        each!(self, p => p.offer())
+    }
+
+    fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<(), EngineError> {
+        match self {
+            NodePeer::Speaker(p) => p.apply_answer(sdp, now),
+            NodePeer::Listener(p) => p.apply_answer(&sdp, now),
+        }
+    }
+
+    fn add_candidate(&mut self, candidate: Candidate) -> Result<(), EngineError> {
+        match self {
+            NodePeer::Speaker(p) => p.add_candidate(candidate),
+            NodePeer::Listener(p) => p.add_candidate(&candidate),
+        }
+    }
+
+    fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+        each!(self, p => p.handle_datagram(data, from, now))
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        each!(self, p => p.handle_timeout(now))
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        each!(self, p => p.poll_timeout())
+    }
+
+    fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
+        each!(self, p => p.poll_datagram())
+    }
+
+    fn poll_rtp(&mut self) -> Option<rtp::Packet> {
+        match self {
+            NodePeer::Speaker(p) => p.poll_rtp(),
+            NodePeer::Listener(_) => None,
+        }
+    }
+
+    fn write_rtp(&mut self, packet: rtp::Packet, now: Instant) -> bool {
+        match self {
+            NodePeer::Speaker(p) => p.write_rtp(packet, now),
+            NodePeer::Listener(p) => p.write_rtp(&packet),
+        }
+    }
+
+    fn payload_type(&mut self) -> u8 {
+        each!(self, p => p.payload_type())
+    }
+
+    fn poll_state(&mut self) -> Option<PeerState> {
+        each!(self, p => p.poll_state())
+    }
+
+    fn close(&mut self) {
+        each!(self, p => p.close())
     }
 }
