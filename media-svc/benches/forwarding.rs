@@ -74,7 +74,12 @@ async fn run() {
             "--capacity",
             "10000",
         ],
-        &[("RUST_LOG", "warn,media_svc=info")],
+        &[(
+            "RUST_LOG",
+            std::env::var("MEDIA_BENCH_NODE_LOG")
+                .as_deref()
+                .unwrap_or("warn,media_svc=info"),
+        )],
         "media-svc listening",
     )
     .expect("media-svc");
@@ -115,6 +120,11 @@ async fn run() {
             "{n} listeners connected in {:.1} s",
             setup.elapsed().as_secs_f64()
         );
+        if std::env::var_os("MEDIA_BENCH_NODE_LOG").is_some() {
+            for line in node.logs() {
+                eprintln!("node: {line}");
+            }
+        }
         // What the node spends with everyone connected and nobody talking (ICE keepalives,
         // RTCP reports, timers), so the per-packet figure can be read with and without it.
         let idle_window = Duration::from_secs(2);

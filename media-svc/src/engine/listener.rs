@@ -49,6 +49,16 @@ const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer the node parses.
 const MAX_ANSWER: usize = 64 * 1024;
+/// DTLS datagrams kept from before the answer (the client's first flight).
+const MAX_EARLY_DTLS: usize = 8;
+
+/// An ICE username fragment or password: RFC 8839 `ice-char`s, at least `min` of them.
+fn valid_ice(value: &str, min: usize) -> bool {
+    (min..=256).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
 
 /// What every listener transport of the node shares: the crypto provider and the node's DTLS
 /// certificate with its fingerprint.
@@ -199,15 +209,9 @@ fn parse_answer(sdp: &str) -> Result<Answer, EngineError> {
             _ => {}
         }
     }
-    let valid_ice = |s: &Option<String>, min: usize| {
-        s.as_ref().is_some_and(|v| {
-            (min..=256).contains(&v.len())
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
-        })
-    };
     // RFC 8839: ufrag at least 4 characters, password at least 22.
-    if !valid_ice(&ufrag, 4) || !valid_ice(&pwd, 22) || audio_port.unwrap_or(0) == 0 {
+    let valid = |s: &Option<String>, min: usize| s.as_deref().is_some_and(|v| valid_ice(v, min));
+    if !valid(&ufrag, 4) || !valid(&pwd, 22) || audio_port.unwrap_or(0) == 0 {
         return Err(EngineError::BadDescription);
     }
     let fingerprint = fingerprint
@@ -293,6 +297,12 @@ pub struct ListenerPeer {
     phase: Phase,
     /// Where media goes: the address the client nominated in a valid check.
     remote: Option<SocketAddr>,
+    /// The client's username fragment in the checks from `remote`.
+    remote_ufrag: Option<String>,
+    /// The client nominated `remote` (USE-CANDIDATE).
+    nominated: bool,
+    /// DTLS datagrams from `remote` that came before the answer.
+    early_dtls: Vec<BytesMut>,
     last_consent: Option<Instant>,
     connect_deadline: Option<Instant>,
     dtls: Option<Endpoint>,
@@ -334,6 +344,9 @@ impl ListenerPeer {
             answer: None,
             phase: Phase::Offered,
             remote: None,
+            remote_ufrag: None,
+            nominated: false,
+            early_dtls: Vec::new(),
             last_consent: None,
             connect_deadline: None,
             dtls: None,
@@ -367,9 +380,26 @@ impl ListenerPeer {
                 Some(config),
             ));
         }
+        // An address selected before the answer counts only if the checks came from this client.
+        if self.remote_ufrag.as_deref() != Some(answer.ufrag.as_str()) {
+            self.remote = None;
+            self.remote_ufrag = None;
+            self.nominated = false;
+            self.early_dtls.clear();
+        }
         self.answer = Some(answer);
         self.phase = Phase::Connecting;
         self.connect_deadline = Some(now + CONNECT_TIMEOUT);
+        if self.remote.is_some() {
+            self.last_consent = Some(now);
+        }
+        self.connect_if_client(now);
+        if let Some(remote) = self.remote {
+            for data in std::mem::take(&mut self.early_dtls) {
+                self.on_dtls(data, remote, now);
+            }
+        }
+        self.drain_dtls();
         Ok(())
     }
 
@@ -398,14 +428,25 @@ impl ListenerPeer {
         // RFC 7983 demultiplexing by the first byte.
         match data[0] {
             0..=3 => self.on_stun(&data, from, now),
-            20..=63 if Some(from) == self.remote => self.on_dtls(data, from, now),
+            20..=63 if Some(from) == self.remote => {
+                if self.dtls.is_some() {
+                    self.on_dtls(data, from, now);
+                } else if self.early_dtls.len() < MAX_EARLY_DTLS {
+                    // The client's first flight, ahead of its answer: kept, so the handshake
+                    // does not wait a retransmission timeout (1 s) for it.
+                    self.early_dtls.push(data);
+                }
+            }
             // RTCP from the listener (receiver reports) is not used; anything else is noise.
             _ => {}
         }
     }
 
+    /// Answers a valid binding request. A check can arrive before the client's answer reaches
+    /// the node (the client starts ICE as soon as it has the offer): it is answered all the
+    /// same, since its integrity is proven with the node's own password, and the client's
+    /// username fragment in it is held against the answer when that comes (RFC 8445 7.3).
     fn on_stun(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
-        let Some(answer) = &self.answer else { return };
         let mut m = Message::new();
         if m.unmarshal_binary(data).is_err()
             || m.typ.method != METHOD_BINDING
@@ -414,9 +455,16 @@ impl ListenerPeer {
             return;
         }
         let mut username = Username::new(ATTR_USERNAME, String::new());
-        let expected = format!("{}:{}", self.ufrag, answer.ufrag);
-        if username.get_from(&m).is_err()
-            || username.text != expected
+        let their_ufrag = match username.get_from(&m) {
+            Ok(()) => match username.text.split_once(':') {
+                Some((ours, theirs)) if ours == self.ufrag && valid_ice(theirs, 4) => {
+                    theirs.to_owned()
+                }
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        if self.answer.as_ref().is_some_and(|a| a.ufrag != their_ufrag)
             || FINGERPRINT.check(&m).is_err()
             || MessageIntegrity::check(&mut m, self.pwd.as_bytes(), self.identity.crypto.crypto())
                 .is_err()
@@ -447,22 +495,33 @@ impl ListenerPeer {
         }
         self.out
             .push_back((BytesMut::from(reply.raw.as_slice()), from));
-        if m.contains(ATTR_USE_CANDIDATE) || self.remote.is_none() {
+        let nominating = m.contains(ATTR_USE_CANDIDATE);
+        if nominating || self.remote.is_none() {
             if self.remote != Some(from) {
-                tracing::debug!(%from, "listener address selected");
+                tracing::debug!(%from, nominating, "listener address selected");
             }
             self.remote = Some(from);
-            if let (Some(config), Some(dtls)) = (self.dtls_client.take(), self.dtls.as_mut())
-                && dtls.connect(now, from, config, None).is_err()
-            {
-                self.end(PeerState::Failed);
-                return;
-            }
+            self.remote_ufrag = Some(their_ufrag);
+            self.nominated |= nominating;
+            self.connect_if_client(now);
         }
         if self.remote == Some(from) {
             self.last_consent = Some(now);
         }
         self.drain_dtls();
+    }
+
+    /// Starts the handshake when the client answered `passive` and nominated an address. Not
+    /// before the nomination: until the client has this check's response its DTLS transport is
+    /// not listening, so a ClientHello sent any earlier is lost and costs a 1 s retransmission.
+    fn connect_if_client(&mut self, now: Instant) {
+        if let Some(remote) = self.remote.filter(|_| self.nominated)
+            && let Some(dtls) = self.dtls.as_mut()
+            && let Some(config) = self.dtls_client.take()
+            && dtls.connect(now, remote, config, None).is_err()
+        {
+            self.end(PeerState::Failed);
+        }
     }
 
     fn on_dtls(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
