@@ -626,6 +626,7 @@ impl ListenerPeer {
             return;
         }
         if let (Some(dtls), Some(remote)) = (self.dtls.as_mut(), self.remote)
+            && dtls.poll_timeout(&remote).is_some_and(|at| now >= at)
             && dtls.handle_timeout(remote, now).is_err()
         {
             tracing::debug!("listener DTLS handshake timed out");
@@ -790,5 +791,212 @@ mod tests {
             Instant::now(),
         );
         assert!(peer.poll_datagram().is_none());
+    }
+
+    /// A real client: an `rtc` peer connection answering the node's offer, joined to the
+    /// listener transport by an in-memory "network" between two fixed addresses.
+    mod handshake {
+        use super::*;
+        use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
+        use rtc::peer_connection::message::RTCMessage;
+        use rtc::peer_connection::sdp::RTCSessionDescription;
+        use rtc::peer_connection::transport::{
+            CandidateConfig, CandidateHostConfig, RTCIceCandidate,
+        };
+        use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+        use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+        use rtc::sansio::Protocol;
+        use rtc::shared::{TaggedBytesMut, TransportContext};
+
+        const NODE: &str = "127.0.0.1:40000";
+        const CLIENT: &str = "127.0.0.1:50000";
+
+        fn client(offer: &str) -> (RTCPeerConnection, String) {
+            let mut media = MediaEngine::default();
+            media
+                .register_codec(
+                    RTCRtpCodecParameters {
+                        rtp_codec: RTCRtpCodec {
+                            mime_type: MIME_TYPE_OPUS.to_owned(),
+                            clock_rate: 48_000,
+                            channels: 2,
+                            sdp_fmtp_line: OPUS_FMTP.to_owned(),
+                            rtcp_feedback: vec![],
+                        },
+                        payload_type: OPUS_PAYLOAD_TYPE,
+                    },
+                    RtpCodecKind::Audio,
+                )
+                .unwrap();
+            let now = Instant::now();
+            let mut pc = RTCPeerConnectionBuilder::new()
+                .with_media_engine(media)
+                .build(now)
+                .unwrap();
+            pc.set_remote_description(now, RTCSessionDescription::offer(offer.into()).unwrap())
+                .unwrap();
+            let addr: SocketAddr = CLIENT.parse().unwrap();
+            let candidate = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .unwrap();
+            pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
+                .unwrap();
+            let answer = pc.create_answer(None).unwrap();
+            pc.set_local_description(now, answer).unwrap();
+            let sdp = pc.local_description().unwrap().sdp;
+            (pc, sdp)
+        }
+
+        /// Runs both sides for up to `steps` rounds of simulated time; returns the RTP payloads
+        /// the client decrypted and the listener's state changes. `tamper` may rewrite or drop
+        /// each datagram on its way to the node.
+        fn run(
+            node: &mut ListenerPeer,
+            pc: &mut RTCPeerConnection,
+            steps: usize,
+            send_after_connect: usize,
+            mut tamper: impl FnMut(BytesMut) -> Option<(BytesMut, SocketAddr)>,
+        ) -> (Vec<Vec<u8>>, Vec<PeerState>) {
+            let node_addr: SocketAddr = NODE.parse().unwrap();
+            let client_addr: SocketAddr = CLIENT.parse().unwrap();
+            let mut now = Instant::now();
+            let mut heard = Vec::new();
+            let mut states = Vec::new();
+            let mut sent = 0usize;
+            for _ in 0..steps {
+                now += Duration::from_millis(10);
+                let _ = pc.handle_timeout(now);
+                node.handle_timeout(now);
+                while let Some(out) = pc.poll_write() {
+                    if let Some((data, from)) = tamper(out.message) {
+                        node.handle_datagram(data, from, now);
+                    }
+                }
+                while let Some((data, to)) = node.poll_datagram() {
+                    assert_eq!(
+                        to, client_addr,
+                        "the node sends only to the checked address"
+                    );
+                    let _ = pc.handle_read(TaggedBytesMut {
+                        now,
+                        transport: TransportContext {
+                            local_addr: client_addr,
+                            peer_addr: node_addr,
+                            ecn: None,
+                            transport_protocol: TransportProtocol::UDP,
+                        },
+                        message: data,
+                    });
+                }
+                while let Some(msg) = pc.poll_read() {
+                    if let RTCMessage::RtpPacket(_, packet) = msg.message {
+                        heard.push(packet.payload.to_vec());
+                    }
+                }
+                while pc.poll_event().is_some() {}
+                while let Some(state) = node.poll_state() {
+                    states.push(state);
+                }
+                if states.contains(&PeerState::Connected) && sent < send_after_connect {
+                    let packet = rtp::Packet {
+                        header: rtp::header::Header {
+                            version: 2,
+                            payload_type: node.payload_type(),
+                            sequence_number: 100 + sent as u16,
+                            timestamp: 960 * sent as u32,
+                            ssrc: node.ssrc(),
+                            ..Default::default()
+                        },
+                        payload: bytes::Bytes::from(vec![sent as u8; 40]),
+                    };
+                    assert!(node.write_rtp(&packet));
+                    sent += 1;
+                }
+            }
+            (heard, states)
+        }
+
+        fn pair() -> (ListenerPeer, RTCPeerConnection, String) {
+            let identity = Arc::new(Identity::generate().unwrap());
+            let node = ListenerPeer::new(identity, 4242, NODE.parse().unwrap(), None);
+            let (pc, answer) = client(node.offer());
+            (node, pc, answer)
+        }
+
+        fn from_client(data: BytesMut) -> Option<(BytesMut, SocketAddr)> {
+            Some((data, CLIENT.parse().unwrap()))
+        }
+
+        #[test]
+        fn a_real_client_connects_and_decrypts_what_the_node_sends() {
+            let (mut node, mut pc, answer) = pair();
+            node.apply_answer(&answer, Instant::now()).unwrap();
+            let (heard, states) = run(&mut node, &mut pc, 400, 5, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            assert_eq!(heard.len(), 5, "every copy decrypted by the client");
+            assert_eq!(heard[3], vec![3u8; 40]);
+        }
+
+        #[test]
+        fn checks_before_the_answer_are_answered_and_kept() {
+            let (mut node, mut pc, answer) = pair();
+            // The client starts ICE at once; the answer reaches the node 200 ms later.
+            let _ = run(&mut node, &mut pc, 20, 0, from_client);
+            node.apply_answer(&answer, Instant::now()).unwrap();
+            let (_, states) = run(&mut node, &mut pc, 400, 0, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+        }
+
+        #[test]
+        fn a_client_whose_certificate_is_not_the_one_in_its_answer_is_refused() {
+            let (mut node, mut pc, answer) = pair();
+            let forged = answer
+                .lines()
+                .map(|l| {
+                    if l.starts_with("a=fingerprint:sha-256 ") {
+                        format!("a=fingerprint:sha-256 {FP}")
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n");
+            node.apply_answer(&forged, Instant::now()).unwrap();
+            let (heard, states) = run(&mut node, &mut pc, 400, 5, from_client);
+            assert_eq!(states, vec![PeerState::Failed]);
+            assert!(heard.is_empty());
+        }
+
+        #[test]
+        fn checks_with_a_wrong_password_or_from_another_address_win_nothing() {
+            let (mut node, mut pc, answer) = pair();
+            node.apply_answer(&answer, Instant::now()).unwrap();
+            // Every STUN check has one bit of its integrity flipped: never answered.
+            let (_, states) = run(&mut node, &mut pc, 200, 0, |mut data| {
+                if data[0] < 4 && data.len() > 40 {
+                    let at = data.len() - 12;
+                    data[at] ^= 1;
+                }
+                from_client(data)
+            });
+            assert!(states.is_empty());
+            assert!(node.remote.is_none());
+            // DTLS from an address no check came from is ignored.
+            node.handle_datagram(
+                BytesMut::from(&[22u8, 254, 253, 0, 0][..]),
+                "127.0.0.1:6666".parse().unwrap(),
+                Instant::now(),
+            );
+            assert!(node.poll_datagram().is_none());
+        }
     }
 }
