@@ -21,7 +21,8 @@ use std::time::Instant;
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use rtc::rtp;
-use tokio::net::UdpSocket;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -274,7 +275,7 @@ struct Datagram {
 
 struct Slot<P> {
     peer: P,
-    socket: Arc<UdpSocket>,
+    socket: Arc<AsyncFd<std::net::UdpSocket>>,
     reader: JoinHandle<()>,
     /// Where incoming RTP goes, once the peer produces: (channel, producer).
     route: Option<(String, String)>,
@@ -309,7 +310,9 @@ fn new_histogram() -> Histogram<u64> {
 fn flush<P: Peer>(slot: &mut Slot<P>, send_dropped: &mut u64) -> bool {
     let mut all_sent = true;
     while let Some((data, to)) = slot.peer.poll_datagram() {
-        if slot.socket.try_send_to(&data, to).is_err() {
+        // A plain non-blocking send: the socket is registered for reading only (see
+        // `create_peer`), and a full send buffer loses the copy rather than waiting.
+        if slot.socket.get_ref().send_to(&data, to).is_err() {
             *send_dropped += 1;
             all_sent = false;
         }
@@ -548,8 +551,16 @@ impl<E: Engine> Worker<E> {
         let bound = std_socket
             .local_addr()
             .map_err(|e| EngineError::Setup(e.to_string()))?;
+        // Registered for readability only: with write interest too, the kernel would queue an
+        // epoll event (and the runtime a wake-up) each time a sent datagram is freed, one per
+        // forwarded copy.
+        // `with_interest` is deprecated because a type could change the descriptor its
+        // `as_raw_fd` returns; a `std::net::UdpSocket` owns one descriptor for its whole life,
+        // which is what the non-deprecated (`unsafe`) constructor asks the caller to promise.
+        #[allow(deprecated)]
         let socket = Arc::new(
-            UdpSocket::from_std(std_socket).map_err(|e| EngineError::Setup(e.to_string()))?,
+            AsyncFd::with_interest(std_socket, Interest::READABLE)
+                .map_err(|e| EngineError::Setup(e.to_string()))?,
         );
         let peer = self.engine.create(spec, bound, announced, Instant::now())?;
         let offer = peer.offer().to_owned();
@@ -734,10 +745,22 @@ impl<E: Engine> Worker<E> {
 }
 
 /// Reads one peer's socket into its worker's inbound queue.
-async fn read_loop(key: u64, socket: Arc<UdpSocket>, inbound: mpsc::Sender<Datagram>) {
+async fn read_loop(
+    key: u64,
+    socket: Arc<AsyncFd<std::net::UdpSocket>>,
+    inbound: mpsc::Sender<Datagram>,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        match socket.recv_from(&mut buf).await {
+        let read = match socket.readable().await {
+            Ok(mut ready) => match ready.try_io(|s| s.get_ref().recv_from(&mut buf)) {
+                Ok(read) => read,
+                // Spurious readiness: wait again.
+                Err(_would_block) => continue,
+            },
+            Err(error) => Err(error),
+        };
+        match read {
             Ok((n, from)) => {
                 let datagram = Datagram {
                     key,
