@@ -106,6 +106,10 @@ struct Conn {
     joined: HashSet<String>,
     transports: HashMap<String, TransportInfo>,
     producers: Producers,
+    /// Media nodes of channels this socket pressed in without a producer there (signalling-only
+    /// presses), so each press does not place the channel again. Forgotten when the node does
+    /// not take a floor change, or the socket leaves the channel.
+    placed: HashMap<String, String>,
     floors: HashMap<String, Held>,
     /// What the user may do where.
     grants: Grants,
@@ -214,6 +218,7 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         joined: HashSet::new(),
         transports: HashMap::new(),
         producers: Producers::default(),
+        placed: HashMap::new(),
         floors: HashMap::new(),
         grants,
         emergencies: HashSet::new(),
@@ -799,6 +804,7 @@ impl Conn {
         }
         self.app.hub.unfollow(self.id, channel);
         self.joined.remove(channel);
+        self.placed.remove(channel);
         self.app
             .sessions()
             .leave_channel(spb::LeaveChannelRequest {
@@ -989,11 +995,14 @@ impl Conn {
         });
         // Where the channel's media is does not depend on the grant: when this socket has no
         // producer there to say so, ask at the same time as for the floor.
-        let known = self.lock_producers().get(channel).map(|(_, n)| n.clone());
+        let known = self.media_node_known(channel);
         let (reply, node) = match known {
             Some(node) => (acquire.await?, Ok(node)),
             None => {
                 let (reply, node) = tokio::join!(acquire, self.place(channel));
+                if let Ok(node) = &node {
+                    self.placed.insert(channel.to_owned(), node.clone());
+                }
                 (reply?, node)
             }
         };
@@ -1004,11 +1013,12 @@ impl Conn {
                 // The media node first: the client unmutes on our reply, and its first words
                 // must already be forwarded.
                 let lease_ms = (holder.expires_at_ms - reply.server_time_ms).max(300);
-                let told = match node {
-                    Ok(node) => {
+                let tell = |node: String| {
+                    let (app, producers) = (Arc::clone(&self.app), Arc::clone(&self.producers));
+                    async move {
                         set_floor(
-                            &self.app,
-                            &self.producers,
+                            &app,
+                            &producers,
                             channel,
                             &node,
                             holder.epoch,
@@ -1016,9 +1026,24 @@ impl Conn {
                         )
                         .await
                     }
+                };
+                let mut told = match node {
+                    Ok(node) => tell(node).await,
                     Err(e) => Err(e),
                 };
+                // A remembered placement can be stale (its node died and the channel moved on
+                // the next join): place the channel again, once.
+                if told.is_err() && self.placed.remove(channel).is_some() {
+                    told = match self.place(channel).await {
+                        Ok(node) => {
+                            self.placed.insert(channel.to_owned(), node.clone());
+                            tell(node).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
                 if let Err(e) = told {
+                    self.placed.remove(channel);
                     // Nobody would hear the speaker: give the floor back rather than hold it mute.
                     let release = spb::ReleaseFloorRequest {
                         channel_id: channel.to_owned(),
@@ -1045,13 +1070,25 @@ impl Conn {
         }
     }
 
-    async fn tell_media(&self, channel: &str, epoch: u64, expires_at_ms: i64) -> Result<()> {
-        let known = self.lock_producers().get(channel).map(|(_, n)| n.clone());
-        let node = match known {
+    /// The channel's media node as this socket knows it: where its producer is, or where its
+    /// last press placed the channel.
+    fn media_node_known(&self, channel: &str) -> Option<String> {
+        self.lock_producers()
+            .get(channel)
+            .map(|(_, n)| n.clone())
+            .or_else(|| self.placed.get(channel).cloned())
+    }
+
+    async fn tell_media(&mut self, channel: &str, epoch: u64, expires_at_ms: i64) -> Result<()> {
+        let node = match self.media_node_known(channel) {
             Some(node) => node,
-            None => self.place(channel).await?,
+            None => {
+                let node = self.place(channel).await?;
+                self.placed.insert(channel.to_owned(), node.clone());
+                node
+            }
         };
-        set_floor(
+        let told = set_floor(
             &self.app,
             &self.producers,
             channel,
@@ -1059,7 +1096,11 @@ impl Conn {
             epoch,
             expires_at_ms,
         )
-        .await
+        .await;
+        if told.is_err() {
+            self.placed.remove(channel);
+        }
+        told
     }
 
     fn hold(&mut self, channel: &str, epoch: u64, expires_at_ms: i64, lease_ms: i64) {

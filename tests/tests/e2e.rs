@@ -205,6 +205,56 @@ async fn a_new_channel_goes_to_the_less_loaded_media_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_after_its_media_node_died_places_the_channel_again() {
+    let mut stack = Stack::start(Topology {
+        media: 2,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+
+    // A signalling-only press places the channel; the gateway remembers where.
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    ana.join("ops").await;
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    ana.ptt_stop("ops").await;
+    let first = stack.placement("ops").await.unwrap();
+    assert!(!first.is_empty());
+
+    // That node dies (killed, no drain) and the registry notices.
+    let index = stack
+        .media
+        .iter()
+        .position(|m| m.logs().iter().any(|l| l.contains(&first)))
+        .expect("the placed node's process");
+    drop(stack.media.remove(index));
+    let stack_ref = &stack;
+    let dead = first.clone();
+    wait_until(Duration::from_secs(20), "the node declared dead", || {
+        let dead = dead.clone();
+        async move {
+            stack_ref
+                .nodes()
+                .await
+                .unwrap()
+                .iter()
+                .all(|n| n.node_id != dead || !n.live)
+        }
+    })
+    .await
+    .unwrap();
+
+    // The next press is granted all the same: the remembered node refuses, and the gateway
+    // places the channel again on the live one.
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    let second = stack.placement("ops").await.unwrap();
+    assert!(!second.is_empty());
+    assert_ne!(second, first);
+    ana.ptt_stop("ops").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_two_state_services_two_media_nodes_one_redis() {
     let stack = Stack::start(Topology {
         state: 2,
