@@ -282,19 +282,7 @@ async fn listener(
     let (pending, sdp) = farm::answer(&created.offer.unwrap().sdp, verifier);
     let ear = pending.ear();
     farm.add(pending);
-    client
-        .connect_transport(pb::ConnectTransportRequest {
-            transport_id: created.transport_id.clone(),
-            session_id: session.clone(),
-            payload: Some(pb::connect_transport_request::Payload::Answer(
-                pb::SessionDescription {
-                    r#type: "answer".into(),
-                    sdp,
-                },
-            )),
-        })
-        .await
-        .unwrap();
+    support::connect(client, &created.transport_id, &session, sdp).await;
     client
         .consume(pb::ConsumeRequest {
             transport_id: created.transport_id,

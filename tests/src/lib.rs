@@ -264,6 +264,23 @@ impl Stack {
             .nodes)
     }
 
+    /// Waits until the registry's entry for `node_id` satisfies `check`.
+    pub async fn wait_for_node(
+        &self,
+        node_id: &str,
+        within: std::time::Duration,
+        what: &str,
+        check: impl Fn(&spb::MediaNode) -> bool,
+    ) -> Result<()> {
+        let check = &check;
+        testkit::wait_until(within, what, || async move {
+            self.nodes()
+                .await
+                .is_ok_and(|nodes| nodes.iter().any(|n| n.node_id == node_id && check(n)))
+        })
+        .await
+    }
+
     /// The media node a channel is placed on ("" when not placed).
     pub async fn placement(&self, channel: &str) -> Result<String> {
         let mut channels = spb::channel_service_client::ChannelServiceClient::connect(format!(

@@ -10,7 +10,6 @@ use std::time::Duration;
 use serde_json::json;
 use talkgroup_e2e::{Client, Stack, Topology, assert_tone, wait_packets};
 use testkit::media::Tone;
-use testkit::wait_until;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn press_talk_hear_release_contend_and_disconnect() {
@@ -160,21 +159,15 @@ async fn a_new_channel_goes_to_the_less_loaded_media_node() {
     }
     let busy_node = stack.placement("busy").await.unwrap();
     assert!(!busy_node.is_empty());
-    let stack_ref = &stack;
-    let node = busy_node.clone();
-    wait_until(Duration::from_secs(5), "the load reported", || {
-        let node = node.clone();
-        async move {
-            stack_ref
-                .nodes()
-                .await
-                .unwrap()
-                .iter()
-                .any(|n| n.node_id == node && n.load >= 3)
-        }
-    })
-    .await
-    .unwrap();
+    stack
+        .wait_for_node(
+            &busy_node,
+            Duration::from_secs(5),
+            "the load reported",
+            |n| n.load >= 3,
+        )
+        .await
+        .unwrap();
 
     // The next channel is placed on the other one.
     let mut dee = stack.client(0, "u-dee", "Dee").await;
@@ -229,21 +222,15 @@ async fn a_press_after_its_media_node_died_places_the_channel_again() {
         .position(|m| m.logs().iter().any(|l| l.contains(&first)))
         .expect("the placed node's process");
     drop(stack.media.remove(index));
-    let stack_ref = &stack;
-    let dead = first.clone();
-    wait_until(Duration::from_secs(20), "the node declared dead", || {
-        let dead = dead.clone();
-        async move {
-            stack_ref
-                .nodes()
-                .await
-                .unwrap()
-                .iter()
-                .all(|n| n.node_id != dead || !n.live)
-        }
-    })
-    .await
-    .unwrap();
+    stack
+        .wait_for_node(
+            &first,
+            Duration::from_secs(20),
+            "the node declared dead",
+            |n| !n.live,
+        )
+        .await
+        .unwrap();
 
     // The next press is granted all the same: the remembered node refuses, and the gateway
     // places the channel again on the live one.

@@ -17,16 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
+use media_svc::engine::rtc_peer::{host_candidate, opus_media_engine};
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::event::RTCPeerConnectionEvent;
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
-use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::mpsc;
@@ -71,55 +69,23 @@ pub struct Pending {
     ear: Arc<Ear>,
 }
 
-fn opus() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: MIME_TYPE_OPUS.to_owned(),
-        clock_rate: 48_000,
-        channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-        rtcp_feedback: vec![],
-    }
-}
-
 /// Answers the node's offer with a receive-only peer on a fresh loopback socket.
 pub fn answer(offer: &str, verifier: bool) -> (Pending, String) {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_nonblocking(true).unwrap();
     let local = socket.local_addr().unwrap();
-    let mut media = MediaEngine::default();
-    media
-        .register_codec(
-            RTCRtpCodecParameters {
-                rtp_codec: opus(),
-                payload_type: 111,
-            },
-            RtpCodecKind::Audio,
-        )
-        .unwrap();
     let settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
     let now = Instant::now();
     let mut core = RTCPeerConnectionBuilder::new()
         .with_setting_engine(settings)
-        .with_media_engine(media)
+        .with_media_engine(opus_media_engine().unwrap())
         .build(now)
         .unwrap();
     core.set_remote_description(now, RTCSessionDescription::offer(offer.to_owned()).unwrap())
         .unwrap();
-    let candidate = CandidateHostConfig {
-        base_config: CandidateConfig {
-            network: "udp".to_owned(),
-            address: local.ip().to_string(),
-            port: local.port(),
-            component: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-    .new_candidate_host()
-    .unwrap();
-    core.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
+    core.add_local_candidate(host_candidate(local).unwrap())
         .unwrap();
     let answer = core.create_answer(None).unwrap();
     core.set_local_description(now, answer).unwrap();

@@ -797,14 +797,10 @@ mod tests {
     /// listener transport by an in-memory "network" between two fixed addresses.
     mod handshake {
         use super::*;
-        use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
+        use crate::engine::rtc_peer::{host_candidate, opus_media_engine};
         use rtc::peer_connection::message::RTCMessage;
         use rtc::peer_connection::sdp::RTCSessionDescription;
-        use rtc::peer_connection::transport::{
-            CandidateConfig, CandidateHostConfig, RTCIceCandidate,
-        };
         use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
-        use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
         use rtc::sansio::Protocol;
         use rtc::shared::{TaggedBytesMut, TransportContext};
 
@@ -812,43 +808,14 @@ mod tests {
         const CLIENT: &str = "127.0.0.1:50000";
 
         fn client(offer: &str) -> (RTCPeerConnection, String) {
-            let mut media = MediaEngine::default();
-            media
-                .register_codec(
-                    RTCRtpCodecParameters {
-                        rtp_codec: RTCRtpCodec {
-                            mime_type: MIME_TYPE_OPUS.to_owned(),
-                            clock_rate: 48_000,
-                            channels: 2,
-                            sdp_fmtp_line: OPUS_FMTP.to_owned(),
-                            rtcp_feedback: vec![],
-                        },
-                        payload_type: OPUS_PAYLOAD_TYPE,
-                    },
-                    RtpCodecKind::Audio,
-                )
-                .unwrap();
             let now = Instant::now();
             let mut pc = RTCPeerConnectionBuilder::new()
-                .with_media_engine(media)
+                .with_media_engine(opus_media_engine().unwrap())
                 .build(now)
                 .unwrap();
             pc.set_remote_description(now, RTCSessionDescription::offer(offer.into()).unwrap())
                 .unwrap();
-            let addr: SocketAddr = CLIENT.parse().unwrap();
-            let candidate = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: addr.ip().to_string(),
-                    port: addr.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host()
-            .unwrap();
-            pc.add_local_candidate(RTCIceCandidate::from(&candidate).to_json().unwrap())
+            pc.add_local_candidate(host_candidate(CLIENT.parse().unwrap()).unwrap())
                 .unwrap();
             let answer = pc.create_answer(None).unwrap();
             pc.set_local_description(now, answer).unwrap();

@@ -63,6 +63,23 @@ pub fn opus_media_engine() -> Result<MediaEngine, EngineError> {
     Ok(media)
 }
 
+/// The UDP host candidate of a socket bound at `local`, for `add_local_candidate`.
+pub fn host_candidate(local: SocketAddr) -> Result<RTCIceCandidateInit, EngineError> {
+    let candidate = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: local.ip().to_string(),
+            port: local.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()
+    .map_err(setup)?;
+    RTCIceCandidate::from(&candidate).to_json().map_err(setup)
+}
+
 fn setup<E: std::fmt::Display>(e: E) -> EngineError {
     EngineError::Setup(e.to_string())
 }
@@ -192,20 +209,8 @@ impl RtcPeer {
                 core.get_senders().next()
             }
         };
-        let candidate = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "udp".to_owned(),
-                address: local.ip().to_string(),
-                port: local.port(),
-                component: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-        .new_candidate_host()
-        .map_err(setup)?;
-        let init = RTCIceCandidate::from(&candidate).to_json().map_err(setup)?;
-        core.add_local_candidate(init).map_err(setup)?;
+        core.add_local_candidate(host_candidate(local)?)
+            .map_err(setup)?;
         let offer = core.create_offer(None).map_err(setup)?;
         core.set_local_description(now, offer).map_err(setup)?;
         let local_sdp = core

@@ -110,7 +110,8 @@ pub async fn listener(
     (peer, created.transport_id, consumed.ssrc)
 }
 
-async fn connect(client: &mut Client, transport_id: &str, session: &str, sdp: String) {
+/// Hands the client's answer to the node.
+pub async fn connect(client: &mut Client, transport_id: &str, session: &str, sdp: String) {
     client
         .connect_transport(pb::ConnectTransportRequest {
             transport_id: transport_id.into(),
