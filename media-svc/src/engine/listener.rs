@@ -829,18 +829,19 @@ mod tests {
         fn run(
             node: &mut ListenerPeer,
             pc: &mut RTCPeerConnection,
+            now: &mut Instant,
             steps: usize,
             send_after_connect: usize,
             mut tamper: impl FnMut(BytesMut) -> Option<(BytesMut, SocketAddr)>,
         ) -> (Vec<Vec<u8>>, Vec<PeerState>) {
             let node_addr: SocketAddr = NODE.parse().unwrap();
             let client_addr: SocketAddr = CLIENT.parse().unwrap();
-            let mut now = Instant::now();
             let mut heard = Vec::new();
             let mut states = Vec::new();
             let mut sent = 0usize;
             for _ in 0..steps {
-                now += Duration::from_millis(10);
+                *now += Duration::from_millis(10);
+                let now = *now;
                 let _ = pc.handle_timeout(now);
                 node.handle_timeout(now);
                 while let Some(out) = pc.poll_write() {
@@ -906,26 +907,42 @@ mod tests {
         #[test]
         fn a_real_client_connects_and_decrypts_what_the_node_sends() {
             let (mut node, mut pc, answer) = pair();
-            node.apply_answer(&answer, Instant::now()).unwrap();
-            let (heard, states) = run(&mut node, &mut pc, 400, 5, from_client);
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            let (heard, states) = run(&mut node, &mut pc, &mut now, 400, 5, from_client);
             assert_eq!(states, vec![PeerState::Connected]);
             assert_eq!(heard.len(), 5, "every copy decrypted by the client");
             assert_eq!(heard[3], vec![3u8; 40]);
         }
 
         #[test]
+        fn consent_keeps_a_live_client_and_ends_a_silent_one() {
+            let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            // 45 s of simulated time: the client's keepalive checks renew consent.
+            let (_, states) = run(&mut node, &mut pc, &mut now, 4_500, 0, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            // Then nothing more arrives from it: failed once 30 s pass without a check.
+            let (_, states) = run(&mut node, &mut pc, &mut now, 3_200, 0, |_| None);
+            assert_eq!(states, vec![PeerState::Failed]);
+        }
+
+        #[test]
         fn checks_before_the_answer_are_answered_and_kept() {
             let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
             // The client starts ICE at once; the answer reaches the node 200 ms later.
-            let _ = run(&mut node, &mut pc, 20, 0, from_client);
-            node.apply_answer(&answer, Instant::now()).unwrap();
-            let (_, states) = run(&mut node, &mut pc, 400, 0, from_client);
+            let _ = run(&mut node, &mut pc, &mut now, 20, 0, from_client);
+            node.apply_answer(&answer, now).unwrap();
+            let (_, states) = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
             assert_eq!(states, vec![PeerState::Connected]);
         }
 
         #[test]
         fn a_client_whose_certificate_is_not_the_one_in_its_answer_is_refused() {
             let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
             let forged = answer
                 .lines()
                 .map(|l| {
@@ -937,8 +954,8 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
                 .join("\r\n");
-            node.apply_answer(&forged, Instant::now()).unwrap();
-            let (heard, states) = run(&mut node, &mut pc, 400, 5, from_client);
+            node.apply_answer(&forged, now).unwrap();
+            let (heard, states) = run(&mut node, &mut pc, &mut now, 400, 5, from_client);
             assert_eq!(states, vec![PeerState::Failed]);
             assert!(heard.is_empty());
         }
@@ -946,9 +963,10 @@ mod tests {
         #[test]
         fn checks_with_a_wrong_password_or_from_another_address_win_nothing() {
             let (mut node, mut pc, answer) = pair();
-            node.apply_answer(&answer, Instant::now()).unwrap();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
             // Every STUN check has one bit of its integrity flipped: never answered.
-            let (_, states) = run(&mut node, &mut pc, 200, 0, |mut data| {
+            let (_, states) = run(&mut node, &mut pc, &mut now, 200, 0, |mut data| {
                 if data[0] < 4 && data.len() > 40 {
                     let at = data.len() - 12;
                     data[at] ^= 1;
