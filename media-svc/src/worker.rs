@@ -476,23 +476,16 @@ impl<E: Engine> Worker<E> {
         let Some(router) = routers.get_mut(channel) else {
             return;
         };
-        let workers = pool.workers.len();
-        let mut batches: Vec<Vec<(u64, rtp::Packet)>> = (0..workers).map(|_| Vec::new()).collect();
-        let mut local = Out {
-            peers,
-            send_dropped,
-            latency,
-        };
-        let mut deliver = |peer: u64, out: rtp::Packet| -> bool {
-            let owner = pool.peer_worker(peer);
-            if owner == *index {
-                deliver_to(&mut local, peer, out, at)
-            } else {
-                batches[owner].push((peer, out));
-                true
-            }
-        };
-        router.on_packet(producer, packet, at, &mut deliver);
+        // Every copy is rewritten first, and the other workers get their batches before this
+        // one sends its own share, so all workers encrypt and send at the same time: the last
+        // copy leaves after 1/workers of the fan-out, not after all of this worker's share.
+        let mut batches: Vec<Vec<(u64, rtp::Packet)>> =
+            (0..pool.workers.len()).map(|_| Vec::new()).collect();
+        router.on_packet(producer, packet, at, &mut |peer, out| {
+            batches[pool.peer_worker(peer)].push((peer, out));
+            true
+        });
+        let own = std::mem::take(&mut batches[*index]);
         for (owner, batch) in batches.into_iter().enumerate() {
             if batch.is_empty() {
                 continue;
@@ -502,8 +495,16 @@ impl<E: Engine> Worker<E> {
                 .try_send(Command::Deliver { batch, at })
                 .is_err()
             {
-                *local.send_dropped += lost;
+                *send_dropped += lost;
             }
+        }
+        let mut local = Out {
+            peers,
+            send_dropped,
+            latency,
+        };
+        for (peer, out) in own {
+            deliver_to(&mut local, peer, out, at);
         }
     }
 
