@@ -1,4 +1,5 @@
-//! The worker pool: one worker per core, each a single task owning its share of the node.
+//! The worker pool: one worker per core, each a thread with its own event loop owning its share
+//! of the node.
 //!
 //! - A channel's **router** lives on exactly one worker (chosen by hashing the channel id).
 //! - **Peer connections** are spread over all workers (by their key), so the expensive part of
@@ -189,7 +190,27 @@ impl WorkerPool {
                 send_dropped: 0,
                 latency: new_histogram(),
             };
-            tokio::spawn(worker.run(rx, inbound_rx));
+            // A thread of its own per worker, with its own event loop that also reads its
+            // peers' sockets (as mediasoup runs a process per worker). As tasks of one shared
+            // runtime, a batch one worker handed another was run on the *same* thread after
+            // the sender's own share (the runtime runs a task woken by a running task next, on
+            // its thread), so a packet's copies went out one worker after the other.
+            let spawned = std::thread::Builder::new()
+                .name(format!("media-worker-{index}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(worker.run(rx, inbound_rx)),
+                        Err(error) => {
+                            tracing::error!(worker = index, %error, "media worker could not start")
+                        }
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::error!(worker = index, %error, "media worker thread could not start");
+            }
         }
         pool
     }
