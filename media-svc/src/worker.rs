@@ -375,8 +375,8 @@ fn deliver_to<P: Peer>(out: &mut Out<'_, P>, key: u64, packet: rtp::Packet, at: 
     if !slot.peer.write_rtp(packet, Instant::now()) {
         return false;
     }
-    // No timer to re-arm: sending RTP starts none (the listener's peer has no sender-report
-    // interceptor), and its ICE and DTLS timers stay armed from the last input.
+    // No timer to re-arm: a listener transport starts none by sending, and its consent and
+    // DTLS timers stay armed from the last input.
     let sent = flush(slot, out.send_dropped);
     let micros = u64::try_from(at.elapsed().as_micros())
         .unwrap_or(u64::MAX)

@@ -48,7 +48,6 @@ pub struct Ear {
     pub verified: AtomicU64,
     /// RTP datagrams handed to the peer (verifiers only).
     pub checked: AtomicU64,
-    pub verifier: AtomicBool,
 }
 
 impl Ear {
@@ -67,6 +66,8 @@ pub struct Pending {
     socket: std::net::UdpSocket,
     local: SocketAddr,
     ear: Arc<Ear>,
+    /// Hands every RTP datagram to the peer to authenticate and decrypt.
+    verifier: bool,
 }
 
 /// Answers the node's offer with a receive-only peer on a fresh loopback socket.
@@ -91,13 +92,13 @@ pub fn answer(offer: &str, verifier: bool) -> (Pending, String) {
     core.set_local_description(now, answer).unwrap();
     let sdp = core.local_description().unwrap().sdp;
     let ear = Arc::new(Ear::default());
-    ear.verifier.store(verifier, Ordering::Relaxed);
     (
         Pending {
             core,
             socket,
             local,
             ear,
+            verifier,
         },
         sdp,
     )
@@ -193,9 +194,9 @@ async fn drive(pending: Pending) {
         socket,
         local,
         ear,
+        verifier,
     } = pending;
     let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
-    let verifier = ear.verifier.load(Ordering::Relaxed);
     let mut buf = vec![0u8; 2048];
     loop {
         while let Some(out) = core.poll_write() {

@@ -779,7 +779,7 @@ mod tests {
         let mut peer = ListenerPeer::new(identity, 1, "127.0.0.1:40000".parse().unwrap(), None);
         let packet = rtp::Packet::default();
         assert!(!peer.write_rtp(&packet));
-        // STUN before the answer, and DTLS from an address no check validated, are ignored.
+        // A malformed STUN message, and DTLS from an address no check validated, are ignored.
         peer.handle_datagram(
             BytesMut::from(&[0u8, 1, 0, 0][..]),
             "127.0.0.1:5000".parse().unwrap(),

@@ -1,7 +1,7 @@
 //! The engine on the sans-IO `rtc` 0.21 stack (the protocol core under `webrtc` 0.21; the two
 //! are pinned together). A speaker's transport (the node receives) is a full `rtc` peer
 //! connection: Opus only, RTCP reports as the only interceptor (no NACK or TWCC for audio),
-//! mDNS off, ICE-lite. A listener's transport (the node sends) is the lean
+//! mDNS off, ICE-lite; it never sends media. A listener's transport (the node sends) is the lean
 //! [`ListenerPeer`](super::listener::ListenerPeer) built from the same stack's ICE, DTLS and
 //! SRTP crates, because it carries every forwarded copy.
 
@@ -11,7 +11,6 @@ use std::time::Instant;
 use bytes::BytesMut;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::Registry;
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
@@ -24,11 +23,8 @@ use rtc::peer_connection::transport::{
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
-};
-use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
@@ -110,7 +106,6 @@ pub struct RtcPeer {
     core: RTCPeerConnection,
     local: SocketAddr,
     offer: String,
-    sender: Option<RTCRtpSenderId>,
     inbound: std::collections::VecDeque<rtp::Packet>,
     states: std::collections::VecDeque<PeerState>,
 }
@@ -140,17 +135,18 @@ impl Engine for RtcEngine {
                 local,
                 announced,
             )))),
-            PeerSpec::Send => Ok(NodePeer::Speaker(Box::new(RtcPeer::create(
-                spec, local, announced, now,
+            PeerSpec::Send => Ok(NodePeer::Speaker(Box::new(RtcPeer::speaker(
+                local, announced, now,
             )?))),
         }
     }
 }
 
 impl RtcPeer {
-    /// A full `rtc` peer connection for `spec`.
-    pub fn create(
-        spec: PeerSpec,
+    /// A speaker's transport: a full `rtc` peer connection with one recvonly audio section.
+    /// Receiver reports tell the speaker's client about loss (Opus FEC and bitrate adapt to
+    /// them).
+    pub fn speaker(
         local: SocketAddr,
         announced: Option<IpAddr>,
         now: Instant,
@@ -159,56 +155,19 @@ impl RtcPeer {
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_lite(true)
             .build();
-        // Receiver reports tell a speaker's client about loss (Opus FEC and bitrate adapt to
-        // them). The node sends no sender reports for forwarded audio: a listener's single
-        // audio stream needs none (no lip sync), and the report interceptor would sit in the
-        // path of every copy.
-        let interceptors = match spec {
-            PeerSpec::Send => configure_rtcp_reports(Registry::new()),
-            PeerSpec::Recv { .. } => Registry::new(),
-        };
         let mut core = RTCPeerConnectionBuilder::new()
             .with_setting_engine(settings)
             .with_media_engine(opus_media_engine()?)
-            .with_interceptor_registry(interceptors)
+            .with_interceptor_registry(configure_rtcp_reports(Registry::new()))
             .build(now)
             .map_err(setup)?;
-        let sender = match spec {
-            PeerSpec::Send => {
-                let init = RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Recvonly,
-                    streams: vec![],
-                    send_encodings: vec![],
-                };
-                core.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init))
-                    .map_err(setup)?;
-                None
-            }
-            PeerSpec::Recv { ssrc } => {
-                let track = MediaStreamTrack::new(
-                    "talkgroup".to_owned(),
-                    format!("floor-{ssrc}"),
-                    "floor".to_owned(),
-                    RtpCodecKind::Audio,
-                    vec![RTCRtpEncodingParameters {
-                        rtp_coding_parameters: RTCRtpCodingParameters {
-                            ssrc: Some(ssrc),
-                            ..Default::default()
-                        },
-                        codec: opus_codec(),
-                        ..Default::default()
-                    }],
-                );
-                let init = RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Sendonly,
-                    streams: vec![],
-                    send_encodings: vec![],
-                };
-                core.add_transceiver_from_track(track, Some(init))
-                    .map_err(setup)?;
-                core.get_senders().next()
-            }
+        let init = RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Recvonly,
+            streams: vec![],
+            send_encodings: vec![],
         };
+        core.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init))
+            .map_err(setup)?;
         core.add_local_candidate(host_candidate(local)?)
             .map_err(setup)?;
         let offer = core.create_offer(None).map_err(setup)?;
@@ -228,7 +187,6 @@ impl RtcPeer {
             core,
             local,
             offer,
-            sender,
             inbound: Default::default(),
             states: Default::default(),
         })
@@ -323,36 +281,13 @@ impl Peer for RtcPeer {
         self.inbound.pop_front()
     }
 
-    fn write_rtp(&mut self, packet: rtp::Packet, now: Instant) -> bool {
-        if self.sender.is_none() {
-            return false;
-        }
-        // Straight into the connection's pipeline: `RTCRtpSender::write_rtp` would rebuild the
-        // sender's negotiated parameters (codec strings and all) for every copy to check what
-        // the router already guarantees (the track's SSRC, the negotiated payload type, no
-        // header extensions).
-        self.core
-            .handle_write(TaggedRTCMessage {
-                now,
-                message: RTCMessage::RtpPacket(String::new(), packet),
-            })
-            .is_ok()
+    /// A speaker's transport only receives.
+    fn write_rtp(&mut self, _packet: rtp::Packet, _now: Instant) -> bool {
+        false
     }
 
     fn payload_type(&mut self) -> u8 {
-        let Some(id) = self.sender else {
-            return OPUS_PAYLOAD_TYPE;
-        };
-        self.core
-            .rtp_sender(id)
-            .and_then(|mut s| {
-                s.get_parameters()
-                    .rtp_parameters
-                    .codecs
-                    .first()
-                    .map(|c| c.payload_type)
-            })
-            .unwrap_or(OPUS_PAYLOAD_TYPE)
+        OPUS_PAYLOAD_TYPE
     }
 
     fn poll_state(&mut self) -> Option<PeerState> {
