@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use talkgroup_proto::error::{Reason, ServiceError};
 use talkgroup_proto::media::v1 as pb;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use crate::engine::{Candidate, OPUS_FMTP, OPUS_PAYLOAD_TYPE};
+use crate::engine::{Candidate, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE};
 use crate::node::{Direction, Node, NodeError};
 
 /// Largest accepted SDP answer.
@@ -16,20 +17,25 @@ const MAX_CANDIDATE_BYTES: usize = 1024;
 
 impl From<NodeError> for Status {
     fn from(error: NodeError) -> Self {
-        let code = match &error {
-            NodeError::InvalidArgument(_) => Code::InvalidArgument,
-            NodeError::NotFound(_) => Code::NotFound,
-            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
-            NodeError::Exhausted(_) => Code::ResourceExhausted,
-            NodeError::Draining | NodeError::Stopping => Code::Unavailable,
-            NodeError::Engine(crate::engine::EngineError::BadDescription)
-            | NodeError::Engine(crate::engine::EngineError::BadCandidate) => Code::InvalidArgument,
-            NodeError::Engine(_) => {
+        let reason = match &error {
+            NodeError::InvalidArgument(_) => Reason::InvalidArgument,
+            NodeError::NotFound(_) => Reason::NotFound,
+            NodeError::FailedPrecondition(_) => Reason::FailedPrecondition,
+            NodeError::Exhausted(_) => Reason::Exhausted,
+            NodeError::Draining | NodeError::Stopping => Reason::Unavailable,
+            NodeError::Engine(EngineError::BadDescription | EngineError::BadCandidate) => {
+                Reason::InvalidArgument
+            }
+            NodeError::Engine(EngineError::Setup(_)) => {
                 tracing::warn!(%error, "transport failure");
-                return Status::unavailable("media transport could not be set up");
+                return ServiceError::new(
+                    Reason::Unavailable,
+                    "media transport could not be set up",
+                )
+                .into();
             }
         };
-        Status::new(code, error.to_string())
+        ServiceError::new(reason, error.to_string()).into()
     }
 }
 

@@ -1,7 +1,10 @@
 //! The gRPC contracts of Talkgroup, generated from `proto/ptt/**.proto` at build time.
 //!
 //! This is the only crate that compiles protobuf. Services convert these types into their own
-//! domain types once, at the gRPC edge.
+//! domain types once, at the gRPC edge. [`error`] is the one typed form of a refusal that every
+//! hop encodes and decodes.
+
+pub mod error;
 
 /// `ptt.state.v1`: floor control, channel state and events, sessions, media-node registry.
 pub mod state {

@@ -12,14 +12,15 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
-use serde_json::json;
 use talkgroup_proto::state::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::protocol::{Frame, channel_state, reason, user_of};
+use crate::protocol::push::SpeakerChanged;
+use crate::protocol::sync::SyncEnvelope;
+use crate::protocol::{ChannelState, Frame, Push, User, reason};
 
 /// Events a connection may have queued before the hub drops its events.
 pub const CONNECTION_EVENTS: usize = 256;
@@ -219,7 +220,7 @@ fn release_held(inner: &mut Inner, channel: &str, only: Option<u64>) {
 
 /// The `channel-state` push of a channel.
 fn state_push(state: &pb::ChannelState) -> Option<Utf8Bytes> {
-    Frame::push("channel-state", channel_state(state)).encode()
+    Frame::from(Push::ChannelState(ChannelState::from(state))).encode()
 }
 
 /// A stream that ran at least this long restarts the backoff from its first step.
@@ -454,9 +455,13 @@ impl Hub {
                 state.epoch = change.epoch;
                 state.holder.clone_from(&change.holder);
                 state.busy = change.holder.is_some();
-                let speaker = change.holder.as_ref().map(user_of);
-                let data = json!({"channelId": change.channel_id, "speaker": speaker, "epoch": change.epoch, "reason": reason(change.reason())});
-                let Some(speaker_changed) = Frame::push("speaker-changed", data).encode() else {
+                let push = Push::SpeakerChanged(SpeakerChanged {
+                    channel_id: change.channel_id.clone(),
+                    speaker: User::speaking(change.holder.as_ref()),
+                    epoch: change.epoch,
+                    reason: reason(change.reason()),
+                });
+                let Some(speaker_changed) = Frame::from(push).encode() else {
                     return;
                 };
                 let channel = change.channel_id.clone();
@@ -542,7 +547,8 @@ impl Hub {
                 .insert(state.session_id.clone(), state.channel_id.clone());
             Some(state.channel_id.clone())
         };
-        let push = Frame::push("sync-state", crate::sync::envelope(&state)).encode();
+        let push = Push::SyncState(Box::new(SyncEnvelope::from(&state)));
+        let push = Frame::from(push).encode();
         if let (Some(channel), Some(text)) = (channel, push) {
             send_to_channel(&mut inner, &channel, Fanout::Push(text));
         }

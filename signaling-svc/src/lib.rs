@@ -3,24 +3,26 @@
 //! Layout:
 //! - [`auth`]: JWT checks before the upgrade; [`protocol`]: the typed wire format.
 //! - [`access`]: roles per channel, from the token and from state-svc's stored grants.
-//! - [`connection`]: one WebSocket: its requests, pushes, floor renewal and cleanup.
+//! - [`connection`]: one WebSocket: its requests, pushes, floor renewal and cleanup, one file per
+//!   concern.
+//! - [`app_state`]: what every handler and connection shares (config, clients of the other
+//!   services, the hub, metrics, shutdown).
 //! - [`hub`]: the gateway's one `Watch` on state-svc, fanned out to its connections.
 //! - [`metrics`]: the Prometheus figures on `/metrics`.
 //! - [`app`] builds the axum router (`/ws`, `/health`, `/metrics`, the browser client); [`run`]
 //!   serves it until shutdown.
 
 pub mod access;
+pub mod app_state;
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
-pub mod sync;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State, WebSocketUpgrade};
@@ -28,124 +30,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
-use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
-use talkgroup_common::telemetry::Inject;
-use tonic::service::interceptor::InterceptedService;
-
-use crate::auth::Authenticator;
-
-/// A gRPC channel whose calls carry the current trace context.
-pub type Traced = InterceptedService<Channel, Inject>;
+pub use crate::app_state::{AppState, RunError, Traced, app_state};
 pub use crate::config::Config;
-use crate::hub::Hub;
-
-/// Everything the handlers share.
-#[derive(Debug)]
-pub struct AppState {
-    pub config: Config,
-    pub gateway_id: String,
-    pub auth: Authenticator,
-    pub state: Channel,
-    pub hub: Arc<Hub>,
-    pub metrics: Arc<metrics::GatewayMetrics>,
-    media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Traced>>>,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-    started: Instant,
-}
-
-impl AppState {
-    pub fn floors(&self) -> spb::floor_service_client::FloorServiceClient<Traced> {
-        spb::floor_service_client::FloorServiceClient::with_interceptor(self.state.clone(), Inject)
-    }
-
-    pub fn sessions(&self) -> spb::session_service_client::SessionServiceClient<Traced> {
-        spb::session_service_client::SessionServiceClient::with_interceptor(
-            self.state.clone(),
-            Inject,
-        )
-    }
-
-    pub fn syncs(&self) -> spb::sync_service_client::SyncServiceClient<Traced> {
-        spb::sync_service_client::SyncServiceClient::with_interceptor(self.state.clone(), Inject)
-    }
-
-    pub fn access(&self) -> spb::access_service_client::AccessServiceClient<Traced> {
-        spb::access_service_client::AccessServiceClient::with_interceptor(
-            self.state.clone(),
-            Inject,
-        )
-    }
-
-    pub fn registry(
-        &self,
-    ) -> spb::media_registry_service_client::MediaRegistryServiceClient<Traced> {
-        spb::media_registry_service_client::MediaRegistryServiceClient::with_interceptor(
-            self.state.clone(),
-            Inject,
-        )
-    }
-
-    /// A client for the media node at `url` (one HTTP/2 connection per node, reused).
-    pub fn media(
-        &self,
-        url: &str,
-    ) -> Option<mpb::media_service_client::MediaServiceClient<Traced>> {
-        let mut media = self
-            .media
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(client) = media.get(url) {
-            return Some(client.clone());
-        }
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .ok()?
-            .connect_timeout(Duration::from_secs(3));
-        let client = mpb::media_service_client::MediaServiceClient::with_interceptor(
-            endpoint.connect_lazy(),
-            Inject,
-        );
-        media.insert(url.to_owned(), client.clone());
-        Some(client)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("server failed: {0}")]
-    Serve(#[from] std::io::Error),
-}
-
-/// Builds the shared state; fails on configuration that cannot work.
-pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppState>, RunError> {
-    config.validate().map_err(RunError::Config)?;
-    let auth = Authenticator::from_config(&config).map_err(RunError::Config)?;
-    let state = Endpoint::from_shared(config.state_url.clone())
-        .map_err(|_| RunError::Config("invalid state-svc url".into()))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok(Arc::new(AppState {
-        gateway_id: config.gateway_id(),
-        config,
-        auth,
-        state,
-        hub: Hub::new(),
-        metrics: metrics::GatewayMetrics::new(),
-        media: Mutex::default(),
-        shutdown,
-        tracker: TaskTracker::new(),
-        started: Instant::now(),
-    }))
-}
 
 /// The HTTP routes.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -333,11 +224,12 @@ pub async fn run(
         .map_err(|_| RunError::Config("invalid state-svc url".into()))?
         .connect_timeout(Duration::from_secs(3))
         .connect_lazy();
-    tokio::spawn(Arc::clone(&app_state.hub).run(watches.clone(), shutdown.clone()));
-    tokio::spawn(Arc::clone(&app_state.hub).run_grants(watches.clone(), shutdown.clone()));
-    tokio::spawn(Arc::clone(&app_state.hub).run_syncs(watches, shutdown.clone()));
-    tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let tracker = app_state.tracker.clone();
+    let hub = &app_state.hub;
+    tracker.spawn(Arc::clone(hub).run(watches.clone(), shutdown.clone()));
+    tracker.spawn(Arc::clone(hub).run_grants(watches.clone(), shutdown.clone()));
+    tracker.spawn(Arc::clone(hub).run_syncs(watches, shutdown.clone()));
+    tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let stop = shutdown.clone();
     // Small frames both ways: never hold one back for Nagle's algorithm.
     let listener =

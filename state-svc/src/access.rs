@@ -195,9 +195,9 @@ pub async fn start_emergency<S: Store>(
             store
                 .claim_emergency(eid, &by, true)
                 .await?
-                .map_err(|_| StoreError::Busy("emergency active on the event"))?
+                .map_err(|_| StoreError::EmergencyActive)?
         }
-        Err(_) => return Err(StoreError::Busy("emergency active on the event")),
+        Err(_) => return Err(StoreError::EmergencyActive),
     };
     let mut channels = Vec::with_capacity(event.channels.len());
     for ch in &event.channels {

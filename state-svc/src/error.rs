@@ -1,4 +1,5 @@
-//! The one error type of the state service, and its one mapping to gRPC status codes.
+//! The one error type of the state service, and its one mapping to the typed reasons of
+//! [`talkgroup_proto::error`] that every caller decodes.
 //!
 //! Messages sent to callers are fixed strings: the source of an internal error is logged, never
 //! returned.
@@ -6,9 +7,11 @@
 use std::sync::LazyLock;
 
 use prometheus_client::metrics::counter::Counter;
-use tonic::{Code, Status};
+use talkgroup_proto::error::{Conflict, Reason, ServiceError};
+use tonic::Status;
 
-/// Store calls that failed `Unavailable` (Redis unreachable or too slow), for `/metrics`.
+/// Redis calls that failed for want of Redis (unreachable or too slow), for `/metrics`; counted
+/// at the store's call boundary.
 pub static STORE_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +24,9 @@ pub enum StoreError {
     NotMember,
     #[error("no live media node")]
     NoMediaNode,
-    /// The thing is held by someone else (an emergency broadcast).
-    #[error("busy: {0}")]
-    Busy(&'static str),
+    /// An emergency broadcast holds the event or channel.
+    #[error("emergency active on the event")]
+    EmergencyActive,
     #[error("permission denied: {0}")]
     PermissionDenied(&'static str),
     #[error("not allowed in this state: {0}")]
@@ -37,42 +40,69 @@ pub enum StoreError {
     Internal(String),
 }
 
-impl From<redis::RedisError> for StoreError {
-    fn from(error: redis::RedisError) -> Self {
-        Self::Unavailable(error.to_string())
+impl StoreError {
+    /// A Redis failure, classified: the connection or the time bound failed (unavailable: the
+    /// caller may retry), or Redis answered with an error (a script or protocol fault: internal).
+    pub fn redis(error: &redis::RedisError) -> Self {
+        if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_timeout()
+            || error.is_unrecoverable_error()
+        {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Internal(format!("redis: {error}"))
+        }
+    }
+
+    /// The reason callers see, the one table from store errors to the wire.
+    fn reason(&self) -> Reason {
+        match self {
+            Self::InvalidArgument(_) => Reason::InvalidArgument,
+            Self::NotFound(_) => Reason::NotFound,
+            Self::NotMember => Reason::NotMember,
+            Self::NoMediaNode => Reason::NoMediaNode,
+            Self::EmergencyActive => Reason::EmergencyActive,
+            Self::PermissionDenied(_) => Reason::PermissionDenied,
+            Self::FailedPrecondition(_) => Reason::FailedPrecondition,
+            Self::Conflict { .. } => Reason::VersionConflict,
+            Self::Unavailable(_) => Reason::StoreUnavailable,
+            Self::Internal(_) => Reason::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(error: StoreError) -> Self {
+        let reason = error.reason();
+        match error {
+            StoreError::InvalidArgument(what)
+            | StoreError::PermissionDenied(what)
+            | StoreError::FailedPrecondition(what) => Self::new(reason, what),
+            StoreError::NotFound(what) => Self::new(reason, format!("{what} not found")),
+            StoreError::NotMember | StoreError::NoMediaNode | StoreError::EmergencyActive => {
+                Self::new(reason, error.to_string())
+            }
+            StoreError::Conflict { expected, actual } => {
+                Self::conflict(Conflict { expected, actual })
+            }
+            // The source stays in the log; the caller gets a fixed message.
+            StoreError::Unavailable(_) => {
+                tracing::warn!(%error, "state store unavailable");
+                Self::new(reason, "state store unavailable")
+            }
+            StoreError::Internal(_) => {
+                tracing::error!(%error, "internal error");
+                Self::new(reason, "internal error")
+            }
+        }
     }
 }
 
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
-        let (code, message): (Code, String) = match &error {
-            StoreError::InvalidArgument(what) => (Code::InvalidArgument, (*what).to_owned()),
-            StoreError::NotFound(what) => (Code::NotFound, format!("{what} not found")),
-            StoreError::NotMember => (Code::FailedPrecondition, error.to_string()),
-            StoreError::NoMediaNode => (Code::Unavailable, error.to_string()),
-            StoreError::Busy(what) => (Code::Aborted, (*what).to_owned()),
-            StoreError::PermissionDenied(what) => (Code::PermissionDenied, (*what).to_owned()),
-            StoreError::FailedPrecondition(what) => (Code::FailedPrecondition, (*what).to_owned()),
-            StoreError::Conflict { expected, actual } => {
-                let mut status = Status::aborted("version conflict");
-                let metadata = status.metadata_mut();
-                if let (Ok(e), Ok(a)) = (expected.to_string().parse(), actual.to_string().parse()) {
-                    metadata.insert("expected-version", e);
-                    metadata.insert("actual-version", a);
-                }
-                return status;
-            }
-            StoreError::Unavailable(_) => {
-                STORE_ERRORS.inc();
-                tracing::warn!(%error, "state store unavailable");
-                (Code::Unavailable, "state store unavailable".to_owned())
-            }
-            StoreError::Internal(_) => {
-                tracing::error!(%error, "internal error");
-                (Code::Internal, "internal error".to_owned())
-            }
-        };
-        Status::new(code, message)
+        ServiceError::from(error).into()
     }
 }
 
@@ -85,7 +115,11 @@ mod tests {
         let status = Status::from(StoreError::Unavailable(
             "connection refused 10.0.0.7:6379".into(),
         ));
-        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            ServiceError::decode(&status).reason,
+            Reason::StoreUnavailable
+        );
         assert!(!status.message().contains("10.0.0.7"));
         let status = Status::from(StoreError::Internal("bad json at byte 7".into()));
         assert_eq!(status.message(), "internal error");

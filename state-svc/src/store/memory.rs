@@ -812,7 +812,7 @@ impl Store for MemoryStore {
                 .filter_map(|ch| inner.channel_event.get(ch))
                 .any(|other| other != eid && busy(other))
         {
-            return Err(StoreError::Busy("emergency active on the event"));
+            return Err(StoreError::EmergencyActive);
         }
         if let Some(old) = inner.events.remove(eid) {
             for ch in old {

@@ -147,7 +147,7 @@ impl Listener {
         fut: impl Future<Output = redis::RedisResult<()>>,
     ) -> Result<(), StoreError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result.map_err(StoreError::from),
+            Ok(result) => result.map_err(|e| StoreError::redis(&e)),
             Err(_) => Err(StoreError::Unavailable("subscribe timed out".into())),
         }
     }

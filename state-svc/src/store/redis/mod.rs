@@ -36,7 +36,7 @@ use crate::domain::{
     RenewOutcome, Renewed, Role, Session, SessionId, Speaker, UserGrants, UserId, choose_node,
     now_ms,
 };
-use crate::error::StoreError;
+use crate::error::{STORE_ERRORS, StoreError};
 use crate::hub::Hub;
 use crate::store::{Store, StoreSettings, SweepReport, event_channel_list};
 use crate::sync::SyncSession;
@@ -114,6 +114,21 @@ fn num<T: std::str::FromStr + Default>(map: &HashMap<String, String>, field: &st
         .unwrap_or_default()
 }
 
+/// A failed Redis call, classified and counted: the store's call boundary is where Redis
+/// errors are handled.
+fn failed(error: &redis::RedisError) -> StoreError {
+    let error = StoreError::redis(error);
+    if matches!(error, StoreError::Unavailable(_)) {
+        STORE_ERRORS.inc();
+    }
+    error
+}
+
+fn timed_out() -> StoreError {
+    STORE_ERRORS.inc();
+    StoreError::Unavailable("redis call timed out".into())
+}
+
 impl RedisStore {
     /// Prepares the store and starts its pub/sub listener. Does not wait for Redis: a store
     /// created while Redis is down answers `Unavailable` until it is back.
@@ -129,7 +144,8 @@ impl RedisStore {
             .set_response_timeout(Some(options.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError::redis(&e))?;
         let keys = Keys::new(&options.key_prefix);
         let (tx, rx) = mpsc::channel(RECONCILE_QUEUE);
         let listener = Listener {
@@ -162,8 +178,8 @@ impl RedisStore {
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result.map_err(StoreError::from),
-            Err(_) => Err(StoreError::Unavailable("redis call timed out".into())),
+            Ok(result) => result.map_err(|e| failed(&e)),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -201,8 +217,8 @@ impl RedisStore {
                     .await?;
                 self.bounded(pipe.query_async::<T>(&mut conn)).await
             }
-            Ok(result) => result.map_err(StoreError::from),
-            Err(_) => Err(StoreError::Unavailable("redis call timed out".into())),
+            Ok(result) => result.map_err(|e| failed(&e)),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -1042,7 +1058,7 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let answer: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         if answer == "busy" {
-            return Err(StoreError::Busy("emergency active on the event"));
+            return Err(StoreError::EmergencyActive);
         }
         Ok(EventInfo {
             event_id: eid.clone(),

@@ -1,0 +1,124 @@
+//! What every handler and connection of the gateway shares: its configuration, the clients of
+//! state-svc and of the media nodes, the hub, the metrics and the shutdown signal.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use talkgroup_common::telemetry::Inject;
+use talkgroup_proto::media::v1 as mpb;
+use talkgroup_proto::state::v1 as spb;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics;
+
+/// A gRPC channel whose calls carry the current trace context.
+pub type Traced = InterceptedService<Channel, Inject>;
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub gateway_id: String,
+    pub auth: Authenticator,
+    pub state: Channel,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<metrics::GatewayMetrics>,
+    media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Traced>>>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub(crate) started: Instant,
+}
+
+impl AppState {
+    pub fn floors(&self) -> spb::floor_service_client::FloorServiceClient<Traced> {
+        spb::floor_service_client::FloorServiceClient::with_interceptor(self.state.clone(), Inject)
+    }
+
+    pub fn sessions(&self) -> spb::session_service_client::SessionServiceClient<Traced> {
+        spb::session_service_client::SessionServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
+    }
+
+    pub fn syncs(&self) -> spb::sync_service_client::SyncServiceClient<Traced> {
+        spb::sync_service_client::SyncServiceClient::with_interceptor(self.state.clone(), Inject)
+    }
+
+    pub fn access(&self) -> spb::access_service_client::AccessServiceClient<Traced> {
+        spb::access_service_client::AccessServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
+    }
+
+    pub fn registry(
+        &self,
+    ) -> spb::media_registry_service_client::MediaRegistryServiceClient<Traced> {
+        spb::media_registry_service_client::MediaRegistryServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
+    }
+
+    /// A client for the media node at `url` (one HTTP/2 connection per node, reused).
+    pub fn media(
+        &self,
+        url: &str,
+    ) -> Option<mpb::media_service_client::MediaServiceClient<Traced>> {
+        let mut media = self
+            .media
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = media.get(url) {
+            return Some(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .ok()?
+            .connect_timeout(Duration::from_secs(3));
+        let client = mpb::media_service_client::MediaServiceClient::with_interceptor(
+            endpoint.connect_lazy(),
+            Inject,
+        );
+        media.insert(url.to_owned(), client.clone());
+        Some(client)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Builds the shared state; fails on configuration that cannot work.
+pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppState>, RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let auth = Authenticator::from_config(&config).map_err(RunError::Config)?;
+    let state = Endpoint::from_shared(config.state_url.clone())
+        .map_err(|_| RunError::Config("invalid state-svc url".into()))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(Arc::new(AppState {
+        gateway_id: config.gateway_id(),
+        config,
+        auth,
+        state,
+        hub: Hub::new(),
+        metrics: metrics::GatewayMetrics::new(),
+        media: Mutex::default(),
+        shutdown,
+        tracker: TaskTracker::new(),
+        started: Instant::now(),
+    }))
+}

@@ -1,0 +1,384 @@
+//! One client connection: its state session, requests, pushes, floor renewal and cleanup.
+//!
+//! [`run`] owns the socket: it opens the state session, serves the socket until it closes,
+//! cleans up, and closes with a named [`Close`]. The connection's concerns each have a file,
+//! all of them `impl Conn` blocks over the one [`Conn`]:
+//! - [`dispatch`]: the request table, one line per request, and the reply and its metrics;
+//! - [`limits`]: the request and press rate limits, and when refusals become a flood;
+//! - [`channels`]: join, leave, list;
+//! - [`floors`]: the [`floors::Floors`] this socket holds: grants, renewal, its producers and
+//!   where its channels' media is; [`placement`] finds and reaches a channel's media node;
+//! - [`transports`]: WebRTC transports, producers and consumers on the media node;
+//! - [`emergency`]: emergency broadcasts; [`grants`]: roles and their enforcement;
+//!   [`sync`]: sync sessions; [`events`]: what the hub hands the connection.
+//!
+//! The floor flow keeps the order that saves first words: state-svc grants (one atomic step),
+//! the media node is told (`SetFloor`), and only then the client hears `granted` and unmutes.
+//! Whatever ends the connection (close, error, dead socket, shutdown) removes the state session,
+//! which releases its floors and membership for everyone, and closes its media transports.
+
+mod channels;
+mod dispatch;
+mod emergency;
+mod events;
+mod floors;
+mod grants;
+mod limits;
+mod placement;
+mod sync;
+mod transports;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use talkgroup_proto::media::v1 as mpb;
+use talkgroup_proto::state::v1 as spb;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::access::Grants;
+use crate::app_state::AppState;
+use crate::auth::Claims;
+use crate::hub::{HubEvent, Outgoing};
+use crate::protocol::{ClientError, Code, Frame, User, err};
+
+use floors::Floors;
+use limits::Limits;
+use transports::Transports;
+
+/// Frames queued to a client before the connection is considered stuck.
+const OUTBOX: usize = 256;
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// Why the gateway closes a socket, and the close code it says so with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// The client closed, or its socket ended.
+    Normal,
+    /// Shutdown, or no sign of life.
+    GoingAway,
+    /// The WebSocket protocol was broken.
+    ProtocolError,
+    /// Too many refused requests in a row.
+    Flood,
+    /// The session could not be set up.
+    Unavailable,
+    /// An administrator disconnected the user (after a `force-disconnect` push).
+    Kicked,
+}
+
+impl Close {
+    fn code(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::GoingAway => 1001,
+            Self::ProtocolError => 1002,
+            Self::Flood => 1008,
+            Self::Unavailable => 1011,
+            Self::Kicked => 4000,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Self::GoingAway => "going away",
+            Self::Unavailable => "service unavailable",
+            Self::Kicked => "disconnected by an administrator",
+            Self::Normal | Self::ProtocolError | Self::Flood => "",
+        }
+    }
+
+    fn frame(self) -> Message {
+        Message::Close(Some(CloseFrame {
+            code: self.code(),
+            reason: self.reason().into(),
+        }))
+    }
+}
+
+/// One connected socket and everything it holds.
+struct Conn {
+    app: Arc<AppState>,
+    id: u64,
+    session: String,
+    user: User,
+    out: mpsc::Sender<Outgoing>,
+    joined: HashSet<String>,
+    transports: Transports,
+    floors: Floors,
+    /// What the user may do where.
+    grants: Grants,
+    /// Events whose emergency broadcast this connection runs.
+    emergencies: HashSet<String>,
+    limits: Limits,
+}
+
+fn valid_name(name: &str) -> bool {
+    let n = name.trim();
+    !n.is_empty() && n.chars().count() <= 64 && !n.chars().any(char::is_control)
+}
+
+/// Serves one authenticated socket until it closes.
+pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let Some((mut conn, mut events, outbox, session_ttl_ms)) = Conn::open(&app, &claims).await
+    else {
+        let _ = sink.send(Close::Unavailable.frame()).await;
+        return;
+    };
+    let writer = spawn_writer(&app, sink, outbox);
+    tracing::info!(conn = conn.id, session_id = %conn.session, user_id = %conn.user.user_id, "connected");
+    let close = conn.serve(&mut stream, &mut events, session_ttl_ms).await;
+    conn.cleanup().await;
+    let _ = conn.out.send(Outgoing::Message(close.frame())).await;
+    let id = conn.id;
+    drop(conn);
+    let _ = writer.await;
+    if close != Close::Normal {
+        drain_until_close(&mut stream).await;
+    }
+    tracing::info!(conn = id, code = close.code(), "disconnected");
+}
+
+/// Writes the outbox to the socket, in order, until a close frame or the socket fails.
+fn spawn_writer(
+    app: &AppState,
+    mut sink: SplitSink<WebSocket, Message>,
+    mut outbox: mpsc::Receiver<Outgoing>,
+) -> JoinHandle<()> {
+    app.tracker.spawn(async move {
+        while let Some(outgoing) = outbox.recv().await {
+            let message = match outgoing {
+                Outgoing::Message(message) => message,
+                // The frames before it are on the socket: the request's fan-out may go.
+                Outgoing::Written(request) => {
+                    drop(request);
+                    continue;
+                }
+            };
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    })
+}
+
+/// The closing handshake: reads and discards until the client's Close (at most 2 s), so frames
+/// it sent meanwhile do not turn the close into a TCP reset that hides the code.
+async fn drain_until_close(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+impl Conn {
+    /// Creates the state session, registers with the hub and reads the user's stored grants.
+    /// `None` (logged) when state-svc cannot do its part: the socket is then closed 1011.
+    async fn open(
+        app: &Arc<AppState>,
+        claims: &Claims,
+    ) -> Option<(
+        Self,
+        mpsc::Receiver<HubEvent>,
+        mpsc::Receiver<Outgoing>,
+        u32,
+    )> {
+        let user = User {
+            user_id: claims.sub.clone(),
+            user_name: claims
+                .name
+                .clone()
+                .filter(|n| valid_name(n))
+                .unwrap_or_else(|| claims.sub.clone()),
+        };
+        let created = app
+            .sessions()
+            .create_session(spb::CreateSessionRequest {
+                user_id: user.user_id.clone(),
+                user_name: user.user_name.clone(),
+                gateway_id: app.gateway_id.clone(),
+                ttl_ms: 0,
+            })
+            .await;
+        let session = match created {
+            Ok(s) => s.into_inner(),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "cannot create a session; closing");
+                return None;
+            }
+        };
+        // Register before reading the grants, so a change made in between is not missed.
+        // The outbox first: the hub writes members' pushes straight into it.
+        let (out, outbox) = mpsc::channel::<Outgoing>(OUTBOX);
+        let (id, events) = app
+            .hub
+            .register(&user.user_id, &session.session_id, out.clone());
+        let mut grants = Grants::new(claims.roles.clone());
+        let stored = app
+            .access()
+            .get_user_grants(spb::GetUserGrantsRequest {
+                user_id: user.user_id.clone(),
+            })
+            .await;
+        match stored {
+            Ok(stored) => {
+                grants.apply(&stored.into_inner());
+            }
+            Err(status) => {
+                // Fail closed: without the stored grants a revoked channel could look open.
+                tracing::warn!(code = ?status.code(), "cannot read grants; closing");
+                app.hub.unregister(id);
+                let _ = app
+                    .sessions()
+                    .remove_session(spb::RemoveSessionRequest {
+                        session_id: session.session_id.clone(),
+                    })
+                    .await;
+                return None;
+            }
+        }
+        let conn = Self {
+            app: Arc::clone(app),
+            id,
+            floors: Floors::new(Arc::clone(app), id, session.session_id.clone()),
+            session: session.session_id,
+            user,
+            out,
+            joined: HashSet::new(),
+            transports: Transports::default(),
+            grants,
+            emergencies: HashSet::new(),
+            limits: Limits::new(&app.config),
+        };
+        Some((conn, events, outbox, session.ttl_ms))
+    }
+
+    /// The socket loop: frames from the client, events from the hub, liveness and the
+    /// session's keep-alive, until something closes the socket.
+    async fn serve(
+        &mut self,
+        stream: &mut SplitStream<WebSocket>,
+        events: &mut mpsc::Receiver<HubEvent>,
+        session_ttl_ms: u32,
+    ) -> Close {
+        let ping_every = Duration::from_millis(self.app.config.ping_interval_ms);
+        let mut ping = tokio::time::interval(ping_every);
+        let mut touch = tokio::time::interval(Duration::from_millis(u64::from(
+            session_ttl_ms.max(3_000) / 3,
+        )));
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    last_heard = Instant::now();
+                    if let Some(close) = self.on_message(message).await {
+                        return close;
+                    }
+                }
+                Some(event) = events.recv() => {
+                    if let Some(close) = self.on_event(event).await {
+                        return close;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > ping_every * 2 {
+                        tracing::info!(conn = self.id, "no sign of life; closing");
+                        return Close::GoingAway;
+                    }
+                    let _ = self.out.try_send(Outgoing::Message(Message::Ping(Vec::new().into())));
+                }
+                _ = touch.tick() => self.touch_session().await,
+                () = self.app.shutdown.cancelled() => return Close::GoingAway,
+            }
+        }
+    }
+
+    /// One message from the socket; the close it calls for, if any.
+    async fn on_message(
+        &mut self,
+        message: Option<std::result::Result<Message, axum::Error>>,
+    ) -> Option<Close> {
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                (!self.on_text(text.as_str()).await).then_some(Close::Flood)
+            }
+            Some(Ok(Message::Binary(_))) => {
+                let refused = err(Code::BadRequest, "binary frames are not supported");
+                self.send(Frame::error(None, refused)).await;
+                None
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+            Some(Ok(Message::Close(_))) | None => Some(Close::Normal),
+            Some(Err(_)) => Some(Close::ProtocolError),
+        }
+    }
+
+    async fn touch_session(&self) {
+        let touch = spb::TouchSessionRequest {
+            session_id: self.session.clone(),
+        };
+        let _ = self.app.sessions().touch_session(touch).await;
+    }
+
+    async fn send(&self, frame: impl Into<Frame>) {
+        if let Some(text) = frame.into().encode() {
+            self.send_text(text).await;
+        }
+    }
+
+    async fn send_text(&self, text: Utf8Bytes) {
+        let _ = self.out.send(Outgoing::Message(Message::Text(text))).await;
+    }
+
+    /// Ends what the connection holds: renewals, its emergency broadcasts, its state session
+    /// (which releases its floors and memberships for everyone) and its media transports.
+    async fn cleanup(&mut self) {
+        self.floors.stop_all();
+        // An emergency broadcast ends with its broadcaster's connection.
+        for event_id in std::mem::take(&mut self.emergencies) {
+            let stop = spb::StopEmergencyRequest {
+                event_id,
+                session_id: self.session.clone(),
+                force: false,
+            };
+            if let Err(status) = self.app.access().stop_emergency(stop).await {
+                tracing::debug!(code = ?status.code(), "emergency already over");
+            }
+        }
+        self.app.hub.unregister(self.id);
+        // One call releases the session's floors (reason `disconnected`) and memberships for
+        // every gateway's clients.
+        if let Err(status) = self
+            .app
+            .sessions()
+            .remove_session(spb::RemoveSessionRequest {
+                session_id: self.session.clone(),
+            })
+            .await
+            && status.code() != tonic::Code::NotFound
+        {
+            tracing::warn!(code = ?status.code(), "session removal failed; it will expire");
+        }
+        for node in self.transports.take_nodes() {
+            if let Ok(mut media) = placement::media(&self.app, &node) {
+                let _ = media
+                    .close_session(mpb::CloseSessionRequest {
+                        session_id: self.session.clone(),
+                    })
+                    .await;
+            }
+        }
+    }
+}

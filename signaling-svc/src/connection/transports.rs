@@ -1,0 +1,216 @@
+//! The connection's WebRTC transports, producers and consumers, all on its channels' media
+//! nodes.
+
+use std::collections::{HashMap, HashSet};
+
+use talkgroup_proto::media::v1 as mpb;
+
+use super::placement::{media, place};
+use super::{Conn, Result};
+use crate::access::Role;
+use crate::protocol::TransportDirection;
+use crate::protocol::reply::{
+    Capabilities, Codec, Consumer, Done, Offer, Producer, Transport as Created,
+};
+use crate::protocol::{ChannelRef, Code, ConnectTransport, CreateTransport, Produce, err};
+
+#[derive(Debug, Clone)]
+struct TransportInfo {
+    channel: String,
+    node: String,
+    direction: TransportDirection,
+}
+
+/// The connection's transports by id.
+#[derive(Debug, Default)]
+pub(super) struct Transports(HashMap<String, TransportInfo>);
+
+impl Transports {
+    fn get(&self, id: &str) -> Result<TransportInfo> {
+        self.0
+            .get(id)
+            .cloned()
+            .ok_or(err(Code::NotFound, "unknown transport"))
+    }
+
+    /// The ids of the transports that match.
+    fn ids(&self, matches: impl Fn(&TransportInfo) -> bool) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, t)| matches(t))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Forgets every transport; the media nodes they were on.
+    pub(super) fn take_nodes(&mut self) -> HashSet<String> {
+        self.0.drain().map(|(_, t)| t.node).collect()
+    }
+}
+
+impl Conn {
+    pub(super) async fn router_capabilities(&self, r: ChannelRef) -> Result<Capabilities> {
+        self.require_joined(&r.channel_id)?;
+        let node = place(&self.app, &r.channel_id).await?;
+        let caps = media(&self.app, &node)?
+            .get_router_capabilities(mpb::GetRouterCapabilitiesRequest {
+                channel_id: r.channel_id,
+            })
+            .await?
+            .into_inner();
+        let codecs = caps
+            .codecs
+            .into_iter()
+            .map(|c| Codec {
+                mime_type: c.mime_type,
+                clock_rate: c.clock_rate,
+                channels: c.channels,
+                payload_type: c.payload_type,
+                fmtp: c.fmtp,
+            })
+            .collect();
+        Ok(Capabilities { codecs })
+    }
+
+    pub(super) async fn create_transport(&mut self, r: CreateTransport) -> Result<Created> {
+        self.require_joined(&r.channel_id)?;
+        if r.direction == TransportDirection::Send {
+            self.require_role(&r.channel_id, Role::Talk)?;
+        }
+        let node = place(&self.app, &r.channel_id).await?;
+        let direction = match r.direction {
+            TransportDirection::Send => mpb::Direction::Send,
+            TransportDirection::Recv => mpb::Direction::Recv,
+        };
+        let created = media(&self.app, &node)?
+            .create_transport(mpb::CreateTransportRequest {
+                channel_id: r.channel_id.clone(),
+                session_id: self.session.clone(),
+                direction: direction.into(),
+            })
+            .await?
+            .into_inner();
+        let info = TransportInfo {
+            channel: r.channel_id,
+            node,
+            direction: r.direction,
+        };
+        self.transports.0.insert(created.transport_id.clone(), info);
+        let offer = Offer::new(created.offer.map(|o| o.sdp).unwrap_or_default());
+        Ok(Created {
+            transport_id: created.transport_id,
+            offer,
+        })
+    }
+
+    pub(super) async fn connect_transport(&self, r: ConnectTransport) -> Result<Done> {
+        let info = self.transports.get(&r.transport_id)?;
+        let payload = match (r.answer, r.candidate) {
+            (Some(answer), None) if answer.kind == "answer" => {
+                mpb::connect_transport_request::Payload::Answer(mpb::SessionDescription {
+                    r#type: answer.kind,
+                    sdp: answer.sdp,
+                })
+            }
+            (None, Some(c)) => {
+                mpb::connect_transport_request::Payload::Candidate(mpb::IceCandidate {
+                    candidate: c.candidate,
+                    sdp_mid: c.sdp_mid.unwrap_or_default(),
+                    sdp_mline_index: c.sdp_m_line_index.unwrap_or(0),
+                })
+            }
+            _ => return Err(err(Code::BadRequest, "send an answer or a candidate")),
+        };
+        media(&self.app, &info.node)?
+            .connect_transport(mpb::ConnectTransportRequest {
+                transport_id: r.transport_id,
+                session_id: self.session.clone(),
+                payload: Some(payload),
+            })
+            .await?;
+        Ok(Done {})
+    }
+
+    pub(super) async fn produce(&mut self, r: Produce) -> Result<Producer> {
+        if r.kind != "audio" {
+            return Err(err(Code::BadRequest, "only audio can be produced"));
+        }
+        let info = self.transports.get(&r.transport_id)?;
+        if info.channel != r.channel_id || info.direction != TransportDirection::Send {
+            return Err(err(
+                Code::BadRequest,
+                "not a send transport of this channel",
+            ));
+        }
+        self.require_role(&r.channel_id, Role::Talk)?;
+        let producer_id = media(&self.app, &info.node)?
+            .produce(mpb::ProduceRequest {
+                transport_id: r.transport_id,
+                session_id: self.session.clone(),
+                channel_id: r.channel_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .producer_id;
+        self.floors
+            .produced(&r.channel_id, producer_id.clone(), info.node)
+            .await?;
+        Ok(Producer { producer_id })
+    }
+
+    pub(super) async fn consume(&self, r: ChannelRef) -> Result<Consumer> {
+        self.require_joined(&r.channel_id)?;
+        self.require_role(&r.channel_id, Role::Listen)?;
+        let (transport_id, info) = self
+            .transports
+            .0
+            .iter()
+            .find(|(_, t)| t.channel == r.channel_id && t.direction == TransportDirection::Recv)
+            .map(|(id, t)| (id.clone(), t.clone()))
+            .ok_or(err(Code::BadRequest, "create a recv transport first"))?;
+        let consumed = media(&self.app, &info.node)?
+            .consume(mpb::ConsumeRequest {
+                transport_id,
+                session_id: self.session.clone(),
+                channel_id: r.channel_id,
+            })
+            .await?
+            .into_inner();
+        Ok(Consumer::audio(consumed.consumer_id, consumed.ssrc))
+    }
+
+    /// Closes the connection's transports in `channel`.
+    pub(super) async fn close_transports_in(&mut self, channel: &str) {
+        for id in self.transports.ids(|t| t.channel == channel) {
+            self.close_transport(&id).await;
+        }
+    }
+
+    /// Closes the send transports of channels where the user may no longer talk.
+    pub(super) async fn close_muted_senders(&mut self) {
+        let grants = &self.grants;
+        let muted = self.transports.ids(|t| {
+            t.direction == TransportDirection::Send && grants.role(&t.channel) < Role::Talk
+        });
+        for id in muted {
+            self.close_transport(&id).await;
+        }
+    }
+
+    async fn close_transport(&mut self, transport_id: &str) {
+        let Some(info) = self.transports.0.remove(transport_id) else {
+            return;
+        };
+        if let Ok(mut media) = media(&self.app, &info.node) {
+            let _ = media
+                .close_transport(mpb::CloseTransportRequest {
+                    transport_id: transport_id.to_owned(),
+                    session_id: self.session.clone(),
+                })
+                .await;
+            if info.direction == TransportDirection::Send {
+                self.floors.unproduced(&info.channel);
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Pushes: what the server sends without being asked, each wire name written once (the serde
+//! name of its variant).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::sync::SyncEnvelope;
+use super::view::{ChannelState, User};
+use crate::access::Role;
+
+/// Every push, as `{"type", "data"}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "kebab-case")]
+pub enum Push {
+    SpeakerChanged(SpeakerChanged),
+    PttDenied(PttDenied),
+    PttInterrupted(PttInterrupted),
+    ChannelState(ChannelState),
+    PermissionUpdate(PermissionUpdate),
+    ForceDisconnect(ForceDisconnect),
+    SyncState(Box<SyncEnvelope>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpeakerChanged {
+    pub channel_id: String,
+    pub speaker: Option<User>,
+    pub epoch: u64,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PttDenied {
+    pub channel_id: String,
+    pub speaker: Option<User>,
+    pub retry_after_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PttInterrupted {
+    pub channel_id: String,
+    pub by: Option<User>,
+    pub epoch: u64,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionUpdate {
+    pub channels: Vec<ChannelRole>,
+    pub default_role: Role,
+    pub revoked: Vec<String>,
+}
+
+impl PermissionUpdate {
+    pub fn new(named: BTreeMap<String, Role>, default_role: Role, revoked: Vec<String>) -> Self {
+        let channels = named
+            .into_iter()
+            .map(|(channel_id, role)| ChannelRole { channel_id, role })
+            .collect();
+        Self {
+            channels,
+            default_role,
+            revoked,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelRole {
+    pub channel_id: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForceDisconnect {
+    pub reason: String,
+}

@@ -1,0 +1,247 @@
+//! Replies: the `data` of the one answer each request gets. The reply's `type` is its request's
+//! ([`super::Request::reply_type`]), so no wire name is written here.
+
+use serde::Serialize;
+
+use super::sync::SyncEnvelope;
+use super::view::{ChannelState, User};
+use crate::access::Role;
+
+/// The data of a successful reply.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// `{}`: `leave-channel`, `connect-transport`, `ptt-stop`.
+    Done(Done),
+    Pong(Pong),
+    Channels(Channels),
+    Joined(Joined),
+    Capabilities(Capabilities),
+    Transport(Transport),
+    Producer(Producer),
+    Consumer(Consumer),
+    Floor(FloorAnswer),
+    EmergencyStarted(EmergencyStarted),
+    EmergencyStopped(EmergencyStopped),
+    Sync(Box<SyncEnvelope>),
+    SyncDeleted(SyncDeleted),
+}
+
+/// Lets a handler return its own reply type where a [`Reply`] is expected.
+macro_rules! reply_from {
+    ($($ty:ident => $variant:ident),* $(,)?) => {
+        $(impl From<$ty> for Reply {
+            fn from(data: $ty) -> Self {
+                Self::$variant(data.into())
+            }
+        })*
+    };
+}
+
+reply_from! {
+    Done => Done, Pong => Pong, Channels => Channels, Joined => Joined,
+    Capabilities => Capabilities, Transport => Transport, Producer => Producer,
+    Consumer => Consumer, FloorAnswer => Floor, EmergencyStarted => EmergencyStarted,
+    EmergencyStopped => EmergencyStopped, SyncEnvelope => Sync, SyncDeleted => SyncDeleted,
+}
+
+/// `{}`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Done {}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pong {
+    pub server_time: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Channels {
+    pub channels: Vec<ChannelSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelSummary {
+    pub channel_id: String,
+    pub speaker: Option<User>,
+    pub busy: bool,
+    pub member_count: usize,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Joined {
+    pub channel: ChannelState,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub codecs: Vec<Codec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Codec {
+    pub mime_type: String,
+    pub clock_rate: u32,
+    pub channels: u32,
+    pub payload_type: u32,
+    pub fmtp: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Transport {
+    pub transport_id: String,
+    pub offer: Offer,
+}
+
+/// `{type: "offer", sdp}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Offer {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sdp: String,
+}
+
+impl Offer {
+    pub fn new(sdp: String) -> Self {
+        Self { kind: "offer", sdp }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Producer {
+    pub producer_id: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Consumer {
+    pub consumer_id: String,
+    kind: &'static str,
+    pub ssrc: u32,
+}
+
+impl Consumer {
+    pub fn audio(consumer_id: String, ssrc: u32) -> Self {
+        Self {
+            consumer_id,
+            kind: "audio",
+            ssrc,
+        }
+    }
+}
+
+/// The answer to a `ptt-start` or `priority-ptt-start`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum FloorAnswer {
+    /// `{granted: true, epoch, expiresAt, maxTalkMs}`.
+    Granted(Granted),
+    /// `{granted: false, queued: true, position, speaker}`.
+    Queued(Queued),
+    /// `{granted: false, speaker, retryAfterMs}`; the requester also gets `ptt-denied`.
+    Denied(Denied),
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Granted {
+    granted: bool,
+    pub epoch: u64,
+    pub expires_at: i64,
+    pub max_talk_ms: u32,
+}
+
+impl Granted {
+    pub fn new(epoch: u64, expires_at: i64, max_talk_ms: u32) -> Self {
+        Self {
+            granted: true,
+            epoch,
+            expires_at,
+            max_talk_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Queued {
+    granted: bool,
+    queued: bool,
+    pub position: u32,
+    pub speaker: Option<User>,
+}
+
+impl Queued {
+    pub fn new(position: u32, speaker: Option<User>) -> Self {
+        Self {
+            granted: false,
+            queued: true,
+            position,
+            speaker,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Denied {
+    granted: bool,
+    pub speaker: Option<User>,
+    pub retry_after_ms: i64,
+}
+
+impl Denied {
+    pub fn new(speaker: Option<User>, retry_after_ms: i64) -> Self {
+        Self {
+            granted: false,
+            speaker,
+            retry_after_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmergencyStarted {
+    pub event_id: String,
+    pub channels: Vec<EmergencyChannel>,
+}
+
+/// A channel of a started broadcast: `{channelId, granted: false}` or `{channelId, granted:
+/// true, epoch, expiresAt}`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmergencyChannel {
+    pub channel_id: String,
+    pub granted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmergencyStopped {
+    pub event_id: String,
+    pub channels: Vec<ChannelEpoch>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelEpoch {
+    pub channel_id: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncDeleted {
+    pub session_id: String,
+    pub version: u64,
+}
