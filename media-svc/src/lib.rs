@@ -2,9 +2,11 @@
 //!
 //! Layout:
 //! - [`router`]: one channel's forwarding decision and per-listener stream rewriting (sans-IO).
-//! - [`engine`]: sans-IO WebRTC peers behind the project's own trait (the `rtc` 0.21 core).
-//! - [`worker`]: the worker pool; a channel's router and peers live on one worker, which
-//!   drives them in one task; everything reaches it by bounded queues.
+//! - [`engine`]: sans-IO WebRTC transports behind the project's own traits, one per kind
+//!   (speakers' full `rtc` 0.21 peer connections, listeners' lean ICE-lite + DTLS-SRTP path).
+//! - [`worker`]: the worker pool, one thread per core: a channel's router lives on one worker,
+//!   peers are spread over all of them, and the routing worker hands each the copies for its
+//!   peers; everything reaches a worker by bounded queues, through the pool's typed handle.
 //! - [`node`]: the registry of transports, producers and consumers; [`ports`]: the UDP range.
 //! - [`grpc`]: `ptt.media.v1.MediaService`; [`link`]: registration and floor watch on state-svc.
 //! - [`run`]: the server, taking a bound listener and a shutdown token; SIGTERM drains.
@@ -25,6 +27,7 @@ use std::time::Duration;
 use talkgroup_proto::media::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -84,6 +87,7 @@ pub async fn run(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
+    let tasks = TaskTracker::new();
     let link_stop = CancellationToken::new();
     let link = config.state_url.clone().map(|url| {
         let me = link::Registration {
@@ -98,7 +102,7 @@ pub async fn run(
                 .to_string(),
             capacity: config.capacity,
         };
-        tokio::spawn(link::run(Arc::clone(&node), url, me, link_stop.clone()))
+        tasks.spawn(link::run(Arc::clone(&node), url, me, link_stop.clone()))
     });
 
     let stop_serving = CancellationToken::new();
@@ -126,7 +130,7 @@ pub async fn run(
             stop_serving.cancel();
         }
     };
-    tokio::spawn(drain);
+    let drain = tasks.spawn(drain);
 
     let incoming = talkgroup_common::grpc::incoming(listener);
     tracing::info!(%addr, %node_id, workers, "media-svc listening");
@@ -145,9 +149,16 @@ pub async fn run(
         .await;
     link_stop.cancel();
     metrics_stop.cancel();
-    if let Some(link) = link {
-        let _ = tokio::time::timeout(Duration::from_secs(5), link).await;
+    // The drain waits for a shutdown that never comes when serving failed on its own.
+    drain.abort();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("deregistration did not finish in time");
     }
+    drop(link);
     tracing::info!("media-svc stopped");
     Ok(served?)
 }

@@ -16,6 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 use crate::node::Node;
 
 const RETRY: Duration = Duration::from_secs(1);
+/// Registration attempts logged at debug before the failures become warnings: a node usually
+/// starts beside state-svc, before it listens.
+const QUIET_ATTEMPTS: u32 = 5;
 
 /// What the node registers as.
 #[derive(Debug, Clone)]
@@ -63,6 +66,7 @@ pub async fn run(
 async fn heartbeat(node: &Node, channel: Channel, me: &Registration, shutdown: &CancellationToken) {
     let mut registry = pb::media_registry_service_client::MediaRegistryServiceClient::new(channel);
     let mut registered = false;
+    let mut failed_attempts = 0u32;
     let mut drain_reported = false;
     let mut every = Duration::from_secs(2);
     loop {
@@ -83,10 +87,18 @@ async fn heartbeat(node: &Node, channel: Channel, me: &Registration, shutdown: &
                     let reply = reply.into_inner();
                     every = Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(50)));
                     registered = true;
+                    failed_attempts = 0;
                     drain_reported = false;
                     tracing::info!(node_id = %me.node_id, "registered with state-svc");
                 }
-                Err(error) => tracing::warn!(%error, "registration failed; retrying"),
+                Err(error) => {
+                    failed_attempts += 1;
+                    if failed_attempts > QUIET_ATTEMPTS {
+                        tracing::warn!(%error, attempts = failed_attempts, "registration failed; retrying");
+                    } else {
+                        tracing::debug!(%error, attempts = failed_attempts, "registration failed; retrying");
+                    }
+                }
             }
         } else {
             match registry

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::engine::{Candidate, Engine, EngineError, PeerSpec};
 use crate::ports::PortPool;
 use crate::router::{Floor, FloorApplied, Listener, Rewriter};
-use crate::worker::{Command, PoolStats, WorkerPool};
+use crate::worker::{PoolStats, WorkerPool};
 
 /// Transports one session may hold (a send and a receive transport per channel, a few channels).
 pub const MAX_TRANSPORTS_PER_SESSION: usize = 16;
@@ -203,16 +203,7 @@ impl Node {
             Direction::Recv => PeerSpec::Recv { ssrc },
         };
         let announced = self.settings.announced_ip;
-        let created = self
-            .pool
-            .request_peer(key, |reply| Command::CreatePeer {
-                key,
-                spec,
-                local: addr,
-                announced,
-                reply,
-            })
-            .await;
+        let created = self.pool.create_peer(key, spec, addr, announced).await;
         let offer = match created {
             Some(Ok(offer)) => offer,
             Some(Err(e)) => {
@@ -281,10 +272,7 @@ impl Node {
         sdp: String,
     ) -> Result<(), NodeError> {
         let (key, ..) = self.lookup(transport_id, session)?;
-        let result = self
-            .pool
-            .request_peer(key, |reply| Command::Answer { key, sdp, reply })
-            .await;
+        let result = self.pool.apply_answer(key, sdp).await;
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
@@ -295,14 +283,7 @@ impl Node {
         candidate: Candidate,
     ) -> Result<(), NodeError> {
         let (key, ..) = self.lookup(transport_id, session)?;
-        let result = self
-            .pool
-            .request_peer(key, |reply| Command::AddCandidate {
-                key,
-                candidate,
-                reply,
-            })
-            .await;
+        let result = self.pool.add_candidate(key, candidate).await;
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
@@ -348,20 +329,12 @@ impl Node {
             _ => None,
         })?;
         if new {
-            let (channel, session) = (channel.to_owned(), session.to_owned());
-            let (ch, p) = (channel.clone(), producer.clone());
             self.pool
-                .request(&own_channel, |reply| Command::AddProducer {
-                    channel: ch,
-                    producer: p,
-                    session,
-                    reply,
-                })
+                .add_producer(&own_channel, producer.clone(), session.to_owned())
                 .await
                 .ok_or(NodeError::Stopping)?;
-            let route = (channel, producer.clone());
             self.pool
-                .request_peer(key, |reply| Command::Route { key, route, reply })
+                .route(key, own_channel, producer.clone())
                 .await
                 .ok_or(NodeError::Stopping)?;
         }
@@ -389,7 +362,7 @@ impl Node {
         if new {
             let payload_type = self
                 .pool
-                .request_peer(key, |reply| Command::PayloadType { key, reply })
+                .payload_type(key)
                 .await
                 .ok_or(NodeError::Stopping)?;
             let listener = Listener {
@@ -397,14 +370,8 @@ impl Node {
                 rewriter: Rewriter::new(ssrc, payload_type),
                 peer: key,
             };
-            let (channel, consumer_id) = (channel.to_owned(), consumer.clone());
             self.pool
-                .request(&own_channel, |reply| Command::AddListener {
-                    channel,
-                    consumer: consumer_id,
-                    listener,
-                    reply,
-                })
+                .add_listener(&own_channel, consumer.clone(), listener)
                 .await
                 .ok_or(NodeError::Stopping)?;
         }
@@ -482,32 +449,16 @@ impl Node {
             self.publish_channels(&registry);
             entry
         };
-        let key = entry.key;
-        let channel = entry.channel.clone();
         match entry.role {
             Role::Producer(producer) => {
-                self.pool
-                    .request(&entry.channel, |reply| Command::RemoveProducer {
-                        channel,
-                        producer,
-                        reply,
-                    })
-                    .await;
+                self.pool.remove_producer(&entry.channel, producer).await;
             }
             Role::Consumer(consumer) => {
-                self.pool
-                    .request(&entry.channel, |reply| Command::RemoveListener {
-                        channel,
-                        consumer,
-                        reply,
-                    })
-                    .await;
+                self.pool.remove_listener(&entry.channel, consumer).await;
             }
             Role::None => {}
         }
-        self.pool
-            .request_peer(key, |reply| Command::ClosePeer { key, reply })
-            .await;
+        self.pool.close_peer(entry.key).await;
         self.ports.release(entry.addr);
         tracing::debug!(%transport_id, "transport closed");
         Ok(())

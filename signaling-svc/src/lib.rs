@@ -29,7 +29,7 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use talkgroup_proto::state::v1 as spb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -96,6 +96,22 @@ struct DevTokenRequest {
     name: String,
 }
 
+#[derive(Debug, Serialize)]
+struct DevClaims<'a> {
+    sub: &'a str,
+    name: &'a str,
+    exp: u64,
+    grants: std::collections::BTreeMap<&'a str, access::Role>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DevToken<'a> {
+    token: String,
+    user_id: &'a str,
+    name: &'a str,
+}
+
 /// Development only (`--dev-tokens`): a 12-hour token for a display name. The user id is the
 /// name made into a slug, so the same name signs in as the same user.
 async fn dev_token(
@@ -104,8 +120,11 @@ async fn dev_token(
 ) -> Response {
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-        let body = serde_json::json!({"code": "BAD_REQUEST", "message": "name must be 1 to 64 characters"});
-        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+        let refused = protocol::err(
+            protocol::Code::BadRequest,
+            "name must be 1 to 64 characters",
+        );
+        return (StatusCode::BAD_REQUEST, axum::Json(refused)).into_response();
     }
     let slug: String = name
         .chars()
@@ -122,22 +141,29 @@ async fn dev_token(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     // Development users may talk in the configured channels.
-    let grants: serde_json::Map<String, serde_json::Value> = app
+    let grants = app
         .config
         .channels
         .iter()
-        .map(|c| (c.clone(), "talk".into()))
+        .map(|c| (c.as_str(), access::Role::Talk))
         .collect();
-    let claims = serde_json::json!({"sub": user_id, "name": name, "exp": now.as_secs() + 12 * 3600, "grants": grants});
+    let claims = DevClaims {
+        sub: &user_id,
+        name,
+        exp: now.as_secs() + 12 * 3600,
+        grants,
+    };
     let Some(secret) = app.config.jwt_secret.as_deref() else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     match jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key) {
-        Ok(token) => {
-            axum::Json(serde_json::json!({"token": token, "userId": user_id, "name": name}))
-                .into_response()
-        }
+        Ok(token) => axum::Json(DevToken {
+            token,
+            user_id: &user_id,
+            name,
+        })
+        .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -178,6 +204,16 @@ async fn ws(
     upgrade.on_upgrade(move |socket| tracker.track_future(connection::run(app, claims, socket)))
 }
 
+/// `GET /health`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Health {
+    status: &'static str,
+    uptime_ms: u64,
+    connections: usize,
+    media_nodes: Option<usize>,
+}
+
 async fn health(State(app): State<Arc<AppState>>) -> Response {
     let nodes = tokio::time::timeout(
         Duration::from_millis(500),
@@ -199,12 +235,12 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({
-        "status": status,
-        "uptimeMs": app.started.elapsed().as_millis() as u64,
-        "connections": app.hub.connection_count(),
-        "mediaNodes": nodes,
-    });
+    let body = Health {
+        status,
+        uptime_ms: u64::try_from(app.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        connections: app.hub.connection_count(),
+        media_nodes: nodes,
+    };
     (code, axum::Json(body)).into_response()
 }
 

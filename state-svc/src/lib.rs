@@ -75,10 +75,11 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config.validate()?;
     let hub = Hub::new();
+    let tracker = TaskTracker::new();
     match config.store_kind() {
         StoreKind::Memory => {
             let store = MemoryStore::new(config.store_settings(), Arc::clone(&hub));
-            serve(Arc::new(store), hub, &config, listener, shutdown).await
+            serve(Arc::new(store), hub, &config, listener, tracker, shutdown).await
         }
         StoreKind::Redis => {
             let options = config.redis_options().ok_or(ConfigError::MissingRedisUrl)?;
@@ -87,6 +88,7 @@ pub async fn run(
                 &options,
                 config.store_settings(),
                 Arc::clone(&hub),
+                &tracker,
                 shutdown.child_token(),
             )?;
             if let Some(postgres_url) = &config.postgres_url {
@@ -98,9 +100,9 @@ pub async fn run(
                         sweep: Duration::from_millis(u64::from(config.audit_sweep_ms)),
                     },
                 );
-                tokio::spawn(writer.run(shutdown.child_token()));
+                tracker.spawn(writer.run(shutdown.child_token()));
             }
-            serve(Arc::new(store), hub, &config, listener, shutdown).await
+            serve(Arc::new(store), hub, &config, listener, tracker, shutdown).await
         }
     }
 }
@@ -110,10 +112,10 @@ async fn serve<S: Store>(
     hub: Arc<Hub>,
     config: &Config,
     listener: TcpListener,
+    tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
-    let tracker = TaskTracker::new();
     tracker.spawn(sweeper::run(
         Arc::clone(&store),
         Duration::from_millis(u64::from(config.sweep_interval_ms)),
@@ -145,6 +147,7 @@ async fn serve<S: Store>(
         config.store_settings(),
         metrics,
         shutdown.clone(),
+        tracker.clone(),
     );
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();

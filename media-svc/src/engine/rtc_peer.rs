@@ -30,7 +30,8 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use super::listener::{Identity, ListenerPeer};
 use super::{
-    Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, Peer, PeerSpec, PeerState, sdp,
+    Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, PeerState, SpeakerTransport,
+    Transport, sdp,
 };
 use std::sync::Arc;
 
@@ -95,13 +96,6 @@ impl RtcEngine {
     }
 }
 
-/// A transport of the node: a speaker's (full peer connection) or a listener's (lean).
-#[derive(Debug)]
-pub enum NodePeer {
-    Speaker(Box<RtcPeer>),
-    Listener(Box<ListenerPeer>),
-}
-
 pub struct RtcPeer {
     core: RTCPeerConnection,
     local: SocketAddr,
@@ -119,26 +113,30 @@ impl std::fmt::Debug for RtcPeer {
 }
 
 impl Engine for RtcEngine {
-    type Peer = NodePeer;
+    type Speaker = RtcPeer;
+    type Listener = ListenerPeer;
 
-    fn create(
+    fn speaker(
         &self,
-        spec: PeerSpec,
         local: SocketAddr,
         announced: Option<IpAddr>,
         now: Instant,
-    ) -> Result<NodePeer, EngineError> {
-        match spec {
-            PeerSpec::Recv { ssrc } => Ok(NodePeer::Listener(Box::new(ListenerPeer::new(
-                Arc::clone(&self.identity),
-                ssrc,
-                local,
-                announced,
-            )))),
-            PeerSpec::Send => Ok(NodePeer::Speaker(Box::new(RtcPeer::speaker(
-                local, announced, now,
-            )?))),
-        }
+    ) -> Result<RtcPeer, EngineError> {
+        RtcPeer::speaker(local, announced, now)
+    }
+
+    fn listener(
+        &self,
+        ssrc: u32,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+    ) -> Result<ListenerPeer, EngineError> {
+        Ok(ListenerPeer::new(
+            Arc::clone(&self.identity),
+            ssrc,
+            local,
+            announced,
+        ))
     }
 }
 
@@ -217,13 +215,14 @@ impl RtcPeer {
     }
 }
 
-impl Peer for RtcPeer {
+impl Transport for RtcPeer {
     fn offer(&self) -> &str {
         &self.offer
     }
 
-    fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<(), EngineError> {
-        let answer = RTCSessionDescription::answer(sdp).map_err(|_| EngineError::BadDescription)?;
+    fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
+        let answer = RTCSessionDescription::answer(sdp.to_owned())
+            .map_err(|_| EngineError::BadDescription)?;
         self.core
             .set_remote_description(now, answer)
             .map_err(|_| EngineError::BadDescription)?;
@@ -231,10 +230,10 @@ impl Peer for RtcPeer {
         Ok(())
     }
 
-    fn add_candidate(&mut self, candidate: Candidate) -> Result<(), EngineError> {
+    fn add_candidate(&mut self, candidate: &Candidate) -> Result<(), EngineError> {
         let init = RTCIceCandidateInit {
-            candidate: candidate.candidate,
-            sdp_mid: candidate.sdp_mid,
+            candidate: candidate.candidate.clone(),
+            sdp_mid: candidate.sdp_mid.clone(),
             sdp_mline_index: candidate.sdp_mline_index,
             ..Default::default()
         };
@@ -277,19 +276,6 @@ impl Peer for RtcPeer {
             .map(|m| (m.message, m.transport.peer_addr))
     }
 
-    fn poll_rtp(&mut self) -> Option<rtp::Packet> {
-        self.inbound.pop_front()
-    }
-
-    /// A speaker's transport only receives.
-    fn write_rtp(&mut self, _packet: rtp::Packet, _now: Instant) -> bool {
-        false
-    }
-
-    fn payload_type(&mut self) -> u8 {
-        OPUS_PAYLOAD_TYPE
-    }
-
     fn poll_state(&mut self) -> Option<PeerState> {
         self.states.pop_front()
     }
@@ -300,73 +286,8 @@ impl Peer for RtcPeer {
     }
 }
 
-macro_rules! each {
-    ($self:ident, $p:ident => $e:expr) => {
-        match $self {
-            NodePeer::Speaker($p) => $e,
-            NodePeer::Listener($p) => $e,
-        }
-    };
-}
-
-impl Peer for NodePeer {
-    fn offer(&self) -> &str {
-        each!(self, p => p.offer())
-    }
-
-    fn apply_answer(&mut self, sdp: String, now: Instant) -> Result<(), EngineError> {
-        match self {
-            NodePeer::Speaker(p) => p.apply_answer(sdp, now),
-            NodePeer::Listener(p) => p.apply_answer(&sdp, now),
-        }
-    }
-
-    fn add_candidate(&mut self, candidate: Candidate) -> Result<(), EngineError> {
-        match self {
-            NodePeer::Speaker(p) => p.add_candidate(candidate),
-            NodePeer::Listener(p) => p.add_candidate(&candidate),
-        }
-    }
-
-    fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
-        each!(self, p => p.handle_datagram(data, from, now))
-    }
-
-    fn handle_timeout(&mut self, now: Instant) {
-        each!(self, p => p.handle_timeout(now))
-    }
-
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        each!(self, p => p.poll_timeout())
-    }
-
-    fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
-        each!(self, p => p.poll_datagram())
-    }
-
+impl SpeakerTransport for RtcPeer {
     fn poll_rtp(&mut self) -> Option<rtp::Packet> {
-        match self {
-            NodePeer::Speaker(p) => p.poll_rtp(),
-            NodePeer::Listener(_) => None,
-        }
-    }
-
-    fn write_rtp(&mut self, packet: rtp::Packet, now: Instant) -> bool {
-        match self {
-            NodePeer::Speaker(p) => p.write_rtp(packet, now),
-            NodePeer::Listener(p) => p.write_rtp(&packet),
-        }
-    }
-
-    fn payload_type(&mut self) -> u8 {
-        each!(self, p => p.payload_type())
-    }
-
-    fn poll_state(&mut self) -> Option<PeerState> {
-        each!(self, p => p.poll_state())
-    }
-
-    fn close(&mut self) {
-        each!(self, p => p.close())
+        self.inbound.pop_front()
     }
 }

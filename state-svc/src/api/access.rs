@@ -262,7 +262,7 @@ impl<S: Store> pb::access_service_server::AccessService for Api<S> {
         let mut changes = self.hub.watch_grants();
         let (tx, rx) = mpsc::channel(GRANTS_OUTBOX);
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let event = tokio::select! {
                     change = changes.recv() => match change {

@@ -14,6 +14,7 @@ mod watch;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
 use crate::metrics::StateMetrics;
@@ -32,6 +33,8 @@ pub struct Api<S> {
     settings: Arc<StoreSettings>,
     metrics: Arc<StateMetrics>,
     shutdown: CancellationToken,
+    /// The server's tasks: every stream's feeding task runs under it.
+    tasks: TaskTracker,
 }
 
 impl<S> Clone for Api<S> {
@@ -42,6 +45,7 @@ impl<S> Clone for Api<S> {
             settings: Arc::clone(&self.settings),
             metrics: Arc::clone(&self.metrics),
             shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -53,6 +57,7 @@ impl<S: Store> Api<S> {
         settings: StoreSettings,
         metrics: Arc<StateMetrics>,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             store,
@@ -60,6 +65,7 @@ impl<S: Store> Api<S> {
             settings: Arc::new(settings),
             metrics,
             shutdown,
+            tasks,
         }
     }
 

@@ -220,7 +220,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let mut changes = self.hub.watch_sync();
         let (tx, rx) = mpsc::channel(SYNC_OUTBOX);
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let event = tokio::select! {
                     event = changes.recv() => event,
@@ -269,7 +269,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let (tx, rx) = mpsc::channel(SYNC_OUTBOX);
         let store = std::sync::Arc::clone(&self.store);
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut last = first.version;
             if tx.send(Ok(sync_state(&first, now_ms()))).await.is_err() {
                 return;

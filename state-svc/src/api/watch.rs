@@ -68,7 +68,7 @@ impl<S: Store> pb::channel_service_server::ChannelService for Api<S> {
             channels: HashSet::new(),
             out: tx,
         };
-        tokio::spawn(task.run(inbound));
+        self.tasks.spawn(task.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
     }
 }

@@ -21,6 +21,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use self::keys::Keys;
 use self::listener::{Listener, RECONCILE_QUEUE, ReconcileRequest};
@@ -136,6 +137,7 @@ impl RedisStore {
         options: &RedisOptions,
         settings: StoreSettings,
         hub: Arc<Hub>,
+        tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
         let client = client(&options.url)?;
@@ -157,7 +159,7 @@ impl RedisStore {
             requests: rx,
             shutdown,
         };
-        tokio::spawn(listener.run());
+        tasks.spawn(listener.run());
         Ok(Self {
             conn,
             keys,

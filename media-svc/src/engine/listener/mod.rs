@@ -16,263 +16,34 @@
 //! accepted from, and only sent to, an address that passed a STUN check signed with the
 //! transport's ICE password.
 
+mod description;
+mod ice;
+mod identity;
+mod srtp;
+
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rtc::crypto::{HashAlgorithm, RTCCryptoProvider, SignatureScheme};
-use rtc::dtls::config::{
-    ClientAuthType, ConfigBuilder, ExtendedMasterSecretType, HandshakeConfig,
-    VerifyPeerCertificateFn,
-};
+use rtc::dtls::config::HandshakeConfig;
 use rtc::dtls::endpoint::{Endpoint, EndpointEvent};
-use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
-use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::rtp;
 use rtc::shared::TransportProtocol;
 use rtc::shared::marshal::{Marshal, MarshalSize};
-use rtc::srtp::protection_profile::ProtectionProfile;
-use rtc::stun::attributes::{ATTR_ICE_CONTROLLED, ATTR_USE_CANDIDATE, ATTR_USERNAME};
-use rtc::stun::fingerprint::FINGERPRINT;
-use rtc::stun::integrity::MessageIntegrity;
-use rtc::stun::message::{BINDING_SUCCESS, CLASS_REQUEST, Getter, METHOD_BINDING, Message, Setter};
-use rtc::stun::textattrs::Username;
-use rtc::stun::xoraddr::XorMappedAddress;
 
-use super::{Candidate, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, PeerState};
+use super::{Candidate, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, PeerState, Transport};
+use description::{Answer, offer, parse_answer, random_token};
+pub use identity::Identity;
+use identity::setup;
 
 /// A client that stops its ICE consent checks (RFC 7675: every ~5 s) is gone after this.
 const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A transport must finish ICE and DTLS this long after the client's answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest answer the node parses.
-const MAX_ANSWER: usize = 64 * 1024;
 /// DTLS datagrams kept from before the answer (the client's first flight).
 const MAX_EARLY_DTLS: usize = 8;
-
-/// An ICE username fragment or password: RFC 8839 `ice-char`s, at least `min` of them.
-fn valid_ice(value: &str, min: usize) -> bool {
-    (min..=256).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
-}
-
-/// What every listener transport of the node shares: the crypto provider and the node's DTLS
-/// certificate with its fingerprint.
-pub struct Identity {
-    crypto: Arc<dyn RTCCryptoProvider>,
-    certificate: RTCCertificate,
-    fingerprint: String,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("fingerprint", &self.fingerprint)
-            .finish_non_exhaustive()
-    }
-}
-
-fn setup<E: std::fmt::Display>(e: E) -> EngineError {
-    EngineError::Setup(e.to_string())
-}
-
-/// `aa:bb:...` of a SHA-256 digest.
-fn fingerprint_of(crypto: &dyn rtc::crypto::RTCCrypto, der: &[u8]) -> Result<String, EngineError> {
-    let digest = crypto.hash(HashAlgorithm::Sha256, der).map_err(setup)?;
-    Ok(digest
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":"))
-}
-
-impl Identity {
-    /// A fresh ECDSA P-256 certificate for this node.
-    pub fn generate() -> Result<Self, EngineError> {
-        let crypto = rtc::crypto::default_provider().map_err(setup)?;
-        let params = CertificateParams::new(vec!["talkgroup-media".to_owned()]).map_err(setup)?;
-        let certificate =
-            RTCCertificate::generate(crypto.crypto(), SignatureScheme::EcdsaP256Sha256, params)
-                .map_err(setup)?;
-        let der = certificate
-            .dtls_certificate
-            .certificate
-            .first()
-            .ok_or_else(|| setup("certificate without a chain"))?;
-        let fingerprint = fingerprint_of(crypto.crypto(), der.as_ref())?;
-        Ok(Self {
-            crypto,
-            certificate,
-            fingerprint,
-        })
-    }
-
-    fn handshake_config(
-        &self,
-        is_client: bool,
-        remote_fingerprint: String,
-    ) -> Result<Arc<HandshakeConfig>, EngineError> {
-        let crypto = Arc::clone(&self.crypto);
-        // The DTLS layer requires a client certificate (`RequireAnyClientCert`) and skips chain
-        // validation: WebRTC certificates are self-signed, and this check, against the
-        // fingerprint the client signed into its answer, is what authenticates it.
-        let verify: VerifyPeerCertificateFn = Arc::new(move |certs: &[Vec<u8>], _chains| {
-            let presented = certs
-                .first()
-                .ok_or(rtc::shared::error::Error::ErrNonCertificate)?;
-            match fingerprint_of(crypto.crypto(), presented) {
-                Ok(fp) if fp.eq_ignore_ascii_case(&remote_fingerprint) => Ok(()),
-                _ => Err(rtc::shared::error::Error::ErrNoMatchingCertificateFingerprint),
-            }
-        });
-        let config = ConfigBuilder::default()
-            .with_crypto_provider(Arc::clone(&self.crypto))
-            .with_certificates(vec![self.certificate.dtls_certificate.clone()])
-            .with_srtp_protection_profiles(vec![
-                SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
-                SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
-            ])
-            .with_client_auth(ClientAuthType::RequireAnyClientCert)
-            .with_insecure_skip_verify(true)
-            .with_verify_peer_certificate(Some(verify))
-            .with_extended_master_secret(ExtendedMasterSecretType::Require)
-            .build(is_client, None)
-            .map_err(setup)?;
-        Ok(Arc::new(config))
-    }
-}
-
-/// What the client's answer says that the transport needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Answer {
-    ufrag: String,
-    pwd: String,
-    /// `sha-256` fingerprint, lower case.
-    fingerprint: String,
-    /// The client takes the DTLS server role (`a=setup:passive`); the node then connects.
-    client_passive: bool,
-    payload_type: u8,
-}
-
-/// Reads the parts of the client's answer the transport uses; anything missing or malformed
-/// refuses the answer.
-fn parse_answer(sdp: &str) -> Result<Answer, EngineError> {
-    if sdp.len() > MAX_ANSWER {
-        return Err(EngineError::BadDescription);
-    }
-    let (mut ufrag, mut pwd, mut fingerprint, mut setup) = (None, None, None, None);
-    let mut audio_port = None;
-    let mut payload_type = None;
-    let mut sections = 0;
-    for line in sdp.lines() {
-        let line = line.trim_end();
-        if let Some(m) = line.strip_prefix("m=") {
-            sections += 1;
-            if sections == 1 {
-                let mut fields = m.split(' ');
-                if fields.next() != Some("audio") {
-                    return Err(EngineError::BadDescription);
-                }
-                audio_port = fields.next().and_then(|p| p.parse::<u16>().ok());
-            }
-            continue;
-        }
-        // Session-level lines and the first (only) media section.
-        if sections > 1 {
-            continue;
-        }
-        let Some(attr) = line.strip_prefix("a=") else {
-            continue;
-        };
-        let (name, value) = attr.split_once(':').unwrap_or((attr, ""));
-        match name {
-            "ice-ufrag" => ufrag = Some(value.to_owned()),
-            "ice-pwd" => pwd = Some(value.to_owned()),
-            "fingerprint" => {
-                if let Some(("sha-256", fp)) = value.split_once(' ') {
-                    fingerprint = Some(fp.trim().to_ascii_lowercase());
-                }
-            }
-            "setup" => setup = Some(value.to_owned()),
-            "rtpmap" => {
-                if let Some((pt, codec)) = value.split_once(' ')
-                    && codec.to_ascii_lowercase().starts_with("opus/48000")
-                    && payload_type.is_none()
-                {
-                    payload_type = pt.parse::<u8>().ok().filter(|pt| (96..=127).contains(pt));
-                }
-            }
-            _ => {}
-        }
-    }
-    // RFC 8839: ufrag at least 4 characters, password at least 22.
-    let valid = |s: &Option<String>, min: usize| s.as_deref().is_some_and(|v| valid_ice(v, min));
-    if !valid(&ufrag, 4) || !valid(&pwd, 22) || audio_port.unwrap_or(0) == 0 {
-        return Err(EngineError::BadDescription);
-    }
-    let fingerprint = fingerprint
-        .filter(|fp| fp.len() == 95 && fp.bytes().all(|b| b.is_ascii_hexdigit() || b == b':'))
-        .ok_or(EngineError::BadDescription)?;
-    let client_passive = match setup.as_deref() {
-        Some("active") | None => false,
-        Some("passive") => true,
-        Some(_) => return Err(EngineError::BadDescription),
-    };
-    Ok(Answer {
-        ufrag: ufrag.unwrap_or_default(),
-        pwd: pwd.unwrap_or_default(),
-        fingerprint,
-        client_passive,
-        payload_type: payload_type.ok_or(EngineError::BadDescription)?,
-    })
-}
-
-fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| char::from(CHARS[rng.random_range(0..CHARS.len())]))
-        .collect()
-}
-
-/// The node's offer: one send-only Opus section, ICE-lite, one host candidate.
-fn offer(identity: &Identity, ufrag: &str, pwd: &str, ssrc: u32, candidate: SocketAddr) -> String {
-    let family = if candidate.is_ipv4() { "IP4" } else { "IP6" };
-    let ip = candidate.ip();
-    let port = candidate.port();
-    let session: u64 = rand::random::<u64>() >> 1;
-    format!(
-        "v=0\r\n\
-         o=- {session} 1 IN {family} {ip}\r\n\
-         s=-\r\n\
-         t=0 0\r\n\
-         a=ice-lite\r\n\
-         a=group:BUNDLE 0\r\n\
-         a=msid-semantic: WMS floor\r\n\
-         m=audio {port} UDP/TLS/RTP/SAVPF {OPUS_PAYLOAD_TYPE}\r\n\
-         c=IN {family} {ip}\r\n\
-         a=ice-ufrag:{ufrag}\r\n\
-         a=ice-pwd:{pwd}\r\n\
-         a=fingerprint:sha-256 {fingerprint}\r\n\
-         a=setup:actpass\r\n\
-         a=mid:0\r\n\
-         a=sendonly\r\n\
-         a=rtcp-mux\r\n\
-         a=rtpmap:{OPUS_PAYLOAD_TYPE} opus/48000/2\r\n\
-         a=fmtp:{OPUS_PAYLOAD_TYPE} {OPUS_FMTP}\r\n\
-         a=msid:floor floor-{ssrc}\r\n\
-         a=ssrc:{ssrc} cname:talkgroup\r\n\
-         a=ssrc:{ssrc} msid:floor floor-{ssrc}\r\n\
-         a=candidate:1 1 udp 2130706431 {ip} {port} typ host\r\n\
-         a=end-of-candidates\r\n",
-        fingerprint = identity.fingerprint.to_ascii_uppercase(),
-    )
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -358,11 +129,120 @@ impl ListenerPeer {
         }
     }
 
-    pub fn offer(&self) -> &str {
+    fn end(&mut self, state: PeerState) {
+        if self.phase != Phase::Ended {
+            self.phase = Phase::Ended;
+            self.srtp = None;
+            self.states.push_back(state);
+        }
+    }
+
+    /// Answers a valid binding request. A check can arrive before the client's answer reaches
+    /// the node (the client starts ICE as soon as it has the offer): it is answered all the
+    /// same, since its integrity is proven with the node's own password, and the client's
+    /// username fragment in it is held against the answer when that comes (RFC 8445 7.3).
+    fn on_stun(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+        let expected = ice::Credentials {
+            ufrag: &self.ufrag,
+            pwd: &self.pwd,
+            remote_ufrag: self.answer.as_ref().map(|a| a.ufrag.as_str()),
+        };
+        let Some(check) = ice::verify(data, from, &expected, &self.identity) else {
+            return;
+        };
+        let Some(reply) = ice::success(&check, from, &self.pwd, &self.identity) else {
+            return;
+        };
+        self.out.push_back((reply, from));
+        let nominating = check.nominating;
+        if nominating || self.remote.is_none() {
+            if self.remote != Some(from) {
+                tracing::debug!(%from, nominating, "listener address selected");
+            }
+            self.remote = Some(from);
+            self.remote_ufrag = Some(check.their_ufrag);
+            self.nominated |= nominating;
+            self.connect_if_client(now);
+        }
+        if self.remote == Some(from) {
+            self.last_consent = Some(now);
+        }
+        self.drain_dtls();
+    }
+
+    /// Starts the handshake when the client answered `passive` and nominated an address. Not
+    /// before the nomination: until the client has this check's response its DTLS transport is
+    /// not listening, so a ClientHello sent any earlier is lost and costs a 1 s retransmission.
+    fn connect_if_client(&mut self, now: Instant) {
+        if let Some(remote) = self.remote.filter(|_| self.nominated)
+            && let Some(dtls) = self.dtls.as_mut()
+            && let Some(config) = self.dtls_client.take()
+            && dtls.connect(now, remote, config, None).is_err()
+        {
+            self.end(PeerState::Failed);
+        }
+    }
+
+    fn on_dtls(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+        let Some(dtls) = self.dtls.as_mut() else {
+            return;
+        };
+        let events = dtls.read(now, from, None, data);
+        self.drain_dtls();
+        let events = match events {
+            Ok(events) => events,
+            Err(error) => {
+                tracing::debug!(%error, "listener DTLS refused");
+                if self.phase == Phase::Connecting {
+                    self.end(PeerState::Failed);
+                }
+                return;
+            }
+        };
+        for event in events {
+            match event {
+                EndpointEvent::HandshakeComplete => match self
+                    .dtls
+                    .as_ref()
+                    .ok_or_else(|| setup("no DTLS endpoint"))
+                    .and_then(|dtls| srtp::outbound(dtls, from, &self.identity))
+                {
+                    Ok(context) => {
+                        self.srtp = Some(context);
+                        self.phase = Phase::Connected;
+                        self.connect_deadline = None;
+                        self.states.push_back(PeerState::Connected);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "listener SRTP keys could not be derived");
+                        self.end(PeerState::Failed);
+                    }
+                },
+                EndpointEvent::PeerClosed => self.end(PeerState::Closed),
+                _ => {}
+            }
+        }
+    }
+
+    fn drain_dtls(&mut self) {
+        if let Some(dtls) = self.dtls.as_mut() {
+            while let Some(t) = dtls.poll_transmit() {
+                self.out.push_back((t.message, t.transport.peer_addr));
+            }
+        }
+    }
+
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+}
+
+impl Transport for ListenerPeer {
+    fn offer(&self) -> &str {
         &self.offer
     }
 
-    pub fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
+    fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
         if self.phase != Phase::Offered {
             return Err(EngineError::BadDescription);
         }
@@ -405,7 +285,7 @@ impl ListenerPeer {
 
     /// Client candidates are not needed: an ICE-lite agent learns the client's address from
     /// its checks. They are validated and otherwise ignored.
-    pub fn add_candidate(&mut self, candidate: &Candidate) -> Result<(), EngineError> {
+    fn add_candidate(&mut self, candidate: &Candidate) -> Result<(), EngineError> {
         let c = candidate.candidate.trim();
         if c.is_empty() || c.len() > 512 {
             return Err(EngineError::BadCandidate);
@@ -413,15 +293,7 @@ impl ListenerPeer {
         Ok(())
     }
 
-    fn end(&mut self, state: PeerState) {
-        if self.phase != Phase::Ended {
-            self.phase = Phase::Ended;
-            self.srtp = None;
-            self.states.push_back(state);
-        }
-    }
-
-    pub fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+    fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
         if self.phase == Phase::Ended || data.is_empty() {
             return;
         }
@@ -442,172 +314,7 @@ impl ListenerPeer {
         }
     }
 
-    /// Answers a valid binding request. A check can arrive before the client's answer reaches
-    /// the node (the client starts ICE as soon as it has the offer): it is answered all the
-    /// same, since its integrity is proven with the node's own password, and the client's
-    /// username fragment in it is held against the answer when that comes (RFC 8445 7.3).
-    fn on_stun(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
-        let mut m = Message::new();
-        if m.unmarshal_binary(data).is_err()
-            || m.typ.method != METHOD_BINDING
-            || m.typ.class != CLASS_REQUEST
-        {
-            return;
-        }
-        let mut username = Username::new(ATTR_USERNAME, String::new());
-        let their_ufrag = match username.get_from(&m) {
-            Ok(()) => match username.text.split_once(':') {
-                Some((ours, theirs)) if ours == self.ufrag && valid_ice(theirs, 4) => {
-                    theirs.to_owned()
-                }
-                _ => return,
-            },
-            Err(_) => return,
-        };
-        if self.answer.as_ref().is_some_and(|a| a.ufrag != their_ufrag)
-            || FINGERPRINT.check(&m).is_err()
-            || MessageIntegrity::check(&mut m, self.pwd.as_bytes(), self.identity.crypto.crypto())
-                .is_err()
-        {
-            tracing::trace!(%from, "STUN check refused");
-            return;
-        }
-        // A lite agent is always controlled; a peer that is not controlling is broken.
-        if m.contains(ATTR_ICE_CONTROLLED) {
-            return;
-        }
-        let mut reply = Message::new();
-        let built = reply.build(&[
-            Box::new(m.clone()) as Box<dyn Setter>,
-            Box::new(BINDING_SUCCESS),
-            Box::new(XorMappedAddress {
-                ip: from.ip(),
-                port: from.port(),
-            }),
-            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
-                self.pwd.clone(),
-                self.identity.crypto.crypto(),
-            )),
-            Box::new(FINGERPRINT),
-        ]);
-        if built.is_err() {
-            return;
-        }
-        self.out
-            .push_back((BytesMut::from(reply.raw.as_slice()), from));
-        let nominating = m.contains(ATTR_USE_CANDIDATE);
-        if nominating || self.remote.is_none() {
-            if self.remote != Some(from) {
-                tracing::debug!(%from, nominating, "listener address selected");
-            }
-            self.remote = Some(from);
-            self.remote_ufrag = Some(their_ufrag);
-            self.nominated |= nominating;
-            self.connect_if_client(now);
-        }
-        if self.remote == Some(from) {
-            self.last_consent = Some(now);
-        }
-        self.drain_dtls();
-    }
-
-    /// Starts the handshake when the client answered `passive` and nominated an address. Not
-    /// before the nomination: until the client has this check's response its DTLS transport is
-    /// not listening, so a ClientHello sent any earlier is lost and costs a 1 s retransmission.
-    fn connect_if_client(&mut self, now: Instant) {
-        if let Some(remote) = self.remote.filter(|_| self.nominated)
-            && let Some(dtls) = self.dtls.as_mut()
-            && let Some(config) = self.dtls_client.take()
-            && dtls.connect(now, remote, config, None).is_err()
-        {
-            self.end(PeerState::Failed);
-        }
-    }
-
-    fn on_dtls(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
-        let Some(dtls) = self.dtls.as_mut() else {
-            return;
-        };
-        let events = dtls.read(now, from, None, data);
-        self.drain_dtls();
-        let events = match events {
-            Ok(events) => events,
-            Err(error) => {
-                tracing::debug!(%error, "listener DTLS refused");
-                if self.phase == Phase::Connecting {
-                    self.end(PeerState::Failed);
-                }
-                return;
-            }
-        };
-        for event in events {
-            match event {
-                EndpointEvent::HandshakeComplete => match self.srtp_context(from) {
-                    Ok(context) => {
-                        self.srtp = Some(context);
-                        self.phase = Phase::Connected;
-                        self.connect_deadline = None;
-                        self.states.push_back(PeerState::Connected);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "listener SRTP keys could not be derived");
-                        self.end(PeerState::Failed);
-                    }
-                },
-                EndpointEvent::PeerClosed => self.end(PeerState::Closed),
-                _ => {}
-            }
-        }
-    }
-
-    /// The SRTP context for what the node sends, keyed from the finished handshake (RFC 5764).
-    fn srtp_context(&self, remote: SocketAddr) -> Result<rtc::srtp::context::Context, EngineError> {
-        let state = self
-            .dtls
-            .as_ref()
-            .and_then(|d| d.get_connection_state(remote))
-            .ok_or_else(|| setup("no DTLS state"))?;
-        let profile = match state.srtp_protection_profile() {
-            SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm => ProtectionProfile::AeadAes128Gcm,
-            SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80 => {
-                ProtectionProfile::Aes128CmHmacSha1_80
-            }
-            _ => return Err(setup("unexpected SRTP profile")),
-        };
-        let mut config = rtc::srtp::config::Config {
-            profile,
-            ..Default::default()
-        };
-        let material = state
-            .export_keying_material(
-                rtc::srtp::config::LABEL_EXTRACTOR_DTLS_SRTP,
-                &[],
-                config.keying_material_len(),
-            )
-            .map_err(setup)?;
-        config
-            .set_session_keys_from_keying_material(material.as_ref(), state.is_client())
-            .map_err(setup)?;
-        rtc::srtp::context::Context::new(
-            &config.keys.local_master_key,
-            &config.keys.local_master_salt,
-            profile,
-            None,
-            None,
-            self.identity.crypto.crypto(),
-        )
-        .map_err(setup)
-    }
-
-    fn drain_dtls(&mut self) {
-        if let Some(dtls) = self.dtls.as_mut() {
-            while let Some(t) = dtls.poll_transmit() {
-                self.out.push_back((t.message, t.transport.peer_addr));
-            }
-        }
-    }
-
-    pub fn handle_timeout(&mut self, now: Instant) {
+    fn handle_timeout(&mut self, now: Instant) {
         if self.phase == Phase::Ended {
             return;
         }
@@ -635,7 +342,7 @@ impl ListenerPeer {
         self.drain_dtls();
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&mut self) -> Option<Instant> {
         if self.phase == Phase::Ended {
             return None;
         }
@@ -651,12 +358,28 @@ impl ListenerPeer {
         [dtls, consent].into_iter().flatten().min()
     }
 
-    pub fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
+    fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
         self.out.pop_front()
     }
 
+    fn poll_state(&mut self) -> Option<PeerState> {
+        self.states.pop_front()
+    }
+
+    fn close(&mut self) {
+        if let (Some(dtls), Some(remote)) = (self.dtls.as_mut(), self.remote)
+            && self.phase == Phase::Connected
+        {
+            dtls.stop(Instant::now(), remote);
+        }
+        self.drain_dtls();
+        self.end(PeerState::Closed);
+    }
+}
+
+impl ListenerTransport for ListenerPeer {
     /// Encrypts one RTP packet for the listener and queues it.
-    pub fn write_rtp(&mut self, packet: &rtp::Packet) -> bool {
+    fn write_rtp(&mut self, packet: &rtp::Packet) -> bool {
         let (Some(srtp), Some(remote)) = (self.srtp.as_mut(), self.remote) else {
             return false;
         };
@@ -676,28 +399,10 @@ impl ListenerPeer {
         }
     }
 
-    pub fn payload_type(&self) -> u8 {
+    fn payload_type(&self) -> u8 {
         self.answer
             .as_ref()
             .map_or(OPUS_PAYLOAD_TYPE, |a| a.payload_type)
-    }
-
-    pub fn ssrc(&self) -> u32 {
-        self.ssrc
-    }
-
-    pub fn poll_state(&mut self) -> Option<PeerState> {
-        self.states.pop_front()
-    }
-
-    pub fn close(&mut self) {
-        if let (Some(dtls), Some(remote)) = (self.dtls.as_mut(), self.remote)
-            && self.phase == Phase::Connected
-        {
-            dtls.stop(Instant::now(), remote);
-        }
-        self.drain_dtls();
-        self.end(PeerState::Closed);
     }
 }
 

@@ -1,0 +1,353 @@
+//! The worker pool: one worker per core, each a thread with its own event loop owning its share
+//! of the node.
+//!
+//! - A channel's **router** lives on exactly one worker (chosen by hashing the channel id).
+//! - **Peer connections** are spread over all workers (by their key), so the expensive part of
+//!   forwarding, encrypting and sending one copy per listener, runs on every core.
+//!
+//! A packet from a speaker is decrypted by the worker owning the speaker's peer, handed to the
+//! channel's worker, routed and rewritten there, and handed in one batch per worker to the
+//! workers owning the listeners' peers, which encrypt and send each copy with a non-blocking
+//! UDP send. Nothing waits for a listener: a full socket buffer or a full worker queue loses
+//! that copy (counted). Everything reaches a worker as a message on its bounded queue;
+//! datagrams are read by one small task per socket.
+//!
+//! - this module: the pool's typed handle (each method builds its worker command) and stats;
+//! - [`thread`]: one worker, its event loop, peers and routers;
+//! - [`socket`]: a peer's UDP socket, read by a small task, written without waiting.
+
+mod socket;
+mod thread;
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use rtc::rtp;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Candidate, Engine, EngineError, PeerSpec};
+use crate::router::{Floor, FloorApplied, Listener, RouterStats};
+
+/// Messages a worker may have queued.
+pub const WORKER_QUEUE: usize = 8192;
+/// Datagrams a worker may have queued from its sockets.
+pub const INBOUND_QUEUE: usize = 8192;
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 2048;
+/// A copy still unsent this long after its packet arrived is dropped: late audio is useless to
+/// a listener's jitter buffer, and shedding it keeps an overloaded node from building delay.
+pub const MAX_FORWARD_AGE: std::time::Duration = std::time::Duration::from_millis(200);
+
+pub type Reply<T> = oneshot::Sender<T>;
+
+#[derive(Debug)]
+enum Command {
+    // Handled by the worker owning the peer.
+    CreatePeer {
+        key: u64,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+        reply: Reply<Result<String, EngineError>>,
+    },
+    Answer {
+        key: u64,
+        sdp: String,
+        reply: Reply<Result<(), EngineError>>,
+    },
+    AddCandidate {
+        key: u64,
+        candidate: Candidate,
+        reply: Reply<Result<(), EngineError>>,
+    },
+    PayloadType {
+        key: u64,
+        reply: Reply<u8>,
+    },
+    /// Where the peer's incoming RTP goes: (channel, producer).
+    Route {
+        key: u64,
+        route: (String, String),
+        reply: Reply<()>,
+    },
+    ClosePeer {
+        key: u64,
+        reply: Reply<()>,
+    },
+    Deliver {
+        batch: Vec<(u64, rtp::Packet)>,
+        at: Instant,
+    },
+    // Handled by the worker owning the channel's router.
+    AddProducer {
+        channel: String,
+        producer: String,
+        session: String,
+        reply: Reply<()>,
+    },
+    AddListener {
+        channel: String,
+        consumer: String,
+        listener: Listener,
+        reply: Reply<()>,
+    },
+    RemoveProducer {
+        channel: String,
+        producer: String,
+        reply: Reply<()>,
+    },
+    RemoveListener {
+        channel: String,
+        consumer: String,
+        reply: Reply<()>,
+    },
+    Packet {
+        channel: String,
+        producer: String,
+        packet: rtp::Packet,
+        at: Instant,
+    },
+    SetFloor {
+        channel: String,
+        floor: Floor,
+        only_newer: bool,
+        reply: Reply<FloorApplied>,
+    },
+    Stats {
+        reset_latency: bool,
+        reply: Reply<PoolStats>,
+    },
+}
+
+/// Totals over the routers and peers of one worker (or the whole pool).
+#[derive(Debug, Clone, Default)]
+pub struct PoolStats {
+    pub channels: u32,
+    pub producers: u32,
+    pub consumers: u32,
+    pub peers: u32,
+    pub router: RouterStats,
+    /// Copies lost to a full socket send buffer, a full worker queue, or lateness.
+    pub send_dropped: u64,
+    /// Microseconds from a speaker's packet arriving to each copy's send.
+    pub forward_latency: Option<Histogram<u64>>,
+}
+
+impl PoolStats {
+    fn add(&mut self, o: &PoolStats) {
+        self.channels += o.channels;
+        self.producers += o.producers;
+        self.consumers += o.consumers;
+        self.peers += o.peers;
+        self.router.forwarded += o.router.forwarded;
+        self.router.dropped_not_floor += o.router.dropped_not_floor;
+        self.router.dropped_slow_listener += o.router.dropped_slow_listener;
+        self.send_dropped += o.send_dropped;
+        if let Some(h) = &o.forward_latency {
+            match &mut self.forward_latency {
+                Some(total) => {
+                    let _ = total.add(h);
+                }
+                None => self.forward_latency = Some(h.clone()),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerPool {
+    workers: Arc<[mpsc::Sender<Command>]>,
+    hasher: RandomState,
+    stop: CancellationToken,
+}
+
+impl WorkerPool {
+    /// Starts `count` workers (at least one) on the current runtime.
+    pub fn start<E: Engine>(count: usize, engine: Arc<E>) -> Self {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
+            .map(|_| mpsc::channel(WORKER_QUEUE))
+            .unzip();
+        let pool = Self {
+            workers: senders.into(),
+            hasher: RandomState::new(),
+            stop: CancellationToken::new(),
+        };
+        for (index, commands) in receivers.into_iter().enumerate() {
+            thread::spawn(index, pool.clone(), Arc::clone(&engine), commands);
+        }
+        pool
+    }
+
+    fn channel_worker(&self, channel: &str) -> usize {
+        self.hasher.hash_one(channel) as usize % self.workers.len()
+    }
+
+    fn peer_worker(&self, key: u64) -> usize {
+        (key % self.workers.len() as u64) as usize
+    }
+
+    async fn request_at<T>(
+        &self,
+        index: usize,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.workers[index].send(make(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Asks the worker owning `channel`'s router; `None` only when the pool has stopped.
+    async fn request<T>(&self, channel: &str, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        self.request_at(self.channel_worker(channel), make).await
+    }
+
+    /// Asks the worker owning peer `key`.
+    async fn request_peer<T>(&self, key: u64, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        self.request_at(self.peer_worker(key), make).await
+    }
+
+    /// Creates peer `key` on a socket bound at `local`; its offer.
+    pub async fn create_peer(
+        &self,
+        key: u64,
+        spec: PeerSpec,
+        local: SocketAddr,
+        announced: Option<IpAddr>,
+    ) -> Option<Result<String, EngineError>> {
+        self.request_peer(key, |reply| Command::CreatePeer {
+            key,
+            spec,
+            local,
+            announced,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn apply_answer(&self, key: u64, sdp: String) -> Option<Result<(), EngineError>> {
+        self.request_peer(key, |reply| Command::Answer { key, sdp, reply })
+            .await
+    }
+
+    pub async fn add_candidate(
+        &self,
+        key: u64,
+        candidate: Candidate,
+    ) -> Option<Result<(), EngineError>> {
+        self.request_peer(key, |reply| Command::AddCandidate {
+            key,
+            candidate,
+            reply,
+        })
+        .await
+    }
+
+    /// The payload type the client accepted for a listener peer's track.
+    pub async fn payload_type(&self, key: u64) -> Option<u8> {
+        self.request_peer(key, |reply| Command::PayloadType { key, reply })
+            .await
+    }
+
+    /// Routes peer `key`'s incoming RTP to `producer` of `channel`.
+    pub async fn route(&self, key: u64, channel: String, producer: String) -> Option<()> {
+        let route = (channel, producer);
+        self.request_peer(key, |reply| Command::Route { key, route, reply })
+            .await
+    }
+
+    pub async fn close_peer(&self, key: u64) -> Option<()> {
+        self.request_peer(key, |reply| Command::ClosePeer { key, reply })
+            .await
+    }
+
+    pub async fn add_producer(
+        &self,
+        channel: &str,
+        producer: String,
+        session: String,
+    ) -> Option<()> {
+        let channel_id = channel.to_owned();
+        self.request(channel, |reply| Command::AddProducer {
+            channel: channel_id,
+            producer,
+            session,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn add_listener(
+        &self,
+        channel: &str,
+        consumer: String,
+        listener: Listener,
+    ) -> Option<()> {
+        let channel_id = channel.to_owned();
+        self.request(channel, |reply| Command::AddListener {
+            channel: channel_id,
+            consumer,
+            listener,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn remove_producer(&self, channel: &str, producer: String) -> Option<()> {
+        let channel_id = channel.to_owned();
+        self.request(channel, |reply| Command::RemoveProducer {
+            channel: channel_id,
+            producer,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn remove_listener(&self, channel: &str, consumer: String) -> Option<()> {
+        let channel_id = channel.to_owned();
+        self.request(channel, |reply| Command::RemoveListener {
+            channel: channel_id,
+            consumer,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn set_floor(&self, channel: &str, floor: Floor, only_newer: bool) -> FloorApplied {
+        self.request(channel, |reply| Command::SetFloor {
+            channel: channel.to_owned(),
+            floor,
+            only_newer,
+            reply,
+        })
+        .await
+        .unwrap_or(FloorApplied {
+            applied: false,
+            current_epoch: 0,
+        })
+    }
+
+    pub async fn stats(&self, reset_latency: bool) -> PoolStats {
+        let mut total = PoolStats::default();
+        for index in 0..self.workers.len() {
+            if let Some(stats) = self
+                .request_at(index, |reply| Command::Stats {
+                    reset_latency,
+                    reply,
+                })
+                .await
+            {
+                total.add(&stats);
+            }
+        }
+        total
+    }
+
+    /// Stops every worker (their peers' sockets close).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
