@@ -151,13 +151,13 @@ fn field(map: &std::collections::HashMap<String, redis::Value>, k: &str) -> Opti
 
 fn sync_row(
     entry_id: String,
-    session_id: &str,
+    session_id: &crate::domain::SyncId,
     map: &std::collections::HashMap<String, redis::Value>,
 ) -> SyncRow {
     let text = |k: &str| field(map, k);
     SyncRow {
         entry_id,
-        session_id: session_id.to_owned(),
+        session_id: session_id.to_string(),
         version: text("version")
             .and_then(|s| s.parse().ok())
             .unwrap_or_default(),
@@ -262,11 +262,9 @@ impl AuditWriter {
         let mut conn = self.redis.get_multiplexed_async_connection().await?;
         let mut pubsub = self.redis.get_async_pubsub().await?;
         pubsub
-            .psubscribe(format!("{}:{{ch:*}}:events", self.keys.prefix()))
+            .psubscribe(self.keys.channel_events_pattern())
             .await?;
-        pubsub
-            .psubscribe(format!("{}:{{sync:*}}:events", self.keys.prefix()))
-            .await?;
+        pubsub.psubscribe(self.keys.sync_events_pattern()).await?;
         let mut events = pubsub.on_message();
         tracing::info!("audit writer connected");
         // Everything once at the start: the backlog of an outage included.
@@ -310,8 +308,7 @@ impl AuditWriter {
         conn: &mut redis::aio::MultiplexedConnection,
     ) -> Result<HashSet<String>, AuditError> {
         let mut found = HashSet::new();
-        for kind in ["ch", "sync"] {
-            let pattern = format!("{}:{{{kind}:*}}:audit", self.keys.prefix());
+        for pattern in self.keys.audit_patterns() {
             let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
             while let Some(key) = iter.next_item().await {
                 found.insert(key?);
@@ -350,7 +347,7 @@ impl AuditWriter {
                 continue;
             }
             let last = entries.last().map(|e| e.id.clone()).unwrap_or_default();
-            match self.sync_session_of(stream) {
+            match self.keys.parse_sync_audit(stream) {
                 Some(session) => {
                     let rows: Vec<SyncRow> = entries
                         .iter()
@@ -392,14 +389,6 @@ impl AuditWriter {
             }
         }
         Ok(())
-    }
-
-    /// The sync session whose audit stream `stream` is, if it is one.
-    fn sync_session_of(&self, stream: &str) -> Option<String> {
-        let rest = stream
-            .strip_prefix(self.keys.prefix())?
-            .strip_prefix(":{sync:")?;
-        Some(rest.strip_suffix("}:audit")?.to_owned())
     }
 
     async fn insert_sync(

@@ -64,6 +64,25 @@ id_type!(
     /// An event id (a named group of channels): 1 to 64 of `[A-Za-z0-9._-]`.
     EventId, "event id", 64, id_char
 );
+id_type!(
+    /// A sync session id, chosen by its creator: 1 to 64 of `[A-Za-z0-9._-]`, so it can sit
+    /// inside a Redis hash tag.
+    SyncId, "sync session id", 64, id_char
+);
+
+/// A stored sync session names its id as a string; reading it back validates it again.
+impl serde::Serialize for SyncId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SyncId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        Self::parse(&raw).map_err(|_| serde::de::Error::custom("invalid sync session id"))
+    }
+}
 
 impl SessionId {
     /// A fresh random session id.

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::domain::{ChannelId, Event, GrantsEvent};
+use crate::domain::{ChannelId, Event, GrantsEvent, SyncId};
 use crate::sync::SyncSession;
 
 /// A sync session changed (`state` is `None` when it was deleted).
 #[derive(Debug, Clone)]
 pub struct SyncEvent {
-    pub session_id: String,
+    pub session_id: SyncId,
     pub version: u64,
     pub state: Option<SyncSession>,
 }

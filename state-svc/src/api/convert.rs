@@ -4,12 +4,16 @@ use talkgroup_proto::state::v1 as pb;
 
 use crate::domain::{
     ChannelConfig, ChannelId, ChannelState, Event, FloorHolder, FloorReason, FloorRefusal,
-    MediaNode, Member, MembershipChange, NodeId, Session, SessionId, Speaker, UserId,
+    MediaNode, Member, MembershipChange, NodeId, Session, SessionId, Speaker, SyncId, UserId,
 };
 use crate::error::StoreError;
 
 pub fn channel_id(raw: &str) -> Result<ChannelId, StoreError> {
     ChannelId::parse(raw)
+}
+
+pub fn sync_id(raw: &str) -> Result<SyncId, StoreError> {
+    SyncId::parse(raw)
 }
 
 pub fn session_id(raw: &str) -> Result<SessionId, StoreError> {

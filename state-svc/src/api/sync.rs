@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Api;
-use super::convert::channel_id;
+use super::convert::{channel_id, sync_id};
 use crate::domain::now_ms;
 use crate::error::StoreError;
 use crate::store::{Store, sync_mutate};
@@ -56,7 +56,7 @@ fn status_to_pb(status: SyncStatus) -> pb::SyncStatus {
 pub fn sync_state(s: &SyncSession, now: i64) -> pb::SyncState {
     let remaining = s.participant_remaining_ms(now);
     pb::SyncState {
-        session_id: s.session_id.clone(),
+        session_id: s.session_id.to_string(),
         channel_id: s.channel_id.clone().unwrap_or_default(),
         version: s.version,
         sync_mode: mode_to_pb(s.sync_mode).into(),
@@ -134,7 +134,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let now = now_ms();
         let session = SyncSession::create(
             NewSync {
-                session_id: req.session_id,
+                session_id: sync_id(&req.session_id)?,
                 channel_id: if req.channel_id.is_empty() {
                     None
                 } else {
@@ -172,7 +172,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         &self,
         request: Request<pb::GetSyncRequest>,
     ) -> Result<Response<pb::SyncState>, Status> {
-        let id = request.into_inner().session_id;
+        let id = sync_id(&request.into_inner().session_id)?;
         let session = self
             .store
             .sync_get(&id)
@@ -190,7 +190,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let now = now_ms();
         let session = sync_mutate(
             &*self.store,
-            &req.session_id,
+            &sync_id(&req.session_id)?,
             expected(req.expected_version),
             &action,
             now,
@@ -206,7 +206,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let req = request.into_inner();
         let version = self
             .store
-            .sync_delete(&req.session_id, expected(req.expected_version))
+            .sync_delete(&sync_id(&req.session_id)?, expected(req.expected_version))
             .await?;
         Ok(Response::new(pb::DeleteSyncResponse { version }))
     }
@@ -231,7 +231,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                     Ok(event) => match &event.state {
                         Some(s) => sync_state(s, now_ms()),
                         None => pb::SyncState {
-                            session_id: event.session_id.clone(),
+                            session_id: event.session_id.to_string(),
                             version: event.version,
                             deleted: true,
                             server_time_ms: now_ms(),
@@ -258,7 +258,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         &self,
         request: Request<pb::GetSyncRequest>,
     ) -> Result<Response<Self::WatchSyncStream>, Status> {
-        let id = request.into_inner().session_id;
+        let id = sync_id(&request.into_inner().session_id)?;
         // Subscribe before reading, so no change falls between the two.
         let mut changes = self.hub.watch_sync();
         let first = self
@@ -286,7 +286,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                         match &event.state {
                             Some(s) => sync_state(s, now_ms()),
                             None => pb::SyncState {
-                                session_id: id.clone(),
+                                session_id: id.to_string(),
                                 version: event.version,
                                 deleted: true,
                                 server_time_ms: now_ms(),

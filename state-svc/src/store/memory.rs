@@ -15,7 +15,7 @@ use crate::domain::{
     GrantsEvent, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER, MediaNode, Member,
     MembershipChange, MembershipChanged, NewSession, NodeId, NodeRegistration, Placement,
     ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Role, Session, SessionId, Speaker,
-    UserGrants, UserId, choose_node, next_epoch, now_ms,
+    SyncId, UserGrants, UserId, choose_node, next_epoch, now_ms,
 };
 use crate::error::StoreError;
 use crate::hub::{Hub, SyncEvent};
@@ -41,7 +41,7 @@ struct Inner {
     channel_event: HashMap<ChannelId, EventId>,
     emergencies: HashMap<EventId, EmergencyHolder>,
     /// Sync sessions with their expiry (none while running).
-    syncs: HashMap<String, (SyncSession, Option<i64>)>,
+    syncs: HashMap<SyncId, (SyncSession, Option<i64>)>,
 }
 
 #[derive(Debug, Default)]
@@ -980,7 +980,7 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn sync_get(&self, id: &str) -> Result<Option<SyncSession>, StoreError> {
+    async fn sync_get(&self, id: &SyncId) -> Result<Option<SyncSession>, StoreError> {
         let mut inner = self.lock();
         let now = now_ms();
         if inner
@@ -1007,7 +1007,7 @@ impl Store for MemoryStore {
                 actual: actual.unwrap_or(0),
             });
         }
-        let expires = crate::store::sync_ttl_ms(session).map(|ttl| now_ms() + ttl);
+        let expires = session.ttl_ms().map(|ttl| now_ms() + ttl);
         inner
             .syncs
             .insert(session.session_id.clone(), (session.clone(), expires));
@@ -1020,7 +1020,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn sync_delete(&self, id: &str, expected: Option<u64>) -> Result<u64, StoreError> {
+    async fn sync_delete(&self, id: &SyncId, expected: Option<u64>) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let actual = inner
             .syncs
@@ -1036,14 +1036,14 @@ impl Store for MemoryStore {
         inner.syncs.remove(id);
         drop(inner);
         self.hub.sync_changed(SyncEvent {
-            session_id: id.to_owned(),
+            session_id: id.clone(),
             version: actual + 1,
             state: None,
         });
         Ok(actual + 1)
     }
 
-    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
         let inner = self.lock();
         Ok(inner
             .syncs
@@ -1054,7 +1054,7 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn sync_reschedule(&self, _id: &str) -> Result<(), StoreError> {
+    async fn sync_reschedule(&self, _id: &SyncId) -> Result<(), StoreError> {
         // Deadlines are computed from the stored sessions on every scan.
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::future::Future;
 use crate::domain::{
     AcquireOutcome, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId, EventInfo,
     GrantChange, GrantsUpdate, LeaveOutcome, MediaNode, NewSession, NodeId, NodeRegistration,
-    Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Session, SessionId, Speaker,
+    Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Session, SessionId, Speaker, SyncId,
     UserGrants, UserId,
 };
 use crate::error::StoreError;
@@ -196,7 +196,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Res<ReleaseOutcome>> + Send;
 
     // ---- sync sessions (see `crate::sync`) ----
-    fn sync_get(&self, id: &str) -> impl Future<Output = Res<Option<SyncSession>>> + Send;
+    fn sync_get(&self, id: &SyncId) -> impl Future<Output = Res<Option<SyncSession>>> + Send;
     /// Writes `session` if the stored version is `expected` (`None`: only if absent), in one
     /// atomic step that also publishes it and appends `action` to the session's audit stream.
     /// Keeps the deadline index and the TTL in step. `Conflict` carries the stored version.
@@ -206,12 +206,15 @@ pub trait Store: Send + Sync + 'static {
         expected: Option<u64>,
         action: &str,
     ) -> impl Future<Output = Res<()>> + Send;
-    fn sync_delete(&self, id: &str, expected: Option<u64>)
-    -> impl Future<Output = Res<u64>> + Send;
+    fn sync_delete(
+        &self,
+        id: &SyncId,
+        expected: Option<u64>,
+    ) -> impl Future<Output = Res<u64>> + Send;
     /// Sessions whose deadline has passed, at most `limit`.
-    fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<String>>> + Send;
+    fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<SyncId>>> + Send;
     /// Re-reads the session and sets its deadline entry from what is stored.
-    fn sync_reschedule(&self, id: &str) -> impl Future<Output = Res<()>> + Send;
+    fn sync_reschedule(&self, id: &SyncId) -> impl Future<Output = Res<()>> + Send;
 
     // ---- admin ----
     /// Channels that have members (a channel that just emptied may still be listed).
@@ -238,7 +241,7 @@ pub trait Store: Send + Sync + 'static {
 /// it is a `Conflict`; without, a concurrent change is retried on the fresh state.
 pub async fn sync_mutate<S: Store>(
     store: &S,
-    id: &str,
+    id: &SyncId,
     expected: Option<u64>,
     action: &SyncAction,
     now: i64,
@@ -271,9 +274,4 @@ pub async fn sync_mutate<S: Store>(
         }
     }
     Err(StoreError::Unavailable("sync session kept changing".into()))
-}
-
-/// What the TTL of a stored sync session should be: none while running, an hour otherwise.
-pub fn sync_ttl_ms(session: &SyncSession) -> Option<i64> {
-    (session.status != crate::sync::SyncStatus::Running).then_some(crate::sync::TTL_MS)
 }

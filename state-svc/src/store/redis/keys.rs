@@ -4,7 +4,7 @@
 //! script touches keys of one Redis Cluster slot only. Ids are validated before they get here
 //! (`domain`), so they can contain neither braces nor separators that would break the tags.
 
-use crate::domain::{ChannelId, NodeId, SessionId, UserId};
+use crate::domain::{ChannelId, NodeId, SessionId, SyncId, UserId};
 
 /// The keys of events, all under one hash tag (`{events}`) so event scripts touch one slot.
 #[derive(Debug, Clone)]
@@ -124,7 +124,7 @@ impl Keys {
     }
 
     /// A sync session (JSON), its audit stream and its event channel share `{sync:<id>}`.
-    pub fn sync(&self, id: &str) -> [String; 3] {
+    pub fn sync(&self, id: &SyncId) -> [String; 3] {
         let base = format!("{}:{{sync:{id}}}", self.prefix);
         [
             base.clone(),
@@ -134,9 +134,36 @@ impl Keys {
     }
 
     /// Parses a sync event channel name back into the session id.
-    pub fn parse_sync_events(&self, name: &str) -> Option<String> {
+    pub fn parse_sync_events(&self, name: &str) -> Option<SyncId> {
+        self.parse_sync(name, "}:events")
+    }
+
+    /// Parses a sync session's audit stream name back into the session id.
+    pub fn parse_sync_audit(&self, name: &str) -> Option<SyncId> {
+        self.parse_sync(name, "}:audit")
+    }
+
+    fn parse_sync(&self, name: &str, suffix: &str) -> Option<SyncId> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix(":{sync:")?;
-        Some(rest.strip_suffix("}:events")?.to_owned())
+        SyncId::parse(rest.strip_suffix(suffix)?).ok()
+    }
+
+    /// The pub/sub pattern of every channel's events.
+    pub fn channel_events_pattern(&self) -> String {
+        format!("{}:{{ch:*}}:events", self.prefix)
+    }
+
+    /// The pub/sub pattern of every sync session's events.
+    pub fn sync_events_pattern(&self) -> String {
+        format!("{}:{{sync:*}}:events", self.prefix)
+    }
+
+    /// The key patterns of every audit stream: the channels' and the sync sessions'.
+    pub fn audit_patterns(&self) -> [String; 2] {
+        [
+            format!("{}:{{ch:*}}:audit", self.prefix),
+            format!("{}:{{sync:*}}:audit", self.prefix),
+        ]
     }
 
     /// Sorted set: sync session id -> when its running clock runs out (ms).

@@ -76,7 +76,7 @@ impl Listener {
                 self.keys.kicks(),
                 self.membership_channel.clone(),
             ];
-            let sync_pattern = format!("{}:{{sync:*}}:events", self.keys.prefix());
+            let sync_pattern = self.keys.sync_events_pattern();
             let mut healthy = self.bounded(sink.subscribe(fixed)).await.is_ok()
                 && self.bounded(sink.psubscribe(sync_pattern)).await.is_ok()
                 && self.reconcile(&mut sink, &mut subscribed).await.is_ok();

@@ -34,8 +34,8 @@ use crate::domain::{
     AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId,
     EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
     MediaNode, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome,
-    RenewOutcome, Renewed, Role, Session, SessionId, Speaker, UserGrants, UserId, choose_node,
-    now_ms,
+    RenewOutcome, Renewed, Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId,
+    choose_node, now_ms,
 };
 use crate::error::{STORE_ERRORS, StoreError};
 use crate::hub::Hub;
@@ -238,12 +238,22 @@ impl RedisStore {
     }
 
     /// Keeps a sync session's entry in the deadline index in step with its state.
-    async fn set_sync_deadline(&self, id: &str, deadline: Option<i64>) -> Result<(), StoreError> {
+    async fn set_sync_deadline(
+        &self,
+        id: &SyncId,
+        deadline: Option<i64>,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let index = self.keys.sync_deadlines();
         match deadline {
-            Some(at) => self.bounded(conn.zadd::<_, _, _, ()>(index, id, at)).await,
-            None => self.bounded(conn.zrem::<_, _, ()>(index, id)).await,
+            Some(at) => {
+                self.bounded(conn.zadd::<_, _, _, ()>(index, id.as_str(), at))
+                    .await
+            }
+            None => {
+                self.bounded(conn.zrem::<_, _, ()>(index, id.as_str()))
+                    .await
+            }
         }
     }
 
@@ -1192,7 +1202,7 @@ impl Store for RedisStore {
         release_outcome(&raw)
     }
 
-    async fn sync_get(&self, id: &str) -> Result<Option<SyncSession>, StoreError> {
+    async fn sync_get(&self, id: &SyncId) -> Result<Option<SyncSession>, StoreError> {
         let [key, _, _] = self.keys.sync(id);
         let mut conn = self.conn.clone();
         let raw: Option<String> = self.bounded(conn.get(key)).await?;
@@ -1218,11 +1228,7 @@ impl Store for RedisStore {
             .arg(doc)
             .arg(session.version)
             .arg(action)
-            .arg(
-                crate::store::sync_ttl_ms(session)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default(),
-            )
+            .arg(session.ttl_ms().map(|t| t.to_string()).unwrap_or_default())
             .arg(&self.audit_maxlen);
         let mut conn = self.conn.clone();
         let (outcome, version): (String, u64) =
@@ -1237,7 +1243,7 @@ impl Store for RedisStore {
             .await
     }
 
-    async fn sync_delete(&self, id: &str, expected: Option<u64>) -> Result<u64, StoreError> {
+    async fn sync_delete(&self, id: &SyncId, expected: Option<u64>) -> Result<u64, StoreError> {
         let [key, audit, events] = self.keys.sync(id);
         let mut invocation = scripts::SYNC_DELETE.prepare_invoke();
         invocation
@@ -1245,7 +1251,7 @@ impl Store for RedisStore {
             .key(audit)
             .key(events)
             .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-            .arg(id)
+            .arg(id.as_str())
             .arg(&self.audit_maxlen);
         let mut conn = self.conn.clone();
         let (outcome, version): (String, u64) =
@@ -1263,19 +1269,22 @@ impl Store for RedisStore {
         }
     }
 
-    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
         let mut conn = self.conn.clone();
-        self.bounded(conn.zrangebyscore_limit(
-            self.keys.sync_deadlines(),
-            "-inf",
-            now,
-            0,
-            isize::try_from(limit).unwrap_or(isize::MAX),
-        ))
-        .await
+        let due: Vec<String> = self
+            .bounded(conn.zrangebyscore_limit(
+                self.keys.sync_deadlines(),
+                "-inf",
+                now,
+                0,
+                isize::try_from(limit).unwrap_or(isize::MAX),
+            ))
+            .await?;
+        // An entry that is not a valid id was never written by this store: skip it.
+        Ok(due.iter().filter_map(|id| SyncId::parse(id).ok()).collect())
     }
 
-    async fn sync_reschedule(&self, id: &str) -> Result<(), StoreError> {
+    async fn sync_reschedule(&self, id: &SyncId) -> Result<(), StoreError> {
         let deadline = self.sync_get(id).await?.and_then(|s| s.deadline());
         self.set_sync_deadline(id, deadline).await
     }

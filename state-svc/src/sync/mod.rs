@@ -5,19 +5,20 @@
 //! before, so every replica and client computes the same remaining time from the state and a
 //! clock (`serverTime` is sent with every state). The transitions here are pure functions of
 //! the state and `now`, unit-tested on an injected clock; the store makes each one an atomic
-//! compare-and-set on `version`, and a deadline scheduler expires running clocks when their
-//! time runs out, whether or not anyone calls.
+//! compare-and-set on `version`, and a deadline scheduler ([`scheduler`]) expires running
+//! clocks when their time runs out, whether or not anyone calls. This module is the pure
+//! model; only the scheduler uses the store.
+
+mod scheduler;
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
-use crate::domain::ChannelId;
+use crate::domain::{ChannelId, SyncId};
 use crate::error::StoreError;
-use crate::store::Store;
+
+pub use scheduler::run_scheduler;
 
 /// Participants a session may have.
 pub const MAX_PARTICIPANTS: usize = 1_000;
@@ -75,7 +76,7 @@ pub struct Participant {
 /// A sync session as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncSession {
-    pub session_id: String,
+    pub session_id: SyncId,
     pub channel_id: Option<String>,
     pub version: u64,
     pub sync_mode: SyncMode,
@@ -99,7 +100,7 @@ pub struct SyncSession {
 /// What a client asks to create.
 #[derive(Debug, Clone)]
 pub struct NewSync {
-    pub session_id: String,
+    pub session_id: SyncId,
     pub channel_id: Option<ChannelId>,
     pub sync_mode: SyncMode,
     pub participants: Vec<(String, Option<String>)>,
@@ -183,9 +184,6 @@ fn check_times(
 impl SyncSession {
     /// Validates a creation request into a pending session at version 1.
     pub fn create(new: NewSync, now: i64) -> Result<Self, StoreError> {
-        if !valid_id(&new.session_id) {
-            return Err(bad("invalid sync session id"));
-        }
         if new.participants.is_empty() || new.participants.len() > MAX_PARTICIPANTS {
             return Err(bad("a sync session needs 1 to 1000 participants"));
         }
@@ -360,157 +358,168 @@ impl SyncSession {
 
     /// Applies `action` at `now`: the next state (version moved on), or why not.
     pub fn apply(&self, action: &SyncAction, now: i64) -> Result<Self, StoreError> {
-        let mut next = self.clone();
         // A clock that ran out expires first, whatever was asked.
         if self.status == SyncStatus::Running
             && self.remaining_ms(now).is_some_and(|r| r <= 0)
             && *action != SyncAction::Expire
         {
-            return Err(StoreError::FailedPrecondition(
-                "the sync session has expired",
-            ));
+            return Err(refused("the sync session has expired"));
         }
-        let not = |what| Err(StoreError::FailedPrecondition(what));
+        let mut next = self.clone();
         match action {
-            SyncAction::Start => {
-                if self.status != SyncStatus::Pending {
-                    return not("only a pending session can start");
-                }
-                next.status = SyncStatus::Running;
-                next.set_active(0);
-                next.participants[0].cycle_count = 1;
-                next.cycle_started_at = Some(now);
-                next.session_started_at = Some(now);
-            }
-            SyncAction::Switch(to) => {
-                if self.status != SyncStatus::Running {
-                    return not("only a running session can switch");
-                }
-                let current = self.active_index().unwrap_or(0);
-                let target = match to {
-                    Some(id) => self
-                        .participants
-                        .iter()
-                        .position(|p| &p.participant_id == id)
-                        .ok_or(StoreError::NotFound("participant"))?,
-                    None => (current + 1) % self.participants.len(),
-                };
-                next.settle(now);
-                if self.sync_mode == SyncMode::PerParticipant {
-                    next.participants[current].total_time_ms += self.increment_ms;
-                }
-                next.cycle_used_ms = 0;
-                next.set_active(target);
-                next.participants[target].cycle_count += 1;
-                next.cycle_started_at = Some(now);
-            }
-            SyncAction::Pause => {
-                if self.status != SyncStatus::Running {
-                    return not("only a running session can pause");
-                }
-                next.settle(now);
-                next.status = SyncStatus::Paused;
-            }
-            SyncAction::Resume => {
-                if self.status != SyncStatus::Paused {
-                    return not("only a paused session can resume");
-                }
-                next.status = SyncStatus::Running;
-                next.cycle_started_at = Some(now);
-            }
-            SyncAction::Complete => {
-                if !matches!(self.status, SyncStatus::Running | SyncStatus::Paused) {
-                    return not("only a running or paused session can complete");
-                }
-                next.settle(now);
-                next.status = SyncStatus::Completed;
-                next.session_completed_at = Some(now);
-            }
-            SyncAction::Cancel => {
-                if self.status.is_terminal() {
-                    return not("the session has already ended");
-                }
-                next.settle(now);
-                next.status = SyncStatus::Cancelled;
-                next.session_completed_at = Some(now);
-            }
+            SyncAction::Start => next.start(now)?,
+            SyncAction::Switch(to) => next.switch(to.as_deref(), now)?,
+            SyncAction::Pause => next.pause(now)?,
+            SyncAction::Resume => next.resume(now)?,
+            SyncAction::Complete => next.complete(now)?,
+            SyncAction::Cancel => next.cancel(now)?,
             SyncAction::Update {
                 total_time_ms,
                 time_per_cycle_ms,
                 increment_ms,
                 max_time_ms,
-            } => {
-                if !matches!(self.status, SyncStatus::Pending | SyncStatus::Paused) {
-                    return not("only a pending or paused session can be updated");
-                }
-                check_times(
-                    self.sync_mode,
-                    *total_time_ms,
-                    *time_per_cycle_ms,
-                    *increment_ms,
-                    *max_time_ms,
-                )?;
-                if self.status == SyncStatus::Pending {
-                    for p in &mut next.participants {
-                        p.total_time_ms = *total_time_ms;
-                    }
-                }
-                next.total_time_ms = *total_time_ms;
-                next.time_per_cycle_ms = *time_per_cycle_ms;
-                next.increment_ms = *increment_ms;
-                next.max_time_ms = *max_time_ms;
-            }
-            SyncAction::Expire => {
-                let due = self.deadline().is_some_and(|d| d <= now);
-                if !due {
-                    return not("the session has not run out");
-                }
-                // Everything up to the deadline was used; not a millisecond more.
-                let deadline = self.deadline().unwrap_or(now);
-                next.settle(deadline);
-                next.status = SyncStatus::Expired;
-                next.session_completed_at = Some(deadline);
-                if let Some(i) = next.active_index() {
-                    next.participants[i].has_expired = true;
-                }
-            }
+            } => next.update(
+                *total_time_ms,
+                *time_per_cycle_ms,
+                *increment_ms,
+                *max_time_ms,
+            )?,
+            SyncAction::Expire => next.expire(now)?,
         }
         next.version = self.version + 1;
         next.updated_at = now;
         Ok(next)
     }
+
+    fn start(&mut self, now: i64) -> Result<(), StoreError> {
+        if self.status != SyncStatus::Pending {
+            return Err(refused("only a pending session can start"));
+        }
+        self.status = SyncStatus::Running;
+        self.set_active(0);
+        self.participants[0].cycle_count = 1;
+        self.cycle_started_at = Some(now);
+        self.session_started_at = Some(now);
+        Ok(())
+    }
+
+    /// Hands the clock to `to` (the next in order when `None`); the one handing over earns
+    /// the increment (per-participant mode).
+    fn switch(&mut self, to: Option<&str>, now: i64) -> Result<(), StoreError> {
+        if self.status != SyncStatus::Running {
+            return Err(refused("only a running session can switch"));
+        }
+        let current = self.active_index().unwrap_or(0);
+        let target = match to {
+            Some(id) => self
+                .participants
+                .iter()
+                .position(|p| p.participant_id == id)
+                .ok_or(StoreError::NotFound("participant"))?,
+            None => (current + 1) % self.participants.len(),
+        };
+        self.settle(now);
+        if self.sync_mode == SyncMode::PerParticipant {
+            self.participants[current].total_time_ms += self.increment_ms;
+        }
+        self.cycle_used_ms = 0;
+        self.set_active(target);
+        self.participants[target].cycle_count += 1;
+        self.cycle_started_at = Some(now);
+        Ok(())
+    }
+
+    fn pause(&mut self, now: i64) -> Result<(), StoreError> {
+        if self.status != SyncStatus::Running {
+            return Err(refused("only a running session can pause"));
+        }
+        self.settle(now);
+        self.status = SyncStatus::Paused;
+        Ok(())
+    }
+
+    fn resume(&mut self, now: i64) -> Result<(), StoreError> {
+        if self.status != SyncStatus::Paused {
+            return Err(refused("only a paused session can resume"));
+        }
+        self.status = SyncStatus::Running;
+        self.cycle_started_at = Some(now);
+        Ok(())
+    }
+
+    fn complete(&mut self, now: i64) -> Result<(), StoreError> {
+        if !matches!(self.status, SyncStatus::Running | SyncStatus::Paused) {
+            return Err(refused("only a running or paused session can complete"));
+        }
+        self.settle(now);
+        self.status = SyncStatus::Completed;
+        self.session_completed_at = Some(now);
+        Ok(())
+    }
+
+    fn cancel(&mut self, now: i64) -> Result<(), StoreError> {
+        if self.status.is_terminal() {
+            return Err(refused("the session has already ended"));
+        }
+        self.settle(now);
+        self.status = SyncStatus::Cancelled;
+        self.session_completed_at = Some(now);
+        Ok(())
+    }
+
+    /// New times; a pending session's participants get the new bank too.
+    fn update(
+        &mut self,
+        total_time_ms: i64,
+        time_per_cycle_ms: i64,
+        increment_ms: i64,
+        max_time_ms: i64,
+    ) -> Result<(), StoreError> {
+        if !matches!(self.status, SyncStatus::Pending | SyncStatus::Paused) {
+            return Err(refused("only a pending or paused session can be updated"));
+        }
+        check_times(
+            self.sync_mode,
+            total_time_ms,
+            time_per_cycle_ms,
+            increment_ms,
+            max_time_ms,
+        )?;
+        if self.status == SyncStatus::Pending {
+            for p in &mut self.participants {
+                p.total_time_ms = total_time_ms;
+            }
+        }
+        self.total_time_ms = total_time_ms;
+        self.time_per_cycle_ms = time_per_cycle_ms;
+        self.increment_ms = increment_ms;
+        self.max_time_ms = max_time_ms;
+        Ok(())
+    }
+
+    fn expire(&mut self, now: i64) -> Result<(), StoreError> {
+        let Some(deadline) = self.deadline().filter(|d| *d <= now) else {
+            return Err(refused("the session has not run out"));
+        };
+        // Everything up to the deadline was used; not a millisecond more.
+        self.settle(deadline);
+        self.status = SyncStatus::Expired;
+        self.session_completed_at = Some(deadline);
+        if let Some(i) = self.active_index() {
+            self.participants[i].has_expired = true;
+        }
+        Ok(())
+    }
+
+    /// How long the stored session lives after this change: none while running, an hour
+    /// otherwise.
+    pub fn ttl_ms(&self) -> Option<i64> {
+        (self.status != SyncStatus::Running).then_some(TTL_MS)
+    }
 }
 
-/// Expires running sessions whose time has run out, until shutdown. Every replica runs one;
-/// the compare-and-set makes a second expiry of the same session a no-op.
-pub async fn run_scheduler<S: Store>(store: Arc<S>, every: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let now = crate::domain::now_ms();
-        let due = match store.sync_due(now, 256).await {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::warn!(%error, "sync deadline scan failed");
-                continue;
-            }
-        };
-        for id in due {
-            match crate::store::sync_mutate(&*store, &id, None, &SyncAction::Expire, now).await {
-                Ok(session) => {
-                    tracing::info!(session_id = %id, version = session.version, "sync session expired");
-                }
-                Err(StoreError::FailedPrecondition(_) | StoreError::NotFound(_)) => {
-                    // Changed meanwhile (paused, switched, ended): the index is rewritten.
-                    let _ = store.sync_reschedule(&id).await;
-                }
-                Err(error) => tracing::warn!(%error, session_id = %id, "sync expiry failed"),
-            }
-        }
-    }
+fn refused(what: &'static str) -> StoreError {
+    StoreError::FailedPrecondition(what)
 }
 
 #[cfg(test)]
@@ -520,7 +529,7 @@ mod tests {
     fn new(mode: SyncMode, groups: &[Option<&str>]) -> SyncSession {
         SyncSession::create(
             NewSync {
-                session_id: "s1".into(),
+                session_id: SyncId::parse("s1").unwrap(),
                 channel_id: None,
                 sync_mode: mode,
                 participants: groups
@@ -598,7 +607,7 @@ mod tests {
         assert!(
             SyncSession::create(
                 NewSync {
-                    session_id: "g".into(),
+                    session_id: SyncId::parse("g").unwrap(),
                     channel_id: None,
                     sync_mode: SyncMode::PerGroup,
                     participants: vec![("a".into(), None)],
@@ -658,7 +667,7 @@ mod tests {
     #[test]
     fn hostile_creations_are_refused() {
         let base = NewSync {
-            session_id: "s".into(),
+            session_id: SyncId::parse("s").unwrap(),
             channel_id: None,
             sync_mode: SyncMode::Global,
             participants: vec![("a".into(), None)],
@@ -677,9 +686,9 @@ mod tests {
         none.participants.clear();
         let mut huge = base.clone();
         huge.total_time_ms = MAX_TIME_MS + 1;
-        let mut id = base.clone();
-        id.session_id = "a b".into();
-        for bad in [dup, many, none, huge, id] {
+        // An invalid id cannot even be named: the id type refuses it.
+        assert!(SyncId::parse("a b").is_err());
+        for bad in [dup, many, none, huge] {
             assert!(SyncSession::create(bad, 0).is_err());
         }
         assert!(SyncSession::create(base, 0).is_ok());
