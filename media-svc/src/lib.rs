@@ -74,9 +74,15 @@ pub async fn run(
     };
     let engine = RtcEngine::new()?;
     let node = Node::new(engine, settings, ports, workers);
+    let tasks = TaskTracker::new();
     let metrics_stop = CancellationToken::new();
     if let Some(metrics_addr) = config.metrics_listen {
-        let exposition = metrics::start(Arc::clone(&node), config.capacity, metrics_stop.clone());
+        let exposition = metrics::start(
+            Arc::clone(&node),
+            config.capacity,
+            &tasks,
+            metrics_stop.clone(),
+        );
         talkgroup_common::metrics::serve(metrics_addr, exposition, metrics_stop.clone()).await?;
     }
 
@@ -87,7 +93,6 @@ pub async fn run(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let tasks = TaskTracker::new();
     let link_stop = CancellationToken::new();
     let link = config.state_url.clone().map(|url| {
         let me = link::Registration {

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use talkgroup_common::metrics::Exposition;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::node::Node;
 
@@ -33,7 +34,12 @@ struct MediaMetrics {
 }
 
 /// Registers the node's metrics and starts the sampler; returns what `/metrics` serves.
-pub fn start(node: Arc<Node>, capacity: u32, shutdown: CancellationToken) -> Exposition {
+pub fn start(
+    node: Arc<Node>,
+    capacity: u32,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Exposition {
     let m = Arc::new(MediaMetrics::default());
     let mut r = Registry::default();
     r.register(
@@ -87,7 +93,7 @@ pub fn start(node: Arc<Node>, capacity: u32, shutdown: CancellationToken) -> Exp
         m.dropped_send.clone(),
     );
     let sampler = Arc::clone(&m);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut last = [0u64; 4];
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::domain::Clock;
 use clap::{Parser, ValueEnum};
 use talkgroup_common::telemetry::LogFormat;
 
@@ -101,6 +102,10 @@ pub struct Config {
         default_value = "plain"
     )]
     pub log_format: LogFormat,
+    /// The clock of the memory store and the API: the system clock, unless a test injects a
+    /// manual one.
+    #[arg(skip)]
+    pub clock: Clock,
 }
 
 impl std::fmt::Debug for Config {

@@ -41,18 +41,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A Redis failure, classified: the connection or the time bound failed (unavailable: the
-    /// caller may retry), or Redis answered with an error (a script or protocol fault: internal).
+    /// A Redis failure, classified: a failure that goes away by itself (the connection broke or
+    /// timed out, Redis is loading, a failover is under way) is unavailable and the caller may
+    /// retry; a failure that a retry would repeat (a script error, a wrong reply type, a refused
+    /// permission) is internal.
     pub fn redis(error: &redis::RedisError) -> Self {
-        if error.is_io_error()
-            || error.is_connection_dropped()
-            || error.is_connection_refusal()
-            || error.is_timeout()
-            || error.is_unrecoverable_error()
-        {
-            Self::Unavailable(error.to_string())
-        } else {
+        if matches!(error.retry_method(), redis::RetryMethod::NoRetry) {
             Self::Internal(format!("redis: {error}"))
+        } else {
+            Self::Unavailable(error.to_string())
         }
     }
 
@@ -109,6 +106,31 @@ impl From<StoreError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_failures_that_pass_are_unavailable_and_the_rest_internal() {
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(matches!(StoreError::redis(&io), StoreError::Unavailable(_)));
+        let loading = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+            "loading",
+        ));
+        assert!(matches!(
+            StoreError::redis(&loading),
+            StoreError::Unavailable(_)
+        ));
+        let script = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "script error",
+        ));
+        assert!(matches!(
+            StoreError::redis(&script),
+            StoreError::Internal(_)
+        ));
+        let types =
+            redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "not a string"));
+        assert!(matches!(StoreError::redis(&types), StoreError::Internal(_)));
+    }
 
     #[test]
     fn internal_details_never_reach_the_caller() {

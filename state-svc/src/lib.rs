@@ -5,8 +5,10 @@
 //! its own beyond caches: run any number of replicas on one Redis.
 //!
 //! Layout:
-//! - [`domain`]: validated ids and records; [`error`]: the one error type and its gRPC mapping.
-//! - [`store`]: the [`store::Store`] trait with the Redis and in-memory stores.
+//! - [`domain`]: validated ids and records; [`error`]: the one error type and its mapping to
+//!   the typed reasons callers decode.
+//! - [`store`]: the store's focused traits ([`store::Store`] is all of them) with the Redis and
+//!   in-memory stores; [`sync`]: the sync session model and its deadline scheduler.
 //! - [`hub`]: fan-out of store events to local `Watch` streams.
 //! - [`access`]: control-plane membership updates and the emergency broadcast, built from
 //!   per-channel store steps.
@@ -78,7 +80,11 @@ pub async fn run(
     let tracker = TaskTracker::new();
     match config.store_kind() {
         StoreKind::Memory => {
-            let store = MemoryStore::new(config.store_settings(), Arc::clone(&hub));
+            let store = MemoryStore::new(
+                config.store_settings(),
+                Arc::clone(&hub),
+                config.clock.clone(),
+            );
             serve(Arc::new(store), hub, &config, listener, tracker, shutdown).await
         }
         StoreKind::Redis => {
@@ -116,52 +122,108 @@ async fn serve<S: Store>(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
-    tracker.spawn(sweeper::run(
-        Arc::clone(&store),
-        Duration::from_millis(u64::from(config.sweep_interval_ms)),
-        shutdown.clone(),
-    ));
     let metrics = metrics::StateMetrics::new();
     if let Some(addr) = config.metrics_listen {
-        talkgroup_common::metrics::serve(
-            addr,
-            metrics.exposition(Arc::clone(&hub)),
-            shutdown.clone(),
-        )
-        .await?;
+        let exposition = metrics.exposition(Arc::clone(&hub));
+        talkgroup_common::metrics::serve(addr, exposition, shutdown.clone()).await?;
     }
-    tracker.spawn(sync::run_scheduler(
-        Arc::clone(&store),
-        Duration::from_millis(u64::from(config.sweep_interval_ms)),
-        shutdown.clone(),
-    ));
-    tracker.spawn(access::run_membership(
-        Arc::clone(&store),
-        Arc::clone(&hub),
-        Arc::clone(&metrics),
-        shutdown.clone(),
-    ));
+    spawn_background(&tracker, &store, &hub, &metrics, config, &shutdown);
     let api = api::Api::new(
         store,
         hub,
         config.store_settings(),
         metrics,
+        config.clock.clone(),
         shutdown.clone(),
         tracker.clone(),
     );
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
-    for name in SERVICE_NAMES.into_iter().chain([""]) {
-        reporter
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
-    let incoming = talkgroup_common::grpc::incoming(listener);
+    set_serving(&reporter, ServingStatus::Serving).await;
     let router = Server::builder()
         .trace_fn(talkgroup_common::telemetry::server_span)
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
-        .add_service(standard.reflection_v1alpha)
+        .add_service(standard.reflection_v1alpha);
+    let router = add_services(router, api, config);
+    tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
+    let drain = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            set_serving(&reporter, ServingStatus::NotServing).await;
+            tracing::info!("draining");
+        }
+    };
+    let grace = Duration::from_millis(u64::from(config.shutdown_grace_ms));
+    let incoming = talkgroup_common::grpc::incoming(listener);
+    let served = router.serve_with_incoming_shutdown(incoming, drain);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        result = &mut served => result,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over; closing remaining calls");
+            Ok(())
+        }
+    };
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("state-svc stopped");
+    Ok(result?)
+}
+
+/// What every replica runs beside the API until shutdown: the sweeper, the sync deadline
+/// scheduler and the control plane's membership updates.
+fn spawn_background<S: Store>(
+    tracker: &TaskTracker,
+    store: &Arc<S>,
+    hub: &Arc<Hub>,
+    metrics: &Arc<metrics::StateMetrics>,
+    config: &Config,
+    shutdown: &CancellationToken,
+) {
+    let every = Duration::from_millis(u64::from(config.sweep_interval_ms));
+    tracker.spawn(sweeper::run(Arc::clone(store), every, shutdown.clone()));
+    tracker.spawn(sync::run_scheduler(
+        Arc::clone(store),
+        every,
+        config.clock.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(access::run_membership(
+        Arc::clone(store),
+        Arc::clone(hub),
+        Arc::clone(metrics),
+        shutdown.clone(),
+    ));
+}
+
+async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Every `ptt.state.v1` service and the admin API (behind its token), each with the request
+/// size limit.
+fn add_services<S: Store>(
+    router: tonic::transport::server::Router,
+    api: api::Api<S>,
+    config: &Config,
+) -> tonic::transport::server::Router {
+    let auth = api::admin::AdminAuth::new(config.admin_token.as_deref());
+    if config.admin_token.is_none() {
+        tracing::warn!("no --admin-token: the admin API refuses every call");
+    }
+    let history = config
+        .postgres_url
+        .clone()
+        .map(|url| Arc::new(audit::History::new(url)));
+    let admin = talkgroup_proto::admin::v1::admin_service_server::AdminServiceServer::new(
+        api::admin::AdminApi::new(api.clone(), history),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    router
         .add_service(
             pb::floor_service_server::FloorServiceServer::new(api.clone())
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -183,53 +245,11 @@ async fn serve<S: Store>(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            pb::sync_service_server::SyncServiceServer::new(api.clone())
+            pb::sync_service_server::SyncServiceServer::new(api)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
-        .add_service({
-            let auth = api::admin::AdminAuth::new(config.admin_token.as_deref());
-            if config.admin_token.is_none() {
-                tracing::warn!("no --admin-token: the admin API refuses every call");
-            }
-            let admin = talkgroup_proto::admin::v1::admin_service_server::AdminServiceServer::new(
-                api::admin::AdminApi::new(
-                    api,
-                    config
-                        .postgres_url
-                        .clone()
-                        .map(|url| Arc::new(audit::History::new(url))),
-                ),
-            )
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
-            tonic::service::interceptor::InterceptedService::new(admin, move |request| {
-                auth.check(request)
-            })
-        });
-    tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
-    let drain = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            for name in SERVICE_NAMES.into_iter().chain([""]) {
-                reporter
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
-            tracing::info!("draining");
-        }
-    };
-    let grace = Duration::from_millis(u64::from(config.shutdown_grace_ms));
-    let served = router.serve_with_incoming_shutdown(incoming, drain);
-    tokio::pin!(served);
-    let result = tokio::select! {
-        result = &mut served => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("grace period over; closing remaining calls");
-            Ok(())
-        }
-    };
-    tracker.close();
-    tracker.wait().await;
-    tracing::info!("state-svc stopped");
-    Ok(result?)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            admin,
+            move |request| auth.check(request),
+        ))
 }

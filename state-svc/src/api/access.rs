@@ -218,7 +218,7 @@ impl<S: Store> Api<S> {
                     epoch: r.epoch,
                 })
                 .collect(),
-            server_time_ms: crate::domain::now_ms(),
+            server_time_ms: self.clock.now_ms(),
         })
     }
 }

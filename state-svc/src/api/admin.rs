@@ -319,7 +319,7 @@ impl<S: Store> apb::admin_service_server::AdminService for AdminApi<S> {
             return Err(Status::invalid_argument("name a channel or a user"));
         }
         let (from, to) = if req.from_ms == 0 && req.to_ms == 0 {
-            let now = crate::domain::now_ms();
+            let now = self.api.clock.now_ms();
             (now - 86_400_000, now + 1)
         } else {
             (req.from_ms, req.to_ms)

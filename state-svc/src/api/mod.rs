@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::domain::Clock;
 use crate::hub::Hub;
 use crate::metrics::StateMetrics;
 use crate::store::{Store, StoreSettings};
@@ -32,6 +33,8 @@ pub struct Api<S> {
     hub: Arc<Hub>,
     settings: Arc<StoreSettings>,
     metrics: Arc<StateMetrics>,
+    /// What the API reads the time from (sync sessions' clocks, reply timestamps).
+    clock: Clock,
     shutdown: CancellationToken,
     /// The server's tasks: every stream's feeding task runs under it.
     tasks: TaskTracker,
@@ -44,6 +47,7 @@ impl<S> Clone for Api<S> {
             hub: Arc::clone(&self.hub),
             settings: Arc::clone(&self.settings),
             metrics: Arc::clone(&self.metrics),
+            clock: self.clock.clone(),
             shutdown: self.shutdown.clone(),
             tasks: self.tasks.clone(),
         }
@@ -56,6 +60,7 @@ impl<S: Store> Api<S> {
         hub: Arc<Hub>,
         settings: StoreSettings,
         metrics: Arc<StateMetrics>,
+        clock: Clock,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -64,6 +69,7 @@ impl<S: Store> Api<S> {
             hub,
             settings: Arc::new(settings),
             metrics,
+            clock,
             shutdown,
             tasks,
         }

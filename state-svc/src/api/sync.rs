@@ -10,7 +10,6 @@ use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{channel_id, sync_id};
-use crate::domain::now_ms;
 use crate::error::StoreError;
 use crate::store::{Store, sync_mutate};
 use crate::sync::{NewSync, SyncAction, SyncMode, SyncSession, SyncStatus};
@@ -131,7 +130,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                 StoreError::InvalidArgument("a sync session needs 1 to 1000 participants").into(),
             );
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let session = SyncSession::create(
             NewSync {
                 session_id: sync_id(&req.session_id)?,
@@ -178,7 +177,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
             .sync_get(&id)
             .await?
             .ok_or(StoreError::NotFound("sync session"))?;
-        Ok(Response::new(sync_state(&session, now_ms())))
+        Ok(Response::new(sync_state(&session, self.clock.now_ms())))
     }
 
     async fn mutate_sync(
@@ -187,7 +186,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
     ) -> Result<Response<pb::SyncState>, Status> {
         let req = request.into_inner();
         let action = action_from_pb(req.action)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let session = sync_mutate(
             &*self.store,
             &sync_id(&req.session_id)?,
@@ -220,6 +219,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let mut changes = self.hub.watch_sync();
         let (tx, rx) = mpsc::channel(SYNC_OUTBOX);
         let shutdown = self.shutdown.clone();
+        let clock = self.clock.clone();
         self.tasks.spawn(async move {
             loop {
                 let event = tokio::select! {
@@ -229,12 +229,12 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                 };
                 let state = match event {
                     Ok(event) => match &event.state {
-                        Some(s) => sync_state(s, now_ms()),
+                        Some(s) => sync_state(s, clock.now_ms()),
                         None => pb::SyncState {
                             session_id: event.session_id.to_string(),
                             version: event.version,
                             deleted: true,
-                            server_time_ms: now_ms(),
+                            server_time_ms: clock.now_ms(),
                             ..Default::default()
                         },
                     },
@@ -269,9 +269,14 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         let (tx, rx) = mpsc::channel(SYNC_OUTBOX);
         let store = std::sync::Arc::clone(&self.store);
         let shutdown = self.shutdown.clone();
+        let clock = self.clock.clone();
         self.tasks.spawn(async move {
             let mut last = first.version;
-            if tx.send(Ok(sync_state(&first, now_ms()))).await.is_err() {
+            if tx
+                .send(Ok(sync_state(&first, clock.now_ms())))
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
@@ -284,12 +289,12 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                     Ok(event) if event.session_id == id && event.version > last => {
                         last = event.version;
                         match &event.state {
-                            Some(s) => sync_state(s, now_ms()),
+                            Some(s) => sync_state(s, clock.now_ms()),
                             None => pb::SyncState {
                                 session_id: id.to_string(),
                                 version: event.version,
                                 deleted: true,
-                                server_time_ms: now_ms(),
+                                server_time_ms: clock.now_ms(),
                                 ..Default::default()
                             },
                         }
@@ -299,7 +304,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                         match store.sync_get(&id).await {
                             Ok(Some(s)) if s.version > last => {
                                 last = s.version;
-                                sync_state(&s, now_ms())
+                                sync_state(&s, clock.now_ms())
                             }
                             _ => continue,
                         }

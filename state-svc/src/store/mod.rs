@@ -1,12 +1,15 @@
-//! The state store: one trait, two implementations.
+//! The state store: focused traits, two implementations.
 //!
 //! - [`redis::RedisStore`] is the production store: every floor change is one Lua script that
 //!   also publishes the event and appends the audit entry, so any number of state-svc replicas
 //!   can share one Redis.
 //! - [`memory::MemoryStore`] is the embedded default for a single instance with no Redis.
 //!
-//! Both are driven through [`Store`] and checked by one contract test suite
-//! (`tests/contract.rs`), so they behave the same.
+//! Each concern is a trait of its own ([`FloorStore`], [`SessionStore`], [`RegistryStore`],
+//! [`AccessStore`], [`SyncStore`], [`Housekeeping`]); [`Store`] is all of them, the bound the
+//! API takes. Each backend implements each trait in a file of that name (`memory/floor.rs`,
+//! `redis/floor.rs`, ...). Both are checked by one contract test suite (`tests/contract.rs`),
+//! so they behave the same.
 
 use std::future::Future;
 
@@ -77,10 +80,9 @@ pub fn event_channel_list(channels: &[ChannelId]) -> Res<Vec<ChannelId>> {
         .collect())
 }
 
-/// Everything state-svc keeps. Methods take validated domain types; each floor change is
-/// atomic in the store and emits its event to the hub in the same step.
-pub trait Store: Send + Sync + 'static {
-    // ---- floor ----
+/// Floors and channel configuration. Each floor change is atomic in the store and emits its
+/// event to the hub in the same step.
+pub trait FloorStore: Send + Sync + 'static {
     fn acquire_floor(
         &self,
         ch: &ChannelId,
@@ -106,7 +108,6 @@ pub trait Store: Send + Sync + 'static {
         epoch: Option<u64>,
     ) -> impl Future<Output = Res<ReleaseOutcome>> + Send;
 
-    // ---- channels ----
     fn channel_state(&self, ch: &ChannelId) -> impl Future<Output = Res<ChannelState>> + Send;
     fn channel_config(&self, ch: &ChannelId) -> impl Future<Output = Res<ChannelConfig>> + Send;
     fn set_channel_config(
@@ -114,8 +115,10 @@ pub trait Store: Send + Sync + 'static {
         ch: &ChannelId,
         config: ChannelConfig,
     ) -> impl Future<Output = Res<ChannelConfig>> + Send;
+}
 
-    // ---- sessions and membership ----
+/// Sessions and channel membership, and the admin listings of them.
+pub trait SessionStore: Send + Sync + 'static {
     fn create_session(&self, new: NewSession) -> impl Future<Output = Res<Session>> + Send;
     fn touch_session(&self, sid: &SessionId) -> impl Future<Output = Res<Session>> + Send;
     fn session(&self, sid: &SessionId) -> impl Future<Output = Res<Session>> + Send;
@@ -132,8 +135,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Res<LeaveOutcome>> + Send;
     /// Leaves every channel (releasing floors, reason `disconnected`) and deletes the session.
     fn remove_session(&self, sid: &SessionId) -> impl Future<Output = Res<RemoveOutcome>> + Send;
+    /// Channels that have members (a channel that just emptied may still be listed).
+    fn list_channels(&self) -> impl Future<Output = Res<Vec<ChannelId>>> + Send;
+    /// Live sessions, oldest deadline first, at most `limit`.
+    fn list_sessions(&self, limit: usize) -> impl Future<Output = Res<Vec<Session>>> + Send;
+    /// Removes every session of the user (releasing floors, reason `disconnected`) and tells
+    /// grant watchers on every replica, so gateways close the user's sockets. Returns how many
+    /// sessions were removed.
+    fn kick_user(&self, uid: &UserId, reason: &str) -> impl Future<Output = Res<u32>> + Send;
+}
 
-    // ---- media registry ----
+/// The media-node registry and channel placement.
+pub trait RegistryStore: Send + Sync + 'static {
     fn register_node(&self, node: NodeRegistration) -> impl Future<Output = Res<()>> + Send;
     /// Returns whether the node is draining; `NotFound` when it must register again.
     fn heartbeat(&self, node: &NodeId, load: u32) -> impl Future<Output = Res<bool>> + Send;
@@ -142,8 +155,10 @@ pub trait Store: Send + Sync + 'static {
     fn list_nodes(&self) -> impl Future<Output = Res<Vec<MediaNode>>> + Send;
     fn place_channel(&self, ch: &ChannelId) -> impl Future<Output = Res<Placement>> + Send;
     fn placement(&self, ch: &ChannelId) -> impl Future<Output = Res<Option<MediaNode>>> + Send;
+}
 
-    // ---- access: grants, events, emergency ----
+/// Grants, events and emergency broadcasts.
+pub trait AccessStore: Send + Sync + 'static {
     fn user_grants(&self, uid: &UserId) -> impl Future<Output = Res<UserGrants>> + Send;
     /// Applies a grant change atomically; reports `Changed` (and tells grant watchers on every
     /// replica) only when an entry actually changed. Fails when the result would exceed
@@ -194,8 +209,10 @@ pub trait Store: Send + Sync + 'static {
         sid: Option<&SessionId>,
         eid: &EventId,
     ) -> impl Future<Output = Res<ReleaseOutcome>> + Send;
+}
 
-    // ---- sync sessions (see `crate::sync`) ----
+/// Sync sessions (see `crate::sync`), each change one compare-and-set on its version.
+pub trait SyncStore: Send + Sync + 'static {
     fn sync_get(&self, id: &SyncId) -> impl Future<Output = Res<Option<SyncSession>>> + Send;
     /// Writes `session` if the stored version is `expected` (`None`: only if absent), in one
     /// atomic step that also publishes it and appends `action` to the session's audit stream.
@@ -215,18 +232,10 @@ pub trait Store: Send + Sync + 'static {
     fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<SyncId>>> + Send;
     /// Re-reads the session and sets its deadline entry from what is stored.
     fn sync_reschedule(&self, id: &SyncId) -> impl Future<Output = Res<()>> + Send;
+}
 
-    // ---- admin ----
-    /// Channels that have members (a channel that just emptied may still be listed).
-    fn list_channels(&self) -> impl Future<Output = Res<Vec<ChannelId>>> + Send;
-    /// Live sessions, oldest deadline first, at most `limit`.
-    fn list_sessions(&self, limit: usize) -> impl Future<Output = Res<Vec<Session>>> + Send;
-    /// Removes every session of the user (releasing floors, reason `disconnected`) and tells
-    /// grant watchers on every replica, so gateways close the user's sockets. Returns how many
-    /// sessions were removed.
-    fn kick_user(&self, uid: &UserId, reason: &str) -> impl Future<Output = Res<u32>> + Send;
-
-    // ---- housekeeping ----
+/// What keeps the store healthy: the sweep, the listener, the health ping.
+pub trait Housekeeping: Send + Sync + 'static {
     /// Expires floors whose lease or maximum talk time has passed and sessions that were not
     /// touched in time. Safe to run on every replica at once.
     fn sweep(&self) -> impl Future<Output = Res<SweepReport>> + Send;
@@ -235,6 +244,18 @@ pub trait Store: Send + Sync + 'static {
     fn listen(&self) -> impl Future<Output = Res<()>> + Send;
     /// A cheap round trip to the backing store, for health checks.
     fn ping(&self) -> impl Future<Output = Res<()>> + Send;
+}
+
+/// Everything state-svc keeps, as one bound: every focused trait. Methods take validated
+/// domain types.
+pub trait Store:
+    FloorStore + SessionStore + RegistryStore + AccessStore + SyncStore + Housekeeping
+{
+}
+
+impl<T> Store for T where
+    T: FloorStore + SessionStore + RegistryStore + AccessStore + SyncStore + Housekeeping
+{
 }
 
 /// Applies a sync action as one compare-and-set. With `expected`, a stored version other than

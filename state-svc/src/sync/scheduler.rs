@@ -6,19 +6,25 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::SyncAction;
+use crate::domain::Clock;
 use crate::error::StoreError;
 use crate::store::Store;
 
 /// Expires running sessions whose time has run out, until shutdown. Every replica runs one;
 /// the compare-and-set makes a second expiry of the same session a no-op.
-pub async fn run_scheduler<S: Store>(store: Arc<S>, every: Duration, shutdown: CancellationToken) {
+pub async fn run_scheduler<S: Store>(
+    store: Arc<S>,
+    every: Duration,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let now = crate::domain::now_ms();
+        let now = clock.now_ms();
         let due = match store.sync_due(now, 256).await {
             Ok(due) => due,
             Err(error) => {

@@ -1,6 +1,9 @@
 //! Domain types of the state service: validated identifiers and the floor, channel, session and
 //! media-node records that both stores produce. Protobuf types are converted into these once, at
-//! the gRPC edge (`api::convert`).
+//! the gRPC edge (`api::convert`). [`rules`] holds the floor rules as pure functions of the
+//! state and the clock.
+
+pub mod rules;
 
 use std::fmt;
 
@@ -526,6 +529,40 @@ pub struct EventInfo {
 pub fn next_epoch(current: u64, now_ms: i64) -> u64 {
     let floor = u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000);
     current.saturating_add(1).max(floor)
+}
+
+/// The clock a store and the API read: the wall clock, or for tests a manual one that moves
+/// only when told to. The Redis store's floor decisions read the Redis server's clock instead
+/// (`TIME` in every script), which every replica shares.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Option<std::sync::Arc<std::sync::atomic::AtomicI64>>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Self(None)
+    }
+
+    /// A clock standing still at `start_ms` until [`Clock::advance`] moves it.
+    pub fn manual(start_ms: i64) -> Self {
+        Self(Some(std::sync::Arc::new(
+            std::sync::atomic::AtomicI64::new(start_ms),
+        )))
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        match &self.0 {
+            None => now_ms(),
+            Some(at) => at.load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+
+    /// Moves a manual clock on by `ms`; the system clock moves by itself.
+    pub fn advance(&self, ms: i64) {
+        if let Some(at) = &self.0 {
+            at.fetch_add(ms, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

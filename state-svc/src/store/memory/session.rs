@@ -1,0 +1,145 @@
+//! The in-memory store: sessions, membership and the admin listings of them.
+
+use super::*;
+use crate::store::SessionStore;
+
+impl SessionStore for MemoryStore {
+    async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
+        let now = self.now_ms();
+        let ttl = if new.ttl_ms == 0 {
+            self.settings.session_ttl_ms
+        } else {
+            new.ttl_ms
+        };
+        let session = Session {
+            session_id: SessionId::generate(),
+            user_id: new.user_id,
+            user_name: new.user_name,
+            gateway_id: new.gateway_id,
+            created_at_ms: now,
+            expires_at_ms: now + i64::from(ttl),
+            ttl_ms: ttl,
+            channels: Vec::new(),
+        };
+        let mut inner = self.lock();
+        inner
+            .user_sessions
+            .entry(session.user_id.clone())
+            .or_default()
+            .insert(session.session_id.clone());
+        inner
+            .sessions
+            .insert(session.session_id.clone(), session.clone());
+        Ok(session)
+    }
+
+    async fn touch_session(&self, sid: &SessionId) -> Result<Session, StoreError> {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let session = inner
+            .sessions
+            .get_mut(sid)
+            .filter(|s| s.expires_at_ms > now)
+            .ok_or(not_found("session"))?;
+        session.expires_at_ms = session.expires_at_ms.max(now + i64::from(session.ttl_ms));
+        Ok(session.clone())
+    }
+
+    async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {
+        self.lock()
+            .sessions
+            .get(sid)
+            .cloned()
+            .ok_or(not_found("session"))
+    }
+
+    async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
+        let inner = self.lock();
+        let mut sessions: Vec<Session> = inner
+            .user_sessions
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .filter_map(|sid| inner.sessions.get(sid).cloned())
+            .collect();
+        sessions.sort_by_key(|s| s.created_at_ms);
+        Ok(sessions)
+    }
+
+    async fn join_channel(
+        &self,
+        sid: &SessionId,
+        id: &ChannelId,
+    ) -> Result<ChannelState, StoreError> {
+        let mut inner = self.lock();
+        let step = self.step(id);
+        let session = inner.sessions.get_mut(sid).ok_or(not_found("session"))?;
+        if !session.channels.contains(id) {
+            session.channels.push(id.clone());
+        }
+        let member = Member {
+            session_id: sid.clone(),
+            user_id: session.user_id.clone(),
+            user_name: session.user_name.clone(),
+            joined_at_ms: step.now,
+        };
+        let ch = inner.channels.entry(id.clone()).or_default();
+        if !ch.members.contains_key(sid) {
+            ch.members.insert(sid.clone(), member.clone());
+            step.membership_event(ch, member, MembershipChange::Joined);
+        }
+        Ok(step.state(ch))
+    }
+
+    async fn leave_channel(
+        &self,
+        sid: &SessionId,
+        id: &ChannelId,
+    ) -> Result<LeaveOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(self.leave_locked(&mut inner, sid, id, FloorReason::LeftChannel))
+    }
+
+    async fn remove_session(&self, sid: &SessionId) -> Result<RemoveOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(self.remove_locked(&mut inner, sid))
+    }
+
+    async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+        let inner = self.lock();
+        let mut channels: Vec<ChannelId> = inner
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.members.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn list_sessions(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let inner = self.lock();
+        let mut sessions: Vec<Session> = inner.sessions.values().cloned().collect();
+        sessions.sort_by_key(|s| s.expires_at_ms);
+        sessions.truncate(limit);
+        Ok(sessions)
+    }
+
+    async fn kick_user(&self, uid: &UserId, reason: &str) -> Result<u32, StoreError> {
+        let mut inner = self.lock();
+        let sids: Vec<SessionId> = inner
+            .user_sessions
+            .get(uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for sid in &sids {
+            self.remove_locked(&mut inner, sid);
+        }
+        drop(inner);
+        self.hub.grants_changed(GrantsEvent::Kicked {
+            user_id: uid.clone(),
+            reason: reason.to_owned(),
+        });
+        Ok(u32::try_from(sids.len()).unwrap_or(u32::MAX))
+    }
+}

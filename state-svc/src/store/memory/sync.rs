@@ -1,0 +1,85 @@
+//! The in-memory store: sync sessions.
+
+use super::*;
+use crate::store::SyncStore;
+
+impl SyncStore for MemoryStore {
+    async fn sync_get(&self, id: &SyncId) -> Result<Option<SyncSession>, StoreError> {
+        let mut inner = self.lock();
+        let now = self.now_ms();
+        if inner
+            .syncs
+            .get(id)
+            .is_some_and(|(_, exp)| exp.is_some_and(|e| e <= now))
+        {
+            inner.syncs.remove(id);
+        }
+        Ok(inner.syncs.get(id).map(|(s, _)| s.clone()))
+    }
+
+    async fn sync_put(
+        &self,
+        session: &SyncSession,
+        expected: Option<u64>,
+        _action: &str,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let actual = inner.syncs.get(&session.session_id).map(|(s, _)| s.version);
+        if actual != expected {
+            return Err(StoreError::Conflict {
+                expected: expected.unwrap_or(0),
+                actual: actual.unwrap_or(0),
+            });
+        }
+        let expires = session.ttl_ms().map(|ttl| self.now_ms() + ttl);
+        inner
+            .syncs
+            .insert(session.session_id.clone(), (session.clone(), expires));
+        drop(inner);
+        self.hub.sync_changed(SyncEvent {
+            session_id: session.session_id.clone(),
+            version: session.version,
+            state: Some(session.clone()),
+        });
+        Ok(())
+    }
+
+    async fn sync_delete(&self, id: &SyncId, expected: Option<u64>) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let actual = inner
+            .syncs
+            .get(id)
+            .map(|(s, _)| s.version)
+            .ok_or(not_found("sync session"))?;
+        if expected.is_some_and(|e| e != actual) {
+            return Err(StoreError::Conflict {
+                expected: expected.unwrap_or(0),
+                actual,
+            });
+        }
+        inner.syncs.remove(id);
+        drop(inner);
+        self.hub.sync_changed(SyncEvent {
+            session_id: id.clone(),
+            version: actual + 1,
+            state: None,
+        });
+        Ok(actual + 1)
+    }
+
+    async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .syncs
+            .values()
+            .filter(|(s, _)| s.deadline().is_some_and(|d| d <= now))
+            .map(|(s, _)| s.session_id.clone())
+            .take(limit)
+            .collect())
+    }
+
+    async fn sync_reschedule(&self, _id: &SyncId) -> Result<(), StoreError> {
+        // Deadlines are computed from the stored sessions on every scan.
+        Ok(())
+    }
+}

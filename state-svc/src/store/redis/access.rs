@@ -1,0 +1,214 @@
+//! The Redis store: grants, events and emergency broadcasts.
+
+use super::*;
+use crate::store::AccessStore;
+
+impl AccessStore for RedisStore {
+    async fn user_grants(&self, uid: &UserId) -> Result<UserGrants, StoreError> {
+        let mut conn = self.conn.clone();
+        let hash: HashMap<String, String> =
+            self.bounded(conn.hgetall(self.keys.grants(uid))).await?;
+        let version = num(&hash, "#v");
+        let g = hash.into_iter().filter(|(k, _)| k != "#v").collect();
+        WireGrants {
+            r: String::new(),
+            uid: None,
+            v: version,
+            g,
+        }
+        .into_domain(uid)
+    }
+
+    async fn update_grants(
+        &self,
+        uid: &UserId,
+        change: &GrantChange,
+    ) -> Result<GrantsUpdate, StoreError> {
+        let mut invocation = scripts::UPDATE_GRANTS.prepare_invoke();
+        invocation
+            .key(self.keys.grants(uid))
+            .arg(self.keys.grants_events())
+            .arg(uid.as_str())
+            .arg(
+                change
+                    .expect_version
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(if change.replace { "1" } else { "0" })
+            .arg(MAX_GRANTS_PER_USER);
+        for (ch, role) in &change.set {
+            invocation
+                .arg(ch.as_str())
+                .arg(role.map(Role::as_str).unwrap_or_default());
+        }
+        let mut conn = self.conn.clone();
+        let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let answer: WireGrants = parse(&raw, "grants result")?;
+        let kind = answer.r.clone();
+        let grants = answer.into_domain(uid)?;
+        match kind.as_str() {
+            "changed" => Ok(GrantsUpdate::Changed(grants)),
+            "unchanged" => Ok(GrantsUpdate::Unchanged(grants)),
+            "mismatch" => Ok(GrantsUpdate::VersionMismatch(grants)),
+            "too_many" => Err(StoreError::InvalidArgument("too many grants")),
+            other => Err(StoreError::Internal(format!(
+                "unknown grants result {other}"
+            ))),
+        }
+    }
+
+    async fn set_event_channels(
+        &self,
+        eid: &EventId,
+        channels: &[ChannelId],
+    ) -> Result<EventInfo, StoreError> {
+        let channels = event_channel_list(channels)?;
+        let joined = channels
+            .iter()
+            .map(ChannelId::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        let keys = self.keys.events();
+        let mut invocation = scripts::SET_EVENT.prepare_invoke();
+        invocation
+            .key(&keys.channels)
+            .key(&keys.channel_event)
+            .key(&keys.emergency)
+            .arg(eid.as_str())
+            .arg(joined);
+        let mut conn = self.conn.clone();
+        let answer: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if answer == "busy" {
+            return Err(StoreError::EmergencyActive);
+        }
+        Ok(EventInfo {
+            event_id: eid.clone(),
+            channels,
+            emergency: None,
+        })
+    }
+
+    async fn event(&self, eid: &EventId) -> Result<Option<EventInfo>, StoreError> {
+        let keys = self.keys.events();
+        let mut conn = self.conn.clone();
+        let (channels, emergency): (Option<String>, Option<String>) = self
+            .bounded(
+                redis::pipe()
+                    .hget(&keys.channels, eid.as_str())
+                    .hget(&keys.emergency, eid.as_str())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let Some(channels) = channels else {
+            return Ok(None);
+        };
+        Ok(Some(EventInfo {
+            event_id: eid.clone(),
+            channels: wire::channel_list(&channels)?,
+            emergency: emergency
+                .map(|raw| parse::<WireEmergency>(&raw, "emergency")?.into_domain())
+                .transpose()?,
+        }))
+    }
+
+    async fn channel_event(&self, ch: &ChannelId) -> Result<Option<EventId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let eid: Option<String> = self
+            .bounded(conn.hget(self.keys.events().channel_event, ch.as_str()))
+            .await?;
+        eid.map(|e| EventId::parse(&e).map_err(|_| missing("event id")))
+            .transpose()
+    }
+
+    async fn claim_emergency(
+        &self,
+        eid: &EventId,
+        by: &Speaker,
+        force: bool,
+    ) -> Result<Result<EventInfo, EmergencyHolder>, StoreError> {
+        let keys = self.keys.events();
+        let record = serde_json::to_string(&WireEmergency::from_speaker(by))
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut invocation = scripts::CLAIM_EMERGENCY.prepare_invoke();
+        invocation
+            .key(&keys.channels)
+            .key(&keys.emergency)
+            .arg(eid.as_str())
+            .arg(by.session_id.as_str())
+            .arg(by.priority)
+            .arg(record)
+            .arg(if force { "1" } else { "0" });
+        let mut conn = self.conn.clone();
+        let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let claim: WireClaim = parse(&raw, "emergency claim")?;
+        let holder = claim.em.map(WireEmergency::into_domain).transpose()?;
+        match claim.r.as_str() {
+            "no_event" => Err(StoreError::NotFound("event")),
+            "busy" => Ok(Err(holder.ok_or_else(|| missing("emergency"))?)),
+            "ok" => Ok(Ok(EventInfo {
+                event_id: eid.clone(),
+                channels: wire::channel_list(claim.chans.as_deref().unwrap_or_default())?,
+                emergency: holder,
+            })),
+            other => Err(StoreError::Internal(format!(
+                "unknown claim result {other}"
+            ))),
+        }
+    }
+
+    async fn clear_emergency(
+        &self,
+        eid: &EventId,
+        sid: Option<&SessionId>,
+    ) -> Result<Option<EmergencyHolder>, StoreError> {
+        let mut invocation = scripts::CLEAR_EMERGENCY.prepare_invoke();
+        invocation
+            .key(self.keys.events().emergency)
+            .arg(eid.as_str())
+            .arg(sid.map(SessionId::as_str).unwrap_or_default());
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        raw.map(|r| parse::<WireEmergency>(&r, "emergency")?.into_domain())
+            .transpose()
+    }
+
+    async fn emergency_take(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        eid: &EventId,
+        priority: u32,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let priority_arg = priority.to_string();
+        let max_arg = self.settings.emergency_max_ms.to_string();
+        let raw = self
+            .channel_script(
+                &CHANNEL.emergency_take,
+                ch,
+                &[sid.as_str(), &priority_arg, eid.as_str(), &max_arg],
+            )
+            .await?;
+        let outcome = acquire_outcome(&raw)?;
+        if let Acquired::Granted { holder, .. } = &outcome.result {
+            self.schedule_floor_check(ch, holder.expires_at_ms).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn emergency_release(
+        &self,
+        ch: &ChannelId,
+        sid: Option<&SessionId>,
+        eid: &EventId,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let raw = self
+            .channel_script(
+                &CHANNEL.emergency_release,
+                ch,
+                &[sid.map(SessionId::as_str).unwrap_or_default(), eid.as_str()],
+            )
+            .await?;
+        release_outcome(&raw)
+    }
+}

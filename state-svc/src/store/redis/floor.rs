@@ -1,0 +1,124 @@
+//! The Redis store: floors and channel configuration.
+
+use super::*;
+use crate::store::FloorStore;
+
+impl FloorStore for RedisStore {
+    async fn acquire_floor(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        priority: u32,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let priority_arg = priority.to_string();
+        // The acquire and the sweeper's index entry go in one round trip. The entry is an
+        // estimate (now + the default lease); a grant that ends sooner is rescheduled below.
+        let estimate = now_ms() + i64::from(self.settings.lease_ms);
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.evalsha(&CHANNEL.acquire, ch, &[sid.as_str(), &priority_arg]))
+            .add_command(self.schedule_cmd(ch, estimate))
+            .ignore();
+        let (raw,): (String,) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
+        let outcome = acquire_outcome(&raw)?;
+        if let Acquired::Granted { holder, .. } = &outcome.result
+            && holder.expires_at_ms < estimate
+        {
+            self.schedule_floor_check(ch, holder.expires_at_ms).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn renew_floor(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        epoch: u64,
+    ) -> Result<RenewOutcome, StoreError> {
+        let epoch_arg = epoch.to_string();
+        let raw = self
+            .channel_script(&CHANNEL.renew, ch, &[sid.as_str(), &epoch_arg])
+            .await?;
+        let r: WireRenew = parse(&raw, "renew result")?;
+        let result = match r.r.as_str() {
+            "renewed" => Ok(Renewed {
+                expires_at_ms: r.expires.ok_or_else(|| missing("expiry"))?,
+                max_until_ms: r.max_until.ok_or_else(|| missing("max talk time"))?,
+            }),
+            other => Err(refusal(other)?),
+        };
+        Ok(RenewOutcome {
+            result,
+            server_time_ms: r.now,
+        })
+    }
+
+    async fn release_floor(
+        &self,
+        ch: &ChannelId,
+        sid: &SessionId,
+        epoch: Option<u64>,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let epoch_arg = epoch.unwrap_or(0).to_string();
+        let raw = self
+            .channel_script(&CHANNEL.release, ch, &[sid.as_str(), &epoch_arg])
+            .await?;
+        release_outcome(&raw)
+    }
+
+    async fn force_release_floor(
+        &self,
+        ch: &ChannelId,
+        epoch: Option<u64>,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let epoch_arg = epoch.unwrap_or(0).to_string();
+        let raw = self
+            .channel_script(&CHANNEL.force_release, ch, &[&epoch_arg])
+            .await?;
+        // A force release never dequeues anyone.
+        Ok(ReleaseOutcome {
+            dequeued: false,
+            ..release_outcome(&raw)?
+        })
+    }
+
+    async fn channel_state(&self, ch: &ChannelId) -> Result<ChannelState, StoreError> {
+        let raw = self.channel_script(&CHANNEL.state, ch, &[]).await?;
+        parse::<WireState>(&raw, "channel state")?.into_domain(ch)
+    }
+
+    async fn channel_config(&self, ch: &ChannelId) -> Result<ChannelConfig, StoreError> {
+        let mut conn = self.conn.clone();
+        let hash: HashMap<String, String> = self
+            .bounded(conn.hgetall(self.keys.channel(ch).config))
+            .await?;
+        Ok(ChannelConfig {
+            queue_enabled: hash.get("queue").is_some_and(|q| q == "1"),
+            lease_ms: num(&hash, "lease_ms"),
+            max_talk_ms: num(&hash, "max_talk_ms"),
+        })
+    }
+
+    async fn set_channel_config(
+        &self,
+        ch: &ChannelId,
+        config: ChannelConfig,
+    ) -> Result<ChannelConfig, StoreError> {
+        let config = config.validate()?;
+        let mut conn = self.conn.clone();
+        let fields = [
+            (
+                "queue",
+                if config.queue_enabled {
+                    "1".to_owned()
+                } else {
+                    "0".to_owned()
+                },
+            ),
+            ("lease_ms", config.lease_ms.to_string()),
+            ("max_talk_ms", config.max_talk_ms.to_string()),
+        ];
+        self.bounded(conn.hset_multiple::<_, _, _, ()>(self.keys.channel(ch).config, &fields))
+            .await?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,158 @@
+//! The Redis store: the media-node registry and channel placement.
+
+use super::*;
+use crate::store::RegistryStore;
+
+impl RegistryStore for RedisStore {
+    async fn register_node(&self, node: NodeRegistration) -> Result<(), StoreError> {
+        let key = self.keys.media_node(&node.node_id);
+        let fields = [
+            ("addr", node.grpc_addr),
+            ("ip", node.announced_ip),
+            ("capacity", node.capacity.to_string()),
+            ("load", node.load.to_string()),
+            ("draining", "0".to_owned()),
+            ("last_hb", now_ms().to_string()),
+        ];
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::pipe()
+                .hset_multiple(&key, &fields)
+                .ignore()
+                .sadd(self.keys.media_nodes(), node.node_id.as_str())
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    async fn heartbeat(&self, node: &NodeId, load: u32) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
+        invocation
+            .key(self.keys.media_node(node))
+            .arg("load")
+            .arg(load)
+            .arg(now_ms());
+        let draining: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        draining
+            .map(|d| d == "1")
+            .ok_or(StoreError::NotFound("media node"))
+    }
+
+    async fn drain_node(&self, node: &NodeId) -> Result<MediaNode, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
+        invocation
+            .key(self.keys.media_node(node))
+            .arg("draining")
+            .arg("1");
+        let found: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        found.ok_or(StoreError::NotFound("media node"))?;
+        self.read_node(node)
+            .await?
+            .ok_or(StoreError::NotFound("media node"))
+    }
+
+    async fn deregister_node(&self, node: &NodeId) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::pipe()
+                .del(self.keys.media_node(node))
+                .ignore()
+                .del(self.keys.media_node_channels(node))
+                .ignore()
+                .srem(self.keys.media_nodes(), node.as_str())
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<MediaNode>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = self.bounded(conn.smembers(self.keys.media_nodes())).await?;
+        let ids: Vec<NodeId> = ids.iter().filter_map(|i| NodeId::parse(i).ok()).collect();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hgetall(self.keys.media_node(id))
+                .scard(self.keys.media_node_channels(id));
+        }
+        let rows: Vec<(HashMap<String, String>, u32)> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let flat: Vec<redis::Value> = self.bounded(pipe.query_async(&mut conn)).await?;
+            flat.chunks(2)
+                .map(|pair| {
+                    let hash = redis::from_redis_value(pair[0].clone()).unwrap_or_default();
+                    let count = redis::from_redis_value(pair[1].clone()).unwrap_or_default();
+                    (hash, count)
+                })
+                .collect()
+        };
+        let now = now_ms();
+        let mut nodes: Vec<MediaNode> = ids
+            .into_iter()
+            .zip(rows)
+            .filter(|(_, (hash, _))| !hash.is_empty())
+            .map(|(id, (hash, count))| self.node_from_hash(id, &hash, count, now))
+            .collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(nodes)
+    }
+
+    async fn place_channel(&self, ch: &ChannelId) -> Result<Placement, StoreError> {
+        let media_key = self.keys.channel(ch).media;
+        let mut conn = self.conn.clone();
+        // A few rounds at most: each round either returns or loses a compare-and-set race to a
+        // caller whose answer the next round then accepts.
+        for _ in 0..4 {
+            let current: Option<String> = self.bounded(conn.get(&media_key)).await?;
+            let current_node = current.as_deref().and_then(|c| NodeId::parse(c).ok());
+            if let Some(node_id) = &current_node
+                && let Some(node) = self.read_node(node_id).await?
+                && node.live
+            {
+                return Ok(Placement {
+                    node,
+                    placed_now: false,
+                });
+            }
+            let nodes = self.list_nodes().await?;
+            let chosen = choose_node(&nodes).ok_or(StoreError::NoMediaNode)?.clone();
+            let mut invocation = scripts::PLACE.prepare_invoke();
+            invocation
+                .key(&media_key)
+                .arg(current.as_deref().unwrap_or(""))
+                .arg(chosen.node_id.as_str());
+            let (_holder, set_now): (String, bool) =
+                self.bounded(invocation.invoke_async(&mut conn)).await?;
+            if set_now {
+                let mut pipe = redis::pipe();
+                pipe.sadd(self.keys.media_node_channels(&chosen.node_id), ch.as_str())
+                    .ignore();
+                if let Some(old) = &current_node {
+                    pipe.srem(self.keys.media_node_channels(old), ch.as_str())
+                        .ignore();
+                }
+                self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+                tracing::info!(channel_id = %ch, node_id = %chosen.node_id, "channel placed");
+                let node = self.read_node(&chosen.node_id).await?.unwrap_or(chosen);
+                return Ok(Placement {
+                    node,
+                    placed_now: true,
+                });
+            }
+        }
+        Err(StoreError::Unavailable("placement contended".into()))
+    }
+
+    async fn placement(&self, ch: &ChannelId) -> Result<Option<MediaNode>, StoreError> {
+        let mut conn = self.conn.clone();
+        let current: Option<String> = self.bounded(conn.get(self.keys.channel(ch).media)).await?;
+        match current.as_deref().and_then(|c| NodeId::parse(c).ok()) {
+            Some(node) => self.read_node(&node).await,
+            None => Ok(None),
+        }
+    }
+}

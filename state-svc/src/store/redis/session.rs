@@ -1,0 +1,245 @@
+//! The Redis store: sessions, membership and the admin listings of them.
+
+use super::*;
+use crate::store::SessionStore;
+
+impl SessionStore for RedisStore {
+    async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
+        let now = now_ms();
+        let ttl_ms = if new.ttl_ms == 0 {
+            self.settings.session_ttl_ms
+        } else {
+            new.ttl_ms
+        };
+        let ttl = i64::from(ttl_ms);
+        let session = Session {
+            session_id: SessionId::generate(),
+            user_id: new.user_id,
+            user_name: new.user_name,
+            gateway_id: new.gateway_id,
+            created_at_ms: now,
+            expires_at_ms: now + ttl,
+            ttl_ms,
+            channels: Vec::new(),
+        };
+        let key = self.keys.session(&session.session_id);
+        let sid = session.session_id.as_str();
+        let fields = [
+            ("uid", session.user_id.as_str().to_owned()),
+            ("name", session.user_name.clone()),
+            ("gw", session.gateway_id.clone()),
+            ("created", now.to_string()),
+            ("expires", session.expires_at_ms.to_string()),
+            ("ttl", ttl.to_string()),
+        ];
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::pipe()
+                .hset_multiple(&key, &fields)
+                .ignore()
+                .pexpire(&key, ttl + SESSION_GRACE_MS)
+                .ignore()
+                .sadd(self.keys.user_sessions(&session.user_id), sid)
+                .ignore()
+                .zadd(self.keys.session_deadlines(), sid, session.expires_at_ms)
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
+        Ok(session)
+    }
+
+    async fn touch_session(&self, sid: &SessionId) -> Result<Session, StoreError> {
+        let now = now_ms();
+        let mut session = self
+            .read_session(sid)
+            .await?
+            .ok_or(StoreError::NotFound("session"))?;
+        if session.expires_at_ms <= now {
+            return Err(StoreError::NotFound("session"));
+        }
+        let expires = session.expires_at_ms.max(now + i64::from(session.ttl_ms));
+        let mut conn = self.conn.clone();
+        let mut invocation = scripts::TOUCH_SESSION.prepare_invoke();
+        invocation
+            .key(self.keys.session(sid))
+            .key(self.keys.session_channels(sid))
+            .arg(expires)
+            .arg(expires - now + SESSION_GRACE_MS);
+        let exists: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if exists == 0 {
+            return Err(StoreError::NotFound("session"));
+        }
+        self.bounded(conn.zadd::<_, _, _, ()>(
+            self.keys.session_deadlines(),
+            sid.as_str(),
+            expires,
+        ))
+        .await?;
+        session.expires_at_ms = expires;
+        Ok(session)
+    }
+
+    async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {
+        self.read_session(sid)
+            .await?
+            .ok_or(StoreError::NotFound("session"))
+    }
+
+    async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = self
+            .bounded(conn.smembers(self.keys.user_sessions(uid)))
+            .await?;
+        let mut sessions = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(sid) = SessionId::parse(&id) else {
+                continue;
+            };
+            match self.read_session(&sid).await? {
+                Some(s) => sessions.push(s),
+                None => {
+                    let _: () = self
+                        .bounded(conn.srem(self.keys.user_sessions(uid), &id))
+                        .await?;
+                }
+            }
+        }
+        sessions.sort_by_key(|s| s.created_at_ms);
+        Ok(sessions)
+    }
+
+    async fn join_channel(
+        &self,
+        sid: &SessionId,
+        ch: &ChannelId,
+    ) -> Result<ChannelState, StoreError> {
+        let session = self
+            .read_session(sid)
+            .await?
+            .ok_or(StoreError::NotFound("session"))?;
+        let member = serde_json::to_string(&StoredMember {
+            uid: session.user_id.as_str(),
+            name: &session.user_name,
+            at: now_ms(),
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let raw = self
+            .channel_script(&CHANNEL.join, ch, &[sid.as_str(), &member])
+            .await?;
+        let state = parse::<WireState>(&raw, "channel state")?.into_domain(ch)?;
+        let mut conn = self.conn.clone();
+        let (_, exists): ((), bool) = self
+            .bounded(
+                redis::pipe()
+                    .sadd(self.keys.session_channels(sid), ch.as_str())
+                    .exists(self.keys.session(sid))
+                    .sadd(self.keys.channels_index(), ch.as_str())
+                    .ignore()
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if !exists {
+            // The session was removed while joining: undo, so no member is left behind.
+            self.leave(sid, ch, "disconnected").await?;
+            return Err(StoreError::NotFound("session"));
+        }
+        Ok(state)
+    }
+
+    async fn leave_channel(
+        &self,
+        sid: &SessionId,
+        ch: &ChannelId,
+    ) -> Result<LeaveOutcome, StoreError> {
+        self.leave(sid, ch, "left_channel").await
+    }
+
+    async fn remove_session(&self, sid: &SessionId) -> Result<RemoveOutcome, StoreError> {
+        // The session disappears first, so nobody sees it after its channels announce it left.
+        // Its channel set and deadline entry go last: if this is interrupted, the sweeper finds
+        // the entry, sees no session, and finishes the removal.
+        let mut conn = self.conn.clone();
+        let (uid, channels, ()): (Option<String>, Vec<String>, ()) = self
+            .bounded(
+                redis::pipe()
+                    .hget(self.keys.session(sid), "uid")
+                    .smembers(self.keys.session_channels(sid))
+                    .del(self.keys.session(sid))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if let Some(uid) = uid.as_deref().and_then(|u| UserId::parse(u).ok()) {
+            let _: () = self
+                .bounded(conn.srem(self.keys.user_sessions(&uid), sid.as_str()))
+                .await?;
+        }
+        let mut outcome = RemoveOutcome::default();
+        for raw in channels {
+            let Ok(ch) = ChannelId::parse(&raw) else {
+                continue;
+            };
+            let left = self.leave(sid, &ch, "disconnected").await?;
+            if left.was_member {
+                outcome.channels_left.push(ch);
+            }
+            outcome.floors_released += u32::from(left.released_floor);
+        }
+        self.bounded(
+            redis::pipe()
+                .del(self.keys.session_channels(sid))
+                .ignore()
+                .zrem(self.keys.session_deadlines(), sid.as_str())
+                .ignore()
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
+        outcome.channels_left.sort();
+        Ok(outcome)
+    }
+
+    async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = self
+            .bounded(conn.smembers(self.keys.channels_index()))
+            .await?;
+        let mut channels: Vec<ChannelId> = raw
+            .iter()
+            .filter_map(|c| ChannelId::parse(c).ok())
+            .collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    async fn list_sessions(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let mut conn = self.conn.clone();
+        let last = isize::try_from(limit.max(1)).unwrap_or(isize::MAX) - 1;
+        let ids: Vec<String> = self
+            .bounded(conn.zrange(self.keys.session_deadlines(), 0, last))
+            .await?;
+        let mut sessions = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Ok(sid) = SessionId::parse(&id)
+                && let Some(session) = self.read_session(&sid).await?
+            {
+                sessions.push(session);
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn kick_user(&self, uid: &UserId, reason: &str) -> Result<u32, StoreError> {
+        let sessions = self.user_sessions(uid).await?;
+        for session in &sessions {
+            self.remove_session(&session.session_id).await?;
+        }
+        let kick = serde_json::to_string(&wire::WireKick {
+            uid: uid.to_string(),
+            reason: reason.to_owned(),
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(conn.publish(self.keys.kicks(), kick)).await?;
+        Ok(u32::try_from(sessions.len()).unwrap_or(u32::MAX))
+    }
+}
