@@ -72,70 +72,33 @@ pub async fn run(
         announced_ip: config.announced_ip,
         capacity: config.capacity,
     };
-    let engine = RtcEngine::new()?;
-    let node = Node::new(engine, settings, ports, workers);
+    let node = Node::new(RtcEngine::new()?, settings, ports, workers);
     let tasks = TaskTracker::new();
-    let metrics_stop = CancellationToken::new();
+    let side_stop = CancellationToken::new();
     if let Some(metrics_addr) = config.metrics_listen {
         let exposition = metrics::start(
             Arc::clone(&node),
             config.capacity,
             &tasks,
-            metrics_stop.clone(),
+            side_stop.clone(),
         );
-        talkgroup_common::metrics::serve(metrics_addr, exposition, metrics_stop.clone()).await?;
+        talkgroup_common::metrics::serve(metrics_addr, exposition, side_stop.clone()).await?;
     }
-
     let standard = talkgroup_common::grpc::standard_services();
-    let reporter = standard.reporter.clone();
-    for name in [SERVICE_NAME, ""] {
-        reporter
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+    set_serving(&standard.reporter, ServingStatus::Serving).await;
+    if let Some(url) = config.state_url.clone() {
+        let me = registration(&config, &node_id, addr);
+        tasks.spawn(link::run(Arc::clone(&node), url, me, side_stop.clone()));
     }
-    let link_stop = CancellationToken::new();
-    let link = config.state_url.clone().map(|url| {
-        let me = link::Registration {
-            node_id: node_id.clone(),
-            grpc_url: config
-                .advertise_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{addr}")),
-            announced_ip: config
-                .announced_ip
-                .unwrap_or(config.rtc_bind_ip)
-                .to_string(),
-            capacity: config.capacity,
-        };
-        tasks.spawn(link::run(Arc::clone(&node), url, me, link_stop.clone()))
-    });
-
     let stop_serving = CancellationToken::new();
-    let drain = {
-        let node = Arc::clone(&node);
-        let stop_serving = stop_serving.clone();
-        let timeout = Duration::from_millis(config.drain_timeout_ms);
-        async move {
-            shutdown.cancelled().await;
-            for name in [SERVICE_NAME, ""] {
-                reporter
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
-            node.set_draining();
-            tracing::info!(
-                transports = node.transport_count(),
-                "draining: no new channels"
-            );
-            let deadline = tokio::time::Instant::now() + timeout;
-            while node.transport_count() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            tracing::info!(left = node.transport_count(), "drained");
-            stop_serving.cancel();
-        }
-    };
-    let drain = tasks.spawn(drain);
+    let timeout = Duration::from_millis(config.drain_timeout_ms);
+    let drain = tasks.spawn(drain_on_shutdown(
+        Arc::clone(&node),
+        standard.reporter.clone(),
+        timeout,
+        shutdown,
+        stop_serving.clone(),
+    ));
 
     let incoming = talkgroup_common::grpc::incoming(listener);
     tracing::info!(%addr, %node_id, workers, "media-svc listening");
@@ -152,8 +115,8 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
         .await;
-    link_stop.cancel();
-    metrics_stop.cancel();
+    // Deregisters and stops the metrics sampler.
+    side_stop.cancel();
     // The drain waits for a shutdown that never comes when serving failed on its own.
     drain.abort();
     tasks.close();
@@ -163,7 +126,52 @@ pub async fn run(
     {
         tracing::warn!("deregistration did not finish in time");
     }
-    drop(link);
     tracing::info!("media-svc stopped");
     Ok(served?)
+}
+
+/// What the node registers with state-svc as.
+fn registration(config: &Config, node_id: &str, addr: std::net::SocketAddr) -> link::Registration {
+    link::Registration {
+        node_id: node_id.to_owned(),
+        grpc_url: config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        announced_ip: config
+            .announced_ip
+            .unwrap_or(config.rtc_bind_ip)
+            .to_string(),
+        capacity: config.capacity,
+    }
+}
+
+async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for name in [SERVICE_NAME, ""] {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// On shutdown: NOT_SERVING, no new channels, then stop serving once the last transport
+/// closed or `timeout` passed.
+async fn drain_on_shutdown(
+    node: Arc<Node>,
+    reporter: tonic_health::server::HealthReporter,
+    timeout: Duration,
+    shutdown: CancellationToken,
+    stop_serving: CancellationToken,
+) {
+    shutdown.cancelled().await;
+    set_serving(&reporter, ServingStatus::NotServing).await;
+    node.set_draining();
+    tracing::info!(
+        transports = node.transport_count(),
+        "draining: no new channels"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    while node.transport_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!(left = node.transport_count(), "drained");
+    stop_serving.cancel();
 }

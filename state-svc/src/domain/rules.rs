@@ -1,9 +1,15 @@
-//! The floor rules as pure functions of the state and the clock. The in-memory store applies
-//! them; the Lua scripts of the Redis store (`store/redis/scripts.rs`: `ACQUIRE`, `RENEW`,
-//! `RELEASE`, `FORCE_RELEASE`, `live_holder`) take the same branches in the same order, so the
-//! two can be read side by side. The contract suite holds both to the same behaviour.
+//! The floor, session and grant rules as pure functions of the state and the clock. The
+//! in-memory store applies them; the Lua scripts of the Redis store (`store/redis/scripts.rs`:
+//! `ACQUIRE`, `RENEW`, `RELEASE`, `FORCE_RELEASE`, `live_holder`, `UPDATE_GRANTS`) take the same
+//! branches in the same order, so the two can be read side by side, and the Redis store's Rust
+//! side calls the session rules itself. The contract suite holds both to the same behaviour.
 
-use super::{FloorHolder, FloorReason, FloorRefusal, SessionId, Speaker};
+use std::collections::BTreeMap;
+
+use super::{
+    ChannelId, FloorHolder, FloorReason, FloorRefusal, GrantChange, Role, Session, SessionId,
+    Speaker,
+};
 
 /// What an acquire does, decided before anything changes (`ACQUIRE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +141,69 @@ pub fn lease_until(holder: &FloorHolder, lease_ms: i64, now: i64) -> i64 {
     (now + lease_ms).min(holder.max_until_ms)
 }
 
+/// A session's time to live: what its gateway asked for, or the deployment's default.
+pub fn session_ttl_ms(requested_ms: u32, default_ms: u32) -> u32 {
+    if requested_ms == 0 {
+        default_ms
+    } else {
+        requested_ms
+    }
+}
+
+/// Whether a session still lives at `now`.
+pub fn session_live(session: &Session, now: i64) -> bool {
+    session.expires_at_ms > now
+}
+
+/// A live session's expiry after a touch at `now`: its time to live from now, never earlier
+/// than it was.
+pub fn touched_until(session: &Session, now: i64) -> i64 {
+    session.expires_at_ms.max(now + i64::from(session.ttl_ms))
+}
+
+/// What a grant change does (`UPDATE_GRANTS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantDecision {
+    /// The change expected another version.
+    VersionMismatch,
+    /// Nothing would change.
+    Unchanged,
+    /// More than `MAX_GRANTS_PER_USER` entries would result.
+    TooMany,
+    /// The new grants, stored under the next version.
+    Changed(BTreeMap<ChannelId, Role>),
+}
+
+/// Decides a grant change against the stored grants and their version.
+pub fn update_grants(
+    current: &BTreeMap<ChannelId, Role>,
+    version: u64,
+    change: &GrantChange,
+    most: usize,
+) -> GrantDecision {
+    if change.expect_version.is_some_and(|v| v != version) {
+        return GrantDecision::VersionMismatch;
+    }
+    let mut next = if change.replace {
+        BTreeMap::new()
+    } else {
+        current.clone()
+    };
+    for (ch, role) in &change.set {
+        match role {
+            Some(role) => next.insert(ch.clone(), *role),
+            None => next.remove(ch),
+        };
+    }
+    if &next == current {
+        GrantDecision::Unchanged
+    } else if next.len() > most {
+        GrantDecision::TooMany
+    } else {
+        GrantDecision::Changed(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -232,6 +301,45 @@ mod tests {
                 reason: FloorReason::MaxTalkTime,
                 refusal: FloorRefusal::MaxTalkTime
             }
+        );
+    }
+
+    #[test]
+    fn grant_changes_are_compared_set_and_bounded() {
+        let ops = ChannelId::parse("ops").unwrap();
+        let gate = ChannelId::parse("gate").unwrap();
+        let current = BTreeMap::from([(ops.clone(), Role::Talk)]);
+        let change = |set: Vec<(ChannelId, Option<Role>)>, replace, expect| GrantChange {
+            set,
+            replace,
+            expect_version: expect,
+        };
+        let same = change(vec![(ops.clone(), Some(Role::Talk))], false, None);
+        assert_eq!(
+            update_grants(&current, 3, &same, 10),
+            GrantDecision::Unchanged
+        );
+        let stale = change(vec![], false, Some(2));
+        assert_eq!(
+            update_grants(&current, 3, &stale, 10),
+            GrantDecision::VersionMismatch
+        );
+        let add = change(vec![(gate.clone(), Some(Role::Listen))], false, Some(3));
+        let both = BTreeMap::from([(ops.clone(), Role::Talk), (gate.clone(), Role::Listen)]);
+        assert_eq!(
+            update_grants(&current, 3, &add, 10),
+            GrantDecision::Changed(both)
+        );
+        assert_eq!(update_grants(&current, 3, &add, 1), GrantDecision::TooMany);
+        let replace = change(vec![(gate.clone(), Some(Role::Listen))], true, None);
+        assert_eq!(
+            update_grants(&current, 3, &replace, 10),
+            GrantDecision::Changed(BTreeMap::from([(gate, Role::Listen)]))
+        );
+        let remove = change(vec![(ops, None)], false, None);
+        assert_eq!(
+            update_grants(&current, 3, &remove, 10),
+            GrantDecision::Changed(BTreeMap::new())
         );
     }
 

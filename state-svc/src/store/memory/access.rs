@@ -1,6 +1,7 @@
 //! The in-memory store: grants, events and emergency broadcasts.
 
 use super::*;
+use crate::domain::rules::GrantDecision;
 use crate::store::AccessStore;
 
 impl AccessStore for MemoryStore {
@@ -15,26 +16,17 @@ impl AccessStore for MemoryStore {
     ) -> Result<GrantsUpdate, StoreError> {
         let mut inner = self.lock();
         let current = user_grants(&inner, uid);
-        if change.expect_version.is_some_and(|v| v != current.version) {
-            return Ok(GrantsUpdate::VersionMismatch(current));
-        }
-        let mut next = if change.replace {
-            BTreeMap::new()
-        } else {
-            current.grants.clone()
+        let next = match rules::update_grants(
+            &current.grants,
+            current.version,
+            change,
+            MAX_GRANTS_PER_USER,
+        ) {
+            GrantDecision::VersionMismatch => return Ok(GrantsUpdate::VersionMismatch(current)),
+            GrantDecision::Unchanged => return Ok(GrantsUpdate::Unchanged(current)),
+            GrantDecision::TooMany => return Err(StoreError::InvalidArgument("too many grants")),
+            GrantDecision::Changed(next) => next,
         };
-        for (ch, role) in &change.set {
-            match role {
-                Some(role) => next.insert(ch.clone(), *role),
-                None => next.remove(ch),
-            };
-        }
-        if next == current.grants {
-            return Ok(GrantsUpdate::Unchanged(current));
-        }
-        if next.len() > MAX_GRANTS_PER_USER {
-            return Err(StoreError::InvalidArgument("too many grants"));
-        }
         let version = current.version + 1;
         inner.grants.insert(uid.clone(), (version, next.clone()));
         let updated = UserGrants {

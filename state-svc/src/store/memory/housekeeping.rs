@@ -11,7 +11,7 @@ impl Housekeeping for MemoryStore {
         let expired: Vec<SessionId> = inner
             .sessions
             .values()
-            .filter(|s| s.expires_at_ms <= now)
+            .filter(|s| !rules::session_live(s, now))
             .map(|s| s.session_id.clone())
             .collect();
         for sid in expired {
@@ -21,7 +21,7 @@ impl Housekeeping for MemoryStore {
         let due: Vec<ChannelId> = inner
             .channels
             .iter()
-            .filter(|(_, c)| c.floor.as_ref().is_some_and(|h| now >= h.expires_at_ms))
+            .filter(|(_, c)| c.floor.as_ref().is_some_and(|h| rules::lapsed(h, now)))
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {

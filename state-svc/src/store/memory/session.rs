@@ -6,11 +6,7 @@ use crate::store::SessionStore;
 impl SessionStore for MemoryStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = self.now_ms();
-        let ttl = if new.ttl_ms == 0 {
-            self.settings.session_ttl_ms
-        } else {
-            new.ttl_ms
-        };
+        let ttl = rules::session_ttl_ms(new.ttl_ms, self.settings.session_ttl_ms);
         let session = Session {
             session_id: SessionId::generate(),
             user_id: new.user_id,
@@ -39,9 +35,9 @@ impl SessionStore for MemoryStore {
         let session = inner
             .sessions
             .get_mut(sid)
-            .filter(|s| s.expires_at_ms > now)
+            .filter(|s| rules::session_live(s, now))
             .ok_or(not_found("session"))?;
-        session.expires_at_ms = session.expires_at_ms.max(now + i64::from(session.ttl_ms));
+        session.expires_at_ms = rules::touched_until(session, now);
         Ok(session.clone())
     }
 

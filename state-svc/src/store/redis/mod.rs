@@ -41,7 +41,7 @@ use crate::domain::{
     EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
     MediaNode, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome,
     RenewOutcome, Renewed, Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId,
-    choose_node, now_ms,
+    choose_node, now_ms, rules,
 };
 use crate::error::{STORE_ERRORS, StoreError};
 use crate::hub::Hub;
@@ -445,7 +445,7 @@ impl RedisStore {
                 continue;
             };
             match self.read_session(&sid).await? {
-                Some(s) if s.expires_at_ms > now => {
+                Some(s) if rules::session_live(&s, now) => {
                     self.reschedule(&index, &member, &score, Some(s.expires_at_ms))
                         .await?;
                 }

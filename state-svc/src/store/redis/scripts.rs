@@ -9,8 +9,9 @@
 //! with one JSON document. Epochs travel as strings: they exceed the 14 significant digits
 //! cjson keeps for numbers.
 //!
-//! `ACQUIRE`, `RENEW`, `RELEASE`, `FORCE_RELEASE` and `live_holder` take the branches of
-//! `domain::rules` (which the memory store applies) in the same order: change one, change both.
+//! `ACQUIRE`, `RENEW`, `RELEASE`, `FORCE_RELEASE`, `live_holder` and `UPDATE_GRANTS` take the
+//! branches of `domain::rules` (which the memory store applies) in the same order: change one,
+//! change both.
 //!
 //! The floor hash is not given a Redis TTL equal to the lease: a key that vanishes by itself
 //! cannot publish who lost the floor. Instead the hash records `expires` and `max_until`, every

@@ -6,11 +6,7 @@ use crate::store::SessionStore;
 impl SessionStore for RedisStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = now_ms();
-        let ttl_ms = if new.ttl_ms == 0 {
-            self.settings.session_ttl_ms
-        } else {
-            new.ttl_ms
-        };
+        let ttl_ms = rules::session_ttl_ms(new.ttl_ms, self.settings.session_ttl_ms);
         let ttl = i64::from(ttl_ms);
         let session = Session {
             session_id: SessionId::generate(),
@@ -55,10 +51,10 @@ impl SessionStore for RedisStore {
             .read_session(sid)
             .await?
             .ok_or(StoreError::NotFound("session"))?;
-        if session.expires_at_ms <= now {
+        if !rules::session_live(&session, now) {
             return Err(StoreError::NotFound("session"));
         }
-        let expires = session.expires_at_ms.max(now + i64::from(session.ttl_ms));
+        let expires = rules::touched_until(&session, now);
         let mut conn = self.conn.clone();
         let mut invocation = scripts::TOUCH_SESSION.prepare_invoke();
         invocation
