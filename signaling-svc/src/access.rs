@@ -100,6 +100,13 @@ impl Grants {
         }
     }
 
+    /// Replaces the token's grants (a refreshed token); whether any changed.
+    pub fn set_token(&mut self, token: HashMap<String, Role>) -> bool {
+        let changed = self.token != token;
+        self.token = token;
+        changed
+    }
+
     fn token_role(&self, channel: &str) -> Role {
         self.token
             .get(channel)

@@ -1,7 +1,9 @@
 //! Client authentication: a JWT from `Authorization: Bearer`, `?token=`, or
 //! `Sec-WebSocket-Protocol: voiceping, <jwt>` (in that order), checked before the upgrade.
 //! HS256 with a shared secret, or RS256/ES256 with a public key; `alg: none` and any algorithm
-//! other than the configured one are refused.
+//! other than the configured one are refused. `exp` and `nbf` are checked with a configured
+//! leeway; a configured audience or issuer must be in the token. The connection ends with its
+//! token (`refresh-token` extends it, see `connection::token`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -79,26 +81,34 @@ impl Authenticator {
         };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        // A configured audience or issuer must be present in the token, not merely match when
+        // it happens to be there.
+        let mut required = vec!["exp", "sub"];
         match &config.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &config.jwt_issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
+        validation.validate_nbf = true;
+        validation.leeway = config.jwt_leeway_s;
         Ok(Self { key, validation })
     }
 
-    /// Finds and checks the token. Returns the claims and whether the token came in the
-    /// subprotocol header (then the reply must select `voiceping`).
-    pub fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        query_token: Option<&str>,
-    ) -> Result<(Claims, bool), AuthError> {
-        let (token, via_subprotocol) = find_token(headers, query_token)?;
+    /// How long past its `exp` a token is still honoured.
+    pub fn leeway(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.validation.leeway)
+    }
+
+    /// Checks one token: signature, algorithm, `exp`, `nbf`, audience and issuer, subject and
+    /// grants.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::TooLarge);
         }
@@ -116,7 +126,18 @@ impl Authenticator {
         }
         claims.roles =
             token_grants(&claims.grants).ok_or(AuthError::Invalid("bad grants claim".into()))?;
-        Ok((claims, via_subprotocol))
+        Ok(claims)
+    }
+
+    /// Finds and checks the token. Returns the claims and whether the token came in the
+    /// subprotocol header (then the reply must select `voiceping`).
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<(Claims, bool), AuthError> {
+        let (token, via_subprotocol) = find_token(headers, query_token)?;
+        Ok((self.verify(token)?, via_subprotocol))
     }
 }
 

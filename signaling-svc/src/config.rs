@@ -32,6 +32,10 @@ pub struct Config {
     /// Required `iss` claim, if set.
     #[arg(long, env = "PTT_SIGNALING_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// Clock skew allowed on a token's `exp` and `nbf`, in seconds; a socket is closed this
+    /// long after its token's `exp` unless the client sent `refresh-token` before.
+    #[arg(long, env = "PTT_SIGNALING_JWT_LEEWAY_S", default_value_t = 5)]
+    pub jwt_leeway_s: u64,
     /// This gateway's id (recorded on its sessions); random when unset.
     #[arg(long, env = "PTT_SIGNALING_GATEWAY_ID")]
     pub gateway_id: Option<String>,
@@ -122,6 +126,9 @@ impl Config {
                 return Err("the JWT secret must be at least 16 bytes".into());
             }
             _ => {}
+        }
+        if self.jwt_leeway_s > 300 {
+            return Err("jwt-leeway-s must be at most 300".into());
         }
         if self.dev_tokens && self.jwt_secret.is_none() {
             return Err("development tokens need the HS256 secret".into());

@@ -679,3 +679,114 @@ async fn development_tokens_only_when_enabled() {
     );
     on.stop.cancel();
 }
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn signed(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The close frame a socket ends with, within 10 s.
+async fn close_code(client: &mut Client) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), client.ws.next())
+            .await
+            .expect("a close within 10 s")
+        {
+            Some(Ok(Message::Close(frame))) => break u16::from(frame.expect("close frame").code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_ends_with_its_token_unless_the_client_refreshes_it() {
+    let stack = stack_with(1, 5_000, 60_000, |c| c.jwt_leeway_s = 0).await;
+    let gw = stack.gateways[0];
+    let exp = now_s() + 2;
+    let short = |sub: &str| signed(&json!({"sub": sub, "exp": exp, "grants": {"*": "talk"}}));
+    let mut ending = Client::connect(gw, &short("u-ending")).await;
+    let mut kept = Client::connect(gw, &short("u-kept")).await;
+
+    // A refresh must be a valid token of the same user.
+    let foreign = kept
+        .request(
+            "refresh-token",
+            json!({"token": token("u-other", "Other", 600, SECRET)}),
+        )
+        .await;
+    assert_eq!(foreign["error"]["code"], "FORBIDDEN");
+    let garbage = kept
+        .request("refresh-token", json!({"token": "a.b.c"}))
+        .await;
+    assert_eq!(garbage["error"]["code"], "UNAUTHENTICATED");
+    let extra = kept
+        .request("refresh-token", json!({"token": "a.b.c", "more": 1}))
+        .await;
+    assert_eq!(extra["error"]["code"], "BAD_REQUEST");
+    let refreshed = kept
+        .request(
+            "refresh-token",
+            json!({"token": token("u-kept", "Kept", 600, SECRET)}),
+        )
+        .await;
+    assert!(refreshed["data"]["expiresAt"].as_i64().unwrap() >= (now_s() + 590) * 1000);
+
+    // The socket that did not refresh is closed at its token's exp (leeway 0), within a second.
+    assert_eq!(close_code(&mut ending).await, 4001);
+    let late_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - exp * 1000;
+    assert!(late_ms < 1_000, "closed {late_ms} ms after exp");
+
+    // The refreshed one lives on past the first token's exp.
+    assert!(now_s() >= exp);
+    assert_eq!(kept.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_not_yet_valid_or_for_another_audience_are_refused() {
+    let stack = stack_with(1, 5_000, 60_000, |c| {
+        c.jwt_audience = Some("talkgroup".into());
+    })
+    .await;
+    let gw = stack.gateways[0];
+    let now = now_s();
+    let bearer = |token: String| {
+        move |r: &mut tokio_tungstenite::tungstenite::handshake::client::Request| {
+            let value = format!("Bearer {token}").parse().unwrap();
+            r.headers_mut().insert("authorization", value);
+        }
+    };
+    for (claims, what) in [
+        (
+            json!({"sub": "u1", "exp": now + 600, "aud": "talkgroup", "nbf": now + 3_600}),
+            "nbf an hour ahead",
+        ),
+        (
+            json!({"sub": "u1", "exp": now + 600, "aud": "elsewhere"}),
+            "a foreign audience",
+        ),
+        (json!({"sub": "u1", "exp": now + 600}), "no audience"),
+    ] {
+        let refused = http_status(gw, bearer(signed(&claims)), "/ws").await;
+        assert_eq!(refused.unwrap_err(), 401, "{what}");
+    }
+    let good = json!({"sub": "u1", "exp": now + 600, "aud": "talkgroup", "nbf": now - 10});
+    assert!(http_status(gw, bearer(signed(&good)), "/ws").await.is_ok());
+    stack.stop.cancel();
+}

@@ -103,6 +103,7 @@ impl Conn {
                 server_time: now_ms(),
             }
             .into(),
+            Request::RefreshToken(r) => self.refresh_token(r).await?.into(),
             Request::ListChannels(_) => self.list_channels().await?.into(),
             Request::JoinChannel(r) => self.join(r.channel_id).await?.into(),
             Request::LeaveChannel(r) => self.leave_request(&r.channel_id).await?.into(),

@@ -33,7 +33,7 @@ impl Conn {
     }
 
     /// Applies the user's current grants to this connection and tells the client.
-    async fn enforce_grants(&mut self) {
+    pub(super) async fn enforce_grants(&mut self) {
         let revoked: Vec<String> = self
             .joined
             .iter()

@@ -10,7 +10,8 @@
 //!   where its channels' media is; [`placement`] finds and reaches a channel's media node;
 //! - [`transports`]: WebRTC transports, producers and consumers on the media node;
 //! - [`emergency`]: emergency broadcasts; [`grants`]: roles and their enforcement;
-//!   [`sync`]: sync sessions; [`events`]: what the hub hands the connection.
+//!   [`sync`]: sync sessions; [`events`]: what the hub hands the connection; [`token`]: the
+//!   socket's end with its token, and `refresh-token`.
 //!
 //! The floor flow keeps the order that saves first words: state-svc grants (one atomic step),
 //! the media node is told (`SetFloor`), and only then the client hears `granted` and unmutes.
@@ -26,6 +27,7 @@ mod grants;
 mod limits;
 mod placement;
 mod sync;
+mod token;
 mod transports;
 
 use std::collections::HashSet;
@@ -70,6 +72,8 @@ enum Close {
     Unavailable,
     /// An administrator disconnected the user (after a `force-disconnect` push).
     Kicked,
+    /// The token expired and no `refresh-token` came in time.
+    TokenExpired,
 }
 
 impl Close {
@@ -81,6 +85,7 @@ impl Close {
             Self::Flood => 1008,
             Self::Unavailable => 1011,
             Self::Kicked => 4000,
+            Self::TokenExpired => 4001,
         }
     }
 
@@ -89,6 +94,7 @@ impl Close {
             Self::GoingAway => "going away",
             Self::Unavailable => "service unavailable",
             Self::Kicked => "disconnected by an administrator",
+            Self::TokenExpired => "token expired",
             Self::Normal | Self::ProtocolError | Self::Flood => "",
         }
     }
@@ -116,6 +122,8 @@ struct Conn {
     /// Events whose emergency broadcast this connection runs.
     emergencies: HashSet<String>,
     limits: Limits,
+    /// When the socket's token stops being honoured (`exp` plus the leeway).
+    token_deadline: tokio::time::Instant,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -261,6 +269,7 @@ impl Conn {
             grants,
             emergencies: HashSet::new(),
             limits: Limits::new(&app.config),
+            token_deadline: token::deadline(claims.exp, app.auth.leeway()),
         };
         Some((conn, events, outbox, session.ttl_ms))
     }
@@ -279,7 +288,12 @@ impl Conn {
             session_ttl_ms.max(3_000) / 3,
         )));
         let mut last_heard = Instant::now();
+        let expiry = tokio::time::sleep_until(self.token_deadline);
+        tokio::pin!(expiry);
         loop {
+            if expiry.deadline() != self.token_deadline {
+                expiry.as_mut().reset(self.token_deadline);
+            }
             tokio::select! {
                 message = stream.next() => {
                     last_heard = Instant::now();
@@ -300,6 +314,10 @@ impl Conn {
                     let _ = self.out.try_send(Outgoing::Message(Message::Ping(Vec::new().into())));
                 }
                 _ = touch.tick() => self.touch_session().await,
+                () = &mut expiry => {
+                    tracing::info!(conn = self.id, "token expired; closing");
+                    return Close::TokenExpired;
+                }
                 () = self.app.shutdown.cancelled() => return Close::GoingAway,
             }
         }

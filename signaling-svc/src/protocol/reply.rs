@@ -25,6 +25,7 @@ pub enum Reply {
     EmergencyStopped(EmergencyStopped),
     Sync(Box<SyncEnvelope>),
     SyncDeleted(SyncDeleted),
+    TokenRefreshed(TokenRefreshed),
 }
 
 /// Lets a handler return its own reply type where a [`Reply`] is expected.
@@ -43,6 +44,15 @@ reply_from! {
     Capabilities => Capabilities, Transport => Transport, Producer => Producer,
     Consumer => Consumer, FloorAnswer => Floor, EmergencyStarted => EmergencyStarted,
     EmergencyStopped => EmergencyStopped, SyncEnvelope => Sync, SyncDeleted => SyncDeleted,
+    TokenRefreshed => TokenRefreshed,
+}
+
+/// `refresh-token`: the socket now lives until the new token's `exp` (plus the leeway).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRefreshed {
+    /// The new token's `exp`, in ms since the Unix epoch.
+    pub expires_at: i64,
 }
 
 /// `{}`.

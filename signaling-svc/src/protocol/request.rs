@@ -129,6 +129,13 @@ pub struct SyncRef {
     pub participant_id: Option<String>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshToken {
+    /// A newer JWT of the same user.
+    pub token: String,
+}
+
 /// Declares [`Request`] from one table of wire names and bodies: the serde names, the wire
 /// name of each request and the list of known types all come from it.
 macro_rules! requests {
@@ -155,6 +162,7 @@ macro_rules! requests {
 }
 
 requests! {
+    "refresh-token" => RefreshToken(RefreshToken),
     "join-channel" => JoinChannel(ChannelRef),
     "leave-channel" => LeaveChannel(ChannelRef),
     "get-router-capabilities" => GetRouterCapabilities(ChannelRef),

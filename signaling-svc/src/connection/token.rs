@@ -1,0 +1,39 @@
+//! The socket lives no longer than its token: it is closed (4001) at the token's `exp` plus
+//! the leeway, unless the client sends `refresh-token` with a newer token of the same user.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Conn, Result};
+use crate::protocol::reply::TokenRefreshed;
+use crate::protocol::{Code, RefreshToken, err};
+
+/// When a token with `exp` (seconds since the Unix epoch) stops being honoured.
+pub(super) fn deadline(exp_s: u64, leeway: Duration) -> Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let end = Duration::from_secs(exp_s) + leeway;
+    Instant::now() + end.saturating_sub(now)
+}
+
+impl Conn {
+    pub(super) async fn refresh_token(&mut self, r: RefreshToken) -> Result<TokenRefreshed> {
+        let claims = self.app.auth.verify(&r.token).map_err(|e| {
+            tracing::info!(conn = self.id, error = %e, "refresh token refused");
+            err(Code::Unauthenticated, "invalid token")
+        })?;
+        if claims.sub != self.user.user_id {
+            return Err(err(Code::Forbidden, "the token is for another user"));
+        }
+        self.token_deadline = deadline(claims.exp, self.app.auth.leeway());
+        if self.grants.set_token(claims.roles) {
+            self.enforce_grants().await;
+        }
+        tracing::debug!(conn = self.id, "token refreshed");
+        Ok(TokenRefreshed {
+            expires_at: i64::try_from(claims.exp.saturating_mul(1000)).unwrap_or(i64::MAX),
+        })
+    }
+}
