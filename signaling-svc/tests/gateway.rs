@@ -790,3 +790,25 @@ async fn tokens_not_yet_valid_or_for_another_audience_are_refused() {
     assert!(http_status(gw, bearer(signed(&good)), "/ws").await.is_ok());
     stack.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_and_oversized_frames_close_with_their_rfc_6455_codes() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let stack = stack(1, 5_000, 60_000).await;
+    let gw = stack.gateways[0];
+    let mut bad_text = client(gw, "u-utf8", "Utf8").await;
+    let frame = Frame::message(vec![0xff, 0xfe, 0x80], OpCode::Data(Data::Text), true);
+    bad_text.ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(close_code(&mut bad_text).await, 1007);
+    let mut big = client(gw, "u-big", "Big").await;
+    big.ws
+        .send(Message::Text("x".repeat(300 * 1024).into()))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut big).await, 1009);
+    // Others are unaffected.
+    let mut fine = client(gw, "u-fine", "Fine").await;
+    assert_eq!(fine.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}

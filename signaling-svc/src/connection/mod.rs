@@ -66,6 +66,10 @@ enum Close {
     GoingAway,
     /// The WebSocket protocol was broken.
     ProtocolError,
+    /// A text frame was not UTF-8 (RFC 6455 7.4.1: 1007).
+    InvalidData,
+    /// A frame over the hard size limit (1009).
+    TooBig,
     /// Too many refused requests in a row.
     Flood,
     /// The session could not be set up.
@@ -82,6 +86,8 @@ impl Close {
             Self::Normal => 1000,
             Self::GoingAway => 1001,
             Self::ProtocolError => 1002,
+            Self::InvalidData => 1007,
+            Self::TooBig => 1009,
             Self::Flood => 1008,
             Self::Unavailable => 1011,
             Self::Kicked => 4000,
@@ -95,7 +101,19 @@ impl Close {
             Self::Unavailable => "service unavailable",
             Self::Kicked => "disconnected by an administrator",
             Self::TokenExpired => "token expired",
+            Self::InvalidData => "text frames must be UTF-8",
+            Self::TooBig => "frame too large",
             Self::Normal | Self::ProtocolError | Self::Flood => "",
+        }
+    }
+
+    /// The close a failed read calls for.
+    fn for_read_error(error: axum::Error) -> Self {
+        use tungstenite::Error;
+        match error.into_inner().downcast::<Error>().map(|e| *e) {
+            Ok(Error::Utf8(_)) => Self::InvalidData,
+            Ok(Error::Capacity(_)) => Self::TooBig,
+            _ => Self::ProtocolError,
         }
     }
 
@@ -339,7 +357,7 @@ impl Conn {
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
             Some(Ok(Message::Close(_))) | None => Some(Close::Normal),
-            Some(Err(_)) => Some(Close::ProtocolError),
+            Some(Err(error)) => Some(Close::for_read_error(error)),
         }
     }
 

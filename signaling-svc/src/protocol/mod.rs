@@ -84,9 +84,24 @@ pub fn parse(text: &str) -> Parsed {
             request: Err(ClientError::new(Code::BadRequest, "unknown message type")),
         };
     }
-    object
-        .entry("data")
-        .or_insert_with(|| Value::Object(Default::default()));
+    if object.keys().any(|k| k != "type" && k != "data") {
+        return Parsed {
+            id,
+            request: Err(ClientError::new(Code::BadRequest, "unknown envelope field")),
+        };
+    }
+    match object.get("data") {
+        None => {
+            object.insert("data".into(), Value::Object(Default::default()));
+        }
+        Some(Value::Object(_)) => {}
+        Some(_) => {
+            return Parsed {
+                id,
+                request: Err(ClientError::new(Code::BadRequest, "data must be an object")),
+            };
+        }
+    }
     let request = serde_json::from_value::<Request>(value)
         .map_err(|_| ClientError::new(Code::BadRequest, "missing or invalid fields"));
     Parsed { id, request }
@@ -204,6 +219,41 @@ mod tests {
             Some("1"),
             "id still echoed"
         );
+    }
+
+    #[test]
+    fn the_envelope_and_nested_objects_refuse_what_they_do_not_know() {
+        for (frame, message) in [
+            (
+                r#"{"type":"ping","id":"1","data":{},"extra":true}"#,
+                "unknown envelope field",
+            ),
+            (
+                r#"{"type":"join-channel","id":"1","data":["ops"]}"#,
+                "data must be an object",
+            ),
+            (
+                r#"{"type":"ping","id":"1","data":null}"#,
+                "data must be an object",
+            ),
+            (
+                r#"{"type":"connect-transport","id":"1","data":{"transportId":"t","answer":{"type":"answer","sdp":"v=0","x":1}}}"#,
+                "missing or invalid fields",
+            ),
+            (
+                r#"{"type":"connect-transport","id":"1","data":{"transportId":"t","candidate":{"candidate":"c","foo":1}}}"#,
+                "missing or invalid fields",
+            ),
+        ] {
+            let p = parse(frame);
+            let err = p.request.unwrap_err();
+            assert_eq!(
+                (err.code, err.message),
+                (Code::BadRequest, message),
+                "{frame}"
+            );
+            assert_eq!(p.id.as_deref(), Some("1"), "id still echoed: {frame}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub enum TransportDirection {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SessionDescription {
     #[serde(rename = "type")]
     pub kind: String,
@@ -30,13 +31,17 @@ pub struct SessionDescription {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IceCandidate {
     pub candidate: String,
     #[serde(default)]
     pub sdp_mid: Option<String>,
     #[serde(default, rename = "sdpMLineIndex")]
     pub sdp_m_line_index: Option<u32>,
+    /// What browsers' `RTCIceCandidate.toJSON()` adds; accepted and not needed (the candidate
+    /// line names the ufrag).
+    #[serde(default)]
+    pub username_fragment: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
