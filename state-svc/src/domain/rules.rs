@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ChannelId, FloorHolder, FloorReason, FloorRefusal, GrantChange, Role, Session, SessionId,
-    Speaker,
+    ChannelId, FloorHolder, FloorReason, FloorRefusal, GrantChange, NewSession, Role, Session,
+    SessionId, Speaker,
 };
 
 /// What an acquire does, decided before anything changes (`ACQUIRE`).
@@ -141,8 +141,24 @@ pub fn lease_until(holder: &FloorHolder, lease_ms: i64, now: i64) -> i64 {
     (now + lease_ms).min(holder.max_until_ms)
 }
 
+/// A new session created at `now`: a fresh id, its time to live (what its gateway asked for, or
+/// `default_ttl_ms`) and its first expiry.
+pub fn new_session(new: NewSession, now: i64, default_ttl_ms: u32) -> Session {
+    let ttl_ms = session_ttl_ms(new.ttl_ms, default_ttl_ms);
+    Session {
+        session_id: SessionId::generate(),
+        user_id: new.user_id,
+        user_name: new.user_name,
+        gateway_id: new.gateway_id,
+        created_at_ms: now,
+        expires_at_ms: now + i64::from(ttl_ms),
+        ttl_ms,
+        channels: Vec::new(),
+    }
+}
+
 /// A session's time to live: what its gateway asked for, or the deployment's default.
-pub fn session_ttl_ms(requested_ms: u32, default_ms: u32) -> u32 {
+fn session_ttl_ms(requested_ms: u32, default_ms: u32) -> u32 {
     if requested_ms == 0 {
         default_ms
     } else {

@@ -5,18 +5,7 @@ use crate::store::SessionStore;
 
 impl SessionStore for MemoryStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
-        let now = self.now_ms();
-        let ttl = rules::session_ttl_ms(new.ttl_ms, self.settings.session_ttl_ms);
-        let session = Session {
-            session_id: SessionId::generate(),
-            user_id: new.user_id,
-            user_name: new.user_name,
-            gateway_id: new.gateway_id,
-            created_at_ms: now,
-            expires_at_ms: now + i64::from(ttl),
-            ttl_ms: ttl,
-            channels: Vec::new(),
-        };
+        let session = rules::new_session(new, self.now_ms(), self.settings.session_ttl_ms);
         let mut inner = self.lock();
         inner
             .user_sessions

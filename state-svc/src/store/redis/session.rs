@@ -6,18 +6,8 @@ use crate::store::SessionStore;
 impl SessionStore for RedisStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = now_ms();
-        let ttl_ms = rules::session_ttl_ms(new.ttl_ms, self.settings.session_ttl_ms);
-        let ttl = i64::from(ttl_ms);
-        let session = Session {
-            session_id: SessionId::generate(),
-            user_id: new.user_id,
-            user_name: new.user_name,
-            gateway_id: new.gateway_id,
-            created_at_ms: now,
-            expires_at_ms: now + ttl,
-            ttl_ms,
-            channels: Vec::new(),
-        };
+        let session = rules::new_session(new, now, self.settings.session_ttl_ms);
+        let ttl = i64::from(session.ttl_ms);
         let key = self.keys.session(&session.session_id);
         let sid = session.session_id.as_str();
         let fields = [
