@@ -48,6 +48,30 @@ pub struct Config {
     /// `ptt-start` requests per second a connection may send.
     #[arg(long, env = "PTT_SIGNALING_PTT_RATE", default_value_t = 5)]
     pub ptt_rate: u32,
+    /// Bytes queued for one client at most (replies and pushes it has not read yet); a client
+    /// that lets more pile up is closed with 4002.
+    #[arg(long, env = "PTT_SIGNALING_OUTBOX_BYTES", default_value_t = 1 << 20)]
+    pub outbox_bytes: usize,
+    /// A write to a client's socket that takes longer than this closes it with 4002.
+    #[arg(long, env = "PTT_SIGNALING_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+    /// The kernel's send buffer of each client connection, in bytes (0: the kernel's own
+    /// autotuning, up to `net.ipv4.tcp_wmem`, 4 MiB by default). With the outbox this bounds
+    /// what a client that stops reading can hold.
+    #[arg(long, env = "PTT_SIGNALING_SOCKET_SEND_BUFFER", default_value_t = 128 * 1024)]
+    pub socket_send_buffer: usize,
+    /// Time a TCP connection gets to send a whole HTTP request head, from its accept and
+    /// between keep-alive requests; then it is closed.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_timeout_ms: u64,
+    /// TCP connections the listener holds at once (WebSockets and HTTP requests); one more is
+    /// closed as soon as it is accepted.
+    #[arg(long, env = "PTT_SIGNALING_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
     /// Development only: serve `POST /dev/token` {"name"} → a token for that name, signed with
     /// the HS256 secret. Anyone can then sign in as anyone: never enable it in production.
     #[arg(long, env = "PTT_SIGNALING_DEV_TOKENS", default_value_t = false)]
@@ -140,6 +164,17 @@ impl Config {
             return Err(format!(
                 "invalid channel id {bad:?}: 1-64 of A-Z a-z 0-9 - _ ."
             ));
+        }
+        if self.outbox_bytes < 64 * 1024 {
+            return Err("outbox-bytes must be at least 65536".into());
+        }
+        if !(100..=120_000).contains(&self.write_timeout_ms)
+            || !(100..=120_000).contains(&self.header_timeout_ms)
+        {
+            return Err("write and header timeouts must be 100 ms to 120 s".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max-connections must be positive".into());
         }
         if self.ping_interval_ms < 100 || self.request_rate == 0 || self.ptt_rate == 0 {
             return Err("ping interval and rates must be positive".into());

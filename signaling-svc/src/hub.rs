@@ -18,6 +18,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::outbox::{Failure, Outbox};
 use crate::protocol::push::SpeakerChanged;
 use crate::protocol::sync::SyncEnvelope;
 use crate::protocol::{ChannelState, Frame, Push, User, reason};
@@ -113,18 +114,29 @@ struct Member {
     /// Events the connection itself must act on.
     events: mpsc::Sender<HubEvent>,
     /// Its socket's outbox: pushes that need nothing of the connection go straight in.
-    out: mpsc::Sender<Outgoing>,
+    out: Outbox,
     session: String,
     /// Channels whose floor it holds: their changes go through the connection.
     holding: HashSet<String>,
 }
 
 impl Member {
-    /// Queues a push on its socket without waiting; false if the outbox is full or closed.
+    /// Queues a push on its socket without waiting; false if the outbox is full (it has then
+    /// failed, and the connection closes) or closed.
     fn push(&self, text: &Utf8Bytes) -> bool {
         self.out
-            .try_send(Outgoing::Message(Message::Text(text.clone())))
-            .is_ok()
+            .push(Outgoing::Message(Message::Text(text.clone())))
+    }
+
+    /// Hands the connection an event without waiting. One it cannot take in time closes it
+    /// (through its outbox) rather than be dropped: a kick or a floor change is never lost on
+    /// an open socket.
+    fn event(&self, event: HubEvent) -> bool {
+        if self.events.try_send(event).is_ok() {
+            return true;
+        }
+        self.out.fail(Failure::Overflow);
+        false
     }
 }
 
@@ -191,16 +203,13 @@ fn deliver(inner: &Inner, channel: &str, event: &Fanout) {
             Fanout::Floor(push)
                 if member.holding.contains(channel) || push.concerns(&member.session) =>
             {
-                member
-                    .events
-                    .try_send(HubEvent::Floor(Arc::clone(push)))
-                    .is_ok()
+                member.event(HubEvent::Floor(Arc::clone(push)))
             }
             Fanout::Floor(push) => member.push(&push.speaker_changed),
             Fanout::Push(text) => member.push(text),
         };
         if !sent {
-            tracing::warn!(conn = id, "connection too slow for events; one dropped");
+            tracing::info!(conn = id, "connection too slow for its pushes; closing it");
         }
     }
 }
@@ -339,7 +348,7 @@ impl Hub {
         &self,
         user_id: &str,
         session: &str,
-        out: mpsc::Sender<Outgoing>,
+        out: Outbox,
     ) -> (u64, mpsc::Receiver<HubEvent>) {
         let (tx, rx) = mpsc::channel(CONNECTION_EVENTS);
         let mut inner = self.lock();
@@ -527,9 +536,12 @@ impl Hub {
         };
         for id in ids {
             if let Some(member) = inner.conns.get(&id)
-                && member.events.try_send(out.clone()).is_err()
+                && !member.event(out.clone())
             {
-                tracing::warn!(conn = id, "connection too slow for a grant change");
+                tracing::info!(
+                    conn = id,
+                    "connection too slow for a grant change; closing it"
+                );
             }
         }
     }
@@ -722,10 +734,28 @@ mod tests {
         }
     }
 
+    /// A member's outbox, read as the writer would.
+    struct Reader(crate::outbox::OutboxReader);
+
+    impl Reader {
+        fn try_recv(&mut self) -> Result<Outgoing, ()> {
+            futures::FutureExt::now_or_never(self.recv())
+                .flatten()
+                .ok_or(())
+        }
+
+        async fn recv(&mut self) -> Option<Outgoing> {
+            let (item, receipt) = self.0.recv().await?;
+            self.0.written(receipt);
+            Some(item)
+        }
+    }
+
     /// A member following "ch" that the changes below do not concern: its pushes go straight
     /// to its outbox.
-    fn member(hub: &Hub) -> (mpsc::Receiver<HubEvent>, mpsc::Receiver<Outgoing>) {
-        let (out, mut outbox) = mpsc::channel(64);
+    fn member(hub: &Hub) -> (mpsc::Receiver<HubEvent>, Reader) {
+        let (out, outbox) = crate::outbox::outbox(1 << 20);
+        let mut outbox = Reader(outbox);
         let (conn, events) = hub.register("u-listener", "s-listener", out);
         hub.follow(conn, "ch");
         hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
@@ -765,7 +795,7 @@ mod tests {
     #[tokio::test]
     async fn changes_of_a_held_floor_go_through_the_connection() {
         let hub = Hub::new();
-        let (out, _outbox) = mpsc::channel(64);
+        let (out, _outbox) = crate::outbox::outbox(1 << 20);
         let (conn, mut events) = hub.register("u-ana", "s-ana", out);
         hub.follow(conn, "ch");
         hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
@@ -797,5 +827,25 @@ mod tests {
             .unwrap();
         assert_eq!(epoch_of(event), 5);
         assert!(started.elapsed() >= HOLD_BACK_AT_MOST);
+    }
+
+    #[tokio::test]
+    async fn an_event_the_connection_cannot_take_closes_it_instead_of_being_dropped() {
+        let hub = Hub::new();
+        let (out, _outbox) = crate::outbox::outbox(1 << 20);
+        let (_conn, mut events) = hub.register("u-ana", "s-ana", out.clone());
+        for _ in 0..CONNECTION_EVENTS {
+            hub.dispatch_grants(pb::grants_event::Event::Kicked(pb::UserKicked {
+                user_id: "u-ana".into(),
+                reason: "bye".into(),
+            }));
+        }
+        assert!(out.failure().is_none(), "the queue holds them all");
+        hub.dispatch_grants(pb::grants_event::Event::Kicked(pb::UserKicked {
+            user_id: "u-ana".into(),
+            reason: "bye".into(),
+        }));
+        assert_eq!(out.failure(), Some(crate::outbox::Failure::Overflow));
+        assert!(matches!(events.try_recv(), Ok(HubEvent::Kicked(_))));
     }
 }

@@ -9,6 +9,8 @@
 //!   services, the hub, metrics, shutdown).
 //! - [`hub`]: the gateway's one `Watch` on state-svc, fanned out to its connections.
 //! - [`metrics`]: the Prometheus figures on `/metrics`.
+//! - [`listener`]: the TCP listener: a global connection limit and a deadline for each request
+//!   head; [`outbox`]: a socket's byte-bounded queue of frames to write.
 //! - [`app`] builds the axum router (`/ws`, `/health`, `/metrics`, the browser client); [`run`]
 //!   serves it until shutdown.
 
@@ -18,17 +20,19 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
+pub mod outbox;
 pub mod protocol;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use talkgroup_proto::state::v1 as spb;
 use tokio::net::TcpListener;
@@ -177,6 +181,7 @@ async fn ws(
     State(app): State<Arc<AppState>>,
     Query(query): Query<WsQuery>,
     headers: HeaderMap,
+    slot: Option<Extension<listener::ConnectionSlot>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if app.shutdown.is_cancelled() {
@@ -201,7 +206,13 @@ async fn ws(
         upgrade
     };
     let tracker = app.tracker.clone();
-    upgrade.on_upgrade(move |socket| tracker.track_future(connection::run(app, claims, socket)))
+    upgrade.on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            // The socket keeps its TCP connection's place under the listener's limit.
+            let _slot = slot;
+            connection::run(app, claims, socket).await;
+        })
+    })
 }
 
 /// `GET /health`.
@@ -266,15 +277,13 @@ pub async fn run(
     tracker.spawn(Arc::clone(hub).run_grants(watches.clone(), shutdown.clone()));
     tracker.spawn(Arc::clone(hub).run_syncs(watches, shutdown.clone()));
     tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
-    let stop = shutdown.clone();
-    // Small frames both ways: never hold one back for Nagle's algorithm.
-    let listener =
-        axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
-            let _ = stream.set_nodelay(true);
-        });
-    axum::serve(listener, app(app_state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
+    let limits = listener::Limits {
+        max_connections: app_state.config.max_connections,
+        header_timeout: Duration::from_millis(app_state.config.header_timeout_ms),
+        send_buffer: app_state.config.socket_send_buffer,
+    };
+    let metrics = Arc::clone(&app_state.metrics);
+    listener::serve(listener, app(app_state), limits, metrics, shutdown, grace).await;
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("grace period over; closing remaining connections");

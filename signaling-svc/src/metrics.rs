@@ -18,6 +18,11 @@ pub struct RequestType {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedBecause {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorCode {
     pub code: &'static str,
 }
@@ -36,6 +41,10 @@ pub struct GatewayMetrics {
     pub floor_preemptions: Counter,
     pub press_to_grant: Histogram,
     pub permission_updates: Counter,
+    /// Sockets closed because their client read too slowly (4002).
+    slow_clients: Counter,
+    /// TCP connections closed at accept, by why.
+    refused: Family<RefusedBecause, Counter>,
     connections: Gauge,
     channels: Gauge,
 }
@@ -50,6 +59,8 @@ impl Default for GatewayMetrics {
             floor_preemptions: Counter::default(),
             press_to_grant: Histogram::new(PRESS_TO_GRANT_BUCKETS),
             permission_updates: Counter::default(),
+            slow_clients: Counter::default(),
+            refused: Family::default(),
             connections: Gauge::default(),
             channels: Gauge::default(),
         }
@@ -67,6 +78,15 @@ impl GatewayMetrics {
 
     pub fn error(&self, code: &'static str) {
         self.errors.get_or_create(&ErrorCode { code }).inc();
+    }
+
+    pub fn slow_client(&self) {
+        self.slow_clients.inc();
+    }
+
+    /// A connection or socket refused before it was served (`reason`: `max-connections`, ...).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusedBecause { reason }).inc();
     }
 
     pub fn exposition(self: &Arc<Self>, hub: Arc<Hub>) -> Exposition {
@@ -105,6 +125,16 @@ impl GatewayMetrics {
             "ptt_permission_updates",
             "permission-update pushes sent",
             self.permission_updates.clone(),
+        );
+        r.register(
+            "ptt_gateway_slow_clients",
+            "Sockets closed because their client read too slowly (4002)",
+            self.slow_clients.clone(),
+        );
+        r.register(
+            "ptt_gateway_refused",
+            "Connections and sockets refused by a limit, by reason",
+            self.refused.clone(),
         );
         r.register(
             "ptt_gateway_connections",

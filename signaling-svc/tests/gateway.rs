@@ -812,3 +812,201 @@ async fn invalid_utf8_and_oversized_frames_close_with_their_rfc_6455_codes() {
     assert_eq!(fine.request("ping", json!({})).await["type"], "pong");
     stack.stop.cancel();
 }
+
+/// A WebSocket whose client never reads: a 4 KiB receive buffer, so the server's writes stall
+/// soon. Returns the write half; the read half is kept unread until the end of the test.
+async fn never_reading(
+    addr: SocketAddr,
+    sub: &str,
+    name: &str,
+) -> (
+    futures::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>,
+    futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<TcpStream>>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    let bearer = format!("Bearer {}", token(sub, name, 600, SECRET));
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    ws.split()
+}
+
+async fn connections(addr: SocketAddr) -> u64 {
+    reqwest_health(addr).await["connections"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
+    const SLOW: usize = 20;
+    const OUTBOX: usize = 64 * 1024;
+    let stack = stack_with(1, 5_000, 60_000, |c| {
+        c.outbox_bytes = OUTBOX;
+        c.write_timeout_ms = 1_000;
+        c.request_rate = 10_000;
+    })
+    .await;
+    let gw = stack.gateways[0];
+    // Two ordinary users in the crowded channel: one talks, the other listens.
+    let mut talker = client(gw, "u-talker", "Talker").await;
+    let mut listener = client(gw, "u-listener", "Listener").await;
+    talker
+        .ok("join-channel", json!({"channelId": "crowd"}))
+        .await;
+    listener
+        .ok("join-channel", json!({"channelId": "crowd"}))
+        .await;
+
+    // Slow clients with long names join too, so every channel state is several KiB.
+    let long = "n".repeat(60);
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let (mut write, read) =
+            never_reading(gw, &format!("u-slow-{i}"), &format!("{long}{i}")).await;
+        let join = json!({"type": "join-channel", "id": "j", "data": {"channelId": "crowd"}});
+        write
+            .send(Message::Text(join.to_string().into()))
+            .await
+            .unwrap();
+        slow.push((write, read));
+    }
+    let rss_before = testkit::process_rss_kib("self");
+
+    // Each slow client asks for the channel state (about 5 KiB) 400 times: 2 MB each, which a
+    // gateway holding every reply would keep.
+    let spam = slow.into_iter().map(|(mut write, read)| {
+        tokio::spawn(async move {
+            let join = json!({"type": "join-channel", "id": "j", "data": {"channelId": "crowd"}});
+            for _ in 0..400 {
+                if write
+                    .send(Message::Text(join.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            (write, read)
+        })
+    });
+    let spam: Vec<_> = spam.collect();
+
+    // Meanwhile the ordinary users are served as usual.
+    let granted = talker
+        .request("ptt-start", json!({"channelId": "crowd"}))
+        .await;
+    assert_eq!(granted["data"]["granted"], true, "{granted}");
+    let changed = listener.speaker_changed("granted").await;
+    assert_eq!(changed["data"]["speaker"]["userId"], "u-talker");
+    talker.ok("ptt-stop", json!({"channelId": "crowd"})).await;
+
+    let mut peak = 0u64;
+    wait_until(Duration::from_secs(20), "slow clients closed", || {
+        peak = peak.max(testkit::process_rss_kib("self"));
+        async move { connections(gw).await == 2 }
+    })
+    .await
+    .unwrap();
+    let mut kept = Vec::new();
+    for task in spam {
+        kept.push(task.await.unwrap());
+    }
+    // Bounded: the outboxes hold at most 64 KiB each; a gateway keeping every reply would
+    // grow by 40 MB.
+    let growth_kib = peak.saturating_sub(rss_before);
+    eprintln!("RSS growth with {SLOW} clients that never read: {growth_kib} KiB");
+    assert!(
+        growth_kib < 16 * 1024,
+        "RSS grew {growth_kib} KiB with {SLOW} clients that never read"
+    );
+    assert_eq!(listener.request("ping", json!({})).await["type"], "pong");
+    let metrics = http_get(gw, "/metrics").await;
+    assert!(
+        metrics.contains(&format!("ptt_gateway_slow_clients_total {SLOW}")),
+        "{metrics}"
+    );
+    drop(kept);
+    stack.stop.cancel();
+}
+
+/// A bare HTTP/1.1 GET; the body.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Reads until the server closes the connection; how long that took.
+async fn closed_after(stream: &mut TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("closed within 10 s")
+        {
+            Ok(0) | Err(_) => return started.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_half_sent_requests_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let stack = stack_with(1, 5_000, 60_000, |c| c.header_timeout_ms = 500).await;
+    let gw = stack.gateways[0];
+    let mut silent = TcpStream::connect(gw).await.unwrap();
+    let mut half = TcpStream::connect(gw).await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // An idle keep-alive connection after one answered request.
+    let mut idle = TcpStream::connect(gw).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut member = client(gw, "u-member", "Member").await;
+    for stream in [&mut silent, &mut half, &mut idle] {
+        let after = closed_after(stream).await;
+        assert!(after < Duration::from_secs(3), "closed after {after:?}");
+    }
+    // WebSockets are not HTTP requests any more: they stay.
+    assert_eq!(member.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_global_limit_are_closed_at_accept() {
+    let stack = stack_with(1, 5_000, 60_000, |c| c.max_connections = 3).await;
+    let gw = stack.gateways[0];
+    let mut a = client(gw, "u-a", "A").await;
+    let b = client(gw, "u-b", "B").await;
+    let _c = client(gw, "u-c", "C").await;
+    let mut fourth = TcpStream::connect(gw).await.unwrap();
+    let after = closed_after(&mut fourth).await;
+    assert!(after < Duration::from_secs(1), "closed after {after:?}");
+    // The sockets holding the slots are served; one closing frees its slot.
+    assert_eq!(a.request("ping", json!({})).await["type"], "pong");
+    drop(b);
+    wait_until(Duration::from_secs(5), "a freed slot", || async move {
+        connections(gw).await == 2
+    })
+    .await
+    .unwrap();
+    let mut d = client(gw, "u-d", "D").await;
+    assert_eq!(d.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}

@@ -64,7 +64,7 @@ impl Conn {
         }
         if let Some(request) = floor_request {
             // Behind the reply; if the writer is gone, dropping it here ends the request.
-            let _ = self.out.send(Outgoing::Written(request)).await;
+            self.out.push(Outgoing::Written(request));
         }
         true
     }

@@ -46,14 +46,12 @@ use crate::access::Grants;
 use crate::app_state::AppState;
 use crate::auth::Claims;
 use crate::hub::{HubEvent, Outgoing};
+use crate::outbox::{self, Outbox, OutboxReader};
 use crate::protocol::{ClientError, Code, Frame, User, err};
 
 use floors::Floors;
 use limits::Limits;
 use transports::Transports;
-
-/// Frames queued to a client before the connection is considered stuck.
-const OUTBOX: usize = 256;
 
 type Result<T> = std::result::Result<T, ClientError>;
 
@@ -78,6 +76,8 @@ enum Close {
     Kicked,
     /// The token expired and no `refresh-token` came in time.
     TokenExpired,
+    /// The client read too slowly: its outbox overflowed, or a write stalled.
+    TooSlow,
 }
 
 impl Close {
@@ -92,6 +92,7 @@ impl Close {
             Self::Unavailable => 1011,
             Self::Kicked => 4000,
             Self::TokenExpired => 4001,
+            Self::TooSlow => 4002,
         }
     }
 
@@ -103,6 +104,7 @@ impl Close {
             Self::TokenExpired => "token expired",
             Self::InvalidData => "text frames must be UTF-8",
             Self::TooBig => "frame too large",
+            Self::TooSlow => "too slow to read",
             Self::Normal | Self::ProtocolError | Self::Flood => "",
         }
     }
@@ -131,7 +133,7 @@ struct Conn {
     id: u64,
     session: String,
     user: User,
-    out: mpsc::Sender<Outgoing>,
+    out: Outbox,
     joined: HashSet<String>,
     transports: Transports,
     floors: Floors,
@@ -157,42 +159,61 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         let _ = sink.send(Close::Unavailable.frame()).await;
         return;
     };
-    let writer = spawn_writer(&app, sink, outbox);
+    let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
+    let mut writer = spawn_writer(&app, sink, outbox, write_timeout);
     tracing::info!(conn = conn.id, session_id = %conn.session, user_id = %conn.user.user_id, "connected");
     let close = conn.serve(&mut stream, &mut events, session_ttl_ms).await;
     conn.cleanup().await;
-    let _ = conn.out.send(Outgoing::Message(close.frame())).await;
+    conn.out.push_close(close.frame());
     let id = conn.id;
     drop(conn);
-    let _ = writer.await;
-    if close != Close::Normal {
+    // What is queued gets one write deadline to go out; a client that does not read by then
+    // loses it with the TCP connection.
+    if tokio::time::timeout(write_timeout, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    if !matches!(close, Close::Normal | Close::TooSlow) {
         drain_until_close(&mut stream).await;
     }
     tracing::info!(conn = id, code = close.code(), "disconnected");
 }
 
-/// Writes the outbox to the socket, in order, until a close frame or the socket fails.
+/// Writes the outbox to the socket, in order, until a close frame, a failed write or one that
+/// takes longer than `write_timeout` (which fails the outbox).
 fn spawn_writer(
     app: &AppState,
     mut sink: SplitSink<WebSocket, Message>,
-    mut outbox: mpsc::Receiver<Outgoing>,
+    mut outbox: OutboxReader,
+    write_timeout: Duration,
 ) -> JoinHandle<()> {
     app.tracker.spawn(async move {
-        while let Some(outgoing) = outbox.recv().await {
+        while let Some((outgoing, receipt)) = outbox.recv().await {
             let message = match outgoing {
                 Outgoing::Message(message) => message,
                 // The frames before it are on the socket: the request's fan-out may go.
                 Outgoing::Written(request) => {
                     drop(request);
+                    outbox.written(receipt);
                     continue;
                 }
             };
             let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || closing {
+            match tokio::time::timeout(write_timeout, sink.send(message)).await {
+                Ok(Ok(())) => outbox.written(receipt),
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    outbox.stalled();
+                    return;
+                }
+            }
+            if closing {
                 break;
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(write_timeout, sink.close()).await;
     })
 }
 
@@ -215,12 +236,7 @@ impl Conn {
     async fn open(
         app: &Arc<AppState>,
         claims: &Claims,
-    ) -> Option<(
-        Self,
-        mpsc::Receiver<HubEvent>,
-        mpsc::Receiver<Outgoing>,
-        u32,
-    )> {
+    ) -> Option<(Self, mpsc::Receiver<HubEvent>, OutboxReader, u32)> {
         let user = User {
             user_id: claims.sub.clone(),
             user_name: claims
@@ -247,7 +263,7 @@ impl Conn {
         };
         // Register before reading the grants, so a change made in between is not missed.
         // The outbox first: the hub writes members' pushes straight into it.
-        let (out, outbox) = mpsc::channel::<Outgoing>(OUTBOX);
+        let (out, outbox) = outbox::outbox(app.config.outbox_bytes);
         let (id, events) = app
             .hub
             .register(&user.user_id, &session.session_id, out.clone());
@@ -329,7 +345,17 @@ impl Conn {
                         tracing::info!(conn = self.id, "no sign of life; closing");
                         return Close::GoingAway;
                     }
-                    let _ = self.out.try_send(Outgoing::Message(Message::Ping(Vec::new().into())));
+                    self.out.push(Outgoing::Message(Message::Ping(Vec::new().into())));
+                }
+                () = self.out.failed() => {
+                    tracing::info!(
+                        conn = self.id,
+                        cause = ?self.out.failure(),
+                        queued_bytes = self.out.queued(),
+                        "client too slow to read; closing",
+                    );
+                    self.app.metrics.slow_client();
+                    return Close::TooSlow;
                 }
                 _ = touch.tick() => self.touch_session().await,
                 () = &mut expiry => {
@@ -374,8 +400,10 @@ impl Conn {
         }
     }
 
+    /// Queues a frame without waiting: the read loop never waits on the client's reading. A
+    /// full outbox fails, and the loop then closes the socket.
     async fn send_text(&self, text: Utf8Bytes) {
-        let _ = self.out.send(Outgoing::Message(Message::Text(text))).await;
+        self.out.push(Outgoing::Message(Message::Text(text)));
     }
 
     /// Ends what the connection holds: renewals, its emergency broadcasts, its state session

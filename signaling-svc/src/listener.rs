@@ -1,0 +1,126 @@
+//! The gateway's TCP listener: every connection under one global limit, each served with
+//! HTTP/1.1 and a deadline for its request head.
+//!
+//! axum's own `serve` has neither: a connection that sends nothing, or half a request head,
+//! would stay open for good, and nothing bounds how many there are. Here:
+//! - at most `--max-connections` TCP connections are held at once (a WebSocket keeps its slot
+//!   until it closes); one more is closed as soon as it is accepted, and counted;
+//! - each connection's kernel send buffer is fixed (`--socket-send-buffer`), so a client that
+//!   stops reading holds at most that in the kernel, besides its outbox in the gateway;
+//! - a connection must send a whole request head within `--header-timeout-ms` of its accept,
+//!   and again between keep-alive requests (hyper's header read timeout, which needs a timer);
+//! - every request carries the peer address ([`ConnectInfo`]) and the connection's slot
+//!   ([`ConnectionSlot`]), which the WebSocket upgrade takes along.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+
+use crate::metrics::GatewayMetrics;
+
+/// A TCP connection's place under the global limit, held as long as any clone is.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// How the listener bounds its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    /// `SO_SNDBUF` of each connection; 0 leaves the kernel's autotuning.
+    pub send_buffer: usize,
+}
+
+/// Accepts and serves connections until `shutdown`; then asks each open HTTP connection to
+/// finish its request and waits for them, at most `grace`. Upgraded sockets are not waited
+/// for here: they end with the application's own shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    metrics: Arc<GatewayMetrics>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, or a connection reset before its accept: wait a moment
+                // instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics.refused("max-connections");
+            tracing::debug!(%peer, "connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
+        // Small frames both ways: never hold one back for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        if limits.send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(limits.send_buffer);
+        }
+        let slot = ConnectionSlot(Arc::new(slot));
+        let router = router.clone();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    request.extensions_mut().insert(slot.clone());
+                    let mut router = router.clone();
+                    async move {
+                        Ok::<_, Infallible>(
+                            router.call(request).await.unwrap_or_else(|e| match e {}),
+                        )
+                    }
+                });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended");
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::debug!("HTTP connections still open after the grace period");
+    }
+}
