@@ -26,6 +26,17 @@ pub struct Config {
     /// PEM file with the RS256 or ES256 public key for client tokens (instead of a secret).
     #[arg(long, env = "PTT_SIGNALING_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
+    /// JSON Web Key Set file (RFC 7517) whose keys tokens name by `kid` (instead of a secret
+    /// or a public key); re-read when it changes, so keys rotate without a restart.
+    #[arg(long, env = "PTT_SIGNALING_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// How often the key set file is checked for changes.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_JWT_JWKS_CHECK_MS",
+        default_value_t = 10_000
+    )]
+    pub jwt_jwks_check_ms: u64,
     /// Required `aud` claim, if set.
     #[arg(long, env = "PTT_SIGNALING_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -141,15 +152,21 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        match (&self.jwt_secret, &self.jwt_public_key) {
-            (None, None) => return Err("set a JWT secret or public key".into()),
-            (Some(_), Some(_)) => {
-                return Err("set either a JWT secret or a public key, not both".into());
-            }
-            (Some(s), None) if s.len() < 16 => {
-                return Err("the JWT secret must be at least 16 bytes".into());
-            }
-            _ => {}
+        let keys = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key.is_some(),
+            self.jwt_jwks.is_some(),
+        ];
+        match keys.iter().filter(|set| **set).count() {
+            0 => return Err("set a JWT secret, public key or key set".into()),
+            1 => {}
+            _ => return Err("set only one of a JWT secret, public key and key set".into()),
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err("the JWT secret must be at least 16 bytes".into());
+        }
+        if self.jwt_jwks_check_ms < 100 {
+            return Err("jwt-jwks-check-ms must be at least 100".into());
         }
         if self.jwt_leeway_s > 300 {
             return Err("jwt-leeway-s must be at most 300".into());

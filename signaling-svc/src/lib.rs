@@ -255,6 +255,29 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
+/// Re-reads the JWT key set when its file changes (a rotated ConfigMap or Secret), until
+/// shutdown. A file that does not read as a key set is logged and the old keys stay.
+async fn watch_key_set(app: Arc<AppState>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_millis(app.config.jwt_jwks_check_ms));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match app.auth.reload_if_changed() {
+            Ok(Some(keys)) => {
+                app.metrics.key_set_reload("ok");
+                tracing::info!(keys, "JWT key set reloaded");
+            }
+            Ok(None) => {}
+            Err(error) => {
+                app.metrics.key_set_reload("failed");
+                tracing::warn!(%error, "JWT key set not reloaded; the old keys stay");
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown`, then closes every socket with 1001 after releasing its floors, within
 /// the grace period.
 pub async fn run(
@@ -276,6 +299,9 @@ pub async fn run(
     tracker.spawn(Arc::clone(hub).run(watches.clone(), shutdown.clone()));
     tracker.spawn(Arc::clone(hub).run_grants(watches.clone(), shutdown.clone()));
     tracker.spawn(Arc::clone(hub).run_syncs(watches, shutdown.clone()));
+    if app_state.auth.has_key_set() {
+        tracker.spawn(watch_key_set(Arc::clone(&app_state), shutdown.clone()));
+    }
     tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
     let limits = listener::Limits {
         max_connections: app_state.config.max_connections,

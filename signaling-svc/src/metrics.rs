@@ -23,6 +23,11 @@ pub struct RefusedBecause {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorCode {
     pub code: &'static str,
 }
@@ -45,6 +50,8 @@ pub struct GatewayMetrics {
     slow_clients: Counter,
     /// TCP connections closed at accept, by why.
     refused: Family<RefusedBecause, Counter>,
+    /// Re-reads of the JWT key set, by result.
+    key_set_reloads: Family<Outcome, Counter>,
     connections: Gauge,
     channels: Gauge,
 }
@@ -61,6 +68,7 @@ impl Default for GatewayMetrics {
             permission_updates: Counter::default(),
             slow_clients: Counter::default(),
             refused: Family::default(),
+            key_set_reloads: Family::default(),
             connections: Gauge::default(),
             channels: Gauge::default(),
         }
@@ -87,6 +95,13 @@ impl GatewayMetrics {
     /// A connection or socket refused before it was served (`reason`: `max-connections`, ...).
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&RefusedBecause { reason }).inc();
+    }
+
+    /// A re-read of the JWT key set (`ok` or `failed`).
+    pub fn key_set_reload(&self, result: &'static str) {
+        self.key_set_reloads
+            .get_or_create(&Outcome { result })
+            .inc();
     }
 
     pub fn exposition(self: &Arc<Self>, hub: Arc<Hub>) -> Exposition {
@@ -135,6 +150,11 @@ impl GatewayMetrics {
             "ptt_gateway_refused",
             "Connections and sockets refused by a limit, by reason",
             self.refused.clone(),
+        );
+        r.register(
+            "ptt_gateway_key_set_reloads",
+            "Re-reads of the JWT key set file after it changed, by result",
+            self.key_set_reloads.clone(),
         );
         r.register(
             "ptt_gateway_connections",

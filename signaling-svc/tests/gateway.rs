@@ -1010,3 +1010,124 @@ async fn connections_over_the_global_limit_are_closed_at_accept() {
     assert_eq!(d.request("ping", json!({})).await["type"], "pong");
     stack.stop.cancel();
 }
+
+/// A token signed with the HS256 secret `secret`, naming key `kid`.
+fn token_with_kid(sub: &str, kid: &str, secret: &[u8]) -> String {
+    let claims = json!({"sub": sub, "exp": now_s() + 600, "grants": {"*": "talk"}});
+    let header = jsonwebtoken::Header {
+        kid: Some(kid.into()),
+        ..Default::default()
+    };
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_named_by_kid_rotate_without_dropping_anyone() {
+    const FIRST: &[u8] = b"first-rotation-secret-0123456789";
+    const SECOND: &[u8] = b"second-rotation-secret-012345678";
+    // The EC key of EC_PUBLIC, as a JWK.
+    let ec = json!({"kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig",
+        "x": "SJZzl0MI7XQ_MxjjoNI2tmu-8nB3ngshWtjw-NqOc1A",
+        "y": "dWoWBNzg942Yj5T-erYm2uFmyGEd8EsaIXMrRk0gJo0"});
+    let oct = |kid: &str, k: &str| json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": k});
+    let first = oct("hs-1", "Zmlyc3Qtcm90YXRpb24tc2VjcmV0LTAxMjM0NTY3ODk");
+    let second = oct("hs-2", "c2Vjb25kLXJvdGF0aW9uLXNlY3JldC0wMTIzNDU2Nzg");
+    let dir = std::env::temp_dir().join(format!("tg-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    std::fs::write(&path, json!({"keys": [first, ec]}).to_string()).unwrap();
+    let jwks = path.clone();
+    let stack = stack_with(1, 5_000, 60_000, move |c| {
+        c.jwt_secret = None;
+        c.jwt_jwks = Some(jwks.clone());
+        c.jwt_jwks_check_ms = 100;
+    })
+    .await;
+    let gw = stack.gateways[0];
+    let at = |token: String| format!("/ws?token={token}");
+    let es = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("ec-1".into());
+        let claims = json!({"sub": "u-es", "exp": now_s() + 600});
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    assert!(
+        http_status(gw, |_| {}, &at(es)).await.is_ok(),
+        "ES256 by kid"
+    );
+    for (token, what) in [
+        (
+            token_with_kid("u1", "hs-2", SECOND),
+            "a kid not published yet",
+        ),
+        (
+            token("u1", "One", 600, "first-rotation-secret-0123456789"),
+            "no kid",
+        ),
+        (
+            token_with_kid("u1", "ec-1", FIRST),
+            "HS256 naming the EC key",
+        ),
+        (
+            token_with_kid("u1", "hs-1", SECOND),
+            "the wrong secret for the kid",
+        ),
+    ] {
+        assert_eq!(
+            http_status(gw, |_| {}, &at(token)).await.unwrap_err(),
+            401,
+            "{what}"
+        );
+    }
+    let mut old = Client::connect(gw, &token_with_kid("u-old", "hs-1", FIRST)).await;
+
+    // Rotation: the new key is published, then the old one withdrawn.
+    std::fs::write(&path, json!({"keys": [first, second]}).to_string()).unwrap();
+    wait_until(Duration::from_secs(5), "the new key", || async {
+        http_status(gw, |_| {}, &at(token_with_kid("u2", "hs-2", SECOND)))
+            .await
+            .is_ok()
+    })
+    .await
+    .unwrap();
+    std::fs::write(&path, json!({"keys": [second]}).to_string()).unwrap();
+    wait_until(Duration::from_secs(5), "the old key withdrawn", || async {
+        http_status(gw, |_| {}, &at(token_with_kid("u3", "hs-1", FIRST)))
+            .await
+            .is_err()
+    })
+    .await
+    .unwrap();
+    // A broken file keeps the keys as they were.
+    let failed_reloads = || async {
+        let metrics = http_get(gw, "/metrics").await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"ptt_gateway_key_set_reloads_total{result="failed"} "#))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let failed_before = failed_reloads().await;
+    std::fs::write(&path, "{not a key set").unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the failed reload counted",
+        || async { failed_reloads().await > failed_before },
+    )
+    .await
+    .unwrap();
+    assert!(
+        http_status(gw, |_| {}, &at(token_with_kid("u4", "hs-2", SECOND)))
+            .await
+            .is_ok()
+    );
+    // The socket signed with the withdrawn key stays until its token's exp.
+    assert_eq!(old.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}
