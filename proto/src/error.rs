@@ -32,6 +32,12 @@ pub enum Reason {
     PermissionDenied,
     /// A capacity or quota is used up.
     Exhausted,
+    /// The user has as many live sessions as the deployment allows.
+    TooManySessions,
+    /// The user, across their sessions, is in as many channels as the deployment allows.
+    TooManyChannels,
+    /// The channel has as many members as the deployment allows.
+    ChannelFull,
     /// An optimistic-lock mismatch; the status carries both versions.
     VersionConflict,
     /// An emergency broadcast holds the channel or event.
@@ -46,7 +52,7 @@ pub enum Reason {
 }
 
 /// The one table: every reason's wire name and gRPC code.
-const REASONS: [(Reason, &str, Code); 13] = [
+const REASONS: [(Reason, &str, Code); 16] = [
     (
         Reason::InvalidArgument,
         "invalid-argument",
@@ -66,6 +72,17 @@ const REASONS: [(Reason, &str, Code); 13] = [
         Code::PermissionDenied,
     ),
     (Reason::Exhausted, "exhausted", Code::ResourceExhausted),
+    (
+        Reason::TooManySessions,
+        "too-many-sessions",
+        Code::ResourceExhausted,
+    ),
+    (
+        Reason::TooManyChannels,
+        "too-many-channels",
+        Code::ResourceExhausted,
+    ),
+    (Reason::ChannelFull, "channel-full", Code::ResourceExhausted),
     (Reason::VersionConflict, "version-conflict", Code::Aborted),
     (Reason::EmergencyActive, "emergency-active", Code::Aborted),
     (Reason::NoMediaNode, "no-media-node", Code::Unavailable),

@@ -14,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::Authenticator;
+use crate::client_addr::AddressSlots;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics;
@@ -33,6 +34,8 @@ pub struct AppState {
     media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Traced>>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Sockets held per client address.
+    pub addresses: Arc<AddressSlots>,
     pub(crate) started: Instant,
 }
 
@@ -119,6 +122,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         media: Mutex::default(),
         shutdown,
         tracker: TaskTracker::new(),
+        addresses: Arc::default(),
         started: Instant::now(),
     }))
 }

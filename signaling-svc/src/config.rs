@@ -83,6 +83,25 @@ pub struct Config {
     /// closed as soon as it is accepted.
     #[arg(long, env = "PTT_SIGNALING_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Channels one socket may be in at once (state-svc also caps them per user).
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_MAX_CHANNELS_PER_SOCKET",
+        default_value_t = 100
+    )]
+    pub max_channels_per_socket: usize,
+    /// WebSockets one client address may hold on this gateway at once.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_MAX_SOCKETS_PER_ADDRESS",
+        default_value_t = 100
+    )]
+    pub max_sockets_per_address: usize,
+    /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is believed:
+    /// for a connection from one of them, the client address is the last address in that
+    /// header that is not itself a trusted proxy.
+    #[arg(long, env = "PTT_SIGNALING_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::client_addr::Cidr>,
     /// Development only: serve `POST /dev/token` {"name"} → a token for that name, signed with
     /// the HS256 secret. Anyone can then sign in as anyone: never enable it in production.
     #[arg(long, env = "PTT_SIGNALING_DEV_TOKENS", default_value_t = false)]
@@ -190,8 +209,11 @@ impl Config {
         {
             return Err("write and header timeouts must be 100 ms to 120 s".into());
         }
-        if self.max_connections == 0 {
-            return Err("max-connections must be positive".into());
+        if self.max_connections == 0
+            || self.max_channels_per_socket == 0
+            || self.max_sockets_per_address == 0
+        {
+            return Err("connection, channel and socket limits must be positive".into());
         }
         if self.ping_interval_ms < 100 || self.request_rate == 0 || self.ptt_rate == 0 {
             return Err("ping interval and rates must be positive".into());

@@ -17,6 +17,7 @@
 pub mod access;
 pub mod app_state;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod connection;
 pub mod hub;
@@ -25,10 +26,11 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -182,11 +184,26 @@ async fn ws(
     Query(query): Query<WsQuery>,
     headers: HeaderMap,
     slot: Option<Extension<listener::ConnectionSlot>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
+    // The per-address cap comes before the token is even looked at: it also bounds what
+    // unauthenticated attempts cost.
+    let address = match peer {
+        Some(Extension(ConnectInfo(peer))) => {
+            let addr = client_addr::client_addr(peer.ip(), &headers, &app.config.trusted_proxies);
+            let Some(held) = app.addresses.take(addr, app.config.max_sockets_per_address) else {
+                app.metrics.refused("sockets-per-address");
+                tracing::info!(%addr, "refused connection: too many sockets from this address");
+                return (StatusCode::TOO_MANY_REQUESTS, "too many connections").into_response();
+            };
+            Some(held)
+        }
+        None => None,
+    };
     let (claims, via_subprotocol) = match app.auth.authenticate(&headers, query.token.as_deref()) {
         Ok(ok) => ok,
         Err(error) => {
@@ -208,8 +225,9 @@ async fn ws(
     let tracker = app.tracker.clone();
     upgrade.on_upgrade(move |socket| {
         tracker.track_future(async move {
-            // The socket keeps its TCP connection's place under the listener's limit.
-            let _slot = slot;
+            // The socket keeps its TCP connection's place under the listener's limit, and its
+            // place in its address's count.
+            let _slot = (slot, address);
             connection::run(app, claims, socket).await;
         })
     })

@@ -63,6 +63,16 @@ async fn stack_with(
     max_talk_ms: u32,
     configure: impl Fn(&mut signaling_svc::Config),
 ) -> Stack {
+    stack_full(gateways, lease_ms, max_talk_ms, |_| {}, configure).await
+}
+
+async fn stack_full(
+    gateways: usize,
+    lease_ms: u32,
+    max_talk_ms: u32,
+    configure_state: impl FnOnce(&mut state_svc::Config),
+    configure: impl Fn(&mut signaling_svc::Config),
+) -> Stack {
     static PREFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let stop = CancellationToken::new();
     let mut state_config = state_svc::Config::for_tests();
@@ -75,6 +85,7 @@ async fn stack_with(
     state_config.lease_ms = lease_ms;
     state_config.max_talk_ms = max_talk_ms;
     state_config.node_heartbeat_ms = 100;
+    configure_state(&mut state_config);
     let s = stop.clone();
     let state =
         serve(move |l| async move { state_svc::run(state_config, l, s).await.unwrap() }).await;
@@ -1129,5 +1140,90 @@ async fn keys_named_by_kid_rotate_without_dropping_anyone() {
     );
     // The socket signed with the withdrawn key stays until its token's exp.
     assert_eq!(old.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_per_user_socket_address_and_channel_get_their_codes() {
+    let stack = stack_full(
+        1,
+        5_000,
+        60_000,
+        |s| {
+            s.max_sessions_per_user = 2;
+            s.max_channels_per_user = 3;
+            s.max_members_per_channel = 3;
+        },
+        |c| {
+            c.max_channels_per_socket = 2;
+            c.max_sockets_per_address = 6;
+        },
+    )
+    .await;
+    let gw = stack.gateways[0];
+    // A bystander in a channel of its own, watching it: its pushes keep coming throughout.
+    let mut by = client(gw, "u-by", "By").await;
+    by.ok("join-channel", json!({"channelId": "by-ch"})).await;
+
+    // Sessions per user: the third socket of a user closes with 4003.
+    let mut a1 = client(gw, "u-ana", "Ana").await;
+    let mut a2 = client(gw, "u-ana", "Ana").await;
+    let mut a3 = client(gw, "u-ana", "Ana").await;
+    assert_eq!(close_code(&mut a3).await, 4003);
+    drop(a3);
+
+    // Channels per socket, then per user across sockets.
+    a1.ok("join-channel", json!({"channelId": "c1"})).await;
+    a1.ok("join-channel", json!({"channelId": "c2"})).await;
+    let refused = a1.request("join-channel", json!({"channelId": "c3"})).await;
+    assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+    assert_eq!(
+        refused["error"]["message"],
+        "too many channels on this socket"
+    );
+    a2.ok("join-channel", json!({"channelId": "c3"})).await;
+    let refused = a2.request("join-channel", json!({"channelId": "c4"})).await;
+    assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+    assert_eq!(
+        refused["error"]["message"],
+        "too many channels for this user"
+    );
+    a2.ok("join-channel", json!({"channelId": "c3"})).await;
+
+    // Members per channel (3): Ana's socket and two others fill c1; the next is refused.
+    let mut bo = client(gw, "u-bo", "Bo").await;
+    let mut cai = client(gw, "u-cai", "Cai").await;
+    bo.ok("join-channel", json!({"channelId": "c1"})).await;
+    cai.ok("join-channel", json!({"channelId": "c1"})).await;
+    let full = by.request("join-channel", json!({"channelId": "c1"})).await;
+    assert_eq!(full["error"]["code"], "LIMIT_EXCEEDED", "{full}");
+    assert_eq!(full["error"]["message"], "the channel is full");
+
+    // Sockets per address: by, a1, a2, bo, cai hold five; the sixth is the last allowed.
+    wait_until(
+        Duration::from_secs(5),
+        "the refused socket gone",
+        || async { connections(gw).await == 5 },
+    )
+    .await
+    .unwrap();
+    let _sixth = client(gw, "u-dee", "Dee").await;
+    let bearer = token("u-eve", "Eve", 600, SECRET);
+    let refused = http_status(gw, |_| {}, &format!("/ws?token={bearer}")).await;
+    assert_eq!(refused.unwrap_err(), 429);
+
+    // The bystander was served as usual all along.
+    let pressed = by.request("ptt-start", json!({"channelId": "by-ch"})).await;
+    assert_eq!(pressed["data"]["granted"], true, "{pressed}");
+    assert_eq!(by.request("ping", json!({})).await["type"], "pong");
+    let metrics = http_get(gw, "/metrics").await;
+    for reason in ["sessions-per-user", "sockets-per-address"] {
+        assert!(
+            metrics.contains(&format!(
+                "ptt_gateway_refused_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
     stack.stop.cancel();
 }

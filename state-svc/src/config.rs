@@ -78,6 +78,19 @@ pub struct Config {
     /// Heartbeat interval asked of media nodes, in milliseconds.
     #[arg(long, env = "PTT_STATE_NODE_HEARTBEAT_MS", default_value_t = 2_000)]
     pub node_heartbeat_ms: u32,
+    /// Live sessions (sockets, across gateways) one user may have; one more is refused.
+    #[arg(long, env = "PTT_STATE_MAX_SESSIONS_PER_USER", default_value_t = 10)]
+    pub max_sessions_per_user: u32,
+    /// Channels one user may be in at once, across their sessions.
+    #[arg(long, env = "PTT_STATE_MAX_CHANNELS_PER_USER", default_value_t = 200)]
+    pub max_channels_per_user: u32,
+    /// Members one channel may have.
+    #[arg(
+        long,
+        env = "PTT_STATE_MAX_MEMBERS_PER_CHANNEL",
+        default_value_t = 1_000
+    )]
+    pub max_members_per_channel: u32,
     /// Upper bound of every Redis call in milliseconds; past it the call fails UNAVAILABLE.
     #[arg(long, env = "PTT_STATE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
     pub redis_timeout_ms: u32,
@@ -183,6 +196,24 @@ impl Config {
         range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
         range("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000)?;
         range("audit_sweep_ms", self.audit_sweep_ms, 50, 3_600_000)?;
+        range(
+            "max_sessions_per_user",
+            self.max_sessions_per_user,
+            1,
+            10_000,
+        )?;
+        range(
+            "max_channels_per_user",
+            self.max_channels_per_user,
+            1,
+            100_000,
+        )?;
+        range(
+            "max_members_per_channel",
+            self.max_members_per_channel,
+            1,
+            1_000_000,
+        )?;
         let printable = |v: &str, lo: usize, hi: usize| {
             (lo..=hi).contains(&v.len()) && v.chars().all(|c| c.is_ascii_graphic())
         };
@@ -217,6 +248,9 @@ impl Config {
             node_dead_after_ms: self.node_dead_after_ms,
             node_heartbeat_ms: self.node_heartbeat_ms,
             emergency_max_ms: self.emergency_max_ms,
+            max_sessions_per_user: self.max_sessions_per_user,
+            max_channels_per_user: self.max_channels_per_user,
+            max_members_per_channel: self.max_members_per_channel,
         }
     }
 

@@ -34,6 +34,15 @@ pub enum StoreError {
     /// An optimistic-lock mismatch: the caller expected another version.
     #[error("version conflict: expected {expected}, actual {actual}")]
     Conflict { expected: u64, actual: u64 },
+    /// The user has `--max-sessions-per-user` live sessions.
+    #[error("too many sessions for this user")]
+    TooManySessions,
+    /// The user is in `--max-channels-per-user` channels.
+    #[error("too many channels joined by this user")]
+    TooManyChannels,
+    /// The channel has `--max-members-per-channel` members.
+    #[error("the channel is full")]
+    ChannelFull,
     #[error("state store unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -64,6 +73,9 @@ impl StoreError {
             Self::PermissionDenied(_) => Reason::PermissionDenied,
             Self::FailedPrecondition(_) => Reason::FailedPrecondition,
             Self::Conflict { .. } => Reason::VersionConflict,
+            Self::TooManySessions => Reason::TooManySessions,
+            Self::TooManyChannels => Reason::TooManyChannels,
+            Self::ChannelFull => Reason::ChannelFull,
             Self::Unavailable(_) => Reason::StoreUnavailable,
             Self::Internal(_) => Reason::Internal,
         }
@@ -78,9 +90,12 @@ impl From<StoreError> for ServiceError {
             | StoreError::PermissionDenied(what)
             | StoreError::FailedPrecondition(what) => Self::new(reason, what),
             StoreError::NotFound(what) => Self::new(reason, format!("{what} not found")),
-            StoreError::NotMember | StoreError::NoMediaNode | StoreError::EmergencyActive => {
-                Self::new(reason, error.to_string())
-            }
+            StoreError::NotMember
+            | StoreError::NoMediaNode
+            | StoreError::EmergencyActive
+            | StoreError::TooManySessions
+            | StoreError::TooManyChannels
+            | StoreError::ChannelFull => Self::new(reason, error.to_string()),
             StoreError::Conflict { expected, actual } => {
                 Self::conflict(Conflict { expected, actual })
             }

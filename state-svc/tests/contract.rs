@@ -44,6 +44,7 @@ contract!(
     sync_session_runs_out_with_nobody_calling,
     sync_conflicts_carry_both_versions,
     sixty_four_concurrent_sync_updaters_lose_nothing,
+    quotas_per_user_and_channel_refuse_with_their_reasons,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -1404,5 +1405,92 @@ async fn sixty_four_concurrent_sync_updaters_lose_nothing(b: Backend) {
     let cycles: u32 = last.participants.iter().map(|p| p.cycle_count).sum();
     assert_eq!(cycles as usize, 1 + successes, "a switch was lost");
     assert!(conflicts > 0, "the updaters never contended");
+    server.stop().await;
+}
+
+/// The reason a refusal carries.
+fn reason(status: &tonic::Status) -> talkgroup_proto::error::Reason {
+    talkgroup_proto::error::ServiceError::decode(status).reason
+}
+
+async fn quotas_per_user_and_channel_refuse_with_their_reasons(b: Backend) {
+    use talkgroup_proto::error::Reason;
+    let mut config = b.config("quotas");
+    config.max_sessions_per_user = 2;
+    config.max_channels_per_user = 3;
+    config.max_members_per_channel = 2;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let create = |user: &str| pb::CreateSessionRequest {
+        user_id: format!("u-{user}"),
+        user_name: user.into(),
+        gateway_id: "gw-test".into(),
+        ttl_ms: 0,
+    };
+
+    // Sessions per user: eight connects racing each other leave exactly two.
+    let racing = (0..8).map(|_| {
+        let mut session = c.session.clone();
+        let request = create("ana");
+        async move { session.create_session(request).await }
+    });
+    let results = futures::future::join_all(racing).await;
+    let kept: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|s| s.get_ref().session_id.clone()))
+        .collect();
+    assert_eq!(kept.len(), 2, "{results:?}");
+    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(reason(refused), Reason::TooManySessions);
+    }
+    let listed = c
+        .session
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "u-ana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.sessions.len(),
+        2,
+        "refused sessions are removed again"
+    );
+    // Another user is not affected.
+    c.session.create_session(create("bo")).await.unwrap();
+
+    // Channels per user, across the user's sessions; a channel already joined is never refused.
+    let join = |sid: &str, ch: &str| pb::JoinChannelRequest {
+        session_id: sid.into(),
+        channel_id: ch.into(),
+    };
+    c.session.join_channel(join(&kept[0], "a")).await.unwrap();
+    c.session.join_channel(join(&kept[0], "b")).await.unwrap();
+    c.session.join_channel(join(&kept[1], "c")).await.unwrap();
+    let refused = c
+        .session
+        .join_channel(join(&kept[1], "d"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused), Reason::TooManyChannels);
+    c.session.join_channel(join(&kept[1], "c")).await.unwrap();
+
+    // Members per channel.
+    let bo = c.join("bo2", "a").await;
+    let refused = c.session.join_channel(join(&bo, "b")).await;
+    assert!(refused.is_ok(), "b has one member");
+    let cai = c.session("cai").await;
+    let full = c.session.join_channel(join(&cai, "a")).await.unwrap_err();
+    assert_eq!(reason(&full), Reason::ChannelFull);
+    // A member leaving makes room.
+    c.session
+        .leave_channel(pb::LeaveChannelRequest {
+            session_id: bo,
+            channel_id: "a".into(),
+        })
+        .await
+        .unwrap();
+    c.session.join_channel(join(&cai, "a")).await.unwrap();
     server.stop().await;
 }

@@ -53,6 +53,11 @@ impl Conn {
 
     pub(super) async fn join(&mut self, channel: String) -> Result<Joined> {
         let role = self.require_role(&channel, Role::Listen)?;
+        if !self.joined.contains(&channel)
+            && self.joined.len() >= self.app.config.max_channels_per_socket
+        {
+            return Err(err(Code::LimitExceeded, "too many channels on this socket"));
+        }
         let state = self
             .app
             .sessions()

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use talkgroup_proto::error::{Reason, ServiceError};
 use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
 use tokio::sync::mpsc;
@@ -78,6 +79,8 @@ enum Close {
     TokenExpired,
     /// The client read too slowly: its outbox overflowed, or a write stalled.
     TooSlow,
+    /// The user has as many sessions as the deployment allows.
+    TooManySessions,
 }
 
 impl Close {
@@ -93,6 +96,7 @@ impl Close {
             Self::Kicked => 4000,
             Self::TokenExpired => 4001,
             Self::TooSlow => 4002,
+            Self::TooManySessions => 4003,
         }
     }
 
@@ -105,6 +109,7 @@ impl Close {
             Self::InvalidData => "text frames must be UTF-8",
             Self::TooBig => "frame too large",
             Self::TooSlow => "too slow to read",
+            Self::TooManySessions => "too many sessions for this user",
             Self::Normal | Self::ProtocolError | Self::Flood => "",
         }
     }
@@ -154,10 +159,12 @@ fn valid_name(name: &str) -> bool {
 /// Serves one authenticated socket until it closes.
 pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let Some((mut conn, mut events, outbox, session_ttl_ms)) = Conn::open(&app, &claims).await
-    else {
-        let _ = sink.send(Close::Unavailable.frame()).await;
-        return;
+    let (mut conn, mut events, outbox, session_ttl_ms) = match Conn::open(&app, &claims).await {
+        Ok(opened) => opened,
+        Err(close) => {
+            let _ = sink.send(close.frame()).await;
+            return;
+        }
     };
     let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
     let mut writer = spawn_writer(&app, sink, outbox, write_timeout);
@@ -232,11 +239,12 @@ async fn drain_until_close(stream: &mut SplitStream<WebSocket>) {
 
 impl Conn {
     /// Creates the state session, registers with the hub and reads the user's stored grants.
-    /// `None` (logged) when state-svc cannot do its part: the socket is then closed 1011.
+    /// The close for the socket (logged) when state-svc cannot do its part: 1011, or 4003 when
+    /// the user has as many sessions as allowed.
     async fn open(
         app: &Arc<AppState>,
         claims: &Claims,
-    ) -> Option<(Self, mpsc::Receiver<HubEvent>, OutboxReader, u32)> {
+    ) -> std::result::Result<(Self, mpsc::Receiver<HubEvent>, OutboxReader, u32), Close> {
         let user = User {
             user_id: claims.sub.clone(),
             user_name: claims
@@ -257,8 +265,13 @@ impl Conn {
         let session = match created {
             Ok(s) => s.into_inner(),
             Err(status) => {
+                if ServiceError::decode(&status).reason == Reason::TooManySessions {
+                    tracing::info!(user_id = %user.user_id, "too many sessions; closing");
+                    app.metrics.refused("sessions-per-user");
+                    return Err(Close::TooManySessions);
+                }
                 tracing::warn!(code = ?status.code(), "cannot create a session; closing");
-                return None;
+                return Err(Close::Unavailable);
             }
         };
         // Register before reading the grants, so a change made in between is not missed.
@@ -288,7 +301,7 @@ impl Conn {
                         session_id: session.session_id.clone(),
                     })
                     .await;
-                return None;
+                return Err(Close::Unavailable);
             }
         }
         let conn = Self {
@@ -305,7 +318,7 @@ impl Conn {
             limits: Limits::new(&app.config),
             token_deadline: token::deadline(claims.exp, app.auth.leeway()),
         };
-        Some((conn, events, outbox, session.ttl_ms))
+        Ok((conn, events, outbox, session.ttl_ms))
     }
 
     /// The socket loop: frames from the client, events from the hub, liveness and the

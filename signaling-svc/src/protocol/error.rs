@@ -16,6 +16,8 @@ pub enum Code {
     /// which.
     Conflict,
     RateLimited,
+    /// A quota of the user, socket or channel is used up (the message says which).
+    LimitExceeded,
     Unavailable,
     Internal,
 }
@@ -31,6 +33,7 @@ impl Code {
             Self::FloorBusy => "FLOOR_BUSY",
             Self::Conflict => "CONFLICT",
             Self::RateLimited => "RATE_LIMITED",
+            Self::LimitExceeded => "LIMIT_EXCEEDED",
             Self::Unavailable => "UNAVAILABLE",
             Self::Internal => "INTERNAL",
         }
@@ -76,6 +79,9 @@ fn for_reason(reason: Reason) -> ClientError {
         }
         Reason::PermissionDenied => err(Code::Forbidden, "forbidden"),
         Reason::Exhausted => err(Code::RateLimited, "capacity exhausted"),
+        Reason::TooManySessions => err(Code::LimitExceeded, "too many sessions for this user"),
+        Reason::TooManyChannels => err(Code::LimitExceeded, "too many channels for this user"),
+        Reason::ChannelFull => err(Code::LimitExceeded, "the channel is full"),
         Reason::VersionConflict => err(Code::Conflict, "version conflict"),
         Reason::EmergencyActive => err(Code::FloorBusy, "an emergency broadcast is active"),
         Reason::AlreadyExists => err(Code::BadRequest, "already exists"),

@@ -5,7 +5,10 @@ use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{self, channel_id, session_id, user_id};
-use crate::domain::{ChannelConfig, NewSession, parse_user_name};
+use crate::domain::{
+    ChannelConfig, ChannelId, NewSession, Session, SessionId, parse_user_name, rules,
+};
+use crate::error::StoreError;
 use crate::store::Store;
 
 /// Longest accepted gateway id.
@@ -33,6 +36,7 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
             ttl_ms: req.ttl_ms,
         };
         let session = self.store.create_session(new).await?;
+        self.enforce_session_limit(&session).await?;
         tracing::debug!(session_id = %session.session_id, user_id = %session.user_id, "session created");
         Ok(Response::new(convert::session(&session)))
     }
@@ -75,6 +79,7 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
         let req = request.into_inner();
         let sid = session_id(&req.session_id)?;
         let ch = channel_id(&req.channel_id)?;
+        self.enforce_channel_limit(&sid, &ch).await?;
         let state = self.store.join_channel(&sid, &ch).await?;
         tracing::debug!(channel_id = %ch, session_id = %sid, "joined channel");
         Ok(Response::new(convert::channel_state(&state)))
@@ -161,5 +166,37 @@ impl<S: Store> Api<S> {
         let saved = self.store.set_channel_config(&ch, wanted).await?;
         tracing::info!(channel_id = %ch, queue = saved.queue_enabled, lease_ms = saved.lease_ms, max_talk_ms = saved.max_talk_ms, "channel config set");
         Ok(convert::channel_config(&ch, saved))
+    }
+}
+
+impl<S: Store> Api<S> {
+    /// Keeps a user at `--max-sessions-per-user`: a new session past it is removed again and
+    /// refused. Checked after the session is stored, so connects racing each other cannot
+    /// all pass (the oldest ones stay).
+    async fn enforce_session_limit(&self, session: &Session) -> Result<(), Status> {
+        let sessions = self.store.user_sessions(&session.user_id).await?;
+        let max = self.settings().max_sessions_per_user;
+        let now = self.clock.now_ms();
+        if rules::within_session_limit(&sessions, &session.session_id, max, now) {
+            return Ok(());
+        }
+        let _ = self.store.remove_session(&session.session_id).await;
+        tracing::info!(user_id = %session.user_id, max, "session refused: too many sessions");
+        Err(StoreError::TooManySessions.into())
+    }
+
+    /// Keeps a user at `--max-channels-per-user` joined channels across their sessions; a
+    /// channel the session is already in is never refused.
+    async fn enforce_channel_limit(&self, sid: &SessionId, ch: &ChannelId) -> Result<(), Status> {
+        let session = self.store.session(sid).await?;
+        if session.channels.contains(ch) {
+            return Ok(());
+        }
+        let sessions = self.store.user_sessions(&session.user_id).await?;
+        let max = self.settings().max_channels_per_user;
+        if rules::channels_joined(&sessions, self.clock.now_ms()) >= max as usize {
+            return Err(StoreError::TooManyChannels.into());
+        }
+        Ok(())
     }
 }

@@ -40,6 +40,12 @@ pub struct StoreSettings {
     pub node_heartbeat_ms: u32,
     /// Maximum talk time of an emergency broadcast's grants.
     pub emergency_max_ms: u32,
+    /// Live sessions one user may have (sockets, across gateways).
+    pub max_sessions_per_user: u32,
+    /// Channels one user may be in, across their sessions.
+    pub max_channels_per_user: u32,
+    /// Members one channel may have.
+    pub max_members_per_channel: u32,
 }
 
 impl Default for StoreSettings {
@@ -51,6 +57,9 @@ impl Default for StoreSettings {
             node_dead_after_ms: 5_000,
             node_heartbeat_ms: 2_000,
             emergency_max_ms: 600_000,
+            max_sessions_per_user: 10,
+            max_channels_per_user: 200,
+            max_members_per_channel: 1_000,
         }
     }
 }

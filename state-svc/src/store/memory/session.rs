@@ -58,6 +58,17 @@ impl SessionStore for MemoryStore {
     ) -> Result<ChannelState, StoreError> {
         let mut inner = self.lock();
         let step = self.step(id);
+        let max_members = self.settings.max_members_per_channel as usize;
+        if !inner.sessions.contains_key(sid) {
+            return Err(not_found("session"));
+        }
+        if inner
+            .channels
+            .get(id)
+            .is_some_and(|ch| !ch.members.contains_key(sid) && ch.members.len() >= max_members)
+        {
+            return Err(StoreError::ChannelFull);
+        }
         let session = inner.sessions.get_mut(sid).ok_or(not_found("session"))?;
         if !session.channels.contains(id) {
             session.channels.push(id.clone());

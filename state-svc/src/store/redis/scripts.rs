@@ -265,7 +265,10 @@ return cjson.encode({ expired = expired, next = next_check, now = now })
 "#;
 
 const JOIN: &str = r#"
-local sid, member = ARGV[6], ARGV[7]
+local sid, member, max_members = ARGV[6], ARGV[7], tonumber(ARGV[8])
+if redis.call('HEXISTS', K_MEMBERS, sid) == 0 and redis.call('HLEN', K_MEMBERS) >= max_members then
+  return '"full"'
+end
 if redis.call('HSETNX', K_MEMBERS, sid, member) == 1 then
   local m = cjson.decode(member)
   m.sid = sid

@@ -110,9 +110,13 @@ impl SessionStore for RedisStore {
             at: now_ms(),
         })
         .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let max_members = self.settings.max_members_per_channel.to_string();
         let raw = self
-            .channel_script(&CHANNEL.join, ch, &[sid.as_str(), &member])
+            .channel_script(&CHANNEL.join, ch, &[sid.as_str(), &member, &max_members])
             .await?;
+        if raw == r#""full""# {
+            return Err(StoreError::ChannelFull);
+        }
         let state = parse::<WireState>(&raw, "channel state")?.into_domain(ch)?;
         let mut conn = self.conn.clone();
         let (_, exists): ((), bool) = self
