@@ -59,6 +59,9 @@ pub struct Config {
     /// state-svc gRPC URL: register, heartbeat and watch floors. Standalone when unset.
     #[arg(long, env = "PTT_MEDIA_STATE_URL")]
     pub state_url: Option<String>,
+    /// A transport not connected (ICE and DTLS done) this long after its creation is closed.
+    #[arg(long, env = "PTT_MEDIA_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub connect_timeout_ms: u64,
     /// After SIGTERM, how long to wait for transports to close before exiting, in ms.
     #[arg(long, env = "PTT_MEDIA_DRAIN_TIMEOUT_MS", default_value_t = 600_000)]
     pub drain_timeout_ms: u64,
@@ -96,6 +99,9 @@ impl Config {
         }
         if self.capacity == 0 {
             return Err("capacity must be at least 1".into());
+        }
+        if !(1_000..=600_000).contains(&self.connect_timeout_ms) {
+            return Err("connect timeout must be 1 s to 10 min".into());
         }
         Ok(())
     }

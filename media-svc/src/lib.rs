@@ -75,6 +75,10 @@ pub async fn run(
     let node = Node::new(RtcEngine::new()?, settings, ports, workers);
     let tasks = TaskTracker::new();
     let side_stop = CancellationToken::new();
+    tasks.spawn(Arc::clone(&node).reap(
+        Duration::from_millis(config.connect_timeout_ms),
+        side_stop.clone(),
+    ));
     if let Some(metrics_addr) = config.metrics_listen {
         let exposition = metrics::start(
             Arc::clone(&node),

@@ -3,6 +3,10 @@
 //! directly (`SetFloor`, the fast path); the watch is the safety net that cuts a speaker whose
 //! floor was revoked, expired or moved when no gateway said so (a gateway crash, say). Relayed
 //! decisions apply only with a strictly higher epoch, so they never undo a renewal.
+//!
+//! The same watch ends media for sessions that end: a member that leaves a hosted channel (its
+//! session removed, expired, kicked, or its gateway gone) has its transports there closed, and
+//! a snapshot (at subscribe and after every reconnect) closes those of anyone not listed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -205,8 +209,30 @@ async fn watch_once(
 async fn apply(node: &Node, event: pb::WatchEvent) {
     let (channel, holder, epoch) = match event.event {
         Some(pb::watch_event::Event::Floor(f)) => (f.channel_id, f.holder, f.epoch),
-        Some(pb::watch_event::Event::Snapshot(s)) => (s.channel_id, s.holder, s.epoch),
-        _ => return,
+        Some(pb::watch_event::Event::Snapshot(s)) => {
+            // A snapshot (at subscribe, and after every reconnect) lists the members: a
+            // transport of anyone else belongs to a session that ended meanwhile.
+            let members: HashSet<&str> = s.members.iter().map(|m| m.session_id.as_str()).collect();
+            let closed = node.keep_members(&s.channel_id, &members).await;
+            if closed > 0 {
+                tracing::info!(channel = %s.channel_id, closed, "closed transports of sessions no longer in the channel");
+            }
+            (s.channel_id, s.holder, s.epoch)
+        }
+        Some(pb::watch_event::Event::Membership(m)) => {
+            // A session that left the channel, or ended (disconnect, expiry, kick, its gateway
+            // gone), hears nothing more: its transports here close at once.
+            if m.change() == pb::MembershipChange::Left
+                && let Some(member) = &m.member
+            {
+                let closed = node.close_member(&m.channel_id, &member.session_id).await;
+                if closed > 0 {
+                    tracing::info!(channel = %m.channel_id, closed, "closed the transports of a session that left");
+                }
+            }
+            return;
+        }
+        None => return,
     };
     if epoch == 0 {
         return;

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use talkgroup_common::metrics::Exposition;
@@ -31,6 +33,12 @@ struct MediaMetrics {
     dropped_not_floor: Counter,
     dropped_slow: Counter,
     dropped_send: Counter,
+    reaped: Family<ReapReason, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReapReason {
+    reason: &'static str,
 }
 
 /// Registers the node's metrics and starts the sampler; returns what `/metrics` serves.
@@ -92,9 +100,15 @@ pub fn start(
         "Copies dropped at send: full socket buffer, full worker queue or too late",
         m.dropped_send.clone(),
     );
+    r.register(
+        "ptt_media_transports_reaped",
+        "Transports the node closed on its own: failed (consent lost, DTLS failed), never-connected, session-ended (left the channel or ended in state-svc)",
+        m.reaped.clone(),
+    );
     let sampler = Arc::clone(&m);
     tasks.spawn(async move {
         let mut last = [0u64; 4];
+        let mut last_reaped = [0u64; 3];
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {
             tokio::select! {
@@ -126,6 +140,18 @@ pub fn start(
             for ((counter, now), last) in counters.into_iter().zip(now).zip(last.iter_mut()) {
                 counter.inc_by(now.saturating_sub(*last));
                 *last = now.max(*last);
+            }
+            let reaped = node.reaped();
+            let reasons = [
+                ("failed", &reaped.failed),
+                ("never-connected", &reaped.never_connected),
+                ("session-ended", &reaped.session_ended),
+            ];
+            for ((reason, count), last) in reasons.into_iter().zip(last_reaped.iter_mut()) {
+                let now = count.load(std::sync::atomic::Ordering::Relaxed);
+                let counter = sampler.reaped.get_or_create(&ReapReason { reason });
+                counter.inc_by(now.saturating_sub(*last));
+                *last = now;
             }
         }
     });

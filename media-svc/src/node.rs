@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Candidate, Engine, EngineError, PeerSpec};
+use crate::engine::{Candidate, Engine, EngineError, PeerSpec, PeerState};
 use crate::ports::PortPool;
 use crate::router::{Floor, FloorApplied, Listener, Rewriter};
 use crate::worker::{PoolStats, WorkerPool};
@@ -68,11 +69,16 @@ struct Entry {
     addr: SocketAddr,
     ssrc: u32,
     role: Role,
+    created: Instant,
+    /// ICE and DTLS completed (the peer reported `Connected`).
+    connected: bool,
 }
 
 #[derive(Debug, Default)]
 struct Registry {
     transports: HashMap<String, Entry>,
+    /// Transport ids by worker key, for the workers' peer reports.
+    by_key: HashMap<u64, String>,
     by_session: HashMap<String, HashSet<String>>,
     /// Transports per channel: the channels this node hosts.
     by_channel: HashMap<String, usize>,
@@ -87,6 +93,21 @@ pub struct Node {
     draining: AtomicBool,
     /// The channels hosted, for the state-svc link to watch.
     channels_tx: watch::Sender<HashSet<String>>,
+    /// The workers' peer reports, until [`Node::reap`] takes them.
+    peer_states: Mutex<Option<mpsc::UnboundedReceiver<(u64, PeerState)>>>,
+    /// Transports closed by the node itself, by why.
+    reaped: Reaped,
+}
+
+/// Why the node closed transports on its own, counted for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Reaped {
+    /// The peer failed or closed: ICE consent lost, DTLS failed, the client went away.
+    pub failed: AtomicU64,
+    /// Not connected within the connect deadline of its creation.
+    pub never_connected: AtomicU64,
+    /// Its session left the channel, or ended, in state-svc.
+    pub session_ended: AtomicU64,
 }
 
 impl std::fmt::Debug for Node {
@@ -120,14 +141,17 @@ impl Node {
         ports: PortPool,
         workers: usize,
     ) -> Arc<Self> {
+        let (pool, peer_states) = WorkerPool::start(workers, Arc::new(engine));
         Arc::new(Self {
             settings,
             ports,
-            pool: WorkerPool::start(workers, Arc::new(engine)),
+            pool,
             registry: Mutex::new(Registry::default()),
             next_key: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             channels_tx: watch::Sender::new(HashSet::new()),
+            peer_states: Mutex::new(Some(peer_states)),
+            reaped: Reaped::default(),
         })
     }
 
@@ -224,9 +248,12 @@ impl Node {
             addr,
             ssrc,
             role: Role::None,
+            created: Instant::now(),
+            connected: false,
         };
         let mut registry = self.registry();
         registry.transports.insert(transport_id.clone(), entry);
+        registry.by_key.insert(key, transport_id.clone());
         registry
             .by_session
             .entry(session.to_owned())
@@ -434,6 +461,7 @@ impl Node {
             // Invariant: checked just above under the same lock.
             #[allow(clippy::expect_used)]
             let entry = registry.transports.remove(transport_id).expect("present");
+            registry.by_key.remove(&entry.key);
             if let Some(ids) = registry.by_session.get_mut(session) {
                 ids.remove(transport_id);
                 if ids.is_empty() {
@@ -478,6 +506,119 @@ impl Node {
             }
         }
         closed
+    }
+
+    /// Closes `session`'s transports in `channel` (it left the channel, or its session ended);
+    /// how many.
+    pub async fn close_member(&self, channel: &str, session: &str) -> u32 {
+        let ids: Vec<String> = {
+            let registry = self.registry();
+            registry
+                .by_session
+                .get(session)
+                .into_iter()
+                .flatten()
+                .filter(|id| {
+                    registry
+                        .transports
+                        .get(*id)
+                        .is_some_and(|e| e.channel == channel)
+                })
+                .cloned()
+                .collect()
+        };
+        self.close_ended(ids, &self.reaped.session_ended).await
+    }
+
+    /// Closes the transports in `channel` whose session is not among `members` (state-svc's
+    /// member list of the channel, from a snapshot); how many.
+    pub async fn keep_members(&self, channel: &str, members: &HashSet<&str>) -> u32 {
+        let ids: Vec<String> = self
+            .registry()
+            .transports
+            .iter()
+            .filter(|(_, e)| e.channel == channel && !members.contains(e.session.as_str()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.close_ended(ids, &self.reaped.session_ended).await
+    }
+
+    /// Closes transports the node decided to end itself, counting them under `why`.
+    async fn close_ended(&self, ids: Vec<String>, why: &AtomicU64) -> u32 {
+        let mut closed = 0;
+        for id in ids {
+            let session = self
+                .registry()
+                .transports
+                .get(&id)
+                .map(|e| e.session.clone());
+            if let Some(session) = session
+                && self.close_transport(&id, &session).await.is_ok()
+            {
+                closed += 1;
+                why.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        closed
+    }
+
+    /// Until `shutdown`, closes the transports that should not live on: those whose peer
+    /// failed or closed (ICE consent lost, DTLS failed) and those not connected within
+    /// `connect_timeout` of their creation (never answered, never reached). Their ports and
+    /// their places under the session's and the node's caps come back.
+    pub async fn reap(self: Arc<Self>, connect_timeout: Duration, shutdown: CancellationToken) {
+        let Some(mut states) = self
+            .peer_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                Some((key, state)) = states.recv() => self.on_peer_state(key, state).await,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    let late: Vec<String> = self
+                        .registry()
+                        .transports
+                        .iter()
+                        .filter(|(_, e)| !e.connected && now >= e.created + connect_timeout)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    if !late.is_empty() {
+                        let closed = self.close_ended(late, &self.reaped.never_connected).await;
+                        tracing::info!(closed, "closed transports that never connected");
+                    }
+                }
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn on_peer_state(&self, key: u64, state: PeerState) {
+        let id = {
+            let mut registry = self.registry();
+            let Some(id) = registry.by_key.get(&key).cloned() else {
+                return;
+            };
+            if state == PeerState::Connected {
+                if let Some(entry) = registry.transports.get_mut(&id) {
+                    entry.connected = true;
+                }
+                return;
+            }
+            id
+        };
+        tracing::info!(transport_id = %id, ?state, "peer ended; closing its transport");
+        self.close_ended(vec![id], &self.reaped.failed).await;
+    }
+
+    /// Transports the node closed on its own so far.
+    pub fn reaped(&self) -> &Reaped {
+        &self.reaped
     }
 
     /// Node-wide numbers; `reset_latency` starts a new latency measuring window.

@@ -270,3 +270,64 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     state_stop.cancel();
     let _ = state.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transports_that_never_connect_or_lose_their_peer_are_closed() {
+    let mut config = Config::for_tests();
+    config.connect_timeout_ms = 1_000;
+    let node = TestNode::start(config).await;
+    let mut client = node.client().await;
+    // Connected ones stay.
+    let (_mic, _) = speaker(&mut client, "s-speaker", "ch").await;
+    let (_ear, _, _) = listener(&mut client, "s-listener", "ch", false).await;
+    // Never answered, and answered by a peer that never shows up.
+    for (session, direction) in [("s-a", pb::Direction::Recv), ("s-b", pb::Direction::Send)] {
+        client
+            .create_transport(pb::CreateTransportRequest {
+                channel_id: "ch".into(),
+                session_id: session.into(),
+                direction: direction.into(),
+            })
+            .await
+            .unwrap();
+    }
+    let ghost = client
+        .create_transport(pb::CreateTransportRequest {
+            channel_id: "ch".into(),
+            session_id: "s-ghost".into(),
+            direction: pb::Direction::Recv.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut absent = testkit::media::Peer::new(false).await;
+    let answer = absent.answer(&ghost.offer.unwrap().sdp, false).await;
+    absent.close().await;
+    support::connect(&mut client, &ghost.transport_id, "s-ghost", answer).await;
+    assert_eq!(stats(&mut client).await.transports, 5);
+
+    wait_until(
+        Duration::from_secs(5),
+        "unconnected transports closed",
+        || {
+            let mut client = client.clone();
+            async move { stats(&mut client).await.transports == 2 }
+        },
+    )
+    .await
+    .unwrap();
+    // The two that connected are still served: still 2 a moment later.
+    let closed = client
+        .close_transport(pb::CloseTransportRequest {
+            transport_id: ghost.transport_id,
+            session_id: "s-ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        closed.code(),
+        tonic::Code::NotFound,
+        "the ghost's transport is gone"
+    );
+    assert_eq!(stats(&mut client).await.transports, 2);
+}

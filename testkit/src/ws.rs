@@ -117,4 +117,42 @@ impl WsClient {
     pub async fn push(&mut self, kind: &str) -> Value {
         self.push_where(kind, |_| true).await
     }
+
+    /// Reads the socket in a task of its own until [`Reading::stop`], so the client answers
+    /// pings (and keeps its pushes) while the test is busy elsewhere.
+    pub fn keep_reading(mut self) -> Reading {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return self,
+                    message = self.ws.next() => match message {
+                        Some(Ok(Message::Text(t))) => {
+                            if let Ok(frame) = serde_json::from_str(t.as_str()) {
+                                self.pushes.push(frame);
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        _ => return self,
+                    },
+                }
+            }
+        });
+        Reading { stop, task }
+    }
+}
+
+/// A client whose socket a task reads ([`WsClient::keep_reading`]).
+#[derive(Debug)]
+pub struct Reading {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<WsClient>,
+}
+
+impl Reading {
+    /// The client back, with what was read meanwhile among its pushes.
+    pub async fn stop(self) -> WsClient {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
 }

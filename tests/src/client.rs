@@ -52,6 +52,11 @@ impl Client {
         Self::connect_with(addr, user, name, &json!({"*": "talk"})).await
     }
 
+    /// The protocol client inside (for [`WsClient::keep_reading`]).
+    pub fn into_ws(self) -> WsClient {
+        self.inner
+    }
+
     /// Wraps an already signed-in protocol client.
     pub fn from_ws(inner: WsClient, user: &str) -> Self {
         Self {

@@ -63,6 +63,8 @@ pub struct Topology {
     pub max_talk_ms: u32,
     /// Extra gateway flags.
     pub gateway_args: Vec<String>,
+    /// Extra state-svc flags.
+    pub state_args: Vec<String>,
     /// OTLP/gRPC endpoint every service exports traces to.
     pub otlp_endpoint: Option<String>,
 }
@@ -76,6 +78,7 @@ impl Default for Topology {
             lease_ms: 5_000,
             max_talk_ms: 60_000,
             gateway_args: Vec::new(),
+            state_args: Vec::new(),
             otlp_endpoint: None,
         }
     }
@@ -149,7 +152,8 @@ impl Stack {
                 "--log-format",
                 "json",
             ]);
-            let args = with_otlp(args, t);
+            let mut args = with_otlp(args, t);
+            args.extend(t.state_args.iter().cloned());
             state.push(start("state-svc", &args, "state-svc listening")?);
         }
         let state_url = |i: usize| format!("http://{}", state[i % state.len()].addr);

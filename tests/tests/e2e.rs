@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use talkgroup_e2e::{Client, Stack, Topology, assert_tone, wait_packets};
+use talkgroup_e2e::{Client, Stack, Topology, assert_tone, http_get, wait_packets};
 use testkit::media::Tone;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,4 +330,119 @@ async fn the_gateway_serves_the_browser_client() {
     c.join("ops").await;
     let list = c.ok("list-channels", json!({})).await;
     assert_eq!(list["channels"][0]["memberCount"], 1);
+}
+
+/// A counter's value in a Prometheus exposition (0 when absent).
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_audio_reaches_a_session_the_server_dropped() {
+    // Sessions expire 3 s after their gateway stops touching them; a socket that answers no
+    // ping for two 1 s intervals is closed.
+    let topology = Topology {
+        gateways: 2,
+        state_args: vec!["--session-ttl-ms".into(), "3000".into()],
+        gateway_args: vec!["--ping-interval-ms".into(), "1000".into()],
+        ..Topology::default()
+    };
+    let mut stack = Stack::start(topology).await.unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut cai = stack.client(0, "u-cai", "Cai").await;
+    // Listen-only users: Dee will stop reading her socket; Gus's gateway will be killed.
+    let mut dee = stack.client(0, "u-dee", "Dee").await;
+    let mut gus = stack.client(1, "u-gus", "Gus").await;
+    for c in [&mut ana, &mut cai, &mut dee, &mut gus] {
+        c.join("ops").await;
+    }
+    // The listeners' sockets are read in the background, as a client's would be.
+    let mic = ana.speaker("ops").await;
+    let (cai_ear, _) = cai.listener("ops").await;
+    let cai = cai.into_ws().keep_reading();
+    let (dee_ear, _) = dee.listener("ops").await;
+    let dee = dee.into_ws().keep_reading();
+    let (gus_ear, _) = gus.listener("ops").await;
+    let _gus = gus.into_ws().keep_reading();
+
+    // Everyone hears Ana's first transmission.
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    let mut tone = Tone::new(440.0);
+    tone.play(&mic, 30).await;
+    for (ear, who) in [(&cai_ear, "Cai"), (&dee_ear, "Dee"), (&gus_ear, "Gus")] {
+        wait_packets(ear, 20, who).await;
+    }
+    ana.ptt_stop("ops").await;
+
+    // Dee stops reading (no pongs: her gateway closes her socket); Gus's gateway dies with
+    // -9 (his session expires in state-svc). Both leave the member list, as Ana sees.
+    let _dee_unread = dee.stop().await;
+    drop(stack.gateways.remove(1));
+    ana.push_where("channel-state", |d| {
+        let members = d["members"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        d["channelId"] == "ops"
+            && !members
+                .iter()
+                .any(|m| m["userId"] == "u-dee" || m["userId"] == "u-gus")
+    })
+    .await;
+    let ana = ana.into_ws().keep_reading();
+
+    // The node closed their transports (Dee's when her gateway said so or state-svc reported
+    // her gone, Gus's when state-svc reported his session gone).
+    let media = stack.media[0].logged_addr("metrics listening").unwrap();
+    testkit::wait_until(
+        Duration::from_secs(5),
+        "their transports closed",
+        || async {
+            let metrics = http_get(media, "/metrics")
+                .await
+                .map(|(_, m)| m)
+                .unwrap_or_default();
+            counter(
+                &metrics,
+                r#"ptt_media_transports_reaped_total{reason="session-ended"} "#,
+            ) >= 1
+                && counter(&metrics, "ptt_media_peer_connections ") == 2
+        },
+    )
+    .await
+    .unwrap();
+
+    // Ana's next transmission reaches Cai, and nobody who was dropped.
+    let (dee_before, gus_before) = (dee_ear.received_count(), gus_ear.received_count());
+    let cai_before = cai_ear.received_count();
+    let mut ana = Client::from_ws(ana.stop().await, "u-ana");
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    tone.play(&mic, 30).await;
+    wait_packets(
+        &cai_ear,
+        cai_before + 20,
+        "Cai hears the second transmission",
+    )
+    .await;
+    assert_eq!(
+        dee_ear.received_count(),
+        dee_before,
+        "Dee was dropped: no audio for her"
+    );
+    assert_eq!(
+        gus_ear.received_count(),
+        gus_before,
+        "Gus was dropped: no audio for him"
+    );
+    let mut cai = Client::from_ws(cai.stop().await, "u-cai");
+    assert_eq!(
+        cai.request("ping", json!({})).await["type"],
+        "pong",
+        "Cai was kept"
+    );
+    mic.close().await;
 }

@@ -29,7 +29,7 @@ use rtc::rtp;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Candidate, Engine, EngineError, PeerSpec};
+use crate::engine::{Candidate, Engine, EngineError, PeerSpec, PeerState};
 use crate::router::{Floor, FloorApplied, Listener, RouterStats};
 
 /// Messages a worker may have queued.
@@ -163,23 +163,36 @@ pub struct WorkerPool {
     workers: Arc<[mpsc::Sender<Command>]>,
     hasher: RandomState,
     stop: CancellationToken,
+    /// Where workers report their peers' connection states, by peer key.
+    peer_states: mpsc::UnboundedSender<(u64, PeerState)>,
 }
 
 impl WorkerPool {
-    /// Starts `count` workers (at least one) on the current runtime.
-    pub fn start<E: Engine>(count: usize, engine: Arc<E>) -> Self {
+    /// Starts `count` workers (at least one) on the current runtime. The receiver gets every
+    /// peer's connection state as it changes (connected, failed, closed), by peer key.
+    pub fn start<E: Engine>(
+        count: usize,
+        engine: Arc<E>,
+    ) -> (Self, mpsc::UnboundedReceiver<(u64, PeerState)>) {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
             .map(|_| mpsc::channel(WORKER_QUEUE))
             .unzip();
+        let (peer_states, states) = mpsc::unbounded_channel();
         let pool = Self {
             workers: senders.into(),
             hasher: RandomState::new(),
             stop: CancellationToken::new(),
+            peer_states,
         };
         for (index, commands) in receivers.into_iter().enumerate() {
             thread::spawn(index, pool.clone(), Arc::clone(&engine), commands);
         }
-        pool
+        (pool, states)
+    }
+
+    /// A worker reports a peer's new connection state.
+    fn peer_state(&self, key: u64, state: PeerState) {
+        let _ = self.peer_states.send((key, state));
     }
 
     fn channel_worker(&self, channel: &str) -> usize {

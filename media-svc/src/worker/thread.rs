@@ -244,6 +244,9 @@ impl<E: Engine> Worker<E> {
                     tracing::info!(peer = key, ?state, "peer connection ended")
                 }
             }
+            // The node closes the transport of a peer that ended, and stops counting a
+            // connected one against the connect deadline.
+            self.pool.peer_state(key, state);
         }
         let mut packets = Vec::new();
         if let Peer::Speaker(speaker) = &mut slot.peer {
