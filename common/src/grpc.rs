@@ -1,6 +1,8 @@
 //! The standard services of every Talkgroup gRPC server: `grpc.health.v1` and reflection
 //! (both `v1` and `v1alpha`, since common grpcurl builds speak only `v1alpha`).
 
+use std::time::Duration;
+
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -17,6 +19,44 @@ pub fn incoming(
             let _ = stream.set_nodelay(true);
         })
     })
+}
+
+/// How long a connection attempt to another service may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on every internal connection, both ways: a peer that died without closing
+/// its TCP connection (a killed pod, a cut network) is found within interval + timeout instead
+/// of the kernel's TCP keepalive (hours), and its streams fail so callers reconnect.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client endpoint for `url` as every Talkgroup service dials another: connect timeout,
+/// `TCP_NODELAY`, HTTP/2 keepalive while idle. `deadline` bounds every call made on it; `None`
+/// for the channels that carry long-lived streams (bound each unary call on those itself).
+pub fn endpoint(
+    url: &str,
+    deadline: Option<Duration>,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    Ok(match deadline {
+        Some(deadline) => endpoint.timeout(deadline),
+        None => endpoint,
+    })
+}
+
+/// A server builder as every Talkgroup gRPC server starts: HTTP/2 pings to its clients (a
+/// dead gateway's `Watch` stream ends within seconds, not at the next write), TCP keepalive,
+/// and a bound on concurrent streams per connection.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(4_096))
 }
 
 /// Health and reflection services, ready to be added to a tonic router.

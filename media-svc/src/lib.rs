@@ -28,7 +28,6 @@ use talkgroup_proto::media::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use crate::config::Config;
@@ -106,7 +105,7 @@ pub async fn run(
 
     let incoming = talkgroup_common::grpc::incoming(listener);
     tracing::info!(%addr, %node_id, workers, "media-svc listening");
-    let served = Server::builder()
+    let served = talkgroup_common::grpc::server()
         .trace_fn(talkgroup_common::telemetry::server_span)
         .add_service(standard.health)
         .add_service(standard.reflection_v1)

@@ -15,11 +15,13 @@ use std::time::Duration;
 use talkgroup_proto::state::v1 as pb;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::node::Node;
 
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a call to state-svc may take.
+const CALL_DEADLINE: Duration = Duration::from_secs(3);
 /// Registration attempts logged at debug before the failures become warnings: a node usually
 /// starts beside state-svc, before it listens.
 const QUIET_ATTEMPTS: u32 = 5;
@@ -39,10 +41,10 @@ pub async fn run(
     me: Registration,
     shutdown: CancellationToken,
 ) {
-    let endpoint = match Endpoint::from_shared(state_url.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(3)),
+    // Every call gets 3 s to be answered (a stream: to start); the watch stream then lives
+    // on, with HTTP/2 keepalive to notice a dead state-svc.
+    let endpoint = match talkgroup_common::grpc::endpoint(&state_url, Some(CALL_DEADLINE)) {
+        Ok(e) => e,
         Err(_) => {
             tracing::error!(url = %state_url, "invalid state-svc url; the node runs unregistered");
             return;

@@ -11,13 +11,18 @@ use talkgroup_proto::state::v1 as spb;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::auth::Authenticator;
 use crate::client_addr::AddressSlots;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics;
+
+/// Every call to state-svc ends within this (the streams have a channel of their own).
+const STATE_DEADLINE: Duration = Duration::from_secs(5);
+/// Every call to a media node ends within this.
+const MEDIA_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A gRPC channel whose calls carry the current trace context.
 pub type Traced = InterceptedService<Channel, Inject>;
@@ -83,9 +88,7 @@ impl AppState {
         if let Some(client) = media.get(url) {
             return Some(client.clone());
         }
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .ok()?
-            .connect_timeout(Duration::from_secs(3));
+        let endpoint = talkgroup_common::grpc::endpoint(url, Some(MEDIA_DEADLINE)).ok()?;
         let client = mpb::media_service_client::MediaServiceClient::with_interceptor(
             endpoint.connect_lazy(),
             Inject,
@@ -107,10 +110,8 @@ pub enum RunError {
 pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppState>, RunError> {
     config.validate().map_err(RunError::Config)?;
     let auth = Authenticator::from_config(&config).map_err(RunError::Config)?;
-    let state = Endpoint::from_shared(config.state_url.clone())
+    let state = talkgroup_common::grpc::endpoint(&config.state_url, Some(STATE_DEADLINE))
         .map_err(|_| RunError::Config("invalid state-svc url".into()))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5))
         .connect_lazy();
     Ok(Arc::new(AppState {
         gateway_id: config.gateway_id(),

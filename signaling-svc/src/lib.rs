@@ -39,7 +39,6 @@ use serde::{Deserialize, Serialize};
 use talkgroup_proto::state::v1 as spb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 pub use crate::app_state::{AppState, RunError, Traced, app_state};
 pub use crate::config::Config;
@@ -308,9 +307,8 @@ pub async fn run(
     let addr = listener.local_addr()?;
     // The event streams get their own HTTP/2 connection, so a burst of events never queues
     // in front of a floor request's reply.
-    let watches = Endpoint::from_shared(app_state.config.state_url.clone())
+    let watches = talkgroup_common::grpc::endpoint(&app_state.config.state_url, None)
         .map_err(|_| RunError::Config("invalid state-svc url".into()))?
-        .connect_timeout(Duration::from_secs(3))
         .connect_lazy();
     let tracker = app_state.tracker.clone();
     let hub = &app_state.hub;

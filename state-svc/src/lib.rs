@@ -34,7 +34,6 @@ use talkgroup_proto::state::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use crate::config::{Config, ConfigError, StoreKind};
@@ -140,7 +139,7 @@ async fn serve<S: Store>(
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
     set_serving(&reporter, ServingStatus::Serving).await;
-    let router = Server::builder()
+    let router = talkgroup_common::grpc::server()
         .trace_fn(talkgroup_common::telemetry::server_span)
         .add_service(standard.health)
         .add_service(standard.reflection_v1)
