@@ -89,6 +89,15 @@ pub async fn run(
     }
     let standard = talkgroup_common::grpc::standard_services();
     set_serving(&standard.reporter, ServingStatus::Serving).await;
+    standard
+        .reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    tasks.spawn(fail_on_worker_death(
+        Arc::clone(&node),
+        standard.reporter.clone(),
+        side_stop.clone(),
+    ));
     if let Some(url) = config.state_url.clone() {
         let me = registration(&config, &node_id, addr);
         tasks.spawn(link::run(Arc::clone(&node), url, me, side_stop.clone()));
@@ -153,6 +162,31 @@ async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: Se
     for name in [SERVICE_NAME, ""] {
         reporter.set_service_status(name, status).await;
     }
+}
+
+/// The health service name the liveness probe asks for: NOT_SERVING only when the node is
+/// broken (a worker died), not while it drains.
+pub const LIVENESS: &str = "talkgroup.media.Liveness";
+
+/// A worker that panicked took its peers and channels with it: the node reports NOT_SERVING
+/// (readiness and liveness, so Kubernetes replaces it) and drains (the registry places no new
+/// channels on it, and gateways move new joins elsewhere).
+async fn fail_on_worker_death(
+    node: Arc<Node>,
+    reporter: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let failed = node.failed();
+    tokio::select! {
+        () = failed.cancelled() => {}
+        () = stop.cancelled() => return,
+    }
+    tracing::error!("a media worker died; the node reports NOT_SERVING and takes no new channels");
+    set_serving(&reporter, ServingStatus::NotServing).await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::NotServing)
+        .await;
+    node.set_draining();
 }
 
 /// On shutdown: NOT_SERVING, no new channels, then stop serving once the last transport

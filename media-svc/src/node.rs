@@ -616,6 +616,11 @@ impl Node {
         self.close_ended(vec![id], &self.reaped.failed).await;
     }
 
+    /// Cancelled once a worker died (panicked): the node can no longer do all its work.
+    pub fn failed(&self) -> CancellationToken {
+        self.pool.failed()
+    }
+
     /// Transports the node closed on its own so far.
     pub fn reaped(&self) -> &Reaped {
         &self.reaped
@@ -643,4 +648,64 @@ pub fn wall_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::engine::listener::ListenerPeer;
+    use crate::engine::rtc_peer::{RtcEngine, RtcPeer};
+
+    /// The real engine, except that making a listener transport panics (a bug in a worker).
+    struct PanicsOnListener(RtcEngine);
+
+    impl Engine for PanicsOnListener {
+        type Speaker = RtcPeer;
+        type Listener = ListenerPeer;
+
+        fn speaker(
+            &self,
+            local: SocketAddr,
+            announced: Option<IpAddr>,
+            now: Instant,
+        ) -> Result<RtcPeer, EngineError> {
+            self.0.speaker(local, announced, now)
+        }
+
+        fn listener(
+            &self,
+            _ssrc: u32,
+            _local: SocketAddr,
+            _announced: Option<IpAddr>,
+        ) -> Result<ListenerPeer, EngineError> {
+            panic!("a bug in the worker");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_worker_is_reported_not_left_half_working() {
+        let settings = NodeSettings {
+            node_id: "n".into(),
+            announced_ip: None,
+            capacity: 10,
+        };
+        let ports = PortPool::new("127.0.0.1".parse().unwrap(), None);
+        let node = Node::new(
+            PanicsOnListener(RtcEngine::new().unwrap()),
+            settings,
+            ports,
+            1,
+        );
+        assert!(!node.failed().is_cancelled());
+        node.create_transport("s1", "ch", Direction::Send)
+            .await
+            .unwrap();
+        let refused = node.create_transport("s2", "ch", Direction::Recv).await;
+        assert!(matches!(refused, Err(NodeError::Stopping)), "{refused:?}");
+        tokio::time::timeout(Duration::from_secs(5), node.failed().cancelled())
+            .await
+            .expect("the failure is reported");
+    }
 }

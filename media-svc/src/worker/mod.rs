@@ -163,6 +163,9 @@ pub struct WorkerPool {
     workers: Arc<[mpsc::Sender<Command>]>,
     hasher: RandomState,
     stop: CancellationToken,
+    /// Cancelled when a worker ends without being asked to (it panicked): its peers and
+    /// routers are gone, and the node must stop taking work.
+    failed: CancellationToken,
     /// Where workers report their peers' connection states, by peer key.
     peer_states: mpsc::UnboundedSender<(u64, PeerState)>,
 }
@@ -182,6 +185,7 @@ impl WorkerPool {
             workers: senders.into(),
             hasher: RandomState::new(),
             stop: CancellationToken::new(),
+            failed: CancellationToken::new(),
             peer_states,
         };
         for (index, commands) in receivers.into_iter().enumerate() {
@@ -362,5 +366,10 @@ impl WorkerPool {
     /// Stops every worker (their peers' sockets close).
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Cancelled once a worker has died (panicked).
+    pub fn failed(&self) -> CancellationToken {
+        self.failed.clone()
     }
 }

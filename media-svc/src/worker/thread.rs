@@ -59,9 +59,21 @@ pub(super) fn spawn<E: Engine>(
                 .enable_all()
                 .build()
             {
-                Ok(runtime) => runtime.block_on(worker.run(commands, inbound_rx)),
+                Ok(runtime) => {
+                    // A panic ends the worker and loses its peers and routers: the pool
+                    // reports it, so the node stops taking work and says so (not a silent
+                    // half-node whose calls to this worker all fail).
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(worker.run(commands, inbound_rx));
+                    }));
+                    if ran.is_err() {
+                        tracing::error!(worker = index, "media worker panicked");
+                        pool.failed.cancel();
+                    }
+                }
                 Err(error) => {
-                    tracing::error!(worker = index, %error, "media worker could not start")
+                    tracing::error!(worker = index, %error, "media worker could not start");
+                    pool.failed.cancel();
                 }
             }
         });
