@@ -159,18 +159,21 @@ fn valid_name(name: &str) -> bool {
 /// Serves one authenticated socket until it closes.
 pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let (mut conn, mut events, outbox, session_ttl_ms) = match Conn::open(&app, &claims).await {
-        Ok(opened) => opened,
-        Err(close) => {
-            let _ = sink.send(close.frame()).await;
-            return;
-        }
-    };
+    // The opening, each request and the cleanup are boxed: they run briefly and hold big
+    // futures (gRPC calls), which would otherwise be part of every idle socket's task.
+    let (mut conn, mut events, outbox, session_ttl_ms) =
+        match Box::pin(Conn::open(&app, &claims)).await {
+            Ok(opened) => opened,
+            Err(close) => {
+                let _ = sink.send(close.frame()).await;
+                return;
+            }
+        };
     let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
     let mut writer = spawn_writer(&app, sink, outbox, write_timeout);
     tracing::info!(conn = conn.id, session_id = %conn.session, user_id = %conn.user.user_id, "connected");
     let close = conn.serve(&mut stream, &mut events, session_ttl_ms).await;
-    conn.cleanup().await;
+    Box::pin(conn.cleanup()).await;
     conn.out.push_close(close.frame());
     let id = conn.id;
     drop(conn);
@@ -344,12 +347,12 @@ impl Conn {
             tokio::select! {
                 message = stream.next() => {
                     last_heard = Instant::now();
-                    if let Some(close) = self.on_message(message).await {
+                    if let Some(close) = Box::pin(self.on_message(message)).await {
                         return close;
                     }
                 }
                 Some(event) = events.recv() => {
-                    if let Some(close) = self.on_event(event).await {
+                    if let Some(close) = Box::pin(self.on_event(event)).await {
                         return close;
                     }
                 }
@@ -370,7 +373,7 @@ impl Conn {
                     self.app.metrics.slow_client();
                     return Close::TooSlow;
                 }
-                _ = touch.tick() => self.touch_session().await,
+                _ = touch.tick() => Box::pin(self.touch_session()).await,
                 () = &mut expiry => {
                     tracing::info!(conn = self.id, "token expired; closing");
                     return Close::TokenExpired;
