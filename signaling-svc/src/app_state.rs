@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::auth::Authenticator;
 use crate::client_addr::AddressSlots;
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Hub, Shards};
 use crate::metrics;
 
 /// Every call to state-svc ends within this (the streams have a channel of their own).
@@ -113,12 +113,16 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
     let state = talkgroup_common::grpc::endpoint(&config.state_url, Some(STATE_DEADLINE))
         .map_err(|_| RunError::Config("invalid state-svc url".into()))?
         .connect_lazy();
+    let shards = Shards {
+        streams: config.watch_streams,
+        channels_per_stream: config.watch_channels_per_stream,
+    };
     Ok(Arc::new(AppState {
         gateway_id: config.gateway_id(),
         config,
         auth,
         state,
-        hub: Hub::new(),
+        hub: Hub::with_shards(shards),
         metrics: metrics::GatewayMetrics::new(),
         media: Mutex::default(),
         shutdown,

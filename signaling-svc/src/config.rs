@@ -102,6 +102,18 @@ pub struct Config {
     /// header that is not itself a trusted proxy.
     #[arg(long, env = "PTT_SIGNALING_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<crate::client_addr::Cidr>,
+    /// `Watch` streams on state-svc at most; the gateway's channels are spread over them.
+    #[arg(long, env = "PTT_SIGNALING_WATCH_STREAMS", default_value_t = 16)]
+    pub watch_streams: usize,
+    /// Channels one `Watch` stream follows at most (state-svc takes up to 10,000 per stream).
+    /// With `--watch-streams` this caps the channels one gateway follows; a join past it is
+    /// refused with LIMIT_EXCEEDED.
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_WATCH_CHANNELS_PER_STREAM",
+        default_value_t = 5_000
+    )]
+    pub watch_channels_per_stream: usize,
     /// Development only: serve `POST /dev/token` {"name"} → a token for that name, signed with
     /// the HS256 secret. Anyone can then sign in as anyone: never enable it in production.
     #[arg(long, env = "PTT_SIGNALING_DEV_TOKENS", default_value_t = false)]
@@ -208,6 +220,11 @@ impl Config {
             || !(100..=120_000).contains(&self.header_timeout_ms)
         {
             return Err("write and header timeouts must be 100 ms to 120 s".into());
+        }
+        if !(1..=256).contains(&self.watch_streams)
+            || !(1..=10_000).contains(&self.watch_channels_per_stream)
+        {
+            return Err("watch-streams must be 1-256, watch-channels-per-stream 1-10000".into());
         }
         if self.max_connections == 0
             || self.max_channels_per_socket == 0

@@ -1,4 +1,4 @@
-//! The gateway's one `Watch` on state-svc, shared by all its connections.
+//! The gateway's `Watch` streams on state-svc, shared by all its connections.
 //!
 //! Connections say which channels they are in; the hub subscribes exactly those, keeps each
 //! channel's state (snapshot, then floor changes last-epoch-wins and membership changes), and
@@ -6,6 +6,12 @@
 //! state-svc, a change made through any gateway replica reaches clients on every replica. After
 //! a reconnect (backoff 1, 2, 4, 8, 16, 30 s) state-svc sends fresh snapshots, which reach the
 //! clients as `channel-state`.
+//!
+//! The channels are spread over several streams (shards), each kept well under state-svc's
+//! per-stream cap: a channel is assigned to the first shard with room when a connection first
+//! follows it, and leaves its shard when nobody here follows it any more. When every shard is
+//! full the follow is refused (the join gets `LIMIT_EXCEEDED`), so no number of joins can
+//! break a stream that other users' channels share.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -168,6 +174,9 @@ struct Inner {
     held_back: HashMap<String, HeldBack>,
     /// Numbers the holds, so a hold's time limit never releases a later one.
     holds: u64,
+    /// The stream (shard) each followed channel is on, and how many each has.
+    shard_of: HashMap<String, usize>,
+    shard_load: Vec<usize>,
 }
 
 /// The connections of a user.
@@ -262,19 +271,53 @@ where
     }
 }
 
+/// How the hub spreads its channels over streams.
+#[derive(Debug, Clone, Copy)]
+pub struct Shards {
+    /// Streams at most.
+    pub streams: usize,
+    /// Channels one stream follows at most (state-svc refuses more than 10,000).
+    pub channels_per_stream: usize,
+}
+
+impl Default for Shards {
+    fn default() -> Self {
+        Self {
+            streams: 16,
+            channels_per_stream: 5_000,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Hub {
     inner: Mutex<Inner>,
-    wanted: watch::Sender<HashSet<String>>,
+    shards: Shards,
+    /// The channels each stream follows.
+    wanted: Vec<watch::Sender<HashSet<String>>>,
     /// Itself, for the delayed membership flushes.
     me: Weak<Hub>,
 }
 
 impl Hub {
     pub fn new() -> Arc<Self> {
+        Self::with_shards(Shards::default())
+    }
+
+    pub fn with_shards(shards: Shards) -> Arc<Self> {
+        let shards = Shards {
+            streams: shards.streams.max(1),
+            channels_per_stream: shards.channels_per_stream.max(1),
+        };
         Arc::new_cyclic(|me| Self {
-            inner: Mutex::default(),
-            wanted: watch::Sender::new(HashSet::new()),
+            inner: Mutex::new(Inner {
+                shard_load: vec![0; shards.streams],
+                ..Inner::default()
+            }),
+            shards,
+            wanted: (0..shards.streams)
+                .map(|_| watch::Sender::new(HashSet::new()))
+                .collect(),
             me: me.clone(),
         })
     }
@@ -369,26 +412,61 @@ impl Hub {
         (id, rx)
     }
 
-    pub fn follow(&self, conn: u64, channel: &str) {
+    /// Whether a connection could follow `channel` now (it is followed already, or a stream
+    /// has room for it).
+    pub fn has_room_for(&self, channel: &str) -> bool {
+        let inner = self.lock();
+        inner.by_channel.contains_key(channel)
+            || inner
+                .shard_load
+                .iter()
+                .any(|load| *load < self.shards.channels_per_stream)
+    }
+
+    /// Connection `conn` follows `channel`; false (nothing changed) when the channel is new
+    /// here and every stream is full.
+    pub fn follow(&self, conn: u64, channel: &str) -> bool {
         let mut inner = self.lock();
+        if !inner.by_channel.contains_key(channel) {
+            let per_stream = self.shards.channels_per_stream;
+            let Some(shard) = inner.shard_load.iter().position(|load| *load < per_stream) else {
+                return false;
+            };
+            inner.shard_load[shard] += 1;
+            inner.shard_of.insert(channel.to_owned(), shard);
+            self.wanted[shard].send_modify(|set| {
+                set.insert(channel.to_owned());
+            });
+        }
         inner
             .by_channel
             .entry(channel.to_owned())
             .or_default()
             .insert(conn);
-        self.publish(&inner);
+        true
     }
 
     pub fn unfollow(&self, conn: u64, channel: &str) {
         let mut inner = self.lock();
-        if let Some(set) = inner.by_channel.get_mut(channel) {
-            set.remove(&conn);
-            if set.is_empty() {
-                inner.by_channel.remove(channel);
-                inner.cache.remove(channel);
-            }
+        self.unfollow_locked(&mut inner, conn, channel);
+    }
+
+    fn unfollow_locked(&self, inner: &mut Inner, conn: u64, channel: &str) {
+        let Some(set) = inner.by_channel.get_mut(channel) else {
+            return;
+        };
+        set.remove(&conn);
+        if !set.is_empty() {
+            return;
         }
-        self.publish(&inner);
+        inner.by_channel.remove(channel);
+        inner.cache.remove(channel);
+        if let Some(shard) = inner.shard_of.remove(channel) {
+            inner.shard_load[shard] -= 1;
+            self.wanted[shard].send_modify(|set| {
+                set.remove(channel);
+            });
+        }
     }
 
     pub fn unregister(&self, conn: u64) {
@@ -398,17 +476,15 @@ impl Hub {
             ids.remove(&conn);
             !ids.is_empty()
         });
-        let channels: Vec<String> = inner.by_channel.keys().cloned().collect();
+        let channels: Vec<String> = inner
+            .by_channel
+            .iter()
+            .filter(|(_, ids)| ids.contains(&conn))
+            .map(|(ch, _)| ch.clone())
+            .collect();
         for ch in channels {
-            if let Some(set) = inner.by_channel.get_mut(&ch) {
-                set.remove(&conn);
-                if set.is_empty() {
-                    inner.by_channel.remove(&ch);
-                    inner.cache.remove(&ch);
-                }
-            }
+            self.unfollow_locked(&mut inner, conn, &ch);
         }
-        self.publish(&inner);
     }
 
     /// Whether connection `conn` holds `channel`'s floor (its changes then go through it).
@@ -429,18 +505,6 @@ impl Hub {
     /// Channels some local connection follows.
     pub fn channel_count(&self) -> usize {
         self.lock().by_channel.len()
-    }
-
-    fn publish(&self, inner: &Inner) {
-        let wanted: HashSet<String> = inner.by_channel.keys().cloned().collect();
-        self.wanted.send_if_modified(|current| {
-            if *current == wanted {
-                false
-            } else {
-                *current = wanted;
-                true
-            }
-        });
     }
 
     fn dispatch(&self, event: pb::watch_event::Event) {
@@ -634,18 +698,32 @@ impl Hub {
         }
     }
 
-    /// Keeps the watch open until shutdown, reconnecting with backoff.
+    /// Keeps every stream open until shutdown, each reconnecting with backoff on its own; a
+    /// stream connects once it has a channel to follow.
     pub async fn run(self: Arc<Self>, state: Channel, shutdown: CancellationToken) {
-        let stop = shutdown.clone();
-        reconnecting("state watch", &stop, move || {
+        let streams = (0..self.wanted.len()).map(|shard| {
             let (hub, state, shutdown) = (Arc::clone(&self), state.clone(), shutdown.clone());
-            async move { hub.watch_once(state, &shutdown).await }
-        })
-        .await;
+            async move {
+                let mut wanted = hub.wanted[shard].subscribe();
+                tokio::select! {
+                    found = wanted.wait_for(|set| !set.is_empty()) => if found.is_err() { return },
+                    () = shutdown.cancelled() => return,
+                }
+                let stop = shutdown.clone();
+                reconnecting("state watch", &stop, move || {
+                    let (hub, state, shutdown) =
+                        (Arc::clone(&hub), state.clone(), shutdown.clone());
+                    async move { hub.watch_once(shard, state, &shutdown).await }
+                })
+                .await;
+            }
+        });
+        futures::future::join_all(streams).await;
     }
 
     async fn watch_once(
         &self,
+        shard: usize,
         state: Channel,
         shutdown: &CancellationToken,
     ) -> Result<(), tonic::Status> {
@@ -655,7 +733,7 @@ impl Hub {
             .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let mut wanted = self.wanted.subscribe();
+        let mut wanted = self.wanted[shard].subscribe();
         let mut subscribed: HashSet<String> = HashSet::new();
         loop {
             let now = wanted.borrow_and_update().clone();
@@ -847,5 +925,34 @@ mod tests {
         }));
         assert_eq!(out.failure(), Some(crate::outbox::Failure::Overflow));
         assert!(matches!(events.try_recv(), Ok(HubEvent::Kicked(_))));
+    }
+
+    #[tokio::test]
+    async fn channels_spread_over_streams_and_a_full_hub_refuses_new_ones() {
+        let hub = Hub::with_shards(Shards {
+            streams: 2,
+            channels_per_stream: 3,
+        });
+        let (out, _outbox) = crate::outbox::outbox(1 << 20);
+        let (a, _) = hub.register("u-a", "s-a", out.clone());
+        let (b, _) = hub.register("u-b", "s-b", out);
+        for ch in ["c1", "c2", "c3", "c4"] {
+            assert!(hub.follow(a, ch));
+        }
+        assert!(hub.follow(b, "c1"), "a followed channel takes no room");
+        assert!(hub.follow(b, "c5") && hub.follow(b, "c6"));
+        assert!(!hub.has_room_for("c7"));
+        assert!(!hub.follow(b, "c7"), "every stream is full");
+        assert!(hub.has_room_for("c1"));
+        let sets: Vec<HashSet<String>> = hub.wanted.iter().map(|w| w.borrow().clone()).collect();
+        assert!(sets.iter().all(|s| s.len() == 3), "{sets:?}");
+        assert!(sets[0].is_disjoint(&sets[1]));
+        // A channel nobody follows any more frees its room; a channel still followed does not.
+        hub.unfollow(a, "c1");
+        assert!(!hub.has_room_for("c7"), "b still follows c1");
+        hub.unregister(b);
+        assert!(hub.follow(a, "c7"));
+        let followed: usize = hub.wanted.iter().map(|w| w.borrow().len()).sum();
+        assert_eq!(followed, 4, "c2, c3, c4 and c7");
     }
 }

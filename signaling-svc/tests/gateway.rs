@@ -1227,3 +1227,51 @@ async fn quotas_per_user_socket_address_and_channel_get_their_codes() {
     }
     stack.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_past_the_gateways_streams_are_refused_and_others_keep_their_pushes() {
+    // Two streams of two channels each: the gateway follows four channels at most.
+    let stack = stack_with(1, 5_000, 60_000, |c| {
+        c.watch_streams = 2;
+        c.watch_channels_per_stream = 2;
+    })
+    .await;
+    let gw = stack.gateways[0];
+    let mut hog = client(gw, "u-hog", "Hog").await;
+    for ch in ["c1", "c2", "c3", "c4"] {
+        hog.ok("join-channel", json!({"channelId": ch})).await;
+    }
+    // A fifth channel is refused, and the shared streams are untouched.
+    let mut other = client(gw, "u-other", "Other").await;
+    let refused = other
+        .request("join-channel", json!({"channelId": "c5"}))
+        .await;
+    assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+    assert_eq!(
+        refused["error"]["message"],
+        "this gateway follows too many channels"
+    );
+    // Channels on both streams still deliver: listeners in c1 and c4 hear the floor changes.
+    let mut first = client(gw, "u-first", "First").await;
+    let mut last = client(gw, "u-last", "Last").await;
+    first.ok("join-channel", json!({"channelId": "c1"})).await;
+    last.ok("join-channel", json!({"channelId": "c4"})).await;
+    for (ch, listener) in [("c1", &mut first), ("c4", &mut last)] {
+        let pressed = hog.request("ptt-start", json!({"channelId": ch})).await;
+        assert_eq!(pressed["data"]["granted"], true, "{pressed}");
+        let changed = listener.speaker_changed("granted").await;
+        assert_eq!(changed["data"]["channelId"], ch);
+    }
+    // Room comes back when a channel is no longer followed here.
+    hog.ok("leave-channel", json!({"channelId": "c2"})).await;
+    other.ok("join-channel", json!({"channelId": "c5"})).await;
+    let mut fifth = client(gw, "u-fifth", "Fifth").await;
+    fifth.ok("join-channel", json!({"channelId": "c5"})).await;
+    let pressed = other.request("ptt-start", json!({"channelId": "c5"})).await;
+    assert_eq!(pressed["data"]["granted"], true, "{pressed}");
+    assert_eq!(
+        fifth.speaker_changed("granted").await["data"]["channelId"],
+        "c5"
+    );
+    stack.stop.cancel();
+}

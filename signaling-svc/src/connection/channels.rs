@@ -7,7 +7,7 @@ use talkgroup_proto::state::v1 as spb;
 use super::{Conn, Result};
 use crate::access::Role;
 use crate::protocol::reply::{ChannelSummary, Channels, Done, Joined};
-use crate::protocol::{ChannelState, Code, User, err};
+use crate::protocol::{ChannelState, ClientError, Code, User, err};
 
 impl Conn {
     /// The configured channels the user may hear, with who is talking and how many are
@@ -58,6 +58,14 @@ impl Conn {
         {
             return Err(err(Code::LimitExceeded, "too many channels on this socket"));
         }
+        const GATEWAY_FULL: ClientError = err(
+            Code::LimitExceeded,
+            "this gateway follows too many channels",
+        );
+        if !self.app.hub.has_room_for(&channel) {
+            self.app.metrics.refused("gateway-channels");
+            return Err(GATEWAY_FULL);
+        }
         let state = self
             .app
             .sessions()
@@ -67,19 +75,36 @@ impl Conn {
             })
             .await?
             .into_inner();
-        self.follow(channel);
+        if !self.follow(channel.clone()) {
+            // The last room went to another socket meanwhile: undo the join.
+            let _ = self
+                .app
+                .sessions()
+                .leave_channel(spb::LeaveChannelRequest {
+                    session_id: self.session.clone(),
+                    channel_id: channel,
+                })
+                .await;
+            self.app.metrics.refused("gateway-channels");
+            return Err(GATEWAY_FULL);
+        }
         Ok(Joined {
             channel: ChannelState::from(&state),
             role,
         })
     }
 
-    /// Follows a channel's changes through the hub (joined, or taken by an emergency).
-    pub(super) fn follow(&mut self, channel: String) {
-        if !self.joined.contains(&channel) {
-            self.app.hub.follow(self.id, &channel);
-            self.joined.insert(channel);
+    /// Follows a channel's changes through the hub (joined, or taken by an emergency); false
+    /// when the hub has no room for another channel.
+    pub(super) fn follow(&mut self, channel: String) -> bool {
+        if self.joined.contains(&channel) {
+            return true;
         }
+        if !self.app.hub.follow(self.id, &channel) {
+            return false;
+        }
+        self.joined.insert(channel);
+        true
     }
 
     pub(super) async fn leave_request(&mut self, channel: &str) -> Result<Done> {

@@ -68,7 +68,11 @@ impl Conn {
                 });
                 continue;
             };
-            self.follow(ch.channel_id.clone());
+            if !self.follow(ch.channel_id.clone()) {
+                // The broadcast still holds the channel (the renewals keep it); only this
+                // socket's pushes of it are missing.
+                tracing::warn!(conn = self.id, channel = %ch.channel_id, "gateway follows too many channels; no pushes of this one");
+            }
             // The media node first, as for any grant; a channel whose node cannot be told
             // still belongs to the broadcast (the renewal tells it again).
             self.floors
