@@ -33,6 +33,8 @@ fn token(sub: &str, name: &str, exp_offset: i64, secret: &str) -> String {
 
 struct Stack {
     gateways: Vec<SocketAddr>,
+    /// state-svc's gRPC address.
+    state: SocketAddr,
     stop: CancellationToken,
 }
 
@@ -115,6 +117,7 @@ async fn stack_full(
     .unwrap();
     Stack {
         gateways: addrs,
+        state,
         stop,
     }
 }
@@ -1273,5 +1276,50 @@ async fn joins_past_the_gateways_streams_are_refused_and_others_keep_their_pushe
         fifth.speaker_changed("granted").await["data"]["channelId"],
         "c5"
     );
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_whose_session_vanished_is_closed_with_4004() {
+    use talkgroup_proto::state::v1 as spb;
+    // Sessions live 3 s untouched, so gateways touch them every second.
+    let stack = stack_full(1, 5_000, 60_000, |s| s.session_ttl_ms = 3_000, |_| {}).await;
+    let gw = stack.gateways[0];
+    let mut kept = client(gw, "u-kept", "Kept").await;
+    let mut sessions = spb::session_service_client::SessionServiceClient::connect(format!(
+        "http://{}",
+        stack.state
+    ))
+    .await
+    .unwrap();
+    // Twice: the second time long after the gateway's watches are up, so the periodic touch
+    // is what finds it.
+    for user in ["u-gone", "u-gone-later"] {
+        let mut gone = client(gw, user, "Gone").await;
+        assert_eq!(gone.request("ping", json!({})).await["type"], "pong");
+        // The session is removed behind the gateway's back (as a kick whose event it
+        // missed, or a store that lost it, would).
+        let listed = sessions
+            .list_user_sessions(spb::ListUserSessionsRequest {
+                user_id: user.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let started = std::time::Instant::now();
+        sessions
+            .remove_session(spb::RemoveSessionRequest {
+                session_id: listed.sessions[0].session_id.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(close_code(&mut gone).await, 4004);
+        let after = started.elapsed();
+        assert!(
+            after < Duration::from_secs(3),
+            "closed {after:?} after the removal"
+        );
+    }
+    assert_eq!(kept.request("ping", json!({})).await["type"], "pong");
     stack.stop.cancel();
 }

@@ -81,6 +81,9 @@ enum Close {
     TooSlow,
     /// The user has as many sessions as the deployment allows.
     TooManySessions,
+    /// state-svc no longer has the socket's session (removed while this gateway was not
+    /// listening, expired, or lost with the store).
+    SessionEnded,
 }
 
 impl Close {
@@ -97,6 +100,7 @@ impl Close {
             Self::TokenExpired => 4001,
             Self::TooSlow => 4002,
             Self::TooManySessions => 4003,
+            Self::SessionEnded => 4004,
         }
     }
 
@@ -110,6 +114,7 @@ impl Close {
             Self::TooBig => "frame too large",
             Self::TooSlow => "too slow to read",
             Self::TooManySessions => "too many sessions for this user",
+            Self::SessionEnded => "session ended",
             Self::Normal | Self::ProtocolError | Self::Flood => "",
         }
     }
@@ -373,7 +378,11 @@ impl Conn {
                     self.app.metrics.slow_client();
                     return Close::TooSlow;
                 }
-                _ = touch.tick() => Box::pin(self.touch_session()).await,
+                _ = touch.tick() => {
+                    if let Some(close) = Box::pin(self.touch_session()).await {
+                        return close;
+                    }
+                }
                 () = &mut expiry => {
                     tracing::info!(conn = self.id, "token expired; closing");
                     return Close::TokenExpired;
@@ -403,11 +412,20 @@ impl Conn {
         }
     }
 
-    async fn touch_session(&self) {
+    /// Keeps the session alive. A session state-svc no longer has closes the socket (4004):
+    /// whatever ended it (a kick this gateway missed, expiry, lost state), the socket must not
+    /// live on without one. Other failures are left to the next touch.
+    async fn touch_session(&self) -> Option<Close> {
         let touch = spb::TouchSessionRequest {
             session_id: self.session.clone(),
         };
-        let _ = self.app.sessions().touch_session(touch).await;
+        match self.app.sessions().touch_session(touch).await {
+            Err(status) if ServiceError::decode(&status).reason == Reason::NotFound => {
+                tracing::info!(conn = self.id, session_id = %self.session, "session gone; closing");
+                Some(Close::SessionEnded)
+            }
+            _ => None,
+        }
     }
 
     async fn send(&self, frame: impl Into<Frame>) {
