@@ -83,6 +83,13 @@ pub struct Config {
     /// closed as soon as it is accepted.
     #[arg(long, env = "PTT_SIGNALING_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+    /// Sync sessions one socket may create a minute (all of them at once at most).
+    #[arg(long, env = "PTT_SIGNALING_SYNC_CREATE_RATE", default_value_t = 10)]
+    pub sync_create_rate: u32,
+    /// Changes (start, switch, pause, ...) one socket may make to one sync session a second
+    /// (burst twice that): each is pushed to every member of the session's channel.
+    #[arg(long, env = "PTT_SIGNALING_SYNC_CHANGE_RATE", default_value_t = 5)]
+    pub sync_change_rate: u32,
     /// Channels one socket may be in at once (state-svc also caps them per user).
     #[arg(
         long,
@@ -232,7 +239,12 @@ impl Config {
         {
             return Err("connection, channel and socket limits must be positive".into());
         }
-        if self.ping_interval_ms < 100 || self.request_rate == 0 || self.ptt_rate == 0 {
+        if self.ping_interval_ms < 100
+            || self.request_rate == 0
+            || self.ptt_rate == 0
+            || self.sync_create_rate == 0
+            || self.sync_change_rate == 0
+        {
             return Err("ping interval and rates must be positive".into());
         }
         Ok(())

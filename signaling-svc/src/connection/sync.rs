@@ -11,8 +11,9 @@ use crate::protocol::sync::{SyncEnvelope, create_request, mutate_request};
 use crate::protocol::{Code, SyncCreate, SyncRef, err};
 
 impl Conn {
-    pub(super) async fn sync_create(&self, r: SyncCreate) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_create(&mut self, r: SyncCreate) -> Result<SyncEnvelope> {
         self.require_role(&r.channel_id, Role::Dispatch)?;
+        self.limits.sync_create()?;
         let created = self
             .app
             .syncs()
@@ -27,35 +28,35 @@ impl Conn {
         Ok(SyncEnvelope::from(&session))
     }
 
-    pub(super) async fn sync_start(&self, r: SyncRef) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_start(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
         self.sync_mutate(r, Role::Dispatch, Action::Start(spb::Empty {}))
             .await
     }
 
     /// Participants hand over themselves: talk is enough.
-    pub(super) async fn sync_switch(&self, r: SyncRef) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_switch(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
         let to = spb::SyncSwitch {
             participant_id: r.participant_id.clone().unwrap_or_default(),
         };
         self.sync_mutate(r, Role::Talk, Action::Switch(to)).await
     }
 
-    pub(super) async fn sync_pause(&self, r: SyncRef) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_pause(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
         self.sync_mutate(r, Role::Dispatch, Action::Pause(spb::Empty {}))
             .await
     }
 
-    pub(super) async fn sync_resume(&self, r: SyncRef) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_resume(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
         self.sync_mutate(r, Role::Dispatch, Action::Resume(spb::Empty {}))
             .await
     }
 
-    pub(super) async fn sync_complete(&self, r: SyncRef) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_complete(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
         self.sync_mutate(r, Role::Dispatch, Action::Complete(spb::Empty {}))
             .await
     }
 
-    pub(super) async fn sync_cancel(&self, r: SyncRef) -> Result<SyncEnvelope> {
+    pub(super) async fn sync_cancel(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
         self.sync_mutate(r, Role::Dispatch, Action::Cancel(spb::Empty {}))
             .await
     }
@@ -94,8 +95,14 @@ impl Conn {
         Ok(session)
     }
 
-    async fn sync_mutate(&self, r: SyncRef, least: Role, action: Action) -> Result<SyncEnvelope> {
+    async fn sync_mutate(
+        &mut self,
+        r: SyncRef,
+        least: Role,
+        action: Action,
+    ) -> Result<SyncEnvelope> {
         self.sync_session(&r.session_id, least).await?;
+        self.limits.sync_change(&r.session_id)?;
         let state = self
             .app
             .syncs()
