@@ -25,15 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::outbox::{Failure, Outbox};
-use crate::protocol::push::SpeakerChanged;
+use crate::protocol::push::{MemberChange, MembersChanged, SpeakerChanged};
 use crate::protocol::sync::SyncEnvelope;
 use crate::protocol::{ChannelState, Frame, Push, User, reason};
 
 /// Events a connection may have queued before the hub drops its events.
 pub const CONNECTION_EVENTS: usize = 256;
-/// Membership changes of a channel within this window reach its members as one `channel-state`
-/// (the whole member list): a burst of N joins to an N-member channel would otherwise send N²
-/// lists.
+/// Membership changes of a channel within this window reach its members as one
+/// `members-changed` push.
 const MEMBERSHIP_COALESCE: Duration = Duration::from_millis(25);
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
@@ -162,8 +161,8 @@ struct Inner {
     by_user: HashMap<String, HashSet<u64>>,
     /// The channel of each sync session seen, to route its deletion.
     sync_channels: HashMap<String, String>,
-    /// Channels with a membership change whose `channel-state` is about to go out.
-    pending_state: HashSet<String>,
+    /// Per channel, the membership changes about to go out as one `members-changed`.
+    pending_changes: HashMap<String, Vec<MemberChange>>,
     by_channel: HashMap<String, HashSet<u64>>,
     cache: HashMap<String, pb::ChannelState>,
     /// Local sessions with a floor request (`ptt-start`, `ptt-stop`) awaiting its reply, by
@@ -322,11 +321,17 @@ impl Hub {
         })
     }
 
-    /// Sends a channel's current state to its connections (the coalesced membership push).
-    fn flush_state(&self, channel: &str) {
+    /// Sends a channel's membership changes of the last moment to its connections.
+    fn flush_changes(&self, channel: &str) {
         let mut inner = self.lock();
-        inner.pending_state.remove(channel);
-        if let Some(text) = inner.cache.get(channel).and_then(state_push) {
+        let Some(changes) = inner.pending_changes.remove(channel) else {
+            return;
+        };
+        let push = Push::MembersChanged(MembersChanged {
+            channel_id: channel.to_owned(),
+            changes,
+        });
+        if let Some(text) = Frame::from(push).encode() {
             send_to_channel(&mut inner, channel, Fanout::Push(text));
         }
     }
@@ -562,17 +567,44 @@ impl Hub {
                 let Some(member) = change.member.clone() else {
                     return;
                 };
+                // In order from one stream; a change not newer than the snapshot is in it.
+                if change.version <= state.members_version {
+                    return;
+                }
+                state.members_version = change.version;
+                let user_present =
+                    |members: &[pb::Member]| members.iter().any(|m| m.user_id == member.user_id);
+                let was_present = user_present(&state.members);
                 state.members.retain(|m| m.session_id != member.session_id);
                 if change.change() == pb::MembershipChange::Joined {
-                    state.members.push(member);
+                    state.members.push(member.clone());
                 }
+                // Members are listed once per user: a user's second socket is no change.
+                let delta = match (was_present, user_present(&state.members)) {
+                    (false, true) => MemberChange {
+                        version: change.version,
+                        joined: Some(User {
+                            user_id: member.user_id.clone(),
+                            user_name: member.user_name.clone(),
+                        }),
+                        left: None,
+                    },
+                    (true, false) => MemberChange {
+                        version: change.version,
+                        joined: None,
+                        left: Some(member.user_id.clone()),
+                    },
+                    _ => return,
+                };
                 let channel = change.channel_id.clone();
-                if inner.pending_state.insert(channel.clone())
+                let pending = inner.pending_changes.entry(channel.clone()).or_default();
+                pending.push(delta);
+                if pending.len() == 1
                     && let Some(hub) = self.me.upgrade()
                 {
                     tokio::spawn(async move {
                         tokio::time::sleep(MEMBERSHIP_COALESCE).await;
-                        hub.flush_state(&channel);
+                        hub.flush_changes(&channel);
                     });
                 }
                 return;

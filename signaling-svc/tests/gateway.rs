@@ -295,13 +295,16 @@ async fn ping_join_floor_contention_and_disconnect() {
         .map(|m| m["userName"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["Ana", "Bo"]);
-    // Ana sees Bo arrive.
-    loop {
-        let state = a.push("channel-state").await;
-        if state["data"]["members"].as_array().unwrap().len() == 2 {
-            break;
-        }
-    }
+    // Ana sees Bo arrive: one change, newer than her join.
+    let arrived = a.push("members-changed").await;
+    let changes = arrived["data"]["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{arrived}");
+    assert_eq!(changes[0]["joined"]["userName"], "Bo");
+    assert_eq!(
+        changes[0]["version"], joined["data"]["channel"]["membersVersion"],
+        "the version Bo's join made"
+    );
+    assert_eq!(a.members_until("ops", |m| m.len() == 2).await.len(), 2);
 
     let granted = a.request("ptt-start", json!({"channelId": "ops"})).await;
     assert_eq!(granted["data"]["granted"], true, "{granted}");
@@ -359,7 +362,7 @@ async fn the_requester_reads_its_reply_before_its_speaker_changed() {
             let id = a.send(kind, json!({"channelId": "order"})).await;
             let first = loop {
                 let frame = a.next_frame().await;
-                if frame["type"] != "channel-state" {
+                if frame["type"] != "channel-state" && frame["type"] != "members-changed" {
                     break frame;
                 }
             };

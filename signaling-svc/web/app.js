@@ -20,6 +20,7 @@ const state = {
   epoch: 0,            // highest epoch seen for the joined channel
   speaker: null,
   members: [],
+  membersVersion: 0,   // version of `members`; newer changes apply to it
   recvPc: null,
   sendPc: null,
   mic: null,           // the microphone track (disabled while not talking)
@@ -74,6 +75,11 @@ function onFrame(frame) {
     case "channel-state":
       if (data.channelId === state.channel) {
         applyChannelState(data);
+      }
+      break;
+    case "members-changed":
+      if (data.channelId === state.channel) {
+        applyMemberChanges(data.changes ?? []);
       }
       break;
     case "ptt-denied":
@@ -195,6 +201,7 @@ async function joinChannel(channelId) {
   state.channel = channelId;
   state.role = reply.role;
   state.epoch = 0;
+  state.membersVersion = 0;
   $("channel").hidden = false;
   $("channel-name").textContent = channelId;
   $("denied").textContent = "";
@@ -243,7 +250,31 @@ function applyChannelState(channel) {
     state.epoch = channel.epoch;
     setSpeaker(channel.speaker, null);
   }
-  state.members = channel.members ?? [];
+  // A full list replaces ours unless ours is newer.
+  if ((channel.membersVersion ?? 0) >= state.membersVersion) {
+    state.membersVersion = channel.membersVersion ?? 0;
+    state.members = channel.members ?? [];
+    renderMembers();
+  }
+}
+
+// Who joined and left, each change with the members version it made: the ones newer than
+// ours apply, in order.
+function applyMemberChanges(changes) {
+  for (const change of changes) {
+    if (change.version <= state.membersVersion) continue;
+    state.membersVersion = change.version;
+    if (change.joined && !state.members.some((m) => m.userId === change.joined.userId)) {
+      state.members.push(change.joined);
+    }
+    if (change.left) {
+      state.members = state.members.filter((m) => m.userId !== change.left);
+    }
+  }
+  renderMembers();
+}
+
+function renderMembers() {
   const list = $("members");
   list.replaceChildren();
   for (const m of state.members) {

@@ -45,6 +45,7 @@ contract!(
     sync_conflicts_carry_both_versions,
     sixty_four_concurrent_sync_updaters_lose_nothing,
     quotas_per_user_and_channel_refuse_with_their_reasons,
+    members_versions_move_on_with_every_change,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -1492,5 +1493,67 @@ async fn quotas_per_user_and_channel_refuse_with_their_reasons(b: Backend) {
         .await
         .unwrap();
     c.session.join_channel(join(&cai, "a")).await.unwrap();
+    server.stop().await;
+}
+
+async fn members_versions_move_on_with_every_change(b: Backend) {
+    let server = TestServer::start(b.config("mver")).await;
+    let mut c = server.clients().await;
+    let ana = c.session("ana").await;
+    let joined = c
+        .session
+        .join_channel(pb::JoinChannelRequest {
+            session_id: ana.clone(),
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let v1 = joined.members_version;
+    assert!(v1 > 0);
+    let mut watch = c.watch(&["ops"]).await;
+    let bo = c.join("bo", "ops").await;
+    let event = watch.next_membership().await;
+    assert!(event.version > v1, "{event:?}");
+    c.session
+        .leave_channel(pb::LeaveChannelRequest {
+            session_id: bo,
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap();
+    let left = watch.next_membership().await;
+    assert!(left.version > event.version);
+    let state = c
+        .channel
+        .get_channel_state(pb::GetChannelStateRequest {
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        state.members_version, left.version,
+        "the state carries the latest"
+    );
+    // A channel that empties and fills again still never goes backwards.
+    c.session
+        .leave_channel(pb::LeaveChannelRequest {
+            session_id: ana.clone(),
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap();
+    let emptied = watch.next_membership().await;
+    let again = c
+        .session
+        .join_channel(pb::JoinChannelRequest {
+            session_id: ana,
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.members_version > emptied.version);
     server.stop().await;
 }

@@ -22,6 +22,8 @@ pub struct WsClient {
     next_id: u64,
     /// Pushes (and replies) received while waiting for something else.
     pub pushes: Vec<Value>,
+    /// Each channel's members (user ids) and their version, as the frames read so far say.
+    members: std::collections::HashMap<String, (u64, std::collections::BTreeSet<String>)>,
 }
 
 impl WsClient {
@@ -39,6 +41,7 @@ impl WsClient {
             ws,
             next_id: 0,
             pushes: Vec::new(),
+            members: std::collections::HashMap::new(),
         }
     }
 
@@ -51,8 +54,72 @@ impl WsClient {
                 .expect("socket open")
                 .expect("frame ok");
             if let Message::Text(t) = msg {
-                return serde_json::from_str(t.as_str()).unwrap();
+                let frame: Value = serde_json::from_str(t.as_str()).unwrap();
+                self.observe(&frame);
+                return frame;
             }
+        }
+    }
+
+    /// Follows channel membership as a client should: a channel state (a `join-channel`
+    /// reply, a `channel-state` push) sets the members when it is not older than what is
+    /// known; `members-changed` applies the changes newer than that.
+    fn observe(&mut self, frame: &Value) {
+        let state = match frame["type"].as_str() {
+            Some("channel-state") => Some(&frame["data"]),
+            Some("join-channel") => Some(&frame["data"]["channel"]),
+            _ => None,
+        };
+        if let Some(state) = state.filter(|s| s["channelId"].is_string()) {
+            let channel = state["channelId"].as_str().unwrap_or_default().to_owned();
+            let version = state["membersVersion"].as_u64().unwrap_or(0);
+            let known = self.members.get(&channel).map_or(0, |(v, _)| *v);
+            if version >= known {
+                let ids = state["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m["userId"].as_str().map(str::to_owned))
+                    .collect();
+                self.members.insert(channel, (version, ids));
+            }
+            return;
+        }
+        if frame["type"] == "members-changed" {
+            let data = &frame["data"];
+            let channel = data["channelId"].as_str().unwrap_or_default().to_owned();
+            let entry = self.members.entry(channel).or_default();
+            for change in data["changes"].as_array().into_iter().flatten() {
+                let version = change["version"].as_u64().unwrap_or(0);
+                if version <= entry.0 {
+                    continue;
+                }
+                entry.0 = version;
+                if let Some(user) = change["joined"]["userId"].as_str() {
+                    entry.1.insert(user.to_owned());
+                }
+                if let Some(user) = change["left"].as_str() {
+                    entry.1.remove(user);
+                }
+            }
+        }
+    }
+
+    /// The members (user ids) of `channel` once they satisfy `check`, reading frames (and
+    /// keeping them as pushes) until they do.
+    pub async fn members_until(
+        &mut self,
+        channel: &str,
+        check: impl Fn(&std::collections::BTreeSet<String>) -> bool,
+    ) -> std::collections::BTreeSet<String> {
+        loop {
+            if let Some((_, members)) = self.members.get(channel)
+                && check(members)
+            {
+                return members.clone();
+            }
+            let frame = self.next_frame().await;
+            self.pushes.push(frame);
         }
     }
 
@@ -128,7 +195,8 @@ impl WsClient {
                     _ = &mut stopped => return self,
                     message = self.ws.next() => match message {
                         Some(Ok(Message::Text(t))) => {
-                            if let Ok(frame) = serde_json::from_str(t.as_str()) {
+                            if let Ok(frame) = serde_json::from_str::<Value>(t.as_str()) {
+                                self.observe(&frame);
                                 self.pushes.push(frame);
                             }
                         }

@@ -30,12 +30,9 @@ async fn press_talk_hear_release_contend_and_disconnect() {
         .map(|m| m["userId"].as_str().unwrap())
         .collect();
     assert_eq!(members, HashSet::from(["u-ana", "u-ben", "u-cai"]));
-    let pushed = ana
-        .push_where("channel-state", |d| {
-            d["members"].as_array().map(Vec::len) == Some(3)
-        })
-        .await;
-    assert_eq!(pushed["data"]["channelId"], "ops");
+    // Ana learns of the others from `members-changed` pushes.
+    let seen = ana.members_until("ops", |m| m.len() == 3).await;
+    assert!(seen.contains("u-cai"), "{seen:?}");
 
     // Negotiate: Ana and Ben can speak, Ben and Cai listen (one stream each).
     let ana_mic = ana.speaker("ops").await;
@@ -118,18 +115,8 @@ async fn press_talk_hear_release_contend_and_disconnect() {
     ben.close().await;
     let changed = cai.speaker_changed("ops", "disconnected").await;
     assert_eq!(changed["speaker"], serde_json::Value::Null);
-    let left = cai
-        .push_where("channel-state", |d| {
-            d["members"].as_array().map(Vec::len) == Some(2)
-        })
-        .await;
-    assert!(
-        !left["data"]["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["userId"] == "u-ben")
-    );
+    let left = cai.members_until("ops", |m| m.len() == 2).await;
+    assert!(!left.contains("u-ben"), "{left:?}");
     let granted = ana.ptt_start("ops").await;
     assert_eq!(granted["granted"], true, "{granted}");
     ana_mic.close().await;
@@ -259,12 +246,7 @@ async fn two_gateways_two_state_services_two_media_nodes_one_redis() {
     for (channel, c) in [("ops", &mut ana), ("ops", &mut ben), ("ops", &mut cai)] {
         c.join(channel).await;
     }
-    let members = ana
-        .push_where("channel-state", |d| {
-            d["members"].as_array().map(Vec::len) == Some(3)
-        })
-        .await;
-    assert_eq!(members["data"]["channelId"], "ops");
+    ana.members_until("ops", |m| m.len() == 3).await;
 
     let mic = ana.speaker("ops").await;
     let ben_mic = ben.speaker("ops").await;
@@ -382,17 +364,8 @@ async fn no_audio_reaches_a_session_the_server_dropped() {
     // -9 (his session expires in state-svc). Both leave the member list, as Ana sees.
     let _dee_unread = dee.stop().await;
     drop(stack.gateways.remove(1));
-    ana.push_where("channel-state", |d| {
-        let members = d["members"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        d["channelId"] == "ops"
-            && !members
-                .iter()
-                .any(|m| m["userId"] == "u-dee" || m["userId"] == "u-gus")
-    })
-    .await;
+    ana.members_until("ops", |m| !m.contains("u-dee") && !m.contains("u-gus"))
+        .await;
     let ana = ana.into_ws().keep_reading();
 
     // The node closed their transports (Dee's when her gateway said so or state-svc reported

@@ -17,6 +17,7 @@ pub enum Push {
     PttDenied(PttDenied),
     PttInterrupted(PttInterrupted),
     ChannelState(ChannelState),
+    MembersChanged(MembersChanged),
     PermissionUpdate(PermissionUpdate),
     ForceDisconnect(ForceDisconnect),
     SyncState(Box<SyncEnvelope>),
@@ -29,6 +30,27 @@ pub struct SpeakerChanged {
     pub speaker: Option<User>,
     pub epoch: u64,
     pub reason: &'static str,
+}
+
+/// Who joined and left a channel since the last push, each change with the members version
+/// it made: a client applies the changes newer than its own version, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembersChanged {
+    pub channel_id: String,
+    pub changes: Vec<MemberChange>,
+}
+
+/// One user arriving (their first socket joined) or gone (their last socket left).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberChange {
+    pub version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joined: Option<User>,
+    /// The user id of who left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -36,6 +36,8 @@ pub struct ChannelState {
     pub channel_id: String,
     pub speaker: Option<User>,
     pub members: Vec<User>,
+    /// The version of `members`: `members-changed` pushes with a higher version apply to it.
+    pub members_version: u64,
     pub busy: bool,
     pub epoch: u64,
 }
@@ -56,6 +58,7 @@ impl From<&spb::ChannelState> for ChannelState {
             channel_id: state.channel_id.clone(),
             speaker: User::speaking(state.holder.as_ref()),
             members,
+            members_version: state.members_version,
             busy: state.busy,
             epoch: state.epoch,
         }

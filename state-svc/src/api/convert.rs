@@ -74,6 +74,7 @@ pub fn channel_state(s: &ChannelState) -> pb::ChannelState {
             .map(ToString::to_string)
             .unwrap_or_default(),
         server_time_ms: s.server_time_ms,
+        members_version: s.members_version,
     }
 }
 
@@ -160,6 +161,7 @@ pub fn event(e: &Event) -> pb::WatchEvent {
             .into(),
             member_count: m.member_count,
             at_ms: m.at_ms,
+            version: m.version,
         }),
     };
     pb::WatchEvent { event: Some(event) }

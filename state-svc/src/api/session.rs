@@ -5,9 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{self, channel_id, session_id, user_id};
-use crate::domain::{
-    ChannelConfig, ChannelId, NewSession, Session, SessionId, parse_user_name, rules,
-};
+use crate::domain::{ChannelConfig, ChannelId, NewSession, SessionId, parse_user_name, rules};
 use crate::error::StoreError;
 use crate::store::Store;
 
@@ -35,8 +33,15 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
             gateway_id: req.gateway_id,
             ttl_ms: req.ttl_ms,
         };
-        let session = self.store.create_session(new).await?;
-        self.enforce_session_limit(&session).await?;
+        let user = new.user_id.clone();
+        let session = match self.store.create_session(new).await {
+            Err(StoreError::TooManySessions) => {
+                let max = self.settings().max_sessions_per_user;
+                tracing::info!(user_id = %user, max, "session refused: too many sessions");
+                return Err(StoreError::TooManySessions.into());
+            }
+            created => created?,
+        };
         tracing::debug!(session_id = %session.session_id, user_id = %session.user_id, "session created");
         Ok(Response::new(convert::session(&session)))
     }
@@ -170,21 +175,6 @@ impl<S: Store> Api<S> {
 }
 
 impl<S: Store> Api<S> {
-    /// Keeps a user at `--max-sessions-per-user`: a new session past it is removed again and
-    /// refused. Checked after the session is stored, so connects racing each other cannot
-    /// all pass (the oldest ones stay).
-    async fn enforce_session_limit(&self, session: &Session) -> Result<(), Status> {
-        let sessions = self.store.user_sessions(&session.user_id).await?;
-        let max = self.settings().max_sessions_per_user;
-        let now = self.clock.now_ms();
-        if rules::within_session_limit(&sessions, &session.session_id, max, now) {
-            return Ok(());
-        }
-        let _ = self.store.remove_session(&session.session_id).await;
-        tracing::info!(user_id = %session.user_id, max, "session refused: too many sessions");
-        Err(StoreError::TooManySessions.into())
-    }
-
     /// Keeps a user at `--max-channels-per-user` joined channels across their sessions; a
     /// channel the session is already in is never refused.
     async fn enforce_channel_limit(&self, sid: &SessionId, ch: &ChannelId) -> Result<(), Status> {

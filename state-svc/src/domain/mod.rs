@@ -271,6 +271,8 @@ pub struct ChannelState {
     pub epoch: u64,
     /// Sorted by join time.
     pub members: Vec<Member>,
+    /// Moves on by one at every join and leave.
+    pub members_version: u64,
     pub media_node: Option<NodeId>,
     pub server_time_ms: i64,
 }
@@ -436,6 +438,8 @@ pub struct MembershipChanged {
     pub change: MembershipChange,
     pub member_count: u32,
     pub at_ms: i64,
+    /// The channel's members version after this change.
+    pub version: u64,
 }
 
 /// What a user may do in a channel, as stored. Ordered: each role includes the ones before it.

@@ -166,17 +166,10 @@ fn session_ttl_ms(requested_ms: u32, default_ms: u32) -> u32 {
     }
 }
 
-/// Whether `mine` is among the first `max` of a user's sessions live at `now`, oldest first
-/// (ties by id). Each new session checks itself after it is stored, and the ones past the cap
-/// are removed again: however many connect at once, at most `max` stay.
-pub fn within_session_limit(sessions: &[Session], mine: &SessionId, max: u32, now: i64) -> bool {
-    let mut live: Vec<&Session> = sessions.iter().filter(|s| session_live(s, now)).collect();
-    live.sort_by(|a, b| {
-        (a.created_at_ms, a.session_id.as_str()).cmp(&(b.created_at_ms, b.session_id.as_str()))
-    });
-    live.iter()
-        .position(|s| &s.session_id == mine)
-        .is_some_and(|rank| rank < max as usize)
+/// Whether a user with `live` live sessions may open another under the cap `max` (checked
+/// atomically with the creation, in each store).
+pub fn room_for_session(live: usize, max: u32) -> bool {
+    live < max as usize
 }
 
 /// Channels a user is in across their sessions live at `now` (a channel joined from two

@@ -60,6 +60,8 @@ struct Channel {
     floor: Option<FloorHolder>,
     epoch: u64,
     members: HashMap<SessionId, Member>,
+    /// Moves on at every join and leave.
+    members_version: u64,
     /// Waiting requests: (priority, queued at, session).
     queue: Vec<(u32, i64, SessionId)>,
     config: ChannelConfig,
@@ -180,18 +182,24 @@ impl Step<'_> {
             holder: ch.floor.clone().filter(|h| self.now < h.expires_at_ms),
             epoch: ch.epoch,
             members,
+            members_version: ch.members_version,
             media_node: ch.media.clone(),
             server_time_ms: self.now,
         }
     }
 
-    fn membership_event(&self, ch: &Channel, member: Member, change: MembershipChange) {
+    /// Moves the channel's members version on and announces the change.
+    fn membership_event(&self, ch: &mut Channel, member: Member, change: MembershipChange) {
+        // Never backwards, even after the channel emptied and was dropped: the clock carries
+        // it past every earlier value, as the Redis store does.
+        ch.members_version = (ch.members_version + 1).max(self.now.max(0) as u64 * 1000);
         self.hub.dispatch(Event::Membership(MembershipChanged {
             channel_id: self.id.clone(),
             member,
             change,
             member_count: u32::try_from(ch.members.len()).unwrap_or(u32::MAX),
             at_ms: self.now,
+            version: ch.members_version,
         }));
     }
 }

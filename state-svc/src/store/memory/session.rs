@@ -5,8 +5,20 @@ use crate::store::SessionStore;
 
 impl SessionStore for MemoryStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
-        let session = rules::new_session(new, self.now_ms(), self.settings.session_ttl_ms);
+        let now = self.now_ms();
+        let session = rules::new_session(new, now, self.settings.session_ttl_ms);
         let mut inner = self.lock();
+        let live = inner
+            .user_sessions
+            .get(&session.user_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|sid| inner.sessions.get(sid))
+            .filter(|s| rules::session_live(s, now))
+            .count();
+        if !rules::room_for_session(live, self.settings.max_sessions_per_user) {
+            return Err(StoreError::TooManySessions);
+        }
         inner
             .user_sessions
             .entry(session.user_id.clone())

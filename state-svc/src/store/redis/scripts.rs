@@ -55,6 +55,15 @@ local function bump_epoch()
   return estr(e)
 end
 
+-- The members version moves on at every join and leave, and never goes backwards: like the
+-- epoch, the clock carries it past every earlier value, so dropping it when the channel
+-- empties is safe.
+local function bump_mver()
+  local v = math.max(tonumber(redis.call('HGET', K_CONFIG, 'mver') or '0') + 1, now * 1000)
+  redis.call('HSET', K_CONFIG, 'mver', estr(v))
+  return estr(v)
+end
+
 local function holder()
   local f = redis.call('HMGET', K_FLOOR, 'sid', 'uid', 'name', 'prio', 'epoch', 'granted', 'expires', 'max_until')
   if not f[1] then return nil end
@@ -153,7 +162,8 @@ local function state()
   local h = holder()
   if h and now >= h.expires then h = nil end
   return { members = members, holder = h, epoch = estr(current_epoch()),
-           node = redis.call('GET', K_MEDIA) or nil, now = now }
+           node = redis.call('GET', K_MEDIA) or nil, now = now,
+           mver = redis.call('HGET', K_CONFIG, 'mver') or '0' }
 end
 "#;
 
@@ -264,6 +274,32 @@ if h then next_check = h.expires end
 return cjson.encode({ expired = expired, next = next_check, now = now })
 "#;
 
+/// Creates a session unless its user has `max` live ones: `KEYS` are the user's session set,
+/// the new session's hash and the session deadline index; `ARGV` the session id, the cap, the
+/// key prefix of session hashes, the hash's expiry, its deadline and its fields. Answers 1, or
+/// 0 when the user is at the cap. Ids of sessions that no longer exist leave the set.
+pub static CREATE_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local sid, max, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local live = 0
+for _, other in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', prefix .. '{s:' .. other .. '}') == 1 then
+    live = live + 1
+  else
+    redis.call('SREM', KEYS[1], other)
+  end
+end
+if live >= max then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SADD', KEYS[1], sid)
+redis.call('ZADD', KEYS[3], ARGV[5], sid)
+return 1
+"#,
+    )
+});
+
 const JOIN: &str = r#"
 local sid, member, max_members = ARGV[6], ARGV[7], tonumber(ARGV[8])
 if redis.call('HEXISTS', K_MEMBERS, sid) == 0 and redis.call('HLEN', K_MEMBERS) >= max_members then
@@ -272,7 +308,8 @@ end
 if redis.call('HSETNX', K_MEMBERS, sid, member) == 1 then
   local m = cjson.decode(member)
   m.sid = sid
-  publish({ k = 'member', change = 'joined', m = m, count = redis.call('HLEN', K_MEMBERS) })
+  publish({ k = 'member', change = 'joined', m = m, count = redis.call('HLEN', K_MEMBERS),
+            v = bump_mver() })
 end
 return cjson.encode(state())
 "#;
@@ -293,11 +330,12 @@ redis.call('HDEL', K_MEMBERS, sid)
 local count = redis.call('HLEN', K_MEMBERS)
 local m = cjson.decode(mj)
 m.sid = sid
-publish({ k = 'member', change = 'left', m = m, count = count })
+publish({ k = 'member', change = 'left', m = m, count = count, v = bump_mver() })
 local node = nil
 if count == 0 then
   node = redis.call('GET', K_MEDIA) or nil
   redis.call('DEL', K_MEDIA)
+  redis.call('HDEL', K_CONFIG, 'mver')
 end
 return cjson.encode({ was_member = true, released = released, node = node, empty = count == 0 })
 "#;

@@ -19,19 +19,23 @@ impl SessionStore for RedisStore {
             ("ttl", ttl.to_string()),
         ];
         let mut conn = self.conn.clone();
-        self.bounded(
-            redis::pipe()
-                .hset_multiple(&key, &fields)
-                .ignore()
-                .pexpire(&key, ttl + SESSION_GRACE_MS)
-                .ignore()
-                .sadd(self.keys.user_sessions(&session.user_id), sid)
-                .ignore()
-                .zadd(self.keys.session_deadlines(), sid, session.expires_at_ms)
-                .ignore()
-                .query_async::<()>(&mut conn),
-        )
-        .await?;
+        let mut invocation = scripts::CREATE_SESSION.prepare_invoke();
+        invocation
+            .key(self.keys.user_sessions(&session.user_id))
+            .key(&key)
+            .key(self.keys.session_deadlines())
+            .arg(sid)
+            .arg(self.settings.max_sessions_per_user)
+            .arg(format!("{}:", self.keys.prefix()))
+            .arg(ttl + SESSION_GRACE_MS)
+            .arg(session.expires_at_ms);
+        for (field, value) in &fields {
+            invocation.arg(*field).arg(value);
+        }
+        let created: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if created == 0 {
+            return Err(StoreError::TooManySessions);
+        }
         Ok(session)
     }
 

@@ -162,6 +162,9 @@ pub struct WireState {
     pub epoch: String,
     pub node: Option<String>,
     pub now: i64,
+    /// The members version, as a string (it exceeds what cjson keeps of a number).
+    #[serde(default)]
+    pub mver: Option<String>,
 }
 
 impl WireState {
@@ -181,6 +184,7 @@ impl WireState {
             holder: self.holder.map(WireHolder::into_domain).transpose()?,
             epoch: epoch(&self.epoch)?,
             members,
+            members_version: self.mver.as_deref().map_or(Ok(0), epoch)?,
             media_node: self
                 .node
                 .map(|n| NodeId::parse(&n).map_err(|_| corrupt("node id")))
@@ -209,6 +213,8 @@ pub enum WireEvent {
         m: WireMember,
         count: u32,
         at: i64,
+        #[serde(default)]
+        v: Option<String>,
     },
 }
 
@@ -239,6 +245,7 @@ impl WireEvent {
                 m,
                 count,
                 at,
+                v,
             } => Event::Membership(MembershipChanged {
                 channel_id: channel(&ch)?,
                 member: m.into_domain()?,
@@ -249,6 +256,7 @@ impl WireEvent {
                 },
                 member_count: count,
                 at_ms: at,
+                version: v.as_deref().map_or(Ok(0), epoch)?,
             }),
         })
     }
