@@ -116,6 +116,20 @@ pub async fn migrate(pg: &mut tokio_postgres::Client) -> Result<(), tokio_postgr
     tx.commit().await
 }
 
+/// Deletes a sync session's audit stream (`KEYS[1]`) when the session (`KEYS[2]`) no longer
+/// exists and the stream's newest entry is `ARGV[1]`, the last one copied: 1 when deleted.
+static DROP_COPIED_STREAM: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if newest and newest[1] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+",
+    )
+});
+
 /// One sync-session stream entry as a row.
 #[derive(Debug)]
 struct SyncRow {
@@ -386,6 +400,21 @@ impl AuditWriter {
                     .arg(&last)
                     .query_async(conn)
                     .await?;
+                // A sync session that is gone (deleted, or expired) writes no more: once all
+                // of its stream is copied, the stream goes too, unless something was
+                // appended since (a new session under the same id).
+                if let Some(id) = self.keys.parse_sync_audit(stream) {
+                    let [session, _, _] = self.keys.sync(&id);
+                    let mut invocation = DROP_COPIED_STREAM.prepare_invoke();
+                    invocation.key(stream).key(&session).arg(&last);
+                    let dropped: i64 = invocation.invoke_async(conn).await?;
+                    if dropped == 1 {
+                        tracing::debug!(
+                            stream,
+                            "copied audit stream of an ended sync session removed"
+                        );
+                    }
+                }
             }
         }
         Ok(())

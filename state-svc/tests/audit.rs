@@ -265,6 +265,43 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
             (4, "complete", "completed")
         ]
     );
+    // Once deleted and copied, the session's audit stream leaves Redis; its history stays.
+    let stream = format!("{prefix}:{{sync:brief}}:audit");
+    let exists: i64 = ::redis::cmd("EXISTS")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 1, "a live session keeps its stream");
+    sync.delete_sync(pb::DeleteSyncRequest {
+        session_id: "brief".into(),
+        expected_version: 0,
+    })
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(20), "the sync stream removed", || {
+        let (mut conn, stream) = (conn.clone(), stream.clone());
+        async move {
+            let exists: i64 = ::redis::cmd("EXISTS")
+                .arg(&stream)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            exists == 0
+        }
+    })
+    .await
+    .unwrap();
+    let kept = admin_client
+        .sync_history(admin(apb::SyncHistoryRequest {
+            session_id: "brief".into(),
+            limit: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(kept.len(), 5, "create, start, switch, complete, delete");
     let err = admin_client
         .talk_history(admin(apb::TalkHistoryRequest::default()))
         .await
