@@ -38,6 +38,8 @@ pub enum Reason {
     TooManyChannels,
     /// The channel has as many members as the deployment allows.
     ChannelFull,
+    /// The channel, or the user, has as many open sync sessions as the deployment allows.
+    TooManySyncs,
     /// An optimistic-lock mismatch; the status carries both versions.
     VersionConflict,
     /// An emergency broadcast holds the channel or event.
@@ -52,7 +54,7 @@ pub enum Reason {
 }
 
 /// The one table: every reason's wire name and gRPC code.
-const REASONS: [(Reason, &str, Code); 16] = [
+const REASONS: [(Reason, &str, Code); 17] = [
     (
         Reason::InvalidArgument,
         "invalid-argument",
@@ -83,6 +85,11 @@ const REASONS: [(Reason, &str, Code); 16] = [
         Code::ResourceExhausted,
     ),
     (Reason::ChannelFull, "channel-full", Code::ResourceExhausted),
+    (
+        Reason::TooManySyncs,
+        "too-many-syncs",
+        Code::ResourceExhausted,
+    ),
     (Reason::VersionConflict, "version-conflict", Code::Aborted),
     (Reason::EmergencyActive, "emergency-active", Code::Aborted),
     (Reason::NoMediaNode, "no-media-node", Code::Unavailable),

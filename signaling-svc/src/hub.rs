@@ -987,4 +987,64 @@ mod tests {
         let followed: usize = hub.wanted.iter().map(|w| w.borrow().len()).sum();
         assert_eq!(followed, 4, "c2, c3, c4 and c7");
     }
+
+    fn membership(
+        session: &str,
+        user: &str,
+        change: pb::MembershipChange,
+        version: u64,
+    ) -> pb::watch_event::Event {
+        pb::watch_event::Event::Membership(pb::MembershipChanged {
+            channel_id: "ch".into(),
+            member: Some(pb::Member {
+                session_id: session.into(),
+                user_id: user.into(),
+                user_name: user.into(),
+                ..Default::default()
+            }),
+            change: change.into(),
+            version,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn membership_changes_go_out_as_versioned_per_user_deltas() {
+        use pb::MembershipChange::{Joined, Left};
+        let hub = Hub::new();
+        let (out, outbox) = crate::outbox::outbox(1 << 20);
+        let mut outbox = Reader(outbox);
+        let (conn, _events) = hub.register("u-l", "s-l", out);
+        hub.follow(conn, "ch");
+        hub.dispatch(pb::watch_event::Event::Snapshot(pb::ChannelState {
+            channel_id: "ch".into(),
+            members_version: 10,
+            ..Default::default()
+        }));
+        assert!(outbox.try_recv().is_ok(), "the snapshot's channel-state");
+        // Already in the snapshot: ignored. Ana's two sockets are one arrival; Bo comes and
+        // goes; all within the coalescing window: one push.
+        hub.dispatch(membership("s-old", "u-old", Joined, 9));
+        hub.dispatch(membership("s-a1", "u-ana", Joined, 11));
+        hub.dispatch(membership("s-a2", "u-ana", Joined, 12));
+        hub.dispatch(membership("s-b", "u-bo", Joined, 13));
+        hub.dispatch(membership("s-b", "u-bo", Left, 14));
+        hub.dispatch(membership("s-a1", "u-ana", Left, 15));
+        let pushed = tokio::time::timeout(Duration::from_secs(5), outbox.recv()).await;
+        let Ok(Some(Outgoing::Message(Message::Text(text)))) = pushed else {
+            panic!("a members-changed push");
+        };
+        let push: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(push["type"], "members-changed");
+        assert_eq!(
+            push["data"]["changes"],
+            serde_json::json!([
+                {"version": 11, "joined": {"userId": "u-ana", "userName": "u-ana"}},
+                {"version": 13, "joined": {"userId": "u-bo", "userName": "u-bo"}},
+                {"version": 14, "left": "u-bo"}
+            ]),
+            "Ana's second socket and her first one leaving change nothing: she is still there"
+        );
+        assert!(outbox.try_recv().is_err());
+    }
 }

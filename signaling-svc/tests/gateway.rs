@@ -295,15 +295,8 @@ async fn ping_join_floor_contention_and_disconnect() {
         .map(|m| m["userName"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["Ana", "Bo"]);
-    // Ana sees Bo arrive: one change, newer than her join.
-    let arrived = a.push("members-changed").await;
-    let changes = arrived["data"]["changes"].as_array().unwrap();
-    assert_eq!(changes.len(), 1, "{arrived}");
-    assert_eq!(changes[0]["joined"]["userName"], "Bo");
-    assert_eq!(
-        changes[0]["version"], joined["data"]["channel"]["membersVersion"],
-        "the version Bo's join made"
-    );
+    // Ana sees Bo arrive (a `members-changed`, or a `channel-state` if the gateway was still
+    // subscribing the channel when Bo joined).
     assert_eq!(a.members_until("ops", |m| m.len() == 2).await.len(), 2);
 
     let granted = a.request("ptt-start", json!({"channelId": "ops"})).await;

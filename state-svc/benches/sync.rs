@@ -64,6 +64,7 @@ async fn run() {
         time_per_cycle_ms: 0,
         increment_ms: 1_000,
         max_time_ms: 0,
+        owner_user_id: String::new(),
     })
     .await
     .unwrap();

@@ -84,6 +84,12 @@ pub struct Config {
     /// Channels one user may be in at once, across their sessions.
     #[arg(long, env = "PTT_STATE_MAX_CHANNELS_PER_USER", default_value_t = 200)]
     pub max_channels_per_user: u32,
+    /// Open sync sessions (pending, running, paused) one channel may have.
+    #[arg(long, env = "PTT_STATE_MAX_SYNCS_PER_CHANNEL", default_value_t = 16)]
+    pub max_syncs_per_channel: u32,
+    /// Open sync sessions one user may have created.
+    #[arg(long, env = "PTT_STATE_MAX_SYNCS_PER_USER", default_value_t = 32)]
+    pub max_syncs_per_user: u32,
     /// Members one channel may have.
     #[arg(
         long,
@@ -209,6 +215,13 @@ impl Config {
             100_000,
         )?;
         range(
+            "max_syncs_per_channel",
+            self.max_syncs_per_channel,
+            1,
+            10_000,
+        )?;
+        range("max_syncs_per_user", self.max_syncs_per_user, 1, 10_000)?;
+        range(
             "max_members_per_channel",
             self.max_members_per_channel,
             1,
@@ -249,6 +262,8 @@ impl Config {
             node_heartbeat_ms: self.node_heartbeat_ms,
             emergency_max_ms: self.emergency_max_ms,
             max_sessions_per_user: self.max_sessions_per_user,
+            max_syncs_per_channel: self.max_syncs_per_channel,
+            max_syncs_per_user: self.max_syncs_per_user,
             max_channels_per_user: self.max_channels_per_user,
             max_members_per_channel: self.max_members_per_channel,
         }

@@ -40,6 +40,9 @@ pub enum StoreError {
     /// The user is in `--max-channels-per-user` channels.
     #[error("too many channels joined by this user")]
     TooManyChannels,
+    /// The channel, or the user, has as many open sync sessions as allowed.
+    #[error("too many sync sessions")]
+    TooManySyncs,
     /// The channel has `--max-members-per-channel` members.
     #[error("the channel is full")]
     ChannelFull,
@@ -76,6 +79,7 @@ impl StoreError {
             Self::TooManySessions => Reason::TooManySessions,
             Self::TooManyChannels => Reason::TooManyChannels,
             Self::ChannelFull => Reason::ChannelFull,
+            Self::TooManySyncs => Reason::TooManySyncs,
             Self::Unavailable(_) => Reason::StoreUnavailable,
             Self::Internal(_) => Reason::Internal,
         }
@@ -95,7 +99,8 @@ impl From<StoreError> for ServiceError {
             | StoreError::EmergencyActive
             | StoreError::TooManySessions
             | StoreError::TooManyChannels
-            | StoreError::ChannelFull => Self::new(reason, error.to_string()),
+            | StoreError::ChannelFull
+            | StoreError::TooManySyncs => Self::new(reason, error.to_string()),
             StoreError::Conflict { expected, actual } => {
                 Self::conflict(Conflict { expected, actual })
             }

@@ -163,6 +163,7 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
         time_per_cycle_ms: 60_000,
         increment_ms: 0,
         max_time_ms: 0,
+        owner_user_id: String::new(),
     })
     .await
     .unwrap();

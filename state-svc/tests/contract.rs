@@ -46,6 +46,7 @@ contract!(
     sixty_four_concurrent_sync_updaters_lose_nothing,
     quotas_per_user_and_channel_refuse_with_their_reasons,
     members_versions_move_on_with_every_change,
+    open_sync_sessions_are_capped_per_channel_and_per_user,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -1151,6 +1152,7 @@ fn create_sync(
         time_per_cycle_ms: total_ms,
         increment_ms: 0,
         max_time_ms: 0,
+        owner_user_id: String::new(),
     }
 }
 
@@ -1555,5 +1557,62 @@ async fn members_versions_move_on_with_every_change(b: Backend) {
         .unwrap()
         .into_inner();
     assert!(again.members_version > emptied.version);
+    server.stop().await;
+}
+
+async fn open_sync_sessions_are_capped_per_channel_and_per_user(b: Backend) {
+    use talkgroup_proto::error::Reason;
+    let mut config = b.config("synccaps");
+    config.max_syncs_per_channel = 2;
+    config.max_syncs_per_user = 3;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let create = |id: &str, channel: &str, owner: &str| pb::CreateSyncRequest {
+        session_id: id.into(),
+        channel_id: channel.into(),
+        sync_mode: pb::SyncMode::PerCycle.into(),
+        participants: vec![pb::SyncParticipantSpec {
+            participant_id: "p".into(),
+            group_id: String::new(),
+        }],
+        time_per_cycle_ms: 60_000,
+        owner_user_id: owner.into(),
+        ..Default::default()
+    };
+    c.sync.create_sync(create("a1", "a", "u1")).await.unwrap();
+    c.sync.create_sync(create("a2", "a", "u1")).await.unwrap();
+    let full = c
+        .sync
+        .create_sync(create("a3", "a", "u2"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&full), Reason::TooManySyncs, "per channel");
+    c.sync.create_sync(create("b1", "b", "u1")).await.unwrap();
+    let mine = c
+        .sync
+        .create_sync(create("c1", "c", "u1"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&mine), Reason::TooManySyncs, "per user");
+    c.sync.create_sync(create("c2", "c", "u2")).await.unwrap();
+    // Only sessions that can still change count: a cancelled one frees its places.
+    c.sync
+        .mutate_sync(pb::MutateSyncRequest {
+            session_id: "b1".into(),
+            expected_version: 0,
+            action: Some(pb::mutate_sync_request::Action::Cancel(pb::Empty {})),
+        })
+        .await
+        .unwrap();
+    c.sync.create_sync(create("c3", "c", "u1")).await.unwrap();
+    // A deleted one too.
+    c.sync
+        .delete_sync(pb::DeleteSyncRequest {
+            session_id: "a1".into(),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    c.sync.create_sync(create("a3", "a", "u2")).await.unwrap();
     server.stop().await;
 }

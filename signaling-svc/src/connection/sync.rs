@@ -17,7 +17,7 @@ impl Conn {
         let created = self
             .app
             .syncs()
-            .create_sync(create_request(r)?)
+            .create_sync(create_request(r, &self.user.user_id)?)
             .await?
             .into_inner();
         Ok(SyncEnvelope::from(&created))

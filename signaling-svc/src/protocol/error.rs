@@ -82,6 +82,7 @@ fn for_reason(reason: Reason) -> ClientError {
         Reason::TooManySessions => err(Code::LimitExceeded, "too many sessions for this user"),
         Reason::TooManyChannels => err(Code::LimitExceeded, "too many channels for this user"),
         Reason::ChannelFull => err(Code::LimitExceeded, "the channel is full"),
+        Reason::TooManySyncs => err(Code::LimitExceeded, "too many sync sessions"),
         Reason::VersionConflict => err(Code::Conflict, "version conflict"),
         Reason::EmergencyActive => err(Code::FloorBusy, "an emergency broadcast is active"),
         Reason::AlreadyExists => err(Code::BadRequest, "already exists"),

@@ -40,8 +40,9 @@ fn status_name(status: spb::SyncStatus) -> &'static str {
     }
 }
 
-pub fn create_request(r: SyncCreate) -> Result<spb::CreateSyncRequest, ClientError> {
+pub fn create_request(r: SyncCreate, owner: &str) -> Result<spb::CreateSyncRequest, ClientError> {
     Ok(spb::CreateSyncRequest {
+        owner_user_id: owner.to_owned(),
         sync_mode: mode(&r.mode)?.into(),
         session_id: r.session_id,
         channel_id: r.channel_id,

@@ -131,14 +131,33 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
             );
         }
         let now = self.clock.now_ms();
+        let channel = if req.channel_id.is_empty() {
+            None
+        } else {
+            Some(channel_id(&req.channel_id)?)
+        };
+        let owner = if req.owner_user_id.is_empty() {
+            None
+        } else {
+            Some(super::convert::user_id(&req.owner_user_id)?)
+        };
+        // The caps bound how many sessions change (and are pushed to a channel's members)
+        // at once. Checked before the creation: racing creations may pass it by a few.
+        let (in_channel, by_owner) = self
+            .store
+            .sync_open_counts(channel.as_ref(), owner.as_ref())
+            .await?;
+        let settings = self.settings();
+        if in_channel >= settings.max_syncs_per_channel as usize
+            || by_owner >= settings.max_syncs_per_user as usize
+        {
+            return Err(StoreError::TooManySyncs.into());
+        }
         let session = SyncSession::create(
             NewSync {
                 session_id: sync_id(&req.session_id)?,
-                channel_id: if req.channel_id.is_empty() {
-                    None
-                } else {
-                    Some(channel_id(&req.channel_id)?)
-                },
+                owner,
+                channel_id: channel,
                 sync_mode: mode_from_pb(req.sync_mode)?,
                 participants: req
                     .participants

@@ -42,6 +42,9 @@ pub struct StoreSettings {
     pub emergency_max_ms: u32,
     /// Live sessions one user may have (sockets, across gateways).
     pub max_sessions_per_user: u32,
+    /// Open sync sessions per channel, and per user who created them.
+    pub max_syncs_per_channel: u32,
+    pub max_syncs_per_user: u32,
     /// Channels one user may be in, across their sessions.
     pub max_channels_per_user: u32,
     /// Members one channel may have.
@@ -58,6 +61,8 @@ impl Default for StoreSettings {
             node_heartbeat_ms: 2_000,
             emergency_max_ms: 600_000,
             max_sessions_per_user: 10,
+            max_syncs_per_channel: 16,
+            max_syncs_per_user: 32,
             max_channels_per_user: 200,
             max_members_per_channel: 1_000,
         }
@@ -237,6 +242,13 @@ pub trait SyncStore: Send + Sync + 'static {
         id: &SyncId,
         expected: Option<u64>,
     ) -> impl Future<Output = Res<u64>> + Send;
+    /// How many sessions that can still change (pending, running, paused) belong to
+    /// `channel`, and how many to `owner`.
+    fn sync_open_counts(
+        &self,
+        channel: Option<&ChannelId>,
+        owner: Option<&UserId>,
+    ) -> impl Future<Output = Res<(usize, usize)>> + Send;
     /// Sessions whose deadline has passed, at most `limit`.
     fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<SyncId>>> + Send;
     /// Re-reads the session and sets its deadline entry from what is stored.

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ChannelId, SyncId};
+use crate::domain::{ChannelId, SyncId, UserId};
 use crate::error::StoreError;
 
 pub use scheduler::run_scheduler;
@@ -78,6 +78,9 @@ pub struct Participant {
 pub struct SyncSession {
     pub session_id: SyncId,
     pub channel_id: Option<String>,
+    /// The user who created it (for the per-user cap); absent on sessions stored before.
+    #[serde(default)]
+    pub owner: Option<String>,
     pub version: u64,
     pub sync_mode: SyncMode,
     pub status: SyncStatus,
@@ -102,6 +105,8 @@ pub struct SyncSession {
 pub struct NewSync {
     pub session_id: SyncId,
     pub channel_id: Option<ChannelId>,
+    /// Who creates it.
+    pub owner: Option<UserId>,
     pub sync_mode: SyncMode,
     pub participants: Vec<(String, Option<String>)>,
     pub total_time_ms: i64,
@@ -209,6 +214,7 @@ impl SyncSession {
         Ok(Self {
             session_id: new.session_id,
             channel_id: new.channel_id.map(|c| c.to_string()),
+            owner: new.owner.map(|u| u.to_string()),
             version: 1,
             sync_mode: new.sync_mode,
             status: SyncStatus::Pending,
@@ -513,6 +519,14 @@ impl SyncSession {
 
     /// How long the stored session lives after this change: none while running, an hour
     /// otherwise.
+    /// Whether the session can still change (pending, running or paused).
+    pub fn open(&self) -> bool {
+        matches!(
+            self.status,
+            SyncStatus::Pending | SyncStatus::Running | SyncStatus::Paused
+        )
+    }
+
     pub fn ttl_ms(&self) -> Option<i64> {
         (self.status != SyncStatus::Running).then_some(TTL_MS)
     }
@@ -530,6 +544,7 @@ mod tests {
         SyncSession::create(
             NewSync {
                 session_id: SyncId::parse("s1").unwrap(),
+                owner: None,
                 channel_id: None,
                 sync_mode: mode,
                 participants: groups
@@ -608,6 +623,7 @@ mod tests {
             SyncSession::create(
                 NewSync {
                     session_id: SyncId::parse("g").unwrap(),
+                    owner: None,
                     channel_id: None,
                     sync_mode: SyncMode::PerGroup,
                     participants: vec![("a".into(), None)],
@@ -668,6 +684,7 @@ mod tests {
     fn hostile_creations_are_refused() {
         let base = NewSync {
             session_id: SyncId::parse("s").unwrap(),
+            owner: None,
             channel_id: None,
             sync_mode: SyncMode::Global,
             participants: vec![("a".into(), None)],

@@ -44,6 +44,30 @@ impl SyncStore for MemoryStore {
         Ok(())
     }
 
+    async fn sync_open_counts(
+        &self,
+        channel: Option<&ChannelId>,
+        owner: Option<&UserId>,
+    ) -> Result<(usize, usize), StoreError> {
+        let now = self.now_ms();
+        let inner = self.lock();
+        let open = inner
+            .syncs
+            .values()
+            .filter(|(s, exp)| s.open() && exp.is_none_or(|e| e > now))
+            .map(|(s, _)| s);
+        let (mut in_channel, mut by_owner) = (0, 0);
+        for s in open {
+            if channel.is_some_and(|c| s.channel_id.as_deref() == Some(c.as_str())) {
+                in_channel += 1;
+            }
+            if owner.is_some_and(|o| s.owner.as_deref() == Some(o.as_str())) {
+                by_owner += 1;
+            }
+        }
+        Ok((in_channel, by_owner))
+    }
+
     async fn sync_delete(&self, id: &SyncId, expected: Option<u64>) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let actual = inner

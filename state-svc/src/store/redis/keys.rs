@@ -167,6 +167,12 @@ impl Keys {
     }
 
     /// Sorted set: sync session id -> when its running clock runs out (ms).
+    /// The ids of the sync sessions of a channel (`channel:<id>`) or of a user
+    /// (`owner:<id>`), pruned as they are read.
+    pub fn sync_index(&self, what: &str) -> String {
+        format!("{}:sync-index:{what}", self.prefix)
+    }
+
     pub fn sync_deadlines(&self) -> String {
         format!("{}:sync-deadlines", self.prefix)
     }

@@ -41,6 +41,20 @@ impl SyncStore for RedisStore {
                 actual: version,
             });
         }
+        if expected.is_none() {
+            // A new session joins the indexes its caps count in.
+            let mut pipe = redis::pipe();
+            let sid = session.session_id.as_str();
+            if let Some(ch) = &session.channel_id {
+                pipe.sadd(self.keys.sync_index(&format!("channel:{ch}")), sid)
+                    .ignore();
+            }
+            if let Some(owner) = &session.owner {
+                pipe.sadd(self.keys.sync_index(&format!("owner:{owner}")), sid)
+                    .ignore();
+            }
+            self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+        }
         self.set_sync_deadline(&session.session_id, session.deadline())
             .await
     }
@@ -71,6 +85,22 @@ impl SyncStore for RedisStore {
         }
     }
 
+    async fn sync_open_counts(
+        &self,
+        channel: Option<&ChannelId>,
+        owner: Option<&UserId>,
+    ) -> Result<(usize, usize), StoreError> {
+        let in_channel = match channel {
+            Some(ch) => self.open_in_index(&format!("channel:{ch}")).await?,
+            None => 0,
+        };
+        let by_owner = match owner {
+            Some(uid) => self.open_in_index(&format!("owner:{uid}")).await?,
+            None => 0,
+        };
+        Ok((in_channel, by_owner))
+    }
+
     async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
         let mut conn = self.conn.clone();
         let due: Vec<String> = self
@@ -89,5 +119,35 @@ impl SyncStore for RedisStore {
     async fn sync_reschedule(&self, id: &SyncId) -> Result<(), StoreError> {
         let deadline = self.sync_get(id).await?.and_then(|s| s.deadline());
         self.set_sync_deadline(id, deadline).await
+    }
+}
+
+impl RedisStore {
+    /// The open sessions listed in a sync index; ids of sessions that are gone leave it.
+    async fn open_in_index(&self, what: &str) -> Result<usize, StoreError> {
+        let index = self.keys.sync_index(what);
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = self.bounded(conn.smembers(&index)).await?;
+        let ids: Vec<SyncId> = ids.iter().filter_map(|id| SyncId::parse(id).ok()).collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.sync(id)[0].clone()).collect();
+        let docs: Vec<Option<String>> = self
+            .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await?;
+        let mut open = 0;
+        let mut gone = Vec::new();
+        for (id, doc) in ids.iter().zip(docs) {
+            match doc.map(|d| parse::<SyncSession>(&d, "sync session")) {
+                Some(Ok(session)) if session.open() => open += 1,
+                Some(_) => {}
+                None => gone.push(id.as_str().to_owned()),
+            }
+        }
+        if !gone.is_empty() {
+            let _: () = self.bounded(conn.srem(&index, gone)).await?;
+        }
+        Ok(open)
     }
 }
