@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 
 use crate::outbox::{Failure, Outbox};
 use crate::protocol::push::{MemberChange, MembersChanged, SpeakerChanged};
-use crate::protocol::sync::SyncEnvelope;
+use crate::protocol::sync::{SyncChanged, SyncEnvelope};
 use crate::protocol::{ChannelState, Frame, Push, User, reason};
 
 /// Events a connection may have queued before the hub drops its events.
@@ -161,6 +161,9 @@ struct Inner {
     by_user: HashMap<String, HashSet<u64>>,
     /// The channel of each sync session seen, to route its deletion.
     sync_channels: HashMap<String, String>,
+    /// The last state of each sync session pushed to a followed channel (as serialized), so
+    /// the next push can be the change from it.
+    sync_pushed: HashMap<String, serde_json::Value>,
     /// Per channel, the membership changes about to go out as one `members-changed`.
     pending_changes: HashMap<String, Vec<MemberChange>>,
     by_channel: HashMap<String, HashSet<u64>>,
@@ -466,6 +469,15 @@ impl Hub {
         }
         inner.by_channel.remove(channel);
         inner.cache.remove(channel);
+        let ended: Vec<String> = inner
+            .sync_channels
+            .iter()
+            .filter(|(_, ch)| ch.as_str() == channel)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ended {
+            inner.sync_pushed.remove(&id);
+        }
         if let Some(shard) = inner.shard_of.remove(channel) {
             inner.shard_load[shard] -= 1;
             self.wanted[shard].send_modify(|set| {
@@ -642,7 +654,8 @@ impl Hub {
         }
     }
 
-    /// Hands a sync session change to the connections following its channel.
+    /// Hands a sync session change to the connections following its channel: the change from
+    /// the last state pushed when there is one a version before, the whole session otherwise.
     fn dispatch_sync(&self, state: pb::SyncState) {
         let mut inner = self.lock();
         let channel = if state.deleted {
@@ -655,9 +668,35 @@ impl Hub {
                 .insert(state.session_id.clone(), state.channel_id.clone());
             Some(state.channel_id.clone())
         };
-        let push = Push::SyncState(Box::new(SyncEnvelope::from(&state)));
-        let push = Frame::from(push).encode();
-        if let (Some(channel), Some(text)) = (channel, push) {
+        let Some(channel) = channel else {
+            return;
+        };
+        if !inner.by_channel.contains_key(&channel) {
+            // Nobody here follows it: nothing to push, nothing to diff against later.
+            inner.sync_pushed.remove(&state.session_id);
+            return;
+        }
+        let envelope = SyncEnvelope::from(&state);
+        let live = envelope.live_json();
+        let previous = match &live {
+            Some(now) => inner
+                .sync_pushed
+                .insert(state.session_id.clone(), now.clone()),
+            None => inner.sync_pushed.remove(&state.session_id),
+        };
+        let delta = match (&previous, &live) {
+            (Some(before), Some(after))
+                if before["version"].as_u64().map(|v| v + 1) == Some(state.version) =>
+            {
+                SyncChanged::between(before, after, envelope.server_time())
+            }
+            _ => None,
+        };
+        let push = match delta {
+            Some(delta) => Push::SyncChanged(Box::new(delta)),
+            None => Push::SyncState(Box::new(envelope)),
+        };
+        if let Some(text) = Frame::from(push).encode() {
             send_to_channel(&mut inner, &channel, Fanout::Push(text));
         }
     }

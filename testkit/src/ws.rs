@@ -24,6 +24,8 @@ pub struct WsClient {
     pub pushes: Vec<Value>,
     /// Each channel's members (user ids) and their version, as the frames read so far say.
     members: std::collections::HashMap<String, (u64, std::collections::BTreeSet<String>)>,
+    /// Each sync session as the frames read so far say, with the server time last given.
+    syncs: std::collections::HashMap<String, (Value, i64)>,
 }
 
 impl WsClient {
@@ -42,6 +44,7 @@ impl WsClient {
             next_id: 0,
             pushes: Vec::new(),
             members: std::collections::HashMap::new(),
+            syncs: std::collections::HashMap::new(),
         }
     }
 
@@ -65,6 +68,7 @@ impl WsClient {
     /// reply, a `channel-state` push) sets the members when it is not older than what is
     /// known; `members-changed` applies the changes newer than that.
     fn observe(&mut self, frame: &Value) {
+        self.observe_sync(frame);
         let state = match frame["type"].as_str() {
             Some("channel-state") => Some(&frame["data"]),
             Some("join-channel") => Some(&frame["data"]["channel"]),
@@ -102,6 +106,73 @@ impl WsClient {
                     entry.1.remove(user);
                 }
             }
+        }
+    }
+
+    /// Follows sync sessions as a client should: a whole session (a `sync-state` push, a
+    /// `sync-*` reply) replaces what is known unless that is newer; a `sync-changed` applies
+    /// to the version it names as its base, and is otherwise ignored (a client would re-read
+    /// the session).
+    fn observe_sync(&mut self, frame: &Value) {
+        let kind = frame["type"].as_str().unwrap_or_default();
+        let data = &frame["data"];
+        let time = data["serverTime"].as_i64().unwrap_or(0);
+        if kind == "sync-changed" {
+            let id = data["sessionId"].as_str().unwrap_or_default();
+            let Some((session, server_time)) = self.syncs.get_mut(id) else {
+                return;
+            };
+            if session["version"] != data["baseVersion"] {
+                return;
+            }
+            if let (Some(fields), Some(changes)) =
+                (session.as_object_mut(), data["changes"].as_object())
+            {
+                for (k, v) in changes {
+                    fields.insert(k.clone(), v.clone());
+                }
+            }
+            for changed in data["participants"].as_array().into_iter().flatten() {
+                if let Some(p) = session["participants"]
+                    .as_array_mut()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["participantId"] == changed["participantId"])
+                {
+                    *p = changed.clone();
+                }
+            }
+            session["version"] = data["version"].clone();
+            *server_time = time;
+            return;
+        }
+        if !(kind == "sync-state" || kind.starts_with("sync-")) || !data["session"].is_object() {
+            return;
+        }
+        let session = &data["session"];
+        let id = session["sessionId"].as_str().unwrap_or_default().to_owned();
+        if session["deleted"] == true {
+            self.syncs.remove(&id);
+            return;
+        }
+        let version = session["version"].as_u64().unwrap_or(0);
+        let known = self.syncs.get(&id).and_then(|(s, _)| s["version"].as_u64());
+        if known.is_none_or(|k| version >= k) {
+            self.syncs.insert(id, (session.clone(), time));
+        }
+    }
+
+    /// Sync session `id` and the server time last given with it, once it satisfies `check`,
+    /// reading frames (and keeping them as pushes) until it does.
+    pub async fn sync_until(&mut self, id: &str, check: impl Fn(&Value) -> bool) -> (Value, i64) {
+        loop {
+            if let Some((session, time)) = self.syncs.get(id)
+                && check(session)
+            {
+                return (session.clone(), *time);
+            }
+            let frame = self.next_frame().await;
+            self.pushes.push(frame);
         }
     }
 

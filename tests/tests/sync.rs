@@ -44,10 +44,12 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
     assert_eq!(created["session"]["version"], 1);
     assert_eq!(created["session"]["status"], "pending");
     assert!(created["serverTime"].as_i64().unwrap() > 0);
+    // The first push of a session is the whole of it.
     let pushed = tom
         .push_where("sync-state", |d| d["session"]["version"] == 1)
         .await;
     assert_eq!(pushed["data"]["session"]["sessionId"], "debate");
+    lee.sync_until("debate", |s| s["version"] == 1).await;
 
     // Only a dispatcher starts; a talker hands over; nobody outside the channel looks.
     for (client, kind) in [(&mut lee, "sync-start"), (&mut tom, "sync-start")] {
@@ -84,17 +86,35 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
         )
         .await;
     assert_eq!(switched["session"]["version"], 3);
-    // Lee, on the other gateway, sees it with the server's clock to count down from.
-    let seen = lee
-        .push_where("sync-state", |d| d["session"]["version"] == 3)
-        .await;
-    let session = &seen["data"]["session"];
+    // Lee, on the other gateway, sees it with the server's clock to count down from: each
+    // change comes as what changed since the version before.
+    let change = lee.push_where("sync-changed", |d| d["version"] == 3).await;
+    assert_eq!(change["data"]["baseVersion"], 2, "{change}");
+    assert_eq!(change["data"]["changes"]["activeParticipantId"], "lee");
+    assert!(
+        change["data"]["participants"].as_array().unwrap().len() <= 2,
+        "only the participants that changed: {change}"
+    );
+    let (session, server_time) = lee.sync_until("debate", |s| s["version"] == 3).await;
     assert_eq!(session["activeParticipantId"], "lee");
     let tom_left = session["participants"][0]["timeRemainingMs"]
         .as_i64()
         .unwrap();
     assert!(tom_left > 60_000 && tom_left <= 61_000, "{tom_left}");
-    assert!(seen["data"]["serverTime"].as_i64().unwrap() >= session["updatedAt"].as_i64().unwrap());
+    assert!(server_time >= session["updatedAt"].as_i64().unwrap());
+    assert_eq!(
+        session,
+        lee.ok("sync-get", json!({"sessionId": "debate"})).await["session"]
+            .as_object()
+            .map(|s| {
+                let mut s = s.clone();
+                // The remaining times are computed at each read.
+                s.insert("participants".into(), session["participants"].clone());
+                serde_json::Value::Object(s)
+            })
+            .unwrap(),
+        "the changes applied give the session"
+    );
     assert_eq!(
         lee.ok("sync-get", json!({"sessionId": "debate"})).await["session"]["version"],
         3
@@ -108,15 +128,8 @@ async fn a_sync_session_is_shared_by_the_channel_across_gateways() {
     )
     .await;
     dee.ok("sync-start", json!({"sessionId": "cue"})).await;
-    let expired = lee
-        .push_where("sync-state", |d| {
-            d["session"]["sessionId"] == "cue" && d["session"]["status"] == "expired"
-        })
-        .await;
-    assert_eq!(
-        expired["data"]["session"]["participants"][0]["hasExpired"],
-        true
-    );
+    let (expired, _) = lee.sync_until("cue", |s| s["status"] == "expired").await;
+    assert_eq!(expired["participants"][0]["hasExpired"], true);
 
     // Delete: members are told.
     let reply = tom

@@ -21,6 +21,7 @@ pub enum Push {
     PermissionUpdate(PermissionUpdate),
     ForceDisconnect(ForceDisconnect),
     SyncState(Box<SyncEnvelope>),
+    SyncChanged(Box<super::sync::SyncChanged>),
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -171,6 +171,68 @@ impl From<&spb::SyncState> for SyncView {
     }
 }
 
+/// What changed in a session from `base_version` to `version`: the top-level fields that
+/// changed and the participants that changed (whole). Sent instead of the whole session when
+/// the gateway pushed `base_version` to the same members; a client at another version
+/// re-reads it with `sync-get`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncChanged {
+    session_id: String,
+    channel_id: String,
+    version: u64,
+    base_version: u64,
+    server_time: i64,
+    changes: serde_json::Map<String, serde_json::Value>,
+    participants: Vec<serde_json::Value>,
+}
+
+impl SyncChanged {
+    /// The delta from `before` to `after` (both live sessions as serialized), or `None` when
+    /// they cannot be compared (another participant list: send the whole session).
+    pub fn between(
+        before: &serde_json::Value,
+        after: &serde_json::Value,
+        server_time: i64,
+    ) -> Option<Self> {
+        let (before, after) = (before.as_object()?, after.as_object()?);
+        let ids =
+            |s: &serde_json::Map<String, serde_json::Value>| -> Option<Vec<serde_json::Value>> {
+                Some(
+                    s.get("participants")?
+                        .as_array()?
+                        .iter()
+                        .map(|p| p["participantId"].clone())
+                        .collect(),
+                )
+            };
+        if ids(before)? != ids(after)? {
+            return None;
+        }
+        let changes = after
+            .iter()
+            .filter(|(k, v)| *k != "participants" && before.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let participants = after["participants"]
+            .as_array()?
+            .iter()
+            .zip(before["participants"].as_array()?)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| a.clone())
+            .collect();
+        Some(Self {
+            session_id: after.get("sessionId")?.as_str()?.to_owned(),
+            channel_id: after.get("channelId")?.as_str()?.to_owned(),
+            version: after.get("version")?.as_u64()?,
+            base_version: before.get("version")?.as_u64()?,
+            server_time,
+            changes,
+            participants,
+        })
+    }
+}
+
 /// A reply or push: the session and the server's clock, from which clients count down.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -179,11 +241,80 @@ pub struct SyncEnvelope {
     server_time: i64,
 }
 
+impl SyncEnvelope {
+    /// The session as serialized, if it is live (not deleted).
+    pub fn live_json(&self) -> Option<serde_json::Value> {
+        match &self.session {
+            SyncView::Live(live) => serde_json::to_value(live).ok(),
+            SyncView::Deleted(_) => None,
+        }
+    }
+
+    pub fn server_time(&self) -> i64 {
+        self.server_time
+    }
+}
+
 impl From<&spb::SyncState> for SyncEnvelope {
     fn from(s: &spb::SyncState) -> Self {
         Self {
             session: SyncView::from(s),
             server_time: s.server_time_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn state(version: u64, active: usize) -> spb::SyncState {
+        spb::SyncState {
+            session_id: "debate".into(),
+            channel_id: "ops".into(),
+            version,
+            status: spb::SyncStatus::Running.into(),
+            participants: (0..1000)
+                .map(|i| spb::SyncParticipant {
+                    participant_id: format!("p{i}"),
+                    total_time_ms: 60_000,
+                    time_remaining_ms: if i == active { 59_000 } else { 60_000 },
+                    is_active: i == active,
+                    ..Default::default()
+                })
+                .collect(),
+            active_participant_id: format!("p{active}"),
+            updated_at: 1_000 + version as i64,
+            cycle_started_at: 1_000 + version as i64,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_switch_in_a_thousand_participant_session_sends_what_changed() {
+        let before = SyncEnvelope::from(&state(2, 0)).live_json().unwrap();
+        let after_state = state(3, 1);
+        let after = SyncEnvelope::from(&after_state).live_json().unwrap();
+        let delta = SyncChanged::between(&before, &after, 5).unwrap();
+        let delta_bytes = serde_json::to_string(&delta).unwrap().len();
+        let full_bytes = serde_json::to_string(&SyncEnvelope::from(&after_state))
+            .unwrap()
+            .len();
+        eprintln!("switch in a 1000-participant session: {delta_bytes} B instead of {full_bytes} B");
+        assert_eq!(delta.participants.len(), 2, "the one handing over and the next");
+        assert_eq!(
+            delta.changes.keys().collect::<Vec<_>>(),
+            ["activeParticipantId", "cycleStartedAt", "updatedAt", "version"]
+        );
+        assert!(
+            delta_bytes * 100 < full_bytes,
+            "delta {delta_bytes} B, whole session {full_bytes} B"
+        );
+        // Another participant list cannot be diffed: the whole session goes.
+        let mut other = after.clone();
+        other["participants"].as_array_mut().unwrap().pop();
+        assert!(SyncChanged::between(&before, &other, 5).is_none());
     }
 }
