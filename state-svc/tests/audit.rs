@@ -266,6 +266,27 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
             (4, "complete", "completed")
         ]
     );
+    // The audit keeps the whole session once, then what each change changed (with the
+    // status the history reads).
+    let audit_db = pg_client(&url).await.unwrap();
+    let states: Vec<serde_json::Value> = audit_db
+        .query(
+            "SELECT state::text FROM sync_events WHERE session_id = 'brief' ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect();
+    assert!(states[0]["participants"].is_array() && states[0]["created_at"].is_number());
+    for change in &states[1..] {
+        assert!(change["status"].is_string(), "{change}");
+        assert!(
+            change.get("created_at").is_none(),
+            "unchanged fields are left out: {change}"
+        );
+    }
     // Once deleted and copied, the session's audit stream leaves Redis; its history stays.
     let stream = format!("{prefix}:{{sync:brief}}:audit");
     let exists: i64 = ::redis::cmd("EXISTS")

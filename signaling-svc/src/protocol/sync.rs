@@ -302,11 +302,22 @@ mod delta_tests {
         let full_bytes = serde_json::to_string(&SyncEnvelope::from(&after_state))
             .unwrap()
             .len();
-        eprintln!("switch in a 1000-participant session: {delta_bytes} B instead of {full_bytes} B");
-        assert_eq!(delta.participants.len(), 2, "the one handing over and the next");
+        eprintln!(
+            "switch in a 1000-participant session: {delta_bytes} B instead of {full_bytes} B"
+        );
+        assert_eq!(
+            delta.participants.len(),
+            2,
+            "the one handing over and the next"
+        );
         assert_eq!(
             delta.changes.keys().collect::<Vec<_>>(),
-            ["activeParticipantId", "cycleStartedAt", "updatedAt", "version"]
+            [
+                "activeParticipantId",
+                "cycleStartedAt",
+                "updatedAt",
+                "version"
+            ]
         );
         assert!(
             delta_bytes * 100 < full_bytes,

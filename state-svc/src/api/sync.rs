@@ -176,7 +176,7 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
             },
             now,
         )?;
-        match self.store.sync_put(&session, None, "create").await {
+        match self.store.sync_put(&session, None, "create", None).await {
             Err(StoreError::Conflict { .. }) => {
                 return Err(Status::already_exists("sync session exists"));
             }

@@ -229,13 +229,15 @@ pub trait AccessStore: Send + Sync + 'static {
 pub trait SyncStore: Send + Sync + 'static {
     fn sync_get(&self, id: &SyncId) -> impl Future<Output = Res<Option<SyncSession>>> + Send;
     /// Writes `session` if the stored version is `expected` (`None`: only if absent), in one
-    /// atomic step that also publishes it and appends `action` to the session's audit stream.
-    /// Keeps the deadline index and the TTL in step. `Conflict` carries the stored version.
+    /// atomic step that also publishes it and appends `action` to the session's audit stream
+    /// (the whole session on creation, what changed from `previous` otherwise). Keeps the
+    /// deadline index and the TTL in step. `Conflict` carries the stored version.
     fn sync_put(
         &self,
         session: &SyncSession,
         expected: Option<u64>,
         action: &str,
+        previous: Option<&SyncSession>,
     ) -> impl Future<Output = Res<()>> + Send;
     fn sync_delete(
         &self,
@@ -303,7 +305,7 @@ pub async fn sync_mutate<S: Store>(
         }
         let next = current.apply(action, now)?;
         match store
-            .sync_put(&next, Some(current.version), action.name())
+            .sync_put(&next, Some(current.version), action.name(), Some(&current))
             .await
         {
             Ok(()) => return Ok(next),

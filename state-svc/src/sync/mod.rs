@@ -519,6 +519,40 @@ impl SyncSession {
 
     /// How long the stored session lives after this change: none while running, an hour
     /// otherwise.
+    /// What an audit entry keeps of the change from `before` to this: the top-level fields
+    /// that changed, the participants that changed (whole), and always the version and the
+    /// status, which the history reads. A change of the participant list keeps all of them.
+    pub fn audit_change(&self, before: &SyncSession) -> serde_json::Value {
+        let (Ok(serde_json::Value::Object(was)), Ok(serde_json::Value::Object(now))) =
+            (serde_json::to_value(before), serde_json::to_value(self))
+        else {
+            return serde_json::to_value(self).unwrap_or_default();
+        };
+        let mut change: serde_json::Map<String, serde_json::Value> = now
+            .iter()
+            .filter(|(k, v)| {
+                matches!(k.as_str(), "version" | "status")
+                    || (*k != "participants" && was.get(*k) != Some(*v))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let (was_list, now_list) = (&was["participants"], &now["participants"]);
+        let participants: Vec<serde_json::Value> = match (was_list.as_array(), now_list.as_array())
+        {
+            (Some(a), Some(b)) if a.len() == b.len() => b
+                .iter()
+                .zip(a)
+                .filter(|(new, old)| new != old)
+                .map(|(new, _)| new.clone())
+                .collect(),
+            _ => now_list.as_array().cloned().unwrap_or_default(),
+        };
+        if !participants.is_empty() {
+            change.insert("participants".into(), participants.into());
+        }
+        serde_json::Value::Object(change)
+    }
+
     /// Whether the session can still change (pending, running or paused).
     pub fn open(&self) -> bool {
         matches!(

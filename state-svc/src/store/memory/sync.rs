@@ -22,6 +22,7 @@ impl SyncStore for MemoryStore {
         session: &SyncSession,
         expected: Option<u64>,
         _action: &str,
+        _previous: Option<&SyncSession>,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let actual = inner.syncs.get(&session.session_id).map(|(s, _)| s.version);

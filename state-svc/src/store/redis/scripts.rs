@@ -595,7 +595,8 @@ pub static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts {
 
 /// Compare-and-set of a sync session. `KEYS`: state, audit stream, event channel. `ARGV`:
 /// expected version ('' = must not exist), new state (JSON), new version, action, time to live
-/// in ms ('' = none: running), audit stream length. Answers `{'ok', version}` or
+/// in ms ('' = none: running), audit stream length, what the audit entry records (the whole
+/// state on creation, the change otherwise). Answers `{'ok', version}` or
 /// `{'conflict', stored version}`.
 pub static SYNC_PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -613,7 +614,7 @@ if ARGV[5] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'action', ARGV[4], 'version', ARGV[3],
-           'at', tostring(now), 'state', ARGV[2])
+           'at', tostring(now), 'state', ARGV[7])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 return { 'ok', tonumber(ARGV[3]) }
 "#,

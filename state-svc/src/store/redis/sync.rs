@@ -17,10 +17,16 @@ impl SyncStore for RedisStore {
         session: &SyncSession,
         expected: Option<u64>,
         action: &str,
+        previous: Option<&SyncSession>,
     ) -> Result<(), StoreError> {
         let [key, audit, events] = self.keys.sync(&session.session_id);
         let doc =
             serde_json::to_string(session).map_err(|e| StoreError::Internal(e.to_string()))?;
+        // The audit stream keeps the whole session once, then what each change changed.
+        let audited = match previous {
+            Some(previous) => session.audit_change(previous).to_string(),
+            None => doc.clone(),
+        };
         let mut invocation = scripts::SYNC_PUT.prepare_invoke();
         invocation
             .key(key)
@@ -31,7 +37,8 @@ impl SyncStore for RedisStore {
             .arg(session.version)
             .arg(action)
             .arg(session.ttl_ms().map(|t| t.to_string()).unwrap_or_default())
-            .arg(&self.audit_maxlen);
+            .arg(&self.audit_maxlen)
+            .arg(audited);
         let mut conn = self.conn.clone();
         let (outcome, version): (String, u64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
