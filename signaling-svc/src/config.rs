@@ -90,6 +90,14 @@ pub struct Config {
     /// (burst twice that): each is pushed to every member of the session's channel.
     #[arg(long, env = "PTT_SIGNALING_SYNC_CHANGE_RATE", default_value_t = 5)]
     pub sync_change_rate: u32,
+    /// WebRTC transports one user may hold through this gateway, across their sockets (each
+    /// socket holds at most 16).
+    #[arg(
+        long,
+        env = "PTT_SIGNALING_MAX_TRANSPORTS_PER_USER",
+        default_value_t = 32
+    )]
+    pub max_transports_per_user: usize,
     /// Channels one socket may be in at once (state-svc also caps them per user).
     #[arg(
         long,

@@ -176,6 +176,8 @@ struct Inner {
     held_back: HashMap<String, HeldBack>,
     /// Numbers the holds, so a hold's time limit never releases a later one.
     holds: u64,
+    /// WebRTC transports each user holds through this gateway, across their sockets.
+    user_transports: HashMap<String, usize>,
     /// The stream (shard) each followed channel is on, and how many each has.
     shard_of: HashMap<String, usize>,
     shard_load: Vec<usize>,
@@ -511,6 +513,28 @@ impl Hub {
                 member.holding.insert(channel.to_owned());
             } else {
                 member.holding.remove(channel);
+            }
+        }
+    }
+
+    /// Takes a transport place for `user`, unless they hold `max` through this gateway.
+    pub fn take_transport(&self, user: &str, max: usize) -> bool {
+        let mut inner = self.lock();
+        let held = inner.user_transports.entry(user.to_owned()).or_default();
+        if *held >= max {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Gives back `count` of `user`'s transport places.
+    pub fn give_transports(&self, user: &str, count: usize) {
+        let mut inner = self.lock();
+        if let Some(held) = inner.user_transports.get_mut(user) {
+            *held = held.saturating_sub(count);
+            if *held == 0 {
+                inner.user_transports.remove(user);
             }
         }
     }

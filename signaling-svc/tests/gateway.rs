@@ -1319,3 +1319,35 @@ async fn a_socket_whose_session_vanished_is_closed_with_4004() {
     assert_eq!(kept.request("ping", json!({})).await["type"], "pong");
     stack.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transports_are_capped_per_user_across_sockets() {
+    let stack = stack_with(1, 5_000, 60_000, |c| c.max_transports_per_user = 3).await;
+    let gw = stack.gateways[0];
+    let mut one = client(gw, "u-ana", "Ana").await;
+    let mut two = client(gw, "u-ana", "Ana").await;
+    let mut other = client(gw, "u-bo", "Bo").await;
+    for c in [&mut one, &mut two, &mut other] {
+        c.ok("join-channel", json!({"channelId": "ops"})).await;
+    }
+    let recv = json!({"channelId": "ops", "direction": "recv"});
+    one.ok("create-transport", recv.clone()).await;
+    one.ok("create-transport", recv.clone()).await;
+    two.ok("create-transport", recv.clone()).await;
+    let refused = two.request("create-transport", recv.clone()).await;
+    assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+    assert_eq!(
+        refused["error"]["message"],
+        "too many transports for this user"
+    );
+    // Another user is not affected; a closed socket gives its places back.
+    other.ok("create-transport", recv.clone()).await;
+    drop(one);
+    wait_until(Duration::from_secs(5), "one socket closed", || async {
+        connections(gw).await == 2
+    })
+    .await
+    .unwrap();
+    two.ok("create-transport", recv).await;
+    stack.stop.cancel();
+}

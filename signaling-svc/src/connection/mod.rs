@@ -455,6 +455,10 @@ impl Conn {
                 tracing::debug!(code = ?status.code(), "emergency already over");
             }
         }
+        // The user's transport places come back before the socket leaves the hub (what its
+        // connection count tells).
+        let (held, nodes) = self.transports.take_nodes();
+        self.app.hub.give_transports(&self.user.user_id, held);
         self.app.hub.unregister(self.id);
         // One call releases the session's floors (reason `disconnected`) and memberships for
         // every gateway's clients.
@@ -469,7 +473,7 @@ impl Conn {
         {
             tracing::warn!(code = ?status.code(), "session removal failed; it will expire");
         }
-        for node in self.transports.take_nodes() {
+        for node in nodes {
             if let Ok(mut media) = placement::media(&self.app, &node) {
                 let _ = media
                     .close_session(mpb::CloseSessionRequest {

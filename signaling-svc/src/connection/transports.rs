@@ -12,7 +12,9 @@ use crate::protocol::TransportDirection;
 use crate::protocol::reply::{
     Capabilities, Codec, Consumer, Done, Offer, Producer, Transport as Created,
 };
-use crate::protocol::{ChannelRef, Code, ConnectTransport, CreateTransport, Produce, err};
+use crate::protocol::{
+    ChannelRef, ClientError, Code, ConnectTransport, CreateTransport, Produce, err,
+};
 
 #[derive(Debug, Clone)]
 struct TransportInfo {
@@ -42,9 +44,10 @@ impl Transports {
             .collect()
     }
 
-    /// Forgets every transport; the media nodes they were on.
-    pub(super) fn take_nodes(&mut self) -> HashSet<String> {
-        self.0.drain().map(|(_, t)| t.node).collect()
+    /// Forgets every transport: how many there were, and the media nodes they were on.
+    pub(super) fn take_nodes(&mut self) -> (usize, HashSet<String>) {
+        let held = self.0.len();
+        (held, self.0.drain().map(|(_, t)| t.node).collect())
     }
 }
 
@@ -82,14 +85,36 @@ impl Conn {
             TransportDirection::Send => mpb::Direction::Send,
             TransportDirection::Recv => mpb::Direction::Recv,
         };
-        let created = media(&self.app, &node)?
-            .create_transport(mpb::CreateTransportRequest {
-                channel_id: r.channel_id.clone(),
-                session_id: self.session.clone(),
-                direction: direction.into(),
-            })
-            .await?
-            .into_inner();
+        let user = &self.user.user_id;
+        if !self
+            .app
+            .hub
+            .take_transport(user, self.app.config.max_transports_per_user)
+        {
+            self.app.metrics.refused("transports-per-user");
+            return Err(err(
+                Code::LimitExceeded,
+                "too many transports for this user",
+            ));
+        }
+        let created = async {
+            let created = media(&self.app, &node)?
+                .create_transport(mpb::CreateTransportRequest {
+                    channel_id: r.channel_id.clone(),
+                    session_id: self.session.clone(),
+                    direction: direction.into(),
+                })
+                .await?;
+            Ok::<_, ClientError>(created.into_inner())
+        }
+        .await;
+        let created = match created {
+            Ok(created) => created,
+            Err(e) => {
+                self.app.hub.give_transports(user, 1);
+                return Err(e);
+            }
+        };
         let info = TransportInfo {
             channel: r.channel_id,
             node,
@@ -201,6 +226,7 @@ impl Conn {
         let Some(info) = self.transports.0.remove(transport_id) else {
             return;
         };
+        self.app.hub.give_transports(&self.user.user_id, 1);
         if let Ok(mut media) = media(&self.app, &info.node) {
             let _ = media
                 .close_transport(mpb::CloseTransportRequest {
