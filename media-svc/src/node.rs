@@ -708,4 +708,45 @@ mod tests {
             .await
             .expect("the failure is reported");
     }
+
+    #[tokio::test]
+    async fn a_peer_that_failed_or_connected_is_handled_by_its_report() {
+        let settings = NodeSettings {
+            node_id: "n".into(),
+            announced_ip: None,
+            capacity: 10,
+        };
+        let ports = PortPool::new("127.0.0.1".parse().unwrap(), None);
+        let node = Node::new(RtcEngine::new().unwrap(), settings, ports, 1);
+        let kept = node
+            .create_transport("s1", "ch", Direction::Recv)
+            .await
+            .unwrap();
+        let failed = node
+            .create_transport("s2", "ch", Direction::Recv)
+            .await
+            .unwrap();
+        let key_of = |id: &str| node.registry().transports.get(id).map(|e| e.key).unwrap();
+        let (kept_key, failed_key) = (key_of(&kept.transport_id), key_of(&failed.transport_id));
+        node.on_peer_state(kept_key, PeerState::Connected).await;
+        node.on_peer_state(failed_key, PeerState::Failed).await;
+        assert_eq!(
+            node.transport_count(),
+            1,
+            "the failed peer's transport is closed"
+        );
+        let registry = node.registry();
+        assert!(
+            registry
+                .transports
+                .get(&kept.transport_id)
+                .is_some_and(|e| e.connected)
+        );
+        assert!(!registry.by_key.contains_key(&failed_key));
+        drop(registry);
+        assert_eq!(node.reaped().failed.load(Ordering::Relaxed), 1);
+        // A report for a transport already gone changes nothing.
+        node.on_peer_state(failed_key, PeerState::Closed).await;
+        assert_eq!(node.reaped().failed.load(Ordering::Relaxed), 1);
+    }
 }
