@@ -735,15 +735,16 @@ mod tests {
             1,
             "the failed peer's transport is closed"
         );
-        let registry = node.registry();
-        assert!(
-            registry
-                .transports
-                .get(&kept.transport_id)
-                .is_some_and(|e| e.connected)
-        );
-        assert!(!registry.by_key.contains_key(&failed_key));
-        drop(registry);
+        {
+            let registry = node.registry();
+            assert!(
+                registry
+                    .transports
+                    .get(&kept.transport_id)
+                    .is_some_and(|e| e.connected)
+            );
+            assert!(!registry.by_key.contains_key(&failed_key));
+        }
         assert_eq!(node.reaped().failed.load(Ordering::Relaxed), 1);
         // A report for a transport already gone changes nothing.
         node.on_peer_state(failed_key, PeerState::Closed).await;
