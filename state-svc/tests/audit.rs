@@ -23,6 +23,22 @@ fn admin<T>(message: T) -> tonic::Request<T> {
     request
 }
 
+type Admin = apb::admin_service_client::AdminServiceClient<tonic::transport::Channel>;
+
+/// A sync session's history through the admin API, in version order.
+async fn sync_records(
+    admin_client: &mut Admin,
+    session_id: &str,
+) -> Result<Vec<apb::SyncRecord>, tonic::Status> {
+    let reply = admin_client
+        .sync_history(admin(apb::SyncHistoryRequest {
+            session_id: session_id.into(),
+            limit: 0,
+        }))
+        .await?;
+    Ok(reply.into_inner().records)
+}
+
 async fn pg_client(url: &str) -> Option<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -233,26 +249,14 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     wait_until(Duration::from_secs(20), "sync history", || {
         let mut admin_client = admin_client.clone();
         async move {
-            admin_client
-                .sync_history(admin(apb::SyncHistoryRequest {
-                    session_id: "brief".into(),
-                    limit: 0,
-                }))
+            sync_records(&mut admin_client, "brief")
                 .await
-                .is_ok_and(|r| r.into_inner().records.len() == 4)
+                .is_ok_and(|r| r.len() == 4)
         }
     })
     .await
     .unwrap();
-    let changes = admin_client
-        .sync_history(admin(apb::SyncHistoryRequest {
-            session_id: "brief".into(),
-            limit: 0,
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let changes = sync_records(&mut admin_client, "brief").await.unwrap();
     let summary: Vec<(u64, &str, &str)> = changes
         .iter()
         .map(|r| (r.version, r.action.as_str(), r.status.as_str()))
@@ -314,15 +318,7 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     })
     .await
     .unwrap();
-    let kept = admin_client
-        .sync_history(admin(apb::SyncHistoryRequest {
-            session_id: "brief".into(),
-            limit: 0,
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let kept = sync_records(&mut admin_client, "brief").await.unwrap();
     assert_eq!(kept.len(), 5, "create, start, switch, complete, delete");
     let err = admin_client
         .talk_history(admin(apb::TalkHistoryRequest::default()))
