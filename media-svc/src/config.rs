@@ -40,15 +40,20 @@ pub struct Config {
     /// bound listen address.
     #[arg(long, env = "PTT_MEDIA_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
-    /// IP address the UDP media sockets bind to. Bind a concrete address: a wildcard bind
-    /// leaves out loopback candidates.
+    /// IP address the media ports bind to. Bind a concrete address: a wildcard bind leaves
+    /// out loopback candidates.
     #[arg(long, env = "PTT_MEDIA_RTC_BIND_IP", default_value = "127.0.0.1")]
     pub rtc_bind_ip: IpAddr,
     /// Public IP written into the node's ICE candidates (behind NAT or hostNetwork).
     #[arg(long, env = "PTT_MEDIA_ANNOUNCED_IP")]
     pub announced_ip: Option<IpAddr>,
-    /// UDP port range for peer connections, `MIN-MAX`; ephemeral ports when unset.
-    #[arg(long, env = "PTT_MEDIA_PORT_RANGE")]
+    /// The one UDP port every transport of the node shares (0: an ephemeral port, logged at
+    /// start). Open it in the firewall.
+    #[arg(long, env = "PTT_MEDIA_RTC_UDP_PORT", default_value_t = 0)]
+    pub rtc_udp_port: u16,
+    /// Deprecated: transports share one port now. When set and `--rtc-udp-port` is not, the
+    /// range's first port is the shared port.
+    #[arg(long, env = "PTT_MEDIA_PORT_RANGE", hide = true)]
     pub port_range: Option<PortRange>,
     /// Forwarding workers; 0 means one per core.
     #[arg(long, env = "PTT_MEDIA_WORKERS", default_value_t = 0)]
@@ -104,6 +109,15 @@ impl Config {
             return Err("connect timeout must be 1 s to 10 min".into());
         }
         Ok(())
+    }
+
+    /// The shared UDP address, honouring the deprecated `--port-range`.
+    pub fn udp_addr(&self) -> SocketAddr {
+        let port = match (self.rtc_udp_port, self.port_range) {
+            (0, Some(PortRange(first, _))) => first,
+            (port, _) => port,
+        };
+        SocketAddr::new(self.rtc_bind_ip, port)
     }
 
     pub fn node_id(&self) -> String {

@@ -7,7 +7,7 @@
 //! - [`worker`]: the worker pool, one thread per core: a channel's router lives on one worker,
 //!   peers are spread over all of them, and the routing worker hands each the copies for its
 //!   peers; everything reaches a worker by bounded queues, through the pool's typed handle.
-//! - [`node`]: the registry of transports, producers and consumers; [`ports`]: the UDP range.
+//! - [`node`]: the registry of transports, producers and consumers.
 //! - [`grpc`]: `ptt.media.v1.MediaService`; [`link`]: registration and floor watch on state-svc.
 //! - [`run`]: the server, taking a bound listener and a shutdown token; SIGTERM drains.
 
@@ -17,7 +17,6 @@ pub mod grpc;
 pub mod link;
 pub mod metrics;
 pub mod node;
-pub mod ports;
 pub mod router;
 pub mod worker;
 
@@ -33,7 +32,6 @@ use tonic_health::ServingStatus;
 pub use crate::config::Config;
 use crate::engine::rtc_peer::RtcEngine;
 use crate::node::{Node, NodeSettings};
-use crate::ports::PortPool;
 
 /// The gRPC service this server reports health for.
 pub const SERVICE_NAME: &str = "ptt.media.v1.MediaService";
@@ -65,13 +63,18 @@ pub async fn run(
     } else {
         config.workers
     };
-    let ports = PortPool::new(config.rtc_bind_ip, config.port_range.map(|r| (r.0, r.1)));
+    if config.port_range.is_some() {
+        tracing::warn!(
+            udp = %config.udp_addr(),
+            "--port-range is deprecated: every transport shares one port (--rtc-udp-port)"
+        );
+    }
     let settings = NodeSettings {
         node_id: node_id.clone(),
         announced_ip: config.announced_ip,
         capacity: config.capacity,
     };
-    let node = Node::new(RtcEngine::new()?, settings, ports, workers);
+    let node = Node::new(RtcEngine::new()?, settings, config.udp_addr(), workers)?;
     let tasks = TaskTracker::new();
     let side_stop = CancellationToken::new();
     tasks.spawn(Arc::clone(&node).reap(

@@ -34,6 +34,12 @@ struct MediaMetrics {
     dropped_slow: Counter,
     dropped_send: Counter,
     reaped: Family<ReapReason, Counter>,
+    refused: Family<DropCause, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropCause {
+    cause: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,10 +111,16 @@ pub fn start(
         "Transports the node closed on its own: failed (consent lost, DTLS failed), never-connected, session-ended (left the channel or ended in state-svc)",
         m.reaped.clone(),
     );
+    r.register(
+        "ptt_media_datagrams_refused",
+        "Datagrams the shared media port dropped before any transport saw them, by cause: unknown_address (not a check, from an address no check opened), dtls_unchecked, unknown_ufrag, bad_integrity (a check not signed with the transport's password), unknown_ssrc, queue_full",
+        m.refused.clone(),
+    );
     let sampler = Arc::clone(&m);
     tasks.spawn(async move {
         let mut last = [0u64; 4];
         let mut last_reaped = [0u64; 3];
+        let mut last_refused = [0u64; crate::worker::Drop::ALL.len()];
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {
             tokio::select! {
@@ -150,6 +162,18 @@ pub fn start(
             for ((reason, count), last) in reasons.into_iter().zip(last_reaped.iter_mut()) {
                 let now = count.load(std::sync::atomic::Ordering::Relaxed);
                 let counter = sampler.reaped.get_or_create(&ReapReason { reason });
+                counter.inc_by(now.saturating_sub(*last));
+                *last = now;
+            }
+            for ((cause, now), last) in node
+                .demux()
+                .drops()
+                .into_iter()
+                .zip(last_refused.iter_mut())
+            {
+                let counter = sampler.refused.get_or_create(&DropCause {
+                    cause: cause.label(),
+                });
                 counter.inc_by(now.saturating_sub(*last));
                 *last = now;
             }

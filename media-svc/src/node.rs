@@ -12,12 +12,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Candidate, Engine, EngineError, PeerSpec, PeerState};
-use crate::ports::PortPool;
 use crate::router::{Floor, FloorApplied, Listener, Rewriter};
-use crate::worker::{PoolStats, WorkerPool};
+use crate::worker::{Demux, Listen, PoolStats, WorkerPool};
 
-/// Transports one session may hold (a send and a receive transport per channel, a few channels).
-pub const MAX_TRANSPORTS_PER_SESSION: usize = 16;
+/// Transports one session may hold: a dispatcher monitoring 50 channels holds a receive
+/// transport for each and a send transport for those it talks on. Transports share the node's
+/// port, so this bounds memory and CPU per session, not ports.
+pub const MAX_TRANSPORTS_PER_SESSION: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -66,7 +67,6 @@ struct Entry {
     session: String,
     channel: String,
     direction: Direction,
-    addr: SocketAddr,
     ssrc: u32,
     role: Role,
     created: Instant,
@@ -86,7 +86,6 @@ struct Registry {
 
 pub struct Node {
     settings: NodeSettings,
-    ports: PortPool,
     pool: WorkerPool,
     registry: Mutex<Registry>,
     next_key: AtomicU64,
@@ -135,16 +134,21 @@ pub struct NodeStats {
 }
 
 impl Node {
+    /// A node serving every transport on the shared UDP address `udp` (port 0: an ephemeral
+    /// one), with `workers` forwarding workers.
     pub fn new<E: Engine>(
         engine: E,
         settings: NodeSettings,
-        ports: PortPool,
+        udp: SocketAddr,
         workers: usize,
-    ) -> Arc<Self> {
-        let (pool, peer_states) = WorkerPool::start(workers, Arc::new(engine));
-        Arc::new(Self {
+    ) -> Result<Arc<Self>, EngineError> {
+        let listen = Listen {
+            udp,
+            announced: settings.announced_ip,
+        };
+        let (pool, peer_states) = WorkerPool::start(workers, Arc::new(engine), listen)?;
+        Ok(Arc::new(Self {
             settings,
-            ports,
             pool,
             registry: Mutex::new(Registry::default()),
             next_key: AtomicU64::new(1),
@@ -152,7 +156,17 @@ impl Node {
             channels_tx: watch::Sender::new(HashSet::new()),
             peer_states: Mutex::new(Some(peer_states)),
             reaped: Reaped::default(),
-        })
+        }))
+    }
+
+    /// The node's shared media addresses.
+    pub fn addresses(&self) -> crate::engine::Addresses {
+        self.pool.addresses()
+    }
+
+    /// What the shared port refused, and the paths it knows.
+    pub fn demux(&self) -> &Demux {
+        self.pool.demux()
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -216,28 +230,16 @@ impl Node {
                 return Err(NodeError::Exhausted("too many transports for this session"));
             }
         }
-        let addr = self
-            .ports
-            .take()
-            .ok_or(NodeError::Exhausted("no free media port"))?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let ssrc: u32 = rand::random();
         let spec = match direction {
             Direction::Send => PeerSpec::Send,
             Direction::Recv => PeerSpec::Recv { ssrc },
         };
-        let announced = self.settings.announced_ip;
-        let created = self.pool.create_peer(key, spec, addr, announced).await;
-        let offer = match created {
+        let offer = match self.pool.create_peer(key, spec).await {
             Some(Ok(offer)) => offer,
-            Some(Err(e)) => {
-                self.ports.release(addr);
-                return Err(e.into());
-            }
-            None => {
-                self.ports.release(addr);
-                return Err(NodeError::Stopping);
-            }
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(NodeError::Stopping),
         };
         let transport_id = uuid::Uuid::new_v4().simple().to_string();
         let entry = Entry {
@@ -245,7 +247,6 @@ impl Node {
             session: session.to_owned(),
             channel: channel.to_owned(),
             direction,
-            addr,
             ssrc,
             role: Role::None,
             created: Instant::now(),
@@ -487,7 +488,6 @@ impl Node {
             Role::None => {}
         }
         self.pool.close_peer(entry.key).await;
-        self.ports.release(entry.addr);
         tracing::debug!(%transport_id, "transport closed");
         Ok(())
     }
@@ -564,8 +564,8 @@ impl Node {
 
     /// Until `shutdown`, closes the transports that should not live on: those whose peer
     /// failed or closed (ICE consent lost, DTLS failed) and those not connected within
-    /// `connect_timeout` of their creation (never answered, never reached). Their ports and
-    /// their places under the session's and the node's caps come back.
+    /// `connect_timeout` of their creation (never answered, never reached). Their places under
+    /// the session's and the node's caps come back.
     pub async fn reap(self: Arc<Self>, connect_timeout: Duration, shutdown: CancellationToken) {
         let Some(mut states) = self
             .peer_states
@@ -667,18 +667,16 @@ mod tests {
 
         fn speaker(
             &self,
-            local: SocketAddr,
-            announced: Option<IpAddr>,
+            local: &crate::engine::Addresses,
             now: Instant,
         ) -> Result<RtcPeer, EngineError> {
-            self.0.speaker(local, announced, now)
+            self.0.speaker(local, now)
         }
 
         fn listener(
             &self,
             _ssrc: u32,
-            _local: SocketAddr,
-            _announced: Option<IpAddr>,
+            _local: &crate::engine::Addresses,
         ) -> Result<ListenerPeer, EngineError> {
             panic!("a bug in the worker");
         }
@@ -691,13 +689,13 @@ mod tests {
             announced_ip: None,
             capacity: 10,
         };
-        let ports = PortPool::new("127.0.0.1".parse().unwrap(), None);
         let node = Node::new(
             PanicsOnListener(RtcEngine::new().unwrap()),
             settings,
-            ports,
+            "127.0.0.1:0".parse().unwrap(),
             1,
-        );
+        )
+        .unwrap();
         assert!(!node.failed().is_cancelled());
         node.create_transport("s1", "ch", Direction::Send)
             .await
@@ -716,8 +714,13 @@ mod tests {
             announced_ip: None,
             capacity: 10,
         };
-        let ports = PortPool::new("127.0.0.1".parse().unwrap(), None);
-        let node = Node::new(RtcEngine::new().unwrap(), settings, ports, 1);
+        let node = Node::new(
+            RtcEngine::new().unwrap(),
+            settings,
+            "127.0.0.1:0".parse().unwrap(),
+            1,
+        )
+        .unwrap();
         let kept = node
             .create_transport("s1", "ch", Direction::Recv)
             .await

@@ -13,8 +13,10 @@
 //!
 //! The media node always offers: a *send* transport (the client sends) is offered one recvonly
 //! audio section; a *recv* transport (the client listens) one sendonly audio track. The node's
-//! one host candidate (its UDP port from the configured range) is in the offer (non-trickle,
-//! ICE-lite), with the announced IP written in.
+//! host candidates are in the offer (non-trickle, ICE-lite), with the announced IP written in:
+//! its one shared UDP port, and after it, at a lower priority, its one ICE/TCP port (a passive
+//! candidate, RFC 6544). Every transport of the node shares those two ports; the worker layer
+//! tells transports apart by the ICE username fragment of the first check from an address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -24,6 +26,7 @@ use rtc::rtp;
 pub mod listener;
 pub mod rtc_peer;
 pub mod sdp;
+pub mod stun;
 
 /// Opus payload type the node offers.
 pub const OPUS_PAYLOAD_TYPE: u8 = 111;
@@ -57,6 +60,48 @@ pub struct Candidate {
     pub sdp_mline_index: Option<u16>,
 }
 
+/// The transport protocol a datagram came over, or is to leave by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Udp,
+    /// ICE over TCP: datagrams framed on a TCP connection (RFC 4571).
+    Tcp,
+}
+
+/// Where a datagram came from or goes: the client's address and the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Path {
+    pub proto: Proto,
+    pub remote: SocketAddr,
+}
+
+impl Path {
+    pub fn udp(remote: SocketAddr) -> Self {
+        Self {
+            proto: Proto::Udp,
+            remote,
+        }
+    }
+
+    pub fn tcp(remote: SocketAddr) -> Self {
+        Self {
+            proto: Proto::Tcp,
+            remote,
+        }
+    }
+}
+
+/// The node's shared media addresses, which every transport's offer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    /// The bound UDP address.
+    pub udp: SocketAddr,
+    /// The bound ICE/TCP listening address, when ICE/TCP is on.
+    pub tcp: Option<SocketAddr>,
+    /// Written into the candidates instead of the bound IP (behind NAT or hostNetwork).
+    pub announced: Option<IpAddr>,
+}
+
 /// Connection states the node acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerState {
@@ -70,15 +115,18 @@ pub enum PeerState {
 pub trait Transport: Send + 'static {
     /// The node's offer (candidate included).
     fn offer(&self) -> &str;
+    /// The transport's own ICE username fragment and password (from its offer): a client's
+    /// first check from a new address names the fragment and is signed with the password.
+    fn ice_credentials(&self) -> (&str, &str);
     fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError>;
     fn add_candidate(&mut self, candidate: &Candidate) -> Result<(), EngineError>;
-    /// A datagram arrived from `from` on the transport's socket.
-    fn handle_datagram(&mut self, data: bytes::BytesMut, from: SocketAddr, now: Instant);
+    /// A datagram arrived from the client over `from`.
+    fn handle_datagram(&mut self, data: bytes::BytesMut, from: Path, now: Instant);
     fn handle_timeout(&mut self, now: Instant);
     /// When `handle_timeout` wants to run next.
     fn poll_timeout(&mut self) -> Option<Instant>;
     /// The next datagram to send, and where.
-    fn poll_datagram(&mut self) -> Option<(bytes::BytesMut, SocketAddr)>;
+    fn poll_datagram(&mut self) -> Option<(bytes::BytesMut, Path)>;
     /// The next connection state change.
     fn poll_state(&mut self) -> Option<PeerState>;
     fn close(&mut self);
@@ -102,21 +150,10 @@ pub trait ListenerTransport: Transport {
 pub trait Engine: Send + Sync + 'static {
     type Speaker: SpeakerTransport;
     type Listener: ListenerTransport;
-    /// A speaker's transport whose socket is bound at `local`; `announced` replaces its IP in
-    /// the offer.
-    fn speaker(
-        &self,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-        now: Instant,
-    ) -> Result<Self::Speaker, EngineError>;
+    /// A speaker's transport on the node's shared addresses.
+    fn speaker(&self, local: &Addresses, now: Instant) -> Result<Self::Speaker, EngineError>;
     /// A listener's transport sending with `ssrc`.
-    fn listener(
-        &self,
-        ssrc: u32,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-    ) -> Result<Self::Listener, EngineError>;
+    fn listener(&self, ssrc: u32, local: &Addresses) -> Result<Self::Listener, EngineError>;
 }
 
 /// A transport of either kind, as a worker holds it.
@@ -131,13 +168,12 @@ impl<S: SpeakerTransport, L: ListenerTransport> Peer<S, L> {
     pub fn create<E: Engine<Speaker = S, Listener = L>>(
         engine: &E,
         spec: PeerSpec,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
+        local: &Addresses,
         now: Instant,
     ) -> Result<Self, EngineError> {
         Ok(match spec {
-            PeerSpec::Send => Self::Speaker(engine.speaker(local, announced, now)?),
-            PeerSpec::Recv { ssrc } => Self::Listener(engine.listener(ssrc, local, announced)?),
+            PeerSpec::Send => Self::Speaker(engine.speaker(local, now)?),
+            PeerSpec::Recv { ssrc } => Self::Listener(engine.listener(ssrc, local)?),
         })
     }
 
@@ -153,6 +189,13 @@ impl<S: SpeakerTransport, L: ListenerTransport> Peer<S, L> {
         match self {
             Self::Speaker(s) => s.offer(),
             Self::Listener(l) => l.offer(),
+        }
+    }
+
+    pub fn ice_credentials(&self) -> (&str, &str) {
+        match self {
+            Self::Speaker(s) => s.ice_credentials(),
+            Self::Listener(l) => l.ice_credentials(),
         }
     }
 }

@@ -5,11 +5,12 @@
 //! [`ListenerPeer`](super::listener::ListenerPeer) built from the same stack's ICE, DTLS and
 //! SRTP crates, because it carries every forwarded copy.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::ice::tcp_type::TcpType;
 use rtc::interceptor::Registry;
 use rtc::peer_connection::configuration::interceptor_registry::configure_rtcp_reports;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MediaEngine};
@@ -30,8 +31,8 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use super::listener::{Identity, ListenerPeer};
 use super::{
-    Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, PeerState, SpeakerTransport,
-    Transport, sdp,
+    Addresses, Candidate, Engine, EngineError, OPUS_FMTP, OPUS_PAYLOAD_TYPE, Path, PeerState,
+    Proto, SpeakerTransport, Transport, sdp,
 };
 use std::sync::Arc;
 
@@ -62,15 +63,28 @@ pub fn opus_media_engine() -> Result<MediaEngine, EngineError> {
 
 /// The UDP host candidate of a socket bound at `local`, for `add_local_candidate`.
 pub fn host_candidate(local: SocketAddr) -> Result<RTCIceCandidateInit, EngineError> {
+    candidate(local, "udp", TcpType::Unspecified)
+}
+
+/// The passive ICE/TCP host candidate (RFC 6544) of a listener bound at `local`.
+pub fn tcp_candidate(local: SocketAddr) -> Result<RTCIceCandidateInit, EngineError> {
+    candidate(local, "tcp", TcpType::Passive)
+}
+
+fn candidate(
+    local: SocketAddr,
+    network: &str,
+    tcp_type: TcpType,
+) -> Result<RTCIceCandidateInit, EngineError> {
     let candidate = CandidateHostConfig {
         base_config: CandidateConfig {
-            network: "udp".to_owned(),
+            network: network.to_owned(),
             address: local.ip().to_string(),
             port: local.port(),
             component: 1,
             ..Default::default()
         },
-        ..Default::default()
+        tcp_type,
     }
     .new_candidate_host()
     .map_err(setup)?;
@@ -98,8 +112,10 @@ impl RtcEngine {
 
 pub struct RtcPeer {
     core: RTCPeerConnection,
-    local: SocketAddr,
+    local: Addresses,
     offer: String,
+    ufrag: String,
+    pwd: String,
     inbound: std::collections::VecDeque<rtp::Packet>,
     states: std::collections::VecDeque<PeerState>,
 }
@@ -116,27 +132,12 @@ impl Engine for RtcEngine {
     type Speaker = RtcPeer;
     type Listener = ListenerPeer;
 
-    fn speaker(
-        &self,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-        now: Instant,
-    ) -> Result<RtcPeer, EngineError> {
-        RtcPeer::speaker(local, announced, now)
+    fn speaker(&self, local: &Addresses, now: Instant) -> Result<RtcPeer, EngineError> {
+        RtcPeer::speaker(local, now)
     }
 
-    fn listener(
-        &self,
-        ssrc: u32,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-    ) -> Result<ListenerPeer, EngineError> {
-        Ok(ListenerPeer::new(
-            Arc::clone(&self.identity),
-            ssrc,
-            local,
-            announced,
-        ))
+    fn listener(&self, ssrc: u32, local: &Addresses) -> Result<ListenerPeer, EngineError> {
+        Ok(ListenerPeer::new(Arc::clone(&self.identity), ssrc, local))
     }
 }
 
@@ -144,11 +145,7 @@ impl RtcPeer {
     /// A speaker's transport: a full `rtc` peer connection with one recvonly audio section.
     /// Receiver reports tell the speaker's client about loss (Opus FEC and bitrate adapt to
     /// them).
-    pub fn speaker(
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-        now: Instant,
-    ) -> Result<RtcPeer, EngineError> {
+    pub fn speaker(local: &Addresses, now: Instant) -> Result<RtcPeer, EngineError> {
         let settings = SettingEngineBuilder::new()
             .with_multicast_dns_mode(MulticastDnsMode::Disabled)
             .with_lite(true)
@@ -166,8 +163,12 @@ impl RtcPeer {
         };
         core.add_transceiver_from_kind(RtpCodecKind::Audio, Some(init))
             .map_err(setup)?;
-        core.add_local_candidate(host_candidate(local)?)
+        core.add_local_candidate(host_candidate(local.udp)?)
             .map_err(setup)?;
+        if let Some(tcp) = local.tcp {
+            core.add_local_candidate(tcp_candidate(tcp)?)
+                .map_err(setup)?;
+        }
         let offer = core.create_offer(None).map_err(setup)?;
         core.set_local_description(now, offer).map_err(setup)?;
         let local_sdp = core
@@ -175,16 +176,20 @@ impl RtcPeer {
             .map(|d| d.sdp)
             .ok_or_else(|| setup("no local description"))?;
         if !sdp::has_candidate(&local_sdp) {
-            return Err(setup(format!("no candidate on {local}")));
+            return Err(setup(format!("no candidate on {}", local.udp)));
         }
-        let offer = match announced {
-            Some(ip) => sdp::announce_ip(&local_sdp, local.ip(), ip),
+        let (ufrag, pwd) =
+            sdp::ice_credentials(&local_sdp).ok_or_else(|| setup("no ICE credentials"))?;
+        let offer = match local.announced {
+            Some(ip) => sdp::announce_ip(&local_sdp, local.udp.ip(), ip),
             None => local_sdp,
         };
         Ok(RtcPeer {
             core,
-            local,
+            local: *local,
             offer,
+            ufrag,
+            pwd,
             inbound: Default::default(),
             states: Default::default(),
         })
@@ -220,6 +225,10 @@ impl Transport for RtcPeer {
         &self.offer
     }
 
+    fn ice_credentials(&self) -> (&str, &str) {
+        (&self.ufrag, &self.pwd)
+    }
+
     fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
         let answer = RTCSessionDescription::answer(sdp.to_owned())
             .map_err(|_| EngineError::BadDescription)?;
@@ -242,14 +251,19 @@ impl Transport for RtcPeer {
             .map_err(|_| EngineError::BadCandidate)
     }
 
-    fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+    fn handle_datagram(&mut self, data: BytesMut, from: Path, now: Instant) {
+        let (local_addr, transport_protocol) = match (from.proto, self.local.tcp) {
+            (Proto::Tcp, Some(tcp)) => (tcp, TransportProtocol::TCP),
+            (Proto::Tcp, None) => return,
+            (Proto::Udp, _) => (self.local.udp, TransportProtocol::UDP),
+        };
         let msg = TaggedBytesMut {
             now,
             transport: TransportContext {
-                local_addr: self.local,
-                peer_addr: from,
+                local_addr,
+                peer_addr: from.remote,
                 ecn: None,
-                transport_protocol: TransportProtocol::UDP,
+                transport_protocol,
             },
             message: data,
         };
@@ -270,10 +284,14 @@ impl Transport for RtcPeer {
         self.core.poll_timeout()
     }
 
-    fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
-        self.core
-            .poll_write()
-            .map(|m| (m.message, m.transport.peer_addr))
+    fn poll_datagram(&mut self) -> Option<(BytesMut, Path)> {
+        self.core.poll_write().map(|m| {
+            let path = match m.transport.transport_protocol {
+                TransportProtocol::TCP => Path::tcp(m.transport.peer_addr),
+                _ => Path::udp(m.transport.peer_addr),
+            };
+            (m.message, path)
+        })
     }
 
     fn poll_state(&mut self) -> Option<PeerState> {

@@ -33,6 +33,15 @@ pub fn announce_ip(sdp: &str, bound: IpAddr, announced: IpAddr) -> String {
     out
 }
 
+/// The first `a=ice-ufrag` and `a=ice-pwd` values of an SDP.
+pub fn ice_credentials(sdp: &str) -> Option<(String, String)> {
+    let value = |name: &str| {
+        sdp.lines()
+            .find_map(|l| l.trim_end().strip_prefix(name).map(str::to_owned))
+    };
+    Some((value("a=ice-ufrag:")?, value("a=ice-pwd:")?))
+}
+
 /// True when the SDP carries at least one candidate.
 pub fn has_candidate(sdp: &str) -> bool {
     sdp.lines().any(|l| l.starts_with("a=candidate:"))
@@ -55,5 +64,15 @@ mod tests {
             "v=0\r\nc=IN IP4 203.0.113.9\r\na=candidate:1 1 udp 2130706431 203.0.113.9 40000 typ host\r\n"
         );
         assert!(has_candidate(&out));
+    }
+
+    #[test]
+    fn credentials_are_read_from_the_first_section() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:abcd\r\na=ice-pwd:0123456789012345678901\r\n";
+        assert_eq!(
+            ice_credentials(sdp),
+            Some(("abcd".into(), "0123456789012345678901".into()))
+        );
+        assert_eq!(ice_credentials("v=0\r\n"), None);
     }
 }

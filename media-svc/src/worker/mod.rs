@@ -7,30 +7,35 @@
 //!
 //! A packet from a speaker is decrypted by the worker owning the speaker's peer, handed to the
 //! channel's worker, routed and rewritten there, and handed in one batch per worker to the
-//! workers owning the listeners' peers, which encrypt and send each copy with a non-blocking
-//! UDP send. Nothing waits for a listener: a full socket buffer or a full worker queue loses
-//! that copy (counted). Everything reaches a worker as a message on its bounded queue;
-//! datagrams are read by one small task per socket.
+//! workers owning the listeners' peers, which encrypt each copy and send them in batches
+//! (`sendmmsg`). Nothing waits for a listener: a full socket buffer or a full worker queue
+//! loses that copy (counted). Everything reaches a worker as a message on its bounded queue.
+//!
+//! All transports share the node's one UDP port: each worker reads and writes its own socket
+//! bound to it (`SO_REUSEPORT`), and a datagram the kernel hands to one worker for a transport
+//! another owns goes to that worker's inbound queue (see [`net`]).
 //!
 //! - this module: the pool's typed handle (each method builds its worker command) and stats;
 //! - [`thread`]: one worker, its event loop, peers and routers;
-//! - [`socket`]: a peer's UDP socket, read by a small task, written without waiting.
+//! - [`net`]: the shared sockets, the demultiplexer and batched sends.
 
-mod socket;
+pub mod net;
 mod thread;
 
 use std::hash::{BuildHasher, RandomState};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use rtc::rtp;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Candidate, Engine, EngineError, PeerSpec, PeerState};
+use crate::engine::{Addresses, Candidate, Engine, EngineError, Path, PeerSpec, PeerState};
 use crate::router::{Floor, FloorApplied, Listener, RouterStats};
+pub use net::{Demux, Drop};
 
 /// Messages a worker may have queued.
 pub const WORKER_QUEUE: usize = 8192;
@@ -50,8 +55,6 @@ enum Command {
     CreatePeer {
         key: u64,
         spec: PeerSpec,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
         reply: Reply<Result<String, EngineError>>,
     },
     Answer {
@@ -158,9 +161,31 @@ impl PoolStats {
     }
 }
 
+/// A datagram for a transport, read by one worker for the worker owning the transport.
+#[derive(Debug)]
+struct Datagram {
+    key: u64,
+    data: BytesMut,
+    from: Path,
+    at: Instant,
+}
+
+/// Where the node's media is served.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen {
+    /// The UDP address every transport shares (port 0: an ephemeral port).
+    pub udp: SocketAddr,
+    /// Written into candidates instead of the bound IP.
+    pub announced: Option<std::net::IpAddr>,
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerPool {
     workers: Arc<[mpsc::Sender<Command>]>,
+    /// Each worker's queue of datagrams other workers read for its transports.
+    inbound: Arc<[mpsc::Sender<Datagram>]>,
+    demux: Arc<Demux>,
+    addresses: Addresses,
     hasher: RandomState,
     stop: CancellationToken,
     /// Cancelled when a worker ends without being asked to (it panicked): its peers and
@@ -171,27 +196,66 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `count` workers (at least one) on the current runtime. The receiver gets every
-    /// peer's connection state as it changes (connected, failed, closed), by peer key.
+    /// Binds the node's shared UDP port and starts `count` workers (at least one) on threads
+    /// of their own. The receiver gets every peer's connection state as it changes (connected,
+    /// failed, closed), by peer key.
     pub fn start<E: Engine>(
         count: usize,
         engine: Arc<E>,
-    ) -> (Self, mpsc::UnboundedReceiver<(u64, PeerState)>) {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..count.max(1))
-            .map(|_| mpsc::channel(WORKER_QUEUE))
-            .unzip();
+        listen: Listen,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<(u64, PeerState)>), EngineError> {
+        let count = count.max(1);
+        let (sockets, udp) = net::bind_shared(listen.udp, count)?;
+        tracing::info!(
+            %udp,
+            workers = count,
+            send_buffer = sockets.first().map_or(0, net::send_buffer),
+            "media port bound"
+        );
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..count).map(|_| mpsc::channel(WORKER_QUEUE)).unzip();
+        let (inbound, inbound_rx): (Vec<_>, Vec<_>) =
+            (0..count).map(|_| mpsc::channel(INBOUND_QUEUE)).unzip();
         let (peer_states, states) = mpsc::unbounded_channel();
         let pool = Self {
             workers: senders.into(),
+            inbound: inbound.into(),
+            demux: Arc::new(Demux::new()?),
+            addresses: Addresses {
+                udp,
+                tcp: None,
+                announced: listen.announced,
+            },
             hasher: RandomState::new(),
             stop: CancellationToken::new(),
             failed: CancellationToken::new(),
             peer_states,
         };
-        for (index, commands) in receivers.into_iter().enumerate() {
-            thread::spawn(index, pool.clone(), Arc::clone(&engine), commands);
+        for (index, ((commands, inbound), socket)) in receivers
+            .into_iter()
+            .zip(inbound_rx)
+            .zip(sockets)
+            .enumerate()
+        {
+            thread::spawn(
+                index,
+                pool.clone(),
+                Arc::clone(&engine),
+                thread::Queues { commands, inbound },
+                socket,
+            );
         }
-        (pool, states)
+        Ok((pool, states))
+    }
+
+    /// The node's shared media addresses (as bound).
+    pub fn addresses(&self) -> Addresses {
+        self.addresses
+    }
+
+    /// The demultiplexer: paths known and datagrams dropped by cause.
+    pub fn demux(&self) -> &Demux {
+        &self.demux
     }
 
     /// A worker reports a peer's new connection state.
@@ -227,22 +291,14 @@ impl WorkerPool {
         self.request_at(self.peer_worker(key), make).await
     }
 
-    /// Creates peer `key` on a socket bound at `local`; its offer.
+    /// Creates peer `key` on the node's shared addresses; its offer.
     pub async fn create_peer(
         &self,
         key: u64,
         spec: PeerSpec,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
     ) -> Option<Result<String, EngineError>> {
-        self.request_peer(key, |reply| Command::CreatePeer {
-            key,
-            spec,
-            local,
-            announced,
-            reply,
-        })
-        .await
+        self.request_peer(key, |reply| Command::CreatePeer { key, spec, reply })
+            .await
     }
 
     pub async fn apply_answer(&self, key: u64, sdp: String) -> Option<Result<(), EngineError>> {

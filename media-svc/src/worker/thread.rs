@@ -1,52 +1,52 @@
 //! One worker: a thread with its own event loop, owning its share of the node's peers and the
-//! routers of its channels. Everything reaches it as a message ([`Command`]) on its bounded
-//! queue, datagrams on its inbound queue, and its peers' timers from one heap.
+//! routers of its channels, and its own socket on the node's shared UDP port. Everything
+//! reaches it as a message ([`Command`]) on its bounded queue, datagrams from its socket or
+//! (read by other workers for its peers) on its inbound queue, and its peers' timers from one
+//! heap.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use rtc::rtp;
+use tokio::io::Interest;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
-use super::socket::{self, Datagram, PeerSocket};
-use super::{Command, INBOUND_QUEUE, MAX_FORWARD_AGE, PoolStats, WorkerPool};
+use super::net::{self, BATCH, Batch, Drop};
+use super::{Command, Datagram, MAX_DATAGRAM, MAX_FORWARD_AGE, PoolStats, WorkerPool};
 use crate::engine::{
-    Candidate, Engine, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, Peer, PeerSpec,
-    PeerState, SpeakerTransport,
+    Candidate, Engine, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, Path, Peer, PeerSpec,
+    PeerState, Proto, SpeakerTransport,
 };
 use crate::router::{Floor, FloorApplied, Router, RouterStats};
+
+/// Datagrams read from the socket per wake-up, so a flood cannot starve the rest of the loop.
+const READS_PER_WAKE: usize = 64;
+
+/// A worker's two queues.
+pub(super) struct Queues {
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) inbound: mpsc::Receiver<Datagram>,
+}
 
 /// Answers a request; a requester that stopped waiting is no error.
 fn respond<T>(reply: super::Reply<T>, value: T) {
     let _ = reply.send(value);
 }
 
-/// Starts worker `index` of `pool` on a thread of its own.
+/// Starts worker `index` of `pool` on a thread of its own, serving `socket`.
 pub(super) fn spawn<E: Engine>(
     index: usize,
     pool: WorkerPool,
     engine: Arc<E>,
-    commands: mpsc::Receiver<Command>,
+    queues: Queues,
+    socket: UdpSocket,
 ) {
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let worker = Worker {
-        index,
-        pool: pool.clone(),
-        engine: Arc::clone(&engine),
-        routers: HashMap::new(),
-        epochs: HashMap::new(),
-        retired: RouterStats::default(),
-        peers: HashMap::new(),
-        timers: BinaryHeap::new(),
-        inbound_tx,
-        send_dropped: 0,
-        latency: new_histogram(),
-    };
     // A thread of its own per worker, with its own event loop that also reads its
     // peers' sockets (as mediasoup runs a process per worker). As tasks of one shared
     // runtime, a batch one worker handed another was run on the *same* thread after
@@ -63,8 +63,21 @@ pub(super) fn spawn<E: Engine>(
                     // A panic ends the worker and loses its peers and routers: the pool
                     // reports it, so the node stops taking work and says so (not a silent
                     // half-node whose calls to this worker all fail).
+                    let worker_pool = pool.clone();
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        runtime.block_on(worker.run(commands, inbound_rx));
+                        runtime.block_on(async move {
+                            match register(socket) {
+                                Ok(udp) => {
+                                    Worker::new(index, worker_pool, engine, udp)
+                                        .run(queues)
+                                        .await;
+                                }
+                                Err(error) => {
+                                    tracing::error!(worker = index, %error, "media socket");
+                                    worker_pool.failed.cancel();
+                                }
+                            }
+                        });
                     }));
                     if ran.is_err() {
                         tracing::error!(worker = index, "media worker panicked");
@@ -82,14 +95,44 @@ pub(super) fn spawn<E: Engine>(
     }
 }
 
+/// Registers a worker's shared socket with its event loop, for reading only: with write
+/// interest too, the kernel would queue an epoll event (and the runtime a wake-up) each time a
+/// sent datagram is freed, one per forwarded copy.
+fn register(socket: UdpSocket) -> std::io::Result<Arc<AsyncFd<UdpSocket>>> {
+    // `with_interest` is deprecated because a type could change the descriptor its
+    // `as_raw_fd` returns; a `std::net::UdpSocket` owns one descriptor for its whole life,
+    // which is what the non-deprecated (`unsafe`) constructor asks the caller to promise.
+    #[allow(deprecated)]
+    AsyncFd::with_interest(socket, Interest::READABLE).map(Arc::new)
+}
+
 struct Slot<S, L> {
     peer: Peer<S, L>,
-    socket: PeerSocket,
-    reader: JoinHandle<()>,
     /// Where incoming RTP goes, once the peer produces: (channel, producer).
     route: Option<(String, String)>,
+    /// The SSRCs a speaker's answer declared; RTP with another is dropped before decryption.
+    /// `None` when the answer declared none (then SRTP authentication alone decides).
+    ssrcs: Option<Vec<u32>>,
     /// The earliest timer entry pending for this peer.
     deadline: Option<Instant>,
+}
+
+/// A worker's side of the shared port: its socket and the copies waiting to leave in a batch.
+struct Net {
+    udp: Arc<AsyncFd<UdpSocket>>,
+    batch: Batch,
+    /// The arrival time of the speaker's packet whose copies are in `batch`.
+    batch_at: Option<Instant>,
+}
+
+impl Net {
+    /// Sends one control datagram (ICE, DTLS) at once; false if it could not go out.
+    fn send(&mut self, data: &[u8], to: Path) -> bool {
+        match to.proto {
+            Proto::Udp => net::send_one(self.udp.get_ref(), data, to.remote),
+            Proto::Tcp => false,
+        }
+    }
 }
 
 /// A worker's peers: the engine's two kinds of transport, each in its slot.
@@ -106,7 +149,8 @@ pub(super) struct Worker<E: Engine> {
     retired: RouterStats,
     peers: Peers<E>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    inbound_tx: mpsc::Sender<Datagram>,
+    net: Net,
+    read_buf: Vec<u8>,
     send_dropped: u64,
     latency: Histogram<u64>,
 }
@@ -118,20 +162,18 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 10_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Sends what the peer has queued; false when the socket refused a datagram.
+/// Sends what the peer has queued at once (ICE and DTLS replies).
 fn flush<S: SpeakerTransport, L: ListenerTransport>(
     slot: &mut Slot<S, L>,
+    net: &mut Net,
     send_dropped: &mut u64,
-) -> bool {
-    let mut all_sent = true;
+) {
     let transport = slot.peer.transport();
     while let Some((data, to)) = transport.poll_datagram() {
-        if !socket::send(&slot.socket, &data, to) {
+        if !net.send(&data, to) {
             *send_dropped += 1;
-            all_sent = false;
         }
     }
-    all_sent
 }
 
 /// Arms the peer's next timer if it is earlier than the one pending.
@@ -151,49 +193,126 @@ fn schedule<S: SpeakerTransport, L: ListenerTransport>(
 /// Where copies go out and what their sending is measured into.
 struct Out<'a, S, L> {
     peers: &'a mut HashMap<u64, Slot<S, L>>,
+    net: &'a mut Net,
     send_dropped: &'a mut u64,
     latency: &'a mut Histogram<u64>,
 }
 
-/// Encrypts and sends one copy to a listener's peer; false if it could not go out. `at` is
-/// when the speaker's packet arrived.
+/// Encrypts one copy for a listener's peer and queues it in the worker's batch, sending the
+/// batch when full. `at` is when the speaker's packet arrived.
 fn deliver_to<S: SpeakerTransport, L: ListenerTransport>(
     out: &mut Out<'_, S, L>,
     key: u64,
     packet: &rtp::Packet,
     at: Instant,
-) -> bool {
+) {
     if at.elapsed() > MAX_FORWARD_AGE {
         *out.send_dropped += 1;
-        return false;
+        return;
     }
     let Some(slot) = out.peers.get_mut(&key) else {
-        return false;
+        return;
     };
     let Peer::Listener(listener) = &mut slot.peer else {
-        return false;
+        return;
     };
     if !listener.write_rtp(packet) {
-        return false;
+        return;
     }
     // No timer to re-arm: a listener transport starts none by sending, and its consent and
     // DTLS timers stay armed from the last input.
-    let sent = flush(slot, out.send_dropped);
+    while let Some((data, to)) = listener.poll_datagram() {
+        match to.proto {
+            Proto::Udp => {
+                out.net.batch.push(data, to.remote);
+                out.net.batch_at = Some(at);
+                if out.net.batch.len() >= BATCH {
+                    send_batch(out.net, out.send_dropped, out.latency);
+                }
+            }
+            Proto::Tcp => {
+                if out.net.send(&data, to) {
+                    record(out.latency, at, 1);
+                } else {
+                    *out.send_dropped += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the copies queued in the worker's batch, and measures when they left.
+fn send_batch(net: &mut Net, send_dropped: &mut u64, latency: &mut Histogram<u64>) {
+    let queued = net.batch.len();
+    if queued == 0 {
+        return;
+    }
+    let lost = net.batch.flush(net.udp.get_ref());
+    *send_dropped += lost as u64;
+    if let Some(at) = net.batch_at.take() {
+        record(latency, at, (queued - lost) as u64);
+    }
+}
+
+/// Records `count` copies sent now of a packet that arrived at `at`.
+fn record(latency: &mut Histogram<u64>, at: Instant, count: u64) {
     let micros = u64::try_from(at.elapsed().as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
-    out.latency.saturating_record(micros);
-    sent
+    latency.saturating_record_n(micros, count);
+}
+
+/// The SSRC of an RTP (not RTCP) datagram (RFC 7983: first byte 128-191; RFC 5761: RTCP
+/// packet types 192-223 in the second byte).
+fn rtp_ssrc(data: &[u8]) -> Option<u32> {
+    if data.len() < 12 || !(128..=191).contains(&data[0]) || (192..=223).contains(&data[1]) {
+        return None;
+    }
+    Some(u32::from_be_bytes([data[8], data[9], data[10], data[11]]))
+}
+
+/// The SSRCs an SDP declares (`a=ssrc:<n> ...`), `None` when it declares none.
+fn declared_ssrcs(sdp: &str) -> Option<Vec<u32>> {
+    let mut ssrcs: Vec<u32> = sdp
+        .lines()
+        .filter_map(|l| l.strip_prefix("a=ssrc:"))
+        .filter_map(|rest| rest.split(' ').next()?.trim().parse().ok())
+        .collect();
+    ssrcs.sort_unstable();
+    ssrcs.dedup();
+    (!ssrcs.is_empty()).then_some(ssrcs)
 }
 
 impl<E: Engine> Worker<E> {
-    async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<Command>,
-        mut inbound: mpsc::Receiver<Datagram>,
-    ) {
+    fn new(index: usize, pool: WorkerPool, engine: Arc<E>, udp: Arc<AsyncFd<UdpSocket>>) -> Self {
+        Self {
+            index,
+            pool,
+            engine,
+            routers: HashMap::new(),
+            epochs: HashMap::new(),
+            retired: RouterStats::default(),
+            peers: HashMap::new(),
+            timers: BinaryHeap::new(),
+            net: Net {
+                udp,
+                batch: Batch::new(),
+                batch_at: None,
+            },
+            read_buf: vec![0u8; MAX_DATAGRAM],
+            send_dropped: 0,
+            latency: new_histogram(),
+        }
+    }
+
+    async fn run(mut self, queues: Queues) {
+        let Queues {
+            mut commands,
+            mut inbound,
+        } = queues;
         tracing::debug!(worker = self.index, "media worker started");
         let stop = self.pool.stop.clone();
+        let udp = Arc::clone(&self.net.udp);
         loop {
             let next = self.timers.peek().map(|Reverse((at, _))| *at);
             let sleep = async {
@@ -202,17 +321,83 @@ impl<E: Engine> Worker<E> {
                     None => std::future::pending().await,
                 }
             };
+            // Timers before the socket: a flood of datagrams cannot hold back consent and
+            // DTLS timers, and reads are capped per wake-up.
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
                 Some(cmd) = commands.recv() => self.handle(cmd),
-                Some(datagram) = inbound.recv() => self.on_datagram(datagram),
                 () = sleep => self.on_timers(Instant::now()),
+                Some(datagram) = inbound.recv() => self.on_datagram(datagram),
+                ready = udp.readable() => match ready {
+                    Ok(mut guard) => self.read_udp(&mut guard),
+                    Err(error) => {
+                        tracing::warn!(worker = self.index, %error, "media socket");
+                        tokio::task::yield_now().await;
+                    }
+                },
             }
         }
-        for (_, mut slot) in self.peers.drain() {
-            slot.reader.abort();
+        for (key, mut slot) in self.peers.drain() {
+            self.pool.demux.unregister(key);
             slot.peer.transport().close();
+        }
+    }
+
+    /// Reads what the shared socket holds, up to [`READS_PER_WAKE`] datagrams.
+    fn read_udp(&mut self, guard: &mut AsyncFdReadyGuard<'_, UdpSocket>) {
+        for _ in 0..READS_PER_WAKE {
+            let mut buf = std::mem::take(&mut self.read_buf);
+            let read = guard.try_io(|socket| socket.get_ref().recv_from(&mut buf));
+            let datagram = match read {
+                Ok(Ok((n, from))) => Some((BytesMut::from(&buf[..n]), from)),
+                // Unconnected UDP sockets report little; a transient error is no reason to stop.
+                Ok(Err(error)) => {
+                    tracing::trace!(%error, "media socket read");
+                    None
+                }
+                Err(_would_block) => {
+                    self.read_buf = buf;
+                    return;
+                }
+            };
+            self.read_buf = buf;
+            if let Some((data, from)) = datagram {
+                self.on_udp(data, from, Instant::now());
+            }
+        }
+    }
+
+    /// A datagram from the shared socket: to the transport its path leads to, or (from an
+    /// unknown address) to the transport a valid check names, or dropped and counted.
+    fn on_udp(&mut self, data: BytesMut, from: std::net::SocketAddr, at: Instant) {
+        let path = Path::udp(from);
+        let demux = &self.pool.demux;
+        let key = match demux.lookup(&path) {
+            Some(key) => key,
+            None => match demux.admit(&data, path) {
+                Ok(key) => key,
+                Err(cause) => {
+                    demux.count(cause);
+                    return;
+                }
+            },
+        };
+        self.dispatch(Datagram {
+            key,
+            data,
+            from: path,
+            at,
+        });
+    }
+
+    /// Hands a datagram to the worker owning its transport.
+    fn dispatch(&mut self, datagram: Datagram) {
+        let owner = self.pool.peer_worker(datagram.key);
+        if owner == self.index {
+            self.on_datagram(datagram);
+        } else if self.pool.inbound[owner].try_send(datagram).is_err() {
+            self.pool.demux.count(Drop::QueueFull);
         }
     }
 
@@ -220,6 +405,18 @@ impl<E: Engine> Worker<E> {
         let Some(slot) = self.peers.get_mut(&d.key) else {
             return;
         };
+        if let Some(ssrc) = rtp_ssrc(&d.data) {
+            match &slot.peer {
+                // A listener sends no media; only its RTCP and checks matter.
+                Peer::Listener(_) => return,
+                Peer::Speaker(_) => {
+                    if slot.ssrcs.as_ref().is_some_and(|s| !s.contains(&ssrc)) {
+                        self.pool.demux.count(Drop::UnknownSsrc);
+                        return;
+                    }
+                }
+            }
+        }
         slot.peer.transport().handle_datagram(d.data, d.from, d.at);
         self.after_input(d.key, d.at);
     }
@@ -248,7 +445,7 @@ impl<E: Engine> Worker<E> {
         let Some(slot) = self.peers.get_mut(&key) else {
             return;
         };
-        flush(slot, &mut self.send_dropped);
+        flush(slot, &mut self.net, &mut self.send_dropped);
         while let Some(state) = slot.peer.transport().poll_state() {
             match state {
                 PeerState::Connected => tracing::debug!(peer = key, "peer connected"),
@@ -296,6 +493,7 @@ impl<E: Engine> Worker<E> {
             pool,
             routers,
             peers,
+            net,
             send_dropped,
             latency,
             ..
@@ -327,12 +525,14 @@ impl<E: Engine> Worker<E> {
         }
         let mut local = Out {
             peers,
+            net,
             send_dropped,
             latency,
         };
         for (peer, out) in own {
             deliver_to(&mut local, peer, &out, at);
         }
+        send_batch(local.net, local.send_dropped, local.latency);
     }
 
     fn router(&mut self, channel: &str) -> &mut Router {
@@ -364,26 +564,16 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    fn create_peer(
-        &mut self,
-        key: u64,
-        spec: PeerSpec,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-    ) -> Result<String, EngineError> {
-        let (socket, bound) = socket::bind(local)?;
-        let peer = Peer::create(&*self.engine, spec, bound, announced, Instant::now())?;
+    fn create_peer(&mut self, key: u64, spec: PeerSpec) -> Result<String, EngineError> {
+        let addresses = self.pool.addresses;
+        let peer = Peer::create(&*self.engine, spec, &addresses, Instant::now())?;
         let offer = peer.offer().to_owned();
-        let reader = tokio::spawn(socket::read_loop(
-            key,
-            Arc::clone(&socket),
-            self.inbound_tx.clone(),
-        ));
+        let (ufrag, pwd) = peer.ice_credentials();
+        self.pool.demux.register(key, ufrag, pwd);
         let mut slot = Slot {
             peer,
-            socket,
-            reader,
             route: None,
+            ssrcs: None,
             deadline: None,
         };
         schedule(key, &mut slot, &mut self.timers);
@@ -394,7 +584,12 @@ impl<E: Engine> Worker<E> {
     fn answer(&mut self, key: u64, sdp: &str) -> Result<(), EngineError> {
         let now = Instant::now();
         let result = match self.peers.get_mut(&key) {
-            Some(slot) => slot.peer.transport().apply_answer(sdp, now),
+            Some(slot) => {
+                if matches!(slot.peer, Peer::Speaker(_)) {
+                    slot.ssrcs = declared_ssrcs(sdp);
+                }
+                slot.peer.transport().apply_answer(sdp, now)
+            }
             None => Err(EngineError::BadDescription),
         };
         self.after_input(key, now);
@@ -425,9 +620,9 @@ impl<E: Engine> Worker<E> {
 
     fn close_peer(&mut self, key: u64) {
         if let Some(mut slot) = self.peers.remove(&key) {
-            slot.reader.abort();
+            self.pool.demux.unregister(key);
             slot.peer.transport().close();
-            flush(&mut slot, &mut self.send_dropped);
+            flush(&mut slot, &mut self.net, &mut self.send_dropped);
         }
     }
 
@@ -435,18 +630,21 @@ impl<E: Engine> Worker<E> {
     fn deliver(&mut self, batch: Vec<(u64, rtp::Packet)>, at: Instant) {
         let Worker {
             peers,
+            net,
             send_dropped,
             latency,
             ..
         } = self;
         let mut out = Out {
             peers,
+            net,
             send_dropped,
             latency,
         };
         for (peer, packet) in batch {
             deliver_to(&mut out, peer, &packet, at);
         }
+        send_batch(out.net, out.send_dropped, out.latency);
     }
 
     fn remove_producer(&mut self, channel: &str, producer: &str) {
@@ -512,13 +710,9 @@ impl<E: Engine> Worker<E> {
     /// The command table: each command handed to the method that carries it out.
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::CreatePeer {
-                key,
-                spec,
-                local,
-                announced,
-                reply,
-            } => respond(reply, self.create_peer(key, spec, local, announced)),
+            Command::CreatePeer { key, spec, reply } => {
+                respond(reply, self.create_peer(key, spec));
+            }
             Command::Answer { key, sdp, reply } => respond(reply, self.answer(key, &sdp)),
             Command::AddCandidate {
                 key,

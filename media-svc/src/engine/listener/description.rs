@@ -111,17 +111,28 @@ pub(super) fn random_token(len: usize) -> String {
         .collect()
 }
 
-/// The node's offer: one send-only Opus section, ICE-lite, one host candidate.
+/// The node's offer: one send-only Opus section, ICE-lite, the UDP host candidate and, when
+/// ICE/TCP is on, a passive TCP host candidate at a lower priority (RFC 6544: a host TCP
+/// candidate's type preference is the same, its local preference lower, so a client that can
+/// reach the UDP port prefers it).
 pub(super) fn offer(
     identity: &Identity,
     ufrag: &str,
     pwd: &str,
     ssrc: u32,
     candidate: SocketAddr,
+    tcp: Option<SocketAddr>,
 ) -> String {
     let family = if candidate.is_ipv4() { "IP4" } else { "IP6" };
     let ip = candidate.ip();
     let port = candidate.port();
+    let tcp_candidate = tcp.map_or(String::new(), |t| {
+        format!(
+            "a=candidate:2 1 tcp 1518280447 {} {} typ host tcptype passive\r\n",
+            t.ip(),
+            t.port()
+        )
+    });
     let session: u64 = rand::random::<u64>() >> 1;
     format!(
         "v=0\r\n\
@@ -146,6 +157,7 @@ pub(super) fn offer(
          a=ssrc:{ssrc} cname:talkgroup\r\n\
          a=ssrc:{ssrc} msid:floor floor-{ssrc}\r\n\
          a=candidate:1 1 udp 2130706431 {ip} {port} typ host\r\n\
+         {tcp_candidate}\
          a=end-of-candidates\r\n",
         fingerprint = identity.fingerprint.to_ascii_uppercase(),
     )

@@ -15,6 +15,13 @@
 //! authenticates each client by the fingerprint in its answer. Media and DTLS are only
 //! accepted from, and only sent to, an address that passed a STUN check signed with the
 //! transport's ICE password.
+//!
+//! The client's path may change under a connected transport: a NAT rebinding gives the same
+//! client a new source port, and a browser may move to its ICE/TCP candidate. A valid check
+//! from a new path takes the media over when it nominates (USE-CANDIDATE, which browsers put on
+//! every check of their selected pair with a lite peer), or, from a client whose checks do not
+//! nominate, when the current path has gone quiet ([`PATH_QUIET`]). No renegotiation is needed:
+//! the SRTP keys belong to the transport, not the path.
 
 mod description;
 mod ice;
@@ -22,7 +29,7 @@ mod identity;
 mod srtp;
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +40,10 @@ use rtc::rtp;
 use rtc::shared::TransportProtocol;
 use rtc::shared::marshal::{Marshal, MarshalSize};
 
-use super::{Candidate, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, PeerState, Transport};
+use super::{
+    Addresses, Candidate, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, Path, PeerState,
+    Transport,
+};
 use description::{Answer, offer, parse_answer, random_token};
 pub use identity::Identity;
 use identity::setup;
@@ -44,6 +54,9 @@ const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// DTLS datagrams kept from before the answer (the client's first flight).
 const MAX_EARLY_DTLS: usize = 8;
+/// A connected client's checks come every 2 to 5 s (RFC 7675 consent); a non-nominating check
+/// from a new path takes over once the current path has been without a check this long.
+const PATH_QUIET: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -59,19 +72,22 @@ enum Phase {
 /// One listener's transport.
 pub struct ListenerPeer {
     identity: Arc<Identity>,
-    local: SocketAddr,
+    local: Addresses,
     offer: String,
     ssrc: u32,
     ufrag: String,
     pwd: String,
     answer: Option<Answer>,
     phase: Phase,
-    /// Where media goes: the address the client nominated in a valid check.
-    remote: Option<SocketAddr>,
+    /// Where media goes: the path the client nominated in a valid check.
+    remote: Option<Path>,
     /// The client's username fragment in the checks from `remote`.
     remote_ufrag: Option<String>,
     /// The client nominated `remote` (USE-CANDIDATE).
     nominated: bool,
+    /// The last check on `remote` nominated it: the client nominates as it goes, so only a
+    /// nominating check may move the media to another path.
+    renominates: bool,
     /// DTLS datagrams from `remote` that came before the answer.
     early_dtls: Vec<BytesMut>,
     last_consent: Option<Instant>,
@@ -80,7 +96,7 @@ pub struct ListenerPeer {
     /// The node's DTLS client configuration, when the client answered `passive`.
     dtls_client: Option<Arc<HandshakeConfig>>,
     srtp: Option<rtc::srtp::context::Context>,
-    out: VecDeque<(BytesMut, SocketAddr)>,
+    out: VecDeque<(BytesMut, Path)>,
     states: VecDeque<PeerState>,
     scratch: Vec<u8>,
 }
@@ -95,19 +111,23 @@ impl std::fmt::Debug for ListenerPeer {
 }
 
 impl ListenerPeer {
-    pub fn new(
-        identity: Arc<Identity>,
-        ssrc: u32,
-        local: SocketAddr,
-        announced: Option<IpAddr>,
-    ) -> Self {
+    pub fn new(identity: Arc<Identity>, ssrc: u32, local: &Addresses) -> Self {
         let ufrag = random_token(16);
         let pwd = random_token(32);
-        let candidate = SocketAddr::new(announced.unwrap_or(local.ip()), local.port());
-        let offer = offer(&identity, &ufrag, &pwd, ssrc, candidate);
+        let announce = |addr: SocketAddr| -> SocketAddr {
+            SocketAddr::new(local.announced.unwrap_or(addr.ip()), addr.port())
+        };
+        let offer = offer(
+            &identity,
+            &ufrag,
+            &pwd,
+            ssrc,
+            announce(local.udp),
+            local.tcp.map(announce),
+        );
         Self {
             identity,
-            local,
+            local: *local,
             offer,
             ssrc,
             ufrag,
@@ -117,6 +137,7 @@ impl ListenerPeer {
             remote: None,
             remote_ufrag: None,
             nominated: false,
+            renominates: false,
             early_dtls: Vec::new(),
             last_consent: None,
             connect_deadline: None,
@@ -141,23 +162,30 @@ impl ListenerPeer {
     /// the node (the client starts ICE as soon as it has the offer): it is answered all the
     /// same, since its integrity is proven with the node's own password, and the client's
     /// username fragment in it is held against the answer when that comes (RFC 8445 7.3).
-    fn on_stun(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+    fn on_stun(&mut self, data: &[u8], from: Path, now: Instant) {
         let expected = ice::Credentials {
             ufrag: &self.ufrag,
             pwd: &self.pwd,
             remote_ufrag: self.answer.as_ref().map(|a| a.ufrag.as_str()),
         };
-        let Some(check) = ice::verify(data, from, &expected, &self.identity) else {
+        let Some(check) = ice::verify(data, from.remote, &expected, &self.identity) else {
             return;
         };
-        let Some(reply) = ice::success(&check, from, &self.pwd, &self.identity) else {
+        let Some(reply) = ice::success(&check, from.remote, &self.pwd, &self.identity) else {
             return;
         };
         self.out.push_back((reply, from));
         let nominating = check.nominating;
-        if nominating || self.remote.is_none() {
+        let moved = self.remote.is_some_and(|r| r != from);
+        // A connected client's path changed (NAT rebinding, or a move to ICE/TCP).
+        let takes_over = moved
+            && self.phase == Phase::Connected
+            && !self.renominates
+            && self.last_consent.is_none_or(|at| now >= at + PATH_QUIET);
+        if nominating || self.remote.is_none() || takes_over {
             if self.remote != Some(from) {
-                tracing::debug!(%from, nominating, "listener address selected");
+                tracing::debug!(remote = %from.remote, proto = ?from.proto, nominating,
+                    "listener path selected");
             }
             self.remote = Some(from);
             self.remote_ufrag = Some(check.their_ufrag);
@@ -166,6 +194,7 @@ impl ListenerPeer {
         }
         if self.remote == Some(from) {
             self.last_consent = Some(now);
+            self.renominates = nominating;
         }
         self.drain_dtls();
     }
@@ -177,17 +206,17 @@ impl ListenerPeer {
         if let Some(remote) = self.remote.filter(|_| self.nominated)
             && let Some(dtls) = self.dtls.as_mut()
             && let Some(config) = self.dtls_client.take()
-            && dtls.connect(now, remote, config, None).is_err()
+            && dtls.connect(now, remote.remote, config, None).is_err()
         {
             self.end(PeerState::Failed);
         }
     }
 
-    fn on_dtls(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+    fn on_dtls(&mut self, data: BytesMut, from: Path, now: Instant) {
         let Some(dtls) = self.dtls.as_mut() else {
             return;
         };
-        let events = dtls.read(now, from, None, data);
+        let events = dtls.read(now, from.remote, None, data);
         self.drain_dtls();
         let events = match events {
             Ok(events) => events,
@@ -205,7 +234,7 @@ impl ListenerPeer {
                     .dtls
                     .as_ref()
                     .ok_or_else(|| setup("no DTLS endpoint"))
-                    .and_then(|dtls| srtp::outbound(dtls, from, &self.identity))
+                    .and_then(|dtls| srtp::outbound(dtls, from.remote, &self.identity))
                 {
                     Ok(context) => {
                         self.srtp = Some(context);
@@ -224,10 +253,15 @@ impl ListenerPeer {
         }
     }
 
+    /// Queues what the DTLS endpoint wants sent, on the client's selected path.
     fn drain_dtls(&mut self) {
         if let Some(dtls) = self.dtls.as_mut() {
             while let Some(t) = dtls.poll_transmit() {
-                self.out.push_back((t.message, t.transport.peer_addr));
+                let to = match self.remote {
+                    Some(remote) if remote.remote == t.transport.peer_addr => remote,
+                    _ => Path::udp(t.transport.peer_addr),
+                };
+                self.out.push_back((t.message, to));
             }
         }
     }
@@ -242,6 +276,10 @@ impl Transport for ListenerPeer {
         &self.offer
     }
 
+    fn ice_credentials(&self) -> (&str, &str) {
+        (&self.ufrag, &self.pwd)
+    }
+
     fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
         if self.phase != Phase::Offered {
             return Err(EngineError::BadDescription);
@@ -251,11 +289,11 @@ impl Transport for ListenerPeer {
             .identity
             .handshake_config(answer.client_passive, answer.fingerprint.clone())?;
         if answer.client_passive {
-            self.dtls = Some(Endpoint::new(self.local, TransportProtocol::UDP, None));
+            self.dtls = Some(Endpoint::new(self.local.udp, TransportProtocol::UDP, None));
             self.dtls_client = Some(config);
         } else {
             self.dtls = Some(Endpoint::new(
-                self.local,
+                self.local.udp,
                 TransportProtocol::UDP,
                 Some(config),
             ));
@@ -293,7 +331,7 @@ impl Transport for ListenerPeer {
         Ok(())
     }
 
-    fn handle_datagram(&mut self, data: BytesMut, from: SocketAddr, now: Instant) {
+    fn handle_datagram(&mut self, data: BytesMut, from: Path, now: Instant) {
         if self.phase == Phase::Ended || data.is_empty() {
             return;
         }
@@ -319,7 +357,7 @@ impl Transport for ListenerPeer {
             return;
         }
         if self.connect_deadline.is_some_and(|at| now >= at) {
-            tracing::info!(local = %self.local, "listener transport did not connect in time");
+            tracing::info!(ufrag = %self.ufrag, "listener transport did not connect in time");
             self.end(PeerState::Failed);
             return;
         }
@@ -328,13 +366,15 @@ impl Transport for ListenerPeer {
                 .last_consent
                 .is_some_and(|at| now >= at + CONSENT_TIMEOUT)
         {
-            tracing::info!(local = %self.local, "listener stopped its consent checks");
+            tracing::info!(ufrag = %self.ufrag, "listener stopped its consent checks");
             self.end(PeerState::Failed);
             return;
         }
         if let (Some(dtls), Some(remote)) = (self.dtls.as_mut(), self.remote)
-            && dtls.poll_timeout(&remote).is_some_and(|at| now >= at)
-            && dtls.handle_timeout(remote, now).is_err()
+            && dtls
+                .poll_timeout(&remote.remote)
+                .is_some_and(|at| now >= at)
+            && dtls.handle_timeout(remote.remote, now).is_err()
         {
             tracing::debug!("listener DTLS handshake timed out");
             self.end(PeerState::Failed);
@@ -350,7 +390,7 @@ impl Transport for ListenerPeer {
             .dtls
             .as_ref()
             .zip(self.remote)
-            .and_then(|(d, r)| d.poll_timeout(&r));
+            .and_then(|(d, r)| d.poll_timeout(&r.remote));
         let consent = match self.phase {
             Phase::Connected => self.last_consent.map(|at| at + CONSENT_TIMEOUT),
             _ => self.connect_deadline,
@@ -358,7 +398,7 @@ impl Transport for ListenerPeer {
         [dtls, consent].into_iter().flatten().min()
     }
 
-    fn poll_datagram(&mut self) -> Option<(BytesMut, SocketAddr)> {
+    fn poll_datagram(&mut self) -> Option<(BytesMut, Path)> {
         self.out.pop_front()
     }
 
@@ -370,7 +410,7 @@ impl Transport for ListenerPeer {
         if let (Some(dtls), Some(remote)) = (self.dtls.as_mut(), self.remote)
             && self.phase == Phase::Connected
         {
-            dtls.stop(Instant::now(), remote);
+            dtls.stop(Instant::now(), remote.remote);
         }
         self.drain_dtls();
         self.end(PeerState::Closed);
@@ -460,10 +500,14 @@ mod tests {
     }
 
     #[test]
-    fn the_offer_is_ice_lite_send_only_opus_with_one_candidate() {
+    fn the_offer_is_ice_lite_send_only_opus_with_udp_then_tcp_candidates() {
         let identity = Arc::new(Identity::generate().unwrap());
-        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let peer = ListenerPeer::new(identity, 1234, local, Some("203.0.113.9".parse().unwrap()));
+        let local = Addresses {
+            udp: "127.0.0.1:40000".parse().unwrap(),
+            tcp: Some("127.0.0.1:40001".parse().unwrap()),
+            announced: Some("203.0.113.9".parse().unwrap()),
+        };
+        let peer = ListenerPeer::new(identity, 1234, &local);
         let sdp = peer.offer();
         for line in [
             "a=ice-lite",
@@ -472,6 +516,7 @@ mod tests {
             "a=rtpmap:111 opus/48000/2",
             "a=ssrc:1234 cname:talkgroup",
             "a=candidate:1 1 udp 2130706431 203.0.113.9 40000 typ host",
+            "a=candidate:2 1 tcp 1518280447 203.0.113.9 40001 typ host tcptype passive",
         ] {
             assert!(sdp.lines().any(|l| l == line), "{line} missing in {sdp}");
         }
@@ -481,18 +526,23 @@ mod tests {
     #[test]
     fn nothing_is_sent_before_the_handshake() {
         let identity = Arc::new(Identity::generate().unwrap());
-        let mut peer = ListenerPeer::new(identity, 1, "127.0.0.1:40000".parse().unwrap(), None);
+        let local = Addresses {
+            udp: "127.0.0.1:40000".parse().unwrap(),
+            tcp: None,
+            announced: None,
+        };
+        let mut peer = ListenerPeer::new(identity, 1, &local);
         let packet = rtp::Packet::default();
         assert!(!peer.write_rtp(&packet));
         // A malformed STUN message, and DTLS from an address no check validated, are ignored.
         peer.handle_datagram(
             BytesMut::from(&[0u8, 1, 0, 0][..]),
-            "127.0.0.1:5000".parse().unwrap(),
+            Path::udp("127.0.0.1:5000".parse().unwrap()),
             Instant::now(),
         );
         peer.handle_datagram(
             BytesMut::from(&[22u8, 254, 253][..]),
-            "127.0.0.1:5000".parse().unwrap(),
+            Path::udp("127.0.0.1:5000".parse().unwrap()),
             Instant::now(),
         );
         assert!(peer.poll_datagram().is_none());
@@ -502,6 +552,7 @@ mod tests {
     /// listener transport by an in-memory "network" between two fixed addresses.
     mod handshake {
         use super::*;
+        use crate::engine::Proto;
         use crate::engine::rtc_peer::{host_candidate, opus_media_engine};
         use rtc::peer_connection::message::RTCMessage;
         use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -544,6 +595,7 @@ mod tests {
             let mut heard = Vec::new();
             let mut states = Vec::new();
             let mut sent = 0usize;
+            let mut sources = vec![client_addr];
             for _ in 0..steps {
                 *now += Duration::from_millis(10);
                 let now = *now;
@@ -551,13 +603,14 @@ mod tests {
                 node.handle_timeout(now);
                 while let Some(out) = pc.poll_write() {
                     if let Some((data, from)) = tamper(out.message) {
-                        node.handle_datagram(data, from, now);
+                        sources.push(from);
+                        node.handle_datagram(data, Path::udp(from), now);
                     }
                 }
                 while let Some((data, to)) = node.poll_datagram() {
-                    assert_eq!(
-                        to, client_addr,
-                        "the node sends only to the checked address"
+                    assert!(
+                        to.proto == Proto::Udp && sources.contains(&to.remote),
+                        "the node sends only to an address the client's datagrams came from"
                     );
                     let _ = pc.handle_read(TaggedBytesMut {
                         now,
@@ -600,7 +653,12 @@ mod tests {
 
         fn pair() -> (ListenerPeer, RTCPeerConnection, String) {
             let identity = Arc::new(Identity::generate().unwrap());
-            let node = ListenerPeer::new(identity, 4242, NODE.parse().unwrap(), None);
+            let local = Addresses {
+                udp: NODE.parse().unwrap(),
+                tcp: None,
+                announced: None,
+            };
+            let node = ListenerPeer::new(identity, 4242, &local);
             let (pc, answer) = client(node.offer());
             (node, pc, answer)
         }
@@ -631,6 +689,72 @@ mod tests {
             // Then nothing more arrives from it: failed once 30 s pass without a check.
             let (_, states) = run(&mut node, &mut pc, &mut now, 3_200, 0, |_| None);
             assert_eq!(states, vec![PeerState::Failed]);
+        }
+
+        #[test]
+        fn a_client_whose_source_port_changes_is_followed_after_its_next_check() {
+            let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            let (heard, states) = run(&mut node, &mut pc, &mut now, 400, 3, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            assert_eq!(heard.len(), 3);
+            // The client's NAT rebinds: the same client, a new source port. Its next consent
+            // check (every 2 s) moves the media; no renegotiation.
+            let rebound: SocketAddr = "127.0.0.1:50001".parse().unwrap();
+            let (_, states) = run(&mut node, &mut pc, &mut now, 300, 0, |data| {
+                Some((data, rebound))
+            });
+            assert!(states.is_empty(), "still connected: {states:?}");
+            assert_eq!(node.remote, Some(Path::udp(rebound)));
+            let packet = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: node.payload_type(),
+                    sequence_number: 200,
+                    ssrc: node.ssrc(),
+                    ..Default::default()
+                },
+                payload: bytes::Bytes::from_static(&[9; 40]),
+            };
+            assert!(node.write_rtp(&packet));
+            let (_, to) = node.poll_datagram().unwrap();
+            assert_eq!(to, Path::udp(rebound));
+        }
+
+        #[test]
+        fn a_check_from_another_path_does_not_take_over_a_live_one() {
+            let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            let (_, states) = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            // One of the client's checks also arrives from a second address (a backup
+            // candidate pair) while the first path keeps checking: media stays put.
+            let client: SocketAddr = CLIENT.parse().unwrap();
+            let other: SocketAddr = "127.0.0.1:50002".parse().unwrap();
+            let stun = {
+                let mut last = None;
+                let _ = run(&mut node, &mut pc, &mut now, 250, 0, |data| {
+                    if data[0] < 4 {
+                        last = Some(data.clone());
+                    }
+                    Some((data, client))
+                });
+                last.expect("a consent check")
+            };
+            // 100 ms after the first path's last check.
+            let soon = node.last_consent.unwrap() + Duration::from_millis(100);
+            node.handle_datagram(stun.clone(), Path::udp(other), soon);
+            assert_eq!(
+                node.remote,
+                Some(Path::udp(client)),
+                "a live path keeps the media"
+            );
+            // Once the first path has been quiet a while, the other takes over.
+            let later = node.last_consent.unwrap() + PATH_QUIET;
+            node.handle_datagram(stun, Path::udp(other), later);
+            assert_eq!(node.remote, Some(Path::udp(other)));
         }
 
         #[test]
@@ -683,7 +807,7 @@ mod tests {
             // DTLS from an address no check came from is ignored.
             node.handle_datagram(
                 BytesMut::from(&[22u8, 254, 253, 0, 0][..]),
-                "127.0.0.1:6666".parse().unwrap(),
+                Path::udp("127.0.0.1:6666".parse().unwrap()),
                 Instant::now(),
             );
             assert!(node.poll_datagram().is_none());

@@ -1,0 +1,485 @@
+//! The node's shared media ports: one UDP port for every transport of the node, served by one
+//! socket per worker bound to it with `SO_REUSEPORT`, and what tells the transports apart.
+//!
+//! The kernel spreads datagrams over the workers' sockets by the sender's address, not by which
+//! worker owns the transport, so a datagram is first looked up in the node's [`Demux`]: a known
+//! path (an address that passed a check) names its transport, and the datagram goes to the
+//! worker owning it (directly, or through that worker's inbound queue). An unknown address must
+//! open with a STUN binding request naming a transport's username fragment and signed with its
+//! password; anything else from it is dropped and counted by [`Drop`] cause, before any
+//! transport sees it.
+//!
+//! Sends never wait: a worker's forwarded copies leave in batches of up to [`BATCH`] datagrams
+//! per `sendmmsg` call; a full send buffer loses the copy (counted by the caller).
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self as sock, AddressFamily, MsgFlags, MultiHeaders, SockFlag, SockProtocol, SockType,
+    SockaddrStorage, sockopt,
+};
+
+use crate::engine::stun::{self, Verifier};
+use crate::engine::{EngineError, Path};
+
+/// Datagrams per `sendmmsg` call.
+pub(super) const BATCH: usize = 64;
+/// Paths remembered per transport: a client's NAT rebinding or its move to another candidate
+/// adds one; the oldest is forgotten past this.
+const MAX_PATHS_PER_TRANSPORT: usize = 8;
+/// Send and receive buffer asked of each shared socket: one socket carries a worker's whole
+/// share of a fan-out burst.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Why a datagram was dropped before reaching a transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// From an unknown address and not a STUN check (RTP, RTCP, noise).
+    UnknownAddress,
+    /// DTLS from an address no check opened.
+    DtlsUnchecked,
+    /// A STUN check naming no transport of the node.
+    UnknownUfrag,
+    /// A STUN check for a transport, not signed with its password.
+    BadIntegrity,
+    /// RTP with an SSRC the transport does not receive.
+    UnknownSsrc,
+    /// The owning worker's inbound queue was full.
+    QueueFull,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 6] = [
+        Drop::UnknownAddress,
+        Drop::DtlsUnchecked,
+        Drop::UnknownUfrag,
+        Drop::BadIntegrity,
+        Drop::UnknownSsrc,
+        Drop::QueueFull,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Drop::UnknownAddress => "unknown_address",
+            Drop::DtlsUnchecked => "dtls_unchecked",
+            Drop::UnknownUfrag => "unknown_ufrag",
+            Drop::BadIntegrity => "bad_integrity",
+            Drop::UnknownSsrc => "unknown_ssrc",
+            Drop::QueueFull => "queue_full",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Credentials {
+    key: u64,
+    pwd: String,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    ufrags: HashMap<String, Credentials>,
+    paths: HashMap<Path, u64>,
+    /// Each transport's fragment and paths, to forget them when it closes.
+    by_key: HashMap<u64, (String, Vec<Path>)>,
+}
+
+/// Which transport a datagram is for, shared by all workers of the node.
+#[derive(Debug)]
+pub struct Demux {
+    tables: RwLock<Tables>,
+    verifier: Verifier,
+    drops: [AtomicU64; Drop::ALL.len()],
+}
+
+impl Demux {
+    pub fn new() -> Result<Self, EngineError> {
+        Ok(Self {
+            tables: RwLock::new(Tables::default()),
+            verifier: Verifier::new()?,
+            drops: Default::default(),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.tables
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.tables
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new transport's credentials: checks naming `ufrag` and signed with `pwd` open paths
+    /// to `key`.
+    pub(super) fn register(&self, key: u64, ufrag: &str, pwd: &str) {
+        let mut t = self.write();
+        t.ufrags.insert(
+            ufrag.to_owned(),
+            Credentials {
+                key,
+                pwd: pwd.to_owned(),
+            },
+        );
+        t.by_key.insert(key, (ufrag.to_owned(), Vec::new()));
+    }
+
+    /// Forgets a closed transport's fragment and paths.
+    pub(super) fn unregister(&self, key: u64) {
+        let mut t = self.write();
+        if let Some((ufrag, paths)) = t.by_key.remove(&key) {
+            t.ufrags.remove(&ufrag);
+            for path in paths {
+                if t.paths.get(&path) == Some(&key) {
+                    t.paths.remove(&path);
+                }
+            }
+        }
+    }
+
+    /// The transport a known path leads to.
+    pub(super) fn lookup(&self, path: &Path) -> Option<u64> {
+        self.read().paths.get(path).copied()
+    }
+
+    /// Admits a datagram from an unknown path: a check naming a transport and signed with its
+    /// password opens the path to that transport. `Err` says why it was dropped.
+    pub(super) fn admit(&self, data: &[u8], path: Path) -> Result<u64, Drop> {
+        let class = match data.first() {
+            Some(0..=3) => {
+                let mut contact = stun::first_contact(data).ok_or(Drop::UnknownAddress)?;
+                let (key, pwd) = {
+                    let t = self.read();
+                    let c = t
+                        .ufrags
+                        .get(&contact.local_ufrag)
+                        .ok_or(Drop::UnknownUfrag)?;
+                    (c.key, c.pwd.clone())
+                };
+                if !self.verifier.authentic(&mut contact, &pwd) {
+                    return Err(Drop::BadIntegrity);
+                }
+                Ok(key)
+            }
+            Some(20..=63) => Err(Drop::DtlsUnchecked),
+            _ => Err(Drop::UnknownAddress),
+        };
+        let key = class?;
+        let mut t = self.write();
+        let Some((_, paths)) = t.by_key.get_mut(&key) else {
+            // Closed meanwhile.
+            return Err(Drop::UnknownUfrag);
+        };
+        let evicted = if paths.len() >= MAX_PATHS_PER_TRANSPORT {
+            Some(paths.remove(0))
+        } else {
+            None
+        };
+        paths.push(path);
+        if let Some(old) = evicted
+            && t.paths.get(&old) == Some(&key)
+        {
+            t.paths.remove(&old);
+        }
+        // The path may have led to another transport before (a client reusing its socket, or
+        // a NAT handing the port to another client): the latest valid check wins.
+        if let Some(previous) = t.paths.insert(path, key)
+            && previous != key
+            && let Some((_, list)) = t.by_key.get_mut(&previous)
+        {
+            list.retain(|p| *p != path);
+        }
+        Ok(key)
+    }
+
+    pub(super) fn count(&self, cause: Drop) {
+        if let Some(i) = Drop::ALL.iter().position(|c| *c == cause) {
+            self.drops[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Datagrams dropped so far, by cause.
+    pub fn drops(&self) -> Vec<(Drop, u64)> {
+        Drop::ALL
+            .iter()
+            .zip(&self.drops)
+            .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Paths known, for tests and stats.
+    pub fn path_count(&self) -> usize {
+        self.read().paths.len()
+    }
+}
+
+/// Binds `count` UDP sockets to one address with `SO_REUSEPORT` (port 0: the first picks an
+/// ephemeral port and the others join it); the sockets and the bound address.
+pub(super) fn bind_shared(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(Vec<UdpSocket>, SocketAddr), EngineError> {
+    // `SO_REUSEPORT` would let this node join a group another process of the same user holds
+    // on a fixed port, each then getting part of the other's traffic: a fixed port must be
+    // free, which a plain bind proves.
+    if addr.port() != 0 {
+        UdpSocket::bind(addr)
+            .map_err(|e| EngineError::Setup(format!("media port {addr} is not free: {e}")))?;
+    }
+    let mut sockets = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count.max(1) {
+        let socket =
+            bind_one(bound).map_err(|e| EngineError::Setup(format!("bind {bound}: {e}")))?;
+        bound = socket
+            .local_addr()
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        sockets.push(socket);
+    }
+    Ok((sockets, bound))
+}
+
+fn bind_one(addr: SocketAddr) -> Result<UdpSocket, Errno> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = sock::socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Udp,
+    )?;
+    sock::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    set_buffers(&fd);
+    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// Asks for large socket buffers: past `net.core.wmem_max` only with `CAP_NET_ADMIN`
+/// (`SO_SNDBUFFORCE`), otherwise capped by the kernel.
+fn set_buffers(fd: &OwnedFd) {
+    if sock::setsockopt(fd, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = sock::setsockopt(fd, sockopt::SndBuf, &SOCKET_BUFFER);
+    }
+    if sock::setsockopt(fd, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+        let _ = sock::setsockopt(fd, sockopt::RcvBuf, &SOCKET_BUFFER);
+    }
+}
+
+/// The effective send buffer of a socket, in bytes.
+pub(super) fn send_buffer(socket: &UdpSocket) -> usize {
+    sock::getsockopt(socket, sockopt::SndBuf).unwrap_or(0)
+}
+
+/// One worker's batched sender on its shared socket.
+pub(super) struct Batch {
+    headers: MultiHeaders<SockaddrStorage>,
+    queued: Vec<(BytesMut, SockaddrStorage)>,
+}
+
+impl Batch {
+    pub(super) fn new() -> Self {
+        Self {
+            headers: MultiHeaders::preallocate(BATCH, None),
+            queued: Vec::with_capacity(BATCH),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Queues a datagram; the caller flushes when [`BATCH`] are queued.
+    pub(super) fn push(&mut self, data: BytesMut, to: SocketAddr) {
+        self.queued.push((data, SockaddrStorage::from(to)));
+    }
+
+    /// Sends what is queued in as few calls as the kernel takes; how many were lost. A
+    /// datagram the kernel refuses (an address it cannot reach, a firewall) is skipped; a full
+    /// send buffer loses the rest of the batch rather than waiting.
+    pub(super) fn flush(&mut self, socket: &UdpSocket) -> usize {
+        let fd = socket.as_raw_fd();
+        let mut lost = 0;
+        let mut start = 0;
+        while start < self.queued.len() {
+            let rest = &self.queued[start..];
+            let slices: Vec<[IoSlice<'_>; 1]> =
+                rest.iter().map(|(d, _)| [IoSlice::new(d)]).collect();
+            let addrs: Vec<Option<SockaddrStorage>> = rest.iter().map(|(_, a)| Some(*a)).collect();
+            match sock::sendmmsg(
+                fd,
+                &mut self.headers,
+                &slices,
+                &addrs,
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(results) => {
+                    let sent = results.count();
+                    if sent == 0 {
+                        lost += rest.len();
+                        break;
+                    }
+                    start += sent;
+                }
+                Err(Errno::EAGAIN | Errno::ENOBUFS) => {
+                    lost += rest.len();
+                    break;
+                }
+                Err(_) => {
+                    lost += 1;
+                    start += 1;
+                }
+            }
+        }
+        self.queued.clear();
+        lost
+    }
+}
+
+/// Sends one datagram at once, without waiting; false if the socket refused it.
+pub(super) fn send_one(socket: &UdpSocket, data: &[u8], to: SocketAddr) -> bool {
+    socket.send_to(data, to).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A binding request naming `ufrag`, signed with `pwd`, as a client's first check.
+    pub(crate) fn signed_check(ufrag: &str, pwd: &str) -> Vec<u8> {
+        use rtc::stun::fingerprint::FINGERPRINT;
+        use rtc::stun::integrity::MessageIntegrity;
+        use rtc::stun::message::{BINDING_REQUEST, Message, Setter, TransactionId};
+        use rtc::stun::textattrs::Username;
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(TransactionId::new()),
+            Box::new(Username::new(
+                rtc::stun::attributes::ATTR_USERNAME,
+                format!("{ufrag}:client"),
+            )),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                pwd.to_owned(),
+                crypto.crypto(),
+            )),
+            Box::new(FINGERPRINT),
+        ])
+        .unwrap();
+        m.raw.clone()
+    }
+
+    #[test]
+    fn every_worker_socket_shares_one_port_and_a_batch_reaches_every_destination() {
+        let (sockets, bound) = bind_shared("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_eq!(sockets.len(), 3);
+        for s in &sockets {
+            assert_eq!(s.local_addr().unwrap(), bound);
+        }
+        let receivers: Vec<UdpSocket> = (0..100)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut batch = Batch::new();
+        for (i, r) in receivers.iter().enumerate() {
+            batch.push(BytesMut::from(&[i as u8; 20][..]), r.local_addr().unwrap());
+            if batch.len() == BATCH {
+                assert_eq!(batch.flush(&sockets[0]), 0);
+            }
+        }
+        assert_eq!(batch.flush(&sockets[0]), 0);
+        for (i, r) in receivers.iter().enumerate() {
+            let mut buf = [0u8; 64];
+            r.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let (n, from) = r.recv_from(&mut buf).unwrap();
+            assert_eq!(from, bound, "sent from the shared port");
+            assert_eq!(&buf[..n], &[i as u8; 20][..]);
+        }
+    }
+
+    #[test]
+    fn a_fixed_port_another_socket_holds_is_refused() {
+        let (_held, bound) = bind_shared("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let error = bind_shared(bound, 2).unwrap_err();
+        assert!(error.to_string().contains("not free"), "{error}");
+    }
+
+    #[test]
+    fn only_a_signed_check_opens_a_path_and_closing_forgets_it() {
+        let demux = Demux::new().unwrap();
+        demux.register(7, "nodeufrag", "nodepassword0123456789");
+        let from = Path::udp("127.0.0.1:5000".parse().unwrap());
+        // Noise, DTLS and RTP from an unknown address are refused by cause.
+        assert_eq!(demux.admit(&[1, 2, 3], from), Err(Drop::UnknownAddress));
+        assert_eq!(
+            demux.admit(&[22, 254, 253, 0], from),
+            Err(Drop::DtlsUnchecked)
+        );
+        assert_eq!(
+            demux.admit(&[0x80, 111, 0, 1], from),
+            Err(Drop::UnknownAddress)
+        );
+        assert_eq!(
+            demux.admit(&signed_check("other", "nodepassword0123456789"), from),
+            Err(Drop::UnknownUfrag)
+        );
+        assert_eq!(
+            demux.admit(&signed_check("nodeufrag", "wrongpassword012345678"), from),
+            Err(Drop::BadIntegrity)
+        );
+        assert_eq!(demux.lookup(&from), None);
+        assert_eq!(
+            demux.admit(&signed_check("nodeufrag", "nodepassword0123456789"), from),
+            Ok(7)
+        );
+        assert_eq!(demux.lookup(&from), Some(7));
+        // The same address over TCP is another path.
+        assert_eq!(demux.lookup(&Path::tcp(from.remote)), None);
+        demux.unregister(7);
+        assert_eq!(demux.lookup(&from), None);
+        assert_eq!(demux.path_count(), 0);
+    }
+
+    #[test]
+    fn a_transport_keeps_a_bounded_number_of_paths_and_the_latest_check_wins_a_path() {
+        let demux = Demux::new().unwrap();
+        demux.register(1, "one", "password-one-0123456789");
+        demux.register(2, "two", "password-two-0123456789");
+        let path = |port: u16| Path::udp(SocketAddr::from(([127, 0, 0, 1], port)));
+        for port in 6000..6020 {
+            let check = signed_check("one", "password-one-0123456789");
+            assert_eq!(demux.admit(&check, path(port)), Ok(1));
+        }
+        assert_eq!(demux.path_count(), MAX_PATHS_PER_TRANSPORT);
+        assert_eq!(demux.lookup(&path(6000)), None, "the oldest is forgotten");
+        assert_eq!(demux.lookup(&path(6019)), Some(1));
+        // Another transport's valid check from the same address takes the path over.
+        let check = signed_check("two", "password-two-0123456789");
+        assert_eq!(demux.admit(&check, path(6019)), Ok(2));
+        assert_eq!(demux.lookup(&path(6019)), Some(2));
+        demux.unregister(1);
+        assert_eq!(
+            demux.lookup(&path(6019)),
+            Some(2),
+            "closing one leaves the other's"
+        );
+        assert_eq!(demux.path_count(), 1);
+    }
+}
