@@ -51,6 +51,13 @@ pub struct Config {
     /// start). Open it in the firewall.
     #[arg(long, env = "PTT_MEDIA_RTC_UDP_PORT", default_value_t = 0)]
     pub rtc_udp_port: u16,
+    /// Serve ICE over TCP (RFC 6544): a passive TCP candidate on `--rtc-tcp-port`, after the
+    /// UDP one, for clients whose network blocks UDP.
+    #[arg(long, env = "PTT_MEDIA_ICE_TCP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ice_tcp: bool,
+    /// The one TCP port every transport's ICE/TCP candidate shares (0: an ephemeral port).
+    #[arg(long, env = "PTT_MEDIA_RTC_TCP_PORT", default_value_t = 0)]
+    pub rtc_tcp_port: u16,
     /// Deprecated: transports share one port now. When set and `--rtc-udp-port` is not, the
     /// range's first port is the shared port.
     #[arg(long, env = "PTT_MEDIA_PORT_RANGE", hide = true)]
@@ -118,6 +125,14 @@ impl Config {
             (port, _) => port,
         };
         SocketAddr::new(self.rtc_bind_ip, port)
+    }
+
+    /// The shared UDP address and, when ICE/TCP is on, the shared TCP address.
+    pub fn media_addrs(&self) -> (SocketAddr, Option<SocketAddr>) {
+        let tcp = self
+            .ice_tcp
+            .then(|| SocketAddr::new(self.rtc_bind_ip, self.rtc_tcp_port));
+        (self.udp_addr(), tcp)
     }
 
     pub fn node_id(&self) -> String {

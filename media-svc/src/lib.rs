@@ -74,7 +74,7 @@ pub async fn run(
         announced_ip: config.announced_ip,
         capacity: config.capacity,
     };
-    let node = Node::new(RtcEngine::new()?, settings, config.udp_addr(), workers)?;
+    let node = Node::new(RtcEngine::new()?, settings, config.media_addrs(), workers)?;
     let tasks = TaskTracker::new();
     let side_stop = CancellationToken::new();
     tasks.spawn(Arc::clone(&node).reap(

@@ -35,6 +35,8 @@ struct MediaMetrics {
     dropped_send: Counter,
     reaped: Family<ReapReason, Counter>,
     refused: Family<DropCause, Counter>,
+    tcp_connections: Gauge,
+    paths: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +118,16 @@ pub fn start(
         "Datagrams the shared media port dropped before any transport saw them, by cause: unknown_address (not a check, from an address no check opened), dtls_unchecked, unknown_ufrag, bad_integrity (a check not signed with the transport's password), unknown_ssrc, queue_full",
         m.refused.clone(),
     );
+    r.register(
+        "ptt_media_ice_tcp_connections",
+        "ICE/TCP connections open on the node's shared TCP port",
+        m.tcp_connections.clone(),
+    );
+    r.register(
+        "ptt_media_paths",
+        "Client paths (address and protocol) the shared ports know, each opened by a valid check",
+        m.paths.clone(),
+    );
     let sampler = Arc::clone(&m);
     tasks.spawn(async move {
         let mut last = [0u64; 4];
@@ -165,12 +177,14 @@ pub fn start(
                 counter.inc_by(now.saturating_sub(*last));
                 *last = now;
             }
-            for ((cause, now), last) in node
-                .demux()
-                .drops()
-                .into_iter()
-                .zip(last_refused.iter_mut())
-            {
+            let demux = node.demux();
+            sampler
+                .tcp_connections
+                .set(i64::try_from(demux.tcp_connections()).unwrap_or(i64::MAX));
+            sampler
+                .paths
+                .set(i64::try_from(demux.path_count()).unwrap_or(i64::MAX));
+            for ((cause, now), last) in demux.drops().into_iter().zip(last_refused.iter_mut()) {
                 let counter = sampler.refused.get_or_create(&DropCause {
                     cause: cause.label(),
                 });

@@ -135,15 +135,16 @@ pub struct NodeStats {
 
 impl Node {
     /// A node serving every transport on the shared UDP address `udp` (port 0: an ephemeral
-    /// one), with `workers` forwarding workers.
+    /// one) and, when set, the shared ICE/TCP address `tcp`, with `workers` forwarding workers.
     pub fn new<E: Engine>(
         engine: E,
         settings: NodeSettings,
-        udp: SocketAddr,
+        (udp, tcp): (SocketAddr, Option<SocketAddr>),
         workers: usize,
     ) -> Result<Arc<Self>, EngineError> {
         let listen = Listen {
             udp,
+            tcp,
             announced: settings.announced_ip,
         };
         let (pool, peer_states) = WorkerPool::start(workers, Arc::new(engine), listen)?;
@@ -692,7 +693,7 @@ mod tests {
         let node = Node::new(
             PanicsOnListener(RtcEngine::new().unwrap()),
             settings,
-            "127.0.0.1:0".parse().unwrap(),
+            ("127.0.0.1:0".parse().unwrap(), None),
             1,
         )
         .unwrap();
@@ -717,7 +718,7 @@ mod tests {
         let node = Node::new(
             RtcEngine::new().unwrap(),
             settings,
-            "127.0.0.1:0".parse().unwrap(),
+            ("127.0.0.1:0".parse().unwrap(), None),
             1,
         )
         .unwrap();

@@ -57,10 +57,25 @@ pub struct Browser {
     child: Child,
     profile: PathBuf,
     ws_url: String,
+    /// The network namespace it runs in: its DevTools port is on that namespace's loopback.
+    netns: Option<String>,
+}
+
+/// Where a [`Browser`] runs: this host's network, or a network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Run inside this network namespace (`ip netns exec`), its DevTools port on `devtools_ip`.
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
+    /// Origins treated as secure (for the microphone) although plain HTTP off loopback.
+    pub secure_origins: Vec<String>,
 }
 
 impl Browser {
     pub fn launch() -> Result<Self> {
+        Self::launch_with(&Launch::default())
+    }
+
+    pub fn launch_with(launch: &Launch) -> Result<Self> {
         static N: AtomicU64 = AtomicU64::new(0);
         let bin =
             chromium_path().context("Chromium is not installed (apt-get install chromium)")?;
@@ -71,7 +86,21 @@ impl Browser {
         ));
         let _ = std::fs::remove_dir_all(&profile);
         std::fs::create_dir_all(&profile)?;
-        let child = Command::new(&bin)
+        let mut command = match &launch.netns {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        if !launch.secure_origins.is_empty() {
+            command.arg(format!(
+                "--unsafely-treat-insecure-origin-as-secure={}",
+                launch.secure_origins.join(",")
+            ));
+        }
+        let child = command
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -89,10 +118,10 @@ impl Browser {
                 "--allow-loopback-in-peer-connection",
                 "--autoplay-policy=no-user-gesture-required",
                 "--disable-audio-output",
-                "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 "--window-size=800,900",
             ])
+            .arg("--remote-debugging-address=127.0.0.1")
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
             .stdin(Stdio::null())
@@ -104,6 +133,7 @@ impl Browser {
             child,
             profile,
             ws_url: String::new(),
+            netns: launch.netns.as_ref().map(|(ns, _)| ns.clone()),
         };
         // Chromium writes its DevTools port and browser path into the profile once listening.
         let file = browser.profile.join("DevToolsActivePort");
@@ -128,7 +158,24 @@ impl Browser {
 
     /// A DevTools connection to the browser.
     pub async fn connect(&self) -> Result<Cdp> {
-        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url.as_str()).await?;
+        let port: u16 = self
+            .ws_url
+            .trim_start_matches("ws://127.0.0.1:")
+            .split('/')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("DevTools port")?;
+        let stream = match self.netns.clone() {
+            None => TcpStream::connect(("127.0.0.1", port)).await?,
+            Some(ns) => {
+                let std_stream =
+                    tokio::task::spawn_blocking(move || connect_in_netns(&ns, port)).await??;
+                TcpStream::from_std(std_stream)?
+            }
+        };
+        let (ws, _) =
+            tokio_tungstenite::client_async(self.ws_url.as_str(), MaybeTlsStream::Plain(stream))
+                .await?;
         let (sink, mut stream) = ws.split();
         let pending: Pending = Arc::default();
         let console = Arc::new(Mutex::new(Vec::new()));
@@ -167,6 +214,23 @@ impl Browser {
             }),
         })
     }
+}
+
+/// Connects to `127.0.0.1:port` inside network namespace `ns`, from a thread that enters it
+/// (a socket stays in the namespace it was made in, whichever thread then uses it).
+fn connect_in_netns(ns: &str, port: u16) -> Result<std::net::TcpStream> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> Result<std::net::TcpStream> {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}"))
+            .with_context(|| format!("network namespace {ns}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("enter the network namespace")?;
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_nonblocking(true)?;
+        Ok(stream)
+    })
+    .join()
+    .map_err(|_| anyhow!("namespace thread panicked"))?
 }
 
 impl Drop for Browser {

@@ -10,6 +10,7 @@
 
 pub mod browser;
 pub mod client;
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +68,9 @@ pub struct Topology {
     pub state_args: Vec<String>,
     /// OTLP/gRPC endpoint every service exports traces to.
     pub otlp_endpoint: Option<String>,
+    /// The address gateways listen on and media nodes serve media on (loopback by default;
+    /// a veth address for clients in a network namespace).
+    pub bind_ip: String,
 }
 
 impl Default for Topology {
@@ -80,6 +84,7 @@ impl Default for Topology {
             gateway_args: Vec::new(),
             state_args: Vec::new(),
             otlp_endpoint: None,
+            bind_ip: "127.0.0.1".to_owned(),
         }
     }
 }
@@ -168,6 +173,8 @@ impl Stack {
                 &state_url(i),
                 "--drain-timeout-ms",
                 "2000",
+                "--rtc-bind-ip",
+                &t.bind_ip,
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--log-format",
@@ -180,7 +187,7 @@ impl Stack {
         for i in 0..t.gateways.max(1) {
             let mut args = strings(&[
                 "--listen",
-                "127.0.0.1:0",
+                &format!("{}:0", t.bind_ip),
                 "--state-url",
                 &state_url(i),
                 "--jwt-secret",

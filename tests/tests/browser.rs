@@ -4,13 +4,17 @@
 //! audio energy rise) and shows who is speaking. Screenshots of both pages are saved under
 //! `target/e2e-artifacts/`. With `TALKGROUP_E2E_URL` set, the pages open that URL (a stack
 //! started by `scripts/dev`, say) instead of a stack of their own.
+//!
+//! A second test runs Chromium in a network namespace whose nftables rules drop all UDP: the
+//! pages reach the media node over ICE/TCP only, and still talk and hear.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use serde_json::Value;
-use talkgroup_e2e::browser::{Browser, Page, artifact_dir};
+use talkgroup_e2e::browser::{Browser, Launch, Page, artifact_dir};
+use talkgroup_e2e::netns::{self, Netns};
 use talkgroup_e2e::{Stack, Topology};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -54,15 +58,116 @@ async fn inbound(page: &Page) -> (f64, f64) {
     )
 }
 
+/// False (and the test skips) only where skipping was asked for; otherwise a missing
+/// Chromium fails the test: scripts/test installs it.
+fn have_chromium() -> bool {
+    if talkgroup_e2e::browser::chromium_path().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("TALKGROUP_ALLOW_NO_BROWSER").is_ok(),
+        "Chromium is not installed (apt-get install chromium), and \
+         TALKGROUP_ALLOW_NO_BROWSER is not set"
+    );
+    false
+}
+
+/// Ana holds the space bar and talks; Ben's page receives her audio (packets and energy rise:
+/// Chromium's fake microphone beeps).
+async fn ana_talks_and_ben_hears(ana: &Page, ben: &Page) {
+    let (quiet_packets, _) = inbound(ben).await;
+    ana.key(true, " ", "Space", 32).await.unwrap();
+    ana.wait_for(
+        "document.getElementById('ptt').dataset.state === 'talking'",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    ben.wait_for(
+        "document.getElementById('speaker').textContent === 'Ana is talking'",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let script = format!(
+        "window.talkgroup.inboundAudio().then(s => s && s.packetsReceived > {} + 50 && s.totalAudioEnergy > 0)",
+        quiet_packets
+    );
+    ben.wait_for(&script, WAIT).await.unwrap();
+    let (packets, energy) = inbound(ben).await;
+    assert!(packets > quiet_packets + 50.0, "{packets} packets");
+    assert!(energy > 0.0, "no audio energy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
+    if !have_chromium() {
+        return;
+    }
+    if !netns::available() {
+        assert!(
+            std::env::var("TALKGROUP_ALLOW_NO_NETNS").is_ok(),
+            "network namespaces need root, iproute2 and nftables, and \
+             TALKGROUP_ALLOW_NO_NETNS is not set"
+        );
+        return;
+    }
+    let ns = Netns::create().unwrap();
+    ns.block_udp().unwrap();
+    let stack = Stack::start(Topology {
+        gateway_args: vec!["--dev-tokens".into()],
+        bind_ip: ns.host_ip.to_string(),
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let origin = format!("http://{}", stack.gateway(0));
+    let launch = Launch {
+        netns: Some((ns.name.clone(), ns.ns_ip)),
+        secure_origins: vec![origin.clone()],
+    };
+    let browser = tokio::task::spawn_blocking(move || Browser::launch_with(&launch))
+        .await
+        .unwrap()
+        .unwrap();
+    let cdp = browser.connect().await.unwrap();
+    let ana = cdp.new_page(&format!("{origin}/")).await.unwrap();
+    let ben = cdp.new_page(&format!("{origin}/")).await.unwrap();
+    sign_in_and_join(&ana, "Ana", "ops").await;
+    sign_in_and_join(&ben, "Ben", "ops").await;
+    // Ana's send transport and Ben's receive transport both run over ICE/TCP.
+    ana_talks_and_ben_hears(&ana, &ben).await;
+    let metrics = stack.media[0].logged_addr("metrics listening").unwrap();
+    testkit::wait_until(
+        WAIT,
+        "the media node to count ICE/TCP connections",
+        || async move {
+            talkgroup_e2e::http_get(metrics, "/metrics")
+                .await
+                .and_then(|(_, body)| {
+                    body.lines()
+                        .find_map(|l| l.strip_prefix("ptt_media_ice_tcp_connections "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .is_some_and(|open| open >= 2)
+        },
+    )
+    .await
+    .unwrap();
+    let dropped = ns.udp_dropped().unwrap();
+    assert!(
+        dropped > 0,
+        "the namespace dropped no UDP: the test proves nothing"
+    );
+    eprintln!("UDP datagrams dropped in the namespace: {dropped}");
+    ana.key(false, " ", "Space", 32).await.unwrap();
+    drop(browser);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browser_pages_talk_through_the_stack() {
-    if talkgroup_e2e::browser::chromium_path().is_none() {
-        // scripts/test installs Chromium; a missing browser must not pass silently there.
-        assert!(
-            std::env::var("TALKGROUP_ALLOW_NO_BROWSER").is_ok(),
-            "Chromium is not installed (apt-get install chromium), and \
-             TALKGROUP_ALLOW_NO_BROWSER is not set"
-        );
+    if !have_chromium() {
         return;
     }
     // TALKGROUP_E2E_URL points the test at a running stack (such as `scripts/dev`'s) instead.
@@ -98,33 +203,9 @@ async fn two_browser_pages_talk_through_the_stack() {
     .await
     .unwrap();
 
-    // Ben hears nothing while nobody talks (the muted producers are not forwarded).
-    let (quiet_packets, _) = inbound(&ben).await;
-
-    // Ana holds the space bar: granted, her button shows it, Ben sees her as the speaker.
-    ana.key(true, " ", "Space", 32).await.unwrap();
-    ana.wait_for(
-        "document.getElementById('ptt').dataset.state === 'talking'",
-        WAIT,
-    )
-    .await
-    .unwrap();
-    ben.wait_for(
-        "document.getElementById('speaker').textContent === 'Ana is talking'",
-        WAIT,
-    )
-    .await
-    .unwrap();
-
-    // Ben receives her audio: packets and energy rise (Chromium's fake microphone beeps).
-    let script = format!(
-        "window.talkgroup.inboundAudio().then(s => s && s.packetsReceived > {} + 50 && s.totalAudioEnergy > 0)",
-        quiet_packets
-    );
-    ben.wait_for(&script, WAIT).await.unwrap();
-    let (packets, energy) = inbound(&ben).await;
-    assert!(packets > quiet_packets + 50.0, "{packets} packets");
-    assert!(energy > 0.0, "no audio energy");
+    // Ana holds the space bar: granted, her button shows it, Ben sees her as the speaker and
+    // hears her (he heard nothing before: the muted producers are not forwarded).
+    ana_talks_and_ben_hears(&ana, &ben).await;
 
     // Ben presses while Ana talks: denied, naming Ana.
     ben.key(true, " ", "Space", 32).await.unwrap();

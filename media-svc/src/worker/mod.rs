@@ -175,6 +175,8 @@ struct Datagram {
 pub struct Listen {
     /// The UDP address every transport shares (port 0: an ephemeral port).
     pub udp: SocketAddr,
+    /// The ICE/TCP address every transport shares; no ICE/TCP when `None`.
+    pub tcp: Option<SocketAddr>,
     /// Written into candidates instead of the bound IP.
     pub announced: Option<std::net::IpAddr>,
 }
@@ -206,11 +208,19 @@ impl WorkerPool {
     ) -> Result<(Self, mpsc::UnboundedReceiver<(u64, PeerState)>), EngineError> {
         let count = count.max(1);
         let (sockets, udp) = net::bind_shared(listen.udp, count)?;
+        let (listeners, tcp) = match listen.tcp {
+            Some(addr) => {
+                let (listeners, bound) = net::listen_shared(addr, count)?;
+                (listeners.into_iter().map(Some).collect(), Some(bound))
+            }
+            None => ((0..count).map(|_| None).collect::<Vec<_>>(), None),
+        };
         tracing::info!(
             %udp,
+            tcp = ?tcp,
             workers = count,
             send_buffer = sockets.first().map_or(0, net::send_buffer),
-            "media port bound"
+            "media ports bound"
         );
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..count).map(|_| mpsc::channel(WORKER_QUEUE)).unzip();
@@ -223,7 +233,7 @@ impl WorkerPool {
             demux: Arc::new(Demux::new()?),
             addresses: Addresses {
                 udp,
-                tcp: None,
+                tcp,
                 announced: listen.announced,
             },
             hasher: RandomState::new(),
@@ -231,10 +241,11 @@ impl WorkerPool {
             failed: CancellationToken::new(),
             peer_states,
         };
-        for (index, ((commands, inbound), socket)) in receivers
+        for (index, (((commands, inbound), socket), listener)) in receivers
             .into_iter()
             .zip(inbound_rx)
             .zip(sockets)
+            .zip(listeners)
             .enumerate()
         {
             thread::spawn(
@@ -243,6 +254,7 @@ impl WorkerPool {
                 Arc::clone(&engine),
                 thread::Queues { commands, inbound },
                 socket,
+                listener,
             );
         }
         Ok((pool, states))

@@ -11,20 +11,29 @@
 //!
 //! Sends never wait: a worker's forwarded copies leave in batches of up to [`BATCH`] datagrams
 //! per `sendmmsg` call; a full send buffer loses the copy (counted by the caller).
+//!
+//! ICE over TCP (RFC 6544) shares one TCP port the same way: each worker accepts on its own
+//! listener bound to it, and a connection carries datagrams framed by a 16-bit length (RFC
+//! 4571). Its first frame must be a check that opens a path, as a first UDP datagram must;
+//! frames go to the owning worker like UDP datagrams, and what a transport sends on a TCP path
+//! goes to the connection's writer through a bounded queue (a full one loses the datagram).
 
 use std::collections::HashMap;
 use std::io::IoSlice;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use nix::errno::Errno;
 use nix::sys::socket::{
     self as sock, AddressFamily, MsgFlags, MultiHeaders, SockFlag, SockProtocol, SockType,
     SockaddrStorage, sockopt,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use crate::engine::stun::{self, Verifier};
 use crate::engine::{EngineError, Path};
@@ -37,6 +46,16 @@ const MAX_PATHS_PER_TRANSPORT: usize = 8;
 /// Send and receive buffer asked of each shared socket: one socket carries a worker's whole
 /// share of a fan-out burst.
 const SOCKET_BUFFER: usize = 4 << 20;
+/// ICE/TCP connections a node holds at once; past this, new ones are closed at accept.
+pub const MAX_TCP_CONNECTIONS: usize = 8192;
+/// Largest RFC 4571 frame accepted; a longer one closes the connection.
+const MAX_FRAME: usize = 4096;
+/// A TCP connection must open a path (send a valid check) this soon after it is accepted.
+const FIRST_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Datagrams queued for one TCP connection's writer.
+const TCP_QUEUE: usize = 512;
+/// A TCP client that does not take a write in this long is cut off.
+const TCP_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a datagram was dropped before reaching a transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,16 +72,22 @@ pub enum Drop {
     UnknownSsrc,
     /// The owning worker's inbound queue was full.
     QueueFull,
+    /// An ICE/TCP connection past the node's limit, closed at accept.
+    TcpLimit,
+    /// An ICE/TCP frame longer than the node accepts; the connection is closed.
+    OversizedFrame,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 6] = [
+    pub const ALL: [Drop; 8] = [
         Drop::UnknownAddress,
         Drop::DtlsUnchecked,
         Drop::UnknownUfrag,
         Drop::BadIntegrity,
         Drop::UnknownSsrc,
         Drop::QueueFull,
+        Drop::TcpLimit,
+        Drop::OversizedFrame,
     ];
 
     /// The metric label.
@@ -74,6 +99,8 @@ impl Drop {
             Drop::BadIntegrity => "bad_integrity",
             Drop::UnknownSsrc => "unknown_ssrc",
             Drop::QueueFull => "queue_full",
+            Drop::TcpLimit => "tcp_limit",
+            Drop::OversizedFrame => "oversized_frame",
         }
     }
 }
@@ -90,6 +117,20 @@ struct Tables {
     paths: HashMap<Path, u64>,
     /// Each transport's fragment and paths, to forget them when it closes.
     by_key: HashMap<u64, (String, Vec<Path>)>,
+    /// The writer of each open ICE/TCP path; dropping it closes the connection.
+    tcp: HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+}
+
+impl Tables {
+    /// Forgets `path` as a way to `key` (and closes it, if a TCP connection).
+    fn forget(&mut self, path: Path, key: u64) {
+        if self.paths.get(&path) == Some(&key) {
+            self.paths.remove(&path);
+            if path.proto == crate::engine::Proto::Tcp {
+                self.tcp.remove(&path.remote);
+            }
+        }
+    }
 }
 
 /// Which transport a datagram is for, shared by all workers of the node.
@@ -98,6 +139,7 @@ pub struct Demux {
     tables: RwLock<Tables>,
     verifier: Verifier,
     drops: [AtomicU64; Drop::ALL.len()],
+    tcp_connections: AtomicUsize,
 }
 
 impl Demux {
@@ -106,6 +148,7 @@ impl Demux {
             tables: RwLock::new(Tables::default()),
             verifier: Verifier::new()?,
             drops: Default::default(),
+            tcp_connections: AtomicUsize::new(0),
         })
     }
 
@@ -141,9 +184,7 @@ impl Demux {
         if let Some((ufrag, paths)) = t.by_key.remove(&key) {
             t.ufrags.remove(&ufrag);
             for path in paths {
-                if t.paths.get(&path) == Some(&key) {
-                    t.paths.remove(&path);
-                }
+                t.forget(path, key);
             }
         }
     }
@@ -187,10 +228,8 @@ impl Demux {
             None
         };
         paths.push(path);
-        if let Some(old) = evicted
-            && t.paths.get(&old) == Some(&key)
-        {
-            t.paths.remove(&old);
+        if let Some(old) = evicted {
+            t.forget(old, key);
         }
         // The path may have led to another transport before (a client reusing its socket, or
         // a NAT handing the port to another client): the latest valid check wins.
@@ -222,6 +261,165 @@ impl Demux {
     pub fn path_count(&self) -> usize {
         self.read().paths.len()
     }
+
+    /// ICE/TCP connections open.
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp_connections.load(Ordering::Relaxed)
+    }
+
+    /// Queues a datagram for the ICE/TCP connection of `remote`; false if there is none or its
+    /// queue is full.
+    pub(super) fn send_tcp(&self, data: BytesMut, remote: SocketAddr) -> bool {
+        let t = self.read();
+        t.tcp
+            .get(&remote)
+            .is_some_and(|writer| writer.try_send(data.freeze()).is_ok())
+    }
+}
+
+/// Serves one accepted ICE/TCP connection until its transport closes, the client goes, or it
+/// misbehaves. `deliver` hands each frame (with its transport's key) to the owning worker.
+pub(super) async fn serve_tcp(
+    mut stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    demux: std::sync::Arc<Demux>,
+    mut deliver: impl FnMut(u64, BytesMut, Instant),
+) {
+    if demux.tcp_connections.fetch_add(1, Ordering::AcqRel) >= MAX_TCP_CONNECTIONS {
+        demux.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+        demux.count(Drop::TcpLimit);
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let path = Path::tcp(remote);
+    let (writer, mut queue) = mpsc::channel::<Bytes>(TCP_QUEUE);
+    // Held until the first check opens the path; then the demultiplexer holds it, and dropping
+    // it there (the transport closed) ends this connection.
+    let mut writer = Some(writer);
+    let mut key = None;
+    let mut buf = BytesMut::with_capacity(MAX_FRAME + 2);
+    let mut out = Vec::with_capacity(4096);
+    let first_check = tokio::time::sleep(FIRST_CHECK_TIMEOUT);
+    tokio::pin!(first_check);
+    'serve: loop {
+        tokio::select! {
+            biased;
+            frame = queue.recv() => {
+                let Some(frame) = frame else { break };
+                out.clear();
+                push_frame(&mut out, &frame);
+                // Coalesce what else is queued into the same write.
+                while out.len() < 64 * 1024 {
+                    match queue.try_recv() {
+                        Ok(more) => push_frame(&mut out, &more),
+                        Err(_) => break,
+                    }
+                }
+                match tokio::time::timeout(TCP_WRITE_TIMEOUT, stream.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            read = stream.read_buf(&mut buf) => {
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                while buf.len() >= 2 {
+                    let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+                    if len > MAX_FRAME {
+                        demux.count(Drop::OversizedFrame);
+                        break 'serve;
+                    }
+                    if buf.len() < 2 + len {
+                        break;
+                    }
+                    let mut frame = buf.split_to(2 + len);
+                    let frame = frame.split_off(2);
+                    let at = Instant::now();
+                    let k = match key {
+                        Some(k) => k,
+                        None => match demux.admit(&frame, path) {
+                            Ok(k) => {
+                                if let Some(w) = writer.take() {
+                                    demux.write().tcp.insert(remote, w);
+                                }
+                                key = Some(k);
+                                k
+                            }
+                            Err(cause) => {
+                                demux.count(cause);
+                                break 'serve;
+                            }
+                        },
+                    };
+                    deliver(k, frame, at);
+                }
+                buf.reserve(MAX_FRAME + 2);
+            }
+            () = &mut first_check, if key.is_none() => break,
+        }
+        // The path was taken over by another transport's check, or forgotten: done.
+        if key.is_some() && demux.lookup(&path) != key {
+            break;
+        }
+    }
+    if let Some(k) = key {
+        let mut t = demux.write();
+        t.forget(path, k);
+        if let Some((_, paths)) = t.by_key.get_mut(&k) {
+            paths.retain(|p| *p != path);
+        }
+    }
+    demux.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn push_frame(out: &mut Vec<u8>, frame: &[u8]) {
+    let len = u16::try_from(frame.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&frame[..usize::from(len)]);
+}
+
+/// Binds `count` TCP listeners to one address with `SO_REUSEPORT`, as [`bind_shared`] does
+/// for UDP; the listeners and the bound address.
+pub(super) fn listen_shared(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(Vec<TcpListener>, SocketAddr), EngineError> {
+    if addr.port() != 0 {
+        TcpListener::bind(addr)
+            .map_err(|e| EngineError::Setup(format!("ICE/TCP port {addr} is not free: {e}")))?;
+    }
+    let mut listeners = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count.max(1) {
+        let listener =
+            listen_one(bound).map_err(|e| EngineError::Setup(format!("listen {bound}: {e}")))?;
+        bound = listener
+            .local_addr()
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        listeners.push(listener);
+    }
+    Ok((listeners, bound))
+}
+
+fn listen_one(addr: SocketAddr) -> Result<TcpListener, Errno> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = sock::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Tcp,
+    )?;
+    sock::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    sock::listen(&fd, sock::Backlog::MAXCONN)?;
+    Ok(TcpListener::from(fd))
 }
 
 /// Binds `count` UDP sockets to one address with `SO_REUSEPORT` (port 0: the first picks an

@@ -28,6 +28,16 @@ use crate::router::{Floor, FloorApplied, Router, RouterStats};
 /// Datagrams read from the socket per wake-up, so a flood cannot starve the rest of the loop.
 const READS_PER_WAKE: usize = 64;
 
+/// The next connection on the worker's ICE/TCP listener; never, without one.
+async fn accept(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A worker's two queues.
 pub(super) struct Queues {
     pub(super) commands: mpsc::Receiver<Command>,
@@ -39,13 +49,15 @@ fn respond<T>(reply: super::Reply<T>, value: T) {
     let _ = reply.send(value);
 }
 
-/// Starts worker `index` of `pool` on a thread of its own, serving `socket`.
+/// Starts worker `index` of `pool` on a thread of its own, serving `socket` (and accepting
+/// ICE/TCP connections on `tcp`).
 pub(super) fn spawn<E: Engine>(
     index: usize,
     pool: WorkerPool,
     engine: Arc<E>,
     queues: Queues,
     socket: UdpSocket,
+    tcp: Option<std::net::TcpListener>,
 ) {
     // A thread of its own per worker, with its own event loop that also reads its
     // peers' sockets (as mediasoup runs a process per worker). As tasks of one shared
@@ -66,10 +78,14 @@ pub(super) fn spawn<E: Engine>(
                     let worker_pool = pool.clone();
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         runtime.block_on(async move {
-                            match register(socket) {
-                                Ok(udp) => {
+                            let registered = register(socket).and_then(|udp| {
+                                let tcp = tcp.map(tokio::net::TcpListener::from_std).transpose()?;
+                                Ok((udp, tcp))
+                            });
+                            match registered {
+                                Ok((udp, tcp)) => {
                                     Worker::new(index, worker_pool, engine, udp)
-                                        .run(queues)
+                                        .run(queues, tcp)
                                         .await;
                                 }
                                 Err(error) => {
@@ -117,20 +133,23 @@ struct Slot<S, L> {
     deadline: Option<Instant>,
 }
 
-/// A worker's side of the shared port: its socket and the copies waiting to leave in a batch.
+/// A worker's side of the shared ports: its UDP socket, the copies waiting to leave in a
+/// batch, and (through the demultiplexer) the node's ICE/TCP connections.
 struct Net {
     udp: Arc<AsyncFd<UdpSocket>>,
+    demux: Arc<net::Demux>,
     batch: Batch,
     /// The arrival time of the speaker's packet whose copies are in `batch`.
     batch_at: Option<Instant>,
 }
 
 impl Net {
-    /// Sends one control datagram (ICE, DTLS) at once; false if it could not go out.
-    fn send(&mut self, data: &[u8], to: Path) -> bool {
+    /// Sends one datagram at once (ICE and DTLS replies, copies on TCP paths); false if it
+    /// could not go out.
+    fn send(&mut self, data: BytesMut, to: Path) -> bool {
         match to.proto {
-            Proto::Udp => net::send_one(self.udp.get_ref(), data, to.remote),
-            Proto::Tcp => false,
+            Proto::Udp => net::send_one(self.udp.get_ref(), &data, to.remote),
+            Proto::Tcp => self.demux.send_tcp(data, to.remote),
         }
     }
 }
@@ -170,7 +189,7 @@ fn flush<S: SpeakerTransport, L: ListenerTransport>(
 ) {
     let transport = slot.peer.transport();
     while let Some((data, to)) = transport.poll_datagram() {
-        if !net.send(&data, to) {
+        if !net.send(data, to) {
             *send_dropped += 1;
         }
     }
@@ -231,7 +250,7 @@ fn deliver_to<S: SpeakerTransport, L: ListenerTransport>(
                 }
             }
             Proto::Tcp => {
-                if out.net.send(&data, to) {
+                if out.net.send(data, to) {
                     record(out.latency, at, 1);
                 } else {
                     *out.send_dropped += 1;
@@ -285,6 +304,7 @@ fn declared_ssrcs(sdp: &str) -> Option<Vec<u32>> {
 
 impl<E: Engine> Worker<E> {
     fn new(index: usize, pool: WorkerPool, engine: Arc<E>, udp: Arc<AsyncFd<UdpSocket>>) -> Self {
+        let demux = Arc::clone(&pool.demux);
         Self {
             index,
             pool,
@@ -296,6 +316,7 @@ impl<E: Engine> Worker<E> {
             timers: BinaryHeap::new(),
             net: Net {
                 udp,
+                demux,
                 batch: Batch::new(),
                 batch_at: None,
             },
@@ -305,7 +326,7 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    async fn run(mut self, queues: Queues) {
+    async fn run(mut self, queues: Queues, tcp: Option<tokio::net::TcpListener>) {
         let Queues {
             mut commands,
             mut inbound,
@@ -336,12 +357,44 @@ impl<E: Engine> Worker<E> {
                         tokio::task::yield_now().await;
                     }
                 },
+                accepted = accept(tcp.as_ref()) => match accepted {
+                    Ok((stream, remote)) => self.serve_tcp(stream, remote),
+                    Err(error) => {
+                        // Out of descriptors, say: the listener stays; try again shortly.
+                        tracing::warn!(worker = self.index, %error, "ICE/TCP accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
             }
         }
         for (key, mut slot) in self.peers.drain() {
             self.pool.demux.unregister(key);
             slot.peer.transport().close();
         }
+    }
+
+    /// Serves an accepted ICE/TCP connection on this worker's event loop; its frames go to the
+    /// workers owning their transports.
+    fn serve_tcp(&mut self, stream: tokio::net::TcpStream, remote: std::net::SocketAddr) {
+        let pool = self.pool.clone();
+        let demux = Arc::clone(&self.pool.demux);
+        tokio::spawn(net::serve_tcp(
+            stream,
+            remote,
+            demux,
+            move |key, data, at| {
+                let owner = pool.peer_worker(key);
+                let datagram = Datagram {
+                    key,
+                    data,
+                    from: Path::tcp(remote),
+                    at,
+                };
+                if pool.inbound[owner].try_send(datagram).is_err() {
+                    pool.demux.count(Drop::QueueFull);
+                }
+            },
+        ));
     }
 
     /// Reads what the shared socket holds, up to [`READS_PER_WAKE`] datagrams.

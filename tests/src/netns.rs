@@ -1,0 +1,150 @@
+//! A network namespace joined to this host by a veth pair, for tests of what crosses a hard
+//! network: the namespace is a client host (`ns_ip`), this host is the server side
+//! (`host_ip`), and nftables rules inside the namespace shape what gets through. Everything is
+//! created by the test and removed when the [`Netns`] is dropped. Needs root, `ip` (iproute2)
+//! and `nft` (nftables).
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+/// A namespace and its veth link to this host.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    /// This host's end of the link.
+    pub host_ip: Ipv4Addr,
+    /// The namespace's end of the link.
+    pub ns_ip: Ipv4Addr,
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// True when this process can build namespaces (root, with `ip` and `nft` installed).
+pub fn available() -> bool {
+    let root = run("id", &["-u"]).is_ok_and(|u| u.trim() == "0");
+    root && run("ip", &["-V"]).is_ok() && run("nft", &["--version"]).is_ok()
+}
+
+impl Netns {
+    /// A fresh namespace on its own /30, with loopback up.
+    pub fn create() -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let id = (std::process::id() % 4000) * 16 + n % 16;
+        let name = format!("tg-test-{id}");
+        let host_if = format!("tgh{id}");
+        let ns_if = format!("tgn{id}");
+        // 10.213.0.0/16 cut into /30s: .1 this host, .2 the namespace.
+        let block = (id % 16_000) * 4;
+        let (b2, b3) = (
+            u8::try_from(block / 256).unwrap_or(0),
+            u8::try_from(block % 256).unwrap_or(0),
+        );
+        let host_ip = Ipv4Addr::new(10, 213, b2, b3 + 1);
+        let ns_ip = Ipv4Addr::new(10, 213, b2, b3 + 2);
+        // Left over from a run that was killed.
+        let _ = run("ip", &["netns", "del", &name]);
+        let _ = run("ip", &["link", "del", &host_if]);
+        let netns = Self {
+            name,
+            host_if,
+            host_ip,
+            ns_ip,
+        };
+        let ns = netns.name.as_str();
+        run("ip", &["netns", "add", ns])?;
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &netns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &ns_if,
+            ],
+        )?;
+        run("ip", &["link", "set", &ns_if, "netns", ns])?;
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{host_ip}/30"),
+                "dev",
+                &netns.host_if,
+            ],
+        )?;
+        run("ip", &["link", "set", &netns.host_if, "up"])?;
+        netns.exec(
+            "ip",
+            &["addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if],
+        )?;
+        netns.exec("ip", &["link", "set", &ns_if, "up"])?;
+        netns.exec("ip", &["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// Runs a command inside the namespace and waits for it.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Drops every UDP datagram into and out of the namespace (a network that allows only
+    /// TCP), counting them.
+    pub fn block_udp(&self) -> Result<()> {
+        let rules = "table inet talkgroup_test {
+  chain out { type filter hook output priority 0; policy accept; meta l4proto udp counter drop; }
+  chain in { type filter hook input priority 0; policy accept; meta l4proto udp counter drop; }
+}
+";
+        let file = std::env::temp_dir().join(format!("{}.nft", self.name));
+        std::fs::write(&file, rules)?;
+        let path = file.to_string_lossy().into_owned();
+        self.exec("nft", &["-f", &path])?;
+        let _ = std::fs::remove_file(&file);
+        Ok(())
+    }
+
+    /// UDP datagrams the namespace's rules dropped so far.
+    pub fn udp_dropped(&self) -> Result<u64> {
+        let listing = self.exec("nft", &["list", "table", "inet", "talkgroup_test"])?;
+        // "... counter packets 12 bytes 3456 drop"
+        Ok(listing
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and with it this host's.
+        let _ = run("ip", &["netns", "del", &self.name]);
+        let _ = run("ip", &["link", "del", &self.host_if]);
+    }
+}
