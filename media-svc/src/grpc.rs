@@ -256,6 +256,9 @@ impl pb::media_service_server::MediaService for MediaApi {
             forward_latency_p50_us: quantile(0.5),
             forward_latency_p99_us: quantile(0.99),
             forward_latency_max_us: quantile(1.0),
+            datagrams_refused: self.node.demux().drops().iter().map(|(_, n)| n).sum(),
+            ice_tcp_connections: u32::try_from(self.node.demux().tcp_connections())
+                .unwrap_or(u32::MAX),
         }))
     }
 }

@@ -429,8 +429,12 @@ impl<E: Engine> Worker<E> {
         let key = match demux.lookup(&path) {
             Some(key) => key,
             None => match demux.admit(&data, path) {
-                Ok(key) => key,
+                Ok(key) => {
+                    tracing::debug!(peer = key, remote = %from, "path opened");
+                    key
+                }
                 Err(cause) => {
+                    tracing::trace!(remote = %from, ?cause, "datagram refused");
                     demux.count(cause);
                     return;
                 }
@@ -833,5 +837,33 @@ impl<E: Engine> Worker<E> {
                 reply,
             } => respond(reply, self.stats(reset_latency)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn rtp_is_told_from_rtcp_and_its_ssrc_read_from_the_clear_header() {
+        let mut rtp = vec![
+            0x80u8, 111, 0, 1, 0, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3,
+        ];
+        assert_eq!(rtp_ssrc(&rtp), Some(0xdead_beef));
+        rtp[1] = 0x80 | 111; // marker bit set
+        assert_eq!(rtp_ssrc(&rtp), Some(0xdead_beef));
+        let rtcp = [0x81u8, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 2];
+        assert_eq!(rtp_ssrc(&rtcp), None, "receiver report");
+        assert_eq!(rtp_ssrc(&[0x80, 111, 0]), None, "too short");
+        assert_eq!(rtp_ssrc(&[22u8; 20]), None, "DTLS");
+    }
+
+    #[test]
+    fn an_answer_s_declared_ssrcs_are_read() {
+        let sdp = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ssrc:42 cname:x\r\na=ssrc:42 msid:a b\r\na=ssrc:7 cname:y\r\n";
+        assert_eq!(declared_ssrcs(sdp), Some(vec![7, 42]));
+        assert_eq!(declared_ssrcs("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"), None);
     }
 }

@@ -19,9 +19,10 @@
 //! The client's path may change under a connected transport: a NAT rebinding gives the same
 //! client a new source port, and a browser may move to its ICE/TCP candidate. A valid check
 //! from a new path takes the media over when it nominates (USE-CANDIDATE, which browsers put on
-//! every check of their selected pair with a lite peer), or, from a client whose checks do not
-//! nominate, when the current path has gone quiet ([`PATH_QUIET`]). No renegotiation is needed:
-//! the SRTP keys belong to the transport, not the path.
+//! every check of their selected pair with a lite peer), or, from a client that nominated only
+//! once and then sends plain consent checks, when the current path has gone quiet
+//! ([`PATH_QUIET`]). No renegotiation is needed: the SRTP keys belong to the transport, not the
+//! path.
 
 mod description;
 mod ice;
@@ -85,9 +86,11 @@ pub struct ListenerPeer {
     remote_ufrag: Option<String>,
     /// The client nominated `remote` (USE-CANDIDATE).
     nominated: bool,
-    /// The last check on `remote` nominated it: the client nominates as it goes, so only a
-    /// nominating check may move the media to another path.
-    renominates: bool,
+    /// Nominating checks seen on `remote`. A client that nominates more than once (browsers
+    /// put USE-CANDIDATE on every check of their selected pair with a lite peer) moves the
+    /// media only by nominating; one that nominated once (then sends plain consent checks)
+    /// moves it by checking from a new path once the current one is quiet.
+    nominations: u32,
     /// DTLS datagrams from `remote` that came before the answer.
     early_dtls: Vec<BytesMut>,
     last_consent: Option<Instant>,
@@ -137,7 +140,7 @@ impl ListenerPeer {
             remote: None,
             remote_ufrag: None,
             nominated: false,
-            renominates: false,
+            nominations: 0,
             early_dtls: Vec::new(),
             last_consent: None,
             connect_deadline: None,
@@ -180,12 +183,15 @@ impl ListenerPeer {
         // A connected client's path changed (NAT rebinding, or a move to ICE/TCP).
         let takes_over = moved
             && self.phase == Phase::Connected
-            && !self.renominates
+            && self.nominations < 2
             && self.last_consent.is_none_or(|at| now >= at + PATH_QUIET);
         if nominating || self.remote.is_none() || takes_over {
             if self.remote != Some(from) {
                 tracing::debug!(remote = %from.remote, proto = ?from.proto, nominating,
                     "listener path selected");
+            }
+            if self.remote != Some(from) {
+                self.nominations = 0;
             }
             self.remote = Some(from);
             self.remote_ufrag = Some(check.their_ufrag);
@@ -194,7 +200,7 @@ impl ListenerPeer {
         }
         if self.remote == Some(from) {
             self.last_consent = Some(now);
-            self.renominates = nominating;
+            self.nominations += u32::from(nominating);
         }
         self.drain_dtls();
     }
