@@ -10,7 +10,8 @@
 //! socket), how many copies the verifying listeners authenticated and decrypted, and the node's
 //! CPU per forwarded packet (from `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the
 //! sizes, `MEDIA_BENCH_SECS` the talking time per size (default 5), `MEDIA_BENCH_VERIFY_EVERY`
-//! how many listeners share one verifier (default 10).
+//! how many listeners share one verifier (default 10), and `MEDIA_BENCH_TCP=1` connects every
+//! listener over ICE/TCP instead of UDP.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -101,6 +102,7 @@ async fn run() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10)
         .max(1);
+    let tcp = std::env::var("MEDIA_BENCH_TCP").is_ok_and(|v| v == "1");
     let listeners = farm::Farm::start();
     let mut ears: Vec<std::sync::Arc<farm::Ear>> = Vec::new();
     let mut rows = Vec::new();
@@ -112,7 +114,7 @@ async fn run() {
             let joins = (start..start + batch).map(|i| {
                 let mut client = client.clone();
                 let listeners = &listeners;
-                async move { listener(&mut client, listeners, i, i % verify_every == 0).await }
+                async move { listener(&mut client, listeners, i, i % verify_every == 0, tcp).await }
             });
             ears.extend(futures::future::join_all(joins).await);
         }
@@ -225,8 +227,9 @@ async fn run() {
 
     println!();
     println!(
-        "one channel, one speaker at 50 packets/s for {secs} s, {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "one channel, one speaker at 50 packets/s for {secs} s, {} cores, listeners over {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if tcp { "ICE/TCP" } else { "UDP" }
     );
     println!(
         "| listeners | delivered | decrypted by verifiers | sequence gaps | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
@@ -267,6 +270,7 @@ async fn listener(
     farm: &farm::Farm,
     i: usize,
     verifier: bool,
+    tcp: bool,
 ) -> std::sync::Arc<farm::Ear> {
     use talkgroup_proto::media::v1 as pb;
     let session = format!("l{i}");
@@ -279,7 +283,7 @@ async fn listener(
         .await
         .unwrap()
         .into_inner();
-    let (pending, sdp) = farm::answer(&created.offer.unwrap().sdp, verifier);
+    let (pending, sdp) = farm::answer(&created.offer.unwrap().sdp, verifier, tcp);
     let ear = pending.ear();
     farm.add(pending);
     support::connect(client, &created.transport_id, &session, sdp).await;

@@ -8,6 +8,10 @@
 //! SRTP authentication tag and decrypts it; the benchmark reports how many copies verified and
 //! fails if any did not. STUN, DTLS and RTCP always go to the peer, so ICE consent, the DTLS
 //! session and the node's view of the connection are those of a real client.
+//!
+//! A listener may also connect over ICE/TCP only: its peer gets the node's offer without the
+//! UDP candidate and an active TCP candidate of its own, and its datagrams travel framed
+//! (RFC 4571) on one TCP connection to the node's shared TCP port.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,17 +20,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use media_svc::engine::rtc_peer::{host_candidate, opus_media_engine};
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::ice::tcp_type::TcpType;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::event::RTCPeerConnectionEvent;
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// One RTP datagram as it arrived.
@@ -60,21 +67,54 @@ impl Ear {
     }
 }
 
+/// How a listener's datagrams travel.
+enum Link {
+    Udp(std::net::UdpSocket),
+    /// One ICE/TCP connection to the node's shared TCP port.
+    Tcp(std::net::TcpStream),
+}
+
 /// A peer with its socket, ready to be driven by the farm.
 pub struct Pending {
     core: RTCPeerConnection,
-    socket: std::net::UdpSocket,
+    link: Link,
     local: SocketAddr,
     ear: Arc<Ear>,
     /// Hands every RTP datagram to the peer to authenticate and decrypt.
     verifier: bool,
 }
 
-/// Answers the node's offer with a receive-only peer on a fresh loopback socket.
-pub fn answer(offer: &str, verifier: bool) -> (Pending, String) {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_nonblocking(true).unwrap();
-    let local = socket.local_addr().unwrap();
+/// The node's candidate of `network` (`udp` or `tcp`) in an offer.
+fn candidate_of(offer: &str, network: &str) -> SocketAddr {
+    let fields: Vec<&str> = offer
+        .lines()
+        .find(|l| l.starts_with("a=candidate:") && l.split(' ').nth(2) == Some(network))
+        .expect("candidate")
+        .split(' ')
+        .collect();
+    format!("{}:{}", fields[4], fields[5]).parse().unwrap()
+}
+
+/// Answers the node's offer with a receive-only peer on a fresh loopback socket (UDP), or on
+/// a TCP connection to the node's ICE/TCP port with `tcp`.
+pub fn answer(offer: &str, verifier: bool, tcp: bool) -> (Pending, String) {
+    let (link, local, offer) = if tcp {
+        let stream = std::net::TcpStream::connect(candidate_of(offer, "tcp")).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let local = stream.local_addr().unwrap();
+        let offer: String = offer
+            .split_inclusive('\n')
+            .filter(|l| !(l.starts_with("a=candidate:") && l.contains(" udp ")))
+            .collect();
+        (Link::Tcp(stream), local, offer)
+    } else {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let local = socket.local_addr().unwrap();
+        (Link::Udp(socket), local, offer.to_owned())
+    };
+    let offer = offer.as_str();
     let settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
@@ -86,8 +126,25 @@ pub fn answer(offer: &str, verifier: bool) -> (Pending, String) {
         .unwrap();
     core.set_remote_description(now, RTCSessionDescription::offer(offer.to_owned()).unwrap())
         .unwrap();
-    core.add_local_candidate(host_candidate(local).unwrap())
+    let candidate = if tcp {
+        // An active TCP candidate: it connects, so it advertises the discard port (RFC 6544).
+        let active = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "tcp".to_owned(),
+                address: local.ip().to_string(),
+                port: 9,
+                component: 1,
+                ..Default::default()
+            },
+            tcp_type: TcpType::Active,
+        }
+        .new_candidate_host()
         .unwrap();
+        RTCIceCandidate::from(&active).to_json().unwrap()
+    } else {
+        host_candidate(local).unwrap()
+    };
+    core.add_local_candidate(candidate).unwrap();
     let answer = core.create_answer(None).unwrap();
     core.set_local_description(now, answer).unwrap();
     let sdp = core.local_description().unwrap().sdp;
@@ -95,7 +152,7 @@ pub fn answer(offer: &str, verifier: bool) -> (Pending, String) {
     (
         Pending {
             core,
-            socket,
+            link,
             local,
             ear,
             verifier,
@@ -188,19 +245,91 @@ fn rtp_header(data: &[u8]) -> Option<(u16, u32, bool)> {
     ))
 }
 
+/// A listener's link on the farm's event loop.
+enum Io {
+    Udp(tokio::net::UdpSocket),
+    Tcp {
+        stream: tokio::net::TcpStream,
+        node: SocketAddr,
+        frames: BytesMut,
+    },
+}
+
+impl Io {
+    async fn send(&mut self, data: &[u8], to: SocketAddr) {
+        match self {
+            Io::Udp(socket) => {
+                let _ = socket.try_send_to(data, to);
+            }
+            Io::Tcp { stream, .. } => {
+                let mut framed = Vec::with_capacity(data.len() + 2);
+                framed.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+                framed.extend_from_slice(data);
+                let _ = stream.write_all(&framed).await;
+            }
+        }
+    }
+
+    /// Waits for what arrives next: datagrams (one, or the whole frames of a TCP read) and
+    /// where they came from. `None` when the link is gone.
+    async fn recv(&mut self, buf: &mut [u8], out: &mut Vec<(BytesMut, SocketAddr)>) -> Option<()> {
+        match self {
+            Io::Udp(socket) => {
+                let (n, from) = socket.recv_from(buf).await.ok()?;
+                out.push((BytesMut::from(&buf[..n]), from));
+            }
+            Io::Tcp {
+                stream,
+                node,
+                frames,
+            } => {
+                if stream.read_buf(frames).await.ok()? == 0 {
+                    return None;
+                }
+                while frames.len() >= 2 {
+                    let len = usize::from(u16::from_be_bytes([frames[0], frames[1]]));
+                    if frames.len() < 2 + len {
+                        break;
+                    }
+                    frames.advance(2);
+                    out.push((frames.split_to(len), *node));
+                }
+                frames.reserve(4096);
+            }
+        }
+        Some(())
+    }
+
+    fn protocol(&self) -> TransportProtocol {
+        match self {
+            Io::Udp(_) => TransportProtocol::UDP,
+            Io::Tcp { .. } => TransportProtocol::TCP,
+        }
+    }
+}
+
 async fn drive(pending: Pending) {
     let Pending {
         mut core,
-        socket,
+        link,
         local,
         ear,
         verifier,
     } = pending;
-    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+    let mut io = match link {
+        Link::Udp(socket) => Io::Udp(tokio::net::UdpSocket::from_std(socket).unwrap()),
+        Link::Tcp(stream) => Io::Tcp {
+            node: stream.peer_addr().unwrap(),
+            stream: tokio::net::TcpStream::from_std(stream).unwrap(),
+            frames: BytesMut::with_capacity(8192),
+        },
+    };
+    let protocol = io.protocol();
     let mut buf = vec![0u8; 2048];
+    let mut arrived = Vec::new();
     loop {
         while let Some(out) = core.poll_write() {
-            let _ = socket.try_send_to(&out.message, out.transport.peer_addr);
+            io.send(&out.message, out.transport.peer_addr).await;
         }
         while let Some(TaggedRTCMessage { message, .. }) = core.poll_read() {
             if let RTCMessage::RtpPacket(_, _) = message {
@@ -229,32 +358,36 @@ async fn drive(pending: Pending) {
             }
         };
         tokio::select! {
-            read = socket.recv_from(&mut buf) => {
-                let Ok((n, from)) = read else { continue };
-                let at = Instant::now();
-                let data = &buf[..n];
-                if let Some((sequence_number, timestamp, marker)) = rtp_header(data) {
-                    ear.arrivals.lock().unwrap().push(Arrival {
-                        at,
-                        sequence_number,
-                        timestamp,
-                        marker,
-                    });
-                    if !verifier {
-                        continue;
-                    }
-                    ear.checked.fetch_add(1, Ordering::Relaxed);
+            read = io.recv(&mut buf, &mut arrived) => {
+                if read.is_none() {
+                    ear.failed.store(true, Ordering::Release);
+                    return;
                 }
-                let _ = core.handle_read(TaggedBytesMut {
-                    now: at,
-                    transport: TransportContext {
-                        local_addr: local,
-                        peer_addr: from,
-                        ecn: None,
-                        transport_protocol: TransportProtocol::UDP,
-                    },
-                    message: BytesMut::from(data),
-                });
+                let at = Instant::now();
+                for (data, from) in arrived.drain(..) {
+                    if let Some((sequence_number, timestamp, marker)) = rtp_header(&data) {
+                        ear.arrivals.lock().unwrap().push(Arrival {
+                            at,
+                            sequence_number,
+                            timestamp,
+                            marker,
+                        });
+                        if !verifier {
+                            continue;
+                        }
+                        ear.checked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = core.handle_read(TaggedBytesMut {
+                        now: at,
+                        transport: TransportContext {
+                            local_addr: local,
+                            peer_addr: from,
+                            ecn: None,
+                            transport_protocol: protocol,
+                        },
+                        message: data,
+                    });
+                }
             }
             () = sleep => {
                 let _ = core.handle_timeout(Instant::now());

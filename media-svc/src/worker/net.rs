@@ -485,24 +485,27 @@ pub(super) fn send_buffer(socket: &UdpSocket) -> usize {
 /// One worker's batched sender on its shared socket.
 pub(super) struct Batch {
     headers: MultiHeaders<SockaddrStorage>,
-    queued: Vec<(BytesMut, SockaddrStorage)>,
+    datagrams: Vec<BytesMut>,
+    addrs: Vec<Option<SockaddrStorage>>,
 }
 
 impl Batch {
     pub(super) fn new() -> Self {
         Self {
             headers: MultiHeaders::preallocate(BATCH, None),
-            queued: Vec::with_capacity(BATCH),
+            datagrams: Vec::with_capacity(BATCH),
+            addrs: Vec::with_capacity(BATCH),
         }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.queued.len()
+        self.datagrams.len()
     }
 
     /// Queues a datagram; the caller flushes when [`BATCH`] are queued.
     pub(super) fn push(&mut self, data: BytesMut, to: SocketAddr) {
-        self.queued.push((data, SockaddrStorage::from(to)));
+        self.datagrams.push(data);
+        self.addrs.push(Some(SockaddrStorage::from(to)));
     }
 
     /// Sends what is queued in as few calls as the kernel takes; how many were lost. A
@@ -510,31 +513,30 @@ impl Batch {
     /// send buffer loses the rest of the batch rather than waiting.
     pub(super) fn flush(&mut self, socket: &UdpSocket) -> usize {
         let fd = socket.as_raw_fd();
+        let total = self.datagrams.len();
+        let slices: Vec<[IoSlice<'_>; 1]> =
+            self.datagrams.iter().map(|d| [IoSlice::new(d)]).collect();
         let mut lost = 0;
         let mut start = 0;
-        while start < self.queued.len() {
-            let rest = &self.queued[start..];
-            let slices: Vec<[IoSlice<'_>; 1]> =
-                rest.iter().map(|(d, _)| [IoSlice::new(d)]).collect();
-            let addrs: Vec<Option<SockaddrStorage>> = rest.iter().map(|(_, a)| Some(*a)).collect();
+        while start < total {
             match sock::sendmmsg(
                 fd,
                 &mut self.headers,
-                &slices,
-                &addrs,
+                &slices[start..],
+                &self.addrs[start..],
                 [],
                 MsgFlags::MSG_DONTWAIT,
             ) {
                 Ok(results) => {
                     let sent = results.count();
                     if sent == 0 {
-                        lost += rest.len();
+                        lost += total - start;
                         break;
                     }
                     start += sent;
                 }
                 Err(Errno::EAGAIN | Errno::ENOBUFS) => {
-                    lost += rest.len();
+                    lost += total - start;
                     break;
                 }
                 Err(_) => {
@@ -543,7 +545,9 @@ impl Batch {
                 }
             }
         }
-        self.queued.clear();
+        drop(slices);
+        self.datagrams.clear();
+        self.addrs.clear();
         lost
     }
 }
