@@ -65,8 +65,9 @@ pub struct Config {
     /// Forwarding workers; 0 means one per core.
     #[arg(long, env = "PTT_MEDIA_WORKERS", default_value_t = 0)]
     pub workers: usize,
-    /// Transports (peer connections) the node accepts.
-    #[arg(long, env = "PTT_MEDIA_CAPACITY", default_value_t = 4_000)]
+    /// Transports (peer connections) the node accepts; 0 (the default) derives it from the
+    /// CPU: the cost of one forwarded copy, measured at start, and the cores.
+    #[arg(long, env = "PTT_MEDIA_CAPACITY", default_value_t = 0)]
     pub capacity: u32,
     /// state-svc gRPC URL: register, heartbeat and watch floors. Standalone when unset.
     #[arg(long, env = "PTT_MEDIA_STATE_URL")]
@@ -108,9 +109,6 @@ impl Config {
         }
         if self.rtc_bind_ip.is_unspecified() {
             return Err("rtc bind ip must be a concrete address, not a wildcard".into());
-        }
-        if self.capacity == 0 {
-            return Err("capacity must be at least 1".into());
         }
         if !(1_000..=600_000).contains(&self.connect_timeout_ms) {
             return Err("connect timeout must be 1 s to 10 min".into());

@@ -69,10 +69,23 @@ pub async fn run(
             "--port-range is deprecated: every transport shares one port (--rtc-udp-port)"
         );
     }
+    let capacity = if config.capacity == 0 {
+        let c = crate::worker::calibrate::measure(workers)?;
+        tracing::info!(
+            copy_cost_ns = c.copy_cost.as_nanos() as u64,
+            measured_core_ns = c.core_cost.as_nanos() as u64,
+            cores = c.cores,
+            capacity = c.capacity,
+            "capacity from the CPU (set --capacity to override)"
+        );
+        c.capacity
+    } else {
+        config.capacity
+    };
     let settings = NodeSettings {
         node_id: node_id.clone(),
         announced_ip: config.announced_ip,
-        capacity: config.capacity,
+        capacity,
     };
     let node = Node::new(RtcEngine::new()?, settings, config.media_addrs(), workers)?;
     let tasks = TaskTracker::new();
@@ -82,12 +95,7 @@ pub async fn run(
         side_stop.clone(),
     ));
     if let Some(metrics_addr) = config.metrics_listen {
-        let exposition = metrics::start(
-            Arc::clone(&node),
-            config.capacity,
-            &tasks,
-            side_stop.clone(),
-        );
+        let exposition = metrics::start(Arc::clone(&node), capacity, &tasks, side_stop.clone());
         talkgroup_common::metrics::serve(metrics_addr, exposition, side_stop.clone()).await?;
     }
     let standard = talkgroup_common::grpc::standard_services();
@@ -102,7 +110,7 @@ pub async fn run(
         side_stop.clone(),
     ));
     if let Some(url) = config.state_url.clone() {
-        let me = registration(&config, &node_id, addr);
+        let me = registration(&config, &node_id, addr, capacity);
         tasks.spawn(link::run(Arc::clone(&node), url, me, side_stop.clone()));
     }
     let stop_serving = CancellationToken::new();
@@ -146,7 +154,12 @@ pub async fn run(
 }
 
 /// What the node registers with state-svc as.
-fn registration(config: &Config, node_id: &str, addr: std::net::SocketAddr) -> link::Registration {
+fn registration(
+    config: &Config,
+    node_id: &str,
+    addr: std::net::SocketAddr,
+    capacity: u32,
+) -> link::Registration {
     link::Registration {
         node_id: node_id.to_owned(),
         grpc_url: config
@@ -157,7 +170,7 @@ fn registration(config: &Config, node_id: &str, addr: std::net::SocketAddr) -> l
             .announced_ip
             .unwrap_or(config.rtc_bind_ip)
             .to_string(),
-        capacity: config.capacity,
+        capacity,
     }
 }
 

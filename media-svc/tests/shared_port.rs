@@ -145,7 +145,7 @@ async fn two_hundred_listeners_on_one_port_all_hear_the_floor_holder() {
 /// the node from a socket it can replace (a rebinding: the same client, a new source port).
 struct Nat {
     front: SocketAddr,
-    rebind: Arc<AtomicBool>,
+    rebind: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -153,17 +153,17 @@ impl Nat {
     async fn start(node: SocketAddr) -> Self {
         let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let front_addr = front.local_addr().unwrap();
-        let rebind = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&rebind);
+        let rebind = Arc::new(tokio::sync::Notify::new());
+        let rebound = Arc::clone(&rebind);
         let task = tokio::spawn(async move {
             let mut back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let mut client: Option<SocketAddr> = None;
             let (mut up, mut down) = (vec![0u8; 2048], vec![0u8; 2048]);
             loop {
-                if flag.swap(false, Ordering::AcqRel) {
-                    back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-                }
                 tokio::select! {
+                    () = rebound.notified() => {
+                        back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    }
                     Ok((n, from)) = front.recv_from(&mut up) => {
                         client = Some(from);
                         let _ = back.send_to(&up[..n], node).await;
@@ -173,7 +173,6 @@ impl Nat {
                             let _ = front.send_to(&down[..n], client).await;
                         }
                     }
-                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
         });
@@ -228,7 +227,7 @@ async fn a_listener_whose_source_port_changes_recovers_without_renegotiation() {
     .unwrap();
     // The NAT rebinds; the speaker goes on talking. The node keeps sending to the old address
     // until the client's next consent check arrives from the new one (every 2 s), then follows.
-    nat.rebind.store(true, Ordering::Release);
+    nat.rebind.notify_one();
     let before = ear.received_count();
     let talking = tokio::spawn(async move {
         tone.play(&mic, 250).await;

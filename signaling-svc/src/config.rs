@@ -91,11 +91,12 @@ pub struct Config {
     #[arg(long, env = "PTT_SIGNALING_SYNC_CHANGE_RATE", default_value_t = 5)]
     pub sync_change_rate: u32,
     /// WebRTC transports one user may hold through this gateway, across their sockets (each
-    /// socket holds at most 16).
+    /// socket's session holds at most 64 on a media node: a dispatcher monitoring 50
+    /// channels holds one receive transport each, and send transports where it talks).
     #[arg(
         long,
         env = "PTT_SIGNALING_MAX_TRANSPORTS_PER_USER",
-        default_value_t = 32
+        default_value_t = 128
     )]
     pub max_transports_per_user: usize,
     /// Channels one socket may be in at once (state-svc also caps them per user).

@@ -175,6 +175,10 @@ impl Stack {
                 "2000",
                 "--rtc-bind-ip",
                 &t.bind_ip,
+                // Equal, fixed capacities keep placement across nodes deterministic (measured
+                // capacities differ a little from node to node).
+                "--capacity",
+                "4000",
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--log-format",

@@ -17,8 +17,10 @@
 //!
 //! - this module: the pool's typed handle (each method builds its worker command) and stats;
 //! - [`thread`]: one worker, its event loop, peers and routers;
-//! - [`net`]: the shared sockets, the demultiplexer and batched sends.
+//! - [`net`]: the shared sockets, the demultiplexer and batched sends;
+//! - [`calibrate`]: the node's capacity from the measured cost of a copy and its cores.
 
+pub mod calibrate;
 pub mod net;
 mod thread;
 

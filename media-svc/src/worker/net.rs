@@ -364,11 +364,15 @@ pub(super) async fn serve_tcp(
             break;
         }
     }
-    if let Some(k) = key {
+    {
         let mut t = demux.write();
-        t.forget(path, k);
-        if let Some((_, paths)) = t.by_key.get_mut(&k) {
-            paths.retain(|p| *p != path);
+        // This connection owns its remote address while it lives, whatever became of the path.
+        t.tcp.remove(&remote);
+        if let Some(k) = key {
+            t.forget(path, k);
+            if let Some((_, paths)) = t.by_key.get_mut(&k) {
+                paths.retain(|p| *p != path);
+            }
         }
     }
     demux.tcp_connections.fetch_sub(1, Ordering::AcqRel);
