@@ -184,6 +184,12 @@ impl pb::media_service_server::MediaService for MediaApi {
         if req.epoch == 0 {
             return Err(Status::invalid_argument("epoch is required"));
         }
+        if !crate::node::plausible_epoch(req.epoch, crate::node::wall_ms()) {
+            tracing::warn!(channel = %req.channel_id, epoch = req.epoch, "floor epoch refused: far ahead of the epoch clock");
+            return Err(Status::invalid_argument(
+                "epoch is implausibly far ahead of the epoch clock",
+            ));
+        }
         let producer = if req.producer_id.is_empty() {
             None
         } else {

@@ -239,6 +239,10 @@ async fn apply(node: &Node, event: pb::WatchEvent) {
     if epoch == 0 {
         return;
     }
+    if !crate::node::plausible_epoch(epoch, crate::node::wall_ms()) {
+        tracing::warn!(%channel, epoch, "floor epoch from state-svc refused: far ahead of this node's clock");
+        return;
+    }
     let (producer, expires) = match &holder {
         Some(h) => {
             let session = h

@@ -643,6 +643,18 @@ impl Drop for Node {
     }
 }
 
+/// How far ahead of this node's clock a floor epoch may be: epochs are about
+/// `time_ms * 1000` at state-svc (its Redis clock), so this allows ten minutes of clock skew.
+pub const MAX_EPOCH_AHEAD_MS: u64 = 600_000;
+
+/// True when `epoch` could have come from state-svc's epoch clock at `now_ms` (this node's
+/// wall clock). An epoch far ahead would make the node refuse every real decision for the
+/// channel until it restarts (only a higher epoch applies), so no single call may set one.
+pub fn plausible_epoch(epoch: u64, now_ms: i64) -> bool {
+    let now = u64::try_from(now_ms).unwrap_or(0);
+    epoch <= now.saturating_add(MAX_EPOCH_AHEAD_MS).saturating_mul(1000)
+}
+
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn wall_ms() -> i64 {
     let since = std::time::SystemTime::now()
@@ -681,6 +693,20 @@ mod tests {
         ) -> Result<ListenerPeer, EngineError> {
             panic!("a bug in the worker");
         }
+    }
+
+    #[test]
+    fn epochs_from_the_epoch_clock_pass_and_absurd_ones_do_not() {
+        let now = 1_764_000_000_000_i64;
+        let epoch_now = u64::try_from(now).unwrap() * 1000;
+        assert!(plausible_epoch(1, now));
+        assert!(plausible_epoch(epoch_now, now));
+        assert!(
+            plausible_epoch(epoch_now + 5 * 60_000 * 1000, now),
+            "five minutes of skew"
+        );
+        assert!(!plausible_epoch(epoch_now + 11 * 60_000 * 1000, now));
+        assert!(!plausible_epoch(u64::MAX, now));
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use media_svc::Config;
 use support::{TestNode, Tone, analyse, listener, set_floor, speaker, stats};
+use talkgroup_proto::media::v1 as pb;
 use testkit::wait_until;
 
 fn payloads(received: &[support::peer::Received]) -> Vec<Vec<u8>> {
@@ -125,6 +126,25 @@ async fn only_the_floor_holder_is_heard_and_streams_survive_speaker_changes() {
         before.packets_forwarded
     );
     assert_eq!(c_ear.received().len(), 100);
+
+    // An absurd epoch (one that would fence off every real decision for good) is refused and
+    // changes nothing: the next real grant still applies.
+    let absurd = client
+        .set_floor(pb::SetFloorRequest {
+            channel_id: "ops".into(),
+            producer_id: b_producer.clone(),
+            epoch: u64::MAX,
+            expires_at_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(absurd.code(), tonic::Code::InvalidArgument);
+    assert!(
+        set_floor(&mut client, "ops", Some(&b_producer), 13)
+            .await
+            .applied,
+        "the channel keeps working"
+    );
     for peer in [&a, &b, &b_ear, &c_ear] {
         peer.close().await;
     }
