@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use media_svc::Config;
-use support::{Client, TestNode, Tone, analyse, connect, set_floor, speaker, stats};
-use talkgroup_proto::media::v1 as pb;
+use support::{Client, TestNode, Tone, analyse, recv_offer, set_floor, speaker, stats};
 use testkit::wait_until;
 
 /// The node's UDP candidate in an offer.
@@ -37,20 +36,6 @@ fn ice_ufrag(sdp: &str) -> String {
         .to_owned()
 }
 
-/// A receive transport of `channel`: its offer.
-async fn recv_offer(client: &mut Client, session: &str, channel: &str) -> (String, String) {
-    let created = client
-        .create_transport(pb::CreateTransportRequest {
-            channel_id: channel.into(),
-            session_id: session.into(),
-            direction: pb::Direction::Recv.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (created.transport_id, created.offer.unwrap().sdp)
-}
-
 /// Answers `offer` with a listening peer, connects and consumes; the peer.
 async fn listen_on(
     client: &mut Client,
@@ -59,19 +44,9 @@ async fn listen_on(
     transport_id: String,
     offer: &str,
 ) -> support::peer::Peer {
-    let mut peer = support::peer::Peer::new(false).await;
-    let answer = peer.answer(offer, false).await;
-    connect(client, &transport_id, session, answer).await;
-    client
-        .consume(pb::ConsumeRequest {
-            transport_id,
-            session_id: session.into(),
-            channel_id: channel.into(),
-        })
+    support::listen_on(client, session, channel, transport_id, offer, false)
         .await
-        .unwrap();
-    peer.wait_connected().await;
-    peer
+        .0
 }
 
 fn payloads(received: &[support::peer::Received]) -> Vec<Vec<u8>> {

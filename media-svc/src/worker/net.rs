@@ -390,40 +390,20 @@ pub(super) fn listen_shared(
     addr: SocketAddr,
     count: usize,
 ) -> Result<(Vec<TcpListener>, SocketAddr), EngineError> {
-    if addr.port() != 0 {
-        TcpListener::bind(addr)
-            .map_err(|e| EngineError::Setup(format!("ICE/TCP port {addr} is not free: {e}")))?;
-    }
-    let mut listeners = Vec::with_capacity(count);
-    let mut bound = addr;
-    for _ in 0..count.max(1) {
-        let listener =
-            listen_one(bound).map_err(|e| EngineError::Setup(format!("listen {bound}: {e}")))?;
-        bound = listener
-            .local_addr()
-            .map_err(|e| EngineError::Setup(e.to_string()))?;
-        listeners.push(listener);
-    }
-    Ok((listeners, bound))
-}
-
-fn listen_one(addr: SocketAddr) -> Result<TcpListener, Errno> {
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd: OwnedFd = sock::socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        SockProtocol::Tcp,
-    )?;
-    sock::setsockopt(&fd, sockopt::ReusePort, &true)?;
-    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    sock::listen(&fd, sock::Backlog::MAXCONN)?;
-    Ok(TcpListener::from(fd))
+    bind_group(
+        addr,
+        count,
+        "ICE/TCP port",
+        |a| TcpListener::bind(a).map(drop),
+        |a| {
+            let fd = reuse_port_socket(a, SockType::Stream, SockProtocol::Tcp)?;
+            sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(a))?;
+            sock::listen(&fd, sock::Backlog::MAXCONN)?;
+            Ok(TcpListener::from(fd))
+        },
+        TcpListener::local_addr,
+    )
 }
 
 /// Binds `count` UDP sockets to one address with `SO_REUSEPORT` (port 0: the first picks an
@@ -432,42 +412,68 @@ pub(super) fn bind_shared(
     addr: SocketAddr,
     count: usize,
 ) -> Result<(Vec<UdpSocket>, SocketAddr), EngineError> {
+    bind_group(
+        addr,
+        count,
+        "media port",
+        |a| UdpSocket::bind(a).map(drop),
+        |a| {
+            let fd = reuse_port_socket(a, SockType::Datagram, SockProtocol::Udp)?;
+            set_buffers(&fd);
+            sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(a))?;
+            Ok(UdpSocket::from(fd))
+        },
+        UdpSocket::local_addr,
+    )
+}
+
+/// Binds a group of `count` sockets sharing one port: `bind_one` makes each (bound to the
+/// first one's address once port 0 became a real port), `local` reads where it is bound.
+fn bind_group<S>(
+    addr: SocketAddr,
+    count: usize,
+    what: &str,
+    plain_bind: impl Fn(SocketAddr) -> std::io::Result<()>,
+    bind_one: impl Fn(SocketAddr) -> Result<S, Errno>,
+    local: impl Fn(&S) -> std::io::Result<SocketAddr>,
+) -> Result<(Vec<S>, SocketAddr), EngineError> {
     // `SO_REUSEPORT` would let this node join a group another process of the same user holds
     // on a fixed port, each then getting part of the other's traffic: a fixed port must be
     // free, which a plain bind proves.
     if addr.port() != 0 {
-        UdpSocket::bind(addr)
-            .map_err(|e| EngineError::Setup(format!("media port {addr} is not free: {e}")))?;
+        plain_bind(addr)
+            .map_err(|e| EngineError::Setup(format!("{what} {addr} is not free: {e}")))?;
     }
     let mut sockets = Vec::with_capacity(count);
     let mut bound = addr;
     for _ in 0..count.max(1) {
         let socket =
             bind_one(bound).map_err(|e| EngineError::Setup(format!("bind {bound}: {e}")))?;
-        bound = socket
-            .local_addr()
-            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        bound = local(&socket).map_err(|e| EngineError::Setup(e.to_string()))?;
         sockets.push(socket);
     }
     Ok((sockets, bound))
 }
 
-fn bind_one(addr: SocketAddr) -> Result<UdpSocket, Errno> {
+/// A non-blocking socket for `addr`'s family with `SO_REUSEPORT` set, not yet bound.
+fn reuse_port_socket(
+    addr: SocketAddr,
+    kind: SockType,
+    protocol: SockProtocol,
+) -> Result<OwnedFd, Errno> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd: OwnedFd = sock::socket(
+    let fd = sock::socket(
         family,
-        SockType::Datagram,
+        kind,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        SockProtocol::Udp,
+        protocol,
     )?;
     sock::setsockopt(&fd, sockopt::ReusePort, &true)?;
-    set_buffers(&fd);
-    sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    Ok(UdpSocket::from(fd))
+    Ok(fd)
 }
 
 /// Asks for large socket buffers: past `net.core.wmem_max` only with `CAP_NET_ADMIN`

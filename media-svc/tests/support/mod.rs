@@ -85,6 +85,21 @@ pub async fn listener(
     channel: &str,
     stalled: bool,
 ) -> (peer::Peer, String, u32) {
+    let (transport_id, offer) = recv_offer(client, session, channel).await;
+    let (peer, ssrc) = listen_on(
+        client,
+        session,
+        channel,
+        transport_id.clone(),
+        &offer,
+        stalled,
+    )
+    .await;
+    (peer, transport_id, ssrc)
+}
+
+/// A receive transport of `channel`: its id and the node's offer.
+pub async fn recv_offer(client: &mut Client, session: &str, channel: &str) -> (String, String) {
     let created = client
         .create_transport(pb::CreateTransportRequest {
             channel_id: channel.into(),
@@ -94,12 +109,25 @@ pub async fn listener(
         .await
         .unwrap()
         .into_inner();
+    (created.transport_id, created.offer.unwrap().sdp)
+}
+
+/// Answers `offer` with a listening peer, connects and consumes; the peer (connected) and the
+/// SSRC it receives.
+pub async fn listen_on(
+    client: &mut Client,
+    session: &str,
+    channel: &str,
+    transport_id: String,
+    offer: &str,
+    stalled: bool,
+) -> (peer::Peer, u32) {
     let mut peer = peer::Peer::new(stalled).await;
-    let answer = peer.answer(&created.offer.unwrap().sdp, false).await;
-    connect(client, &created.transport_id, session, answer).await;
+    let answer = peer.answer(offer, false).await;
+    connect(client, &transport_id, session, answer).await;
     let consumed = client
         .consume(pb::ConsumeRequest {
-            transport_id: created.transport_id.clone(),
+            transport_id,
             session_id: session.into(),
             channel_id: channel.into(),
         })
@@ -107,7 +135,7 @@ pub async fn listener(
         .unwrap()
         .into_inner();
     peer.wait_connected().await;
-    (peer, created.transport_id, consumed.ssrc)
+    (peer, consumed.ssrc)
 }
 
 /// Hands the client's answer to the node.
