@@ -56,15 +56,9 @@ async fn a_thousand_create_close_cycles_leak_no_sockets_or_memory() {
                 .unwrap()
                 .into_inner();
             let sdp = created.offer.unwrap().sdp;
-            // a=candidate:<foundation> 1 udp <priority> <ip> <port> typ host
-            let candidate: Vec<&str> = sdp
-                .lines()
-                .find(|l| l.starts_with("a=candidate:") && l.contains(" udp "))
-                .expect("a UDP candidate")
-                .split(' ')
-                .collect();
-            assert_eq!(candidate[4], "127.0.0.1", "candidate on loopback");
-            let port: u16 = candidate[5].parse().unwrap();
+            let candidate = support::udp_candidate(&sdp);
+            assert!(candidate.ip().is_loopback(), "candidate on loopback");
+            let port = candidate.port();
             client
                 .close_transport(pb::CloseTransportRequest {
                     transport_id: created.transport_id,

@@ -13,20 +13,10 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use media_svc::Config;
-use support::{Client, TestNode, Tone, analyse, recv_offer, set_floor, speaker, stats};
+use support::{
+    Client, TestNode, Tone, analyse, recv_offer, set_floor, speaker, stats, udp_candidate,
+};
 use testkit::wait_until;
-
-/// The node's UDP candidate in an offer.
-fn udp_candidate(sdp: &str) -> SocketAddr {
-    // a=candidate:<foundation> 1 udp <priority> <ip> <port> typ host
-    let fields: Vec<&str> = sdp
-        .lines()
-        .find(|l| l.starts_with("a=candidate:") && l.contains(" udp "))
-        .expect("a UDP candidate")
-        .split(' ')
-        .collect();
-    format!("{}:{}", fields[4], fields[5]).parse().unwrap()
-}
 
 fn ice_ufrag(sdp: &str) -> String {
     sdp.lines()

@@ -1,4 +1,5 @@
-//! What the worker layer reads of a STUN message from an address it does not know yet: the
+//! What the node reads of a STUN binding request before trusting it (the worker layer for a
+//! first datagram from an unknown address, a listener transport for every check): the
 //! transport it names (the local username fragment in USERNAME) and whether it proves the
 //! transport's password (MESSAGE-INTEGRITY and FINGERPRINT). Only such a check opens a path to a
 //! transport; everything else from an unknown address is dropped before any transport sees it.
@@ -17,12 +18,14 @@ use super::EngineError;
 /// Largest username fragment the node hands out or looks up.
 const MAX_UFRAG: usize = 256;
 
-/// A binding request from an unknown address, not yet authenticated.
+/// A binding request, its USERNAME read, not yet authenticated.
 #[derive(Debug)]
 pub struct FirstContact {
-    message: Message,
+    pub message: Message,
     /// The transport's own fragment: the part of USERNAME before the colon.
     pub local_ufrag: String,
+    /// The client's fragment: the part after it.
+    pub remote_ufrag: String,
 }
 
 /// Reads a binding request's USERNAME (`local:remote`); `None` for anything else.
@@ -36,17 +39,18 @@ pub fn first_contact(data: &[u8]) -> Option<FirstContact> {
     }
     let mut username = Username::new(ATTR_USERNAME, String::new());
     username.get_from(&message).ok()?;
-    let local_ufrag = match username.text.split_once(':') {
+    let (local_ufrag, remote_ufrag) = match username.text.split_once(':') {
         Some((ours, theirs))
             if !ours.is_empty() && ours.len() <= MAX_UFRAG && !theirs.is_empty() =>
         {
-            ours.to_owned()
+            (ours.to_owned(), theirs.to_owned())
         }
         _ => return None,
     };
     Some(FirstContact {
         message,
         local_ufrag,
+        remote_ufrag,
     })
 }
 

@@ -138,6 +138,18 @@ pub async fn listen_on(
     (peer, consumed.ssrc)
 }
 
+/// The node's UDP candidate in an offer
+/// (`a=candidate:<foundation> 1 udp <priority> <ip> <port> typ host`).
+pub fn udp_candidate(sdp: &str) -> SocketAddr {
+    let fields: Vec<&str> = sdp
+        .lines()
+        .find(|l| l.starts_with("a=candidate:") && l.contains(" udp "))
+        .expect("a UDP candidate")
+        .split(' ')
+        .collect();
+    format!("{}:{}", fields[4], fields[5]).parse().unwrap()
+}
+
 /// Hands the client's answer to the node.
 pub async fn connect(client: &mut Client, transport_id: &str, session: &str, sdp: String) {
     client

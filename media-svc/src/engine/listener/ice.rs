@@ -5,11 +5,10 @@
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use rtc::stun::attributes::{ATTR_ICE_CONTROLLED, ATTR_USE_CANDIDATE, ATTR_USERNAME};
+use rtc::stun::attributes::{ATTR_ICE_CONTROLLED, ATTR_USE_CANDIDATE};
 use rtc::stun::fingerprint::FINGERPRINT;
 use rtc::stun::integrity::MessageIntegrity;
-use rtc::stun::message::{BINDING_SUCCESS, CLASS_REQUEST, Getter, METHOD_BINDING, Message, Setter};
-use rtc::stun::textattrs::Username;
+use rtc::stun::message::{BINDING_SUCCESS, Message, Setter};
 use rtc::stun::xoraddr::XorMappedAddress;
 
 use super::description::valid_ice;
@@ -43,19 +42,14 @@ pub(super) fn verify(
     expected: &Credentials<'_>,
     identity: &Identity,
 ) -> Option<Check> {
-    let mut m = Message::new();
-    if m.unmarshal_binary(data).is_err()
-        || m.typ.method != METHOD_BINDING
-        || m.typ.class != CLASS_REQUEST
-    {
+    let crate::engine::stun::FirstContact {
+        message: mut m,
+        local_ufrag,
+        remote_ufrag: their_ufrag,
+    } = crate::engine::stun::first_contact(data)?;
+    if local_ufrag != expected.ufrag || !valid_ice(&their_ufrag, 4) {
         return None;
     }
-    let mut username = Username::new(ATTR_USERNAME, String::new());
-    username.get_from(&m).ok()?;
-    let their_ufrag = match username.text.split_once(':') {
-        Some((ours, theirs)) if ours == expected.ufrag && valid_ice(theirs, 4) => theirs.to_owned(),
-        _ => return None,
-    };
     if expected.remote_ufrag.is_some_and(|u| u != their_ufrag)
         || FINGERPRINT.check(&m).is_err()
         || MessageIntegrity::check(&mut m, expected.pwd.as_bytes(), identity.crypto.crypto())
