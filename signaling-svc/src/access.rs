@@ -115,6 +115,15 @@ impl Grants {
             .unwrap_or(Role::None)
     }
 
+    /// True when the user holds at least the listen role in some channel.
+    pub fn any_role(&self) -> bool {
+        self.token.values().any(|r| *r >= Role::Listen)
+            || self.stored.values().any(|s| match s {
+                Stored::Role(role) => *role >= Role::Listen,
+                Stored::Member => true,
+            })
+    }
+
     /// The user's role in `channel`.
     pub fn role(&self, channel: &str) -> Role {
         match self.stored.get(channel) {

@@ -41,6 +41,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Sockets held per client address.
     pub addresses: Arc<AddressSlots>,
+    /// TURN relays and their shared secret, when configured.
+    pub turn: Option<crate::turn::Turn>,
     pub(crate) started: Instant,
 }
 
@@ -110,6 +112,12 @@ pub enum RunError {
 pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppState>, RunError> {
     config.validate().map_err(RunError::Config)?;
     let auth = Authenticator::from_config(&config).map_err(RunError::Config)?;
+    let turn = crate::turn::Turn::from_config(
+        &config.turn_urls,
+        config.turn_secret_file.as_deref(),
+        config.turn_ttl_s,
+    )
+    .map_err(RunError::Config)?;
     let state = talkgroup_common::grpc::endpoint(&config.state_url, Some(STATE_DEADLINE))
         .map_err(|_| RunError::Config("invalid state-svc url".into()))?
         .connect_lazy();
@@ -128,6 +136,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         shutdown,
         tracker: TaskTracker::new(),
         addresses: Arc::default(),
+        turn,
         started: Instant::now(),
     }))
 }

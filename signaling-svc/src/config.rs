@@ -143,6 +143,23 @@ pub struct Config {
         default_value = "ops,security,stage"
     )]
     pub channels: Vec<String>,
+    /// TURN relays (coturn) handed to clients with short-lived credentials, comma-separated
+    /// `turn:`/`turns:` URLs, for example `turn:turn.example:3478?transport=udp,turns:turn.example:443?transport=tcp`;
+    /// none when unset.
+    #[arg(
+        long = "turn-url",
+        env = "PTT_SIGNALING_TURN_URLS",
+        value_delimiter = ','
+    )]
+    pub turn_urls: Vec<String>,
+    /// File holding the secret the TURN relays share with the gateway (coturn's
+    /// `static-auth-secret`); required with `--turn-url`, read once, never logged.
+    #[arg(long, env = "PTT_SIGNALING_TURN_SECRET_FILE")]
+    pub turn_secret_file: Option<std::path::PathBuf>,
+    /// How long TURN credentials stay valid, in seconds (60 to 86400); clients ask again
+    /// (`get-ice-servers`) before they expire.
+    #[arg(long, env = "PTT_SIGNALING_TURN_TTL_S", default_value_t = 3_600)]
+    pub turn_ttl_s: u64,
     /// Time connections get to close after SIGTERM, in ms.
     #[arg(
         long,
@@ -199,6 +216,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if !self.turn_urls.is_empty() && !crate::turn::TTL_RANGE.contains(&self.turn_ttl_s) {
+            return Err("TURN credential lifetime must be 60 s to 24 h".into());
+        }
         let keys = [
             self.jwt_secret.is_some(),
             self.jwt_public_key.is_some(),

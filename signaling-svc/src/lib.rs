@@ -25,6 +25,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod turn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1351,3 +1351,72 @@ async fn transports_are_capped_per_user_across_sockets() {
     two.ok("create-transport", recv).await;
     stack.stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_credentials_go_to_users_with_a_role_and_match_the_relay_s_secret() {
+    let secret = "a-turn-secret-shared-with-coturn";
+    let dir = std::env::temp_dir().join(format!("gateway-turn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("turn-secret");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let urls = vec![
+        "turn:127.0.0.1:3478?transport=udp".to_owned(),
+        "turns:127.0.0.1:5349?transport=tcp".to_owned(),
+    ];
+    let configured = urls.clone();
+    let stack = stack_with(1, 5_000, 60_000, move |c| {
+        c.turn_urls = configured.clone();
+        c.turn_secret_file = Some(file.clone());
+        c.turn_ttl_s = 600;
+    })
+    .await;
+    let gw = stack.gateways[0];
+    let mut ana = client(gw, "u-ana", "Ana").await;
+    let before = now_s() as u64;
+    let reply = ana.ok("get-ice-servers", json!({})).await;
+    let server = &reply["iceServers"][0];
+    assert_eq!(server["urls"], json!(urls));
+    let username = server["username"].as_str().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, "u-ana");
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!(
+        (before + 600..=now_s() as u64 + 600).contains(&expiry),
+        "{expiry}"
+    );
+    assert_eq!(reply["expiresAt"], json!(expiry * 1000));
+    // The password coturn computes from its static-auth-secret.
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+    let expected = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(ring::hmac::sign(&key, username.as_bytes()).as_ref())
+    };
+    assert_eq!(server["credential"], expected.as_str());
+    // create-transport carries the same relays.
+    ana.ok("join-channel", json!({"channelId": "ops"})).await;
+    let created = ana
+        .ok(
+            "create-transport",
+            json!({"channelId": "ops", "direction": "recv"}),
+        )
+        .await;
+    assert_eq!(created["iceServers"][0]["urls"], json!(urls));
+
+    // A user with no role in any channel gets none.
+    let nobody = signed(&json!({"sub": "u-none", "exp": now_s() + 600, "grants": {}}));
+    let mut none = Client::connect(gw, &nobody).await;
+    let refused = none.request("get-ice-servers", json!({})).await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
+    stack.stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_relays_the_ice_server_list_is_empty() {
+    let stack = stack(1, 5_000, 60_000).await;
+    let mut ana = client(stack.gateways[0], "u-ana", "Ana").await;
+    let reply = ana.ok("get-ice-servers", json!({})).await;
+    assert_eq!(reply, json!({"iceServers": []}));
+    stack.stop.cancel();
+}

@@ -326,7 +326,12 @@ function waitForGathering(pc) {
 // place by then), `attach` after it (to put the microphone on the offered transceiver).
 async function negotiate(channelId, direction, { prepare = () => {}, attach = async () => {} }) {
   const created = await request("create-transport", { channelId, direction });
-  const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
+  // The deployment's TURN relays (short-lived credentials), for networks that reach the media
+  // node neither over UDP nor over ICE/TCP; none when it has no relay.
+  const pc = new RTCPeerConnection({
+    bundlePolicy: "max-bundle",
+    iceServers: created.iceServers || [],
+  });
   prepare(pc);
   await pc.setRemoteDescription(created.offer);
   await attach(pc);

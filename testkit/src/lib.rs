@@ -7,6 +7,8 @@
 //! - [`ServiceProcess`]: a service binary started with JSON logs, whose listening address is
 //!   read from its log.
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//! - [`TurnServer`]: a real coturn relay on a free loopback port, checking TURN REST API
+//!   credentials against a shared secret.
 
 #[cfg(feature = "media")]
 pub mod media;
@@ -14,6 +16,8 @@ pub mod postgres;
 #[cfg(feature = "ws")]
 pub mod ws;
 pub use postgres::PostgresServer;
+pub mod turn;
+pub use turn::TurnServer;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -120,12 +120,46 @@ pub struct Peer {
     pub ssrc: u32,
 }
 
+/// A TURN relay a peer may use, as `get-ice-servers` hands it out.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
+}
+
 impl Peer {
     pub async fn new(stalled: bool) -> Self {
+        Self::build(stalled, None).await
+    }
+
+    /// A peer that may use only `relay` (ICE transport policy `relay`): it gathers no host
+    /// candidate, so everything it sends and receives goes through the TURN server.
+    pub async fn relayed(relay: Relay) -> Self {
+        Self::build(false, Some(relay)).await
+    }
+
+    async fn build(stalled: bool, relay: Option<Relay>) -> Self {
+        use webrtc::peer_connection::{
+            RTCConfigurationBuilder, RTCIceServer, RTCIceTransportPolicy,
+        };
         let shared = Arc::new(Shared::default());
         let gathered = Arc::new(Notify::new());
         let connected = Arc::new(Notify::new());
-        let pc = PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if let Some(relay) = relay {
+            builder = builder.with_configuration(
+                RTCConfigurationBuilder::new()
+                    .with_ice_servers(vec![RTCIceServer {
+                        urls: relay.urls,
+                        username: relay.username,
+                        credential: relay.credential,
+                    }])
+                    .with_ice_transport_policy(RTCIceTransportPolicy::Relay)
+                    .build(),
+            );
+        }
+        let pc = builder
             .with_media_engine(opus_media_engine())
             .with_handler(Arc::new(Handler {
                 gathered: Arc::clone(&gathered),

@@ -140,6 +140,49 @@ impl Client {
         (peer, consumed["ssrc"].as_u64().unwrap() as u32)
     }
 
+    /// A recv transport whose peer may use only the TURN relay `create-transport` handed out
+    /// (`forge` spoils its credential): the peer and its answer SDP, which carries a `typ
+    /// relay` candidate only if the relay accepted the credential. Not consumed yet.
+    pub async fn relayed_recv(&mut self, channel: &str, forge: bool) -> (Peer, String, String) {
+        let created = self
+            .ok(
+                "create-transport",
+                json!({"channelId": channel, "direction": "recv"}),
+            )
+            .await;
+        let server = &created["iceServers"][0];
+        let mut relay = testkit::media::Relay {
+            urls: server["urls"]
+                .as_array()
+                .expect("the gateway hands out a relay")
+                .iter()
+                .map(|u| u.as_str().unwrap().to_owned())
+                .collect(),
+            username: server["username"].as_str().unwrap().to_owned(),
+            credential: server["credential"].as_str().unwrap().to_owned(),
+        };
+        if forge {
+            relay.credential = "Zm9yZ2VkLWNyZWRlbnRpYWw=".to_owned();
+        }
+        let mut peer = Peer::relayed(relay).await;
+        let answer = peer
+            .answer(created["offer"]["sdp"].as_str().unwrap(), false)
+            .await;
+        let transport = created["transportId"].as_str().unwrap().to_owned();
+        self.ok(
+            "connect-transport",
+            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
+        )
+        .await;
+        (peer, transport, answer)
+    }
+
+    /// Consumes `channel` on this socket's recv transport: the SSRC the stream arrives on.
+    pub async fn consume(&mut self, channel: &str) -> u32 {
+        let consumed = self.ok("consume", json!({"channelId": channel})).await;
+        consumed["ssrc"].as_u64().unwrap() as u32
+    }
+
     /// Closes the socket (the gateway cleans up as for a lost client).
     pub async fn close(mut self) {
         let _ = self.inner.ws.close(None).await;

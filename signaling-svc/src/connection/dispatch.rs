@@ -105,6 +105,7 @@ impl Conn {
             .into(),
             Request::RefreshToken(r) => self.refresh_token(r).await?.into(),
             Request::ListChannels(_) => self.list_channels().await?.into(),
+            Request::GetIceServers(_) => self.ice_servers()?.into(),
             Request::JoinChannel(r) => self.join(r.channel_id).await?.into(),
             Request::LeaveChannel(r) => self.leave_request(&r.channel_id).await?.into(),
             Request::GetRouterCapabilities(r) => self.router_capabilities(r).await?.into(),
@@ -140,8 +141,8 @@ impl Conn {
     }
 }
 
-/// The wall clock in ms since the Unix epoch, for `pong`'s `serverTime`.
-fn now_ms() -> i64 {
+/// The wall clock in ms since the Unix epoch, for `pong`'s `serverTime` and TURN credentials.
+pub(super) fn now_ms() -> i64 {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

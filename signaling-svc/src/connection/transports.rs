@@ -10,7 +10,7 @@ use super::{Conn, Result};
 use crate::access::Role;
 use crate::protocol::TransportDirection;
 use crate::protocol::reply::{
-    Capabilities, Codec, Consumer, Done, Offer, Producer, Transport as Created,
+    Capabilities, Codec, Consumer, Done, IceServers, Offer, Producer, Transport as Created,
 };
 use crate::protocol::{
     ChannelRef, ClientError, Code, ConnectTransport, CreateTransport, Produce, err,
@@ -125,6 +125,27 @@ impl Conn {
         Ok(Created {
             transport_id: created.transport_id,
             offer,
+            ice_servers: self.ice_servers()?.ice_servers,
+        })
+    }
+
+    /// TURN relays with credentials for this user: none without relays; refused to a user
+    /// with no role in any channel (credentials are a way through the network, not a right).
+    pub(super) fn ice_servers(&self) -> Result<IceServers> {
+        let Some(turn) = &self.app.turn else {
+            return Ok(IceServers {
+                ice_servers: Vec::new(),
+                expires_at: None,
+            });
+        };
+        if !self.grants.any_role() {
+            return Err(err(Code::Forbidden, "no role in any channel"));
+        }
+        let now_s = u64::try_from(super::dispatch::now_ms() / 1000).unwrap_or(0);
+        let (server, expires_at) = turn.credentials(&self.user.user_id, now_s);
+        Ok(IceServers {
+            ice_servers: vec![server],
+            expires_at: Some(expires_at),
         })
     }
 

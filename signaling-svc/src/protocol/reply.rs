@@ -26,6 +26,7 @@ pub enum Reply {
     Sync(Box<SyncEnvelope>),
     SyncDeleted(SyncDeleted),
     TokenRefreshed(TokenRefreshed),
+    IceServers(IceServers),
 }
 
 /// Lets a handler return its own reply type where a [`Reply`] is expected.
@@ -44,7 +45,18 @@ reply_from! {
     Capabilities => Capabilities, Transport => Transport, Producer => Producer,
     Consumer => Consumer, FloorAnswer => Floor, EmergencyStarted => EmergencyStarted,
     EmergencyStopped => EmergencyStopped, SyncEnvelope => Sync, SyncDeleted => SyncDeleted,
-    TokenRefreshed => TokenRefreshed,
+    TokenRefreshed => TokenRefreshed, IceServers => IceServers,
+}
+
+/// `get-ice-servers`: the relays the client may use, with credentials for this user.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IceServers {
+    /// For `RTCConfiguration.iceServers`; empty when the deployment has no relay.
+    pub ice_servers: Vec<crate::turn::IceServer>,
+    /// When the credentials stop working, in ms since the Unix epoch; absent without relays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 /// `refresh-token`: the socket now lives until the new token's `exp` (plus the leeway).
@@ -106,6 +118,10 @@ pub struct Codec {
 pub struct Transport {
     pub transport_id: String,
     pub offer: Offer,
+    /// The relays for this transport's peer connection (as `get-ice-servers` gives them);
+    /// absent when the deployment has none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<crate::turn::IceServer>,
 }
 
 /// `{type: "offer", sdp}`.

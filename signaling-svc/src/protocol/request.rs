@@ -179,6 +179,7 @@ requests! {
     "ptt-stop" => PttStop(ChannelRef),
     "ping" => Ping(Empty),
     "list-channels" => ListChannels(Empty),
+    "get-ice-servers" => GetIceServers(Empty),
     "priority-ptt-start" => PriorityPttStart(ChannelRef),
     "priority-ptt-stop" => PriorityPttStop(ChannelRef),
     "emergency-broadcast-start" => EmergencyBroadcastStart(EmergencyStart),

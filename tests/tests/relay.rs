@@ -1,0 +1,65 @@
+//! TURN through a real coturn relay: the gateway hands out short-lived credentials that coturn
+//! checks against the secret they share, and a client whose peer may use only the relay
+//! (ICE transport policy `relay`: no host candidate at all) hears the floor holder through it.
+//! A forged credential gets no relay allocation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use talkgroup_e2e::{Stack, Topology, assert_tone, wait_packets};
+use testkit::TurnServer;
+use testkit::media::Tone;
+
+const SECRET: &str = "a-turn-secret-shared-with-coturn";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
+    let turn = TurnServer::start(SECRET).expect("coturn (apt-get install coturn)");
+    let dir = std::env::temp_dir().join(format!("relay-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("turn-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let stack = Stack::start(Topology {
+        gateway_args: vec![
+            "--turn-url".into(),
+            turn.urls().join(","),
+            "--turn-secret-file".into(),
+            secret_file.to_string_lossy().into_owned(),
+        ],
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(0, "u-ben", "Ben").await;
+    let mut cai = stack.client(0, "u-cai", "Cai").await;
+    for c in [&mut ana, &mut ben, &mut cai] {
+        c.join("ops").await;
+    }
+    let mic = ana.speaker("ops").await;
+
+    // Ben's peer gathers only a relay candidate (coturn accepted the gateway's credential),
+    // connects to the media node through coturn and hears Ana.
+    let (ear, _, answer) = ben.relayed_recv("ops", false).await;
+    assert!(answer.contains("typ relay"), "no relay candidate: {answer}");
+    assert!(
+        !answer.contains("typ host"),
+        "a relay-only peer offers no host candidate"
+    );
+    ben.consume("ops").await;
+    ear.wait_connected().await;
+    let granted = ana.ptt_start("ops").await;
+    assert_eq!(granted["granted"], true, "{granted}");
+    Tone::new(440.0).play(&mic, 50).await;
+    wait_packets(&ear, 40, "Ben hears Ana through the relay").await;
+    assert_tone(&ear, 0, 440.0, "Ben");
+
+    // Cai's credential is forged: coturn refuses the allocation, so his peer has no candidate
+    // to reach anything with.
+    let (_, _, forged) = cai.relayed_recv("ops", true).await;
+    assert!(
+        !forged.contains("typ relay"),
+        "a forged credential got a relay: {forged}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
