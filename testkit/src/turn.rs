@@ -5,7 +5,7 @@
 //! test process goes away.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,17 +18,24 @@ const WATCHDOG: &str = r#"turnserver "$@" & pid=$!; echo "$pid"; read -r _; kill
 /// A running coturn relay.
 #[derive(Debug)]
 pub struct TurnServer {
+    ip: IpAddr,
     port: u16,
     watchdog: Option<(Child, ChildStdin)>,
 }
 
 impl TurnServer {
-    /// Starts coturn on a free port with `secret` as its `static-auth-secret`.
+    /// Starts coturn on a free loopback port with `secret` as its `static-auth-secret`.
     pub fn start(secret: &str) -> Result<Self> {
+        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), secret)
+    }
+
+    /// Starts coturn listening and relaying on `ip` (a veth address, for clients in a network
+    /// namespace).
+    pub fn start_on(ip: IpAddr, secret: &str) -> Result<Self> {
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port()?;
-            match Self::spawn(port, secret) {
+            match Self::spawn(ip, port, secret) {
                 Ok(server) => return Ok(server),
                 Err(e) => last_error = Some(e),
             }
@@ -36,17 +43,18 @@ impl TurnServer {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("turnserver did not start")))
     }
 
-    fn spawn(port: u16, secret: &str) -> Result<Self> {
+    fn spawn(ip: IpAddr, port: u16, secret: &str) -> Result<Self> {
         let port_arg = port.to_string();
+        let ip_arg = ip.to_string();
         let mut child = Command::new("sh")
             .args(["-c", WATCHDOG, "sh"])
             .args([
                 "-n",
                 "--no-cli",
                 "--listening-ip",
-                "127.0.0.1",
+                &ip_arg,
                 "--relay-ip",
-                "127.0.0.1",
+                &ip_arg,
                 "--listening-port",
                 &port_arg,
                 "--use-auth-secret",
@@ -80,17 +88,15 @@ impl TurnServer {
             let _ = stdout.read_to_end(&mut sink);
         });
         let mut server = Self {
+            ip,
             port,
             watchdog: Some((child, stdin)),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             // coturn listens on TCP as well as UDP on its port.
-            if TcpStream::connect_timeout(
-                &SocketAddr::from(([127, 0, 0, 1], port)),
-                Duration::from_millis(200),
-            )
-            .is_ok()
+            if TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_millis(200))
+                .is_ok()
             {
                 return Ok(server);
             }
@@ -112,8 +118,8 @@ impl TurnServer {
     /// `turn:` URLs of the relay over UDP and over TCP.
     pub fn urls(&self) -> Vec<String> {
         vec![
-            format!("turn:127.0.0.1:{}?transport=udp", self.port),
-            format!("turn:127.0.0.1:{}?transport=tcp", self.port),
+            format!("turn:{}:{}?transport=udp", self.ip, self.port),
+            format!("turn:{}:{}?transport=tcp", self.ip, self.port),
         ]
     }
 

@@ -119,16 +119,43 @@ impl Netns {
   chain in { type filter hook input priority 0; policy accept; meta l4proto udp counter drop; }
 }
 ";
+        self.load(rules)
+    }
+
+    /// Lets out of the namespace only TCP to `ports` (of any host): no UDP at all, no other
+    /// TCP; loopback inside the namespace stays open. What is dropped is counted.
+    pub fn allow_only_tcp_to(&self, ports: &[u16]) -> Result<()> {
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet talkgroup_test {{
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    oifname \"lo\" accept;
+    meta l4proto udp counter drop;
+    tcp dport {{ {ports} }} accept;
+    meta l4proto tcp counter drop;
+  }}
+}}
+"
+        );
+        self.load(&rules)
+    }
+
+    fn load(&self, rules: &str) -> Result<()> {
         let file = std::env::temp_dir().join(format!("{}.nft", self.name));
         std::fs::write(&file, rules)?;
         let path = file.to_string_lossy().into_owned();
-        self.exec("nft", &["-f", &path])?;
+        let loaded = self.exec("nft", &["-f", &path]);
         let _ = std::fs::remove_file(&file);
-        Ok(())
+        loaded.map(drop)
     }
 
-    /// UDP datagrams the namespace's rules dropped so far.
-    pub fn udp_dropped(&self) -> Result<u64> {
+    /// Packets the namespace's rules dropped so far.
+    pub fn dropped(&self) -> Result<u64> {
         let listing = self.exec("nft", &["list", "table", "inet", "talkgroup_test"])?;
         // "... counter packets 12 bytes 3456 drop"
         Ok(listing

@@ -155,7 +155,7 @@ async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
     )
     .await
     .unwrap();
-    let dropped = ns.udp_dropped().unwrap();
+    let dropped = ns.dropped().unwrap();
     assert!(
         dropped > 0,
         "the namespace dropped no UDP: the test proves nothing"
@@ -163,6 +163,69 @@ async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
     eprintln!("UDP datagrams dropped in the namespace: {dropped}");
     ana.key(false, " ", "Space", 32).await.unwrap();
     drop(browser);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_through_turn() {
+    if !have_chromium() {
+        return;
+    }
+    if !netns::available() {
+        assert!(
+            std::env::var("TALKGROUP_ALLOW_NO_NETNS").is_ok(),
+            "network namespaces need root, iproute2 and nftables, and \
+             TALKGROUP_ALLOW_NO_NETNS is not set"
+        );
+        return;
+    }
+    let ns = Netns::create().unwrap();
+    let secret = "a-turn-secret-shared-with-coturn";
+    let turn = testkit::TurnServer::start_on(ns.host_ip.into(), secret)
+        .expect("coturn (apt-get install coturn)");
+    let secret_file = std::env::temp_dir().join(format!("{}-turn-secret", ns.name));
+    std::fs::write(&secret_file, secret).unwrap();
+    let stack = Stack::start(Topology {
+        gateway_args: vec![
+            "--dev-tokens".into(),
+            "--turn-url".into(),
+            turn.urls().join(","),
+            "--turn-secret-file".into(),
+            secret_file.to_string_lossy().into_owned(),
+        ],
+        bind_ip: ns.host_ip.to_string(),
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    // The pages may open TCP to the gateway and to the relay, nothing else: no UDP, and not
+    // the media node's ICE/TCP port. Audio can only go through the relay.
+    ns.allow_only_tcp_to(&[stack.gateway(0).port(), turn.port()])
+        .unwrap();
+    let origin = format!("http://{}", stack.gateway(0));
+    let launch = Launch {
+        netns: Some((ns.name.clone(), ns.ns_ip)),
+        secure_origins: vec![origin.clone()],
+    };
+    let browser = tokio::task::spawn_blocking(move || Browser::launch_with(&launch))
+        .await
+        .unwrap()
+        .unwrap();
+    let cdp = browser.connect().await.unwrap();
+    let ana = cdp.new_page(&format!("{origin}/")).await.unwrap();
+    let ben = cdp.new_page(&format!("{origin}/")).await.unwrap();
+    sign_in_and_join(&ana, "Ana", "ops").await;
+    sign_in_and_join(&ben, "Ben", "ops").await;
+    ana_talks_and_ben_hears(&ana, &ben).await;
+    let dropped = ns.dropped().unwrap();
+    assert!(
+        dropped > 0,
+        "the namespace dropped nothing: the test proves nothing"
+    );
+    eprintln!("packets dropped in the namespace: {dropped}");
+    ana.key(false, " ", "Space", 32).await.unwrap();
+    drop(browser);
+    let _ = std::fs::remove_file(&secret_file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
