@@ -108,6 +108,25 @@ impl pb::media_service_server::MediaService for MediaApi {
         }))
     }
 
+    async fn restart_ice(
+        &self,
+        request: Request<pb::RestartIceRequest>,
+    ) -> Result<Response<pb::RestartIceResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.transport_id, "invalid transport id")?;
+        id(&req.session_id, "invalid session id")?;
+        let offer = self
+            .node
+            .restart_ice(&req.transport_id, &req.session_id)
+            .await?;
+        Ok(Response::new(pb::RestartIceResponse {
+            offer: Some(pb::SessionDescription {
+                r#type: "offer".into(),
+                sdp: offer,
+            }),
+        }))
+    }
+
     async fn connect_transport(
         &self,
         request: Request<pb::ConnectTransportRequest>,

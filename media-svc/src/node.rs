@@ -305,6 +305,18 @@ impl Node {
         result.ok_or(NodeError::Stopping)?.map_err(Into::into)
     }
 
+    /// Restarts a transport's ICE (fresh credentials, same DTLS and SRTP): its new offer, to be
+    /// answered through [`Node::apply_answer`].
+    pub async fn restart_ice(
+        &self,
+        transport_id: &str,
+        session: &str,
+    ) -> Result<String, NodeError> {
+        let (key, ..) = self.lookup(transport_id, session)?;
+        let result = self.pool.restart_ice(key).await;
+        result.ok_or(NodeError::Stopping)?.map_err(Into::into)
+    }
+
     pub async fn add_candidate(
         &self,
         transport_id: &str,

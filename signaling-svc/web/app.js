@@ -341,7 +341,62 @@ async function negotiate(channelId, direction, { prepare = () => {}, attach = as
     transportId: created.transportId,
     answer: { type: "answer", sdp: pc.localDescription.sdp },
   });
-  return { pc, transportId: created.transportId };
+  const restartIce = watchConnection(pc, created.transportId);
+  return { pc, transportId: created.transportId, restartIce };
+}
+
+// A connection that drops (Wi-Fi to LTE, a NAT that forgot us) is restarted in place: the
+// server offers new ICE credentials for the same transport; DTLS, the stream and the floor stay.
+// `disconnected` for a moment is enough: waiting for `failed` would cost seconds of audio.
+const RESTART_AFTER_MS = 1500;
+
+function watchConnection(pc, transportId) {
+  let timer = null;
+  let restarting = false;
+  const restart = async () => {
+    timer = null;
+    if (pc.connectionState === "closed" || restarting) return;
+    restarting = true;
+    const media = $("media");
+    const before = media.textContent;
+    media.dataset.state = "reconnecting";
+    media.textContent = "Reconnecting audio...";
+    try {
+      const restarted = await request("restart-ice", { transportId });
+      if (restarted.iceServers) {
+        pc.setConfiguration({ ...pc.getConfiguration(), iceServers: restarted.iceServers });
+      }
+      await pc.setRemoteDescription(restarted.offer);
+      await pc.setLocalDescription(await pc.createAnswer());
+      await request("connect-transport", {
+        transportId,
+        answer: { type: "answer", sdp: pc.localDescription.sdp },
+      });
+      log("audio reconnected");
+      media.dataset.state = "ready";
+      media.textContent = before;
+    } catch (e) {
+      log(`audio reconnect failed: ${e.code ?? e.message}`);
+      media.dataset.state = "failed";
+      media.textContent = `Audio failed: ${e.code ?? e.message}`;
+    } finally {
+      restarting = false;
+    }
+  };
+  pc.addEventListener("connectionstatechange", () => {
+    const s = pc.connectionState;
+    if ((s === "disconnected" || s === "failed") && !timer) {
+      timer = setTimeout(restart, s === "failed" ? 0 : RESTART_AFTER_MS);
+    } else if (s === "connected" && timer) {
+      clearTimeout(timer);
+      timer = null;
+    }
+  });
+  // The browser joined another network: restart at once rather than wait for consent to fail.
+  window.addEventListener("online", () => {
+    if (pc.connectionState !== "closed") restart();
+  });
+  return restart;
 }
 
 async function setUpMedia(channelId) {
@@ -361,6 +416,7 @@ async function setUpMedia(channelId) {
       },
     });
     state.recvPc = recv.pc;
+    state.restartRecvIce = recv.restartIce;
     await request("consume", { channelId });
   } catch (e) {
     media.dataset.state = "failed";
@@ -572,6 +628,8 @@ window.addEventListener("blur", release);
 // For tests and debugging: the inbound audio statistics of the channel stream.
 window.talkgroup = {
   state,
+  // Restarts the channel stream's ICE now, as a network change would.
+  restartIce: () => state.restartRecvIce?.(),
   async inboundAudio() {
     if (!state.recvPc) return null;
     const stats = await state.recvPc.getStats();

@@ -240,6 +240,18 @@ impl Peer {
         self.pc.local_description().await.unwrap().sdp
     }
 
+    /// Answers a later offer of the same connection (an ICE restart): no new track, and no
+    /// wait for gathering (the node learns the peer's address from its checks).
+    pub async fn reanswer(&self, offer: &str) -> String {
+        self.pc
+            .set_remote_description(RTCSessionDescription::offer(offer.to_owned()).unwrap())
+            .await
+            .unwrap();
+        let answer = self.pc.create_answer(None).await.unwrap();
+        self.pc.set_local_description(answer).await.unwrap();
+        self.pc.local_description().await.unwrap().sdp
+    }
+
     pub async fn wait_connected(&self) {
         tokio::time::timeout(Duration::from_secs(10), self.connected.notified())
             .await

@@ -134,10 +134,33 @@ impl Client {
     /// A recv transport consuming the channel's stream: the peer to listen with, and the SSRC
     /// the stream arrives on.
     pub async fn listener(&mut self, channel: &str) -> (Peer, u32) {
-        let (peer, _) = self.negotiate(channel, "recv").await;
+        let (peer, _, ssrc) = self.listener_transport(channel).await;
+        (peer, ssrc)
+    }
+
+    /// As [`Client::listener`], with the transport's id.
+    pub async fn listener_transport(&mut self, channel: &str) -> (Peer, String, u32) {
+        let (peer, transport) = self.negotiate(channel, "recv").await;
         let consumed = self.ok("consume", json!({"channelId": channel})).await;
         peer.wait_connected().await;
-        (peer, consumed["ssrc"].as_u64().unwrap() as u32)
+        (peer, transport, consumed["ssrc"].as_u64().unwrap() as u32)
+    }
+
+    /// Restarts a transport's ICE through the gateway (`restart-ice`) and answers the new
+    /// offer with the same peer (`connect-transport`): the reply to `restart-ice`.
+    pub async fn restart_ice(&mut self, transport: &str, peer: &Peer) -> Value {
+        let restarted = self
+            .ok("restart-ice", json!({"transportId": transport}))
+            .await;
+        let answer = peer
+            .reanswer(restarted["offer"]["sdp"].as_str().unwrap())
+            .await;
+        self.ok(
+            "connect-transport",
+            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
+        )
+        .await;
+        restarted
     }
 
     /// A recv transport whose peer may use only the TURN relay `create-transport` handed out

@@ -270,6 +270,27 @@ async fn two_browser_pages_talk_through_the_stack() {
     // hears her (he heard nothing before: the muted producers are not forwarded).
     ana_talks_and_ben_hears(&ana, &ben).await;
 
+    // Ben's audio connection restarts its ICE, as after a network change: the same transport
+    // gets new credentials (restart-ice) and the audio keeps coming.
+    let (before, _) = inbound(&ben).await;
+    ben.eval("window.talkgroup.restartIce().then(() => true)")
+        .await
+        .unwrap();
+    ben.wait_for(
+        "document.getElementById('media').dataset.state === 'ready'",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    ben.wait_for(
+        &format!(
+            "window.talkgroup.inboundAudio().then(s => s && s.packetsReceived > {before} + 50)"
+        ),
+        WAIT,
+    )
+    .await
+    .unwrap();
+
     // Ben presses while Ana talks: denied, naming Ana.
     ben.key(true, " ", "Space", 32).await.unwrap();
     let denied = ben

@@ -1,7 +1,8 @@
 //! TURN through a real coturn relay: the gateway hands out short-lived credentials that coturn
 //! checks against the secret they share, and a client whose peer may use only the relay
 //! (ICE transport policy `relay`: no host candidate at all) hears the floor holder through it.
-//! A forged credential gets no relay allocation.
+//! A forged credential gets no relay allocation. And an ICE restart through the gateway (what a
+//! client does after a network change) keeps the stream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -62,4 +63,37 @@ async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
         "a forged credential got a relay: {forged}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ice_restart_through_the_gateway_keeps_the_stream() {
+    let stack = Stack::start(Topology::default()).await.unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(0, "u-ben", "Ben").await;
+    ana.join("ops").await;
+    ben.join("ops").await;
+    let mic = ana.speaker("ops").await;
+    let (ear, transport, ssrc) = ben.listener_transport("ops").await;
+    let granted = ana.ptt_start("ops").await;
+    assert_eq!(granted["granted"], true, "{granted}");
+    let mut tone = Tone::new(440.0);
+    tone.play(&mic, 25).await;
+    wait_packets(&ear, 20, "Ben hears Ana").await;
+    let heard = ear.received_count();
+    // Ben's network changed: a fresh offer for the same transport, new ICE credentials.
+    let restarted = ben.restart_ice(&transport, &ear).await;
+    assert_eq!(restarted["transportId"], transport.as_str());
+    let unknown = ben
+        .request("restart-ice", serde_json::json!({"transportId": "nope"}))
+        .await;
+    assert_eq!(unknown["error"]["code"], "NOT_FOUND", "{unknown}");
+    tone.play(&mic, 50).await;
+    wait_packets(&ear, heard + 35, "Ben hears Ana after the restart").await;
+    assert!(
+        ear.received().iter().all(|r| r.packet.header.ssrc == ssrc),
+        "one SSRC"
+    );
+    assert_eq!(ear.track_count(), 1);
+    assert_eq!(restarted["offer"]["type"], "offer");
 }

@@ -119,6 +119,11 @@ pub trait Transport: Send + 'static {
     /// first check from a new address names the fragment and is signed with the password.
     fn ice_credentials(&self) -> (&str, &str);
     fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError>;
+    /// Starts an ICE restart: fresh local credentials and a fresh offer (then [`Self::offer`]
+    /// and [`Self::ice_credentials`] give the new ones), answered through
+    /// [`Self::apply_answer`]. DTLS and SRTP stay; media keeps flowing on the current path
+    /// until the client nominates one with the new credentials.
+    fn restart_ice(&mut self, now: Instant) -> Result<(), EngineError>;
     fn add_candidate(&mut self, candidate: &Candidate) -> Result<(), EngineError>;
     /// A datagram arrived from the client over `from`.
     fn handle_datagram(&mut self, data: bytes::BytesMut, from: Path, now: Instant);

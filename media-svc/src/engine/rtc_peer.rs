@@ -229,6 +229,27 @@ impl Transport for RtcPeer {
         (&self.ufrag, &self.pwd)
     }
 
+    fn restart_ice(&mut self, now: Instant) -> Result<(), EngineError> {
+        self.core.restart_ice();
+        let offer = self.core.create_offer(None).map_err(setup)?;
+        self.core.set_local_description(now, offer).map_err(setup)?;
+        let local_sdp = self
+            .core
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| setup("no local description"))?;
+        let (ufrag, pwd) =
+            sdp::ice_credentials(&local_sdp).ok_or_else(|| setup("no ICE credentials"))?;
+        self.offer = match self.local.announced {
+            Some(ip) => sdp::announce_ip(&local_sdp, self.local.udp.ip(), ip),
+            None => local_sdp,
+        };
+        self.ufrag = ufrag;
+        self.pwd = pwd;
+        self.pump();
+        Ok(())
+    }
+
     fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
         let answer = RTCSessionDescription::answer(sdp.to_owned())
             .map_err(|_| EngineError::BadDescription)?;

@@ -69,6 +69,10 @@ enum Command {
         candidate: Candidate,
         reply: Reply<Result<(), EngineError>>,
     },
+    RestartIce {
+        key: u64,
+        reply: Reply<Result<String, EngineError>>,
+    },
     PayloadType {
         key: u64,
         reply: Reply<u8>,
@@ -331,6 +335,12 @@ impl WorkerPool {
             reply,
         })
         .await
+    }
+
+    /// Restarts peer `key`'s ICE: its new offer.
+    pub async fn restart_ice(&self, key: u64) -> Option<Result<String, EngineError>> {
+        self.request_peer(key, |reply| Command::RestartIce { key, reply })
+            .await
     }
 
     /// The payload type the client accepted for a listener peer's track.

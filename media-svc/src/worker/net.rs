@@ -115,8 +115,9 @@ struct Credentials {
 struct Tables {
     ufrags: HashMap<String, Credentials>,
     paths: HashMap<Path, u64>,
-    /// Each transport's fragment and paths, to forget them when it closes.
-    by_key: HashMap<u64, (String, Vec<Path>)>,
+    /// Each transport's fragments (the current one last; an ICE restart adds one) and paths,
+    /// to forget them when it closes.
+    by_key: HashMap<u64, (Vec<String>, Vec<Path>)>,
     /// The writer of each open ICE/TCP path; dropping it closes the connection.
     tcp: HashMap<SocketAddr, mpsc::Sender<Bytes>>,
 }
@@ -175,14 +176,42 @@ impl Demux {
                 pwd: pwd.to_owned(),
             },
         );
-        t.by_key.insert(key, (ufrag.to_owned(), Vec::new()));
+        t.by_key.insert(key, (vec![ufrag.to_owned()], Vec::new()));
+    }
+
+    /// A transport's new credentials after an ICE restart: checks with them open paths too,
+    /// and those with the ones before stay valid until the transport stops using them (only
+    /// the two latest are kept).
+    pub(super) fn renew(&self, key: u64, ufrag: &str, pwd: &str) {
+        let mut t = self.write();
+        let Some((ufrags, _)) = t.by_key.get_mut(&key) else {
+            return;
+        };
+        ufrags.push(ufrag.to_owned());
+        let dropped: Vec<String> = if ufrags.len() > 2 {
+            ufrags.drain(..ufrags.len() - 2).collect()
+        } else {
+            Vec::new()
+        };
+        for old in dropped {
+            t.ufrags.remove(&old);
+        }
+        t.ufrags.insert(
+            ufrag.to_owned(),
+            Credentials {
+                key,
+                pwd: pwd.to_owned(),
+            },
+        );
     }
 
     /// Forgets a closed transport's fragment and paths.
     pub(super) fn unregister(&self, key: u64) {
         let mut t = self.write();
-        if let Some((ufrag, paths)) = t.by_key.remove(&key) {
-            t.ufrags.remove(&ufrag);
+        if let Some((ufrags, paths)) = t.by_key.remove(&key) {
+            for ufrag in ufrags {
+                t.ufrags.remove(&ufrag);
+            }
             for path in paths {
                 t.forget(path, key);
             }

@@ -664,6 +664,19 @@ impl<E: Engine> Worker<E> {
         result
     }
 
+    fn restart_ice(&mut self, key: u64) -> Result<String, EngineError> {
+        let now = Instant::now();
+        let Some(slot) = self.peers.get_mut(&key) else {
+            return Err(EngineError::BadDescription);
+        };
+        slot.peer.transport().restart_ice(now)?;
+        let offer = slot.peer.offer().to_owned();
+        let (ufrag, pwd) = slot.peer.ice_credentials();
+        self.pool.demux.renew(key, ufrag, pwd);
+        self.after_input(key, now);
+        Ok(offer)
+    }
+
     fn payload_type(&self, key: u64) -> u8 {
         match self.peers.get(&key).map(|s| &s.peer) {
             Some(Peer::Listener(listener)) => listener.payload_type(),
@@ -778,6 +791,7 @@ impl<E: Engine> Worker<E> {
                 candidate,
                 reply,
             } => respond(reply, self.add_candidate(key, &candidate)),
+            Command::RestartIce { key, reply } => respond(reply, self.restart_ice(key)),
             Command::PayloadType { key, reply } => respond(reply, self.payload_type(key)),
             Command::Route { key, route, reply } => {
                 self.set_route(key, route);

@@ -52,6 +52,16 @@ impl TestNode {
 
 /// A connected speaker: its peer and producer id.
 pub async fn speaker(client: &mut Client, session: &str, channel: &str) -> (peer::Peer, String) {
+    let (peer, _, producer) = speaker_transport(client, session, channel).await;
+    (peer, producer)
+}
+
+/// A connected speaker: its peer, transport id and producer id.
+pub async fn speaker_transport(
+    client: &mut Client,
+    session: &str,
+    channel: &str,
+) -> (peer::Peer, String, String) {
     let created = client
         .create_transport(pb::CreateTransportRequest {
             channel_id: channel.into(),
@@ -66,7 +76,7 @@ pub async fn speaker(client: &mut Client, session: &str, channel: &str) -> (peer
     connect(client, &created.transport_id, session, answer).await;
     let producer = client
         .produce(pb::ProduceRequest {
-            transport_id: created.transport_id,
+            transport_id: created.transport_id.clone(),
             session_id: session.into(),
             channel_id: channel.into(),
         })
@@ -75,7 +85,29 @@ pub async fn speaker(client: &mut Client, session: &str, channel: &str) -> (peer
         .into_inner()
         .producer_id;
     peer.wait_connected().await;
-    (peer, producer)
+    (peer, created.transport_id, producer)
+}
+
+/// Restarts a transport's ICE and has its peer answer the new offer.
+pub async fn restart_ice(
+    client: &mut Client,
+    transport_id: &str,
+    session: &str,
+    peer: &peer::Peer,
+) {
+    let offer = client
+        .restart_ice(pb::RestartIceRequest {
+            transport_id: transport_id.into(),
+            session_id: session.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offer
+        .unwrap()
+        .sdp;
+    let answer = peer.reanswer(&offer).await;
+    connect(client, transport_id, session, answer).await;
 }
 
 /// A connected listener: its peer, transport id and the SSRC it receives.

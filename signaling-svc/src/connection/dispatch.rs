@@ -111,6 +111,7 @@ impl Conn {
             Request::GetRouterCapabilities(r) => self.router_capabilities(r).await?.into(),
             Request::CreateTransport(r) => self.create_transport(r).await?.into(),
             Request::ConnectTransport(r) => self.connect_transport(r).await?.into(),
+            Request::RestartIce(r) => self.restart_ice(&r.transport_id).await?.into(),
             Request::Produce(r) => self.produce(r).await?.into(),
             Request::Consume(r) => self.consume(r).await?.into(),
             Request::PttStart(r) => {

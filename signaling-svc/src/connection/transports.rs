@@ -177,6 +177,25 @@ impl Conn {
         Ok(Done {})
     }
 
+    /// Restarts a transport's ICE at its media node (after a network change): a fresh offer
+    /// for the same transport, answered with `connect-transport`; DTLS, SRTP, the stream's
+    /// SSRC and the floor stay. The relays come with it, credentials renewed.
+    pub(super) async fn restart_ice(&self, transport_id: &str) -> Result<Created> {
+        let info = self.transports.get(transport_id)?;
+        let restarted = media(&self.app, &info.node)?
+            .restart_ice(mpb::RestartIceRequest {
+                transport_id: transport_id.to_owned(),
+                session_id: self.session.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(Created {
+            transport_id: transport_id.to_owned(),
+            offer: Offer::new(restarted.offer.map(|o| o.sdp).unwrap_or_default()),
+            ice_servers: self.ice_servers()?.ice_servers,
+        })
+    }
+
     pub(super) async fn produce(&mut self, r: Produce) -> Result<Producer> {
         if r.kind != "audio" {
             return Err(err(Code::BadRequest, "only audio can be produced"));

@@ -56,6 +56,12 @@ pub struct ConnectTransport {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransportRef {
+    pub transport_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Produce {
     pub transport_id: String,
     pub channel_id: String,
@@ -173,6 +179,7 @@ requests! {
     "get-router-capabilities" => GetRouterCapabilities(ChannelRef),
     "create-transport" => CreateTransport(CreateTransport),
     "connect-transport" => ConnectTransport(ConnectTransport),
+    "restart-ice" => RestartIce(TransportRef),
     "produce" => Produce(Produce),
     "consume" => Consume(ChannelRef),
     "ptt-start" => PttStart(PttStart),

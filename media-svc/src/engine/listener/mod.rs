@@ -23,6 +23,11 @@
 //! once and then sends plain consent checks, when the current path has gone quiet
 //! ([`PATH_QUIET`]). No renegotiation is needed: the SRTP keys belong to the transport, not the
 //! path.
+//!
+//! An ICE restart gives the transport fresh credentials and a fresh offer while DTLS and SRTP
+//! carry on: checks signed with the old credentials keep the current path alive until the
+//! client nominates a path with the new ones, and the restart's answer must name the same
+//! certificate fingerprint and DTLS role as the first.
 
 mod description;
 mod ice;
@@ -79,6 +84,11 @@ pub struct ListenerPeer {
     ufrag: String,
     pwd: String,
     answer: Option<Answer>,
+    /// During and after an ICE restart, until the client nominates with the new credentials:
+    /// the old local fragment and password, and the client's old fragment.
+    previous: Option<(String, String, String)>,
+    /// An ICE restart's offer is out and its answer not yet applied.
+    restarting: bool,
     phase: Phase,
     /// Where media goes: the path the client nominated in a valid check.
     remote: Option<Path>,
@@ -136,6 +146,8 @@ impl ListenerPeer {
             ufrag,
             pwd,
             answer: None,
+            previous: None,
+            restarting: false,
             phase: Phase::Offered,
             remote: None,
             remote_ufrag: None,
@@ -166,17 +178,40 @@ impl ListenerPeer {
     /// same, since its integrity is proven with the node's own password, and the client's
     /// username fragment in it is held against the answer when that comes (RFC 8445 7.3).
     fn on_stun(&mut self, data: &[u8], from: Path, now: Instant) {
-        let expected = ice::Credentials {
+        let current = ice::Credentials {
             ufrag: &self.ufrag,
             pwd: &self.pwd,
-            remote_ufrag: self.answer.as_ref().map(|a| a.ufrag.as_str()),
+            // The restart's answer may come after the client's first new checks.
+            remote_ufrag: match self.restarting {
+                true => None,
+                false => self.answer.as_ref().map(|a| a.ufrag.as_str()),
+            },
         };
-        let Some(check) = ice::verify(data, from.remote, &expected, &self.identity) else {
+        let (check, pwd, renewed) = match ice::verify(data, from.remote, &current, &self.identity) {
+            Some(check) => (check, self.pwd.clone(), true),
+            None => {
+                let Some((ufrag, pwd, remote)) = &self.previous else {
+                    return;
+                };
+                let old = ice::Credentials {
+                    ufrag,
+                    pwd,
+                    remote_ufrag: Some(remote),
+                };
+                let Some(check) = ice::verify(data, from.remote, &old, &self.identity) else {
+                    return;
+                };
+                (check, pwd.clone(), false)
+            }
+        };
+        let Some(reply) = ice::success(&check, from.remote, &pwd, &self.identity) else {
             return;
         };
-        let Some(reply) = ice::success(&check, from.remote, &self.pwd, &self.identity) else {
-            return;
-        };
+        if renewed && self.previous.is_some() && !self.restarting {
+            // The client checks with the new credentials, answered: the restart is done.
+            tracing::debug!(ufrag = %self.ufrag, "listener ICE restart completed");
+            self.previous = None;
+        }
         self.out.push_back((reply, from));
         let nominating = check.nominating;
         let moved = self.remote.is_some_and(|r| r != from);
@@ -275,6 +310,21 @@ impl ListenerPeer {
     pub fn ssrc(&self) -> u32 {
         self.ssrc
     }
+
+    /// The answer to an ICE restart's offer: new ICE credentials, the same DTLS peer (its
+    /// certificate fingerprint and role), whose session goes on.
+    fn apply_restart_answer(&mut self, sdp: &str) -> Result<(), EngineError> {
+        let answer = parse_answer(sdp)?;
+        let same_peer = self.answer.as_ref().is_some_and(|first| {
+            first.fingerprint == answer.fingerprint && first.client_passive == answer.client_passive
+        });
+        if !same_peer {
+            return Err(EngineError::BadDescription);
+        }
+        self.answer = Some(answer);
+        self.restarting = false;
+        Ok(())
+    }
 }
 
 impl Transport for ListenerPeer {
@@ -286,7 +336,43 @@ impl Transport for ListenerPeer {
         (&self.ufrag, &self.pwd)
     }
 
+    fn restart_ice(&mut self, _now: Instant) -> Result<(), EngineError> {
+        let Some(answer) = &self.answer else {
+            // Nothing to restart before the first answer.
+            return Err(EngineError::BadDescription);
+        };
+        if self.phase == Phase::Ended {
+            return Err(EngineError::BadDescription);
+        }
+        let old_remote = answer.ufrag.clone();
+        let ufrag = random_token(16);
+        let pwd = random_token(32);
+        let announce = |addr: SocketAddr| -> SocketAddr {
+            SocketAddr::new(self.local.announced.unwrap_or(addr.ip()), addr.port())
+        };
+        self.offer = offer(
+            &self.identity,
+            &ufrag,
+            &pwd,
+            self.ssrc,
+            announce(self.local.udp),
+            self.local.tcp.map(announce),
+        );
+        let old_ufrag = std::mem::replace(&mut self.ufrag, ufrag);
+        let old_pwd = std::mem::replace(&mut self.pwd, pwd);
+        // A second restart before the first completed keeps the credentials still in use.
+        if self.previous.is_none() {
+            self.previous = Some((old_ufrag, old_pwd, old_remote));
+        }
+        self.restarting = true;
+        self.nominations = 0;
+        Ok(())
+    }
+
     fn apply_answer(&mut self, sdp: &str, now: Instant) -> Result<(), EngineError> {
+        if self.restarting {
+            return self.apply_restart_answer(sdp);
+        }
         if self.phase != Phase::Offered {
             return Err(EngineError::BadDescription);
         }
