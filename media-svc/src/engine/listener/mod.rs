@@ -850,6 +850,67 @@ mod tests {
         }
 
         #[test]
+        fn an_ice_restart_renews_credentials_and_keeps_the_dtls_session() {
+            let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            let (heard, states) = run(&mut node, &mut pc, &mut now, 400, 3, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            assert_eq!(heard.len(), 3);
+            let (old_ufrag, _) = node.ice_credentials();
+            let old_ufrag = old_ufrag.to_owned();
+            node.restart_ice(now).unwrap();
+            assert_ne!(node.ice_credentials().0, old_ufrag, "new credentials");
+            // The client takes the new offer (its own ICE restarts) and answers it.
+            pc.set_remote_description(
+                now,
+                RTCSessionDescription::offer(node.offer().into()).unwrap(),
+            )
+            .unwrap();
+            let reanswer = pc.create_answer(None).unwrap();
+            pc.set_local_description(now, reanswer).unwrap();
+            let sdp = pc.local_description().unwrap().sdp;
+            node.apply_answer(&sdp, now).unwrap();
+            let (_, states) = run(&mut node, &mut pc, &mut now, 300, 0, from_client);
+            assert!(states.is_empty(), "the session went on: {states:?}");
+            assert!(
+                node.previous.is_none(),
+                "the client moved to the new credentials"
+            );
+            assert!(node.write_rtp(&rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: node.payload_type(),
+                    sequence_number: 300,
+                    ssrc: node.ssrc(),
+                    ..Default::default()
+                },
+                payload: bytes::Bytes::from_static(&[7; 40]),
+            }));
+        }
+
+        #[test]
+        fn a_restart_answer_from_another_certificate_is_refused() {
+            let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            let _ = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
+            node.restart_ice(now).unwrap();
+            let forged = answer
+                .lines()
+                .map(|l| {
+                    if l.starts_with("a=fingerprint:sha-256 ") {
+                        format!("a=fingerprint:sha-256 {FP}")
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n");
+            assert!(node.apply_answer(&forged, now).is_err());
+        }
+
+        #[test]
         fn checks_before_the_answer_are_answered_and_kept() {
             let (mut node, mut pc, answer) = pair();
             let mut now = Instant::now();
