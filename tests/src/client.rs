@@ -97,13 +97,28 @@ impl Client {
     /// Creates a transport of `direction`, answers the server's offer with a new peer (with a
     /// microphone track when sending) and connects it: (peer, transport id).
     async fn negotiate(&mut self, channel: &str, direction: &str) -> (Peer, String) {
+        let (peer, transport, _) = self.negotiate_with(channel, direction, None).await;
+        (peer, transport)
+    }
+
+    /// As [`Client::negotiate`]; with `relay`, the peer may use only the TURN relay the reply
+    /// handed out (`Some(true)` spoils its credential). Also the answer SDP.
+    async fn negotiate_with(
+        &mut self,
+        channel: &str,
+        direction: &str,
+        relay: Option<bool>,
+    ) -> (Peer, String, String) {
         let created = self
             .ok(
                 "create-transport",
                 json!({"channelId": channel, "direction": direction}),
             )
             .await;
-        let mut peer = Peer::new(false).await;
+        let mut peer = match relay {
+            None => Peer::new(false).await,
+            Some(forge) => Peer::relayed(relay_of(&created["iceServers"][0], forge)).await,
+        };
         let answer = peer
             .answer(
                 created["offer"]["sdp"].as_str().unwrap(),
@@ -116,7 +131,7 @@ impl Client {
             json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
         )
         .await;
-        (peer, transport)
+        (peer, transport, answer)
     }
 
     /// A send transport with a producer: the peer to speak from.
@@ -164,40 +179,11 @@ impl Client {
     }
 
     /// A recv transport whose peer may use only the TURN relay `create-transport` handed out
-    /// (`forge` spoils its credential): the peer and its answer SDP, which carries a `typ
-    /// relay` candidate only if the relay accepted the credential. Not consumed yet.
+    /// (`forge` spoils its credential): the peer, its transport id and its answer SDP, which
+    /// carries a `typ relay` candidate only if the relay accepted the credential. Not
+    /// consumed yet.
     pub async fn relayed_recv(&mut self, channel: &str, forge: bool) -> (Peer, String, String) {
-        let created = self
-            .ok(
-                "create-transport",
-                json!({"channelId": channel, "direction": "recv"}),
-            )
-            .await;
-        let server = &created["iceServers"][0];
-        let mut relay = testkit::media::Relay {
-            urls: server["urls"]
-                .as_array()
-                .expect("the gateway hands out a relay")
-                .iter()
-                .map(|u| u.as_str().unwrap().to_owned())
-                .collect(),
-            username: server["username"].as_str().unwrap().to_owned(),
-            credential: server["credential"].as_str().unwrap().to_owned(),
-        };
-        if forge {
-            relay.credential = "Zm9yZ2VkLWNyZWRlbnRpYWw=".to_owned();
-        }
-        let mut peer = Peer::relayed(relay).await;
-        let answer = peer
-            .answer(created["offer"]["sdp"].as_str().unwrap(), false)
-            .await;
-        let transport = created["transportId"].as_str().unwrap().to_owned();
-        self.ok(
-            "connect-transport",
-            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
-        )
-        .await;
-        (peer, transport, answer)
+        self.negotiate_with(channel, "recv", Some(forge)).await
     }
 
     /// Consumes `channel` on this socket's recv transport: the SSRC the stream arrives on.
@@ -209,5 +195,23 @@ impl Client {
     /// Closes the socket (the gateway cleans up as for a lost client).
     pub async fn close(mut self) {
         let _ = self.inner.ws.close(None).await;
+    }
+}
+
+/// The TURN relay of one `iceServers` entry; `forge` spoils its credential.
+fn relay_of(server: &Value, forge: bool) -> testkit::media::Relay {
+    testkit::media::Relay {
+        urls: server["urls"]
+            .as_array()
+            .expect("the gateway hands out a relay")
+            .iter()
+            .map(|u| u.as_str().unwrap().to_owned())
+            .collect(),
+        username: server["username"].as_str().unwrap().to_owned(),
+        credential: if forge {
+            "Zm9yZ2VkLWNyZWRlbnRpYWw=".to_owned()
+        } else {
+            server["credential"].as_str().unwrap().to_owned()
+        },
     }
 }

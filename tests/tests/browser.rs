@@ -99,29 +99,9 @@ async fn ana_talks_and_ben_hears(ana: &Page, ben: &Page) {
     assert!(energy > 0.0, "no audio energy");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
-    if !have_chromium() {
-        return;
-    }
-    if !netns::available() {
-        assert!(
-            std::env::var("TALKGROUP_ALLOW_NO_NETNS").is_ok(),
-            "network namespaces need root, iproute2 and nftables, and \
-             TALKGROUP_ALLOW_NO_NETNS is not set"
-        );
-        return;
-    }
-    let ns = Netns::create().unwrap();
-    ns.block_udp().unwrap();
-    let stack = Stack::start(Topology {
-        gateway_args: vec!["--dev-tokens".into()],
-        bind_ip: ns.host_ip.to_string(),
-        ..Topology::default()
-    })
-    .await
-    .unwrap();
-    stack.ready().await.unwrap();
+/// Chromium in `ns`, with two pages (Ana and Ben) signed in to `stack`'s gateway and joined
+/// to `ops`.
+async fn pages_in(ns: &Netns, stack: &Stack) -> (Browser, Page, Page) {
     let origin = format!("http://{}", stack.gateway(0));
     let launch = Launch {
         netns: Some((ns.name.clone(), ns.ns_ip)),
@@ -136,6 +116,41 @@ async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
     let ben = cdp.new_page(&format!("{origin}/")).await.unwrap();
     sign_in_and_join(&ana, "Ana", "ops").await;
     sign_in_and_join(&ben, "Ben", "ops").await;
+    (browser, ana, ben)
+}
+
+/// False (and the test skips) only where skipping was asked for.
+fn have_netns() -> bool {
+    if netns::available() {
+        return true;
+    }
+    assert!(
+        std::env::var("TALKGROUP_ALLOW_NO_NETNS").is_ok(),
+        "network namespaces need root, iproute2 and nftables, and \
+         TALKGROUP_ALLOW_NO_NETNS is not set"
+    );
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
+    if !have_chromium() {
+        return;
+    }
+    if !have_netns() {
+        return;
+    }
+    let ns = Netns::create().unwrap();
+    ns.block_udp().unwrap();
+    let stack = Stack::start(Topology {
+        gateway_args: vec!["--dev-tokens".into()],
+        bind_ip: ns.host_ip.to_string(),
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let (browser, ana, ben) = pages_in(&ns, &stack).await;
     // Ana's send transport and Ben's receive transport both run over ICE/TCP.
     ana_talks_and_ben_hears(&ana, &ben).await;
     let metrics = stack.media[0].logged_addr("metrics listening").unwrap();
@@ -170,12 +185,7 @@ async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_throu
     if !have_chromium() {
         return;
     }
-    if !netns::available() {
-        assert!(
-            std::env::var("TALKGROUP_ALLOW_NO_NETNS").is_ok(),
-            "network namespaces need root, iproute2 and nftables, and \
-             TALKGROUP_ALLOW_NO_NETNS is not set"
-        );
+    if !have_netns() {
         return;
     }
     let ns = Netns::create().unwrap();
@@ -202,20 +212,7 @@ async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_throu
     // the media node's ICE/TCP port. Audio can only go through the relay.
     ns.allow_only_tcp_to(&[stack.gateway(0).port(), turn.port()])
         .unwrap();
-    let origin = format!("http://{}", stack.gateway(0));
-    let launch = Launch {
-        netns: Some((ns.name.clone(), ns.ns_ip)),
-        secure_origins: vec![origin.clone()],
-    };
-    let browser = tokio::task::spawn_blocking(move || Browser::launch_with(&launch))
-        .await
-        .unwrap()
-        .unwrap();
-    let cdp = browser.connect().await.unwrap();
-    let ana = cdp.new_page(&format!("{origin}/")).await.unwrap();
-    let ben = cdp.new_page(&format!("{origin}/")).await.unwrap();
-    sign_in_and_join(&ana, "Ana", "ops").await;
-    sign_in_and_join(&ben, "Ben", "ops").await;
+    let (browser, ana, ben) = pages_in(&ns, &stack).await;
     ana_talks_and_ben_hears(&ana, &ben).await;
     let dropped = ns.dropped().unwrap();
     assert!(

@@ -51,8 +51,16 @@ async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
     ear.wait_connected().await;
     let granted = ana.ptt_start("ops").await;
     assert_eq!(granted["granted"], true, "{granted}");
-    Tone::new(440.0).play(&mic, 50).await;
-    wait_packets(&ear, 40, "Ben hears Ana through the relay").await;
+    // Ana talks until Ben has heard two seconds of her (the relayed handshake can take a DTLS
+    // retransmission or two to finish on the node's side after Ben's peer reports connected,
+    // and copies before that are not sent).
+    let mic = std::sync::Arc::new(mic);
+    let talking = {
+        let mic = std::sync::Arc::clone(&mic);
+        tokio::spawn(async move { Tone::new(440.0).play(&mic, 500).await })
+    };
+    wait_packets(&ear, 100, "Ben hears Ana through the relay").await;
+    talking.abort();
     assert_tone(&ear, 0, 440.0, "Ben");
 
     // Cai's credential is forged: coturn refuses the allocation, so his peer has no candidate
@@ -88,8 +96,8 @@ async fn an_ice_restart_through_the_gateway_keeps_the_stream() {
         .request("restart-ice", serde_json::json!({"transportId": "nope"}))
         .await;
     assert_eq!(unknown["error"]["code"], "NOT_FOUND", "{unknown}");
-    tone.play(&mic, 50).await;
-    wait_packets(&ear, heard + 35, "Ben hears Ana after the restart").await;
+    tone.play(&mic, 75).await;
+    wait_packets(&ear, heard + 45, "Ben hears Ana after the restart").await;
     assert!(
         ear.received().iter().all(|r| r.packet.header.ssrc == ssrc),
         "one SSRC"

@@ -755,6 +755,21 @@ mod tests {
             (node, pc, answer)
         }
 
+        /// `answer` naming a certificate the client does not have.
+        fn another_certificate(answer: &str) -> String {
+            answer
+                .lines()
+                .map(|l| {
+                    if l.starts_with("a=fingerprint:sha-256 ") {
+                        format!("a=fingerprint:sha-256 {FP}")
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n")
+        }
+
         fn from_client(data: BytesMut) -> Option<(BytesMut, SocketAddr)> {
             Some((data, CLIENT.parse().unwrap()))
         }
@@ -896,17 +911,7 @@ mod tests {
             node.apply_answer(&answer, now).unwrap();
             let _ = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
             node.restart_ice(now).unwrap();
-            let forged = answer
-                .lines()
-                .map(|l| {
-                    if l.starts_with("a=fingerprint:sha-256 ") {
-                        format!("a=fingerprint:sha-256 {FP}")
-                    } else {
-                        l.to_owned()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\r\n");
+            let forged = another_certificate(&answer);
             assert!(node.apply_answer(&forged, now).is_err());
         }
 
@@ -925,17 +930,7 @@ mod tests {
         fn a_client_whose_certificate_is_not_the_one_in_its_answer_is_refused() {
             let (mut node, mut pc, answer) = pair();
             let mut now = Instant::now();
-            let forged = answer
-                .lines()
-                .map(|l| {
-                    if l.starts_with("a=fingerprint:sha-256 ") {
-                        format!("a=fingerprint:sha-256 {FP}")
-                    } else {
-                        l.to_owned()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\r\n");
+            let forged = another_certificate(&answer);
             node.apply_answer(&forged, now).unwrap();
             let (heard, states) = run(&mut node, &mut pc, &mut now, 400, 5, from_client);
             assert_eq!(states, vec![PeerState::Failed]);
