@@ -299,8 +299,6 @@ pub struct Hub {
     shards: Shards,
     /// The channels each stream follows.
     wanted: Vec<watch::Sender<HashSet<String>>>,
-    /// Bumped whenever a channel's snapshot arrives: its stream follows it from then on.
-    snapshots: watch::Sender<u64>,
     /// Itself, for the delayed membership flushes.
     me: Weak<Hub>,
 }
@@ -324,7 +322,6 @@ impl Hub {
             wanted: (0..shards.streams)
                 .map(|_| watch::Sender::new(HashSet::new()))
                 .collect(),
-            snapshots: watch::Sender::new(0),
             me: me.clone(),
         })
     }
@@ -459,26 +456,6 @@ impl Hub {
         true
     }
 
-    /// Waits (at most `timeout`) until the stream following `channel` has its snapshot, so
-    /// every later change of the channel reaches its connections as a push; false on timeout
-    /// (the stream is down: its reconnection resyncs the followers).
-    pub async fn followed(&self, channel: &str, timeout: std::time::Duration) -> bool {
-        let mut snapshots = self.snapshots.subscribe();
-        let arrived = async {
-            loop {
-                if self.lock().cache.contains_key(channel) {
-                    return true;
-                }
-                if snapshots.changed().await.is_err() {
-                    return false;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, arrived)
-            .await
-            .unwrap_or(false)
-    }
-
     pub fn unfollow(&self, conn: u64, channel: &str) {
         let mut inner = self.lock();
         self.unfollow_locked(&mut inner, conn, channel);
@@ -580,7 +557,6 @@ impl Hub {
                 };
                 let channel = state.channel_id.clone();
                 inner.cache.insert(channel.clone(), state);
-                self.snapshots.send_modify(|n| *n = n.wrapping_add(1));
                 (channel, Fanout::Push(text))
             }
             pb::watch_event::Event::Floor(change) => {

@@ -9,10 +9,6 @@ use crate::access::Role;
 use crate::protocol::reply::{ChannelSummary, Channels, Done, Joined};
 use crate::protocol::{ChannelState, ClientError, Code, User, err};
 
-/// How long a join waits for its channel's stream to follow it (one state-svc round trip when
-/// the stream is up).
-const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 impl Conn {
     /// The configured channels the user may hear, with who is talking and how many are
     /// present, asked of state-svc in parallel.
@@ -91,12 +87,6 @@ impl Conn {
                 .await;
             self.app.metrics.refused("gateway-channels");
             return Err(GATEWAY_FULL);
-        }
-        // The first follower of a channel on this gateway waits for its stream's snapshot, so
-        // that a change right after this reply (another gateway's grant) reaches the socket as
-        // a push rather than only in the snapshot's channel-state.
-        if !self.app.hub.followed(&channel, FOLLOW_WAIT).await {
-            tracing::warn!(%channel, "channel stream not following yet; answering the join anyway");
         }
         Ok(Joined {
             channel: ChannelState::from(&state),
