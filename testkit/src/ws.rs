@@ -235,16 +235,18 @@ impl WsClient {
 
     /// The next push of `kind` whose data matches `filter` (kept or new).
     pub async fn push_where(&mut self, kind: &str, filter: impl Fn(&Value) -> bool) -> Value {
-        if let Some(i) = self
-            .pushes
-            .iter()
-            .position(|p| p["type"] == kind && filter(&p["data"]))
-        {
+        self.frame_where(|f| f["type"] == kind && filter(&f["data"]))
+            .await
+    }
+
+    /// The first push (kept or new) whose whole frame `filter` accepts.
+    pub async fn frame_where(&mut self, filter: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.pushes.iter().position(&filter) {
             return self.pushes.remove(i);
         }
         loop {
             let frame = self.next_frame().await;
-            if frame["type"] == kind && filter(&frame["data"]) {
+            if filter(&frame) {
                 return frame;
             }
             self.pushes.push(frame);
