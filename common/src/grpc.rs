@@ -1,24 +1,195 @@
 //! The standard services of every Talkgroup gRPC server: `grpc.health.v1` and reflection
-//! (both `v1` and `v1alpha`, since common grpcurl builds speak only `v1alpha`).
+//! (both `v1` and `v1alpha`, since common grpcurl builds speak only `v1alpha`), and the
+//! connections both ways: mutual TLS (see [`crate::tls`]) unless plaintext was asked for,
+//! with the caller's identity handed to the server's authorisation ([`crate::authz`]).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 
+use crate::authz::{Auth, Peer, Refusals};
+use crate::tls::{Expect, Identity, Tls};
+
+/// How a service speaks gRPC: mutual TLS with its certificate, or plaintext (development).
+#[derive(Clone, Debug)]
+pub enum Security {
+    Mtls(Arc<Tls>),
+    Plaintext,
+}
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many handshakes a server runs at once; further connections wait in the kernel's
+/// accept queue, so a flood of slow handshakes cannot exhaust memory.
+const MAX_HANDSHAKES: usize = 256;
+
+/// A server connection: plain TCP or TLS, with who is calling.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream, Peer),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Peer),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        match self {
+            Self::Plain(_, peer) | Self::Tls(_, peer) => peer.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s, _) => s.is_write_vectored(),
+            Self::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// The connections of an already-bound listener, for `serve_with_incoming_shutdown`, with
-/// `TCP_NODELAY` set: the services exchange small request/response messages and must never
-/// wait for Nagle's algorithm.
+/// `TCP_NODELAY` set (the services exchange small request/response messages and must never
+/// wait for Nagle's algorithm). Under mutual TLS each connection's handshake runs in its own
+/// task, bounded in time and in number, so a slow or hostile client never holds up the
+/// others; a failed handshake is counted in `refusals` and dropped. The stream ends, and the
+/// listener closes, once the server stops taking connections.
 pub fn incoming(
     listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
+    security: Security,
+    refusals: Refusals,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Conn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: keep serving the connections
+                    // that exist, and try again shortly.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
-        })
-    })
+            match &security {
+                Security::Plaintext => {
+                    let peer = Peer {
+                        remote: Some(remote),
+                        auth: Auth::Plaintext,
+                    };
+                    if tx.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
+                        return;
+                    }
+                }
+                Security::Mtls(tls) => {
+                    let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
+                        return;
+                    };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                    let acceptor_tls = Arc::clone(tls);
+                    let tx = tx.clone();
+                    let refusals = refusals.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let handshake =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                        match handshake {
+                            Ok(Ok(tls)) => {
+                                let peer = Peer {
+                                    remote: Some(remote),
+                                    auth: authenticated(&acceptor_tls, &tls),
+                                };
+                                let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                            }
+                            Ok(Err(error)) => {
+                                refusals.handshake();
+                                tracing::debug!(%remote, %error, "TLS handshake refused");
+                            }
+                            Err(_) => {
+                                refusals.handshake();
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn authenticated(tls: &Tls, stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Auth {
+    let Some(chain) = stream.get_ref().1.peer_certificates() else {
+        return Auth::Anonymous;
+    };
+    if !tls.trusts_client(chain) {
+        return Auth::Untrusted;
+    }
+    match chain
+        .first()
+        .and_then(|leaf| Identity::from_certificate(leaf))
+    {
+        Some(identity) => Auth::Identified(identity),
+        None => Auth::Unnamed,
+    }
 }
 
 /// How long a connection attempt to another service may take.
@@ -46,6 +217,71 @@ pub fn endpoint(
         Some(deadline) => endpoint.timeout(deadline),
         None => endpoint,
     })
+}
+
+/// A lazily connected channel to `url`, as [`endpoint`] configures it, over mutual TLS when
+/// `security` says so: the server must present a certificate from the CA that names an
+/// identity `expect` accepts. The URL's scheme does not choose TLS; `security` does.
+pub fn channel(
+    url: &str,
+    deadline: Option<Duration>,
+    security: &Security,
+    expect: Expect,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let endpoint = endpoint(url, deadline)?;
+    Ok(match security {
+        Security::Plaintext => endpoint.connect_lazy(),
+        Security::Mtls(tls) => endpoint.connect_with_connector_lazy(Connector {
+            tls: Arc::clone(tls),
+            expect,
+        }),
+    })
+}
+
+/// Dials TCP and runs the client side of mutual TLS.
+#[derive(Clone, Debug)]
+struct Connector {
+    tls: Arc<Tls>,
+    expect: Expect,
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TlsIo;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = Arc::clone(&self.tls);
+        let expect = self.expect.clone();
+        Box::pin(async move {
+            let invalid =
+                |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid("no host in the url"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| invalid("no port in the url"))?;
+            let config = tls.client_config(expect).map_err(std::io::Error::other)?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| invalid("the url's host is not a valid name"))?;
+            let stream = TcpStream::connect((host.as_str(), port)).await?;
+            let _ = stream.set_nodelay(true);
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
 }
 
 /// A server builder as every Talkgroup gRPC server starts: HTTP/2 pings to its clients (a

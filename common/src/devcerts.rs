@@ -1,0 +1,137 @@
+//! A throwaway CA and service certificates, so the local stack (`scripts/dev`) and the test
+//! harness run with mutual TLS as production does. Never for production: the CA key lives in
+//! memory only and the certificates last a week.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::tls::{Identity, TlsFiles};
+
+/// How long the throwaway certificates are valid.
+const VALID_DAYS: i64 = 7;
+
+/// A CA that issues service certificates.
+#[derive(Debug)]
+pub struct DevCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl DevCa {
+    /// A new CA named `name`.
+    pub fn new(name: &str) -> Result<Self, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        Ok(Self { issuer })
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate naming `identity` (and `names` as DNS or IP SANs), for both TLS
+    /// server and client use.
+    pub fn issue(&self, identity: &Identity, names: &[&str]) -> Result<Issued, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.to_string());
+        params
+            .subject_alt_names
+            .push(SanType::URI(identity.uri().try_into()?));
+        for name in names {
+            params.subject_alt_names.push(match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*name).try_into()?),
+            });
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        validity(&mut params);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate for `identity` and writes `<name>.crt`, `<name>.key` and `ca.crt`
+    /// into `dir` (the key readable by its owner only).
+    pub fn write(
+        &self,
+        dir: &Path,
+        name: &str,
+        identity: &Identity,
+        names: &[&str],
+    ) -> std::io::Result<TlsFiles> {
+        let issued = self
+            .issue(identity, names)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        std::fs::create_dir_all(dir)?;
+        let files = TlsFiles {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+            ca: dir.join("ca.crt"),
+        };
+        write_private(&files.key, issued.key_pem.as_bytes())?;
+        std::fs::write(&files.cert, issued.cert_pem)?;
+        std::fs::write(&files.ca, self.ca_pem())?;
+        Ok(files)
+    }
+}
+
+fn validity(params: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(VALID_DAYS);
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::Tls;
+
+    #[test]
+    fn issued_certificates_load_with_their_identity() {
+        let dir = std::env::temp_dir().join(format!("devcerts-{}", std::process::id()));
+        let ca = DevCa::new("test CA").unwrap();
+        let node = Identity::Media("node-7".into());
+        let files = ca
+            .write(&dir, "media", &node, &["127.0.0.1", "localhost"])
+            .unwrap();
+        let tls = Tls::load(files).unwrap();
+        assert_eq!(tls.identity(), node);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
