@@ -140,7 +140,7 @@ pub enum Refusal {
 /// The health service is open to every authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Policy {
-    rules: Vec<(&'static str, &'static [Role])>,
+    rules: Vec<(String, &'static [Role])>,
 }
 
 const EVERY_ROLE: &[Role] = &[Role::Gateway, Role::State, Role::Admin, Role::Media];
@@ -159,8 +159,8 @@ impl Policy {
 
     /// Allows `roles` to call `path`.
     #[must_use]
-    pub fn allow(mut self, path: &'static str, roles: &'static [Role]) -> Self {
-        self.rules.push((path, roles));
+    pub fn allow(mut self, path: impl Into<String>, roles: &'static [Role]) -> Self {
+        self.rules.push((path.into(), roles));
         self
     }
 
@@ -182,9 +182,9 @@ impl Policy {
         let role = identity.role();
         let allowed = self.rules.iter().any(|(rule, roles)| {
             let matches = if rule.ends_with('/') {
-                path.starts_with(rule)
+                path.starts_with(rule.as_str())
             } else {
-                path == *rule
+                path == rule
             };
             matches && roles.contains(&role)
         });

@@ -70,6 +70,7 @@ async fn run() {
         &[
             "--listen",
             "127.0.0.1:0",
+            "--insecure-plaintext",
             "--log-format",
             "json",
             "--capacity",

@@ -4,7 +4,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use clap::Parser;
+use talkgroup_common::grpc::Security;
 use talkgroup_common::telemetry::LogFormat;
+use talkgroup_common::tls::{Identity, TlsArgs};
 
 /// An inclusive UDP port range, written `MIN-MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,13 @@ pub struct Config {
     /// Address the gRPC server (ptt.media.v1) listens on.
     #[arg(long, env = "PTT_MEDIA_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
+    /// Mutual TLS for gRPC: the certificate names `spiffe://talkgroup/media/<node-id>`, and
+    /// that node id is this node's (`--node-id`, if given, must match it).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Serve gRPC reflection (lists every method; for grpcurl in development).
+    #[arg(long, env = "PTT_MEDIA_GRPC_REFLECTION")]
+    pub grpc_reflection: bool,
     /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
     #[arg(long, env = "PTT_MEDIA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -94,16 +103,18 @@ pub struct Config {
 
 impl Config {
     pub fn for_tests() -> Self {
-        Self::parse_from(["media-svc", "--listen", "127.0.0.1:0"])
+        Self::parse_from([
+            "media-svc",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+        ])
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        self.tls.validate()?;
         if let Some(id) = &self.node_id
-            && (id.is_empty()
-                || id.len() > 64
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            && !talkgroup_common::tls::valid_node_id(id)
         {
             return Err("node id must be 1 to 64 of [A-Za-z0-9._-]".into());
         }
@@ -133,9 +144,22 @@ impl Config {
         (self.udp_addr(), tcp)
     }
 
-    pub fn node_id(&self) -> String {
-        self.node_id.clone().unwrap_or_else(|| {
+    /// This node's id: the one its certificate names under mutual TLS, else `--node-id`, else
+    /// a random one.
+    pub fn node_id(&self, security: &Security) -> Result<String, String> {
+        if let Security::Mtls(tls) = security {
+            let Identity::Media(id) = tls.identity() else {
+                return Err("the certificate must name spiffe://talkgroup/media/<node-id>".into());
+            };
+            return match &self.node_id {
+                Some(wanted) if *wanted != id => Err(format!(
+                    "--node-id {wanted} differs from the node id in the certificate ({id})"
+                )),
+                _ => Ok(id),
+            };
+        }
+        Ok(self.node_id.clone().unwrap_or_else(|| {
             format!("media-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-        })
+        }))
     }
 }

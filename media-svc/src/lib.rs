@@ -30,6 +30,10 @@ use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
 
 pub use crate::config::Config;
+use talkgroup_common::authz::{AuthorizeLayer, Policy, Refusals};
+use talkgroup_common::grpc::Security;
+use talkgroup_common::tls::{Identity, Role};
+
 use crate::engine::rtc_peer::RtcEngine;
 use crate::node::{Node, NodeSettings};
 
@@ -57,7 +61,15 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
     let addr = listener.local_addr()?;
-    let node_id = config.node_id();
+    let security = config
+        .tls
+        .security("media-svc", |id| matches!(id, Identity::Media(_)))
+        .map_err(RunError::Config)?;
+    let node_id = config.node_id(&security).map_err(RunError::Config)?;
+    if let Security::Mtls(tls) = &security {
+        tls.spawn_reload(shutdown.clone());
+    }
+    let refusals = Refusals::new();
     let workers = if config.workers == 0 {
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     } else {
@@ -95,7 +107,13 @@ pub async fn run(
         side_stop.clone(),
     ));
     if let Some(metrics_addr) = config.metrics_listen {
-        let exposition = metrics::start(Arc::clone(&node), capacity, &tasks, side_stop.clone());
+        let exposition = metrics::start(
+            Arc::clone(&node),
+            capacity,
+            &refusals,
+            &tasks,
+            side_stop.clone(),
+        );
         talkgroup_common::metrics::serve(metrics_addr, exposition, side_stop.clone()).await?;
     }
     let standard = talkgroup_common::grpc::standard_services();
@@ -111,7 +129,13 @@ pub async fn run(
     ));
     if let Some(url) = config.state_url.clone() {
         let me = registration(&config, &node_id, addr, capacity);
-        tasks.spawn(link::run(Arc::clone(&node), url, me, side_stop.clone()));
+        tasks.spawn(link::run(
+            Arc::clone(&node),
+            url,
+            security.clone(),
+            me,
+            side_stop.clone(),
+        ));
     }
     let stop_serving = CancellationToken::new();
     let timeout = Duration::from_millis(config.drain_timeout_ms);
@@ -123,13 +147,23 @@ pub async fn run(
         stop_serving.clone(),
     ));
 
-    let incoming = talkgroup_common::grpc::incoming(listener);
+    let incoming = talkgroup_common::grpc::incoming(listener, security, refusals.clone());
     tracing::info!(%addr, %node_id, workers, "media-svc listening");
+    let policy = if config.grpc_reflection {
+        policy().with_reflection()
+    } else {
+        policy()
+    };
     let served = talkgroup_common::grpc::server()
         .trace_fn(talkgroup_common::telemetry::server_span)
+        .layer(AuthorizeLayer::new(policy, refusals))
         .add_service(standard.health)
-        .add_service(standard.reflection_v1)
-        .add_service(standard.reflection_v1alpha)
+        .add_optional_service(config.grpc_reflection.then_some(standard.reflection_v1))
+        .add_optional_service(
+            config
+                .grpc_reflection
+                .then_some(standard.reflection_v1alpha),
+        )
         .add_service(
             pb::media_service_server::MediaServiceServer::new(grpc::MediaApi::new(Arc::clone(
                 &node,
@@ -154,6 +188,15 @@ pub async fn run(
 }
 
 /// What the node registers with state-svc as.
+/// Who may call the node: gateways drive its media; admins (and their consoles) may read its
+/// statistics. Nothing else, so a pod that reaches the port cannot consume a channel, inject
+/// audio or move a floor.
+pub fn policy() -> Policy {
+    Policy::default()
+        .allow("/ptt.media.v1.MediaService/", &[Role::Gateway])
+        .allow("/ptt.media.v1.MediaService/GetNodeStats", &[Role::Admin])
+}
+
 fn registration(
     config: &Config,
     node_id: &str,

@@ -12,6 +12,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use talkgroup_common::grpc::Security;
+use talkgroup_common::tls::{Expect, Identity};
 use talkgroup_proto::state::v1 as pb;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -38,19 +40,24 @@ pub struct Registration {
 pub async fn run(
     node: Arc<Node>,
     state_url: String,
+    security: Security,
     me: Registration,
     shutdown: CancellationToken,
 ) {
     // Every call gets 3 s to be answered (a stream: to start); the watch stream then lives
     // on, with HTTP/2 keepalive to notice a dead state-svc.
-    let endpoint = match talkgroup_common::grpc::endpoint(&state_url, Some(CALL_DEADLINE)) {
-        Ok(e) => e,
+    let channel = match talkgroup_common::grpc::channel(
+        &state_url,
+        Some(CALL_DEADLINE),
+        &security,
+        Expect::Exactly(Identity::State),
+    ) {
+        Ok(channel) => channel,
         Err(_) => {
             tracing::error!(url = %state_url, "invalid state-svc url; the node runs unregistered");
             return;
         }
     };
-    let channel = endpoint.connect_lazy();
     let watch = tokio::spawn(watch_floors(
         Arc::clone(&node),
         channel.clone(),

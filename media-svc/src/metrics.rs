@@ -53,11 +53,13 @@ struct ReapReason {
 pub fn start(
     node: Arc<Node>,
     capacity: u32,
+    refusals: &talkgroup_common::authz::Refusals,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Exposition {
     let m = Arc::new(MediaMetrics::default());
     let mut r = Registry::default();
+    refusals.register(&mut r);
     r.register(
         "ptt_media_channels",
         "Channels routed on this node",

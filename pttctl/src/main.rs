@@ -10,11 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
+use talkgroup_common::devcerts::DevCa;
+use talkgroup_common::tls::{Expect, Identity, TlsArgs};
 use talkgroup_proto::admin::v1 as apb;
 use talkgroup_proto::state::v1 as spb;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Administer a Talkgroup deployment (state-svc's admin API).
 #[derive(Debug, Parser)]
@@ -23,9 +25,12 @@ struct Cli {
     /// state-svc gRPC URL.
     #[arg(long, env = "PTT_ADMIN_URL", default_value = "http://127.0.0.1:50051")]
     server: String,
-    /// Admin token (state-svc's --admin-token).
+    /// Admin token (state-svc's --admin-token); every command but dev-certs needs it.
     #[arg(long, env = "PTT_ADMIN_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
+    /// Mutual TLS to state-svc: a certificate naming `spiffe://talkgroup/admin`.
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -101,6 +106,20 @@ enum Command {
     },
     /// A sync session's changes (needs the audit database).
     SyncHistory { session: String },
+    /// Write a throwaway CA and a certificate for every service identity into a directory,
+    /// for a local stack with mutual TLS (never for production: the certificates are
+    /// self-issued and last a week).
+    DevCerts {
+        /// Where to write ca.crt and <name>.crt/<name>.key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// A media node id to issue a certificate for (repeatable).
+        #[arg(long = "media-node", default_value = "media-1")]
+        media_nodes: Vec<String>,
+        /// DNS names or IP addresses every certificate also names.
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+    },
 }
 
 /// Adds the admin token to every call.
@@ -110,12 +129,22 @@ type Admin =
     apb::admin_service_client::AdminServiceClient<InterceptedService<Channel, AuthInterceptor>>;
 
 fn connect(cli: &Cli) -> Result<Admin> {
-    let channel = Endpoint::from_shared(cli.server.clone())
-        .context("invalid --server URL")?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_millis(cli.timeout_ms))
-        .connect_lazy();
-    let header: MetadataValue<_> = format!("Bearer {}", cli.token)
+    let token = cli
+        .token
+        .as_deref()
+        .context("an admin token is needed (--token or PTT_ADMIN_TOKEN)")?;
+    let security = cli
+        .tls
+        .security("pttctl", |id| *id == Identity::Admin)
+        .map_err(anyhow::Error::msg)?;
+    let channel = talkgroup_common::grpc::channel(
+        &cli.server,
+        Some(Duration::from_millis(cli.timeout_ms)),
+        &security,
+        Expect::Exactly(Identity::State),
+    )
+    .context("invalid --server URL")?;
+    let header: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .context("the token has characters a header cannot carry")?;
     let auth: AuthInterceptor = Box::new(move |mut request: tonic::Request<()>| {
@@ -226,7 +255,54 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// Runs the command: the JSON document and its table rendering.
+/// Issues the local stack's certificates.
+fn dev_certs(
+    out: &std::path::Path,
+    media_nodes: &[String],
+    names: &[String],
+) -> Result<(Value, String)> {
+    let ca = DevCa::new("Talkgroup development CA").context("cannot create the CA")?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut identities = vec![
+        ("state".to_owned(), Identity::State),
+        ("gateway".to_owned(), Identity::Gateway),
+        ("admin".to_owned(), Identity::Admin),
+    ];
+    for node in media_nodes {
+        let identity = Identity::parse(&format!("media/{node}"))
+            .with_context(|| format!("invalid media node id {node:?}"))?;
+        identities.push((format!("media-{node}"), identity));
+    }
+    let mut written = Vec::new();
+    let mut text = format!("CA        {}\n", out.join("ca.crt").display());
+    for (name, identity) in &identities {
+        let files = ca
+            .write(out, name, identity, &names)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        text.push_str(&format!(
+            "{:<9} {} {}\n",
+            identity.to_string(),
+            files.cert.display(),
+            files.key.display()
+        ));
+        written
+            .push(json!({"identity": identity.to_string(), "cert": files.cert, "key": files.key}));
+    }
+    Ok((
+        json!({"ca": out.join("ca.crt"), "certificates": written}),
+        text.trim_end().to_owned(),
+    ))
+}
+
 async fn run(cli: &Cli) -> Result<(Value, String)> {
+    if let Command::DevCerts {
+        out,
+        media_nodes,
+        names,
+    } = &cli.command
+    {
+        return dev_certs(out, media_nodes, names);
+    }
     let mut admin = connect(cli)?;
     Ok(match &cli.command {
         Command::Channels => {
@@ -583,6 +659,7 @@ async fn run(cli: &Cli) -> Result<(Value, String)> {
                 format!("{event}: emergency ended in {}", channels.join(", ")),
             )
         }
+        Command::DevCerts { .. } => unreachable!("answered before connecting"),
     })
 }
 

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use talkgroup_common::grpc::Security;
 use talkgroup_common::telemetry::Inject;
+use talkgroup_common::tls::{Expect, Identity, Role};
 use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +36,8 @@ pub struct AppState {
     pub gateway_id: String,
     pub auth: Authenticator,
     pub state: Channel,
+    /// How gRPC to state-svc and the media nodes is secured.
+    pub security: Security,
     pub hub: Arc<Hub>,
     pub metrics: Arc<metrics::GatewayMetrics>,
     media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Traced>>>,
@@ -90,11 +94,17 @@ impl AppState {
         if let Some(client) = media.get(url) {
             return Some(client.clone());
         }
-        let endpoint = talkgroup_common::grpc::endpoint(url, Some(MEDIA_DEADLINE)).ok()?;
-        let client = mpb::media_service_client::MediaServiceClient::with_interceptor(
-            endpoint.connect_lazy(),
-            Inject,
-        );
+        // Any media node's identity: the registry (which only a node itself can write to,
+        // for its own id) is what maps this url to a node.
+        let channel = talkgroup_common::grpc::channel(
+            url,
+            Some(MEDIA_DEADLINE),
+            &self.security,
+            Expect::Role(Role::Media),
+        )
+        .ok()?;
+        let client =
+            mpb::media_service_client::MediaServiceClient::with_interceptor(channel, Inject);
         media.insert(url.to_owned(), client.clone());
         Some(client)
     }
@@ -118,9 +128,17 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         config.turn_ttl_s,
     )
     .map_err(RunError::Config)?;
-    let state = talkgroup_common::grpc::endpoint(&config.state_url, Some(STATE_DEADLINE))
-        .map_err(|_| RunError::Config("invalid state-svc url".into()))?
-        .connect_lazy();
+    let security = config
+        .tls
+        .security("signaling-svc", |id| *id == Identity::Gateway)
+        .map_err(RunError::Config)?;
+    let state = talkgroup_common::grpc::channel(
+        &config.state_url,
+        Some(STATE_DEADLINE),
+        &security,
+        Expect::Exactly(Identity::State),
+    )
+    .map_err(|_| RunError::Config("invalid state-svc url".into()))?;
     let shards = Shards {
         streams: config.watch_streams,
         channels_per_stream: config.watch_channels_per_stream,
@@ -130,6 +148,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         config,
         auth,
         state,
+        security,
         hub: Hub::with_shards(shards),
         metrics: metrics::GatewayMetrics::new(),
         media: Mutex::default(),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use talkgroup_common::telemetry::LogFormat;
+use talkgroup_common::tls::TlsArgs;
 
 /// The Talkgroup gateway: the WebSocket + JSON protocol clients speak.
 #[derive(Clone, Parser)]
@@ -20,6 +21,10 @@ pub struct Config {
         default_value = "http://127.0.0.1:50051"
     )]
     pub state_url: String,
+    /// Mutual TLS for gRPC to state-svc and the media nodes (the certificate must name
+    /// `spiffe://talkgroup/gateway`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// HS256 shared secret for client tokens. Never logged.
     #[arg(long, env = "PTT_SIGNALING_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -186,6 +191,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("state_url", &self.state_url)
+            .field("tls", &self.tls)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field("jwt_public_key", &self.jwt_public_key)
             .field("gateway_id", &self.gateway_id)
@@ -212,10 +218,12 @@ impl Config {
             "127.0.0.1:0",
             "--jwt-secret",
             secret,
+            "--insecure-plaintext",
         ])
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        self.tls.validate()?;
         if !self.turn_urls.is_empty() && !crate::turn::TTL_RANGE.contains(&self.turn_ttl_s) {
             return Err("TURN credential lifetime must be 60 s to 24 h".into());
         }

@@ -37,6 +37,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
+use talkgroup_common::grpc::Security;
+use talkgroup_common::tls::{Expect, Identity};
 use talkgroup_proto::state::v1 as spb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -308,9 +310,16 @@ pub async fn run(
     let addr = listener.local_addr()?;
     // The event streams get their own HTTP/2 connection, so a burst of events never queues
     // in front of a floor request's reply.
-    let watches = talkgroup_common::grpc::endpoint(&app_state.config.state_url, None)
-        .map_err(|_| RunError::Config("invalid state-svc url".into()))?
-        .connect_lazy();
+    let watches = talkgroup_common::grpc::channel(
+        &app_state.config.state_url,
+        None,
+        &app_state.security,
+        Expect::Exactly(Identity::State),
+    )
+    .map_err(|_| RunError::Config("invalid state-svc url".into()))?;
+    if let Security::Mtls(tls) = &app_state.security {
+        tls.spawn_reload(shutdown.clone());
+    }
     let tracker = app_state.tracker.clone();
     let hub = &app_state.hub;
     tracker.spawn(Arc::clone(hub).run(watches.clone(), shutdown.clone()));

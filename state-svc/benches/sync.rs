@@ -35,6 +35,7 @@ async fn run() {
         &[
             "--listen",
             "127.0.0.1:0",
+            "--insecure-plaintext",
             "--redis-url",
             &url,
             "--key-prefix",

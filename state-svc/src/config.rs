@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::domain::Clock;
 use clap::{Parser, ValueEnum};
 use talkgroup_common::telemetry::LogFormat;
+use talkgroup_common::tls::TlsArgs;
 
 use crate::store::StoreSettings;
 use crate::store::redis::{RedisOptions, redact_url};
@@ -27,6 +28,12 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "PTT_STATE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Mutual TLS for gRPC (the certificate must name `spiffe://talkgroup/state`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Serve gRPC reflection (lists every method; for grpcurl in development).
+    #[arg(long, env = "PTT_STATE_GRPC_REFLECTION")]
+    pub grpc_reflection: bool,
     /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
     #[arg(long, env = "PTT_STATE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -131,6 +138,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("tls", &self.tls)
             .field("store", &self.store_kind())
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("key_prefix", &self.key_prefix)
@@ -158,12 +166,19 @@ pub enum ConfigError {
     BadMembershipChannel,
     #[error("admin token must be 16 to 512 printable characters without spaces")]
     BadAdminToken,
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Config {
     /// Defaults for everything but the listen address, as tests want them.
     pub fn for_tests() -> Self {
-        Self::parse_from(["state-svc", "--listen", "127.0.0.1:0"])
+        Self::parse_from([
+            "state-svc",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+        ])
     }
 
     pub fn store_kind(&self) -> StoreKind {
@@ -182,6 +197,7 @@ impl Config {
                 Err(ConfigError::OutOfRange(name, lo, hi))
             }
         };
+        self.tls.validate().map_err(ConfigError::Tls)?;
         range("lease_ms", self.lease_ms, 100, 3_600_000)?;
         range("max_talk_ms", self.max_talk_ms, 100, 3_600_000)?;
         range("session_ttl_ms", self.session_ttl_ms, 1_000, 86_400_000)?;

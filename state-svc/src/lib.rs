@@ -37,6 +37,10 @@ use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
 
 pub use crate::config::{Config, ConfigError, StoreKind};
+use talkgroup_common::authz::{AuthorizeLayer, Policy};
+use talkgroup_common::grpc::Security;
+use talkgroup_common::tls::{Identity, Role};
+
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::memory::MemoryStore;
@@ -66,6 +70,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("listener has no local address, or metrics cannot listen: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Serves until `shutdown` is cancelled, then drains within the configured grace period.
@@ -127,6 +133,7 @@ async fn serve<S: Store>(
         talkgroup_common::metrics::serve(addr, exposition, shutdown.clone()).await?;
     }
     spawn_background(&tracker, &store, &hub, &metrics, config, &shutdown);
+    let refusals = metrics.refusals.clone();
     let api = api::Api::new(
         store,
         hub,
@@ -136,14 +143,31 @@ async fn serve<S: Store>(
         shutdown.clone(),
         tracker.clone(),
     );
+    let security = config
+        .tls
+        .security("state-svc", |id| *id == Identity::State)
+        .map_err(RunError::Tls)?;
+    if let Security::Mtls(tls) = &security {
+        tls.spawn_reload(shutdown.clone());
+    }
+    let policy = if config.grpc_reflection {
+        policy().with_reflection()
+    } else {
+        policy()
+    };
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
     set_serving(&reporter, ServingStatus::Serving).await;
     let router = talkgroup_common::grpc::server()
         .trace_fn(talkgroup_common::telemetry::server_span)
+        .layer(AuthorizeLayer::new(policy.clone(), refusals.clone()))
         .add_service(standard.health)
-        .add_service(standard.reflection_v1)
-        .add_service(standard.reflection_v1alpha);
+        .add_optional_service(config.grpc_reflection.then_some(standard.reflection_v1))
+        .add_optional_service(
+            config
+                .grpc_reflection
+                .then_some(standard.reflection_v1alpha),
+        );
     let router = add_services(router, api, config);
     tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
     let drain = {
@@ -155,7 +179,7 @@ async fn serve<S: Store>(
         }
     };
     let grace = Duration::from_millis(u64::from(config.shutdown_grace_ms));
-    let incoming = talkgroup_common::grpc::incoming(listener);
+    let incoming = talkgroup_common::grpc::incoming(listener, security, refusals);
     let served = router.serve_with_incoming_shutdown(incoming, drain);
     tokio::pin!(served);
     let result = tokio::select! {
@@ -205,11 +229,67 @@ async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: Se
 
 /// Every `ptt.state.v1` service and the admin API (behind its token), each with the request
 /// size limit.
-fn add_services<S: Store>(
-    router: tonic::transport::server::Router,
-    api: api::Api<S>,
-    config: &Config,
-) -> tonic::transport::server::Router {
+/// Who may call what (see docs/operations.md, "Service identities"): gateways serve clients,
+/// media nodes keep their own registration and follow floors, admins administer. Writes to
+/// grants and events come only through the admin identity; nobody else can grant itself a role.
+pub fn policy() -> Policy {
+    const GATEWAY: &[Role] = &[Role::Gateway];
+    const MEDIA: &[Role] = &[Role::Media];
+    const ADMIN: &[Role] = &[Role::Admin];
+    const GATEWAY_OR_ADMIN: &[Role] = &[Role::Gateway, Role::Admin];
+    const FOLLOWERS: &[Role] = &[Role::Gateway, Role::Media];
+    const ACCESS: &str = "/ptt.state.v1.AccessService/";
+    let policy = Policy::default()
+        .allow("/ptt.admin.v1.AdminService/", ADMIN)
+        .allow("/ptt.state.v1.FloorService/", GATEWAY)
+        .allow("/ptt.state.v1.SessionService/", GATEWAY)
+        .allow("/ptt.state.v1.SyncService/", GATEWAY)
+        .allow("/ptt.state.v1.ChannelService/Watch", FOLLOWERS)
+        .allow(
+            "/ptt.state.v1.ChannelService/GetChannelState",
+            GATEWAY_OR_ADMIN,
+        )
+        .allow(
+            "/ptt.state.v1.ChannelService/GetChannelConfig",
+            GATEWAY_OR_ADMIN,
+        )
+        .allow("/ptt.state.v1.ChannelService/SetChannelConfig", ADMIN)
+        .allow("/ptt.state.v1.MediaRegistryService/RegisterNode", MEDIA)
+        .allow("/ptt.state.v1.MediaRegistryService/Heartbeat", MEDIA)
+        .allow("/ptt.state.v1.MediaRegistryService/DrainNode", MEDIA)
+        .allow("/ptt.state.v1.MediaRegistryService/DeregisterNode", MEDIA)
+        .allow(
+            "/ptt.state.v1.MediaRegistryService/ListNodes",
+            GATEWAY_OR_ADMIN,
+        )
+        .allow("/ptt.state.v1.MediaRegistryService/PlaceChannel", GATEWAY)
+        .allow(
+            "/ptt.state.v1.MediaRegistryService/GetPlacement",
+            GATEWAY_OR_ADMIN,
+        );
+    [
+        ("GetUserGrants", GATEWAY_OR_ADMIN),
+        ("WatchGrants", GATEWAY),
+        ("GetEvent", GATEWAY_OR_ADMIN),
+        ("GetChannelEvent", GATEWAY_OR_ADMIN),
+        ("EventSpeakers", GATEWAY_OR_ADMIN),
+        ("StartEmergency", GATEWAY),
+        ("StopEmergency", GATEWAY_OR_ADMIN),
+        ("SetUserGrants", ADMIN),
+        ("ApplyMembershipUpdate", ADMIN),
+        ("SetEventChannels", ADMIN),
+        ("PauseEvent", ADMIN),
+    ]
+    .into_iter()
+    .fold(policy, |policy, (method, roles)| {
+        policy.allow(format!("{ACCESS}{method}"), roles)
+    })
+}
+
+type Router =
+    tonic::transport::server::Router<tower_layer::Stack<AuthorizeLayer, tower_layer::Identity>>;
+
+fn add_services<S: Store>(router: Router, api: api::Api<S>, config: &Config) -> Router {
     let auth = api::admin::AdminAuth::new(config.admin_token.as_deref());
     if config.admin_token.is_none() {
         tracing::warn!("no --admin-token: the admin API refuses every call");

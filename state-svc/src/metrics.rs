@@ -26,6 +26,8 @@ pub struct StateMetrics {
     pub emergencies: Counter,
     pub membership_updates: Family<Outcome, Counter>,
     watch_streams: Gauge,
+    /// gRPC calls and connections refused by mutual TLS or the policy.
+    pub refusals: talkgroup_common::authz::Refusals,
 }
 
 impl StateMetrics {
@@ -42,6 +44,7 @@ impl StateMetrics {
     /// The registry and the refresh of its live gauges.
     pub fn exposition(self: &Arc<Self>, hub: Arc<Hub>) -> Exposition {
         let mut r = Registry::default();
+        self.refusals.register(&mut r);
         r.register(
             "ptt_floor_grants",
             "Floor grants, pre-emptions and emergency takes included",

@@ -202,6 +202,7 @@ async fn events_cross_state_svc_processes_sharing_one_redis() {
     let args = [
         "--listen",
         "127.0.0.1:0",
+        "--insecure-plaintext",
         "--store",
         "redis",
         "--redis-url",

@@ -39,8 +39,30 @@ async fn health_reports_every_service_serving() {
 }
 
 #[tokio::test]
+async fn reflection_is_off_unless_enabled() {
+    let server = TestServer::start(Backend::Memory.config("no-reflection")).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let refused = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn reflection_lists_the_contracts() {
-    let server = TestServer::start(Backend::Memory.config("reflection")).await;
+    let mut config = Backend::Memory.config("reflection");
+    config.grpc_reflection = true;
+    let server = TestServer::start(config).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()
         .connect()

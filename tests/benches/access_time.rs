@@ -56,12 +56,11 @@ fn main() {
         ben.join("bench").await;
         let mic = ana.speaker("bench").await;
         let (ear, _) = ben.listener("bench").await;
-        let mut media = mpb::media_service_client::MediaServiceClient::connect(format!(
-            "http://{}",
-            stack.media[0].addr
-        ))
-        .await
-        .unwrap();
+        let mut media = mpb::media_service_client::MediaServiceClient::new(
+            stack
+                .media_channel(0, &talkgroup_common::tls::Identity::Admin)
+                .unwrap(),
+        );
         media
             .get_node_stats(mpb::GetNodeStatsRequest {
                 reset_latency: true,

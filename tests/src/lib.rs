@@ -17,8 +17,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use talkgroup_common::devcerts::DevCa;
+use talkgroup_common::grpc::Security;
+use talkgroup_common::tls::{Expect, Identity, Tls, TlsFiles};
 use talkgroup_proto::state::v1 as spb;
 use testkit::{RedisServer, ServiceProcess};
+use tonic::transport::Channel;
 
 pub use client::Client;
 
@@ -96,6 +100,58 @@ pub struct Stack {
     pub media: Vec<ServiceProcess>,
     pub state: Vec<ServiceProcess>,
     pub redis: RedisServer,
+    /// The stack's throwaway CA and a certificate per identity: every gRPC hop is mutual TLS.
+    pub certs: Certs,
+}
+
+/// A throwaway CA and the certificates of a stack's services, in a temporary directory
+/// removed with it.
+#[derive(Debug)]
+pub struct Certs {
+    pub ca: DevCa,
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn new() -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("talkgroup-certs-{}-{n}", std::process::id()));
+        let ca = DevCa::new("Talkgroup test CA").map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self { ca, dir })
+    }
+
+    /// Issues (or re-issues) the certificate of `identity` under `name`.
+    pub fn issue(&self, name: &str, identity: &Identity) -> Result<TlsFiles> {
+        Ok(self
+            .ca
+            .write(&self.dir, name, identity, &["localhost", "127.0.0.1"])?)
+    }
+
+    /// The `--tls-*` flags of a service with `identity`.
+    pub fn args(&self, name: &str, identity: &Identity) -> Result<Vec<String>> {
+        let files = self.issue(name, identity)?;
+        Ok(vec![
+            "--tls-cert".into(),
+            files.cert.display().to_string(),
+            "--tls-key".into(),
+            files.key.display().to_string(),
+            "--tls-ca".into(),
+            files.ca.display().to_string(),
+        ])
+    }
+
+    /// How a test client with `identity` dials the stack's services.
+    pub fn security(&self, identity: &Identity) -> Result<Security> {
+        let name = format!("client-{}", identity.to_string().replace('/', "-"));
+        Ok(Security::Mtls(Tls::load(self.issue(&name, identity)?)?))
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn start(bin: &str, args: &[String], message: &str) -> Result<ServiceProcess> {
@@ -131,6 +187,7 @@ impl Stack {
     }
 
     fn start_blocking(t: &Topology) -> Result<Self> {
+        let certs = Certs::new()?;
         let redis = RedisServer::start()?;
         let url = redis.url();
         let mut state = Vec::new();
@@ -158,6 +215,7 @@ impl Stack {
                 "json",
             ]);
             let mut args = with_otlp(args, t);
+            args.extend(certs.args("state", &Identity::State)?);
             args.extend(t.state_args.iter().cloned());
             state.push(start("state-svc", &args, "state-svc listening")?);
         }
@@ -184,7 +242,9 @@ impl Stack {
                 "--log-format",
                 "json",
             ]);
-            let args = with_otlp(args, t);
+            let mut args = with_otlp(args, t);
+            let node = Identity::Media(format!("media-{i}"));
+            args.extend(certs.args(&format!("media-{i}"), &node)?);
             media.push(start("media-svc", &args, "media-svc listening")?);
         }
         let mut gateways = Vec::new();
@@ -203,6 +263,7 @@ impl Stack {
                 "--log-format",
                 "json",
             ]);
+            args.extend(certs.args("gateway", &Identity::Gateway)?);
             args.extend(t.gateway_args.iter().cloned());
             let args = with_otlp(args, t);
             gateways.push(start("signaling-svc", &args, "signaling-svc listening")?);
@@ -212,6 +273,7 @@ impl Stack {
             media,
             state,
             redis,
+            certs,
         })
     }
 
@@ -253,25 +315,43 @@ impl Stack {
         format!("http://{}", self.state[i].addr)
     }
 
-    /// A client of state-svc `0`'s access service (grants, events, emergencies).
-    pub async fn access(
-        &self,
-    ) -> Result<spb::access_service_client::AccessServiceClient<tonic::transport::Channel>> {
-        Ok(
-            spb::access_service_client::AccessServiceClient::connect(format!(
-                "http://{}",
-                self.state[0].addr
-            ))
-            .await?,
-        )
+    /// A channel to state-svc `i` as `identity` (mutual TLS with the stack's CA).
+    pub fn state_channel(&self, i: usize, identity: &Identity) -> Result<Channel> {
+        Ok(talkgroup_common::grpc::channel(
+            &self.state_url(i),
+            Some(Duration::from_secs(10)),
+            &self.certs.security(identity)?,
+            Expect::Exactly(Identity::State),
+        )?)
     }
 
-    /// The registered media nodes, as state-svc `i` lists them.
+    /// A channel to media node `i` as `identity`.
+    pub fn media_channel(&self, i: usize, identity: &Identity) -> Result<Channel> {
+        Ok(talkgroup_common::grpc::channel(
+            &format!("http://{}", self.media[i].addr),
+            Some(Duration::from_secs(10)),
+            &self.certs.security(identity)?,
+            Expect::Exactly(Identity::Media(format!("media-{i}"))),
+        )?)
+    }
+
+    /// The `--tls-*` flags for `pttctl` as an admin of this stack.
+    pub fn admin_tls_args(&self) -> Result<Vec<String>> {
+        self.certs.args("pttctl", &Identity::Admin)
+    }
+
+    /// A client of state-svc `0`'s access service (grants, events, emergencies), as an admin.
+    pub async fn access(&self) -> Result<spb::access_service_client::AccessServiceClient<Channel>> {
+        Ok(spb::access_service_client::AccessServiceClient::new(
+            self.state_channel(0, &Identity::Admin)?,
+        ))
+    }
+
+    /// The registered media nodes, as state-svc `0` lists them to an admin.
     pub async fn nodes(&self) -> Result<Vec<spb::MediaNode>> {
-        let mut registry = spb::media_registry_service_client::MediaRegistryServiceClient::connect(
-            format!("http://{}", self.state[0].addr),
-        )
-        .await?;
+        let mut registry = spb::media_registry_service_client::MediaRegistryServiceClient::new(
+            self.state_channel(0, &Identity::Admin)?,
+        );
         Ok(registry
             .list_nodes(spb::ListNodesRequest {})
             .await?
@@ -298,11 +378,9 @@ impl Stack {
 
     /// The media node a channel is placed on ("" when not placed).
     pub async fn placement(&self, channel: &str) -> Result<String> {
-        let mut channels = spb::channel_service_client::ChannelServiceClient::connect(format!(
-            "http://{}",
-            self.state[0].addr
-        ))
-        .await?;
+        let mut channels = spb::channel_service_client::ChannelServiceClient::new(
+            self.state_channel(0, &Identity::Admin)?,
+        );
         Ok(channels
             .get_channel_state(spb::GetChannelStateRequest {
                 channel_id: channel.to_owned(),

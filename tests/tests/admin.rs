@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use talkgroup_common::tls::Identity;
 use talkgroup_e2e::{ADMIN_TOKEN, Stack, Topology, binary};
 use talkgroup_proto::admin::v1 as apb;
 use talkgroup_proto::state::v1 as spb;
@@ -18,7 +19,7 @@ use tonic::transport::Channel;
 type Admin = apb::admin_service_client::AdminServiceClient<Channel>;
 
 async fn admin(stack: &Stack) -> Admin {
-    Admin::connect(stack.state_url(0)).await.unwrap()
+    Admin::new(stack.state_channel(0, &Identity::Admin).unwrap())
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
@@ -375,6 +376,7 @@ fn pttctl(stack: &Stack, token: &str, args: &[&str]) -> Output {
     std::process::Command::new(binary("pttctl").unwrap())
         .arg("--server")
         .arg(stack.state_url(0))
+        .args(stack.admin_tls_args().unwrap())
         .args(args)
         .env("PTT_ADMIN_TOKEN", token)
         .output()

@@ -18,6 +18,14 @@ fn checked_addr(raw: String, what: &'static str) -> Result<String, Status> {
     Ok(raw)
 }
 
+impl<S> Api<S> {
+    /// A media node registers, heartbeats, drains and deregisters only itself: the node id in
+    /// the request must be the one its certificate names.
+    fn own_node<T>(&self, request: &Request<T>, node_id: &str) -> Result<(), Status> {
+        talkgroup_common::authz::require_node(request, node_id, &self.metrics.refusals)
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S> {
     async fn register_node(
@@ -25,9 +33,11 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let node = request
-            .into_inner()
+            .get_ref()
             .node
+            .clone()
             .ok_or_else(|| Status::invalid_argument("node is required"))?;
+        self.own_node(&request, &node.node_id)?;
         let grpc_addr = checked_addr(node.grpc_addr, "invalid grpc address")?;
         if grpc_addr.is_empty() {
             return Err(Status::invalid_argument("grpc address is required"));
@@ -56,6 +66,7 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.own_node(&request, &request.get_ref().node_id)?;
         let req = request.into_inner();
         let node = node_id(&req.node_id)?;
         let draining = self.store.heartbeat(&node, req.load).await?;
@@ -66,6 +77,7 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::MediaNode>, Status> {
+        self.own_node(&request, &request.get_ref().node_id)?;
         let node = node_id(&request.into_inner().node_id)?;
         let drained = self.store.drain_node(&node).await?;
         tracing::info!(node_id = %node, "media node draining");
@@ -76,6 +88,7 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         &self,
         request: Request<pb::DeregisterNodeRequest>,
     ) -> Result<Response<pb::DeregisterNodeResponse>, Status> {
+        self.own_node(&request, &request.get_ref().node_id)?;
         let node = node_id(&request.into_inner().node_id)?;
         self.store.deregister_node(&node).await?;
         tracing::info!(node_id = %node, "media node deregistered");
