@@ -6,9 +6,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -61,18 +62,88 @@ pub fn route(exposition: Exposition) -> Router {
     )
 }
 
-/// Serves `/metrics` on `addr` until `shutdown`; returns the bound address (logged as
-/// "metrics listening").
+/// Readiness and liveness for Kubernetes' HTTP probes (`/readyz`, `/livez` beside `/metrics`):
+/// the kubelet's gRPC probes speak plaintext, which a server that requires mutual TLS refuses.
+/// A service flips these where it flips its gRPC health status.
+#[derive(Clone, Debug)]
+pub struct Probes {
+    ready: Arc<AtomicBool>,
+    live: Arc<AtomicBool>,
+}
+
+impl Default for Probes {
+    /// Not ready, alive.
+    fn default() -> Self {
+        Self {
+            ready: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+impl Probes {
+    /// Ready and alive, for a service whose probes live elsewhere (the gateway's `/health`).
+    pub fn ready() -> Self {
+        let probes = Self::default();
+        probes.set_ready(true);
+        probes
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::Relaxed);
+    }
+
+    fn router(&self) -> Router {
+        let answer = |flag: Arc<AtomicBool>, yes: &'static str, no: &'static str| {
+            move || {
+                let up = flag.load(Ordering::Relaxed);
+                async move {
+                    if up {
+                        (StatusCode::OK, yes)
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, no)
+                    }
+                }
+            }
+        };
+        Router::new()
+            .route(
+                "/readyz",
+                get(answer(Arc::clone(&self.ready), "ready\n", "not ready\n")),
+            )
+            .route(
+                "/livez",
+                get(answer(Arc::clone(&self.live), "live\n", "not live\n")),
+            )
+    }
+}
+
+/// Serves `/metrics`, `/readyz` and `/livez` on `addr` until `shutdown`; returns the bound
+/// address (logged as "metrics listening").
 pub async fn serve(
     addr: SocketAddr,
     exposition: Exposition,
+    probes: Probes,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    serve_on(TcpListener::bind(addr).await?, exposition, probes, shutdown)
+}
+
+/// [`serve`] on a bound listener.
+pub fn serve_on(
+    listener: TcpListener,
+    exposition: Exposition,
+    probes: Probes,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics listening");
     tokio::spawn(async move {
-        let served = axum::serve(listener, route(exposition))
+        let served = axum::serve(listener, route(exposition).merge(probes.router()))
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(error) = served {
@@ -87,6 +158,45 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
 
     use super::*;
+
+    async fn status(addr: SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await.unwrap();
+        reply.split(' ').nth(1).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn probes_follow_the_service() {
+        let probes = Probes::default();
+        let stop = CancellationToken::new();
+        let exposition = Exposition::new(Registry::default(), || {});
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            exposition,
+            probes.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            status(addr, "/readyz").await,
+            503,
+            "not ready before it serves"
+        );
+        assert_eq!(status(addr, "/livez").await, 200);
+        probes.set_ready(true);
+        assert_eq!(status(addr, "/readyz").await, 200);
+        probes.set_ready(false);
+        probes.set_live(false);
+        assert_eq!(status(addr, "/readyz").await, 503, "draining");
+        assert_eq!(status(addr, "/livez").await, 503, "broken");
+        assert_eq!(status(addr, "/metrics").await, 200);
+        stop.cancel();
+    }
 
     #[test]
     fn renders_help_and_values() {

@@ -443,15 +443,16 @@ async fn main_async(args: Args) -> Result<()> {
             .context("starting the stack (build the release binaries first)")?;
             stack.ready().await?;
             let gateways: Vec<SocketAddr> = stack.gateways.iter().map(|g| g.addr).collect();
-            let mut metrics = gateways.clone();
-            for (name, group) in [("state-svc", &stack.state), ("media-svc", &stack.media)] {
+            let mut metrics = Vec::new();
+            for (name, group) in [
+                ("signaling-svc", &stack.gateways),
+                ("state-svc", &stack.state),
+                ("media-svc", &stack.media),
+            ] {
                 for p in group {
                     metrics.extend(p.logged_addr("metrics listening"));
                     processes.push((name.to_owned(), p.pid()));
                 }
-            }
-            for p in &stack.gateways {
-                processes.push(("signaling-svc".to_owned(), p.pid()));
             }
             if let Some(pid) = stack.redis.pid() {
                 processes.push(("redis".to_owned(), pid));

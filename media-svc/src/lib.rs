@@ -32,6 +32,7 @@ use tonic_health::ServingStatus;
 pub use crate::config::Config;
 use talkgroup_common::authz::{AuthorizeLayer, Policy, Refusals};
 use talkgroup_common::grpc::Security;
+use talkgroup_common::metrics::Probes;
 use talkgroup_common::tls::{Identity, Role};
 
 use crate::engine::rtc_peer::RtcEngine;
@@ -106,6 +107,7 @@ pub async fn run(
         Duration::from_millis(config.connect_timeout_ms),
         side_stop.clone(),
     ));
+    let probes = Probes::default();
     if let Some(metrics_addr) = config.metrics_listen {
         let exposition = metrics::start(
             Arc::clone(&node),
@@ -114,17 +116,24 @@ pub async fn run(
             &tasks,
             side_stop.clone(),
         );
-        talkgroup_common::metrics::serve(metrics_addr, exposition, side_stop.clone()).await?;
+        talkgroup_common::metrics::serve(
+            metrics_addr,
+            exposition,
+            probes.clone(),
+            side_stop.clone(),
+        )
+        .await?;
     }
     let standard = talkgroup_common::grpc::standard_services();
-    set_serving(&standard.reporter, ServingStatus::Serving).await;
-    standard
-        .reporter
-        .set_service_status(LIVENESS, ServingStatus::Serving)
-        .await;
+    let health = Health {
+        reporter: standard.reporter.clone(),
+        probes,
+    };
+    health.serving(ServingStatus::Serving).await;
+    health.live(ServingStatus::Serving).await;
     tasks.spawn(fail_on_worker_death(
         Arc::clone(&node),
-        standard.reporter.clone(),
+        health.clone(),
         side_stop.clone(),
     ));
     if let Some(url) = config.state_url.clone() {
@@ -141,7 +150,7 @@ pub async fn run(
     let timeout = Duration::from_millis(config.drain_timeout_ms);
     let drain = tasks.spawn(drain_on_shutdown(
         Arc::clone(&node),
-        standard.reporter.clone(),
+        health,
         timeout,
         shutdown,
         stop_serving.clone(),
@@ -217,9 +226,27 @@ fn registration(
     }
 }
 
-async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    for name in [SERVICE_NAME, ""] {
-        reporter.set_service_status(name, status).await;
+/// The node's health as gRPC health (`""`, the media service, and [`LIVENESS`]) and as the
+/// HTTP probes on the metrics listener.
+#[derive(Clone)]
+struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    probes: Probes,
+}
+
+impl Health {
+    /// Readiness: whether new channels may come here.
+    async fn serving(&self, status: ServingStatus) {
+        for name in [SERVICE_NAME, ""] {
+            self.reporter.set_service_status(name, status).await;
+        }
+        self.probes.set_ready(status == ServingStatus::Serving);
+    }
+
+    /// Liveness: whether the node works at all.
+    async fn live(&self, status: ServingStatus) {
+        self.reporter.set_service_status(LIVENESS, status).await;
+        self.probes.set_live(status == ServingStatus::Serving);
     }
 }
 
@@ -230,21 +257,15 @@ pub const LIVENESS: &str = "talkgroup.media.Liveness";
 /// A worker that panicked took its peers and channels with it: the node reports NOT_SERVING
 /// (readiness and liveness, so Kubernetes replaces it) and drains (the registry places no new
 /// channels on it, and gateways move new joins elsewhere).
-async fn fail_on_worker_death(
-    node: Arc<Node>,
-    reporter: tonic_health::server::HealthReporter,
-    stop: CancellationToken,
-) {
+async fn fail_on_worker_death(node: Arc<Node>, health: Health, stop: CancellationToken) {
     let failed = node.failed();
     tokio::select! {
         () = failed.cancelled() => {}
         () = stop.cancelled() => return,
     }
     tracing::error!("a media worker died; the node reports NOT_SERVING and takes no new channels");
-    set_serving(&reporter, ServingStatus::NotServing).await;
-    reporter
-        .set_service_status(LIVENESS, ServingStatus::NotServing)
-        .await;
+    health.serving(ServingStatus::NotServing).await;
+    health.live(ServingStatus::NotServing).await;
     node.set_draining();
 }
 
@@ -252,13 +273,13 @@ async fn fail_on_worker_death(
 /// closed or `timeout` passed.
 async fn drain_on_shutdown(
     node: Arc<Node>,
-    reporter: tonic_health::server::HealthReporter,
+    health: Health,
     timeout: Duration,
     shutdown: CancellationToken,
     stop_serving: CancellationToken,
 ) {
     shutdown.cancelled().await;
-    set_serving(&reporter, ServingStatus::NotServing).await;
+    health.serving(ServingStatus::NotServing).await;
     node.set_draining();
     tracing::info!(
         transports = node.transport_count(),

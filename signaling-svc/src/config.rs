@@ -14,6 +14,10 @@ pub struct Config {
     /// HTTP/WebSocket listen address.
     #[arg(long, env = "PTT_SIGNALING_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Internal address of the Prometheus `/metrics` endpoint (HTTP), kept off the
+    /// client-facing listener; off when unset.
+    #[arg(long, env = "PTT_SIGNALING_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// state-svc gRPC URL.
     #[arg(
         long,

@@ -69,10 +69,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     } else {
         router
     };
-    let exposition = state.metrics.exposition(Arc::clone(&state.hub));
-    router
-        .with_state(state)
-        .merge(talkgroup_common::metrics::route(exposition))
+    router.with_state(state)
 }
 
 // The browser client (plain ES module, no build step), compiled into the binary.
@@ -299,14 +296,37 @@ async fn watch_key_set(app: Arc<AppState>, shutdown: CancellationToken) {
 }
 
 /// Serves until `shutdown`, then closes every socket with 1001 after releasing its floors, within
-/// the grace period.
+/// the grace period. `/metrics` is served on `--metrics-listen`, if set.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    run_with_metrics(config, listener, metrics, shutdown).await
+}
+
+/// [`run`] with the metrics listener already bound (tests bind port 0 and read its address).
+pub async fn run_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let app_state = app_state(config, shutdown.clone())?;
+    if let Some(metrics) = metrics {
+        let exposition = app_state.metrics.exposition(Arc::clone(&app_state.hub));
+        talkgroup_common::metrics::serve_on(
+            metrics,
+            exposition,
+            talkgroup_common::metrics::Probes::ready(),
+            shutdown.clone(),
+        )?;
+    }
     let addr = listener.local_addr()?;
     // The event streams get their own HTTP/2 connection, so a burst of events never queues
     // in front of a floor request's reply.

@@ -33,6 +33,8 @@ fn token(sub: &str, name: &str, exp_offset: i64, secret: &str) -> String {
 
 struct Stack {
     gateways: Vec<SocketAddr>,
+    /// Each gateway's internal `/metrics` listener.
+    metrics: Vec<SocketAddr>,
     /// state-svc's gRPC address.
     state: SocketAddr,
     stop: CancellationToken,
@@ -97,14 +99,22 @@ async fn stack_full(
     let s = stop.clone();
     serve(move |l| async move { media_svc::run(media_config, l, s).await.unwrap() }).await;
     let mut addrs = Vec::new();
+    let mut metrics = Vec::new();
     for _ in 0..gateways {
         let mut config = signaling_svc::Config::for_tests(SECRET);
         config.state_url = format!("http://{state}");
         config.shutdown_grace_ms = 2_000;
         configure(&mut config);
         let s = stop.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        metrics.push(listener.local_addr().unwrap());
         addrs.push(
-            serve(move |l| async move { signaling_svc::run(config, l, s).await.unwrap() }).await,
+            serve(move |l| async move {
+                signaling_svc::run_with_metrics(config, l, Some(listener), s)
+                    .await
+                    .unwrap()
+            })
+            .await,
         );
     }
     // The media node is registered before anyone talks.
@@ -117,6 +127,7 @@ async fn stack_full(
     .unwrap();
     Stack {
         gateways: addrs,
+        metrics,
         state,
         stop,
     }
@@ -937,7 +948,7 @@ async fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
         "RSS grew {growth_kib} KiB with {SLOW} clients that never read"
     );
     assert_eq!(listener.request("ping", json!({})).await["type"], "pong");
-    let metrics = http_get(gw, "/metrics").await;
+    let metrics = http_get(stack.metrics[0], "/metrics").await;
     assert!(
         metrics.contains(&format!("ptt_gateway_slow_clients_total {SLOW}")),
         "{metrics}"
@@ -1116,7 +1127,7 @@ async fn keys_named_by_kid_rotate_without_dropping_anyone() {
     .unwrap();
     // A broken file keeps the keys as they were.
     let failed_reloads = || async {
-        let metrics = http_get(gw, "/metrics").await;
+        let metrics = http_get(stack.metrics[0], "/metrics").await;
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(r#"ptt_gateway_key_set_reloads_total{result="failed"} "#))
@@ -1215,7 +1226,7 @@ async fn quotas_per_user_socket_address_and_channel_get_their_codes() {
     let pressed = by.request("ptt-start", json!({"channelId": "by-ch"})).await;
     assert_eq!(pressed["data"]["granted"], true, "{pressed}");
     assert_eq!(by.request("ping", json!({})).await["type"], "pong");
-    let metrics = http_get(gw, "/metrics").await;
+    let metrics = http_get(stack.metrics[0], "/metrics").await;
     for reason in ["sessions-per-user", "sockets-per-address"] {
         assert!(
             metrics.contains(&format!(

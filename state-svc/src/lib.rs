@@ -39,6 +39,7 @@ use tonic_health::ServingStatus;
 pub use crate::config::{Config, ConfigError, StoreKind};
 use talkgroup_common::authz::{AuthorizeLayer, Policy};
 use talkgroup_common::grpc::Security;
+use talkgroup_common::metrics::Probes;
 use talkgroup_common::tls::{Identity, Role};
 
 use crate::hub::Hub;
@@ -128,9 +129,11 @@ async fn serve<S: Store>(
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
     let metrics = metrics::StateMetrics::new();
+    let probes = Probes::default();
     if let Some(addr) = config.metrics_listen {
         let exposition = metrics.exposition(Arc::clone(&hub));
-        talkgroup_common::metrics::serve(addr, exposition, shutdown.clone()).await?;
+        talkgroup_common::metrics::serve(addr, exposition, probes.clone(), shutdown.clone())
+            .await?;
     }
     spawn_background(&tracker, &store, &hub, &metrics, config, &shutdown);
     let refusals = metrics.refusals.clone();
@@ -158,6 +161,7 @@ async fn serve<S: Store>(
     let standard = talkgroup_common::grpc::standard_services();
     let reporter = standard.reporter.clone();
     set_serving(&reporter, ServingStatus::Serving).await;
+    probes.set_ready(true);
     let router = talkgroup_common::grpc::server()
         .trace_fn(talkgroup_common::telemetry::server_span)
         .layer(AuthorizeLayer::new(policy.clone(), refusals.clone()))
@@ -175,6 +179,7 @@ async fn serve<S: Store>(
         async move {
             shutdown.cancelled().await;
             set_serving(&reporter, ServingStatus::NotServing).await;
+            probes.set_ready(false);
             tracing::info!("draining");
         }
     };

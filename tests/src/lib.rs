@@ -258,6 +258,8 @@ impl Stack {
                 SECRET,
                 "--gateway-id",
                 &format!("gw-{i}"),
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--shutdown-grace-ms",
                 "2000",
                 "--log-format",

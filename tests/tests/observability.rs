@@ -69,7 +69,10 @@ async fn every_service_exposes_metrics_with_help_after_real_traffic() {
         .await;
     assert_eq!(reply["error"]["code"], "FORBIDDEN");
 
-    let gateway = scrape(stack.gateway(0)).await;
+    let gateway = scrape(stack.gateways[0].logged_addr("metrics listening").unwrap()).await;
+    // The client-facing port does not serve metrics.
+    let (status, _) = http_get(stack.gateway(0), "/metrics").await.unwrap();
+    assert_eq!(status, 404, "metrics stay on the internal listener");
     for name in [
         "ptt_gateway_requests",
         "ptt_gateway_errors",

@@ -74,6 +74,34 @@ async fn every_call_is_authorised_by_the_callers_certificate() {
         .unwrap_err();
     assert_eq!(floor.code(), Code::PermissionDenied);
 
+    // Nor grant anyone a role.
+    let mut media_access = spb::access_service_client::AccessServiceClient::new(
+        stack.state_channel(0, &media_1).unwrap(),
+    );
+    let escalation = media_access
+        .set_user_grants(spb::SetUserGrantsRequest {
+            user_id: "u-mallory".into(),
+            grants: vec![spb::Grant {
+                channel_id: "ops".into(),
+                role: spb::Role::Admin as i32,
+            }],
+            replace: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(escalation.code(), Code::PermissionDenied, "{escalation:?}");
+
+    // A gateway cannot register a media node (it would pick where channels go).
+    let mut gateway_registry = spb::media_registry_service_client::MediaRegistryServiceClient::new(
+        stack.state_channel(0, &Identity::Gateway).unwrap(),
+    );
+    let spoofed = gateway_registry
+        .register_node(register("media-x", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(spoofed.code(), Code::PermissionDenied, "{spoofed:?}");
+    assert_eq!(stack.nodes().await.unwrap().len(), 1, "nothing registered");
+
     // A gateway serves clients but cannot grant anyone a role; an admin can.
     let grant = spb::SetUserGrantsRequest {
         user_id: "u-mallory".into(),
@@ -123,11 +151,24 @@ async fn every_call_is_authorised_by_the_callers_certificate() {
     let mut media_as_media = mpb::media_service_client::MediaServiceClient::new(
         stack.media_channel(0, &media_1).unwrap(),
     );
-    let consume = media_as_media
+    let transport = media_as_media
         .create_transport(mpb::CreateTransportRequest::default())
         .await
         .unwrap_err();
+    assert_eq!(transport.code(), Code::PermissionDenied, "{transport:?}");
+    let consume = media_as_admin
+        .consume(mpb::ConsumeRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(consume.code(), Code::PermissionDenied, "{consume:?}");
+    let stats = media_as_admin
+        .get_node_stats(mpb::GetNodeStatsRequest {
+            reset_latency: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.transports, 0, "no transport was created: {stats:?}");
 
     // A certificate from another CA naming "admin" gets nothing.
     let rogue_dir = stack.certs.dir.join("rogue");
@@ -171,8 +212,8 @@ async fn every_call_is_authorised_by_the_callers_certificate() {
     let state_metrics = stack.state[0].logged_addr("metrics listening").unwrap();
     let counted = metric(state_metrics, "ptt_grpc_refused_total").await;
     for line in [
-        r#"ptt_grpc_refused_total{reason="permission_denied",role="media"} 3"#,
-        r#"ptt_grpc_refused_total{reason="permission_denied",role="gateway"} 1"#,
+        r#"ptt_grpc_refused_total{reason="permission_denied",role="media"} 4"#,
+        r#"ptt_grpc_refused_total{reason="permission_denied",role="gateway"} 2"#,
         r#"ptt_grpc_refused_total{reason="unauthenticated",role="none"} 1"#,
     ] {
         assert!(counted.contains(line), "{line} in:\n{counted}");
@@ -184,7 +225,7 @@ async fn every_call_is_authorised_by_the_callers_certificate() {
     let media_metrics = stack.media[0].logged_addr("metrics listening").unwrap();
     let counted = metric(media_metrics, "ptt_grpc_refused_total").await;
     assert!(
-        counted.contains(r#"ptt_grpc_refused_total{reason="permission_denied",role="admin"} 1"#)
+        counted.contains(r#"ptt_grpc_refused_total{reason="permission_denied",role="admin"} 2"#)
             && counted
                 .contains(r#"ptt_grpc_refused_total{reason="permission_denied",role="media"} 1"#),
         "{counted}"
