@@ -253,26 +253,137 @@ impl Tls {
     /// Checks the files every [`RELOAD_EVERY`] until `shutdown`, logging each rotation.
     pub fn spawn_reload(self: &Arc<Self>, shutdown: CancellationToken) {
         let tls = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RELOAD_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.cancelled() => return,
-                }
-                match tls.reload() {
-                    Ok(true) => {
-                        tracing::info!(identity = %tls.identity(), "TLS certificate reloaded");
-                    }
-                    Ok(false) => {}
-                    Err(error) => {
-                        tracing::warn!(%error, "TLS files not reloaded; the previous ones stay");
-                    }
+        spawn_reload_loop(
+            move || {
+                tls.reload()
+                    .map(|changed| changed.then(|| tls.identity().to_string()))
+            },
+            shutdown,
+        );
+    }
+}
+
+/// Calls `reload` every [`RELOAD_EVERY`] until `shutdown`; it answers what it now holds when
+/// the files changed, nothing when they did not.
+fn spawn_reload_loop(
+    reload: impl Fn() -> Result<Option<String>, TlsError> + Send + 'static,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            match reload() {
+                Ok(Some(holder)) => tracing::info!(%holder, "TLS certificate reloaded"),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "TLS files not reloaded; the previous ones stay");
                 }
             }
-        });
+        }
+    });
+}
+
+/// A public-facing server certificate (the gateway's HTTPS and `wss://` listener): a chain and
+/// its key, no client certificates, TLS 1.2 and 1.3, re-read when the files change.
+pub struct ServerCert {
+    cert: PathBuf,
+    key: PathBuf,
+    alpn: Vec<Vec<u8>>,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<ServerMaterial>,
+}
+
+impl fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerCert")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
+}
+
+impl ServerCert {
+    /// Reads and checks the files; `alpn` is what the listener speaks (`http/1.1`).
+    pub fn load(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<Arc<Self>, TlsError> {
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let current = read_server_cert(cert, key, &alpn, &provider)?;
+        Ok(Arc::new(Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            alpn,
+            provider,
+            current: RwLock::new(current),
+        }))
+    }
+
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(&current.2)
+    }
+
+    /// Re-reads the files; swaps them in if they changed and are valid.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let (cert_pem, key_pem) = (read_file(&self.cert)?, read_file(&self.key)?);
+        {
+            let current = self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if current.0 == cert_pem && current.1 == key_pem {
+                return Ok(false);
+            }
+        }
+        let fresh = read_server_cert(&self.cert, &self.key, &self.alpn, &self.provider)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(true)
+    }
+
+    /// Checks the files every [`RELOAD_EVERY`] until `shutdown`.
+    pub fn spawn_reload(self: &Arc<Self>, shutdown: CancellationToken) {
+        let this = Arc::clone(self);
+        spawn_reload_loop(
+            move || {
+                this.reload()
+                    .map(|changed| changed.then(|| this.cert.display().to_string()))
+            },
+            shutdown,
+        );
+    }
+}
+
+type ServerMaterial = (Vec<u8>, Vec<u8>, Arc<ServerConfig>);
+
+fn read_server_cert(
+    cert: &Path,
+    key: &Path,
+    alpn: &[Vec<u8>],
+    provider: &Arc<CryptoProvider>,
+) -> Result<ServerMaterial, TlsError> {
+    let cert_pem = read_file(cert)?;
+    let key_pem = read_file(key)?;
+    let chain = parse_chain(&cert_pem, cert)?;
+    let private = parse_key(&key_pem, key)?;
+    let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| invalid(key, format!("does not fit the certificate: {e}")))?;
+    config.alpn_protocols = alpn.to_vec();
+    Ok((cert_pem, key_pem, Arc::new(config)))
 }
 
 /// The TLS flags every service takes.
@@ -404,30 +515,15 @@ fn invalid(path: &Path, what: impl Into<String>) -> TlsError {
 
 fn read(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Material, TlsError> {
     let raw = read_raw(files)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&raw[0])
-        .collect::<Result<_, _>>()
-        .map_err(|_| invalid(&files.cert, "not a PEM certificate chain"))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| invalid(&files.cert, "no certificate in the file"))?;
-    let identity = Identity::from_certificate(leaf).ok_or_else(|| {
+    let chain = parse_chain(&raw[0], &files.cert)?;
+    let identity = Identity::from_certificate(&chain[0]).ok_or_else(|| {
         invalid(
             &files.cert,
             format!("the certificate names no spiffe://{TRUST_DOMAIN}/... identity (URI SAN)"),
         )
     })?;
-    let key = PrivateKeyDer::from_pem_slice(&raw[1])
-        .map_err(|_| invalid(&files.key, "not a PEM private key"))?;
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&raw[2]) {
-        let ca = ca.map_err(|_| invalid(&files.ca, "not a PEM certificate bundle"))?;
-        roots
-            .add(ca)
-            .map_err(|e| invalid(&files.ca, format!("unusable CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(invalid(&files.ca, "no CA certificate in the file"));
-    }
+    let key = parse_key(&raw[1], &files.key)?;
+    let roots = parse_roots(&raw[2], &files.ca)?;
     let roots = Arc::new(roots);
     let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::clone(&roots),
@@ -455,6 +551,87 @@ fn read(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Material, Tl
         key,
         roots,
     })
+}
+
+/// A PEM certificate chain, leaf first; at least one certificate.
+fn parse_chain(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid(path, "not a PEM certificate chain"))?;
+    if chain.is_empty() {
+        return Err(invalid(path, "no certificate in the file"));
+    }
+    Ok(chain)
+}
+
+fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|_| invalid(path, "not a PEM private key"))
+}
+
+/// A PEM CA bundle; at least one usable certificate.
+fn parse_roots(pem: &[u8], path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(pem) {
+        let ca = ca.map_err(|_| invalid(path, "not a PEM certificate bundle"))?;
+        roots
+            .add(ca)
+            .map_err(|e| invalid(path, format!("unusable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(path, "no CA certificate in the file"));
+    }
+    Ok(roots)
+}
+
+/// Reads and checks a PEM CA bundle.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    parse_roots(&read_file(path)?, path)
+}
+
+/// A client certificate and key, PEM files, for a backing store that asks for one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The client side towards a backing store (Redis, PostgreSQL): the server must present a
+/// certificate for the host name dialled that chains to the CA bundle at `ca` (full
+/// verification, as `verify-full`), and `client`, when given, is presented in turn.
+pub fn store_client_config(
+    ca: &Path,
+    client: Option<&ClientCert>,
+) -> Result<ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(read_roots(ca)?);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some(files) => {
+            let chain = parse_chain(&read_file(&files.cert)?, &files.cert)?;
+            let key = parse_key(&read_file(&files.key)?, &files.key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| invalid(&files.key, format!("does not fit the certificate: {e}")))
+        }
+    }
+}
+
+/// Checks that `cert` and `key` are PEM files that fit together (a store client certificate
+/// handed on to a library that takes PEM bytes).
+pub fn check_client_cert(files: &ClientCert) -> Result<(), TlsError> {
+    let chain = parse_chain(&read_file(&files.cert)?, &files.cert)?;
+    let key = parse_key(&read_file(&files.key)?, &files.key)?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|_| invalid(&files.key, "unsupported private key"))?;
+    rustls::sign::CertifiedKey::new(chain, signing)
+        .keys_match()
+        .map_err(|e| invalid(&files.key, format!("does not fit the certificate: {e}")))
 }
 
 /// The handshake side of client authentication: the client's proof of possession of its key

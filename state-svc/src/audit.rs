@@ -215,7 +215,7 @@ async fn advance_cursor(
 /// The writer's settings.
 #[derive(Debug, Clone)]
 pub struct AuditSettings {
-    pub postgres_url: String,
+    pub postgres: crate::connect::PostgresConnect,
     /// How often every audit stream is looked at, whatever the events say.
     pub sweep: Duration,
 }
@@ -266,8 +266,7 @@ impl AuditWriter {
 
     /// One connected period: migrate, then copy whatever is marked or swept.
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), AuditError> {
-        let (mut pg, connection) =
-            tokio_postgres::connect(&self.settings.postgres_url, tokio_postgres::NoTls).await?;
+        let (mut pg, connection) = self.settings.postgres.connect().await?;
         let (lost_tx, mut lost) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let _ = lost_tx.send(connection.await);
@@ -519,7 +518,7 @@ pub struct SyncRecord {
 
 /// Queries over the audit database for the admin API, on one lazily (re)connected client.
 pub struct History {
-    url: String,
+    postgres: crate::connect::PostgresConnect,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
@@ -534,9 +533,9 @@ fn unavailable(error: &tokio_postgres::Error) -> crate::error::StoreError {
 }
 
 impl History {
-    pub fn new(url: String) -> Self {
+    pub fn new(postgres: crate::connect::PostgresConnect) -> Self {
         Self {
-            url,
+            postgres,
             client: tokio::sync::Mutex::new(None),
         }
     }
@@ -548,9 +547,8 @@ impl History {
     ) -> Result<Vec<tokio_postgres::Row>, crate::error::StoreError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| unavailable(&e))?;
+            let (client, connection) =
+                self.postgres.connect().await.map_err(|e| unavailable(&e))?;
             tokio::spawn(connection);
             *guard = Some(client);
         }

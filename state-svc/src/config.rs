@@ -2,6 +2,7 @@
 //! environment variable. Read once in `main.rs`; tests build [`Config`] directly.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::domain::Clock;
@@ -9,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use talkgroup_common::telemetry::LogFormat;
 use talkgroup_common::tls::TlsArgs;
 
+use crate::connect::{PostgresAuth, PostgresConnect, RedisAuth, RedisConnect};
 use crate::store::StoreSettings;
 use crate::store::redis::{RedisOptions, redact_url};
 
@@ -43,6 +45,30 @@ pub struct Config {
     /// Redis URL, for example `redis://127.0.0.1:6379/0`. Never logged with its password.
     #[arg(long, env = "PTT_STATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Redis ACL user (`AUTH <user> <password>`); the URL may name it too.
+    #[arg(long, env = "PTT_STATE_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// File holding the Redis password (a mounted Secret), instead of a password in the URL.
+    #[arg(long, env = "PTT_STATE_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) the Redis server's certificate must chain to, for a `rediss://` URL;
+    /// without it the system's roots are used. The host name in the URL is verified.
+    #[arg(long, env = "PTT_STATE_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that asks for one (`tls-auth-clients yes`).
+    #[arg(
+        long,
+        env = "PTT_STATE_REDIS_CLIENT_CERT",
+        requires = "redis_client_key"
+    )]
+    pub redis_client_cert: Option<PathBuf>,
+    /// The key of --redis-client-cert (PEM).
+    #[arg(
+        long,
+        env = "PTT_STATE_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<PathBuf>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "PTT_STATE_KEY_PREFIX", default_value = "ptt")]
     pub key_prefix: String,
@@ -68,6 +94,28 @@ pub struct Config {
     /// trimmed to --audit-maxlen per channel). Redis store only. Never logged.
     #[arg(long, env = "PTT_STATE_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
+    /// File holding the PostgreSQL password (a mounted Secret), instead of one in the URL.
+    #[arg(long, env = "PTT_STATE_POSTGRES_PASSWORD_FILE")]
+    pub postgres_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) the PostgreSQL server's certificate must chain to. With it TLS is
+    /// required and the host name is verified (as `sslmode=verify-full`); without it the
+    /// connection is plaintext, for a database on the same host or network namespace only.
+    #[arg(long, env = "PTT_STATE_POSTGRES_CA")]
+    pub postgres_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a PostgreSQL that authenticates clients by certificate.
+    #[arg(
+        long,
+        env = "PTT_STATE_POSTGRES_CLIENT_CERT",
+        requires = "postgres_client_key"
+    )]
+    pub postgres_client_cert: Option<PathBuf>,
+    /// The key of --postgres-client-cert (PEM).
+    #[arg(
+        long,
+        env = "PTT_STATE_POSTGRES_CLIENT_KEY",
+        requires = "postgres_client_cert"
+    )]
+    pub postgres_client_key: Option<PathBuf>,
     /// How often the audit writer looks at every audit stream, in milliseconds (it also
     /// follows the channels' events).
     #[arg(long, env = "PTT_STATE_AUDIT_SWEEP_MS", default_value_t = 30_000)]
@@ -168,6 +216,14 @@ pub enum ConfigError {
     BadAdminToken,
     #[error("{0}")]
     Tls(String),
+    #[error("--redis-url is not a redis:// or rediss:// URL")]
+    BadRedisUrl,
+    #[error("--postgres-url is not a PostgreSQL URL")]
+    BadPostgresUrl,
+    #[error("{0} TLS: {1}")]
+    StoreTls(&'static str, String),
+    #[error("{0} ({1}): {2}")]
+    Secret(&'static str, String, String),
 }
 
 impl Config {
@@ -269,6 +325,20 @@ impl Config {
         Ok(())
     }
 
+    /// How to reach the audit database, with its files read and checked; none when unset.
+    pub fn postgres(&self) -> Result<Option<PostgresConnect>, ConfigError> {
+        let Some(url) = &self.postgres_url else {
+            return Ok(None);
+        };
+        let auth = PostgresAuth {
+            password_file: self.postgres_password_file.clone(),
+            ca: self.postgres_ca.clone(),
+            client_cert: self.postgres_client_cert.clone(),
+            client_key: self.postgres_client_key.clone(),
+        };
+        PostgresConnect::new(url, &auth).map(Some)
+    }
+
     pub fn store_settings(&self) -> StoreSettings {
         StoreSettings {
             lease_ms: self.lease_ms,
@@ -285,9 +355,21 @@ impl Config {
         }
     }
 
-    pub fn redis_options(&self) -> Option<RedisOptions> {
-        Some(RedisOptions {
-            url: self.redis_url.clone()?,
+    /// How to reach Redis, with its files read and checked.
+    pub fn redis_options(&self) -> Result<RedisOptions, ConfigError> {
+        let url = self
+            .redis_url
+            .as_deref()
+            .ok_or(ConfigError::MissingRedisUrl)?;
+        let auth = RedisAuth {
+            username: self.redis_username.clone(),
+            password_file: self.redis_password_file.clone(),
+            ca: self.redis_ca.clone(),
+            client_cert: self.redis_client_cert.clone(),
+            client_key: self.redis_client_key.clone(),
+        };
+        Ok(RedisOptions {
+            connect: RedisConnect::new(url, &auth)?,
             key_prefix: self.key_prefix.clone(),
             timeout: Duration::from_millis(u64::from(self.redis_timeout_ms)),
             audit_maxlen: self.audit_maxlen,

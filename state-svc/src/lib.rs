@@ -19,6 +19,7 @@ pub mod access;
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod connect;
 pub mod domain;
 pub mod error;
 pub mod hub;
@@ -82,6 +83,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    let postgres = config.postgres()?;
     let hub = Hub::new();
     let tracker = TaskTracker::new();
     match config.store_kind() {
@@ -91,11 +93,26 @@ pub async fn run(
                 Arc::clone(&hub),
                 config.clock.clone(),
             );
-            serve(Arc::new(store), hub, &config, listener, tracker, shutdown).await
+            let history = None;
+            serve(
+                Arc::new(store),
+                hub,
+                &config,
+                history,
+                listener,
+                tracker,
+                shutdown,
+            )
+            .await
         }
         StoreKind::Redis => {
-            let options = config.redis_options().ok_or(ConfigError::MissingRedisUrl)?;
-            tracing::info!(url = %store::redis::redact_url(&options.url), prefix = %options.key_prefix, "using redis store");
+            let options = config.redis_options()?;
+            tracing::info!(
+                url = %options.connect.shown(),
+                tls = options.connect.tls(),
+                prefix = %options.key_prefix,
+                "using redis store"
+            );
             let store = RedisStore::connect(
                 &options,
                 config.store_settings(),
@@ -103,18 +120,29 @@ pub async fn run(
                 &tracker,
                 shutdown.child_token(),
             )?;
-            if let Some(postgres_url) = &config.postgres_url {
+            if let Some(postgres) = &postgres {
+                tracing::info!(tls = postgres.tls(), "audit trail copied to postgresql");
                 let writer = audit::AuditWriter::new(
-                    store::redis::client(&options.url)?,
+                    options.connect.client()?,
                     store.keys().clone(),
                     audit::AuditSettings {
-                        postgres_url: postgres_url.clone(),
+                        postgres: postgres.clone(),
                         sweep: Duration::from_millis(u64::from(config.audit_sweep_ms)),
                     },
                 );
                 tracker.spawn(writer.run(shutdown.child_token()));
             }
-            serve(Arc::new(store), hub, &config, listener, tracker, shutdown).await
+            let history = postgres.map(|pg| Arc::new(audit::History::new(pg)));
+            serve(
+                Arc::new(store),
+                hub,
+                &config,
+                history,
+                listener,
+                tracker,
+                shutdown,
+            )
+            .await
         }
     }
 }
@@ -123,6 +151,7 @@ async fn serve<S: Store>(
     store: Arc<S>,
     hub: Arc<Hub>,
     config: &Config,
+    history: Option<Arc<audit::History>>,
     listener: TcpListener,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -172,7 +201,7 @@ async fn serve<S: Store>(
                 .grpc_reflection
                 .then_some(standard.reflection_v1alpha),
         );
-    let router = add_services(router, api, config);
+    let router = add_services(router, api, config, history);
     tracing::info!(%addr, store = ?config.store_kind(), "state-svc listening");
     let drain = {
         let shutdown = shutdown.clone();
@@ -294,15 +323,16 @@ pub fn policy() -> Policy {
 type Router =
     tonic::transport::server::Router<tower_layer::Stack<AuthorizeLayer, tower_layer::Identity>>;
 
-fn add_services<S: Store>(router: Router, api: api::Api<S>, config: &Config) -> Router {
+fn add_services<S: Store>(
+    router: Router,
+    api: api::Api<S>,
+    config: &Config,
+    history: Option<Arc<audit::History>>,
+) -> Router {
     let auth = api::admin::AdminAuth::new(config.admin_token.as_deref());
     if config.admin_token.is_none() {
         tracing::warn!("no --admin-token: the admin API refuses every call");
     }
-    let history = config
-        .postgres_url
-        .clone()
-        .map(|url| Arc::new(audit::History::new(url)));
     let admin = talkgroup_proto::admin::v1::admin_service_server::AdminServiceServer::new(
         api::admin::AdminApi::new(api.clone(), history),
     )

@@ -78,6 +78,18 @@ pub struct RedisServer {
     port: u16,
     pid: Option<u32>,
     watchdog: Option<(Child, ChildStdin)>,
+    tls: Option<RedisTls>,
+}
+
+/// TLS for a test Redis: its certificate, key and the CA clients must chain to (PEM files).
+/// Clients must present a certificate (`tls-auth-clients yes`, Redis's default).
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+    /// The TLS port, chosen at start.
+    pub port: u16,
 }
 
 const WATCHDOG: &str = r#"redis-server "$@" & pid=$!; echo "$pid"; read -r _; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null"#;
@@ -85,13 +97,28 @@ const WATCHDOG: &str = r#"redis-server "$@" & pid=$!; echo "$pid"; read -r _; ki
 impl RedisServer {
     /// Starts Redis on a fresh ephemeral port.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts Redis with a TLS port besides the plain one (which the harness keeps for its
+    /// own PING); `tls.port` is filled in.
+    pub fn start_tls(tls: RedisTls) -> Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<RedisTls>) -> Result<Self> {
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port()?;
+            let mut tls = tls.clone();
+            if let Some(tls) = tls.as_mut() {
+                tls.port = free_port()?;
+            }
             let mut server = Self {
                 port,
                 pid: None,
                 watchdog: None,
+                tls,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -103,6 +130,21 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<()> {
         let port = self.port.to_string();
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(tls) = &self.tls {
+            tls_args = vec![
+                "--tls-port".into(),
+                tls.port.to_string(),
+                "--tls-cert-file".into(),
+                tls.cert.display().to_string(),
+                "--tls-key-file".into(),
+                tls.key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                tls.ca.display().to_string(),
+                "--tls-auth-clients".into(),
+                "yes".into(),
+            ];
+        }
         let mut child = Command::new("sh")
             .args(["-c", WATCHDOG, "sh"])
             .args([
@@ -121,6 +163,7 @@ impl RedisServer {
                 "--loglevel",
                 "warning",
             ])
+            .args(&tls_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -163,6 +206,28 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The `rediss://` URL of the TLS port, when started with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|tls| format!("rediss://127.0.0.1:{}", tls.port))
+    }
+
+    /// Runs one command on the plain port with `redis-cli` (ACL setup in tests), failing on
+    /// an error reply.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .context("cannot run redis-cli")?;
+        let reply = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() || reply.starts_with("ERR") || reply.contains("(error)") {
+            bail!("redis-cli {args:?}: {reply}");
+        }
+        Ok(reply)
     }
 
     /// The Redis process id, while it runs.

@@ -46,11 +46,23 @@ pub struct PostgresServer {
     port: u16,
     as_postgres: bool,
     running: bool,
+    tls: bool,
 }
 
 impl PostgresServer {
     /// Creates a cluster and starts it.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Creates a cluster that takes TCP connections over TLS only (`ssl=on`, `hostssl` in
+    /// `pg_hba.conf`, plaintext TCP rejected), with this certificate and key (PEM), and starts
+    /// it.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let bin = bin_dir()?;
         let dir = std::env::temp_dir().join(format!(
@@ -76,6 +88,7 @@ impl PostgresServer {
             port: free_port()?,
             as_postgres,
             running: false,
+            tls: tls.is_some(),
         };
         let data = server.data_dir();
         server.run(
@@ -91,8 +104,42 @@ impl PostgresServer {
                 "UTF8",
             ],
         )?;
+        if let Some((cert, key)) = tls {
+            server.install_tls(cert, key)?;
+        }
         server.resume()?;
         Ok(server)
+    }
+
+    /// Writes the server's certificate and key into the data directory and allows TCP over
+    /// TLS only.
+    fn install_tls(&self, cert: &str, key: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = PathBuf::from(self.data_dir());
+        std::fs::write(data.join("server.crt"), cert)?;
+        std::fs::write(data.join("server.key"), key)?;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )?;
+        if self.as_postgres {
+            for file in ["server.crt", "server.key", "pg_hba.conf"] {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(data.join(file))
+                    .status()?;
+                if !status.success() {
+                    bail!("cannot hand {file} to the postgres user");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn data_dir(&self) -> String {
@@ -126,11 +173,14 @@ impl PostgresServer {
     /// Starts the server again (after [`PostgresServer::stop`]); the data is kept.
     pub fn resume(&mut self) -> Result<()> {
         let data = self.data_dir();
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            options.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let log = self.dir.join("server.log").to_string_lossy().into_owned();
         self.run(
             "pg_ctl",

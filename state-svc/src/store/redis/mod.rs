@@ -51,7 +51,8 @@ use crate::sync::SyncSession;
 /// How the Redis store connects and bounds its work.
 #[derive(Clone)]
 pub struct RedisOptions {
-    pub url: String,
+    /// The server, credentials and TLS.
+    pub connect: crate::connect::RedisConnect,
     /// Prefix of every key (default `ptt`); tests use one per test.
     pub key_prefix: String,
     /// Upper bound of every Redis call.
@@ -65,7 +66,7 @@ pub struct RedisOptions {
 impl std::fmt::Debug for RedisOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisOptions")
-            .field("url", &redact_url(&self.url))
+            .field("connect", &self.connect)
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("audit_maxlen", &self.audit_maxlen)
@@ -82,16 +83,6 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// A Redis client for `url` with `TCP_NODELAY`: many small pipelined commands share one
-/// connection, and with Nagle a write waits for the ACK of the previous one, which Redis delays
-/// (up to 40 ms on Linux).
-pub fn client(url: &str) -> Result<redis::Client, StoreError> {
-    let info = redis::IntoConnectionInfo::into_connection_info(url)
-        .map_err(|_| StoreError::InvalidArgument("invalid redis url"))?
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    redis::Client::open(info).map_err(|_| StoreError::InvalidArgument("invalid redis url"))
 }
 
 /// Extra time a floor hash outlives its maximum talk time before Redis collects it.
@@ -146,7 +137,7 @@ impl RedisStore {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
-        let client = client(&options.url)?;
+        let client = options.connect.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.timeout))
             .set_response_timeout(Some(options.timeout))

@@ -1,0 +1,380 @@
+//! How state-svc reaches its backing stores: Redis (`redis://` or `rediss://` with TLS, an ACL
+//! user and a password from a file) and PostgreSQL (TLS with full certificate verification, a
+//! password from a file). Everything is read and checked once at start, so a bad file stops
+//! the service with a message naming it; secrets never reach a log (`Debug` redacts them).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use talkgroup_common::tls::{self, ClientCert};
+
+use crate::config::ConfigError;
+use crate::error::StoreError;
+
+/// The longest secret read from a file; anything longer is not a password.
+const MAX_SECRET: u64 = 4096;
+
+/// Reads a secret from a file (a Kubernetes Secret volume), without its trailing newline.
+fn read_secret(path: &Path, what: &'static str) -> Result<String, ConfigError> {
+    let bad = |why: String| ConfigError::Secret(what, path.display().to_string(), why);
+    let size = std::fs::metadata(path)
+        .map_err(|e| bad(e.to_string()))?
+        .len();
+    if size > MAX_SECRET {
+        return Err(bad(format!("longer than {MAX_SECRET} bytes")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let secret = text.trim_end_matches(['\r', '\n']).to_owned();
+    if secret.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    Ok(secret)
+}
+
+fn client_cert(
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    store: &'static str,
+) -> Result<Option<ClientCert>, ConfigError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let files = ClientCert {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            tls::check_client_cert(&files)
+                .map_err(|e| ConfigError::StoreTls(store, e.to_string()))?;
+            Ok(Some(files))
+        }
+        _ => Err(ConfigError::StoreTls(
+            store,
+            "a client certificate needs both its certificate and its key".into(),
+        )),
+    }
+}
+
+/// What the Redis flags say, checked.
+#[derive(Clone)]
+pub struct RedisConnect {
+    info: redis::ConnectionInfo,
+    /// Whether the URL asks for TLS (`rediss://`).
+    tls: bool,
+    certificates: Option<redis::TlsCertificates>,
+    /// The URL without its password, for logs.
+    shown: String,
+}
+
+impl std::fmt::Debug for RedisConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConnect")
+            .field("url", &self.shown)
+            .field("tls", &self.tls)
+            .field("username", &self.info.redis_settings().username())
+            .field(
+                "password",
+                &self.info.redis_settings().password().map(|_| "***"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Redis flags besides the URL.
+#[derive(Debug, Clone, Default)]
+pub struct RedisAuth {
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl RedisConnect {
+    pub fn new(url: &str, auth: &RedisAuth) -> Result<Self, ConfigError> {
+        let shown = crate::store::redis::redact_url(url);
+        let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|_| ConfigError::BadRedisUrl)?
+            // Many small pipelined commands share one connection; with Nagle a write would
+            // wait for the ACK of the previous one, which Redis delays (up to 40 ms on Linux).
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let tls = match info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => {
+                if *insecure {
+                    return Err(ConfigError::StoreTls(
+                        "redis",
+                        "#insecure (no certificate verification) is not supported".into(),
+                    ));
+                }
+                true
+            }
+            redis::ConnectionAddr::Tcp(..) => false,
+            _ => return Err(ConfigError::BadRedisUrl),
+        };
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &auth.username {
+            if user.is_empty() || user.len() > 128 || !user.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(ConfigError::StoreTls(
+                    "redis",
+                    "the username must be 1 to 128 printable characters".into(),
+                ));
+            }
+            settings = settings.set_username(user);
+        }
+        if let Some(path) = &auth.password_file {
+            if settings.password().is_some() {
+                return Err(ConfigError::StoreTls(
+                    "redis",
+                    "give the password in the URL or in --redis-password-file, not both".into(),
+                ));
+            }
+            settings = settings.set_password(read_secret(path, "redis password")?);
+        }
+        info = info.set_redis_settings(settings);
+        let client = client_cert(auth.client_cert.as_ref(), auth.client_key.as_ref(), "redis")?;
+        if !tls && (auth.ca.is_some() || client.is_some()) {
+            return Err(ConfigError::StoreTls(
+                "redis",
+                "--redis-ca and --redis-client-cert need a rediss:// URL".into(),
+            ));
+        }
+        let certificates = if tls && (auth.ca.is_some() || client.is_some()) {
+            let root_cert = match &auth.ca {
+                Some(ca) => {
+                    tls::read_roots(ca)
+                        .map_err(|e| ConfigError::StoreTls("redis", e.to_string()))?;
+                    Some(read_file(ca, "redis")?)
+                }
+                None => None,
+            };
+            let client_tls = match client {
+                Some(files) => Some(redis::ClientTlsConfig {
+                    client_cert: read_file(&files.cert, "redis")?,
+                    client_key: read_file(&files.key, "redis")?,
+                }),
+                None => None,
+            };
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            })
+        } else {
+            None
+        };
+        let this = Self {
+            info,
+            tls,
+            certificates,
+            shown,
+        };
+        this.client().map_err(|_| ConfigError::BadRedisUrl)?;
+        Ok(this)
+    }
+
+    /// Whether connections use TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The URL without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// A client with this configuration (every connection it opens verifies the server when
+    /// TLS is on).
+    pub fn client(&self) -> Result<redis::Client, StoreError> {
+        let client = match &self.certificates {
+            Some(certificates) => {
+                redis::Client::build_with_tls(self.info.clone(), certificates.clone())
+            }
+            None => redis::Client::open(self.info.clone()),
+        };
+        client.map_err(|_| StoreError::InvalidArgument("invalid redis configuration"))
+    }
+}
+
+fn read_file(path: &Path, store: &'static str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError::StoreTls(store, format!("cannot read {}: {e}", path.display())))
+}
+
+/// The PostgreSQL flags besides the URL.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresAuth {
+    pub password_file: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// How the audit writer and the history queries reach PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresConnect {
+    config: tokio_postgres::Config,
+    /// With a CA: TLS is required and the server's certificate is verified for the host name.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for PostgresConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConnect")
+            .field("hosts", &self.config.get_hosts().len())
+            .field("user", &self.config.get_user())
+            .field("dbname", &self.config.get_dbname())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PostgreSQL connection: the client, and the future that drives it (spawn it).
+pub type PgConnection = (
+    tokio_postgres::Client,
+    BoxFuture<'static, Result<(), tokio_postgres::Error>>,
+);
+
+impl PostgresConnect {
+    pub fn new(url: &str, auth: &PostgresAuth) -> Result<Self, ConfigError> {
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|_| ConfigError::BadPostgresUrl)?;
+        if let Some(path) = &auth.password_file {
+            if config.get_password().is_some() {
+                return Err(ConfigError::StoreTls(
+                    "postgres",
+                    "give the password in the URL or in --postgres-password-file, not both".into(),
+                ));
+            }
+            config.password(read_secret(path, "postgres password")?);
+        }
+        let client = client_cert(
+            auth.client_cert.as_ref(),
+            auth.client_key.as_ref(),
+            "postgres",
+        )?;
+        let tls = match &auth.ca {
+            Some(ca) => {
+                let tls = tls::store_client_config(ca, client.as_ref())
+                    .map_err(|e| ConfigError::StoreTls("postgres", e.to_string()))?;
+                // Never fall back to plaintext once a CA is configured.
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(Arc::new(tls))
+            }
+            None if client.is_some() => {
+                return Err(ConfigError::StoreTls(
+                    "postgres",
+                    "--postgres-client-cert needs --postgres-ca".into(),
+                ));
+            }
+            None => {
+                if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                    return Err(ConfigError::StoreTls(
+                        "postgres",
+                        "sslmode=require needs --postgres-ca (the server certificate is always verified)"
+                            .into(),
+                    ));
+                }
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
+        };
+        Ok(Self { config, tls })
+    }
+
+    /// Whether connections use TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    pub async fn connect(&self) -> Result<PgConnection, tokio_postgres::Error> {
+        match &self.tls {
+            Some(tls) => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                let (client, connection) = self.config.connect(connector).await?;
+                Ok((client, Box::pin(connection)))
+            }
+            None => {
+                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                Ok((client, Box::pin(connection)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, contents: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("connect-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn redis_password_comes_from_a_file_and_is_never_shown() {
+        let file = temp("redis-pw", "s3cret-pass\n");
+        let auth = RedisAuth {
+            username: Some("talkgroup".into()),
+            password_file: Some(file.clone()),
+            ..RedisAuth::default()
+        };
+        let connect = RedisConnect::new("redis://127.0.0.1:6379/0", &auth).unwrap();
+        assert_eq!(
+            connect.info.redis_settings().password(),
+            Some("s3cret-pass")
+        );
+        assert_eq!(connect.info.redis_settings().username(), Some("talkgroup"));
+        assert!(!format!("{connect:?}").contains("s3cret"));
+        let _ = std::fs::remove_file(file);
+    }
+
+    #[test]
+    fn bad_redis_settings_are_refused() {
+        let tls_only = RedisAuth {
+            ca: Some("/nonexistent/ca.crt".into()),
+            ..RedisAuth::default()
+        };
+        assert!(RedisConnect::new("redis://127.0.0.1:6379", &tls_only).is_err());
+        assert!(
+            RedisConnect::new("rediss://127.0.0.1:6379/#insecure", &RedisAuth::default()).is_err()
+        );
+        assert!(RedisConnect::new("http://x", &RedisAuth::default()).is_err());
+        let half = RedisAuth {
+            client_cert: Some("/tmp/x.crt".into()),
+            ..RedisAuth::default()
+        };
+        assert!(RedisConnect::new("rediss://127.0.0.1:6379", &half).is_err());
+        let both = RedisAuth {
+            password_file: Some(temp("redis-pw2", "x")),
+            ..RedisAuth::default()
+        };
+        assert!(RedisConnect::new("redis://:inurl@127.0.0.1:6379", &both).is_err());
+        let empty = RedisAuth {
+            password_file: Some(temp("redis-empty", "\n")),
+            ..RedisAuth::default()
+        };
+        assert!(RedisConnect::new("redis://127.0.0.1:6379", &empty).is_err());
+    }
+
+    #[test]
+    fn postgres_tls_is_required_once_a_ca_is_given() {
+        assert!(
+            !PostgresConnect::new("postgres://u@h/db", &PostgresAuth::default())
+                .unwrap()
+                .tls()
+        );
+        assert!(
+            PostgresConnect::new(
+                "postgres://u@h/db?sslmode=require",
+                &PostgresAuth::default()
+            )
+            .is_err()
+        );
+        assert!(PostgresConnect::new("not a url at all ===", &PostgresAuth::default()).is_err());
+        let missing = PostgresAuth {
+            ca: Some("/nonexistent/ca.crt".into()),
+            ..PostgresAuth::default()
+        };
+        assert!(PostgresConnect::new("postgres://u@h/db", &missing).is_err());
+    }
+}
