@@ -598,7 +598,7 @@ pub struct ClientCert {
 /// The client side towards a backing store (Redis, PostgreSQL): the server must present a
 /// certificate for the host name dialled that chains to the CA bundle at `ca` (full
 /// verification, as `verify-full`), and `client`, when given, is presented in turn.
-pub fn store_client_config(
+pub fn verifying_client_config(
     ca: &Path,
     client: Option<&ClientCert>,
 ) -> Result<ClientConfig, TlsError> {

@@ -168,3 +168,32 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_public_server_certificate_is_reloaded_and_a_bad_one_is_not() {
+    use talkgroup_common::tls::ServerCert;
+    let dir = std::env::temp_dir().join(format!("server-cert-{}", std::process::id()));
+    let ca = DevCa::new("public test CA").unwrap();
+    let files = ca
+        .write(&dir, "https", &Identity::Gateway, &["127.0.0.1"])
+        .unwrap();
+    let cert = ServerCert::load(&files.cert, &files.key, &[b"http/1.1"]).unwrap();
+    let first = cert.config();
+    assert_eq!(first.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    assert!(
+        !cert.reload().unwrap(),
+        "unchanged files are not a rotation"
+    );
+
+    // A half-written rotation (a certificate without its key) keeps the old configuration.
+    let other = ca.issue(&Identity::Gateway, &["127.0.0.1"]).unwrap();
+    std::fs::write(&files.cert, &other.cert_pem).unwrap();
+    assert!(cert.reload().is_err());
+    assert!(std::sync::Arc::ptr_eq(&first, &cert.config()));
+
+    // The whole rotation is taken.
+    std::fs::write(&files.key, &other.key_pem).unwrap();
+    assert!(cert.reload().unwrap());
+    assert!(!std::sync::Arc::ptr_eq(&first, &cert.config()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -18,6 +18,14 @@ pub struct Config {
     /// client-facing listener; off when unset.
     #[arg(long, env = "PTT_SIGNALING_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for serving HTTPS and `wss://` on --listen itself, for a
+    /// deployment without an ingress in front (browsers need HTTPS for the microphone
+    /// anywhere but on 127.0.0.1). Re-read when the file changes. Plain HTTP when unset.
+    #[arg(long, env = "PTT_SIGNALING_HTTPS_CERT", requires = "https_key")]
+    pub https_cert: Option<PathBuf>,
+    /// The private key of --https-cert (PEM).
+    #[arg(long, env = "PTT_SIGNALING_HTTPS_KEY", requires = "https_cert")]
+    pub https_key: Option<PathBuf>,
     /// state-svc gRPC URL.
     #[arg(
         long,

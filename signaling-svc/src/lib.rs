@@ -317,6 +317,15 @@ pub async fn run_with_metrics(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let https = match (&config.https_cert, &config.https_key) {
+        (Some(cert), Some(key)) => {
+            let cert = talkgroup_common::tls::ServerCert::load(cert, key, &[b"http/1.1"])
+                .map_err(|e| RunError::Config(format!("HTTPS: {e}")))?;
+            cert.spawn_reload(shutdown.clone());
+            Some(cert)
+        }
+        _ => None,
+    };
     let app_state = app_state(config, shutdown.clone())?;
     if let Some(metrics) = metrics {
         let exposition = app_state.metrics.exposition(Arc::clone(&app_state.hub));
@@ -348,11 +357,17 @@ pub async fn run_with_metrics(
     if app_state.auth.has_key_set() {
         tracker.spawn(watch_key_set(Arc::clone(&app_state), shutdown.clone()));
     }
-    tracing::info!(%addr, gateway_id = %app_state.gateway_id, "signaling-svc listening");
+    tracing::info!(
+        %addr,
+        gateway_id = %app_state.gateway_id,
+        https = https.is_some(),
+        "signaling-svc listening"
+    );
     let limits = listener::Limits {
         max_connections: app_state.config.max_connections,
         header_timeout: Duration::from_millis(app_state.config.header_timeout_ms),
         send_buffer: app_state.config.socket_send_buffer,
+        https,
     };
     let metrics = Arc::clone(&app_state.metrics);
     listener::serve(listener, app(app_state), limits, metrics, shutdown, grace).await;

@@ -9,6 +9,8 @@
 //!   stops reading holds at most that in the kernel, besides its outbox in the gateway;
 //! - a connection must send a whole request head within `--header-timeout-ms` of its accept,
 //!   and again between keep-alive requests (hyper's header read timeout, which needs a timer);
+//! - with `--https-cert`, each connection first completes a TLS handshake (HTTP/1.1 over TLS,
+//!   so `wss://` too), within the same deadline;
 //! - every request carries the peer address ([`ConnectInfo`]) and the connection's slot
 //!   ([`ConnectionSlot`]), which the WebSocket upgrade takes along.
 
@@ -27,19 +29,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use talkgroup_common::tls::ServerCert;
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use crate::metrics::GatewayMetrics;
 
 /// A TCP connection's place under the global limit, held as long as any clone is.
 #[derive(Debug, Clone)]
 pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
-/// How the listener bounds its connections.
-#[derive(Debug, Clone, Copy)]
+/// How the listener bounds its connections, and whether it speaks TLS.
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     /// `SO_SNDBUF` of each connection; 0 leaves the kernel's autotuning.
     pub send_buffer: usize,
+    /// Serve HTTPS with this certificate instead of plain HTTP.
+    pub https: Option<Arc<ServerCert>>,
 }
 
 /// Accepts and serves connections until `shutdown`; then asks each open HTTP connection to
@@ -84,35 +91,26 @@ pub async fn serve(
         let slot = ConnectionSlot(Arc::new(slot));
         let router = router.clone();
         let stop = shutdown.clone();
+        let https = limits.https.clone();
+        let header_timeout = limits.header_timeout;
+        let metrics = Arc::clone(&metrics);
         connections.spawn(async move {
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request.extensions_mut().insert(slot.clone());
-                    let mut router = router.clone();
-                    async move {
-                        Ok::<_, Infallible>(
-                            router.call(request).await.unwrap_or_else(|e| match e {}),
-                        )
-                    }
-                });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let Some(cert) = https else {
+                return serve_connection(stream, peer, slot, router, header_timeout, stop).await;
             };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended");
+            let acceptor = tokio_rustls::TlsAcceptor::from(cert.config());
+            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    serve_connection(stream, peer, slot, router, header_timeout, stop).await;
+                }
+                Ok(Err(error)) => {
+                    metrics.refused("tls-handshake");
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.refused("tls-handshake");
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
             }
         });
     }
@@ -122,5 +120,43 @@ pub async fn serve(
         .is_err()
     {
         tracing::debug!("HTTP connections still open after the grace period");
+    }
+}
+
+/// Serves one connection (plain or TLS) with HTTP/1.1 and upgrades until it ends, or until
+/// `stop`, when it is asked to finish its request.
+async fn serve_connection<IO>(
+    io: IO,
+    peer: std::net::SocketAddr,
+    slot: ConnectionSlot,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(slot.clone());
+        let mut router = router.clone();
+        async move { Ok::<_, Infallible>(router.call(request).await.unwrap_or_else(|e| match e {})) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended");
     }
 }

@@ -253,7 +253,7 @@ impl PostgresConnect {
         )?;
         let tls = match &auth.ca {
             Some(ca) => {
-                let tls = tls::store_client_config(ca, client.as_ref())
+                let tls = tls::verifying_client_config(ca, client.as_ref())
                     .map_err(|e| ConfigError::StoreTls("postgres", e.to_string()))?;
                 // Never fall back to plaintext once a CA is configured.
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);

@@ -71,7 +71,7 @@ fn write_secret(dir: &Path, name: &str, secret: &str) -> PathBuf {
 }
 
 async fn pg_tls(url: &str, ca: &Path) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let config = tls::store_client_config(ca, None).unwrap();
+    let config = tls::verifying_client_config(ca, None).unwrap();
     let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
     let url = format!("{url}?sslmode=require");
     let (client, connection) = tokio_postgres::connect(&url, connector).await?;

@@ -68,6 +68,43 @@ pub struct Launch {
     pub netns: Option<(String, std::net::Ipv4Addr)>,
     /// Origins treated as secure (for the microphone) although plain HTTP off loopback.
     pub secure_origins: Vec<String>,
+    /// A CA certificate (PEM) Chromium trusts besides its own roots, installed in the NSS
+    /// database of the profile's home (`certutil`, Debian's libnss3-tools), as a user would.
+    pub trust_ca: Option<PathBuf>,
+}
+
+/// Creates an NSS database under `home/.pki/nssdb` (where Chromium on Linux looks) that
+/// trusts `ca` for TLS servers.
+fn trust_in_nss(home: &Path, ca: &Path) -> Result<()> {
+    let db = home.join(".pki/nssdb");
+    std::fs::create_dir_all(&db)?;
+    let db = format!("sql:{}", db.display());
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("certutil")
+            .args(args)
+            .output()
+            .context("cannot run certutil (apt-get install libnss3-tools)")?;
+        if !out.status.success() {
+            bail!(
+                "certutil {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    run(&["-N", "-d", &db, "--empty-password"])?;
+    let ca = ca.to_string_lossy();
+    run(&[
+        "-A",
+        "-d",
+        &db,
+        "-t",
+        "C,,",
+        "-n",
+        "talkgroup-test-ca",
+        "-i",
+        &ca,
+    ])
 }
 
 impl Browser {
@@ -94,6 +131,11 @@ impl Browser {
             }
             None => Command::new(&bin),
         };
+        if let Some(ca) = &launch.trust_ca {
+            let home = profile.join("home");
+            trust_in_nss(&home, ca)?;
+            command.env("HOME", &home);
+        }
         if !launch.secure_origins.is_empty() {
             command.arg(format!(
                 "--unsafely-treat-insecure-origin-as-secure={}",

@@ -75,6 +75,9 @@ pub struct Topology {
     /// The address gateways listen on and media nodes serve media on (loopback by default;
     /// a veth address for clients in a network namespace).
     pub bind_ip: String,
+    /// Gateways serve HTTPS and `wss://` themselves, with a certificate from the stack's CA
+    /// for 127.0.0.1 and localhost.
+    pub https: bool,
 }
 
 impl Default for Topology {
@@ -89,6 +92,7 @@ impl Default for Topology {
             state_args: Vec::new(),
             otlp_endpoint: None,
             bind_ip: "127.0.0.1".to_owned(),
+            https: false,
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct Stack {
     pub redis: RedisServer,
     /// The stack's throwaway CA and a certificate per identity: every gRPC hop is mutual TLS.
     pub certs: Certs,
+    /// Whether the gateways serve HTTPS.
+    pub https: bool,
 }
 
 /// A throwaway CA and the certificates of a stack's services, in a temporary directory
@@ -266,6 +272,15 @@ impl Stack {
                 "json",
             ]);
             args.extend(certs.args("gateway", &Identity::Gateway)?);
+            if t.https {
+                let files = certs.issue("gateway-https", &Identity::Gateway)?;
+                args.extend([
+                    "--https-cert".into(),
+                    files.cert.display().to_string(),
+                    "--https-key".into(),
+                    files.key.display().to_string(),
+                ]);
+            }
             args.extend(t.gateway_args.iter().cloned());
             let args = with_otlp(args, t);
             gateways.push(start("signaling-svc", &args, "signaling-svc listening")?);
@@ -276,6 +291,7 @@ impl Stack {
             state,
             redis,
             certs,
+            https: t.https,
         })
     }
 
@@ -284,8 +300,18 @@ impl Stack {
         let want = self.media.len() as u64;
         for gateway in &self.gateways {
             let addr = gateway.addr;
-            testkit::wait_until(Duration::from_secs(10), "media nodes live", || async move {
-                health(addr).await["mediaNodes"].as_u64() == Some(want)
+            let ca = self.https.then(|| self.certs.dir.join("ca.crt"));
+            testkit::wait_until(Duration::from_secs(10), "media nodes live", || {
+                let ca = ca.clone();
+                async move {
+                    let health = match &ca {
+                        Some(ca) => https_get(addr, "/health", ca).await,
+                        None => http_get(addr, "/health").await,
+                    };
+                    health
+                        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                        .is_some_and(|h| h["mediaNodes"].as_u64() == Some(want))
+                }
             })
             .await?;
         }
@@ -294,6 +320,12 @@ impl Stack {
 
     pub fn gateway(&self, i: usize) -> SocketAddr {
         self.gateways[i].addr
+    }
+
+    /// The page of gateway `i`: `https://` when the stack serves HTTPS.
+    pub fn gateway_url(&self, i: usize) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/", self.gateway(i))
     }
 
     /// A signed-in client on gateway `gateway`, allowed to talk everywhere.
@@ -395,12 +427,37 @@ impl Stack {
 
 /// `GET path` on a gateway with a bare HTTP/1.1 request: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    get_over(s, addr, path).await
+}
+
+/// [`http_get`] over TLS, the gateway's certificate verified against the CA at `ca` for the
+/// address dialled.
+pub async fn https_get(
+    addr: SocketAddr,
+    path: &str,
+    ca: &std::path::Path,
+) -> Option<(u16, String)> {
+    let config = talkgroup_common::tls::verifying_client_config(ca, None).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let s = connector.connect(name, tcp).await.ok()?;
+    get_over(s, addr, path).await
+}
+
+async fn get_over<S>(mut s: S, addr: SocketAddr, path: &str) -> Option<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
+    // A TLS peer may close without close_notify: what arrived before counts.
+    if s.read_to_end(&mut buf).await.is_err() && buf.is_empty() {
+        return None;
+    }
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n")?.1.to_owned();

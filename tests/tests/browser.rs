@@ -5,6 +5,9 @@
 //! `target/e2e-artifacts/`. With `TALKGROUP_E2E_URL` set, the pages open that URL (a stack
 //! started by `scripts/dev`, say) instead of a stack of their own.
 //!
+//! Another test has the gateway terminate TLS itself: Chromium trusts only the stack's test CA
+//! (installed in its NSS database), loads the page over `https://` and talks over `wss://`.
+//!
 //! A second test runs Chromium in a network namespace whose nftables rules drop all UDP: the
 //! pages reach the media node over ICE/TCP only, and still talk and hear.
 
@@ -106,6 +109,7 @@ async fn pages_in(ns: &Netns, stack: &Stack) -> (Browser, Page, Page) {
     let launch = Launch {
         netns: Some((ns.name.clone(), ns.ns_ip)),
         secure_origins: vec![origin.clone()],
+        ..Launch::default()
     };
     let browser = tokio::task::spawn_blocking(move || Browser::launch_with(&launch))
         .await
@@ -319,5 +323,45 @@ async fn two_browser_pages_talk_through_the_stack() {
     )
     .await
     .unwrap();
+    drop(browser);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_talk_and_hear_over_https_and_wss_with_a_test_ca() {
+    if !have_chromium() {
+        return;
+    }
+    let stack = Stack::start(Topology {
+        gateway_args: vec!["--dev-tokens".into()],
+        https: true,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let url = stack.gateway_url(0);
+    assert!(url.starts_with("https://"), "{url}");
+    let launch = Launch {
+        trust_ca: Some(stack.certs.dir.join("ca.crt")),
+        ..Launch::default()
+    };
+    let browser = tokio::task::spawn_blocking(move || Browser::launch_with(&launch))
+        .await
+        .unwrap()
+        .unwrap();
+    let cdp = browser.connect().await.unwrap();
+    let ana = cdp.new_page(&url).await.unwrap();
+    let ben = cdp.new_page(&url).await.unwrap();
+    // A certificate Chromium did not trust would leave an error page without the client.
+    sign_in_and_join(&ana, "Ana", "ops").await;
+    sign_in_and_join(&ben, "Ben", "ops").await;
+    for page in [&ana, &ben] {
+        let secure = page
+            .eval("location.protocol === 'https:' && window.isSecureContext")
+            .await
+            .unwrap();
+        assert_eq!(secure, Value::from(true));
+    }
+    ana_talks_and_ben_hears(&ana, &ben).await;
     drop(browser);
 }
