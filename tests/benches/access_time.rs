@@ -2,7 +2,9 @@
 //! `ptt-start` sent → first audio packet of that talk spurt received by a listener, as a client
 //! that unmutes on `granted` sees it; and mouth-to-ear through the SFU (speaker's `write_rtp` →
 //! listener's decrypted packet) next to the forwarding latency the media node reports, and the
-//! baseline: the same two client peers connected directly, with no server between them.
+//! baseline: the same two client peers connected directly, with no server between them. Then
+//! press → granted with mutual TLS on every gRPC hop against the same with plaintext gRPC,
+//! two stacks side by side in the same run.
 //!
 //! Run: `cargo build --release --bins && cargo bench -p talkgroup-e2e --bench access_time`
 //! (`ACCESS_BENCH_PRESSES`, default 200).
@@ -147,7 +149,67 @@ fn main() {
         );
         mic.close().await;
         ear.close().await;
+        drop(stack);
+        grant_mtls_against_plaintext(presses).await;
     });
+}
+
+/// Press → granted through the gateway on two stacks started side by side, one with mutual TLS
+/// on every gRPC hop (as shipped) and one in plaintext, presses alternating between them so
+/// both see the same machine load.
+async fn grant_mtls_against_plaintext(presses: usize) {
+    let topology = |plaintext| Topology {
+        gateway_args: ["--ptt-rate", "1000", "--request-rate", "1000"]
+            .map(String::from)
+            .to_vec(),
+        plaintext,
+        ..Topology::default()
+    };
+    let mtls = Stack::start(topology(false)).await.unwrap();
+    let plain = Stack::start(topology(true)).await.unwrap();
+    mtls.ready().await.unwrap();
+    plain.ready().await.unwrap();
+    let mut clients = Vec::new();
+    for stack in [&mtls, &plain] {
+        let mut client = stack.client(0, "u-tls", "Tls").await;
+        client.join("bench-tls").await;
+        // Warm up: connections established, scripts loaded.
+        for _ in 0..10 {
+            client.ptt_start("bench-tls").await;
+            client.ptt_stop("bench-tls").await;
+        }
+        clients.push(client);
+    }
+    let mut grant = [
+        Histogram::<u64>::new(3).unwrap(),
+        Histogram::<u64>::new(3).unwrap(),
+    ];
+    for press in 0..presses * 2 {
+        let which = press % 2;
+        let client = &mut clients[which];
+        let t0 = Instant::now();
+        let reply = client.ptt_start("bench-tls").await;
+        grant[which]
+            .record(t0.elapsed().as_micros() as u64)
+            .unwrap();
+        assert_eq!(reply["granted"], true, "{reply}");
+        client.ptt_stop("bench-tls").await;
+    }
+    println!(
+        "\npress → granted, mutual TLS against plaintext gRPC ({presses} presses each, alternating)\n"
+    );
+    println!("| measure | n | p50 ms | p95 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    row("press → granted, mutual TLS on every hop", &grant[0]);
+    row("baseline: press → granted, plaintext gRPC", &grant[1]);
+    let ratio =
+        |q| grant[0].value_at_quantile(q) as f64 / grant[1].value_at_quantile(q).max(1) as f64;
+    let p50 = ratio(0.5);
+    println!(
+        "\nmutual TLS / plaintext, p50: {p50:.2}x (p99 {:.2}x): {} (target: under 1.10x at p50)",
+        ratio(0.99),
+        if p50 < 1.10 { "MET" } else { "NOT MET" }
+    );
 }
 
 /// Send → receive of `frames` frames (20 ms apart) between two client peers connected directly.

@@ -78,6 +78,9 @@ pub struct Topology {
     /// Gateways serve HTTPS and `wss://` themselves, with a certificate from the stack's CA
     /// for 127.0.0.1 and localhost.
     pub https: bool,
+    /// Every gRPC hop in plaintext (`--insecure-plaintext`), for the benchmark that measures
+    /// what mutual TLS costs; never for a test of behaviour.
+    pub plaintext: bool,
 }
 
 impl Default for Topology {
@@ -93,6 +96,7 @@ impl Default for Topology {
             otlp_endpoint: None,
             bind_ip: "127.0.0.1".to_owned(),
             https: false,
+            plaintext: false,
         }
     }
 }
@@ -116,15 +120,17 @@ pub struct Stack {
 pub struct Certs {
     pub ca: DevCa,
     pub dir: PathBuf,
+    /// Hand out `--insecure-plaintext` instead of certificates ([`Topology::plaintext`]).
+    pub plaintext: bool,
 }
 
 impl Certs {
-    pub fn new() -> Result<Self> {
+    pub fn new(plaintext: bool) -> Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("talkgroup-certs-{}-{n}", std::process::id()));
         let ca = DevCa::new("Talkgroup test CA").map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Self { ca, dir })
+        Ok(Self { ca, dir, plaintext })
     }
 
     /// Issues (or re-issues) the certificate of `identity` under `name`.
@@ -136,6 +142,9 @@ impl Certs {
 
     /// The `--tls-*` flags of a service with `identity`.
     pub fn args(&self, name: &str, identity: &Identity) -> Result<Vec<String>> {
+        if self.plaintext {
+            return Ok(vec!["--insecure-plaintext".to_owned()]);
+        }
         let files = self.issue(name, identity)?;
         Ok(vec![
             "--tls-cert".into(),
@@ -149,6 +158,9 @@ impl Certs {
 
     /// How a test client with `identity` dials the stack's services.
     pub fn security(&self, identity: &Identity) -> Result<Security> {
+        if self.plaintext {
+            return Ok(Security::Plaintext);
+        }
         let name = format!("client-{}", identity.to_string().replace('/', "-"));
         Ok(Security::Mtls(Tls::load(self.issue(&name, identity)?)?))
     }
@@ -193,7 +205,7 @@ impl Stack {
     }
 
     fn start_blocking(t: &Topology) -> Result<Self> {
-        let certs = Certs::new()?;
+        let certs = Certs::new(t.plaintext)?;
         let redis = RedisServer::start()?;
         let url = redis.url();
         let mut state = Vec::new();
