@@ -99,6 +99,77 @@ impl DevCa {
     }
 }
 
+/// One throwaway CA per test process and a certificate per identity, issued on first use,
+/// so in-process service tests run with mutual TLS as production does.
+#[derive(Debug)]
+pub struct TestPki {
+    ca: DevCa,
+    dir: std::path::PathBuf,
+    issued: std::sync::Mutex<std::collections::HashMap<Identity, TlsFiles>>,
+}
+
+impl TestPki {
+    /// The process's PKI (its files under the temporary directory, named by process id).
+    pub fn global() -> &'static Self {
+        static PKI: std::sync::OnceLock<TestPki> = std::sync::OnceLock::new();
+        PKI.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("talkgroup-pki-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Self {
+                ca: DevCa::new("Talkgroup in-process test CA").expect("test CA"),
+                dir,
+                issued: std::sync::Mutex::new(std::collections::HashMap::new()),
+            }
+        })
+    }
+
+    /// The files of `identity`'s certificate (for 127.0.0.1 and localhost).
+    pub fn files(&self, identity: &Identity) -> TlsFiles {
+        let mut issued = self
+            .issued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(files) = issued.get(identity) {
+            return files.clone();
+        }
+        let name = identity.to_string().replace('/', "-");
+        let files = self
+            .ca
+            .write(&self.dir, &name, identity, &["127.0.0.1", "localhost"])
+            .expect("write a test certificate");
+        issued.insert(identity.clone(), files.clone());
+        files
+    }
+
+    /// The `--tls-*` flags of a service with `identity`.
+    pub fn args(&self, identity: &Identity) -> crate::tls::TlsArgs {
+        crate::tls::TlsArgs::files(&self.files(identity))
+    }
+
+    /// How a client with `identity` dials.
+    pub fn security(&self, identity: &Identity) -> crate::grpc::Security {
+        crate::grpc::Security::Mtls(
+            crate::tls::Tls::load(self.files(identity)).expect("load a test certificate"),
+        )
+    }
+
+    /// A gRPC channel to `addr` as `identity`, expecting the server to prove `server`.
+    pub fn channel(
+        &self,
+        addr: std::net::SocketAddr,
+        identity: &Identity,
+        server: Identity,
+    ) -> tonic::transport::Channel {
+        crate::grpc::channel(
+            &format!("http://{addr}"),
+            None,
+            &self.security(identity),
+            crate::tls::Expect::Exactly(server),
+        )
+        .expect("a test channel")
+    }
+}
+
 fn validity(params: &mut CertificateParams) {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);

@@ -197,11 +197,7 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
         .await
         .unwrap();
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel_as(&talkgroup_common::tls::Identity::Admin);
     let mut admin_client = apb::admin_service_client::AdminServiceClient::new(channel);
     let talk = wait_until(
         Duration::from_secs(20),

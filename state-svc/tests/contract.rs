@@ -262,7 +262,7 @@ async fn max_talk_time_revokes_despite_renewal(b: Backend) {
 async fn per_channel_lease_shorter_than_the_default_expires_on_time(b: Backend) {
     let server = TestServer::start(b.config("chlease")).await;
     let mut c = server.clients().await;
-    c.channel
+    c.admin_channel
         .set_channel_config(pb::SetChannelConfigRequest {
             config: Some(pb::ChannelConfig {
                 channel_id: "ops".into(),
@@ -327,7 +327,7 @@ async fn preemption_is_one_step(b: Backend) {
 async fn queue_grants_the_head_on_release(b: Backend) {
     let server = TestServer::start(b.config("queue")).await;
     let mut c = server.clients().await;
-    c.channel
+    c.admin_channel
         .set_channel_config(pb::SetChannelConfigRequest {
             config: Some(pb::ChannelConfig {
                 channel_id: "ops".into(),
@@ -536,7 +536,11 @@ async fn untouched_sessions_expire(b: Backend) {
 async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
     let server = TestServer::start(b.config("place")).await;
     let c = server.clients().await;
+    // The gateway places channels and lists nodes; each node registers, heartbeats and
+    // drains only itself.
     let mut reg = c.registry.clone();
+    let mut busy = server.registry_as("busy");
+    let mut idle = server.registry_as("idle");
     let register = |id: &str, load| pb::RegisterNodeRequest {
         node: Some(pb::MediaNode {
             node_id: id.into(),
@@ -554,13 +558,13 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "no node yet");
-    let reply = reg
+    let reply = busy
         .register_node(register("busy", 40))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(reply.dead_after_ms, 400);
-    reg.register_node(register("idle", 5)).await.unwrap();
+    idle.register_node(register("idle", 5)).await.unwrap();
 
     // Concurrent first joins agree on one node: the least loaded.
     let calls = (0..16).map(|_| {
@@ -583,7 +587,7 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
     assert_eq!(placements.iter().filter(|p| p.placed_now).count(), 1);
 
     // A draining node keeps its channels but gets no new ones.
-    let drained = reg
+    let drained = idle
         .drain_node(pb::DrainNodeRequest {
             node_id: "idle".into(),
         })
@@ -609,7 +613,7 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
         .into_inner();
     assert_eq!(other.node.unwrap().node_id, "busy");
     assert!(
-        reg.heartbeat(pb::HeartbeatRequest {
+        idle.heartbeat(pb::HeartbeatRequest {
             node_id: "idle".into(),
             load: 1
         })
@@ -620,8 +624,7 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
     );
 
     // A node that stops heartbeating is dead; its channels move on the next placement.
-    let mut hb = reg.clone();
-    support_keep_alive(&mut hb, "busy", Duration::from_millis(700)).await;
+    support_keep_alive(&mut busy, "busy", Duration::from_millis(700)).await;
     let nodes = reg
         .list_nodes(pb::ListNodesRequest {})
         .await
@@ -641,7 +644,8 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
     assert_eq!(moved.node.unwrap().node_id, "busy");
     assert!(moved.placed_now);
 
-    let unknown = reg
+    let unknown = server
+        .registry_as("ghost")
         .heartbeat(pb::HeartbeatRequest {
             node_id: "ghost".into(),
             load: 0,
@@ -715,7 +719,7 @@ async fn hostile_input_is_refused(b: Backend) {
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     let bad_config = c
-        .channel
+        .admin_channel
         .set_channel_config(pb::SetChannelConfigRequest {
             config: Some(pb::ChannelConfig {
                 channel_id: "ops".into(),
@@ -783,7 +787,7 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
     assert_eq!((none.version, none.grants.len()), (0, 0));
 
     let first = c
-        .access
+        .admin_access
         .set_user_grants(set(
             vec![
                 grant("ops", pb::Role::Talk),
@@ -802,14 +806,14 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
     // The same grants again change nothing and are not announced: the next announcement is
     // the next real change.
     let again = c
-        .access
+        .admin_access
         .set_user_grants(set(vec![grant("ops", pb::Role::Talk)], false))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(again.version, 1);
     let removed = c
-        .access
+        .admin_access
         .set_user_grants(set(vec![grant("disp", pb::Role::Unspecified)], false))
         .await
         .unwrap()
@@ -819,7 +823,7 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
     assert_eq!(next_grants(&mut watch).await.version, 2);
 
     let replaced = c
-        .access
+        .admin_access
         .set_user_grants(set(vec![grant("stage", pb::Role::Listen)], true))
         .await
         .unwrap()
@@ -841,7 +845,7 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
             false,
         ),
     ] {
-        let err = c.access.set_user_grants(bad).await.unwrap_err();
+        let err = c.admin_access.set_user_grants(bad).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
     }
     let after = c
@@ -858,7 +862,7 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
 }
 
 async fn set_event(c: &mut support::Clients, event: &str, channels: &[&str]) -> pb::Event {
-    c.access
+    c.admin_access
         .set_event_channels(pb::SetEventChannelsRequest {
             event_id: event.into(),
             channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
@@ -911,7 +915,7 @@ async fn events_are_indexed_both_ways(b: Backend) {
     assert_eq!(channel_event(&mut c, "gate").await, "");
     let many: Vec<String> = (0..257).map(|i| format!("c{i}")).collect();
     let err = c
-        .access
+        .admin_access
         .set_event_channels(pb::SetEventChannelsRequest {
             event_id: "big".into(),
             channel_ids: many,
@@ -927,7 +931,7 @@ async fn membership_update_scopes_to_the_event_and_refuses_foreign_channels(b: B
     let mut c = server.clients().await;
     set_event(&mut c, "fest", &["gate", "stage", "bar"]).await;
     set_event(&mut c, "vip", &["lounge"]).await;
-    c.access
+    c.admin_access
         .set_user_grants(pb::SetUserGrantsRequest {
             user_id: "u-ana".into(),
             grants: vec![
@@ -944,7 +948,7 @@ async fn membership_update_scopes_to_the_event_and_refuses_foreign_channels(b: B
         channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
     };
     let applied = c
-        .access
+        .admin_access
         .apply_membership_update(update(&["gate", "stage"], "fest"))
         .await
         .unwrap()
@@ -961,7 +965,7 @@ async fn membership_update_scopes_to_the_event_and_refuses_foreign_channels(b: B
         ]
     );
     let again = c
-        .access
+        .admin_access
         .apply_membership_update(update(&["gate", "stage"], "fest"))
         .await
         .unwrap()
@@ -973,7 +977,11 @@ async fn membership_update_scopes_to_the_event_and_refuses_foreign_channels(b: B
         (update(&["gate"], "nope"), Code::NotFound),
         (update(&["ga te"], "fest"), Code::InvalidArgument),
     ] {
-        let err = c.access.apply_membership_update(bad).await.unwrap_err();
+        let err = c
+            .admin_access
+            .apply_membership_update(bad)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), code);
     }
     let after = c
@@ -1061,7 +1069,7 @@ async fn emergency_takes_every_channel_and_holds_off_normal_talk(b: Backend) {
     assert_eq!(err.code(), Code::NotFound);
     // Channels of an event under emergency cannot be moved away.
     let err = c
-        .access
+        .admin_access
         .set_event_channels(pb::SetEventChannelsRequest {
             event_id: "other".into(),
             channel_ids: vec!["bar".into()],

@@ -199,10 +199,22 @@ async fn events_cross_state_svc_processes_sharing_one_redis() {
     let prefix = unique_prefix("replicas");
     let bin = env!("CARGO_BIN_EXE_state-svc");
     let url = redis.url();
+    let tls = talkgroup_common::devcerts::TestPki::global()
+        .files(&talkgroup_common::tls::Identity::State);
+    let (cert, key, ca) = (
+        tls.cert.display().to_string(),
+        tls.key.display().to_string(),
+        tls.ca.display().to_string(),
+    );
     let args = [
         "--listen",
         "127.0.0.1:0",
-        "--insecure-plaintext",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
         "--store",
         "redis",
         "--redis-url",

@@ -18,11 +18,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 #[tokio::test]
 async fn health_reports_every_service_serving() {
     let server = TestServer::start(Backend::Memory.config("health")).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel_as(&talkgroup_common::tls::Identity::Gateway);
     let mut health = HealthClient::new(channel);
     for service in state_svc::SERVICE_NAMES.into_iter().chain([""]) {
         let status = health
@@ -41,11 +37,7 @@ async fn health_reports_every_service_serving() {
 #[tokio::test]
 async fn reflection_is_off_unless_enabled() {
     let server = TestServer::start(Backend::Memory.config("no-reflection")).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel_as(&talkgroup_common::tls::Identity::Gateway);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -63,11 +55,7 @@ async fn reflection_lists_the_contracts() {
     let mut config = Backend::Memory.config("reflection");
     config.grpc_reflection = true;
     let server = TestServer::start(config).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel_as(&talkgroup_common::tls::Identity::Gateway);
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),

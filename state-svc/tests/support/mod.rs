@@ -1,5 +1,6 @@
-//! Harness for state-svc's service tests: the real server on `127.0.0.1:0`, a real Redis shared
-//! by the test binary (one key prefix per test), and typed gRPC clients.
+//! Harness for state-svc's service tests: the real server on `127.0.0.1:0` with mutual TLS (a
+//! throwaway CA per test binary), a real Redis shared by the test binary (one key prefix per
+//! test), and typed gRPC clients, each dialling with the identity its calls need.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -9,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use state_svc::{Config, StoreKind};
+use talkgroup_common::devcerts::TestPki;
+use talkgroup_common::tls::Identity;
 use talkgroup_proto::state::v1 as pb;
 use testkit::RedisServer;
 use tokio::task::JoinHandle;
@@ -22,6 +25,11 @@ pub use pb::floor_service_client::FloorServiceClient;
 pub use pb::media_registry_service_client::MediaRegistryServiceClient;
 pub use pb::session_service_client::SessionServiceClient;
 pub use pb::sync_service_client::SyncServiceClient;
+
+/// A channel to the state-svc at `addr` as `identity`, over mutual TLS.
+pub fn channel_as(addr: SocketAddr, identity: &Identity) -> Channel {
+    TestPki::global().channel(addr, identity, Identity::State)
+}
 
 /// The Redis server of this test binary.
 pub fn redis() -> &'static RedisServer {
@@ -50,6 +58,7 @@ impl Backend {
     /// A configuration for this backend with short timings, so expiry tests run quickly.
     pub fn config(self, name: &str) -> Config {
         let mut config = Config::for_tests();
+        config.tls = TestPki::global().args(&Identity::State);
         config.lease_ms = 5_000;
         config.sweep_interval_ms = 20;
         config.node_dead_after_ms = 400;
@@ -92,6 +101,17 @@ impl TestServer {
         Clients::connect(self.addr).await
     }
 
+    /// A channel to this server as `identity`.
+    pub fn channel_as(&self, identity: &Identity) -> Channel {
+        channel_as(self.addr, identity)
+    }
+
+    /// The registry as media node `node` (the only one that may register, heartbeat or drain
+    /// it).
+    pub fn registry_as(&self, node: &str) -> MediaRegistryServiceClient<Channel> {
+        MediaRegistryServiceClient::new(self.channel_as(&Identity::Media(node.into())))
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.unwrap().unwrap();
@@ -106,16 +126,16 @@ pub struct Clients {
     pub registry: MediaRegistryServiceClient<Channel>,
     pub access: AccessServiceClient<Channel>,
     pub sync: SyncServiceClient<Channel>,
+    /// The admin's clients, for the calls only an admin may make (grants, events, channel
+    /// configuration).
+    pub admin_channel: ChannelServiceClient<Channel>,
+    pub admin_access: AccessServiceClient<Channel>,
 }
 
 impl Clients {
+    /// The clients a gateway has.
     pub async fn connect(addr: SocketAddr) -> Self {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel_as(addr, &Identity::Gateway);
         Self {
             floor: FloorServiceClient::new(channel.clone()),
             channel: ChannelServiceClient::new(channel.clone()),
@@ -123,6 +143,8 @@ impl Clients {
             registry: MediaRegistryServiceClient::new(channel.clone()),
             access: AccessServiceClient::new(channel.clone()),
             sync: SyncServiceClient::new(channel),
+            admin_channel: ChannelServiceClient::new(channel_as(addr, &Identity::Admin)),
+            admin_access: AccessServiceClient::new(channel_as(addr, &Identity::Admin)),
         }
     }
 
