@@ -106,6 +106,8 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
     let state_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let state_addr = state_listener.local_addr().unwrap();
     let mut state_config = state_svc::Config::for_tests();
+    state_config.tls =
+        talkgroup_common::devcerts::TestPki::global().args(&talkgroup_common::tls::Identity::State);
     state_config.node_heartbeat_ms = 100;
     state_config.node_dead_after_ms = 1_000;
     state_config.lease_ms = 300;
@@ -115,11 +117,11 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
         state_listener,
         state_stop.clone(),
     ));
-    let state_channel = tonic::transport::Endpoint::from_shared(format!("http://{state_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let state_channel = talkgroup_common::devcerts::TestPki::global().channel(
+        state_addr,
+        &talkgroup_common::tls::Identity::Gateway,
+        talkgroup_common::tls::Identity::State,
+    );
     let mut registry =
         spb::media_registry_service_client::MediaRegistryServiceClient::new(state_channel.clone());
     let mut sessions =
@@ -335,4 +337,36 @@ async fn transports_that_never_connect_or_lose_their_peer_are_closed() {
         "the ghost's transport is gone"
     );
     assert_eq!(stats(&mut client).await.transports, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_gateways_make_media_calls_and_admins_only_read_stats() {
+    use talkgroup_common::tls::Identity;
+    let node = TestNode::start(Config::for_tests()).await;
+    let create = || pb::CreateTransportRequest {
+        channel_id: "ch".into(),
+        session_id: "s-intruder".into(),
+        direction: pb::Direction::Recv.into(),
+    };
+    for identity in [
+        Identity::Media("media-other".into()),
+        Identity::State,
+        Identity::Admin,
+    ] {
+        let refused = node
+            .client_as(&identity)
+            .create_transport(create())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{identity}");
+    }
+    // Nothing was created by the refused calls.
+    let mut admin = node.client_as(&Identity::Admin);
+    assert_eq!(stats(&mut admin).await.transports, 0);
+    node.client()
+        .await
+        .create_transport(create())
+        .await
+        .unwrap();
+    assert_eq!(stats(&mut admin).await.transports, 1);
 }

@@ -5,6 +5,8 @@
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use talkgroup_common::devcerts::TestPki;
+use talkgroup_common::tls::Identity;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -79,7 +81,10 @@ async fn stack_full(
 ) -> Stack {
     static PREFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let stop = CancellationToken::new();
+    // Every gRPC hop is mutual TLS, with certificates from a throwaway CA.
+    let pki = TestPki::global();
     let mut state_config = state_svc::Config::for_tests();
+    state_config.tls = pki.args(&Identity::State);
     state_config.redis_url = Some(redis().url());
     state_config.key_prefix = format!(
         "gw{}-{}",
@@ -94,6 +99,7 @@ async fn stack_full(
     let state =
         serve(move |l| async move { state_svc::run(state_config, l, s).await.unwrap() }).await;
     let mut media_config = media_svc::Config::for_tests();
+    media_config.tls = pki.args(&Identity::Media("media-gw-test".into()));
     media_config.state_url = Some(format!("http://{state}"));
     media_config.drain_timeout_ms = 100;
     let s = stop.clone();
@@ -102,6 +108,7 @@ async fn stack_full(
     let mut metrics = Vec::new();
     for _ in 0..gateways {
         let mut config = signaling_svc::Config::for_tests(SECRET);
+        config.tls = pki.args(&Identity::Gateway);
         config.state_url = format!("http://{state}");
         config.shutdown_grace_ms = 2_000;
         configure(&mut config);
@@ -1293,12 +1300,9 @@ async fn a_socket_whose_session_vanished_is_closed_with_4004() {
     let stack = stack_full(1, 5_000, 60_000, |s| s.session_ttl_ms = 3_000, |_| {}).await;
     let gw = stack.gateways[0];
     let mut kept = client(gw, "u-kept", "Kept").await;
-    let mut sessions = spb::session_service_client::SessionServiceClient::connect(format!(
-        "http://{}",
-        stack.state
-    ))
-    .await
-    .unwrap();
+    let mut sessions = spb::session_service_client::SessionServiceClient::new(
+        TestPki::global().channel(stack.state, &Identity::Gateway, Identity::State),
+    );
     // Twice: the second time long after the gateway's watches are up, so the periodic touch
     // is what finds it.
     for user in ["u-gone", "u-gone-later"] {

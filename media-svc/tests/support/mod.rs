@@ -1,5 +1,6 @@
-//! Harness for media-svc tests: the real node on `127.0.0.1:0`, a gRPC client, client peers
-//! from the `webrtc` crate, and Opus tones.
+//! Harness for media-svc tests: the real node on `127.0.0.1:0` with mutual TLS (its
+//! certificate names its node id; a throwaway CA per test binary), a gRPC client dialling as a
+//! gateway, client peers from the `webrtc` crate, and Opus tones.
 
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,6 +14,8 @@ pub mod peer {
 use std::net::SocketAddr;
 
 use media_svc::Config;
+use talkgroup_common::devcerts::TestPki;
+use talkgroup_common::tls::Identity;
 use talkgroup_proto::media::v1 as pb;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +25,8 @@ pub type Client = pb::media_service_client::MediaServiceClient<Channel>;
 
 pub struct TestNode {
     pub addr: SocketAddr,
+    /// The node id its certificate names.
+    pub node_id: String,
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<Result<(), media_svc::RunError>>,
 }
@@ -29,24 +34,35 @@ pub struct TestNode {
 impl TestNode {
     pub async fn start(mut config: Config) -> Self {
         config.drain_timeout_ms = config.drain_timeout_ms.min(5_000);
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| "media-test".to_owned());
+        config.tls = TestPki::global().args(&Identity::Media(node_id.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(media_svc::run(config, listener, shutdown.clone()));
         Self {
             addr,
+            node_id,
             shutdown,
             handle,
         }
     }
 
+    /// A client dialling as a gateway.
     pub async fn client(&self) -> Client {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Client::new(channel)
+        self.client_as(&Identity::Gateway)
+    }
+
+    /// A client dialling as `identity`.
+    pub fn client_as(&self, identity: &Identity) -> Client {
+        Client::new(TestPki::global().channel(
+            self.addr,
+            identity,
+            Identity::Media(self.node_id.clone()),
+        ))
     }
 }
 
