@@ -20,7 +20,16 @@ const WATCHDOG: &str = r#"turnserver "$@" & pid=$!; echo "$pid"; read -r _; kill
 pub struct TurnServer {
     ip: IpAddr,
     port: u16,
+    /// TURN over TLS: its port, when started with a certificate.
+    tls_port: Option<u16>,
     watchdog: Option<(Child, ChildStdin)>,
+}
+
+/// The relay's certificate and key (PEM files) for TURN over TLS.
+#[derive(Debug, Clone)]
+pub struct TurnTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 impl TurnServer {
@@ -32,10 +41,24 @@ impl TurnServer {
     /// Starts coturn listening and relaying on `ip` (a veth address, for clients in a network
     /// namespace).
     pub fn start_on(ip: IpAddr, secret: &str) -> Result<Self> {
+        Self::start_with(ip, secret, None)
+    }
+
+    /// Starts coturn on `ip` with TURN over TLS too (on a second port), with this
+    /// certificate.
+    pub fn start_tls(ip: IpAddr, secret: &str, tls: &TurnTls) -> Result<Self> {
+        Self::start_with(ip, secret, Some(tls))
+    }
+
+    fn start_with(ip: IpAddr, secret: &str, tls: Option<&TurnTls>) -> Result<Self> {
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port()?;
-            match Self::spawn(ip, port, secret) {
+            let tls = match tls {
+                Some(tls) => Some((tls, free_port()?)),
+                None => None,
+            };
+            match Self::spawn(ip, port, secret, tls) {
                 Ok(server) => return Ok(server),
                 Err(e) => last_error = Some(e),
             }
@@ -43,9 +66,22 @@ impl TurnServer {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("turnserver did not start")))
     }
 
-    fn spawn(ip: IpAddr, port: u16, secret: &str) -> Result<Self> {
+    fn spawn(ip: IpAddr, port: u16, secret: &str, tls: Option<(&TurnTls, u16)>) -> Result<Self> {
         let port_arg = port.to_string();
         let ip_arg = ip.to_string();
+        let tls_args: Vec<String> = match tls {
+            Some((files, tls_port)) => vec![
+                "--tls-listening-port".into(),
+                tls_port.to_string(),
+                "--cert".into(),
+                files.cert.display().to_string(),
+                "--pkey".into(),
+                files.key.display().to_string(),
+                "--no-tlsv1".into(),
+                "--no-tlsv1_1".into(),
+            ],
+            None => vec!["--no-tls".into()],
+        };
         let mut child = Command::new("sh")
             .args(["-c", WATCHDOG, "sh"])
             .args([
@@ -63,7 +99,6 @@ impl TurnServer {
                 "--realm",
                 "talkgroup.test",
                 "--fingerprint",
-                "--no-tls",
                 "--no-dtls",
                 "--allow-loopback-peers",
                 "--no-multicast-peers",
@@ -73,6 +108,7 @@ impl TurnServer {
                 "--pidfile",
                 "",
             ])
+            .args(&tls_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -90,14 +126,17 @@ impl TurnServer {
         let mut server = Self {
             ip,
             port,
+            tls_port: tls.map(|(_, p)| p),
             watchdog: Some((child, stdin)),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            // coturn listens on TCP as well as UDP on its port.
-            if TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_millis(200))
-                .is_ok()
-            {
+            // coturn listens on TCP as well as UDP on its port (and on the TLS port).
+            let listening = |port| {
+                TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_millis(200))
+                    .is_ok()
+            };
+            if listening(port) && server.tls_port.is_none_or(listening) {
                 return Ok(server);
             }
             if let Some((child, _)) = server.watchdog.as_mut()
@@ -121,6 +160,18 @@ impl TurnServer {
             format!("turn:{}:{}?transport=udp", self.ip, self.port),
             format!("turn:{}:{}?transport=tcp", self.ip, self.port),
         ]
+    }
+
+    /// The TURN-over-TLS port, when started with a certificate.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    /// The `turns:` URL of the relay (TURN over TLS over TCP), when started with a
+    /// certificate.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("turns:{}:{port}?transport=tcp", self.ip))
     }
 
     fn stop(&mut self) {

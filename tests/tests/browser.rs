@@ -104,12 +104,16 @@ async fn ana_talks_and_ben_hears(ana: &Page, ben: &Page) {
 
 /// Chromium in `ns`, with two pages (Ana and Ben) signed in to `stack`'s gateway and joined
 /// to `ops`.
-async fn pages_in(ns: &Netns, stack: &Stack) -> (Browser, Page, Page) {
+async fn pages_in(
+    ns: &Netns,
+    stack: &Stack,
+    trust_ca: Option<std::path::PathBuf>,
+) -> (Browser, Page, Page) {
     let origin = format!("http://{}", stack.gateway(0));
     let launch = Launch {
         netns: Some((ns.name.clone(), ns.ns_ip)),
         secure_origins: vec![origin.clone()],
-        ..Launch::default()
+        trust_ca,
     };
     let browser = tokio::task::spawn_blocking(move || Browser::launch_with(&launch))
         .await
@@ -154,7 +158,7 @@ async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
     .await
     .unwrap();
     stack.ready().await.unwrap();
-    let (browser, ana, ben) = pages_in(&ns, &stack).await;
+    let (browser, ana, ben) = pages_in(&ns, &stack, None).await;
     // Ana's send transport and Ben's receive transport both run over ICE/TCP.
     ana_talks_and_ben_hears(&ana, &ben).await;
     let metrics = stack.media[0].logged_addr("metrics listening").unwrap();
@@ -186,6 +190,18 @@ async fn pages_on_a_network_without_udp_talk_and_hear_over_ice_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_through_turn() {
+    talk_through_the_relay(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_allowed_only_the_relays_tls_port_talk_and_hear_through_turn_over_tls() {
+    talk_through_the_relay(true).await;
+}
+
+/// Pages in a namespace that may open TCP to the gateway and to the relay (its TLS port with
+/// `tls`), nothing else: no UDP, and not the media node's ICE/TCP port. Audio can only go
+/// through coturn.
+async fn talk_through_the_relay(tls: bool) {
     if !have_chromium() {
         return;
     }
@@ -194,15 +210,42 @@ async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_throu
     }
     let ns = Netns::create().unwrap();
     let secret = "a-turn-secret-shared-with-coturn";
-    let turn = testkit::TurnServer::start_on(ns.host_ip.into(), secret)
-        .expect("coturn (apt-get install coturn)");
-    let secret_file = std::env::temp_dir().join(format!("{}-turn-secret", ns.name));
+    let dir = std::env::temp_dir().join(format!("{}-turn", ns.name));
+    // The relay's throwaway certificate, from a CA the browser is told to trust.
+    let ca = talkgroup_common::devcerts::DevCa::new("relay test CA").unwrap();
+    let relay_ip = ns.host_ip.to_string();
+    let files = ca
+        .write(
+            &dir,
+            "turn",
+            &talkgroup_common::tls::Identity::Gateway,
+            &[&relay_ip],
+        )
+        .unwrap();
+    let turn = if tls {
+        testkit::TurnServer::start_tls(
+            ns.host_ip.into(),
+            secret,
+            &testkit::turn::TurnTls {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            },
+        )
+    } else {
+        testkit::TurnServer::start_on(ns.host_ip.into(), secret)
+    }
+    .expect("coturn (apt-get install coturn)");
+    let secret_file = dir.join("turn-secret");
     std::fs::write(&secret_file, secret).unwrap();
+    let (urls, relay_port) = match turn.tls_url() {
+        Some(url) => (url, turn.tls_port().unwrap()),
+        None => (turn.urls().join(","), turn.port()),
+    };
     let stack = Stack::start(Topology {
         gateway_args: vec![
             "--dev-tokens".into(),
             "--turn-url".into(),
-            turn.urls().join(","),
+            urls,
             "--turn-secret-file".into(),
             secret_file.to_string_lossy().into_owned(),
         ],
@@ -212,11 +255,9 @@ async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_throu
     .await
     .unwrap();
     stack.ready().await.unwrap();
-    // The pages may open TCP to the gateway and to the relay, nothing else: no UDP, and not
-    // the media node's ICE/TCP port. Audio can only go through the relay.
-    ns.allow_only_tcp_to(&[stack.gateway(0).port(), turn.port()])
+    ns.allow_only_tcp_to(&[stack.gateway(0).port(), relay_port])
         .unwrap();
-    let (browser, ana, ben) = pages_in(&ns, &stack).await;
+    let (browser, ana, ben) = pages_in(&ns, &stack, Some(files.ca.clone())).await;
     ana_talks_and_ben_hears(&ana, &ben).await;
     let dropped = ns.dropped().unwrap();
     assert!(
@@ -226,7 +267,7 @@ async fn pages_allowed_only_tcp_to_the_gateway_and_the_relay_talk_and_hear_throu
     eprintln!("packets dropped in the namespace: {dropped}");
     ana.key(false, " ", "Space", 32).await.unwrap();
     drop(browser);
-    let _ = std::fs::remove_file(&secret_file);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
