@@ -17,6 +17,8 @@ pub mod postgres;
 pub mod ws;
 pub use postgres::PostgresServer;
 pub mod turn;
+#[cfg(feature = "media")]
+pub mod turn_tls;
 pub use turn::TurnServer;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -158,6 +158,13 @@ impl Peer {
                     .with_ice_transport_policy(RTCIceTransportPolicy::Relay)
                     .build(),
             );
+            // A relay-only peer needs no mDNS (and a network namespace without a multicast
+            // route could not join its group).
+            builder = builder.with_setting_engine(
+                webrtc::peer_connection::SettingEngineBuilder::new()
+                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                    .build(),
+            );
         }
         let pc = builder
             .with_media_engine(opus_media_engine())

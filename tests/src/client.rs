@@ -134,6 +134,49 @@ impl Client {
         (peer, transport, answer)
     }
 
+    /// A transport whose peer the caller builds from the relay the gateway hands out (on
+    /// another runtime, say: a network namespace's): (peer, transport id, answer SDP).
+    pub async fn negotiate_relayed_with<F, Fut>(
+        &mut self,
+        channel: &str,
+        direction: &str,
+        build: F,
+    ) -> (Peer, String, String)
+    where
+        F: FnOnce(testkit::media::Relay) -> Fut,
+        Fut: std::future::Future<Output = Peer>,
+    {
+        let created = self
+            .ok(
+                "create-transport",
+                json!({"channelId": channel, "direction": direction}),
+            )
+            .await;
+        let mut peer = build(relay_of(&created["iceServers"][0], false)).await;
+        let answer = peer
+            .answer(
+                created["offer"]["sdp"].as_str().unwrap(),
+                direction == "send",
+            )
+            .await;
+        let transport = created["transportId"].as_str().unwrap().to_owned();
+        self.ok(
+            "connect-transport",
+            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
+        )
+        .await;
+        (peer, transport, answer)
+    }
+
+    /// Starts producing on a send transport made by [`Client::negotiate_relayed_with`].
+    pub async fn produce(&mut self, channel: &str, transport: &str) {
+        self.ok(
+            "produce",
+            json!({"transportId": transport, "channelId": channel, "kind": "audio"}),
+        )
+        .await;
+    }
+
     /// A send transport with a producer: the peer to speak from.
     pub async fn speaker(&mut self, channel: &str) -> Peer {
         let (peer, transport) = self.negotiate(channel, "send").await;

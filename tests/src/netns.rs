@@ -154,6 +154,44 @@ impl Netns {
         loaded.map(drop)
     }
 
+    /// A tokio runtime whose threads live in the namespace: sockets made by what runs on it
+    /// (a client peer, built there) are the namespace's, under its rules.
+    pub fn runtime(&self) -> Result<NsRuntime> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // Threads inherit the namespace of the thread that makes them: the runtime's
+            // workers and blocking threads are all made from here, after the switch.
+            if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                let _ = ready_tx.send(Err(anyhow::anyhow!("setns: {e}")));
+                return;
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(runtime.handle().clone()));
+            runtime.block_on(async move {
+                let _ = stop_rx.await;
+            });
+        });
+        let handle = ready_rx.recv().context("namespace thread")??;
+        Ok(NsRuntime {
+            handle,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
     /// Packets the namespace's rules dropped so far.
     pub fn dropped(&self) -> Result<u64> {
         let listing = self.exec("nft", &["list", "table", "inet", "talkgroup_test"])?;
@@ -173,5 +211,24 @@ impl Drop for Netns {
         // Deleting the namespace deletes its veth end, and with it this host's.
         let _ = run("ip", &["netns", "del", &self.name]);
         let _ = run("ip", &["link", "del", &self.host_if]);
+    }
+}
+
+/// A runtime inside a namespace ([`Netns::runtime`]); it stops when dropped.
+#[derive(Debug)]
+pub struct NsRuntime {
+    pub handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for NsRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -105,3 +105,169 @@ async fn an_ice_restart_through_the_gateway_keeps_the_stream() {
     assert_eq!(ear.track_count(), 1);
     assert_eq!(restarted["offer"]["type"], "offer");
 }
+
+/// A relayed peer for `client` built inside the namespace runtime `rt`, reaching the relay's
+/// TLS port at `relay` through a TURN-over-TLS bridge (the `webrtc` crate speaks TURN over UDP
+/// only), with a forged credential when `forge`: (peer, bridge, transport id, answer SDP).
+async fn relayed_in(
+    rt: &talkgroup_e2e::netns::NsRuntime,
+    client: &mut talkgroup_e2e::Client,
+    direction: &str,
+    relay: std::net::SocketAddr,
+    ca: &std::path::Path,
+    forge: bool,
+) -> (
+    testkit::media::Peer,
+    testkit::turn_tls::TlsBridge,
+    String,
+    String,
+) {
+    let name = relay.ip().to_string();
+    let ca = ca.to_owned();
+    let bridge = rt
+        .handle
+        .spawn(async move { testkit::turn_tls::TlsBridge::start(relay, &name, &ca).await })
+        .await
+        .unwrap()
+        .unwrap();
+    let url = bridge.url();
+    let handle = rt.handle.clone();
+    let (peer, transport, answer) = client
+        .negotiate_relayed_with("ops", direction, |mut relay| async move {
+            relay.urls = vec![url];
+            if forge {
+                relay.credential = "Zm9yZ2VkLWNyZWRlbnRpYWw=".into();
+            }
+            handle
+                .spawn(testkit::media::Peer::relayed(relay))
+                .await
+                .unwrap()
+        })
+        .await;
+    (peer, bridge, transport, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_allowed_only_tcp_to_the_relays_tls_port_hears_and_talks_through_turn_over_tls() {
+    use talkgroup_e2e::netns::{self, Netns};
+    if !netns::available() {
+        assert!(
+            std::env::var("TALKGROUP_ALLOW_NO_NETNS").is_ok(),
+            "network namespaces need root, iproute2 and nftables, and \
+             TALKGROUP_ALLOW_NO_NETNS is not set"
+        );
+        return;
+    }
+    let ns = Netns::create().unwrap();
+    let dir = std::env::temp_dir().join(format!("relay-tls-test-{}", std::process::id()));
+    // The relay's throwaway certificate, for its address on the link to the namespace.
+    let ca = talkgroup_common::devcerts::DevCa::new("relay test CA").unwrap();
+    let host = ns.host_ip.to_string();
+    let files = ca
+        .write(
+            &dir,
+            "turn",
+            &talkgroup_common::tls::Identity::Gateway,
+            &[&host],
+        )
+        .unwrap();
+    let turn = TurnServer::start_tls(
+        ns.host_ip.into(),
+        SECRET,
+        &testkit::turn::TurnTls {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+    )
+    .expect("coturn (apt-get install coturn)");
+    let secret_file = dir.join("turn-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let tls_port = turn.tls_port().unwrap();
+    let stack = Stack::start(Topology {
+        gateway_args: vec![
+            "--turn-url".into(),
+            turn.tls_url().unwrap(),
+            "--turn-secret-file".into(),
+            secret_file.to_string_lossy().into_owned(),
+        ],
+        bind_ip: host.clone(),
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    // Ben's media lives in the namespace, which lets out only TCP to the relay's TLS port
+    // (his signalling socket is this process's, outside it).
+    ns.allow_only_tcp_to(&[tls_port]).unwrap();
+    let rt = ns.runtime().unwrap();
+    let gateway = stack.gateway(0);
+    let escapes = rt
+        .handle
+        .spawn(async move {
+            let udp = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+            let _ = udp.send_to(b"direct?", gateway).await;
+            tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::net::TcpStream::connect(gateway),
+            )
+            .await
+            .is_ok_and(|c| c.is_ok())
+        })
+        .await
+        .unwrap();
+    assert!(!escapes, "the namespace reached the gateway directly");
+    assert!(ns.dropped().unwrap() > 0, "the rules dropped nothing");
+
+    let relay = std::net::SocketAddr::new(ns.host_ip.into(), tls_port);
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(0, "u-ben", "Ben").await;
+    let mut cai = stack.client(0, "u-cai", "Cai").await;
+    for c in [&mut ana, &mut ben, &mut cai] {
+        c.join("ops").await;
+    }
+    let mic = ana.speaker("ops").await;
+    let (ana_ear, _) = ana.listener("ops").await;
+
+    // Ben hears Ana, his every packet through coturn over TLS.
+    let (ben_ear, _recv_bridge, _, answer) =
+        relayed_in(&rt, &mut ben, "recv", relay, &files.ca, false).await;
+    assert!(answer.contains("typ relay"), "no relay candidate: {answer}");
+    ben.consume("ops").await;
+    ben_ear.wait_connected().await;
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    let mic = std::sync::Arc::new(mic);
+    let talking = {
+        let mic = std::sync::Arc::clone(&mic);
+        tokio::spawn(async move { Tone::new(440.0).play(&mic, 500).await })
+    };
+    wait_packets(&ben_ear, 100, "Ben hears Ana through the relay over TLS").await;
+    talking.abort();
+    assert_tone(&ben_ear, 0, 440.0, "Ben");
+    ana.ptt_stop("ops").await;
+
+    // Ben talks the same way, and Ana hears him.
+    let (ben_mic, _send_bridge, transport, _) =
+        relayed_in(&rt, &mut ben, "send", relay, &files.ca, false).await;
+    ben.produce("ops", &transport).await;
+    ben_mic.wait_connected().await;
+    let before = ana_ear.received_count();
+    assert_eq!(ben.ptt_start("ops").await["granted"], true);
+    let ben_mic = std::sync::Arc::new(ben_mic);
+    let talking = {
+        let ben_mic = std::sync::Arc::clone(&ben_mic);
+        tokio::spawn(async move { Tone::new(660.0).play(&ben_mic, 500).await })
+    };
+    wait_packets(&ana_ear, before + 100, "Ana hears Ben through the relay").await;
+    talking.abort();
+    assert_tone(&ana_ear, before, 660.0, "Ana");
+
+    // Without valid TURN credentials the namespace has no way out.
+    let (_, _forged_bridge, _, forged) =
+        relayed_in(&rt, &mut cai, "recv", relay, &files.ca, true).await;
+    assert!(
+        !forged.contains("typ relay"),
+        "a forged credential got a relay: {forged}"
+    );
+    drop((ben_ear, ben_mic));
+    let _ = std::fs::remove_dir_all(&dir);
+}
