@@ -4,7 +4,8 @@
 //! listener's decrypted packet) next to the forwarding latency the media node reports, and the
 //! baseline: the same two client peers connected directly, with no server between them. Then
 //! press → granted with mutual TLS on every gRPC hop against the same with plaintext gRPC,
-//! two stacks side by side in the same run.
+//! two stacks side by side in the same run. Last, access time at a listener whose media goes
+//! through coturn over TLS against a listener on the direct path, both hearing the same presses.
 //!
 //! Run: `cargo build --release --bins && cargo bench -p talkgroup-e2e --bench access_time`
 //! (`ACCESS_BENCH_PRESSES`, default 200).
@@ -151,6 +152,7 @@ fn main() {
         ear.close().await;
         drop(stack);
         grant_mtls_against_plaintext(presses).await;
+        access_through_turn_tls(presses).await;
     });
 }
 
@@ -249,4 +251,139 @@ async fn direct_baseline(frames: usize) -> Histogram<u64> {
     speaker.close().await;
     listener.close().await;
     h
+}
+
+/// Access time at two listeners of the same presses: one whose peer may use only a coturn relay
+/// it reaches over TLS (through testkit's TURN-over-TLS bridge: the `webrtc` crate speaks TURN
+/// over UDP only), one connected to the media node directly.
+async fn access_through_turn_tls(presses: usize) {
+    const SECRET: &str = "access-bench-turn-secret";
+    let dir = std::env::temp_dir().join(format!("access-turn-{}", std::process::id()));
+    let ca = talkgroup_common::devcerts::DevCa::new("bench relay CA").unwrap();
+    let files = ca
+        .write(
+            &dir,
+            "turn",
+            &talkgroup_common::tls::Identity::Gateway,
+            &["127.0.0.1"],
+        )
+        .unwrap();
+    let turn = testkit::TurnServer::start_tls(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        SECRET,
+        &testkit::turn::TurnTls {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+    )
+    .expect("coturn (apt-get install coturn)");
+    let secret_file = dir.join("turn-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let stack = Stack::start(Topology {
+        gateway_args: vec![
+            "--ptt-rate".into(),
+            "1000".into(),
+            "--request-rate".into(),
+            "1000".into(),
+            "--turn-url".into(),
+            turn.tls_url().unwrap(),
+            "--turn-secret-file".into(),
+            secret_file.display().to_string(),
+        ],
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(0, "u-ben", "Ben").await;
+    let mut cai = stack.client(0, "u-cai", "Cai").await;
+    for c in [&mut ana, &mut ben, &mut cai] {
+        c.join("bench-turn").await;
+    }
+    let mic = ana.speaker("bench-turn").await;
+    let (direct, _) = cai.listener("bench-turn").await;
+    let relay = std::net::SocketAddr::from(([127, 0, 0, 1], turn.tls_port().unwrap()));
+    let bridge = testkit::turn_tls::TlsBridge::start(relay, "127.0.0.1", &files.ca)
+        .await
+        .unwrap();
+    let url = bridge.url();
+    let (relayed, _, answer) = ben
+        .negotiate_relayed_with("bench-turn", "recv", |mut relay| async move {
+            relay.urls = vec![url];
+            Peer::relayed(relay).await
+        })
+        .await;
+    assert!(answer.contains("typ relay"), "no relay candidate: {answer}");
+    ben.consume("bench-turn").await;
+    relayed.wait_connected().await;
+
+    let mut tone = Tone::new(440.0);
+    let mut through_turn = Histogram::<u64>::new(3).unwrap();
+    let mut on_direct = Histogram::<u64>::new(3).unwrap();
+    let mut lost = 0usize;
+    // Warm-up presses until the relayed listener hears (its DTLS may finish a little after
+    // ICE), then the measured ones.
+    let mut warm = false;
+    let mut measured = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while measured < presses && Instant::now() < deadline {
+        let before = [relayed.received_count(), direct.received_count()];
+        let t0 = Instant::now();
+        let reply = ana.ptt_start("bench-turn").await;
+        assert_eq!(reply["granted"], true, "{reply}");
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        for _ in 0..FRAMES_PER_PRESS {
+            ticker.tick().await;
+            let frame = tone.frame();
+            mic.send(tone.seq, tone.ts, frame).await;
+            tone.seq = tone.seq.wrapping_add(1);
+            tone.ts = tone.ts.wrapping_add(960);
+        }
+        let wait = Instant::now() + Duration::from_secs(2);
+        while (relayed.received_count() < before[0] + FRAMES_PER_PRESS
+            || direct.received_count() < before[1] + FRAMES_PER_PRESS)
+            && Instant::now() < wait
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        ana.ptt_stop("bench-turn").await;
+        let first = |peer: &Peer, from: usize| {
+            peer.received()
+                .get(from)
+                .map(|r| r.at.duration_since(t0).as_micros() as u64)
+        };
+        match (first(&relayed, before[0]), first(&direct, before[1])) {
+            (Some(turn_us), Some(direct_us)) if warm => {
+                through_turn.record(turn_us).unwrap();
+                on_direct.record(direct_us).unwrap();
+                measured += 1;
+            }
+            (Some(_), Some(_)) => warm = true,
+            _ if warm => lost += 1,
+            _ => {}
+        }
+    }
+    println!(
+        "\naccess time through coturn over TLS against the direct path ({measured} presses, \
+         both listeners hearing each)\n"
+    );
+    println!("| measure | n | p50 ms | p95 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    row(
+        "press → first audio, listener relayed by coturn over TLS",
+        &through_turn,
+    );
+    row(
+        "baseline: press → first audio, listener on the direct path",
+        &on_direct,
+    );
+    let ratio =
+        |q| through_turn.value_at_quantile(q) as f64 / on_direct.value_at_quantile(q).max(1) as f64;
+    println!(
+        "\nTURN/TLS / direct, p50: {:.2}x (p99 {:.2}x); presses a listener missed: {lost}",
+        ratio(0.5),
+        ratio(0.99)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

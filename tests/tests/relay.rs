@@ -70,6 +70,27 @@ async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
         !forged.contains("typ relay"),
         "a forged credential got a relay: {forged}"
     );
+    // A credential made correctly with the shared secret but expired an hour ago is refused
+    // too; the same one with an expiry ahead gets a relay (so the first refusal is coturn's
+    // expiry check, not a wrong signature).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (expiry, relayed) in [(now - 3600, false), (now + 3600, true)] {
+        let (_, _, answer) = cai
+            .negotiate_relayed_with("ops", "recv", |mut relay| async move {
+                relay.username = format!("{expiry}:u-cai");
+                relay.credential = rest_api_password(SECRET, &relay.username);
+                testkit::media::Peer::relayed(relay).await
+            })
+            .await;
+        assert_eq!(
+            answer.contains("typ relay"),
+            relayed,
+            "expiry {expiry} (now {now}): {answer}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -104,6 +125,13 @@ async fn an_ice_restart_through_the_gateway_keeps_the_stream() {
     );
     assert_eq!(ear.track_count(), 1);
     assert_eq!(restarted["offer"]["type"], "offer");
+}
+
+/// The TURN REST API password coturn checks: base64 of HMAC-SHA1(secret, username).
+fn rest_api_password(secret: &str, username: &str) -> String {
+    use base64::Engine as _;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&key, username.as_bytes()))
 }
 
 /// A relayed peer for `client` built inside the namespace runtime `rt`, reaching the relay's
