@@ -7,12 +7,17 @@
 //!   NOTHING`, so copying an entry twice (a retry, two replicas) leaves one row.
 //! - Nothing lost while PostgreSQL is down: entries are read through a consumer group and
 //!   acknowledged only after the transaction that holds them commits; unacknowledged entries
-//!   stay pending in Redis and are read again (pending first) when PostgreSQL is back. Every
-//!   replica uses the same consumer name, so a replica that dies leaves nothing stranded.
+//!   stay pending in Redis and are read again (pending first) when PostgreSQL is back. Each
+//!   replica reads as its own consumer; entries another consumer has held unacknowledged for
+//!   [`STALE_PENDING`] (a replica that died mid-copy) are claimed and copied, and consumers
+//!   idle for [`IDLE_CONSUMER`] with nothing pending are removed.
 //! - Which streams have news: the channel events the same scripts publish (pattern
 //!   subscription), plus a periodic `SCAN` that also finds streams with only denials (which
 //!   publish nothing).
-//! - Copied entries are trimmed from the stream once none is pending.
+//! - Copied entries are trimmed from the stream once none is pending, and only then: with the
+//!   writer on, the floor scripts cap nothing (`MAXLEN` is off), so an outage of any length
+//!   grows the streams instead of losing history. `ptt_audit_backlog_entries` says how much
+//!   waits.
 //! - Schema migrations run at start, under an advisory lock, recorded in `schema_migrations`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -25,9 +30,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::redis::Keys;
 
-/// The consumer group and the one consumer name every replica shares.
+/// The consumer group every replica reads through.
 const GROUP: &str = "audit-writer";
-const CONSUMER: &str = "writer";
+/// Entries another consumer has held this long without acknowledging them are claimed.
+const STALE_PENDING: Duration = Duration::from_secs(30);
+/// Consumers idle this long with nothing pending are removed from the group.
+const IDLE_CONSUMER: Duration = Duration::from_secs(600);
+
+/// Entries in the audit streams not yet copied to PostgreSQL (pending and undelivered), as of
+/// the writer's last look.
+pub static AUDIT_BACKLOG: std::sync::LazyLock<prometheus_client::metrics::gauge::Gauge> =
+    std::sync::LazyLock::new(prometheus_client::metrics::gauge::Gauge::default);
 /// Entries copied per transaction.
 const BATCH: usize = 500;
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
@@ -224,6 +237,8 @@ pub struct AuditWriter {
     redis: redis::Client,
     keys: Keys,
     settings: AuditSettings,
+    /// This replica's consumer name in the group.
+    consumer: String,
 }
 
 impl std::fmt::Debug for AuditWriter {
@@ -236,19 +251,69 @@ impl std::fmt::Debug for AuditWriter {
 
 impl AuditWriter {
     pub fn new(redis: redis::Client, keys: Keys, settings: AuditSettings) -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty() && h.len() <= 64 && h.chars().all(|c| c.is_ascii_graphic()))
+            .unwrap_or_else(|| "state-svc".to_owned());
+        let consumer = format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         Self {
             redis,
             keys,
             settings,
+            consumer,
         }
+    }
+
+    /// Counts what waits to be copied ([`AUDIT_BACKLOG`]); Redis only, so it also runs while
+    /// PostgreSQL is away.
+    async fn measure_backlog(&self) -> Result<u64, AuditError> {
+        let mut conn = self.redis.get_multiplexed_async_connection().await?;
+        let mut backlog = 0u64;
+        for stream in self.scan(&mut conn).await? {
+            backlog += match group_info(&mut conn, &stream).await? {
+                Some(group) => {
+                    let int = |field: &str| match group.get(field) {
+                        Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
+                        _ => None,
+                    };
+                    match int("lag") {
+                        Some(lag) => lag + int("pending").unwrap_or(0),
+                        // Redis cannot tell the lag (entries deleted in between): all of it.
+                        None => conn.xlen::<_, u64>(&stream).await?,
+                    }
+                }
+                None => conn.xlen::<_, u64>(&stream).await?,
+            };
+        }
+        AUDIT_BACKLOG.set(i64::try_from(backlog).unwrap_or(i64::MAX));
+        Ok(backlog)
     }
 
     /// Copies until shutdown, reconnecting to PostgreSQL and Redis with backoff 1-30 s.
     pub async fn run(self, shutdown: CancellationToken) {
+        futures::future::join(self.copy_loop(&shutdown), self.backlog_loop(&shutdown)).await;
+    }
+
+    /// Measures the backlog every sweep interval, whether or not PostgreSQL is reachable.
+    async fn backlog_loop(&self, shutdown: &CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.sweep);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            if let Err(error) = self.measure_backlog().await {
+                tracing::debug!(%error, "audit backlog not measured");
+            }
+        }
+    }
+
+    async fn copy_loop(&self, shutdown: &CancellationToken) {
         let mut attempt = 0usize;
         loop {
             let error = tokio::select! {
-                result = self.session(&shutdown) => match result {
+                result = self.session(shutdown) => match result {
                     Ok(()) => return,
                     Err(error) => error,
                 },
@@ -256,7 +321,12 @@ impl AuditWriter {
             };
             let wait = Duration::from_secs(BACKOFF[attempt.min(BACKOFF.len() - 1)]);
             attempt += 1;
-            tracing::warn!(%error, retry_in_s = wait.as_secs(), "audit writer interrupted; the backlog waits in redis");
+            tracing::warn!(
+                %error,
+                retry_in_s = wait.as_secs(),
+                backlog = AUDIT_BACKLOG.get(),
+                "audit writer interrupted; the backlog waits in redis"
+            );
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => return,
@@ -343,10 +413,11 @@ impl AuditWriter {
         {
             return Err(e.into());
         }
+        self.claim_stale(conn, stream).await?;
         let mut start = "0";
         loop {
             let options = StreamReadOptions::default()
-                .group(GROUP, CONSUMER)
+                .group(GROUP, &self.consumer)
                 .count(BATCH);
             let reply: StreamReadReply = conn.xread_options(&[stream], &[start], &options).await?;
             let entries: Vec<redis::streams::StreamId> =
@@ -381,17 +452,15 @@ impl AuditWriter {
         // Trim what every replica has copied: nothing may be pending.
         let pending: redis::streams::StreamPendingReply = conn.xpending(stream, GROUP).await?;
         if pending.count() == 0 {
-            let last: Option<String> = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .query_async::<Vec<std::collections::HashMap<String, redis::Value>>>(conn)
-                .await?
-                .into_iter()
-                .find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == GROUP.as_bytes()))
-                .and_then(|g| match g.get("last-delivered-id") {
-                    Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-                    _ => None,
-                });
+            let last: Option<String> =
+                group_info(conn, stream)
+                    .await?
+                    .and_then(|g| match g.get("last-delivered-id") {
+                        Some(redis::Value::BulkString(b)) => {
+                            Some(String::from_utf8_lossy(b).into_owned())
+                        }
+                        _ => None,
+                    });
             if let Some(last) = last {
                 let _: i64 = redis::cmd("XTRIM")
                     .arg(stream)
@@ -414,6 +483,68 @@ impl AuditWriter {
                         );
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over entries other consumers have held unacknowledged for [`STALE_PENDING`] (a
+    /// replica that died mid-copy), so this copy reads them as its own pending ones; removes
+    /// consumers long idle with nothing pending.
+    async fn claim_stale(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        stream: &str,
+    ) -> Result<(), AuditError> {
+        let min_idle = u64::try_from(STALE_PENDING.as_millis()).unwrap_or(u64::MAX);
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let (next, claimed, _deleted): (String, Vec<String>, Vec<String>) =
+                redis::cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(min_idle)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(BATCH)
+                    .arg("JUSTID")
+                    .query_async(conn)
+                    .await?;
+            if !claimed.is_empty() {
+                tracing::info!(
+                    stream,
+                    claimed = claimed.len(),
+                    "audit entries of a stalled writer claimed"
+                );
+            }
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(GROUP)
+            .query_async(conn)
+            .await?;
+        let idle_ms = i64::try_from(IDLE_CONSUMER.as_millis()).unwrap_or(i64::MAX);
+        for consumer in consumers {
+            let (Some(redis::Value::BulkString(name)), Some(redis::Value::Int(0))) =
+                (consumer.get("name"), consumer.get("pending"))
+            else {
+                continue;
+            };
+            let idle = matches!(consumer.get("idle"), Some(redis::Value::Int(i)) if *i > idle_ms);
+            if idle && name.as_slice() != self.consumer.as_bytes() {
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg(name.as_slice())
+                    .query_async(conn)
+                    .await?;
             }
         }
         Ok(())
@@ -619,4 +750,27 @@ impl History {
             })
             .collect())
     }
+}
+
+/// The writer's group on `stream`, as `XINFO GROUPS` describes it.
+async fn group_info(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Result<Option<std::collections::HashMap<String, redis::Value>>, redis::RedisError> {
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = match redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+    {
+        Ok(groups) => groups,
+        // The stream went away in between.
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(groups.into_iter().find(
+        |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == GROUP.as_bytes()),
+    ))
 }

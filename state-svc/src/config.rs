@@ -158,7 +158,9 @@ pub struct Config {
     /// How often expired floors and sessions are swept, in milliseconds.
     #[arg(long, env = "PTT_STATE_SWEEP_INTERVAL_MS", default_value_t = 100)]
     pub sweep_interval_ms: u32,
-    /// Approximate length each channel's audit stream is trimmed to.
+    /// Approximate length each channel's audit stream is trimmed to, when the audit stays in
+    /// Redis (no --postgres-url). With PostgreSQL, streams are trimmed only past what the
+    /// audit writer has copied, whatever their length.
     #[arg(long, env = "PTT_STATE_AUDIT_MAXLEN", default_value_t = 100_000)]
     pub audit_maxlen: u32,
     /// Time allowed for in-flight calls to finish after SIGTERM, in milliseconds.
@@ -372,7 +374,13 @@ impl Config {
             connect: RedisConnect::new(url, &auth)?,
             key_prefix: self.key_prefix.clone(),
             timeout: Duration::from_millis(u64::from(self.redis_timeout_ms)),
-            audit_maxlen: self.audit_maxlen,
+            // With the audit writer, a stream is trimmed only past what it has copied: a long
+            // PostgreSQL outage grows the streams instead of losing history.
+            audit_maxlen: if self.postgres_url.is_some() {
+                0
+            } else {
+                self.audit_maxlen
+            },
             membership_channel: self.membership_channel.clone(),
         })
     }

@@ -81,6 +81,11 @@ impl StateMetrics {
             crate::error::STORE_ERRORS.clone(),
         );
         r.register(
+            "ptt_audit_backlog_entries",
+            "Audit stream entries not yet copied to PostgreSQL, as of the audit writer's last look",
+            crate::audit::AUDIT_BACKLOG.clone(),
+        );
+        r.register(
             "ptt_watch_streams",
             "Open Watch streams (gateways and media nodes following channels)",
             self.watch_streams.clone(),

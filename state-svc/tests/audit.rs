@@ -52,6 +52,95 @@ async fn count(url: &str, sql: &str) -> Option<i64> {
     client.query_one(sql, &[]).await.ok()?.try_get(0).ok()
 }
 
+/// Entries in a channel's audit stream.
+async fn stream_len(prefix: &str, channel: &str) -> i64 {
+    let mut conn = ::redis::Client::open(redis().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    ::redis::cmd("XLEN")
+        .arg(format!("{prefix}:{{ch:{channel}}}:audit"))
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_length_cap_loses_nothing() {
+    let pg = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = pg.url();
+    let mut config = Backend::Redis.config("audit-cap");
+    config.postgres_url = Some(url.clone());
+    // The smallest cap there is: without the writer, streams stay near 100 entries.
+    config.audit_maxlen = 100;
+    config.audit_sweep_ms = 200;
+    // A loaded machine (the suite runs in parallel) must not fail a join for a slow Redis.
+    config.redis_timeout_ms = 5_000;
+    let prefix = config.key_prefix.clone();
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    wait_until(Duration::from_secs(20), "audit schema", || {
+        let url = url.clone();
+        async move { count(&url, "SELECT count(*) FROM schema_migrations").await == Some(2) }
+    })
+    .await
+    .unwrap();
+    let mut pg = pg;
+    let mut pg = tokio::task::spawn_blocking(move || {
+        pg.stop().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    // Six times the cap in one stream while PostgreSQL is away: all of it stays in Redis.
+    let sid = c.join("cap", "cap").await;
+    for round in 0..300 {
+        let granted = c.acquire("cap", &sid, 0).await;
+        let epoch = granted.holder.unwrap().epoch;
+        assert!(
+            c.release("cap", &sid, epoch).await.released,
+            "round {round}"
+        );
+    }
+    let kept = stream_len(&prefix, "cap").await;
+    assert!(
+        kept >= 600,
+        "the stream was trimmed to {kept} before it was copied"
+    );
+    pg = tokio::task::spawn_blocking(move || {
+        pg.resume().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(60), "600 audit rows", || {
+        let url = url.clone();
+        async move {
+            count(
+                &url,
+                "SELECT count(*) FROM floor_events WHERE channel_id = 'cap'",
+            )
+            .await
+                == Some(600)
+        }
+    })
+    .await
+    .unwrap();
+    // Copied, then trimmed.
+    wait_until(Duration::from_secs(10), "the copied stream trimmed", || {
+        let prefix = prefix.clone();
+        async move { stream_len(&prefix, "cap").await <= 1 }
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+    drop(pg);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     let pg = tokio::task::spawn_blocking(PostgresServer::start)

@@ -107,9 +107,12 @@ async fn every_service_exposes_metrics_with_help_after_real_traffic() {
         "ptt_floor_denials",
         "ptt_store_errors",
         "ptt_watch_streams",
+        "ptt_audit_backlog_entries",
     ] {
         assert_help(&state, name);
     }
+    // No audit writer in this stack (no PostgreSQL): nothing waits.
+    assert_eq!(sample(&state, "ptt_audit_backlog_entries"), Some(0.0));
     assert_eq!(sample(&state, "ptt_floor_grants_total"), Some(1.0));
     assert_eq!(sample(&state, "ptt_floor_denials_total"), Some(1.0));
     assert_eq!(sample(&state, "ptt_store_errors_total"), Some(0.0));

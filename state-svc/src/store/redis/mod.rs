@@ -57,7 +57,8 @@ pub struct RedisOptions {
     pub key_prefix: String,
     /// Upper bound of every Redis call.
     pub timeout: Duration,
-    /// Approximate length each channel's audit stream is trimmed to.
+    /// Approximate length each channel's audit stream is trimmed to; 0: not at all (the
+    /// audit writer trims what it has copied).
     pub audit_maxlen: u32,
     /// Pub/sub channel of control-plane membership updates.
     pub membership_channel: String,

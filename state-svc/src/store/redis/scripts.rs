@@ -80,8 +80,15 @@ local function publish(ev)
 end
 
 local function audit(ev, h, extra)
-  local args = { 'XADD', K_AUDIT, 'MAXLEN', '~', AUDIT_MAX, '*', 'ev', ev, 'ch', CH,
-                 'sid', h.sid, 'uid', h.uid, 'epoch', h.epoch or '', 'at', tostring(now) }
+  -- AUDIT_MAX '0': the audit writer trims what it has copied; nothing is capped here.
+  local args = { 'XADD', K_AUDIT }
+  if AUDIT_MAX ~= '0' then
+    for _, a in ipairs({ 'MAXLEN', '~', AUDIT_MAX }) do table.insert(args, a) end
+  end
+  for _, a in ipairs({ '*', 'ev', ev, 'ch', CH, 'sid', h.sid, 'uid', h.uid,
+                       'epoch', h.epoch or '', 'at', tostring(now) }) do
+    table.insert(args, a)
+  end
   if extra then
     for k, v in pairs(extra) do
       table.insert(args, k)
@@ -613,8 +620,13 @@ redis.call('SET', KEYS[1], ARGV[2])
 if ARGV[5] == '' then redis.call('PERSIST', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'action', ARGV[4], 'version', ARGV[3],
-           'at', tostring(now), 'state', ARGV[7])
+if ARGV[6] == '0' then
+  redis.call('XADD', KEYS[2], '*', 'action', ARGV[4], 'version', ARGV[3],
+             'at', tostring(now), 'state', ARGV[7])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'action', ARGV[4], 'version', ARGV[3],
+             'at', tostring(now), 'state', ARGV[7])
+end
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 return { 'ok', tonumber(ARGV[3]) }
 "#,
@@ -635,8 +647,13 @@ redis.call('DEL', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local doc = cjson.encode({ deleted = true, session_id = ARGV[2], version = actual + 1 })
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'action', 'delete',
-           'version', tostring(actual + 1), 'at', tostring(now), 'state', doc)
+if ARGV[3] == '0' then
+  redis.call('XADD', KEYS[2], '*', 'action', 'delete',
+             'version', tostring(actual + 1), 'at', tostring(now), 'state', doc)
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'action', 'delete',
+             'version', tostring(actual + 1), 'at', tostring(now), 'state', doc)
+end
 redis.call('PUBLISH', KEYS[3], doc)
 return { 'ok', actual + 1 }
 "#,
