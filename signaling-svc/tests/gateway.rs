@@ -39,6 +39,8 @@ struct Stack {
     metrics: Vec<SocketAddr>,
     /// state-svc's gRPC address.
     state: SocketAddr,
+    /// The media node's gRPC address (node id `media-gw-test`).
+    media: SocketAddr,
     stop: CancellationToken,
 }
 
@@ -103,7 +105,8 @@ async fn stack_full(
     media_config.state_url = Some(format!("http://{state}"));
     media_config.drain_timeout_ms = 100;
     let s = stop.clone();
-    serve(move |l| async move { media_svc::run(media_config, l, s).await.unwrap() }).await;
+    let media =
+        serve(move |l| async move { media_svc::run(media_config, l, s).await.unwrap() }).await;
     let mut addrs = Vec::new();
     let mut metrics = Vec::new();
     for _ in 0..gateways {
@@ -136,6 +139,7 @@ async fn stack_full(
         gateways: addrs,
         metrics,
         state,
+        media,
         stop,
     }
 }
@@ -1433,5 +1437,75 @@ async fn without_relays_the_ice_server_list_is_empty() {
     let mut ana = client(stack.gateways[0], "u-ana", "Ana").await;
     let reply = ana.ok("get-ice-servers", json!({})).await;
     assert_eq!(reply, json!({"iceServers": []}));
+    stack.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_the_media_node_refuses_as_stale_is_not_reported_granted() {
+    use talkgroup_proto::media::v1 as mpb;
+    use talkgroup_proto::state::v1 as spb;
+    let stack = stack(1, 5_000, 60_000).await;
+    let mut ana = client(stack.gateways[0], "u-ana", "Ana").await;
+    ana.request("join-channel", json!({"channelId": "stale"}))
+        .await;
+    let first = ana
+        .request("ptt-start", json!({"channelId": "stale"}))
+        .await;
+    assert_eq!(first["data"]["granted"], true, "{first}");
+    let epoch = first["data"]["epoch"].as_u64().unwrap();
+    ana.request("ptt-stop", json!({"channelId": "stale"})).await;
+    // The node learns of a decision a second ahead of the epoch clock (as when state-svc's
+    // epochs went backwards after a failover): every grant state-svc makes for the next second
+    // is older than what the node holds.
+    let mut media = mpb::media_service_client::MediaServiceClient::new(TestPki::global().channel(
+        stack.media,
+        &Identity::Gateway,
+        Identity::Media("media-gw-test".into()),
+    ));
+    let ahead = media
+        .set_floor(mpb::SetFloorRequest {
+            channel_id: "stale".into(),
+            producer_id: String::new(),
+            epoch: epoch + 1_000_000,
+            expires_at_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ahead.applied);
+    let refused = ana
+        .request("ptt-start", json!({"channelId": "stale"}))
+        .await;
+    assert_eq!(refused["error"]["code"], "UNAVAILABLE", "{refused}");
+    // The stale grant was given back: nobody holds the floor.
+    let mut floors = spb::floor_service_client::FloorServiceClient::new(TestPki::global().channel(
+        stack.state,
+        &Identity::Gateway,
+        Identity::State,
+    ));
+    let floor = floors
+        .get_floor(spb::GetFloorRequest {
+            channel_id: "stale".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(floor.holder.is_none(), "{floor:?}");
+    // Once the epoch clock passes the node's, presses are granted again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = ana
+            .request("ptt-start", json!({"channelId": "stale"}))
+            .await;
+        if reply["data"]["granted"] == true {
+            break;
+        }
+        assert_eq!(reply["error"]["code"], "UNAVAILABLE", "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused after the epoch clock passed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     stack.stop.cancel();
 }

@@ -31,7 +31,9 @@ pub(super) fn media(app: &AppState, node: &str) -> Result<MediaClient> {
 }
 
 /// Tells `node` who may talk in `channel` (an empty producer: nobody) from `epoch` on, until
-/// `expires_at_ms`.
+/// `expires_at_ms`. A node that did not apply it (it has seen a later epoch for the channel:
+/// this decision is stale, or state-svc's epochs went backwards) is an error: a client must
+/// not be told `granted` when nobody would hear it.
 pub(super) async fn set_floor(
     app: &AppState,
     node: &str,
@@ -40,13 +42,28 @@ pub(super) async fn set_floor(
     epoch: u64,
     expires_at_ms: i64,
 ) -> Result<()> {
-    media(app, node)?
+    let reply = media(app, node)?
         .set_floor(mpb::SetFloorRequest {
             channel_id: channel.to_owned(),
             producer_id: producer,
             epoch,
             expires_at_ms,
         })
-        .await?;
+        .await?
+        .into_inner();
+    if !reply.applied {
+        tracing::warn!(
+            %channel,
+            %node,
+            epoch,
+            node_epoch = reply.current_epoch,
+            "media node did not apply the floor: it has a later epoch"
+        );
+        app.metrics.refused("media-epoch-ahead");
+        return Err(err(
+            Code::Unavailable,
+            "the media node did not take the floor; try again",
+        ));
+    }
     Ok(())
 }
