@@ -75,7 +75,8 @@ impl DevCa {
     }
 
     /// Issues a certificate for `identity` and writes `<name>.crt`, `<name>.key` and `ca.crt`
-    /// into `dir` (the key readable by its owner only).
+    /// into `dir` (the key readable by its owner only). Each file is replaced whole (written
+    /// beside it, then renamed), so a service reading them meanwhile never sees half of one.
     pub fn write(
         &self,
         dir: &Path,
@@ -92,9 +93,9 @@ impl DevCa {
             key: dir.join(format!("{name}.key")),
             ca: dir.join("ca.crt"),
         };
-        write_private(&files.key, issued.key_pem.as_bytes())?;
-        std::fs::write(&files.cert, issued.cert_pem)?;
-        std::fs::write(&files.ca, self.ca_pem())?;
+        replace(&files.key, issued.key_pem.as_bytes(), 0o600)?;
+        replace(&files.cert, issued.cert_pem.as_bytes(), 0o644)?;
+        replace(&files.ca, self.ca_pem().as_bytes(), 0o644)?;
         Ok(files)
     }
 }
@@ -176,16 +177,23 @@ fn validity(params: &mut CertificateParams) {
     params.not_after = now + time::Duration::days(VALID_DAYS);
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a new file beside `path` with `mode`, then renames it over `path`.
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".tmp-{}-{n}", std::process::id()));
+    let temp = std::path::PathBuf::from(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    drop(file);
+    std::fs::rename(&temp, path)
 }
 
 #[cfg(test)]

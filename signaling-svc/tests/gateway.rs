@@ -42,6 +42,22 @@ struct Stack {
     /// The media node's gRPC address (node id `media-gw-test`).
     media: SocketAddr,
     stop: CancellationToken,
+    /// This test's share of the process (see [`Stack::alone`]).
+    turn: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+}
+
+/// Every stack holds a shared turn; a test that measures the whole process (its memory, its
+/// connection slots) gives its own up and waits for the process to itself.
+static TURNS: std::sync::LazyLock<std::sync::Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(tokio::sync::RwLock::new(())));
+
+impl Stack {
+    /// Waits until no other test's stack runs in this process, and keeps others from
+    /// starting until the guard is dropped.
+    async fn alone(&mut self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.turn = None;
+        std::sync::Arc::clone(&TURNS).write_owned().await
+    }
 }
 
 async fn serve<F: Future<Output = ()> + Send + 'static>(
@@ -82,6 +98,7 @@ async fn stack_full(
     configure: impl Fn(&mut signaling_svc::Config),
 ) -> Stack {
     static PREFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let turn = Some(std::sync::Arc::clone(&TURNS).read_owned().await);
     let stop = CancellationToken::new();
     // Every gRPC hop is mutual TLS, with certificates from a throwaway CA.
     let pki = TestPki::global();
@@ -141,6 +158,7 @@ async fn stack_full(
         state,
         media,
         stop,
+        turn,
     }
 }
 
@@ -695,6 +713,9 @@ async fn development_tokens_only_when_enabled() {
         "off by default"
     );
     off.stop.cancel();
+    // One stack at a time: a second turn taken while holding one could wait on a test that
+    // waits to be alone.
+    drop(off);
 
     let on = stack_with(1, 5_000, 60_000, |c| c.dev_tokens = true).await;
     let gw = on.gateways[0];
@@ -879,7 +900,7 @@ async fn connections(addr: SocketAddr) -> u64 {
 async fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
     const SLOW: usize = 20;
     const OUTBOX: usize = 64 * 1024;
-    let stack = stack_with(1, 5_000, 60_000, |c| {
+    let mut stack = stack_with(1, 5_000, 60_000, |c| {
         c.outbox_bytes = OUTBOX;
         c.write_timeout_ms = 1_000;
         c.request_rate = 10_000;
@@ -909,6 +930,8 @@ async fn clients_that_never_read_are_closed_and_memory_stays_bounded() {
             .unwrap();
         slow.push((write, read));
     }
+    // Other tests' stacks in this process would move its RSS too.
+    let _alone = stack.alone().await;
     let rss_before = testkit::process_rss_kib("self");
 
     // Each slow client asks for the channel state (about 5 KiB) 400 times: 2 MB each, which a
@@ -1022,7 +1045,8 @@ async fn silent_and_half_sent_requests_are_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_global_limit_are_closed_at_accept() {
-    let stack = stack_with(1, 5_000, 60_000, |c| c.max_connections = 3).await;
+    let mut stack = stack_with(1, 5_000, 60_000, |c| c.max_connections = 3).await;
+    let _alone = stack.alone().await;
     let gw = stack.gateways[0];
     let mut a = client(gw, "u-a", "A").await;
     let b = client(gw, "u-b", "B").await;

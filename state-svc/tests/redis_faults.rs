@@ -264,3 +264,86 @@ async fn events_cross_state_svc_processes_sharing_one_redis() {
     );
     assert!(two.logs().iter().any(|l| l.contains("state-svc stopped")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_finds_its_floor_lost_says_so_once() {
+    let mut redis = RedisServer::start().unwrap();
+    let server = TestServer::start(config_for(&redis, "lost")).await;
+    let mut c = server.clients().await;
+    let ana = c.join("ana", "lost").await;
+    let granted = c.acquire("lost", &ana, 0).await;
+    assert_eq!(granted.outcome(), pb::AcquireOutcome::Granted);
+    let epoch = granted.holder.unwrap().epoch;
+
+    // Redis comes back empty: the floor, its epoch and the session are gone, and nobody said
+    // the floor ended.
+    redis.kill();
+    redis.restart().unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "state-svc reaches the new redis",
+        || reachable(c.clone(), "lost"),
+    )
+    .await
+    .unwrap();
+    // A watcher of both channels, once events flow again (a probe channel's changes arrive).
+    let mut watch = c.watch(&["lost", "probe"]).await;
+    let bo = c.join("bo", "probe").await;
+    let probe = |mut c: Clients, bo: String| async move {
+        let got = c.acquire("probe", &bo, 0).await;
+        let epoch = got.holder.unwrap().epoch;
+        c.release("probe", &bo, epoch).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    'flowing: loop {
+        probe(c.clone(), bo.clone()).await;
+        while let Some(event) = watch.next_or_end().await {
+            if let Some(pb::watch_event::Event::Floor(f)) = event.event
+                && f.channel_id == "probe"
+            {
+                break 'flowing;
+            }
+        }
+        assert!(Instant::now() < deadline, "no events after the restart");
+    }
+    // Drain the probe's remaining events.
+    while tokio::time::timeout(Duration::from_millis(300), watch.next_or_end())
+        .await
+        .is_ok_and(|e| e.is_some())
+    {}
+
+    let renew = pb::RenewFloorRequest {
+        channel_id: "lost".into(),
+        session_id: ana.clone(),
+        epoch,
+    };
+    let renewed = c
+        .floor
+        .renew_floor(renew.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!renewed.renewed);
+    let lost = watch.next_floor().await;
+    assert_eq!(lost.channel_id, "lost");
+    assert_eq!(lost.reason(), pb::FloorReason::Lost);
+    assert!(lost.holder.is_none());
+    assert!(
+        lost.epoch > epoch,
+        "the epoch moves on: {} <= {epoch}",
+        lost.epoch
+    );
+    // Said once: the next renewal finds the epoch past its own, and the next event is the
+    // probe's.
+    assert!(
+        !c.floor
+            .renew_floor(renew)
+            .await
+            .unwrap()
+            .into_inner()
+            .renewed
+    );
+    probe(c.clone(), bo.clone()).await;
+    assert_eq!(watch.next_floor().await.channel_id, "probe");
+    server.stop().await;
+}

@@ -79,6 +79,7 @@ pub fn reason(r: spb::FloorReason) -> &'static str {
         spb::FloorReason::QueueGranted => "queue-granted",
         spb::FloorReason::Emergency => "emergency",
         spb::FloorReason::EmergencyEnded => "emergency-ended",
+        spb::FloorReason::Lost => "lost",
         spb::FloorReason::Unspecified => "unknown",
     }
 }

@@ -100,6 +100,7 @@ pub fn reason(r: FloorReason) -> pb::FloorReason {
         FloorReason::QueueGranted => pb::FloorReason::QueueGranted,
         FloorReason::Emergency => pb::FloorReason::Emergency,
         FloorReason::EmergencyEnded => pb::FloorReason::EmergencyEnded,
+        FloorReason::Lost => pb::FloorReason::Lost,
     }
 }
 

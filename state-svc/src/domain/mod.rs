@@ -152,6 +152,8 @@ pub enum FloorReason {
     Emergency,
     /// Freed when an emergency broadcast ended.
     EmergencyEnded,
+    /// The store no longer had a floor its holder renewed (state lost).
+    Lost,
 }
 
 impl FloorReason {
@@ -169,6 +171,7 @@ impl FloorReason {
             Self::QueueGranted => "queue_granted",
             Self::Emergency => "emergency",
             Self::EmergencyEnded => "emergency_ended",
+            Self::Lost => "lost",
         }
     }
 
@@ -185,6 +188,7 @@ impl FloorReason {
             "queue_granted" => Self::QueueGranted,
             "emergency" => Self::Emergency,
             "emergency_ended" => Self::EmergencyEnded,
+            "lost" => Self::Lost,
             _ => return None,
         })
     }

@@ -232,7 +232,18 @@ if h and now >= h.expires then
   end
   return cjson.encode({ r = 'not_held', now = now })
 end
-if not h then return cjson.encode({ r = 'not_held', now = now }) end
+if not h then
+  -- Released or expired floors moved the epoch past the holder's. An epoch behind it means
+  -- the store lost the floor (an empty restart, a failover to a replica that had not seen
+  -- the grant): nobody ever said the floor ended, so say it now, once (the next renewal
+  -- finds the bumped epoch).
+  if current_epoch() < tonumber(ep) then
+    local e = bump_epoch()
+    publish({ k = 'floor', epoch = e, reason = 'lost' })
+    audit('lost', { sid = sid, uid = '', epoch = ep }, nil)
+  end
+  return cjson.encode({ r = 'not_held', now = now })
+end
 if h.sid ~= sid then return cjson.encode({ r = 'not_holder', now = now }) end
 if h.epoch ~= ep then return cjson.encode({ r = 'stale_epoch', now = now }) end
 local expires = math.min(now + lease, h.max_until)
