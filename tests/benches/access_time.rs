@@ -257,39 +257,16 @@ async fn direct_baseline(frames: usize) -> Histogram<u64> {
 /// it reaches over TLS (through testkit's TURN-over-TLS bridge: the `webrtc` crate speaks TURN
 /// over UDP only), one connected to the media node directly.
 async fn access_through_turn_tls(presses: usize) {
-    const SECRET: &str = "access-bench-turn-secret";
-    let dir = std::env::temp_dir().join(format!("access-turn-{}", std::process::id()));
-    let ca = talkgroup_common::devcerts::DevCa::new("bench relay CA").unwrap();
-    let files = ca
-        .write(
-            &dir,
-            "turn",
-            &talkgroup_common::tls::Identity::Gateway,
-            &["127.0.0.1"],
-        )
-        .unwrap();
-    let turn = testkit::TurnServer::start_tls(
-        std::net::Ipv4Addr::LOCALHOST.into(),
-        SECRET,
-        &testkit::turn::TurnTls {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        },
-    )
-    .expect("coturn (apt-get install coturn)");
-    let secret_file = dir.join("turn-secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
+    let relay_tls =
+        talkgroup_e2e::relay::TestRelay::start(std::net::Ipv4Addr::LOCALHOST, true).unwrap();
     let stack = Stack::start(Topology {
-        gateway_args: vec![
-            "--ptt-rate".into(),
-            "1000".into(),
-            "--request-rate".into(),
-            "1000".into(),
-            "--turn-url".into(),
-            turn.tls_url().unwrap(),
-            "--turn-secret-file".into(),
-            secret_file.display().to_string(),
-        ],
+        gateway_args: [
+            ["--ptt-rate", "1000", "--request-rate", "1000"]
+                .map(String::from)
+                .to_vec(),
+            relay_tls.gateway_args(),
+        ]
+        .concat(),
         ..Topology::default()
     })
     .await
@@ -303,8 +280,8 @@ async fn access_through_turn_tls(presses: usize) {
     }
     let mic = ana.speaker("bench-turn").await;
     let (direct, _) = cai.listener("bench-turn").await;
-    let relay = std::net::SocketAddr::from(([127, 0, 0, 1], turn.tls_port().unwrap()));
-    let bridge = testkit::turn_tls::TlsBridge::start(relay, "127.0.0.1", &files.ca)
+    let relay = std::net::SocketAddr::from(([127, 0, 0, 1], relay_tls.port()));
+    let bridge = testkit::turn_tls::TlsBridge::start(relay, "127.0.0.1", &relay_tls.ca)
         .await
         .unwrap();
     let url = bridge.url();
@@ -385,5 +362,4 @@ async fn access_through_turn_tls(presses: usize) {
         ratio(0.5),
         ratio(0.99)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -109,29 +109,13 @@ impl Client {
         direction: &str,
         relay: Option<bool>,
     ) -> (Peer, String, String) {
-        let created = self
-            .ok(
-                "create-transport",
-                json!({"channelId": channel, "direction": direction}),
-            )
-            .await;
-        let mut peer = match relay {
-            None => Peer::new(false).await,
-            Some(forge) => Peer::relayed(relay_of(&created["iceServers"][0], forge)).await,
-        };
-        let answer = peer
-            .answer(
-                created["offer"]["sdp"].as_str().unwrap(),
-                direction == "send",
-            )
-            .await;
-        let transport = created["transportId"].as_str().unwrap().to_owned();
-        self.ok(
-            "connect-transport",
-            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
-        )
-        .await;
-        (peer, transport, answer)
+        self.negotiate_built(channel, direction, |server| async move {
+            match relay {
+                None => Peer::new(false).await,
+                Some(forge) => Peer::relayed(relay_of(&server, forge)).await,
+            }
+        })
+        .await
     }
 
     /// A transport whose peer the caller builds from the relay the gateway hands out (on
@@ -146,13 +130,29 @@ impl Client {
         F: FnOnce(testkit::media::Relay) -> Fut,
         Fut: std::future::Future<Output = Peer>,
     {
+        self.negotiate_built(channel, direction, |server| build(relay_of(&server, false)))
+            .await
+    }
+
+    /// Creates a transport, builds its peer from the first `iceServers` entry, answers the
+    /// node's offer and connects: (peer, transport id, answer SDP).
+    async fn negotiate_built<F, Fut>(
+        &mut self,
+        channel: &str,
+        direction: &str,
+        build: F,
+    ) -> (Peer, String, String)
+    where
+        F: FnOnce(Value) -> Fut,
+        Fut: std::future::Future<Output = Peer>,
+    {
         let created = self
             .ok(
                 "create-transport",
                 json!({"channelId": channel, "direction": direction}),
             )
             .await;
-        let mut peer = build(relay_of(&created["iceServers"][0], false)).await;
+        let mut peer = build(created["iceServers"][0].clone()).await;
         let answer = peer
             .answer(
                 created["offer"]["sdp"].as_str().unwrap(),

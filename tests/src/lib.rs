@@ -11,6 +11,7 @@
 pub mod browser;
 pub mod client;
 pub mod netns;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -209,55 +209,19 @@ async fn talk_through_the_relay(tls: bool) {
         return;
     }
     let ns = Netns::create().unwrap();
-    let secret = "a-turn-secret-shared-with-coturn";
-    let dir = std::env::temp_dir().join(format!("{}-turn", ns.name));
-    // The relay's throwaway certificate, from a CA the browser is told to trust.
-    let ca = talkgroup_common::devcerts::DevCa::new("relay test CA").unwrap();
-    let relay_ip = ns.host_ip.to_string();
-    let files = ca
-        .write(
-            &dir,
-            "turn",
-            &talkgroup_common::tls::Identity::Gateway,
-            &[&relay_ip],
-        )
-        .unwrap();
-    let turn = if tls {
-        testkit::TurnServer::start_tls(
-            ns.host_ip.into(),
-            secret,
-            &testkit::turn::TurnTls {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-            },
-        )
-    } else {
-        testkit::TurnServer::start_on(ns.host_ip.into(), secret)
-    }
-    .expect("coturn (apt-get install coturn)");
-    let secret_file = dir.join("turn-secret");
-    std::fs::write(&secret_file, secret).unwrap();
-    let (urls, relay_port) = match turn.tls_url() {
-        Some(url) => (url, turn.tls_port().unwrap()),
-        None => (turn.urls().join(","), turn.port()),
-    };
+    // The relay's throwaway certificate comes from a CA the browser is told to trust.
+    let relay = talkgroup_e2e::relay::TestRelay::start(ns.host_ip, tls).unwrap();
     let stack = Stack::start(Topology {
-        gateway_args: vec![
-            "--dev-tokens".into(),
-            "--turn-url".into(),
-            urls,
-            "--turn-secret-file".into(),
-            secret_file.to_string_lossy().into_owned(),
-        ],
+        gateway_args: [vec!["--dev-tokens".into()], relay.gateway_args()].concat(),
         bind_ip: ns.host_ip.to_string(),
         ..Topology::default()
     })
     .await
     .unwrap();
     stack.ready().await.unwrap();
-    ns.allow_only_tcp_to(&[stack.gateway(0).port(), relay_port])
+    ns.allow_only_tcp_to(&[stack.gateway(0).port(), relay.port()])
         .unwrap();
-    let (browser, ana, ben) = pages_in(&ns, &stack, Some(files.ca.clone())).await;
+    let (browser, ana, ben) = pages_in(&ns, &stack, Some(relay.ca.clone())).await;
     ana_talks_and_ben_hears(&ana, &ben).await;
     let dropped = ns.dropped().unwrap();
     assert!(
@@ -267,7 +231,6 @@ async fn talk_through_the_relay(tls: bool) {
     eprintln!("packets dropped in the namespace: {dropped}");
     ana.key(false, " ", "Space", 32).await.unwrap();
     drop(browser);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,26 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use talkgroup_e2e::relay::{TURN_SECRET, TestRelay};
 use talkgroup_e2e::{Stack, Topology, assert_tone, wait_packets};
-use testkit::TurnServer;
 use testkit::media::Tone;
-
-const SECRET: &str = "a-turn-secret-shared-with-coturn";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
-    let turn = TurnServer::start(SECRET).expect("coturn (apt-get install coturn)");
-    let dir = std::env::temp_dir().join(format!("relay-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let secret_file = dir.join("turn-secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
+    let relay = TestRelay::start(std::net::Ipv4Addr::LOCALHOST, false).unwrap();
     let stack = Stack::start(Topology {
-        gateway_args: vec![
-            "--turn-url".into(),
-            turn.urls().join(","),
-            "--turn-secret-file".into(),
-            secret_file.to_string_lossy().into_owned(),
-        ],
+        gateway_args: relay.gateway_args(),
         ..Topology::default()
     })
     .await
@@ -81,7 +70,7 @@ async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
         let (_, _, answer) = cai
             .negotiate_relayed_with("ops", "recv", |mut relay| async move {
                 relay.username = format!("{expiry}:u-cai");
-                relay.credential = rest_api_password(SECRET, &relay.username);
+                relay.credential = rest_api_password(TURN_SECRET, &relay.username);
                 testkit::media::Peer::relayed(relay).await
             })
             .await;
@@ -91,7 +80,6 @@ async fn a_client_that_can_only_use_the_relay_hears_through_coturn() {
             "expiry {expiry} (now {now}): {answer}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,38 +175,12 @@ async fn a_client_allowed_only_tcp_to_the_relays_tls_port_hears_and_talks_throug
         return;
     }
     let ns = Netns::create().unwrap();
-    let dir = std::env::temp_dir().join(format!("relay-tls-test-{}", std::process::id()));
-    // The relay's throwaway certificate, for its address on the link to the namespace.
-    let ca = talkgroup_common::devcerts::DevCa::new("relay test CA").unwrap();
-    let host = ns.host_ip.to_string();
-    let files = ca
-        .write(
-            &dir,
-            "turn",
-            &talkgroup_common::tls::Identity::Gateway,
-            &[&host],
-        )
-        .unwrap();
-    let turn = TurnServer::start_tls(
-        ns.host_ip.into(),
-        SECRET,
-        &testkit::turn::TurnTls {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        },
-    )
-    .expect("coturn (apt-get install coturn)");
-    let secret_file = dir.join("turn-secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    let tls_port = turn.tls_port().unwrap();
+    // The relay's throwaway certificate is for its address on the link to the namespace.
+    let relay_tls = TestRelay::start(ns.host_ip, true).unwrap();
+    let tls_port = relay_tls.port();
     let stack = Stack::start(Topology {
-        gateway_args: vec![
-            "--turn-url".into(),
-            turn.tls_url().unwrap(),
-            "--turn-secret-file".into(),
-            secret_file.to_string_lossy().into_owned(),
-        ],
-        bind_ip: host.clone(),
+        gateway_args: relay_tls.gateway_args(),
+        bind_ip: ns.host_ip.to_string(),
         ..Topology::default()
     })
     .await
@@ -258,7 +220,7 @@ async fn a_client_allowed_only_tcp_to_the_relays_tls_port_hears_and_talks_throug
 
     // Ben hears Ana, his every packet through coturn over TLS.
     let (ben_ear, _recv_bridge, _, answer) =
-        relayed_in(&rt, &mut ben, "recv", relay, &files.ca, false).await;
+        relayed_in(&rt, &mut ben, "recv", relay, &relay_tls.ca, false).await;
     assert!(answer.contains("typ relay"), "no relay candidate: {answer}");
     ben.consume("ops").await;
     ben_ear.wait_connected().await;
@@ -275,7 +237,7 @@ async fn a_client_allowed_only_tcp_to_the_relays_tls_port_hears_and_talks_throug
 
     // Ben talks the same way, and Ana hears him.
     let (ben_mic, _send_bridge, transport, _) =
-        relayed_in(&rt, &mut ben, "send", relay, &files.ca, false).await;
+        relayed_in(&rt, &mut ben, "send", relay, &relay_tls.ca, false).await;
     ben.produce("ops", &transport).await;
     ben_mic.wait_connected().await;
     let before = ana_ear.received_count();
@@ -291,11 +253,10 @@ async fn a_client_allowed_only_tcp_to_the_relays_tls_port_hears_and_talks_throug
 
     // Without valid TURN credentials the namespace has no way out.
     let (_, _forged_bridge, _, forged) =
-        relayed_in(&rt, &mut cai, "recv", relay, &files.ca, true).await;
+        relayed_in(&rt, &mut cai, "recv", relay, &relay_tls.ca, true).await;
     assert!(
         !forged.contains("typ relay"),
         "a forged credential got a relay: {forged}"
     );
     drop((ben_ear, ben_mic));
-    let _ = std::fs::remove_dir_all(&dir);
 }
