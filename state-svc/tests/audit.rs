@@ -52,6 +52,29 @@ async fn count(url: &str, sql: &str) -> Option<i64> {
     client.query_one(sql, &[]).await.ok()?.try_get(0).ok()
 }
 
+/// Stops (`up` false) or starts again (`up` true) the server, off the async threads.
+async fn set_running(mut pg: PostgresServer, up: bool) -> PostgresServer {
+    tokio::task::spawn_blocking(move || {
+        if up {
+            pg.resume().unwrap();
+        } else {
+            pg.stop().unwrap();
+        }
+        pg
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until the audit writer has migrated the schema.
+async fn schema_ready(url: &str) {
+    wait_until(Duration::from_secs(20), "audit schema", || async move {
+        count(url, "SELECT count(*) FROM schema_migrations").await == Some(2)
+    })
+    .await
+    .unwrap();
+}
+
 /// Entries in a channel's audit stream.
 async fn stream_len(prefix: &str, channel: &str) -> i64 {
     let mut conn = ::redis::Client::open(redis().url())
@@ -83,19 +106,8 @@ async fn an_outage_longer_than_the_length_cap_loses_nothing() {
     let prefix = config.key_prefix.clone();
     let server = TestServer::start(config).await;
     let mut c = server.clients().await;
-    wait_until(Duration::from_secs(20), "audit schema", || {
-        let url = url.clone();
-        async move { count(&url, "SELECT count(*) FROM schema_migrations").await == Some(2) }
-    })
-    .await
-    .unwrap();
-    let mut pg = pg;
-    let mut pg = tokio::task::spawn_blocking(move || {
-        pg.stop().unwrap();
-        pg
-    })
-    .await
-    .unwrap();
+    schema_ready(&url).await;
+    let pg = set_running(pg, false).await;
     // Six times the cap in one stream while PostgreSQL is away: all of it stays in Redis.
     let sid = c.join("cap", "cap").await;
     for round in 0..300 {
@@ -111,12 +123,7 @@ async fn an_outage_longer_than_the_length_cap_loses_nothing() {
         kept >= 600,
         "the stream was trimmed to {kept} before it was copied"
     );
-    pg = tokio::task::spawn_blocking(move || {
-        pg.resume().unwrap();
-        pg
-    })
-    .await
-    .unwrap();
+    let pg = set_running(pg, true).await;
     wait_until(Duration::from_secs(60), "600 audit rows", || {
         let url = url.clone();
         async move {
@@ -157,21 +164,10 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     let mut c = server.clients().await;
 
     // The writer has migrated the schema.
-    wait_until(Duration::from_secs(20), "audit schema", || {
-        let url = url.clone();
-        async move { count(&url, "SELECT count(*) FROM schema_migrations").await == Some(2) }
-    })
-    .await
-    .unwrap();
+    schema_ready(&url).await;
 
     // PostgreSQL goes away; 1000 floor changes happen in four channels meanwhile.
-    let mut pg = pg;
-    let pg = tokio::task::spawn_blocking(move || {
-        pg.stop().unwrap();
-        pg
-    })
-    .await
-    .unwrap();
+    let pg = set_running(pg, false).await;
     let channels = ["a1", "a2", "a3", "a4"];
     let mut sessions = Vec::new();
     for ch in channels {
@@ -186,13 +182,7 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
     }
 
     // Back: every change arrives, once.
-    let mut pg = pg;
-    let mut pg = tokio::task::spawn_blocking(move || {
-        pg.resume().unwrap();
-        pg
-    })
-    .await
-    .unwrap();
+    let mut pg = set_running(pg, true).await;
     wait_until(Duration::from_secs(60), "1000 audit rows", || {
         let url = url.clone();
         async move { count(&url, "SELECT count(*) FROM floor_events").await == Some(1000) }
