@@ -1211,8 +1211,13 @@ async fn quotas_per_user_socket_address_and_channel_get_their_codes() {
     by.ok("join-channel", json!({"channelId": "by-ch"})).await;
 
     // Sessions per user: the third socket of a user closes with 4003.
+    // Each socket's session is created after its upgrade: the first two must hold theirs (a
+    // ping is answered only once it does) before the third asks, or any one of the three
+    // could be the one refused.
     let mut a1 = client(gw, "u-ana", "Ana").await;
+    assert_eq!(a1.request("ping", json!({})).await["type"], "pong");
     let mut a2 = client(gw, "u-ana", "Ana").await;
+    assert_eq!(a2.request("ping", json!({})).await["type"], "pong");
     let mut a3 = client(gw, "u-ana", "Ana").await;
     assert_eq!(close_code(&mut a3).await, 4003);
     drop(a3);
