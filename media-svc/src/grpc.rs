@@ -256,6 +256,34 @@ impl pb::media_service_server::MediaService for MediaApi {
         }))
     }
 
+    async fn list_session_transports(
+        &self,
+        request: Request<pb::ListSessionTransportsRequest>,
+    ) -> Result<Response<pb::ListSessionTransportsResponse>, Status> {
+        let req = request.into_inner();
+        id(&req.session_id, "invalid session id")?;
+        let transports = self
+            .node
+            .session_transports(&req.session_id)
+            .into_iter()
+            .map(|t| pb::SessionTransport {
+                transport_id: t.transport_id,
+                channel_id: t.channel,
+                direction: match t.direction {
+                    Direction::Send => pb::Direction::Send,
+                    Direction::Recv => pb::Direction::Recv,
+                }
+                .into(),
+                producer_id: t.producer,
+                consumer_id: t.consumer,
+                ssrc: t.ssrc,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSessionTransportsResponse {
+            transports,
+        }))
+    }
+
     async fn get_node_stats(
         &self,
         request: Request<pb::GetNodeStatsRequest>,

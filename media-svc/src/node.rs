@@ -126,6 +126,18 @@ pub struct CreatedTransport {
     pub offer: String,
 }
 
+/// One of a session's transports, as listed for a gateway taking the session over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTransport {
+    pub transport_id: String,
+    pub channel: String,
+    pub direction: Direction,
+    /// Its producer's id (send) or consumer's id (recv); empty when it has none.
+    pub producer: String,
+    pub consumer: String,
+    pub ssrc: u32,
+}
+
 /// Node-wide numbers.
 #[derive(Debug, Clone, Default)]
 pub struct NodeStats {
@@ -503,6 +515,36 @@ impl Node {
         self.pool.close_peer(entry.key).await;
         tracing::debug!(%transport_id, "transport closed");
         Ok(())
+    }
+
+    /// `session`'s transports on this node, sorted by id: what a gateway taking the session
+    /// over needs to serve them.
+    pub fn session_transports(&self, session: &str) -> Vec<SessionTransport> {
+        let registry = self.registry();
+        let mut listed: Vec<SessionTransport> = registry
+            .by_session
+            .get(session)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                let entry = registry.transports.get(id)?;
+                let (producer, consumer) = match &entry.role {
+                    Role::Producer(p) => (p.clone(), String::new()),
+                    Role::Consumer(c) => (String::new(), c.clone()),
+                    Role::None => (String::new(), String::new()),
+                };
+                Some(SessionTransport {
+                    transport_id: id.clone(),
+                    channel: entry.channel.clone(),
+                    direction: entry.direction,
+                    producer,
+                    consumer,
+                    ssrc: entry.ssrc,
+                })
+            })
+            .collect();
+        listed.sort_by(|a, b| a.transport_id.cmp(&b.transport_id));
+        listed
     }
 
     pub async fn close_session(&self, session: &str) -> u32 {

@@ -62,6 +62,13 @@ impl AppState {
         )
     }
 
+    pub fn channel_service(&self) -> spb::channel_service_client::ChannelServiceClient<Traced> {
+        spb::channel_service_client::ChannelServiceClient::with_interceptor(
+            self.state.clone(),
+            Inject,
+        )
+    }
+
     pub fn syncs(&self) -> spb::sync_service_client::SyncServiceClient<Traced> {
         spb::sync_service_client::SyncServiceClient::with_interceptor(self.state.clone(), Inject)
     }

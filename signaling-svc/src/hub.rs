@@ -76,6 +76,9 @@ pub enum HubEvent {
     GrantsResync,
     /// An admin disconnected the user (the reason is shown to them).
     Kicked(String),
+    /// A socket of generation `generation` took session `session` over: an older socket of
+    /// it closes without ending it.
+    Resumed { session: String, generation: u64 },
 }
 
 /// What the writer task is given, in order.
@@ -528,6 +531,18 @@ impl Hub {
         true
     }
 
+    /// Counts `count` transports `user` brought along (a resumed session's), over the limit if
+    /// need be: they exist already.
+    pub fn add_transports(&self, user: &str, count: usize) {
+        if count > 0 {
+            *self
+                .lock()
+                .user_transports
+                .entry(user.to_owned())
+                .or_default() += count;
+        }
+    }
+
     /// Gives back `count` of `user`'s transport places.
     pub fn give_transports(&self, user: &str, count: usize) {
         let mut inner = self.lock();
@@ -664,6 +679,21 @@ impl Hub {
             pb::grants_event::Event::Kicked(kick) => (
                 user_conns(&inner, &kick.user_id),
                 HubEvent::Kicked(kick.reason),
+            ),
+            pb::grants_event::Event::Resumed(resumed) => (
+                user_conns(&inner, &resumed.user_id)
+                    .into_iter()
+                    .filter(|id| {
+                        inner
+                            .conns
+                            .get(id)
+                            .is_some_and(|m| m.session == resumed.session_id)
+                    })
+                    .collect(),
+                HubEvent::Resumed {
+                    session: resumed.session_id,
+                    generation: resumed.generation,
+                },
             ),
         };
         for id in ids {

@@ -176,6 +176,8 @@ async fn dev_token(
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     token: Option<String>,
+    /// The resume token of the session this socket takes over.
+    resume: Option<String>,
 }
 
 async fn ws(
@@ -227,7 +229,7 @@ async fn ws(
             // The socket keeps its TCP connection's place under the listener's limit, and its
             // place in its address's count.
             let _slot = (slot, address);
-            connection::run(app, claims, socket).await;
+            connection::run(app, claims, query.resume, socket).await;
         })
     })
 }

@@ -52,6 +52,8 @@ pub struct GatewayMetrics {
     refused: Family<RefusedBecause, Counter>,
     /// Re-reads of the JWT key set, by result.
     key_set_reloads: Family<Outcome, Counter>,
+    /// Sessions parked and resumed, by result.
+    resumes: Family<Outcome, Counter>,
     connections: Gauge,
     channels: Gauge,
 }
@@ -69,6 +71,7 @@ impl Default for GatewayMetrics {
             slow_clients: Counter::default(),
             refused: Family::default(),
             key_set_reloads: Family::default(),
+            resumes: Family::default(),
             connections: Gauge::default(),
             channels: Gauge::default(),
         }
@@ -102,6 +105,12 @@ impl GatewayMetrics {
         self.key_set_reloads
             .get_or_create(&Outcome { result })
             .inc();
+    }
+
+    /// A session parked (`parked`), resumed (`resumed`), or a resume refused (`refused`) or
+    /// failed on a backend (`failed`).
+    pub fn resume(&self, result: &'static str) {
+        self.resumes.get_or_create(&Outcome { result }).inc();
     }
 
     pub fn exposition(self: &Arc<Self>, hub: Arc<Hub>) -> Exposition {
@@ -155,6 +164,11 @@ impl GatewayMetrics {
             "ptt_gateway_key_set_reloads",
             "Re-reads of the JWT key set file after it changed, by result",
             self.key_set_reloads.clone(),
+        );
+        r.register(
+            "ptt_gateway_resumes",
+            "Sessions parked after a lost socket, and resumes by result",
+            self.resumes.clone(),
         );
         r.register(
             "ptt_gateway_connections",

@@ -361,8 +361,9 @@ async fn ping_join_floor_contention_and_disconnect() {
     let again = b.request("ptt-start", json!({"channelId": "ops"})).await;
     assert_eq!(again["data"]["granted"], false, "Ana still holds the floor");
 
-    // Ana drops off: the floor is freed and everyone hears why.
-    drop(a);
+    // Ana closes her socket: the floor is freed and everyone hears why. (A socket lost without
+    // a close waits for its resume instead: tests/tests/resume.rs.)
+    a.ws.close(None).await.unwrap();
     let freed = b.speaker_changed("disconnected").await;
     assert!(freed["data"]["speaker"].is_null());
     let now_bo = b.request("ptt-start", json!({"channelId": "ops"})).await;
@@ -530,8 +531,8 @@ async fn limits_transports_and_graceful_shutdown() {
     }
     assert!(limited > 0, "a burst of 60 requests hits the limit");
 
-    // SIGTERM on Ana's gateway: her socket closes with 1001 and her floor is released for
-    // everyone, on every gateway.
+    // SIGTERM on Ana's gateway: her socket closes with 1001 (her session waits for a resume
+    // on another replica).
     tokio::time::sleep(Duration::from_millis(1_100)).await; // let the rate limiter refill (a wait on time itself)
     assert_eq!(
         a.request("ptt-start", json!({"channelId": "ops"})).await["data"]["granted"],
@@ -749,20 +750,6 @@ fn signed(claims: &Value) -> String {
     .unwrap()
 }
 
-/// The close frame a socket ends with, within 10 s.
-async fn close_code(client: &mut Client) -> u16 {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), client.ws.next())
-            .await
-            .expect("a close within 10 s")
-        {
-            Some(Ok(Message::Close(frame))) => break u16::from(frame.expect("close frame").code),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_ends_with_its_token_unless_the_client_refreshes_it() {
     let stack = stack_with(1, 5_000, 60_000, |c| c.jwt_leeway_s = 0).await;
@@ -797,7 +784,7 @@ async fn a_socket_ends_with_its_token_unless_the_client_refreshes_it() {
     assert!(refreshed["data"]["expiresAt"].as_i64().unwrap() >= (now_s() + 590) * 1000);
 
     // The socket that did not refresh is closed at its token's exp (leeway 0), within a second.
-    assert_eq!(close_code(&mut ending).await, 4001);
+    assert_eq!(ending.close_code().await, 4001);
     let late_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -853,13 +840,13 @@ async fn invalid_utf8_and_oversized_frames_close_with_their_rfc_6455_codes() {
     let mut bad_text = client(gw, "u-utf8", "Utf8").await;
     let frame = Frame::message(vec![0xff, 0xfe, 0x80], OpCode::Data(Data::Text), true);
     bad_text.ws.send(Message::Frame(frame)).await.unwrap();
-    assert_eq!(close_code(&mut bad_text).await, 1007);
+    assert_eq!(bad_text.close_code().await, 1007);
     let mut big = client(gw, "u-big", "Big").await;
     big.ws
         .send(Message::Text("x".repeat(300 * 1024).into()))
         .await
         .unwrap();
-    assert_eq!(close_code(&mut big).await, 1009);
+    assert_eq!(big.close_code().await, 1009);
     // Others are unaffected.
     let mut fine = client(gw, "u-fine", "Fine").await;
     assert_eq!(fine.request("ping", json!({})).await["type"], "pong");
@@ -1219,7 +1206,7 @@ async fn quotas_per_user_socket_address_and_channel_get_their_codes() {
     let mut a2 = client(gw, "u-ana", "Ana").await;
     assert_eq!(a2.request("ping", json!({})).await["type"], "pong");
     let mut a3 = client(gw, "u-ana", "Ana").await;
-    assert_eq!(close_code(&mut a3).await, 4003);
+    assert_eq!(a3.close_code().await, 4003);
     drop(a3);
 
     // Channels per socket, then per user across sockets.
@@ -1357,7 +1344,7 @@ async fn a_socket_whose_session_vanished_is_closed_with_4004() {
             })
             .await
             .unwrap();
-        assert_eq!(close_code(&mut gone).await, 4004);
+        assert_eq!(gone.close_code().await, 4004);
         let after = started.elapsed();
         assert!(
             after < Duration::from_secs(3),

@@ -4,10 +4,14 @@
 // in the `voiceping` subprotocol -> list-channels -> join-channel -> a recv transport (the
 // channel's one stream) and, when a microphone is available, a send transport with a muted
 // producer -> hold the button or the space bar: ptt-start, unmute on `granted`, mute and
-// ptt-stop on release. See docs/protocol.md.
+// ptt-stop on release. A lost connection is resumed with the token of the `session` push:
+// channel, transports and audio stay; a refused resume rejoins from scratch. See
+// docs/protocol.md.
 
 const $ = (id) => document.getElementById(id);
 const BACKOFF_MS = [1000, 2000, 4000, 8000, 16000, 30000];
+// Close codes after which the session is over for good: no resume.
+const FINAL_CLOSES = new Set([1000, 4000, 4001, 4003, 4004, 4005]);
 const REQUEST_TIMEOUT_MS = 10000;
 
 const state = {
@@ -16,6 +20,7 @@ const state = {
   nextId: 1,
   pending: new Map(),
   reconnects: 0,
+  resumeToken: null,   // single use: takes the session over after a lost connection
   channel: null,       // joined channel id
   epoch: 0,            // highest epoch seen for the joined channel
   speaker: null,
@@ -66,6 +71,9 @@ function onFrame(frame) {
   }
   const data = frame.data ?? {};
   switch (frame.type) {
+    case "session":
+      onSession(data);
+      break;
     case "speaker-changed":
       if (data.channelId === state.channel && data.epoch >= state.epoch) {
         state.epoch = data.epoch;
@@ -104,25 +112,42 @@ function onFrame(frame) {
   }
 }
 
+// The socket's session, its first push: a resume kept the channel and its media; a new session
+// (first connect, or a refused resume) joins again from scratch.
+async function onSession(session) {
+  state.resumeToken = session.resumeToken;
+  await refreshChannels();
+  clearInterval(state.listTimer);
+  state.listTimer = setInterval(refreshChannels, 10000);
+  if (session.resumed && state.channel && (session.channels ?? []).includes(state.channel)) {
+    log("reconnected; the channel and its audio were kept");
+    return;
+  }
+  closeMedia();
+  if (state.channel) {
+    const rejoin = state.channel;
+    state.channel = null;
+    await joinChannel(rejoin);
+  }
+}
+
 function connect() {
   setConnection("connecting");
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/ws`, ["voiceping", state.token]);
+  const resume = state.resumeToken ? `?resume=${encodeURIComponent(state.resumeToken)}` : "";
+  const ws = new WebSocket(`${scheme}://${location.host}/ws${resume}`, [
+    "voiceping",
+    state.token,
+  ]);
+  // Kept until the `session` push brings the next one: an attempt that fails before it may try
+  // again with the same token.
   state.ws = ws;
-  ws.onopen = async () => {
+  ws.onopen = () => {
     ws.opened = true;
     state.reconnects = 0;
     setConnection("online");
     $("signin").hidden = true;
     $("channels").hidden = false;
-    await refreshChannels();
-    clearInterval(state.listTimer);
-    state.listTimer = setInterval(refreshChannels, 10000);
-    if (state.channel) {
-      const rejoin = state.channel;
-      state.channel = null;
-      await joinChannel(rejoin);
-    }
   };
   ws.onmessage = (event) => {
     try {
@@ -140,13 +165,26 @@ function connect() {
     state.pending.clear();
     clearInterval(state.listTimer);
     stopTalking();
-    closeMedia();
+    // A lost connection keeps the media for the resume; a final close ends it.
+    const resumable = state.resumeToken && !FINAL_CLOSES.has(event.code);
+    if (!resumable) {
+      state.resumeToken = null;
+      closeMedia();
+    }
+    if (event.code === 4005) {
+      setConnection("offline");
+      log("this session continues on another connection");
+      return;
+    }
     if (!ws.opened && state.reconnects === 0) {
       // Refused before the upgrade: most likely a bad or expired token.
       signOut("Sign-in failed: the token was refused.");
       return;
     }
-    const delay = BACKOFF_MS[Math.min(state.reconnects, BACKOFF_MS.length - 1)];
+    // The first try of a resume comes at once: the floor's lease and the grace period run.
+    const delay = resumable && state.reconnects === 0
+      ? 250
+      : BACKOFF_MS[Math.min(state.reconnects, BACKOFF_MS.length - 1)];
     state.reconnects += 1;
     setConnection("reconnecting");
     log(`disconnected (${event.code}); retrying in ${delay / 1000} s`);

@@ -152,6 +152,10 @@ pub struct Config {
         default_value_t = 1_000
     )]
     pub max_members_per_channel: u32,
+    /// How long a session whose socket went away (without a close frame, or with its gateway)
+    /// waits for a resume, in milliseconds. Its floors are not renewed meanwhile.
+    #[arg(long, env = "PTT_STATE_RESUME_GRACE_MS", default_value_t = 20_000)]
+    pub resume_grace_ms: u32,
     /// Upper bound of every Redis call in milliseconds; past it the call fails UNAVAILABLE.
     #[arg(long, env = "PTT_STATE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
     pub redis_timeout_ms: u32,
@@ -301,6 +305,7 @@ impl Config {
             1,
             1_000_000,
         )?;
+        range("resume_grace_ms", self.resume_grace_ms, 1_000, 600_000)?;
         let printable = |v: &str, lo: usize, hi: usize| {
             (lo..=hi).contains(&v.len()) && v.chars().all(|c| c.is_ascii_graphic())
         };
@@ -354,6 +359,7 @@ impl Config {
             max_syncs_per_user: self.max_syncs_per_user,
             max_channels_per_user: self.max_channels_per_user,
             max_members_per_channel: self.max_members_per_channel,
+            resume_grace_ms: self.resume_grace_ms,
         }
     }
 

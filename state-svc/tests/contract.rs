@@ -35,6 +35,7 @@ contract!(
     membership_changes_reach_watchers,
     removing_a_session_leaves_every_channel_and_releases_its_floors,
     untouched_sessions_expire,
+    a_session_resumes_once_for_its_user_and_parks_for_the_grace_period,
     placement_picks_least_loaded_live_node_and_agrees,
     hostile_input_is_refused,
     grants_change_once_and_reach_grant_watchers,
@@ -530,6 +531,134 @@ async fn untouched_sessions_expire(b: Backend) {
         .sessions;
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0].channel_ids, ["ops"]);
+    server.stop().await;
+}
+
+async fn resume(
+    c: &mut support::Clients,
+    token: &str,
+    user: &str,
+) -> Result<pb::Session, talkgroup_proto::error::Reason> {
+    c.session
+        .resume_session(pb::ResumeSessionRequest {
+            resume_token: token.into(),
+            user_id: user.into(),
+            gateway_id: "gw-2".into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| reason(&status))
+}
+
+async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: Backend) {
+    use talkgroup_proto::error::Reason;
+    let mut config = b.config("resume");
+    config.resume_grace_ms = 1_000;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let created = c
+        .session
+        .create_session(pb::CreateSessionRequest {
+            user_id: "u-ben".into(),
+            user_name: "Ben".into(),
+            gateway_id: "gw-1".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sid = created.session_id.clone();
+    assert!(created.resume_token.starts_with(&format!("{sid}.")));
+    assert_eq!(created.resume_grace_ms, 1_000);
+    assert_eq!(created.generation, 0);
+    c.session
+        .join_channel(pb::JoinChannelRequest {
+            session_id: sid.clone(),
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap();
+    let mut grants = c
+        .access
+        .watch_grants(pb::WatchGrantsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Refused alike: another user, a made-up secret, garbage. The session is untouched.
+    let forged = format!("{sid}.{}", "0".repeat(64));
+    for (token, user) in [
+        (created.resume_token.as_str(), "u-eve"),
+        (forged.as_str(), "u-ben"),
+        ("garbage", "u-ben"),
+    ] {
+        assert_eq!(
+            resume(&mut c, token, user).await.unwrap_err(),
+            Reason::PermissionDenied
+        );
+    }
+    // Ben's token: the session moves to the new gateway under the next generation, with a
+    // new token; the other replicas hear of it.
+    let resumed = resume(&mut c, &created.resume_token, "u-ben")
+        .await
+        .unwrap();
+    assert_eq!(resumed.session_id, sid);
+    assert_eq!(resumed.generation, 1);
+    assert_eq!(resumed.gateway_id, "gw-2");
+    assert_eq!(resumed.channel_ids, ["ops"]);
+    assert_ne!(resumed.resume_token, created.resume_token);
+    let event = loop {
+        let next = tokio::time::timeout(Duration::from_secs(5), grants.message())
+            .await
+            .expect("a grants event")
+            .unwrap()
+            .unwrap();
+        if let Some(pb::grants_event::Event::Resumed(r)) = next.event {
+            break r;
+        }
+    };
+    assert_eq!(
+        (event.session_id.as_str(), event.generation),
+        (sid.as_str(), 1)
+    );
+    // The used token is spent.
+    assert_eq!(
+        resume(&mut c, &created.resume_token, "u-ben")
+            .await
+            .unwrap_err(),
+        Reason::PermissionDenied
+    );
+    // The socket of generation 0 may no longer park it; generation 1 may.
+    let stale = c
+        .session
+        .park_session(pb::ParkSessionRequest {
+            session_id: sid.clone(),
+            generation: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::NotFound);
+    let mut watch = c.watch(&["ops"]).await;
+    let parked = c
+        .session
+        .park_session(pb::ParkSessionRequest {
+            session_id: sid.clone(),
+            generation: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(parked.parked_at_ms > 0);
+    assert!(parked.expires_at_ms <= parked.parked_at_ms + 1_000);
+    // Nobody resumes it: after the grace period it ends as an untouched session does.
+    let left = watch.next_membership().await;
+    assert_eq!(left.change(), pb::MembershipChange::Left);
+    assert_eq!(
+        resume(&mut c, &resumed.resume_token, "u-ben")
+            .await
+            .unwrap_err(),
+        Reason::PermissionDenied
+    );
     server.stop().await;
 }
 

@@ -378,6 +378,12 @@ impl ServiceProcess {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Kills the process at once (SIGKILL: no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
         let _ = Command::new("kill")

@@ -31,7 +31,44 @@ pub struct WsClient {
 impl WsClient {
     /// Connects to `ws://addr/ws` with `token` as a bearer token.
     pub async fn connect(addr: SocketAddr, token: &str) -> Self {
-        let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+        Self::connect_path(addr, token, "/ws").await
+    }
+
+    /// Connects to take a session over with its resume token (`/ws?resume=`).
+    pub async fn resume(addr: SocketAddr, token: &str, resume: &str) -> Self {
+        Self::connect_path(addr, token, &format!("/ws?resume={resume}")).await
+    }
+
+    /// The `session` push the gateway sends first: the session id, the resume token, and on
+    /// a resume what the session kept.
+    pub async fn session(&mut self) -> Value {
+        self.push("session").await["data"].clone()
+    }
+
+    /// The code of the close frame the socket ends with, reading past other frames (panics
+    /// after 10 s, or when the socket ends without one).
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("a close within 10 s")
+            {
+                Some(Ok(Message::Close(frame))) => {
+                    break u16::from(frame.expect("close frame").code);
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Ends the TCP connection without a WebSocket close frame, as a lost network does.
+    pub fn cut(self) {
+        drop(self.ws);
+    }
+
+    async fn connect_path(addr: SocketAddr, token: &str, path: &str) -> Self {
+        let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
         request
             .headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());

@@ -65,6 +65,14 @@ impl Client {
         }
     }
 
+    /// Signs in and takes over the session of `resume` (the token of its `session` push).
+    pub async fn resume(addr: SocketAddr, user: &str, name: &str, resume: &str) -> Self {
+        Self {
+            inner: WsClient::resume(addr, &token(user, name), resume).await,
+            user: user.to_owned(),
+        }
+    }
+
     /// Signs in with a token carrying `grants` (channel or `*` -> role).
     pub async fn connect_with(addr: SocketAddr, user: &str, name: &str, grants: &Value) -> Self {
         Self {

@@ -40,6 +40,15 @@ impl Conn {
                     .await;
                 return Some(Close::Kicked);
             }
+            HubEvent::Resumed {
+                session,
+                generation,
+            } => {
+                if let Some(close) = self.taken_over(&session, generation) {
+                    tracing::info!(conn = self.id, "session resumed on another connection");
+                    return Some(close);
+                }
+            }
         }
         None
     }

@@ -9,14 +9,20 @@
 //! - [`floors`]: the [`floors::Floors`] this socket holds: grants, renewal, its producers and
 //!   where its channels' media is; [`placement`] finds and reaches a channel's media node;
 //! - [`transports`]: WebRTC transports, producers and consumers on the media node;
+//! - [`resume`]: the session's resume token, taking a session over, and parking it when the
+//!   socket is lost;
 //! - [`emergency`]: emergency broadcasts; [`grants`]: roles and their enforcement;
 //!   [`sync`]: sync sessions; [`events`]: what the hub hands the connection; [`token`]: the
 //!   socket's end with its token, and `refresh-token`.
 //!
 //! The floor flow keeps the order that saves first words: state-svc grants (one atomic step),
 //! the media node is told (`SetFloor`), and only then the client hears `granted` and unmutes.
-//! Whatever ends the connection (close, error, dead socket, shutdown) removes the state session,
-//! which releases its floors and membership for everyone, and closes its media transports.
+//! A connection that ends on purpose (the client's close, an error, a kick) removes the state
+//! session, which releases its floors and membership for everyone, and closes its media
+//! transports. One that is lost (the socket ended without a close frame, went silent, read too
+//! slowly, or the gateway shuts down) parks the session instead: memberships, queue places
+//! and transports wait the grace period for a socket with the resume token; its floors are no
+//! longer renewed. A socket whose session another socket resumed just lets go.
 
 mod channels;
 mod dispatch;
@@ -26,6 +32,7 @@ mod floors;
 mod grants;
 mod limits;
 mod placement;
+mod resume;
 mod sync;
 mod token;
 mod transports;
@@ -63,6 +70,10 @@ enum Close {
     Normal,
     /// Shutdown, or no sign of life.
     GoingAway,
+    /// The socket ended without a close frame (the TCP connection broke or was reset).
+    Lost,
+    /// Another socket resumed the session.
+    TakenOver,
     /// The WebSocket protocol was broken.
     ProtocolError,
     /// A text frame was not UTF-8 (RFC 6455 7.4.1: 1007).
@@ -90,7 +101,7 @@ impl Close {
     fn code(self) -> u16 {
         match self {
             Self::Normal => 1000,
-            Self::GoingAway => 1001,
+            Self::GoingAway | Self::Lost => 1001,
             Self::ProtocolError => 1002,
             Self::InvalidData => 1007,
             Self::TooBig => 1009,
@@ -101,6 +112,7 @@ impl Close {
             Self::TooSlow => 4002,
             Self::TooManySessions => 4003,
             Self::SessionEnded => 4004,
+            Self::TakenOver => 4005,
         }
     }
 
@@ -115,6 +127,8 @@ impl Close {
             Self::TooSlow => "too slow to read",
             Self::TooManySessions => "too many sessions for this user",
             Self::SessionEnded => "session ended",
+            Self::TakenOver => "session resumed on another connection",
+            Self::Lost => "connection lost",
             Self::Normal | Self::ProtocolError | Self::Flood => "",
         }
     }
@@ -122,10 +136,27 @@ impl Close {
     /// The close a failed read calls for.
     fn for_read_error(error: axum::Error) -> Self {
         use tungstenite::Error;
+        use tungstenite::error::ProtocolError;
         match error.into_inner().downcast::<Error>().map(|e| *e) {
             Ok(Error::Utf8(_)) => Self::InvalidData,
             Ok(Error::Capacity(_)) => Self::TooBig,
+            Ok(
+                Error::Io(_)
+                | Error::ConnectionClosed
+                | Error::AlreadyClosed
+                | Error::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+            ) => Self::Lost,
             _ => Self::ProtocolError,
+        }
+    }
+
+    /// What the end of the connection does to its session.
+    fn ending(self) -> Ending {
+        match self {
+            // Nothing the client chose: the session waits for its resume.
+            Self::Lost | Self::GoingAway | Self::TooSlow => Ending::Park,
+            Self::TakenOver => Ending::LetGo,
+            _ => Ending::Remove,
         }
     }
 
@@ -137,11 +168,24 @@ impl Close {
     }
 }
 
+/// What a closing connection does with its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Removes it: its floors and memberships end for everyone, its transports close.
+    Remove,
+    /// Parks it for a resume.
+    Park,
+    /// Leaves it as it is: another socket holds it now.
+    LetGo,
+}
+
 /// One connected socket and everything it holds.
 struct Conn {
     app: Arc<AppState>,
     id: u64,
     session: String,
+    /// The session's generation this socket holds (it moves on at each resume).
+    generation: u64,
     user: User,
     out: Outbox,
     joined: HashSet<String>,
@@ -161,13 +205,13 @@ fn valid_name(name: &str) -> bool {
     !n.is_empty() && n.chars().count() <= 64 && !n.chars().any(char::is_control)
 }
 
-/// Serves one authenticated socket until it closes.
-pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
+/// Serves one authenticated socket until it closes; `resume` is the resume token it came with.
+pub async fn run(app: Arc<AppState>, claims: Claims, resume: Option<String>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     // The opening, each request and the cleanup are boxed: they run briefly and hold big
     // futures (gRPC calls), which would otherwise be part of every idle socket's task.
-    let (mut conn, mut events, outbox, session_ttl_ms) =
-        match Box::pin(Conn::open(&app, &claims)).await {
+    let (mut conn, mut events, outbox, opened) =
+        match Box::pin(Conn::open(&app, &claims, resume.as_deref())).await {
             Ok(opened) => opened,
             Err(close) => {
                 let _ = sink.send(close.frame()).await;
@@ -176,9 +220,21 @@ pub async fn run(app: Arc<AppState>, claims: Claims, socket: WebSocket) {
         };
     let write_timeout = Duration::from_millis(app.config.write_timeout_ms);
     let mut writer = spawn_writer(&app, sink, outbox, write_timeout);
-    tracing::info!(conn = conn.id, session_id = %conn.session, user_id = %conn.user.user_id, "connected");
+    tracing::info!(
+        conn = conn.id,
+        session_id = %conn.session,
+        user_id = %conn.user.user_id,
+        resumed = opened.resumed.is_some(),
+        "connected"
+    );
+    let session_ttl_ms = opened.session.ttl_ms;
+    Box::pin(conn.welcome(opened)).await;
     let close = conn.serve(&mut stream, &mut events, session_ttl_ms).await;
-    Box::pin(conn.cleanup()).await;
+    match close.ending() {
+        Ending::Remove => Box::pin(conn.cleanup()).await,
+        Ending::Park => Box::pin(conn.park()).await,
+        Ending::LetGo => Box::pin(conn.let_go()).await,
+    }
     conn.out.push_close(close.frame());
     let id = conn.id;
     drop(conn);
@@ -252,7 +308,9 @@ impl Conn {
     async fn open(
         app: &Arc<AppState>,
         claims: &Claims,
-    ) -> std::result::Result<(Self, mpsc::Receiver<HubEvent>, OutboxReader, u32), Close> {
+        resume: Option<&str>,
+    ) -> std::result::Result<(Self, mpsc::Receiver<HubEvent>, OutboxReader, resume::Opened), Close>
+    {
         let user = User {
             user_id: claims.sub.clone(),
             user_name: claims
@@ -261,15 +319,26 @@ impl Conn {
                 .filter(|n| valid_name(n))
                 .unwrap_or_else(|| claims.sub.clone()),
         };
-        let created = app
-            .sessions()
-            .create_session(spb::CreateSessionRequest {
-                user_id: user.user_id.clone(),
-                user_name: user.user_name.clone(),
-                gateway_id: app.gateway_id.clone(),
-                ttl_ms: 0,
-            })
-            .await;
+        let (resumed, refused) = match resume {
+            Some(token) => match resume::take_over(app, &user, token).await {
+                Ok(session) => (Some(session), None),
+                Err(refused) => (None, Some(refused)),
+            },
+            None => (None, None),
+        };
+        let created = match resumed.clone() {
+            Some(session) => Ok(tonic::Response::new(session)),
+            None => {
+                app.sessions()
+                    .create_session(spb::CreateSessionRequest {
+                        user_id: user.user_id.clone(),
+                        user_name: user.user_name.clone(),
+                        gateway_id: app.gateway_id.clone(),
+                        ttl_ms: 0,
+                    })
+                    .await
+            }
+        };
         let session = match created {
             Ok(s) => s.into_inner(),
             Err(status) => {
@@ -303,12 +372,23 @@ impl Conn {
                 // Fail closed: without the stored grants a revoked channel could look open.
                 tracing::warn!(code = ?status.code(), "cannot read grants; closing");
                 app.hub.unregister(id);
-                let _ = app
-                    .sessions()
-                    .remove_session(spb::RemoveSessionRequest {
-                        session_id: session.session_id.clone(),
-                    })
-                    .await;
+                if resumed.is_some() {
+                    // A resumed session stays parked for another try.
+                    let _ = app
+                        .sessions()
+                        .park_session(spb::ParkSessionRequest {
+                            session_id: session.session_id.clone(),
+                            generation: session.generation,
+                        })
+                        .await;
+                } else {
+                    let _ = app
+                        .sessions()
+                        .remove_session(spb::RemoveSessionRequest {
+                            session_id: session.session_id.clone(),
+                        })
+                        .await;
+                }
                 return Err(Close::Unavailable);
             }
         }
@@ -316,7 +396,8 @@ impl Conn {
             app: Arc::clone(app),
             id,
             floors: Floors::new(Arc::clone(app), id, session.session_id.clone()),
-            session: session.session_id,
+            session: session.session_id.clone(),
+            generation: session.generation,
             user,
             out,
             joined: HashSet::new(),
@@ -326,7 +407,12 @@ impl Conn {
             limits: Limits::new(&app.config),
             token_deadline: token::deadline(claims.exp, app.auth.leeway()),
         };
-        Ok((conn, events, outbox, session.ttl_ms))
+        let opened = resume::Opened {
+            resumed: resumed.map(|_| ()),
+            refused,
+            session,
+        };
+        Ok((conn, events, outbox, opened))
     }
 
     /// The socket loop: frames from the client, events from the hub, liveness and the
@@ -407,7 +493,8 @@ impl Conn {
                 None
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
-            Some(Ok(Message::Close(_))) | None => Some(Close::Normal),
+            Some(Ok(Message::Close(_))) => Some(Close::Normal),
+            None => Some(Close::Lost),
             Some(Err(error)) => Some(Close::for_read_error(error)),
         }
     }
@@ -423,6 +510,11 @@ impl Conn {
             Err(status) if ServiceError::decode(&status).reason == Reason::NotFound => {
                 tracing::info!(conn = self.id, session_id = %self.session, "session gone; closing");
                 Some(Close::SessionEnded)
+            }
+            // The takeover's event did not come (the watch was down): the touch tells.
+            Ok(session) if session.get_ref().generation > self.generation => {
+                tracing::info!(conn = self.id, session_id = %self.session, "session resumed elsewhere; closing");
+                Some(Close::TakenOver)
             }
             _ => None,
         }
@@ -444,22 +536,8 @@ impl Conn {
     /// (which releases its floors and memberships for everyone) and its media transports.
     async fn cleanup(&mut self) {
         self.floors.stop_all();
-        // An emergency broadcast ends with its broadcaster's connection.
-        for event_id in std::mem::take(&mut self.emergencies) {
-            let stop = spb::StopEmergencyRequest {
-                event_id,
-                session_id: self.session.clone(),
-                force: false,
-            };
-            if let Err(status) = self.app.access().stop_emergency(stop).await {
-                tracing::debug!(code = ?status.code(), "emergency already over");
-            }
-        }
-        // The user's transport places come back before the socket leaves the hub (what its
-        // connection count tells).
-        let (held, nodes) = self.transports.take_nodes();
-        self.app.hub.give_transports(&self.user.user_id, held);
-        self.app.hub.unregister(self.id);
+        self.end_emergencies().await;
+        let nodes = self.leave_hub();
         // One call releases the session's floors (reason `disconnected`) and memberships for
         // every gateway's clients.
         if let Err(status) = self
@@ -482,5 +560,30 @@ impl Conn {
                     .await;
             }
         }
+    }
+}
+
+impl Conn {
+    /// An emergency broadcast ends with its broadcaster's connection.
+    async fn end_emergencies(&mut self) {
+        for event_id in std::mem::take(&mut self.emergencies) {
+            let stop = spb::StopEmergencyRequest {
+                event_id,
+                session_id: self.session.clone(),
+                force: false,
+            };
+            if let Err(status) = self.app.access().stop_emergency(stop).await {
+                tracing::debug!(code = ?status.code(), "emergency already over");
+            }
+        }
+    }
+
+    /// Gives the user's transport places back and leaves the hub (in that order: the
+    /// connection count tells the places are free); the media nodes the transports are on.
+    fn leave_hub(&mut self) -> HashSet<String> {
+        let (held, nodes) = self.transports.take_nodes();
+        self.app.hub.give_transports(&self.user.user_id, held);
+        self.app.hub.unregister(self.id);
+        nodes
     }
 }

@@ -17,10 +17,10 @@ use crate::protocol::{
 };
 
 #[derive(Debug, Clone)]
-struct TransportInfo {
-    channel: String,
-    node: String,
-    direction: TransportDirection,
+pub(super) struct TransportInfo {
+    pub(super) channel: String,
+    pub(super) node: String,
+    pub(super) direction: TransportDirection,
 }
 
 /// The connection's transports by id.
@@ -42,6 +42,11 @@ impl Transports {
             .filter(|(_, t)| matches(t))
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// Serves a transport the session already had (a resumed session's).
+    pub(super) fn insert(&mut self, id: String, info: TransportInfo) {
+        self.0.insert(id, info);
     }
 
     /// Forgets every transport: how many there were, and the media nodes they were on.

@@ -13,6 +13,7 @@ use crate::access::Role;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", content = "data", rename_all = "kebab-case")]
 pub enum Push {
+    Session(SessionInfo),
     SpeakerChanged(SpeakerChanged),
     PttDenied(PttDenied),
     PttInterrupted(PttInterrupted),
@@ -98,6 +99,45 @@ impl PermissionUpdate {
 pub struct ChannelRole {
     pub channel_id: String,
     pub role: Role,
+}
+
+/// The socket's session, first thing after connecting: the token that resumes it after a
+/// lost connection, and on a resume what the session still holds.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    pub session_id: String,
+    /// Single use: present it as `?resume=` on the next socket; every session push brings a
+    /// new one.
+    pub resume_token: String,
+    /// How long after a lost connection the session waits for its resume.
+    pub resume_grace_ms: u32,
+    /// This socket took over an earlier socket's session.
+    pub resumed: bool,
+    /// A resume was asked for and refused (`resume-refused`): this is a new session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_error: Option<&'static str>,
+    /// On a resume: the channels still joined (a `channel-state` push follows for each).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
+    /// On a resume: the transports still open, to be used as before.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transports: Vec<ResumedTransport>,
+}
+
+/// A transport a resumed session kept.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumedTransport {
+    pub transport_id: String,
+    pub channel_id: String,
+    pub direction: super::TransportDirection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub producer_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssrc: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -15,7 +15,7 @@ pub struct CreateTransport {
     pub direction: TransportDirection,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportDirection {
     Send,

@@ -273,6 +273,13 @@ impl<S: Store> pb::access_service_server::AccessService for Api<S> {
                                 user_id: user_id.to_string(),
                                 reason: reason.clone(),
                             }),
+                            GrantsEvent::Resumed { user_id, session_id, generation } => {
+                                pb::grants_event::Event::Resumed(pb::SessionResumed {
+                                    user_id: user_id.to_string(),
+                                    session_id: session_id.to_string(),
+                                    generation: *generation,
+                                })
+                            }
                         },
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             pb::grants_event::Event::Resync(pb::GrantsResync {})

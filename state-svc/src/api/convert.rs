@@ -124,6 +124,10 @@ pub fn session(s: &Session) -> pb::Session {
         expires_at_ms: s.expires_at_ms,
         ttl_ms: s.ttl_ms,
         channel_ids: s.channels.iter().map(ToString::to_string).collect(),
+        resume_token: String::new(),
+        generation: s.generation,
+        resume_grace_ms: 0,
+        parked_at_ms: s.parked_at_ms,
     }
 }
 

@@ -5,7 +5,9 @@ use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{self, channel_id, session_id, user_id};
-use crate::domain::{ChannelConfig, ChannelId, NewSession, SessionId, parse_user_name, rules};
+use crate::domain::{
+    ChannelConfig, ChannelId, NewSession, Resume, ResumeToken, SessionId, parse_user_name, rules,
+};
 use crate::error::StoreError;
 use crate::store::Store;
 
@@ -13,6 +15,17 @@ use crate::store::Store;
 const MAX_GATEWAY_ID: usize = 128;
 /// Longest session time to live a caller may ask for: one day.
 const MAX_SESSION_TTL_MS: u32 = 86_400_000;
+
+impl<S: Store> Api<S> {
+    /// A session as its new socket's gateway sees it: with its resume token and grace.
+    fn with_token(&self, session: &crate::domain::Session, token: &ResumeToken) -> pb::Session {
+        pb::Session {
+            resume_token: token.expose(),
+            resume_grace_ms: self.settings().resume_grace_ms,
+            ..convert::session(session)
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl<S: Store> pb::session_service_server::SessionService for Api<S> {
@@ -27,11 +40,15 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
         if req.ttl_ms > MAX_SESSION_TTL_MS {
             return Err(Status::invalid_argument("session ttl out of range"));
         }
+        let sid = SessionId::generate();
+        let token = ResumeToken::generate(&sid);
         let new = NewSession {
+            session_id: sid,
             user_id: user_id(&req.user_id)?,
             user_name: parse_user_name(&req.user_name)?,
             gateway_id: req.gateway_id,
             ttl_ms: req.ttl_ms,
+            resume_digest: token.digest(),
         };
         let user = new.user_id.clone();
         let session = match self.store.create_session(new).await {
@@ -43,7 +60,56 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
             created => created?,
         };
         tracing::debug!(session_id = %session.session_id, user_id = %session.user_id, "session created");
+        Ok(Response::new(self.with_token(&session, &token)))
+    }
+
+    async fn park_session(
+        &self,
+        request: Request<pb::ParkSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let req = request.into_inner();
+        let sid = session_id(&req.session_id)?;
+        let session = self.store.park_session(&sid, req.generation).await?;
+        tracing::debug!(session_id = %sid, until_ms = session.expires_at_ms, "session parked");
         Ok(Response::new(convert::session(&session)))
+    }
+
+    async fn resume_session(
+        &self,
+        request: Request<pb::ResumeSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let req = request.into_inner();
+        if req.gateway_id.len() > MAX_GATEWAY_ID || req.gateway_id.chars().any(char::is_control) {
+            return Err(Status::invalid_argument("invalid gateway id"));
+        }
+        let uid = user_id(&req.user_id)?;
+        // A malformed token is refused like a wrong one: it tells nothing about sessions.
+        let Some(token) = crate::domain::ResumeToken::parse(&req.resume_token) else {
+            return Err(StoreError::PermissionDenied("resume refused").into());
+        };
+        let next = ResumeToken::generate(&token.session_id);
+        let resume = Resume {
+            session_id: token.session_id.clone(),
+            user_id: uid,
+            digest: token.digest(),
+            next_digest: next.digest(),
+            gateway_id: req.gateway_id,
+        };
+        let session = match self.store.resume_session(resume).await {
+            // Gone and refused look the same to the caller.
+            Err(StoreError::NotFound(_) | StoreError::PermissionDenied(_)) => {
+                tracing::info!(session_id = %token.session_id, "resume refused");
+                return Err(StoreError::PermissionDenied("resume refused").into());
+            }
+            resumed => resumed?,
+        };
+        tracing::info!(
+            session_id = %session.session_id,
+            generation = session.generation,
+            gateway_id = %session.gateway_id,
+            "session resumed"
+        );
+        Ok(Response::new(self.with_token(&session, &next)))
     }
 
     async fn touch_session(

@@ -317,15 +317,93 @@ pub struct Session {
     /// How long a touch extends the session.
     pub ttl_ms: u32,
     pub channels: Vec<ChannelId>,
+    /// How many times a socket took the session over with its resume token.
+    pub generation: u64,
+    /// When its socket went away (0 while one holds it).
+    pub parked_at_ms: i64,
 }
 
 /// What a new session is made of.
 #[derive(Debug, Clone)]
 pub struct NewSession {
+    /// Chosen by the caller, so the first resume token can name it.
+    pub session_id: SessionId,
     pub user_id: UserId,
     pub user_name: String,
     pub gateway_id: String,
     pub ttl_ms: u32,
+    /// The digest of its first resume token.
+    pub resume_digest: String,
+}
+
+/// A session's resume token: `<session id>.<64 hex digits of randomness>`. Only its digest is
+/// stored, so a copy of the store resumes nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    pub session_id: SessionId,
+    secret: String,
+}
+
+impl std::fmt::Debug for ResumeToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeToken")
+            .field("session_id", &self.session_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResumeToken {
+    /// A fresh token for `session_id`.
+    pub fn generate(session_id: &SessionId) -> Self {
+        let bytes: [u8; 32] = rand::random();
+        Self {
+            session_id: session_id.clone(),
+            secret: hex(&bytes),
+        }
+    }
+
+    /// Parses a token a client presented; `None` for anything not shaped like one.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let (sid, secret) = raw.split_once('.')?;
+        let valid = secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit());
+        let session_id = SessionId::parse(sid).ok()?;
+        valid.then(|| Self {
+            session_id,
+            secret: secret.to_ascii_lowercase(),
+        })
+    }
+
+    /// What the store keeps: the SHA-256 of the secret, in hex.
+    pub fn digest(&self) -> String {
+        hex(ring::digest::digest(&ring::digest::SHA256, self.secret.as_bytes()).as_ref())
+    }
+
+    /// The token as the client holds it.
+    pub fn expose(&self) -> String {
+        format!("{}.{}", self.session_id, self.secret)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A socket taking a session over.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub session_id: SessionId,
+    /// The user the socket authenticated as: only the session's own user resumes it.
+    pub user_id: UserId,
+    /// The presented token's digest, and its successor's.
+    pub digest: String,
+    pub next_digest: String,
+    pub gateway_id: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -407,6 +485,13 @@ pub enum GrantsEvent {
     },
     /// Changes may have been missed: re-read.
     Resync,
+    /// A socket of generation `generation` took the session over: older sockets close
+    /// without ending it.
+    Resumed {
+        user_id: UserId,
+        session_id: SessionId,
+        generation: u64,
+    },
 }
 
 impl Event {

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ChannelId, FloorHolder, FloorReason, FloorRefusal, GrantChange, NewSession, Role, Session,
-    SessionId, Speaker,
+    ChannelId, FloorHolder, FloorReason, FloorRefusal, GrantChange, NewSession, Resume, Role,
+    Session, SessionId, Speaker,
 };
 
 /// What an acquire does, decided before anything changes (`ACQUIRE`).
@@ -146,7 +146,7 @@ pub fn lease_until(holder: &FloorHolder, lease_ms: i64, now: i64) -> i64 {
 pub fn new_session(new: NewSession, now: i64, default_ttl_ms: u32) -> Session {
     let ttl_ms = session_ttl_ms(new.ttl_ms, default_ttl_ms);
     Session {
-        session_id: SessionId::generate(),
+        session_id: new.session_id,
         user_id: new.user_id,
         user_name: new.user_name,
         gateway_id: new.gateway_id,
@@ -154,7 +154,39 @@ pub fn new_session(new: NewSession, now: i64, default_ttl_ms: u32) -> Session {
         expires_at_ms: now + i64::from(ttl_ms),
         ttl_ms,
         channels: Vec::new(),
+        generation: 0,
+        parked_at_ms: 0,
     }
+}
+
+/// Why a resume is refused. The caller hears one answer for all of them, so a token tells an
+/// outsider nothing about the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeRefusal {
+    /// The token is not the session's current one (used, rotated, or made up).
+    WrongToken,
+    /// The socket is another user's.
+    WrongUser,
+}
+
+/// Whether `resume` may take `session` over.
+pub fn may_resume(
+    session: &Session,
+    stored_digest: &str,
+    resume: &Resume,
+) -> Result<(), ResumeRefusal> {
+    if session.user_id != resume.user_id {
+        return Err(ResumeRefusal::WrongUser);
+    }
+    if stored_digest.is_empty() || stored_digest != resume.digest {
+        return Err(ResumeRefusal::WrongToken);
+    }
+    Ok(())
+}
+
+/// A session parked at `now` waits `grace_ms` for a resume, whatever its time to live.
+pub fn parked_until(now: i64, grace_ms: u32) -> i64 {
+    now + i64::from(grace_ms)
 }
 
 /// A session's time to live: what its gateway asked for, or the deployment's default.

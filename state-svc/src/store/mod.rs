@@ -16,8 +16,8 @@ use std::future::Future;
 use crate::domain::{
     AcquireOutcome, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId, EventInfo,
     GrantChange, GrantsUpdate, LeaveOutcome, MediaNode, NewSession, NodeId, NodeRegistration,
-    Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Session, SessionId, Speaker, SyncId,
-    UserGrants, UserId,
+    Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Resume, Session, SessionId, Speaker,
+    SyncId, UserGrants, UserId,
 };
 use crate::error::StoreError;
 use crate::sync::{SyncAction, SyncSession};
@@ -49,6 +49,8 @@ pub struct StoreSettings {
     pub max_channels_per_user: u32,
     /// Members one channel may have.
     pub max_members_per_channel: u32,
+    /// How long a session whose socket went away waits for a resume.
+    pub resume_grace_ms: u32,
 }
 
 impl Default for StoreSettings {
@@ -65,6 +67,7 @@ impl Default for StoreSettings {
             max_syncs_per_user: 32,
             max_channels_per_user: 200,
             max_members_per_channel: 1_000,
+            resume_grace_ms: 20_000,
         }
     }
 }
@@ -135,6 +138,18 @@ pub trait FloorStore: Send + Sync + 'static {
 pub trait SessionStore: Send + Sync + 'static {
     fn create_session(&self, new: NewSession) -> impl Future<Output = Res<Session>> + Send;
     fn touch_session(&self, sid: &SessionId) -> impl Future<Output = Res<Session>> + Send;
+    /// Keeps a session whose socket went away for the resume grace period, unless a socket
+    /// of a later generation holds it (then `NotFound`, as for a session that is gone).
+    fn park_session(
+        &self,
+        sid: &SessionId,
+        generation: u64,
+    ) -> impl Future<Output = Res<Session>> + Send;
+    /// Takes a session over: checks the user and the token's digest, stores the next digest,
+    /// moves the session to the new gateway under the next generation (live again, its time
+    /// to live from now), and tells every replica so the older socket closes. Refusals are
+    /// `PermissionDenied`, whatever their cause; a session that is gone is `NotFound`.
+    fn resume_session(&self, resume: Resume) -> impl Future<Output = Res<Session>> + Send;
     fn session(&self, sid: &SessionId) -> impl Future<Output = Res<Session>> + Send;
     fn user_sessions(&self, uid: &UserId) -> impl Future<Output = Res<Vec<Session>>> + Send;
     fn join_channel(

@@ -23,8 +23,8 @@ use crate::domain::{
     Event, EventId, EventInfo, FloorChanged, FloorHolder, FloorReason, FloorRefusal, GrantChange,
     GrantsEvent, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER, MediaNode, Member,
     MembershipChange, MembershipChanged, NewSession, NodeId, NodeRegistration, Placement,
-    ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Role, Session, SessionId, Speaker,
-    SyncId, UserGrants, UserId, choose_node, next_epoch,
+    ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session, SessionId,
+    Speaker, SyncId, UserGrants, UserId, choose_node, next_epoch,
 };
 use crate::error::StoreError;
 use crate::hub::{Hub, SyncEvent};
@@ -44,6 +44,8 @@ pub struct MemoryStore {
 struct Inner {
     channels: HashMap<ChannelId, Channel>,
     sessions: HashMap<SessionId, Session>,
+    /// The digest of each session's current resume token.
+    resume_digests: HashMap<SessionId, String>,
     user_sessions: HashMap<UserId, HashSet<SessionId>>,
     nodes: HashMap<NodeId, MediaNode>,
     node_channels: HashMap<NodeId, HashSet<ChannelId>>,
@@ -288,6 +290,7 @@ impl MemoryStore {
         let Some(session) = inner.sessions.remove(sid) else {
             return RemoveOutcome::default();
         };
+        inner.resume_digests.remove(sid);
         if let Some(set) = inner.user_sessions.get_mut(&session.user_id) {
             set.remove(sid);
             if set.is_empty() {
@@ -380,10 +383,12 @@ mod tests {
     async fn member(store: &MemoryStore, user: &str, ch: &ChannelId) -> SessionId {
         let session = store
             .create_session(NewSession {
+                session_id: SessionId::generate(),
                 user_id: UserId::parse(user).unwrap(),
                 user_name: user.to_owned(),
                 gateway_id: "gw".into(),
                 ttl_ms: 0,
+                resume_digest: String::new(),
             })
             .await
             .unwrap();

@@ -6,6 +6,7 @@ use crate::store::SessionStore;
 impl SessionStore for MemoryStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = self.now_ms();
+        let digest = new.resume_digest.clone();
         let session = rules::new_session(new, now, self.settings.session_ttl_ms);
         let mut inner = self.lock();
         let live = inner
@@ -25,8 +26,57 @@ impl SessionStore for MemoryStore {
             .or_default()
             .insert(session.session_id.clone());
         inner
+            .resume_digests
+            .insert(session.session_id.clone(), digest);
+        inner
             .sessions
             .insert(session.session_id.clone(), session.clone());
+        Ok(session)
+    }
+
+    async fn park_session(&self, sid: &SessionId, generation: u64) -> Result<Session, StoreError> {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let session = inner
+            .sessions
+            .get_mut(sid)
+            .filter(|s| rules::session_live(s, now) && s.generation == generation)
+            .ok_or(not_found("session"))?;
+        session.expires_at_ms = rules::parked_until(now, self.settings.resume_grace_ms);
+        session.parked_at_ms = now;
+        Ok(session.clone())
+    }
+
+    async fn resume_session(&self, resume: Resume) -> Result<Session, StoreError> {
+        let now = self.now_ms();
+        let mut inner = self.lock();
+        let stored = inner
+            .resume_digests
+            .get(&resume.session_id)
+            .cloned()
+            .unwrap_or_default();
+        let session = inner
+            .sessions
+            .get_mut(&resume.session_id)
+            .filter(|s| rules::session_live(s, now))
+            .ok_or(not_found("session"))?;
+        if rules::may_resume(session, &stored, &resume).is_err() {
+            return Err(StoreError::PermissionDenied("resume refused"));
+        }
+        session.generation += 1;
+        session.gateway_id = resume.gateway_id;
+        session.parked_at_ms = 0;
+        session.expires_at_ms = now + i64::from(session.ttl_ms);
+        let session = session.clone();
+        inner
+            .resume_digests
+            .insert(resume.session_id, resume.next_digest);
+        drop(inner);
+        self.hub.grants_changed(GrantsEvent::Resumed {
+            user_id: session.user_id.clone(),
+            session_id: session.session_id.clone(),
+            generation: session.generation,
+        });
         Ok(session)
     }
 

@@ -192,6 +192,11 @@ impl Keys {
         format!("{}:kicks", self.prefix)
     }
 
+    /// The pub/sub channel on which session takeovers (resumes) reach every replica.
+    pub fn resumes(&self) -> String {
+        format!("{}:resumes", self.prefix)
+    }
+
     /// The pub/sub channel on which grant changes reach every replica.
     pub fn grants_events(&self) -> String {
         format!("{}:grants", self.prefix)

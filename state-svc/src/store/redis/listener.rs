@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
-use super::wire::{WireEvent, WireGrants, WireKick, parse};
-use crate::domain::{ChannelId, GrantsEvent, UserId};
+use super::wire::{WireEvent, WireGrants, WireKick, WireResumed, parse};
+use crate::domain::{ChannelId, GrantsEvent, SessionId, UserId};
 use crate::error::StoreError;
 use crate::hub::Hub;
 
@@ -74,6 +74,7 @@ impl Listener {
             let fixed = vec![
                 self.keys.grants_events(),
                 self.keys.kicks(),
+                self.keys.resumes(),
                 self.membership_channel.clone(),
             ];
             let sync_pattern = self.keys.sync_events_pattern();
@@ -211,6 +212,23 @@ impl Listener {
             match kick {
                 Ok(kick) => self.hub.grants_changed(kick),
                 Err(error) => tracing::warn!(%error, "dropped unreadable kick"),
+            }
+            return;
+        }
+        if name == self.keys.resumes() {
+            let resumed = std::str::from_utf8(payload)
+                .map_err(|_| StoreError::Internal("resume is not utf-8".into()))
+                .and_then(|raw| parse::<WireResumed>(raw, "resume"))
+                .and_then(|r| {
+                    Ok(GrantsEvent::Resumed {
+                        user_id: UserId::parse(&r.uid)?,
+                        session_id: SessionId::parse(&r.sid)?,
+                        generation: r.generation,
+                    })
+                });
+            match resumed {
+                Ok(resumed) => self.hub.grants_changed(resumed),
+                Err(error) => tracing::warn!(%error, "dropped unreadable resume"),
             }
             return;
         }

@@ -40,7 +40,7 @@ use crate::domain::{
     AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId,
     EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
     MediaNode, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome,
-    RenewOutcome, Renewed, Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId,
+    RenewOutcome, Renewed, Resume, Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId,
     choose_node, now_ms, rules,
 };
 use crate::error::{STORE_ERRORS, StoreError};
@@ -346,6 +346,8 @@ impl RedisStore {
             expires_at_ms: num(&hash, "expires"),
             ttl_ms: num(&hash, "ttl"),
             channels,
+            generation: num(&hash, "gen"),
+            parked_at_ms: num(&hash, "parked"),
         }))
     }
 

@@ -565,6 +565,49 @@ return 1
     )
 });
 
+/// Parks session `KEYS[1]` (its channels `KEYS[2]`, the deadlines `KEYS[3]`) if it is still
+/// at generation `ARGV[1]`: expiry `ARGV[2]`, key lifetime `ARGV[3]`, parked at `ARGV[4]`,
+/// session id `ARGV[5]`. 1 when parked, 0 when gone or taken over.
+pub static PARK_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'expires', ARGV[2], 'parked', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
+return 1
+"#,
+    )
+});
+
+/// Takes session `KEYS[1]` (channels `KEYS[2]`, deadlines `KEYS[3]`) over for user `ARGV[1]`
+/// presenting digest `ARGV[2]`: stores the next digest `ARGV[3]`, gateway `ARGV[4]`, and an
+/// expiry of its time to live from now (`ARGV[5]`); key lifetime is that plus `ARGV[6]`, the
+/// session id `ARGV[7]`. The new generation; 0 when the session is gone or expired, -1 when
+/// refused (another user, or not the current token).
+pub static RESUME_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'uid', 'rtok', 'expires', 'ttl', 'gen')
+local now = tonumber(ARGV[5])
+if tonumber(f[3] or '0') <= now then return 0 end
+if f[1] ~= ARGV[1] or not f[2] or f[2] == '' or f[2] ~= ARGV[2] then return -1 end
+local gen = tonumber(f[5] or '0') + 1
+local ttl = tonumber(f[4] or '0')
+local expires = now + ttl
+redis.call('HSET', KEYS[1], 'rtok', ARGV[3], 'gw', ARGV[4], 'gen', gen, 'parked', 0,
+  'expires', expires)
+redis.call('PEXPIRE', KEYS[1], ttl + tonumber(ARGV[6]))
+redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[6]))
+redis.call('ZADD', KEYS[3], expires, ARGV[7])
+return gen
+"#,
+    )
+});
+
 /// Heartbeat or drain of a registered node (`KEYS[1]`): sets field `ARGV[1]` to `ARGV[2]`
 /// (and `last_hb` to `ARGV[3]` when given) only if the node exists. Answers its `draining`
 /// flag, or nil when unknown.

@@ -6,6 +6,7 @@ use crate::store::SessionStore;
 impl SessionStore for RedisStore {
     async fn create_session(&self, new: NewSession) -> Result<Session, StoreError> {
         let now = now_ms();
+        let new_digest = new.resume_digest.clone();
         let session = rules::new_session(new, now, self.settings.session_ttl_ms);
         let ttl = i64::from(session.ttl_ms);
         let key = self.keys.session(&session.session_id);
@@ -17,6 +18,8 @@ impl SessionStore for RedisStore {
             ("created", now.to_string()),
             ("expires", session.expires_at_ms.to_string()),
             ("ttl", ttl.to_string()),
+            ("rtok", new_digest),
+            ("gen", "0".to_owned()),
         ];
         let mut conn = self.conn.clone();
         let mut invocation = scripts::CREATE_SESSION.prepare_invoke();
@@ -68,6 +71,61 @@ impl SessionStore for RedisStore {
         .await?;
         session.expires_at_ms = expires;
         Ok(session)
+    }
+
+    async fn park_session(&self, sid: &SessionId, generation: u64) -> Result<Session, StoreError> {
+        let now = now_ms();
+        let expires = rules::parked_until(now, self.settings.resume_grace_ms);
+        let mut conn = self.conn.clone();
+        let mut invocation = scripts::PARK_SESSION.prepare_invoke();
+        invocation
+            .key(self.keys.session(sid))
+            .key(self.keys.session_channels(sid))
+            .key(self.keys.session_deadlines())
+            .arg(generation)
+            .arg(expires)
+            .arg(expires - now + SESSION_GRACE_MS)
+            .arg(now)
+            .arg(sid.as_str());
+        let parked: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if parked == 0 {
+            return Err(StoreError::NotFound("session"));
+        }
+        self.session(sid).await
+    }
+
+    async fn resume_session(&self, resume: Resume) -> Result<Session, StoreError> {
+        let now = now_ms();
+        let sid = &resume.session_id;
+        let mut conn = self.conn.clone();
+        let mut invocation = scripts::RESUME_SESSION.prepare_invoke();
+        invocation
+            .key(self.keys.session(sid))
+            .key(self.keys.session_channels(sid))
+            .key(self.keys.session_deadlines())
+            .arg(resume.user_id.as_str())
+            .arg(&resume.digest)
+            .arg(&resume.next_digest)
+            .arg(&resume.gateway_id)
+            .arg(now)
+            .arg(SESSION_GRACE_MS)
+            .arg(sid.as_str());
+        let generation: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        match generation {
+            0 => return Err(StoreError::NotFound("session")),
+            g if g < 0 => return Err(StoreError::PermissionDenied("resume refused")),
+            _ => {}
+        }
+        let resumed = serde_json::to_string(&wire::WireResumed {
+            uid: resume.user_id.to_string(),
+            sid: sid.to_string(),
+            generation: u64::try_from(generation).unwrap_or_default(),
+        })
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let _: i64 = self
+            .bounded(conn.publish(self.keys.resumes(), resumed))
+            .await?;
+        self.session(sid).await
     }
 
     async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {

@@ -389,3 +389,11 @@ pub struct WireKick {
     pub uid: String,
     pub reason: String,
 }
+
+/// A session taken over by a resumed socket, as published to every replica.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct WireResumed {
+    pub uid: String,
+    pub sid: String,
+    pub generation: u64,
+}
