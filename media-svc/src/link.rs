@@ -241,7 +241,8 @@ async fn apply(node: &Node, event: pb::WatchEvent) {
             }
             return;
         }
-        None => return,
+        // The gateways move the channel's transports; the ones here close as they do.
+        Some(pb::watch_event::Event::Moved(_)) | None => return,
     };
     if epoch == 0 {
         return;

@@ -63,6 +63,8 @@ enum Fanout {
     Floor(Arc<FloorPush>),
     /// A push that is the same for every member (`channel-state`, `sync-state`), encoded once.
     Push(Utf8Bytes),
+    /// The channel moved to another media node: every member acts on it.
+    Moved(Arc<pb::ChannelMoved>),
 }
 
 /// What a connection itself receives (pushes that need nothing of it go to its outbox).
@@ -79,6 +81,8 @@ pub enum HubEvent {
     /// A socket of generation `generation` took session `session` over: an older socket of
     /// it closes without ending it.
     Resumed { session: String, generation: u64 },
+    /// A channel it follows moved to another media node.
+    Moved(Arc<pb::ChannelMoved>),
 }
 
 /// What the writer task is given, in order.
@@ -223,6 +227,7 @@ fn deliver(inner: &Inner, channel: &str, event: &Fanout) {
             }
             Fanout::Floor(push) => member.push(&push.speaker_changed),
             Fanout::Push(text) => member.push(text),
+            Fanout::Moved(moved) => member.event(HubEvent::Moved(Arc::clone(moved))),
         };
         if !sent {
             tracing::info!(conn = id, "connection too slow for its pushes; closing it");
@@ -610,6 +615,16 @@ impl Hub {
                     }
                     _ => (channel, event),
                 }
+            }
+            pb::watch_event::Event::Moved(moved) => {
+                if let Some(state) = inner.cache.get_mut(&moved.channel_id) {
+                    state.media_node_id = moved
+                        .node
+                        .as_ref()
+                        .map(|n| n.node_id.clone())
+                        .unwrap_or_default();
+                }
+                (moved.channel_id.clone(), Fanout::Moved(Arc::new(moved)))
             }
             pb::watch_event::Event::Membership(change) => {
                 let Some(state) = inner.cache.get_mut(&change.channel_id) else {

@@ -106,6 +106,11 @@ function onFrame(frame) {
     case "permission-update":
       applyPermissions(data);
       break;
+    case "transport-closed":
+      if (data.channelId === state.channel) {
+        moveTransport(data);
+      }
+      break;
     case "error":
       log(`server: ${frame.error?.code ?? "error"}`);
       break;
@@ -437,25 +442,41 @@ function watchConnection(pc, transportId) {
   return restart;
 }
 
+async function setUpRecv(channelId) {
+  const recv = await negotiate(channelId, "recv", {
+    prepare: (pc) => {
+      pc.ontrack = (event) => {
+        const audio = $("audio");
+        audio.srcObject = event.streams[0] ?? new MediaStream([event.track]);
+        audio.play().catch(() => {
+          log("click anywhere to hear the channel");
+          document.addEventListener("click", () => audio.play(), { once: true });
+        });
+      };
+    },
+  });
+  state.recvPc = recv.pc;
+  state.restartRecvIce = recv.restartIce;
+  await request("consume", { channelId });
+}
+
+async function setUpSend(channelId, mic) {
+  const send = await negotiate(channelId, "send", {
+    attach: async (pc) => {
+      const transceiver = pc.getTransceivers()[0];
+      transceiver.direction = "sendonly";
+      await transceiver.sender.replaceTrack(mic);
+    },
+  });
+  state.sendPc = send.pc;
+  await request("produce", { transportId: send.transportId, channelId, kind: "audio" });
+}
+
 async function setUpMedia(channelId) {
   const media = $("media");
   media.dataset.state = "connecting";
   try {
-    const recv = await negotiate(channelId, "recv", {
-      prepare: (pc) => {
-        pc.ontrack = (event) => {
-          const audio = $("audio");
-          audio.srcObject = event.streams[0] ?? new MediaStream([event.track]);
-          audio.play().catch(() => {
-            log("click anywhere to hear the channel");
-            document.addEventListener("click", () => audio.play(), { once: true });
-          });
-        };
-      },
-    });
-    state.recvPc = recv.pc;
-    state.restartRecvIce = recv.restartIce;
-    await request("consume", { channelId });
+    await setUpRecv(channelId);
   } catch (e) {
     media.dataset.state = "failed";
     media.textContent = `Audio failed: ${e.code ?? e.message}`;
@@ -480,15 +501,7 @@ async function setUpMedia(channelId) {
   mic.enabled = false;
   state.mic = mic;
   try {
-    const send = await negotiate(channelId, "send", {
-      attach: async (pc) => {
-        const transceiver = pc.getTransceivers()[0];
-        transceiver.direction = "sendonly";
-        await transceiver.sender.replaceTrack(mic);
-      },
-    });
-    state.sendPc = send.pc;
-    await request("produce", { transportId: send.transportId, channelId, kind: "audio" });
+    await setUpSend(channelId, mic);
   } catch (e) {
     media.dataset.state = "listen-only";
     media.textContent = `Listening only: ${e.code ?? e.message}`;
@@ -498,6 +511,30 @@ async function setUpMedia(channelId) {
   media.dataset.state = "ready";
   media.textContent = "Audio connected";
   $("ptt").disabled = false;
+}
+
+// The channel moved to another media node (its node died or drains): a new transport replaces
+// the closed one, the floor and the microphone's state stay. A draining node's transport still
+// carries audio until its replacement is up, so it is closed only then.
+async function moveTransport(closed) {
+  const key = closed.direction === "recv" ? "recvPc" : "sendPc";
+  const old = state[key];
+  state[key] = null;
+  if (closed.reason !== "node-draining") old?.close();
+  log(`audio moving to another media server (${closed.reason})`);
+  try {
+    if (closed.direction === "recv") {
+      await setUpRecv(closed.channelId);
+    } else if (state.mic) {
+      await setUpSend(closed.channelId, state.mic);
+    }
+    log("audio moved");
+  } catch (e) {
+    $("media").dataset.state = "failed";
+    $("media").textContent = `Audio failed: ${e.code ?? e.message}`;
+  } finally {
+    old?.close();
+  }
 }
 
 function closeMedia() {

@@ -127,11 +127,12 @@ pub struct Config {
     /// Session time to live in milliseconds without a touch from its gateway.
     #[arg(long, env = "PTT_STATE_SESSION_TTL_MS", default_value_t = 60_000)]
     pub session_ttl_ms: u32,
-    /// A media node without a heartbeat for this many milliseconds is dead.
-    #[arg(long, env = "PTT_STATE_NODE_DEAD_AFTER_MS", default_value_t = 5_000)]
+    /// A media node without a heartbeat for this many milliseconds is dead: its channels move
+    /// to live nodes at once.
+    #[arg(long, env = "PTT_STATE_NODE_DEAD_AFTER_MS", default_value_t = 3_000)]
     pub node_dead_after_ms: u32,
     /// Heartbeat interval asked of media nodes, in milliseconds.
-    #[arg(long, env = "PTT_STATE_NODE_HEARTBEAT_MS", default_value_t = 2_000)]
+    #[arg(long, env = "PTT_STATE_NODE_HEARTBEAT_MS", default_value_t = 1_000)]
     pub node_heartbeat_ms: u32,
     /// Live sessions (sockets, across gateways) one user may have; one more is refused.
     #[arg(long, env = "PTT_STATE_MAX_SESSIONS_PER_USER", default_value_t = 10)]

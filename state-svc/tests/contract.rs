@@ -715,7 +715,10 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
     );
     assert_eq!(placements.iter().filter(|p| p.placed_now).count(), 1);
 
-    // A draining node keeps its channels but gets no new ones.
+    // A draining node gets no new channels, and its channels move at once to a live node:
+    // the channel's watchers hear where to.
+    let mut c = c;
+    let mut watch = c.watch(&["ops"]).await;
     let drained = idle
         .drain_node(pb::DrainNodeRequest {
             node_id: "idle".into(),
@@ -724,7 +727,14 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
         .unwrap()
         .into_inner();
     assert!(drained.draining);
-    assert_eq!(drained.channels, 1);
+    let moved = watch.next_moved().await;
+    assert_eq!(moved.reason(), pb::MoveReason::NodeDraining);
+    assert_eq!(moved.previous_node_id, "idle");
+    let to = moved.node.unwrap();
+    assert_eq!(
+        (to.node_id.as_str(), to.grpc_addr.as_str()),
+        ("busy", "http://busy:50052")
+    );
     let again = reg
         .place_channel(pb::PlaceChannelRequest {
             channel_id: "ops".into(),
@@ -732,7 +742,8 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.node.unwrap().node_id, "idle");
+    assert_eq!(again.node.unwrap().node_id, "busy");
+    assert!(!again.placed_now, "the move placed it");
     let other = reg
         .place_channel(pb::PlaceChannelRequest {
             channel_id: "gate".into(),
@@ -752,26 +763,41 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
         .draining
     );
 
-    // A node that stops heartbeating is dead; its channels move on the next placement.
-    support_keep_alive(&mut busy, "busy", Duration::from_millis(700)).await;
+    // A node that stops heartbeating is dead: its channels move to a live node by themselves,
+    // before anyone places them.
+    let mut fresh = server.registry_as("fresh");
+    fresh.register_node(register("fresh", 0)).await.unwrap();
+    support_keep_alive(&mut fresh, "fresh", Duration::from_millis(700)).await;
+    let moved = watch.next_moved().await;
+    assert_eq!(moved.reason(), pb::MoveReason::NodeLost);
+    assert_eq!(moved.previous_node_id, "busy");
+    assert_eq!(moved.node.unwrap().node_id, "fresh");
     let nodes = reg
         .list_nodes(pb::ListNodesRequest {})
         .await
         .unwrap()
         .into_inner()
         .nodes;
-    let idle = nodes.iter().find(|n| n.node_id == "idle").unwrap();
-    assert!(!idle.live, "idle stopped heartbeating");
-    assert!(nodes.iter().find(|n| n.node_id == "busy").unwrap().live);
-    let moved = reg
+    let busy = nodes.iter().find(|n| n.node_id == "busy").unwrap();
+    assert!(!busy.live, "busy stopped heartbeating");
+    assert_eq!(busy.channels, 0, "its channels moved");
+    assert_eq!(
+        nodes
+            .iter()
+            .find(|n| n.node_id == "fresh")
+            .unwrap()
+            .channels,
+        2
+    );
+    let placed = reg
         .place_channel(pb::PlaceChannelRequest {
-            channel_id: "ops".into(),
+            channel_id: "gate".into(),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(moved.node.unwrap().node_id, "busy");
-    assert!(moved.placed_now);
+    assert_eq!(placed.node.unwrap().node_id, "fresh");
+    assert!(!placed.placed_now);
 
     let unknown = server
         .registry_as("ghost")

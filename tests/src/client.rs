@@ -243,7 +243,16 @@ impl Client {
         consumed["ssrc"].as_u64().unwrap() as u32
     }
 
-    /// Closes the socket (the gateway cleans up as for a lost client).
+    /// The next `transport-closed` push of `channel` for a transport of `direction`.
+    pub async fn transport_closed(&mut self, channel: &str, direction: &str) -> Value {
+        self.push_where("transport-closed", |d| {
+            d["channelId"] == channel && d["direction"] == direction
+        })
+        .await["data"]
+            .clone()
+    }
+
+    /// Closes the socket with a close frame: the gateway ends its session at once.
     pub async fn close(mut self) {
         let _ = self.inner.ws.close(None).await;
     }

@@ -424,6 +424,14 @@ impl Stack {
     }
 
     /// The media node a channel is placed on ("" when not placed).
+    /// The index in [`Stack::media`] of the node hosting `channel`.
+    pub async fn media_index_of(&self, channel: &str) -> Result<usize> {
+        let node = self.placement(channel).await?;
+        node.strip_prefix("media-")
+            .and_then(|i| i.parse().ok())
+            .with_context(|| format!("{channel} is on {node:?}, not a stack node"))
+    }
+
     pub async fn placement(&self, channel: &str) -> Result<String> {
         let mut channels = spb::channel_service_client::ChannelServiceClient::new(
             self.state_channel(0, &Identity::Admin)?,

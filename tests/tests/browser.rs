@@ -369,3 +369,64 @@ async fn pages_talk_and_hear_over_https_and_wss_with_a_test_ca() {
     ana_talks_and_ben_hears(&ana, &ben).await;
     drop(browser);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_hear_again_after_their_media_node_is_killed() {
+    if !have_chromium() {
+        return;
+    }
+    let mut stack = Stack::start(Topology {
+        media: 2,
+        gateway_args: vec!["--dev-tokens".into()],
+        state_args: vec!["--node-dead-after-ms".into(), "1000".into()],
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let url = format!("http://{}/", stack.gateway(0));
+    let browser = tokio::task::spawn_blocking(Browser::launch)
+        .await
+        .unwrap()
+        .unwrap();
+    let cdp = browser.connect().await.unwrap();
+    let ana = cdp.new_page(&url).await.unwrap();
+    let ben = cdp.new_page(&url).await.unwrap();
+    sign_in_and_join(&ana, "Ana", "ops").await;
+    sign_in_and_join(&ben, "Ben", "ops").await;
+    ana_talks_and_ben_hears(&ana, &ben).await;
+
+    // Ana keeps the space bar down while her channel's node dies: both pages make new
+    // transports on the other node and Ben hears her again, with no new press.
+    let dead = stack.media_index_of("ops").await.unwrap();
+    stack.media[dead].kill();
+    for page in [&ana, &ben] {
+        page.wait_for(
+            "document.getElementById('log').textContent === 'audio moved'",
+            WAIT,
+        )
+        .await
+        .unwrap();
+    }
+    assert_ne!(stack.media_index_of("ops").await.unwrap(), dead);
+    ben.wait_for(
+        "window.talkgroup.inboundAudio().then(s => s && s.packetsReceived > 50 && s.totalAudioEnergy > 0)",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ana.eval("document.getElementById('ptt').dataset.state")
+            .await
+            .unwrap(),
+        Value::from("talking")
+    );
+    ana.key(false, " ", "Space", 32).await.unwrap();
+    ben.wait_for(
+        "document.getElementById('speaker').textContent === 'Nobody is talking'",
+        WAIT,
+    )
+    .await
+    .unwrap();
+    drop(browser);
+}

@@ -40,6 +40,7 @@ impl Conn {
                     .await;
                 return Some(Close::Kicked);
             }
+            HubEvent::Moved(moved) => self.on_moved(&moved).await,
             HubEvent::Resumed {
                 session,
                 generation,

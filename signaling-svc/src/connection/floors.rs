@@ -7,6 +7,7 @@
 //! moves the media node's expiry too.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -78,8 +79,9 @@ impl Producers {
 #[derive(Debug)]
 struct Held {
     epoch: u64,
-    /// Lease end as granted (renewals move it at the media node; this is a lower bound).
-    expires_at_ms: i64,
+    /// Lease end, moved on by each renewal (shared with the renewal task): what a producer
+    /// made later (a new node's, after a move) is forwarded until.
+    expires_at_ms: Arc<AtomicI64>,
     renewal: JoinHandle<()>,
 }
 
@@ -255,11 +257,23 @@ impl Floors {
             .lock()
             .insert(channel.to_owned(), produced.clone());
         if let Some(held) = self.held.get(channel) {
-            let (epoch, expires) = (held.epoch, held.expires_at_ms);
+            let (epoch, expires) = (held.epoch, held.expires_at_ms.load(Ordering::Relaxed));
             let node = produced.node;
             set_floor(&self.app, &node, channel, produced.producer, epoch, expires).await?;
         }
         Ok(())
+    }
+
+    /// The channel's media moved to `node`: a producer elsewhere is gone (the next one,
+    /// made on `node`, is forwarded at once if the floor is held), and so is the remembered
+    /// placement.
+    pub(super) fn moved(&mut self, channel: &str, node: &str) {
+        let mut producers = self.producers.lock();
+        if producers.get(channel).is_some_and(|p| p.node != node) {
+            producers.remove(channel);
+        }
+        drop(producers);
+        self.placed.remove(channel);
     }
 
     /// Forgets the producer of `channel` (its send transport closed).
@@ -354,13 +368,17 @@ impl Floors {
         self.stop_holding(channel);
         self.app.hub.holding(self.conn, channel, true);
         let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1_000).max(100));
+        let expires_at_ms = Arc::new(AtomicI64::new(expires_at_ms));
         let renewal = self.app.tracker.spawn(renew(
             Arc::clone(&self.app),
             self.producers.clone(),
-            channel.to_owned(),
-            self.session.clone(),
-            epoch,
-            every,
+            Renewing {
+                channel: channel.to_owned(),
+                session: self.session.clone(),
+                epoch,
+                every,
+                expires_at_ms: Arc::clone(&expires_at_ms),
+            },
         ));
         let held = Held {
             epoch,
@@ -380,15 +398,24 @@ impl Floors {
     }
 }
 
-/// Renews a held floor until it is refused (released, revoked, expired) or aborted.
-async fn renew(
-    app: Arc<AppState>,
-    producers: Producers,
+/// What a renewal task renews.
+struct Renewing {
     channel: String,
     session: String,
     epoch: u64,
     every: Duration,
-) {
+    expires_at_ms: Arc<AtomicI64>,
+}
+
+/// Renews a held floor until it is refused (released, revoked, expired) or aborted.
+async fn renew(app: Arc<AppState>, producers: Producers, renewing: Renewing) {
+    let Renewing {
+        channel,
+        session,
+        epoch,
+        every,
+        expires_at_ms,
+    } = renewing;
     loop {
         tokio::time::sleep(every).await;
         let renewed = app
@@ -401,6 +428,7 @@ async fn renew(
             .await;
         match renewed.map(tonic::Response::into_inner) {
             Ok(r) if r.renewed => {
+                expires_at_ms.store(r.expires_at_ms, Ordering::Relaxed);
                 if let Some(p) = producers.get(&channel) {
                     let moved =
                         set_floor(&app, &p.node, &channel, p.producer, epoch, r.expires_at_ms);

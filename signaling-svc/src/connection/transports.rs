@@ -3,18 +3,27 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::time::Duration;
+
 use talkgroup_proto::media::v1 as mpb;
+use talkgroup_proto::state::v1 as spb;
 
 use super::placement::{media, place};
 use super::{Conn, Result};
 use crate::access::Role;
+use crate::protocol::Push;
 use crate::protocol::TransportDirection;
+use crate::protocol::push::TransportClosed;
 use crate::protocol::reply::{
     Capabilities, Codec, Consumer, Done, IceServers, Offer, Producer, Transport as Created,
 };
 use crate::protocol::{
     ChannelRef, ClientError, Code, ConnectTransport, CreateTransport, Produce, err,
 };
+
+/// How long a transport on a draining node keeps working after its channel moved: the
+/// client's replacement carries the audio well before.
+const DRAINING_LINGER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub(super) struct TransportInfo {
@@ -247,6 +256,60 @@ impl Conn {
             .await?
             .into_inner();
         Ok(Consumer::audio(consumed.consumer_id, consumed.ssrc))
+    }
+
+    /// The channel moved to the node at `moved.node`: its transports elsewhere are forgotten
+    /// here and the client told to make new ones. On a draining node they are closed a few
+    /// seconds later (audio flows on them until the replacements carry it); on a lost one at
+    /// once, in case the node only lost state-svc.
+    pub(super) async fn on_moved(&mut self, moved: &spb::ChannelMoved) {
+        let Some(node) = &moved.node else {
+            return;
+        };
+        let channel = moved.channel_id.as_str();
+        let draining = moved.reason() == spb::MoveReason::NodeDraining;
+        let reason = if draining {
+            "node-draining"
+        } else {
+            "node-lost"
+        };
+        self.floors.moved(channel, &node.grpc_addr);
+        let stale = self
+            .transports
+            .ids(|t| t.channel == channel && t.node != node.grpc_addr);
+        if stale.is_empty() {
+            return;
+        }
+        tracing::info!(conn = self.id, %channel, to = %node.node_id, reason, transports = stale.len(), "channel moved; transports to re-create");
+        for id in stale {
+            let Some(info) = self.transports.0.remove(&id) else {
+                continue;
+            };
+            self.app.hub.give_transports(&self.user.user_id, 1);
+            let closed = TransportClosed {
+                transport_id: id.clone(),
+                channel_id: channel.to_owned(),
+                direction: info.direction,
+                reason,
+            };
+            self.send(Push::TransportClosed(closed)).await;
+            let (app, session) = (std::sync::Arc::clone(&self.app), self.session.clone());
+            let linger = if draining {
+                DRAINING_LINGER
+            } else {
+                Duration::ZERO
+            };
+            self.app.tracker.spawn(async move {
+                tokio::time::sleep(linger).await;
+                if let Ok(mut media) = media(&app, &info.node) {
+                    let close = media.close_transport(mpb::CloseTransportRequest {
+                        transport_id: id,
+                        session_id: session,
+                    });
+                    let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+                }
+            });
+        }
     }
 
     /// Closes the connection's transports in `channel`.

@@ -21,6 +21,7 @@ pub enum Push {
     MembersChanged(MembersChanged),
     PermissionUpdate(PermissionUpdate),
     ForceDisconnect(ForceDisconnect),
+    TransportClosed(TransportClosed),
     SyncState(Box<SyncEnvelope>),
     SyncChanged(Box<super::sync::SyncChanged>),
 }
@@ -138,6 +139,20 @@ pub struct ResumedTransport {
     pub consumer_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssrc: Option<u32>,
+}
+
+/// A transport the server closed: its channel moved to another media node. Create a new one
+/// of the same direction (and `produce` or `consume` on it) as after a join.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransportClosed {
+    pub transport_id: String,
+    pub channel_id: String,
+    pub direction: super::TransportDirection,
+    /// `node-lost` (its media node died: the transport is dead) or `node-draining` (its node
+    /// is being emptied: the transport keeps working a few seconds, time to make its
+    /// replacement).
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]

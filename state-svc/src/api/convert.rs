@@ -4,7 +4,8 @@ use talkgroup_proto::state::v1 as pb;
 
 use crate::domain::{
     ChannelConfig, ChannelId, ChannelState, Event, FloorHolder, FloorReason, FloorRefusal,
-    MediaNode, Member, MembershipChange, NodeId, Session, SessionId, Speaker, SyncId, UserId,
+    MediaNode, Member, MembershipChange, MoveReason, NodeId, Session, SessionId, Speaker, SyncId,
+    UserId,
 };
 use crate::error::StoreError;
 
@@ -167,6 +168,21 @@ pub fn event(e: &Event) -> pb::WatchEvent {
             member_count: m.member_count,
             at_ms: m.at_ms,
             version: m.version,
+        }),
+        Event::Moved(m) => pb::watch_event::Event::Moved(pb::ChannelMoved {
+            channel_id: m.channel_id.to_string(),
+            node: Some(pb::MediaNode {
+                node_id: m.node_id.to_string(),
+                grpc_addr: m.grpc_addr.clone(),
+                ..Default::default()
+            }),
+            previous_node_id: m.previous.to_string(),
+            reason: match m.reason {
+                MoveReason::NodeLost => pb::MoveReason::NodeLost,
+                MoveReason::NodeDraining => pb::MoveReason::NodeDraining,
+            }
+            .into(),
+            at_ms: m.at_ms,
         }),
     };
     pb::WatchEvent { event: Some(event) }

@@ -456,6 +456,24 @@ pub struct Placement {
 }
 
 /// Picks the least-loaded live, non-draining node (ties by id, so every caller agrees).
+/// The nodes whose channels move now: dead ones, and draining ones while a live node can take
+/// their channels; with why.
+pub fn nodes_to_empty(nodes: &[MediaNode]) -> Vec<(&MediaNode, MoveReason)> {
+    nodes
+        .iter()
+        .filter(|n| n.channels > 0)
+        .filter_map(|n| {
+            if !n.live {
+                Some((n, MoveReason::NodeLost))
+            } else if n.draining {
+                Some((n, MoveReason::NodeDraining))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 pub fn choose_node(nodes: &[MediaNode]) -> Option<&MediaNode> {
     nodes
         .iter()
@@ -472,6 +490,45 @@ pub fn choose_node(nodes: &[MediaNode]) -> Option<&MediaNode> {
 pub enum Event {
     Floor(FloorChanged),
     Membership(MembershipChanged),
+    Moved(ChannelMoved),
+}
+
+/// Why state-svc moved a channel to another media node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveReason {
+    /// The node stopped heartbeating.
+    NodeLost,
+    /// The node drains.
+    NodeDraining,
+}
+
+impl MoveReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NodeLost => "node-lost",
+            Self::NodeDraining => "node-draining",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "node-lost" => Some(Self::NodeLost),
+            "node-draining" => Some(Self::NodeDraining),
+            _ => None,
+        }
+    }
+}
+
+/// A channel placed on another node because its node died or drains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelMoved {
+    pub channel_id: ChannelId,
+    pub node_id: NodeId,
+    /// Where gateways reach the new node.
+    pub grpc_addr: String,
+    pub previous: NodeId,
+    pub reason: MoveReason,
+    pub at_ms: i64,
 }
 
 /// What grant watchers receive.
@@ -499,6 +556,7 @@ impl Event {
         match self {
             Self::Floor(e) => &e.channel_id,
             Self::Membership(e) => &e.channel_id,
+            Self::Moved(e) => &e.channel_id,
         }
     }
 }

@@ -59,8 +59,8 @@ impl Default for StoreSettings {
             lease_ms: 5_000,
             max_talk_ms: 60_000,
             session_ttl_ms: 60_000,
-            node_dead_after_ms: 5_000,
-            node_heartbeat_ms: 2_000,
+            node_dead_after_ms: 3_000,
+            node_heartbeat_ms: 1_000,
             emergency_max_ms: 600_000,
             max_sessions_per_user: 10,
             max_syncs_per_channel: 16,
@@ -77,6 +77,8 @@ impl Default for StoreSettings {
 pub struct SweepReport {
     pub floors_expired: u32,
     pub sessions_expired: u32,
+    /// Channels moved off dead or draining media nodes.
+    pub channels_moved: u32,
 }
 
 type Res<T> = Result<T, StoreError>;

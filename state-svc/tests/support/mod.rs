@@ -290,6 +290,15 @@ impl Watch {
         }
     }
 
+    /// The next move of a channel to another node, skipping everything else.
+    pub async fn next_moved(&mut self) -> pb::ChannelMoved {
+        loop {
+            if let pb::watch_event::Event::Moved(m) = self.next().await {
+                return m;
+            }
+        }
+    }
+
     /// The next membership change, skipping floor events and snapshots.
     pub async fn next_membership(&mut self) -> pb::MembershipChanged {
         loop {

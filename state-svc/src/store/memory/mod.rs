@@ -19,12 +19,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::domain::rules;
 use crate::domain::{
-    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, Clock, EmergencyHolder,
-    Event, EventId, EventInfo, FloorChanged, FloorHolder, FloorReason, FloorRefusal, GrantChange,
-    GrantsEvent, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER, MediaNode, Member,
-    MembershipChange, MembershipChanged, NewSession, NodeId, NodeRegistration, Placement,
-    ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session, SessionId,
-    Speaker, SyncId, UserGrants, UserId, choose_node, next_epoch,
+    AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelMoved, ChannelState, Clock,
+    EmergencyHolder, Event, EventId, EventInfo, FloorChanged, FloorHolder, FloorReason,
+    FloorRefusal, GrantChange, GrantsEvent, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
+    MediaNode, Member, MembershipChange, MembershipChanged, MoveReason, NewSession, NodeId,
+    NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Resume,
+    Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId, choose_node, next_epoch,
+    nodes_to_empty,
 };
 use crate::error::StoreError;
 use crate::hub::{Hub, SyncEvent};

@@ -9,6 +9,7 @@ impl Housekeeping for RedisStore {
         Ok(SweepReport {
             floors_expired: self.sweep_floors(now).await?,
             sessions_expired: self.sweep_sessions(now).await?,
+            channels_moved: self.sweep_nodes().await?,
         })
     }
 

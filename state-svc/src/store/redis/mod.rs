@@ -39,9 +39,9 @@ use self::wire::{
 use crate::domain::{
     AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId,
     EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
-    MediaNode, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome,
-    RenewOutcome, Renewed, Resume, Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId,
-    choose_node, now_ms, rules,
+    MediaNode, MoveReason, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome,
+    RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session, SessionId, Speaker, SyncId,
+    UserGrants, UserId, choose_node, nodes_to_empty, now_ms, rules,
 };
 use crate::error::{STORE_ERRORS, StoreError};
 use crate::hub::Hub;
@@ -427,6 +427,72 @@ impl RedisStore {
                 .await?;
         }
         Ok(expired)
+    }
+
+    /// Moves the channels of dead and draining nodes to the least loaded live node each, and
+    /// tells the channels' watchers; how many moved. Replicas racing each other move each
+    /// channel once (a compare-and-set on its placement).
+    async fn sweep_nodes(&self) -> Result<u32, StoreError> {
+        let mut nodes = crate::store::RegistryStore::list_nodes(self).await?;
+        let mut moved = 0;
+        let emptied: Vec<(MediaNode, MoveReason)> = nodes_to_empty(&nodes)
+            .into_iter()
+            .map(|(n, r)| (n.clone(), r))
+            .collect();
+        let mut conn = self.conn.clone();
+        for (from, reason) in emptied {
+            let channels: Vec<String> = self
+                .bounded(conn.smembers(self.keys.media_node_channels(&from.node_id)))
+                .await?;
+            for raw in channels {
+                let Ok(ch) = ChannelId::parse(&raw) else {
+                    continue;
+                };
+                let Some(to) = choose_node(&nodes).cloned() else {
+                    // Nowhere to go: the next join places the channel once a node is live.
+                    return Ok(moved);
+                };
+                let event = serde_json::json!({
+                    "k": "moved",
+                    "ch": ch.as_str(),
+                    "node": to.node_id.as_str(),
+                    "addr": to.grpc_addr,
+                    "from": from.node_id.as_str(),
+                    "reason": reason.as_str(),
+                    "at": now_ms(),
+                });
+                let keys = self.keys.channel(&ch);
+                let mut invocation = scripts::MOVE.prepare_invoke();
+                invocation
+                    .key(&keys.media)
+                    .key(&keys.events)
+                    .arg(from.node_id.as_str())
+                    .arg(to.node_id.as_str())
+                    .arg(event.to_string());
+                let done: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+                let mut pipe = redis::pipe();
+                pipe.srem(self.keys.media_node_channels(&from.node_id), ch.as_str())
+                    .ignore();
+                if done == 1 {
+                    pipe.sadd(self.keys.media_node_channels(&to.node_id), ch.as_str())
+                        .ignore();
+                    moved += 1;
+                    tracing::info!(
+                        channel_id = %ch,
+                        from = %from.node_id,
+                        to = %to.node_id,
+                        reason = reason.as_str(),
+                        "channel moved"
+                    );
+                    // The next channel weighs the new one in.
+                    if let Some(n) = nodes.iter_mut().find(|n| n.node_id == to.node_id) {
+                        n.channels += 1;
+                    }
+                }
+                self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+            }
+        }
+        Ok(moved)
     }
 
     async fn sweep_sessions(&self, now: i64) -> Result<u32, StoreError> {

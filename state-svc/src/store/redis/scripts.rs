@@ -538,6 +538,20 @@ return { cur, 0 }
     )
 });
 
+/// Moves channel media key `KEYS[1]` from node `ARGV[1]` to `ARGV[2]` if it is still on
+/// `ARGV[1]`, and publishes the move (`ARGV[3]`, JSON) on the channel's events `KEYS[2]`.
+/// 1 when moved.
+pub static MOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 1
+"#,
+    )
+});
+
 /// Compare-and-set of one member's score in a deadline index (`KEYS[1]`): if `ARGV[1]` still
 /// has score `ARGV[2]`, set it to `ARGV[3]`, or remove it when `ARGV[3]` is empty.
 pub static RESCHEDULE: LazyLock<Script> = LazyLock::new(|| {

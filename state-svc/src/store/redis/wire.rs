@@ -7,8 +7,9 @@ use serde::{Deserialize, Deserializer};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::domain::{
-    ChannelId, EmergencyHolder, Event, FloorChanged, FloorHolder, FloorReason, Member,
-    MembershipChange, MembershipChanged, NodeId, Role, SessionId, Speaker, UserGrants, UserId,
+    ChannelId, ChannelMoved, EmergencyHolder, Event, FloorChanged, FloorHolder, FloorReason,
+    Member, MembershipChange, MembershipChanged, MoveReason, NodeId, Role, SessionId, Speaker,
+    UserGrants, UserId,
 };
 use crate::error::StoreError;
 
@@ -216,12 +217,35 @@ pub enum WireEvent {
         #[serde(default)]
         v: Option<String>,
     },
+    Moved {
+        ch: String,
+        node: String,
+        addr: String,
+        from: String,
+        reason: String,
+        at: i64,
+    },
 }
 
 impl WireEvent {
     pub fn into_domain(self) -> Result<Event, StoreError> {
         let channel = |ch: &str| ChannelId::parse(ch).map_err(|_| corrupt("channel id"));
         Ok(match self {
+            Self::Moved {
+                ch,
+                node,
+                addr,
+                from,
+                reason,
+                at,
+            } => Event::Moved(ChannelMoved {
+                channel_id: channel(&ch)?,
+                node_id: NodeId::parse(&node).map_err(|_| corrupt("node id"))?,
+                grpc_addr: addr,
+                previous: NodeId::parse(&from).map_err(|_| corrupt("node id"))?,
+                reason: MoveReason::parse(&reason).ok_or_else(|| corrupt("move reason"))?,
+                at_ms: at,
+            }),
             Self::Floor {
                 ch,
                 epoch: e,
