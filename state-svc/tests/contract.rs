@@ -36,6 +36,7 @@ contract!(
     removing_a_session_leaves_every_channel_and_releases_its_floors,
     untouched_sessions_expire,
     a_session_resumes_once_for_its_user_and_parks_for_the_grace_period,
+    a_parked_session_gives_way_to_a_new_one_at_the_session_cap,
     placement_picks_least_loaded_live_node_and_agrees,
     hostile_input_is_refused,
     grants_change_once_and_reach_grant_watchers,
@@ -659,6 +660,48 @@ async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: B
             .unwrap_err(),
         Reason::PermissionDenied
     );
+    server.stop().await;
+}
+
+async fn a_parked_session_gives_way_to_a_new_one_at_the_session_cap(b: Backend) {
+    let mut config = b.config("park-cap");
+    config.max_sessions_per_user = 2;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let create = || pb::CreateSessionRequest {
+        user_id: "u-ben".into(),
+        user_name: "Ben".into(),
+        gateway_id: "gw".into(),
+        ttl_ms: 0,
+    };
+    let first = c.session.create_session(create()).await.unwrap().into_inner();
+    let second = c.session.create_session(create()).await.unwrap().into_inner();
+    // Both live: the cap holds.
+    let refused = c.session.create_session(create()).await.unwrap_err();
+    assert_eq!(reason(&refused), talkgroup_proto::error::Reason::TooManySessions);
+    // The first one's socket was lost: a new session takes its place, and it is gone.
+    c.session
+        .park_session(pb::ParkSessionRequest {
+            session_id: first.session_id.clone(),
+            generation: 0,
+        })
+        .await
+        .unwrap();
+    let third = c.session.create_session(create()).await.unwrap().into_inner();
+    let live: Vec<String> = c
+        .session
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "u-ben".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    assert_eq!(live.len(), 2, "{live:?}");
+    assert!(live.contains(&second.session_id) && live.contains(&third.session_id));
     server.stop().await;
 }
 

@@ -73,6 +73,8 @@ pub struct Topology {
     pub state_args: Vec<String>,
     /// OTLP/gRPC endpoint every service exports traces to.
     pub otlp_endpoint: Option<String>,
+    /// The heartbeat interval state-svc asks of media nodes (100 ms: fast test stacks).
+    pub node_heartbeat_ms: u32,
     /// The address gateways listen on and media nodes serve media on (loopback by default;
     /// a veth address for clients in a network namespace).
     pub bind_ip: String,
@@ -95,6 +97,7 @@ impl Default for Topology {
             gateway_args: Vec::new(),
             state_args: Vec::new(),
             otlp_endpoint: None,
+            node_heartbeat_ms: 100,
             bind_ip: "127.0.0.1".to_owned(),
             https: false,
             plaintext: false,
@@ -113,6 +116,8 @@ pub struct Stack {
     pub certs: Certs,
     /// Whether the gateways serve HTTPS.
     pub https: bool,
+    /// What the stack was started with, for nodes added later.
+    topology: Topology,
 }
 
 /// A throwaway CA and the certificates of a stack's services, in a temporary directory
@@ -185,6 +190,34 @@ fn start(bin: &str, args: &[String], message: &str) -> Result<ServiceProcess> {
     )
 }
 
+/// Media node `media-<i>` of topology `t`, registering with the state-svc at `state_url`.
+fn start_media(certs: &Certs, t: &Topology, i: usize, state_url: &str) -> Result<ServiceProcess> {
+    let args = strings(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--node-id",
+        &format!("media-{i}"),
+        "--state-url",
+        state_url,
+        "--drain-timeout-ms",
+        "2000",
+        "--rtc-bind-ip",
+        &t.bind_ip,
+        // Equal, fixed capacities keep placement across nodes deterministic (measured
+        // capacities differ a little from node to node).
+        "--capacity",
+        "4000",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]);
+    let mut args = with_otlp(args, t);
+    let node = Identity::Media(format!("media-{i}"));
+    args.extend(certs.args(&format!("media-{i}"), &node)?);
+    start("media-svc", &args, "media-svc listening")
+}
+
 fn with_otlp(mut args: Vec<String>, t: &Topology) -> Vec<String> {
     if let Some(endpoint) = &t.otlp_endpoint {
         args.extend(["--otlp-endpoint".to_owned(), endpoint.clone()]);
@@ -225,7 +258,7 @@ impl Stack {
                 "--max-talk-ms",
                 &t.max_talk_ms.to_string(),
                 "--node-heartbeat-ms",
-                "100",
+                &t.node_heartbeat_ms.to_string(),
                 "--admin-token",
                 ADMIN_TOKEN,
                 "--metrics-listen",
@@ -241,30 +274,7 @@ impl Stack {
         let state_url = |i: usize| format!("http://{}", state[i % state.len()].addr);
         let mut media = Vec::new();
         for i in 0..t.media {
-            let args = strings(&[
-                "--listen",
-                "127.0.0.1:0",
-                "--node-id",
-                &format!("media-{i}"),
-                "--state-url",
-                &state_url(i),
-                "--drain-timeout-ms",
-                "2000",
-                "--rtc-bind-ip",
-                &t.bind_ip,
-                // Equal, fixed capacities keep placement across nodes deterministic (measured
-                // capacities differ a little from node to node).
-                "--capacity",
-                "4000",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ]);
-            let mut args = with_otlp(args, t);
-            let node = Identity::Media(format!("media-{i}"));
-            args.extend(certs.args(&format!("media-{i}"), &node)?);
-            media.push(start("media-svc", &args, "media-svc listening")?);
+            media.push(start_media(&certs, t, i, &state_url(i))?);
         }
         let mut gateways = Vec::new();
         for i in 0..t.gateways.max(1) {
@@ -305,7 +315,20 @@ impl Stack {
             redis,
             certs,
             https: t.https,
+            topology: t.clone(),
         })
+    }
+
+    /// Starts media node `media-<i>` (a new id, or one whose process is gone) and waits until
+    /// state-svc has it live: its index in [`Stack::media`].
+    pub async fn add_media(&mut self, i: usize) -> Result<usize> {
+        let state_url = format!("http://{}", self.state[i % self.state.len()].addr);
+        let node = start_media(&self.certs, &self.topology, i, &state_url)?;
+        self.media.push(node);
+        let id = format!("media-{i}");
+        self.wait_for_node(&id, Duration::from_secs(10), &id, |n| n.live)
+            .await?;
+        Ok(self.media.len() - 1)
     }
 
     /// Waits until every gateway reports all media nodes live.

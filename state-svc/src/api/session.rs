@@ -17,6 +17,23 @@ const MAX_GATEWAY_ID: usize = 128;
 const MAX_SESSION_TTL_MS: u32 = 86_400_000;
 
 impl<S: Store> Api<S> {
+    /// Ends the user's session parked longest (its socket was lost and nobody resumed it yet),
+    /// so a user who comes back without the resume token is not locked out by their own
+    /// parked sessions; whether there was one.
+    async fn end_oldest_parked(&self, user: &crate::domain::UserId) -> Result<bool, StoreError> {
+        let sessions = self.store.user_sessions(user).await?;
+        let Some(oldest) = sessions
+            .iter()
+            .filter(|s| s.parked_at_ms > 0)
+            .min_by_key(|s| s.parked_at_ms)
+        else {
+            return Ok(false);
+        };
+        tracing::info!(session_id = %oldest.session_id, user_id = %user, "ending a parked session for a new one");
+        self.store.remove_session(&oldest.session_id).await?;
+        Ok(true)
+    }
+
     /// A session as its new socket's gateway sees it: with its resume token and grace.
     fn with_token(&self, session: &crate::domain::Session, token: &ResumeToken) -> pb::Session {
         pb::Session {
@@ -51,7 +68,13 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
             resume_digest: token.digest(),
         };
         let user = new.user_id.clone();
-        let session = match self.store.create_session(new).await {
+        let mut created = self.store.create_session(new.clone()).await;
+        if matches!(created, Err(StoreError::TooManySessions))
+            && self.end_oldest_parked(&user).await?
+        {
+            created = self.store.create_session(new).await;
+        }
+        let session = match created {
             Err(StoreError::TooManySessions) => {
                 let max = self.settings().max_sessions_per_user;
                 tracing::info!(user_id = %user, max, "session refused: too many sessions");
