@@ -1375,9 +1375,10 @@ async fn transports_are_capped_per_user_across_sockets() {
         refused["error"]["message"],
         "too many transports for this user"
     );
-    // Another user is not affected; a closed socket gives its places back.
+    // Another user is not affected; a closed socket gives its places back. (A lost one keeps
+    // them for its resume's grace period: its transports still exist.)
     other.ok("create-transport", recv.clone()).await;
-    drop(one);
+    one.ws.close(None).await.unwrap();
     wait_until(Duration::from_secs(5), "one socket closed", || async {
         connections(gw).await == 2
     })

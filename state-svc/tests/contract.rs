@@ -674,11 +674,24 @@ async fn a_parked_session_gives_way_to_a_new_one_at_the_session_cap(b: Backend) 
         gateway_id: "gw".into(),
         ttl_ms: 0,
     };
-    let first = c.session.create_session(create()).await.unwrap().into_inner();
-    let second = c.session.create_session(create()).await.unwrap().into_inner();
+    let first = c
+        .session
+        .create_session(create())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = c
+        .session
+        .create_session(create())
+        .await
+        .unwrap()
+        .into_inner();
     // Both live: the cap holds.
     let refused = c.session.create_session(create()).await.unwrap_err();
-    assert_eq!(reason(&refused), talkgroup_proto::error::Reason::TooManySessions);
+    assert_eq!(
+        reason(&refused),
+        talkgroup_proto::error::Reason::TooManySessions
+    );
     // The first one's socket was lost: a new session takes its place, and it is gone.
     c.session
         .park_session(pb::ParkSessionRequest {
@@ -687,7 +700,12 @@ async fn a_parked_session_gives_way_to_a_new_one_at_the_session_cap(b: Backend) 
         })
         .await
         .unwrap();
-    let third = c.session.create_session(create()).await.unwrap().into_inner();
+    let third = c
+        .session
+        .create_session(create())
+        .await
+        .unwrap()
+        .into_inner();
     let live: Vec<String> = c
         .session
         .list_user_sessions(pb::ListUserSessionsRequest {

@@ -121,6 +121,8 @@ fn main() {
         let mut stack = Stack::start(Topology {
             media: 2,
             node_heartbeat_ms: 1_000,
+            // Ana holds the floor through every trial: longer than the default talk limit.
+            max_talk_ms: 3_600_000,
             ..Topology::default()
         })
         .await
@@ -175,7 +177,9 @@ fn main() {
             drained.record(silence.as_micros().max(1) as u64).unwrap();
             eprintln!("drain {trial}: longest silence {silence:?}");
             ear = new_ear;
-            stack.media[host].wait_exit(Duration::from_secs(10)).unwrap();
+            stack.media[host]
+                .wait_exit(Duration::from_secs(10))
+                .unwrap();
             stack.add_media(next_node).await.unwrap();
             next_node += 1;
         }

@@ -248,7 +248,18 @@ impl Conn {
     pub(super) async fn park(&mut self) {
         self.floors.stop_all();
         self.end_emergencies().await;
-        self.leave_hub();
+        // The transports stay on their nodes: they count against the user's limit here until
+        // the grace period is over (a resume on this gateway counts them again meanwhile).
+        let (held, _) = self.transports.take_nodes();
+        self.app.hub.unregister(self.id);
+        let user = self.user.user_id.clone();
+        let give_back = |app: &std::sync::Arc<AppState>, after: std::time::Duration| {
+            let app_for_task = std::sync::Arc::clone(app);
+            app.tracker.spawn(async move {
+                tokio::time::sleep(after).await;
+                app_for_task.hub.give_transports(&user, held);
+            });
+        };
         let parked = self
             .app
             .sessions()
@@ -267,13 +278,20 @@ impl Conn {
                     "session parked for a resume"
                 );
                 self.app.metrics.resume("parked");
+                let grace = (session.expires_at_ms - session.parked_at_ms).max(0);
+                give_back(
+                    &self.app,
+                    std::time::Duration::from_millis(u64::try_from(grace).unwrap_or(0)),
+                );
             }
             Err(status) if status.code() == tonic::Code::NotFound => {
                 tracing::debug!(conn = self.id, "session already gone or resumed");
+                give_back(&self.app, std::time::Duration::ZERO);
             }
             Err(status) => {
                 // The session keeps its time to live: it can still be resumed until then.
                 tracing::warn!(code = ?status.code(), "cannot park the session; it will expire");
+                give_back(&self.app, std::time::Duration::from_millis(60_000));
             }
         }
     }
