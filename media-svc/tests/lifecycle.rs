@@ -185,6 +185,7 @@ async fn registers_with_state_svc_follows_floor_revokes_and_drains() {
             channel_id: "ops".into(),
             session_id: session.clone(),
             priority: 0,
+            min_epoch: 0,
         })
         .await
         .unwrap()

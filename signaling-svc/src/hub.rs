@@ -536,6 +536,15 @@ impl Hub {
         true
     }
 
+    /// The highest floor epoch this gateway has seen for `channel` (0: none), for acquires to
+    /// carry: a grant is always above it, whatever the store lost.
+    pub fn known_epoch(&self, channel: &str) -> u64 {
+        self.lock()
+            .cache
+            .get(channel)
+            .map_or(0, |state| state.epoch)
+    }
+
     /// Counts `count` transports `user` brought along (a resumed session's), over the limit if
     /// need be: they exist already.
     pub fn add_transports(&self, user: &str, count: usize) {

@@ -106,6 +106,7 @@ async fn one_pair(caller: &mut Caller, mode: Mode, keys: &Keys) {
                     channel_id: caller.channel.clone(),
                     session_id: caller.session.clone(),
                     priority: 0,
+                    min_epoch: 0,
                 })
                 .await
                 .unwrap()

@@ -234,7 +234,7 @@ pub struct AuditSettings {
 }
 
 pub struct AuditWriter {
-    redis: redis::Client,
+    redis: crate::store::redis::Target,
     keys: Keys,
     settings: AuditSettings,
     /// This replica's consumer name in the group.
@@ -250,7 +250,7 @@ impl std::fmt::Debug for AuditWriter {
 }
 
 impl AuditWriter {
-    pub fn new(redis: redis::Client, keys: Keys, settings: AuditSettings) -> Self {
+    pub fn new(redis: crate::store::redis::Target, keys: Keys, settings: AuditSettings) -> Self {
         let host = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty() && h.len() <= 64 && h.chars().all(|c| c.is_ascii_graphic()))
@@ -267,7 +267,12 @@ impl AuditWriter {
     /// Counts what waits to be copied ([`AUDIT_BACKLOG`]); Redis only, so it also runs while
     /// PostgreSQL is away.
     async fn measure_backlog(&self) -> Result<u64, AuditError> {
-        let mut conn = self.redis.get_multiplexed_async_connection().await?;
+        let mut conn = self
+            .redis
+            .client()
+            .await?
+            .get_multiplexed_async_connection()
+            .await?;
         let mut backlog = 0u64;
         for stream in self.scan(&mut conn).await? {
             backlog += match group_info(&mut conn, &stream).await? {
@@ -342,8 +347,13 @@ impl AuditWriter {
             let _ = lost_tx.send(connection.await);
         });
         migrate(&mut pg).await?;
-        let mut conn = self.redis.get_multiplexed_async_connection().await?;
-        let mut pubsub = self.redis.get_async_pubsub().await?;
+        let mut conn = self
+            .redis
+            .client()
+            .await?
+            .get_multiplexed_async_connection()
+            .await?;
+        let mut pubsub = self.redis.client().await?.get_async_pubsub().await?;
         pubsub
             .psubscribe(self.keys.channel_events_pattern())
             .await?;

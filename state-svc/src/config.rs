@@ -157,6 +157,12 @@ pub struct Config {
     /// waits for a resume, in milliseconds. Its floors are not renewed meanwhile.
     #[arg(long, env = "PTT_STATE_RESUME_GRACE_MS", default_value_t = 20_000)]
     pub resume_grace_ms: u32,
+    /// Replicas that must have a floor grant (Redis `WAIT`) before it is answered, so that a
+    /// failover cannot lose a grant someone was told of; a grant they do not confirm within
+    /// half of --redis-timeout-ms is given back and answered UNAVAILABLE. 0: answer at once.
+    /// Set it below the number of replicas, or grants stop while one is away.
+    #[arg(long, env = "PTT_STATE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
     /// Upper bound of every Redis call in milliseconds; past it the call fails UNAVAILABLE.
     #[arg(long, env = "PTT_STATE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
     pub redis_timeout_ms: u32,
@@ -277,6 +283,7 @@ impl Config {
             self.node_dead_after_ms,
         )?;
         range("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000)?;
+        range("redis_wait_replicas", self.redis_wait_replicas, 0, 16)?;
         range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
         range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
         range("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000)?;
@@ -389,6 +396,7 @@ impl Config {
                 self.audit_maxlen
             },
             membership_channel: self.membership_channel.clone(),
+            wait_replicas: self.redis_wait_replicas,
         })
     }
 }

@@ -59,6 +59,9 @@ fn client_cert(
 #[derive(Clone)]
 pub struct RedisConnect {
     info: redis::ConnectionInfo,
+    /// `redis+sentinel://`: the Sentinels and the master's name; `info` then carries only the
+    /// master's credentials.
+    sentinel: Option<SentinelTarget>,
     /// Whether the URL asks for TLS (`rediss://`).
     tls: bool,
     certificates: Option<redis::TlsCertificates>,
@@ -80,6 +83,51 @@ impl std::fmt::Debug for RedisConnect {
     }
 }
 
+/// Redis under Sentinel: where the Sentinels are and the name of the master they watch.
+#[derive(Debug, Clone)]
+struct SentinelTarget {
+    addrs: Vec<redis::ConnectionAddr>,
+    master: String,
+}
+
+/// Most Sentinels one URL may name.
+const MAX_SENTINELS: usize = 16;
+
+/// Parses `redis+sentinel://host:port[,host:port...]/<master name>`; `None` for other URLs.
+fn sentinel_url(url: &str) -> Option<Result<SentinelTarget, ConfigError>> {
+    if url.starts_with("rediss+sentinel://") {
+        return Some(Err(ConfigError::StoreTls(
+            "redis",
+            "TLS to Sentinel and its master is not supported yet: use redis+sentinel://".into(),
+        )));
+    }
+    let rest = url.strip_prefix("redis+sentinel://")?;
+    let parse = || -> Option<SentinelTarget> {
+        let (hosts, master) = rest.split_once('/')?;
+        let valid_name = !master.is_empty()
+            && master.len() <= 64
+            && master
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !valid_name || hosts.contains('@') {
+            return None;
+        }
+        let addrs: Vec<redis::ConnectionAddr> = hosts
+            .split(',')
+            .map(|h| {
+                let (host, port) = h.rsplit_once(':')?;
+                let port: u16 = port.parse().ok()?;
+                (!host.is_empty()).then(|| redis::ConnectionAddr::Tcp(host.to_owned(), port))
+            })
+            .collect::<Option<_>>()?;
+        (!addrs.is_empty() && addrs.len() <= MAX_SENTINELS).then(|| SentinelTarget {
+            addrs,
+            master: master.to_owned(),
+        })
+    };
+    Some(parse().ok_or(ConfigError::BadRedisUrl))
+}
+
 /// The Redis flags besides the URL.
 #[derive(Debug, Clone, Default)]
 pub struct RedisAuth {
@@ -93,7 +141,17 @@ pub struct RedisAuth {
 impl RedisConnect {
     pub fn new(url: &str, auth: &RedisAuth) -> Result<Self, ConfigError> {
         let shown = crate::store::redis::redact_url(url);
-        let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+        let sentinel = sentinel_url(url).transpose()?;
+        // Under Sentinel the credentials (from the flags) are the master's; the URL names
+        // only where the Sentinels are.
+        let url = match &sentinel {
+            Some(target) => match &target.addrs[0] {
+                redis::ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+                _ => return Err(ConfigError::BadRedisUrl),
+            },
+            None => url.to_owned(),
+        };
+        let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
             .map_err(|_| ConfigError::BadRedisUrl)?
             // Many small pipelined commands share one connection; with Nagle a write would
             // wait for the ACK of the previous one, which Redis delays (up to 40 ms on Linux).
@@ -163,6 +221,7 @@ impl RedisConnect {
         };
         let this = Self {
             info,
+            sentinel,
             tls,
             certificates,
             shown,
@@ -174,6 +233,37 @@ impl RedisConnect {
     /// Whether connections use TLS.
     pub fn tls(&self) -> bool {
         self.tls
+    }
+
+    /// Whether the URL names Sentinels rather than one server.
+    pub fn is_sentinel(&self) -> bool {
+        self.sentinel.is_some()
+    }
+
+    /// Under Sentinel, a client of the Sentinels that names the current master (and connects
+    /// to it with the configured credentials).
+    pub fn sentinel_client(&self) -> Result<Option<redis::sentinel::SentinelClient>, StoreError> {
+        let Some(target) = &self.sentinel else {
+            return Ok(None);
+        };
+        let settings = self.info.redis_settings();
+        let mut builder = redis::sentinel::SentinelClientBuilder::new(
+            target.addrs.clone(),
+            &target.master,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|_| StoreError::InvalidArgument("invalid sentinel configuration"))?
+        .set_client_to_redis_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        if let Some(user) = settings.username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = settings.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        builder
+            .build()
+            .map(Some)
+            .map_err(|_| StoreError::InvalidArgument("invalid sentinel configuration"))
     }
 
     /// The URL without its password.

@@ -123,7 +123,7 @@ pub async fn run(
             if let Some(postgres) = &postgres {
                 tracing::info!(tls = postgres.tls(), "audit trail copied to postgresql");
                 let writer = audit::AuditWriter::new(
-                    options.connect.client()?,
+                    store.target().clone(),
                     store.keys().clone(),
                     audit::AuditSettings {
                         postgres: postgres.clone(),

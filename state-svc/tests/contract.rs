@@ -19,6 +19,9 @@ macro_rules! contract {
         mod redis {
             $(#[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await })*
         }
+        mod sentinel {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Sentinel).await })*
+        }
     };
 }
 
@@ -37,6 +40,7 @@ contract!(
     untouched_sessions_expire,
     a_session_resumes_once_for_its_user_and_parks_for_the_grace_period,
     a_parked_session_gives_way_to_a_new_one_at_the_session_cap,
+    a_grant_s_epoch_is_above_the_highest_the_caller_has_seen,
     placement_picks_least_loaded_live_node_and_agrees,
     hostile_input_is_refused,
     grants_change_once_and_reach_grant_watchers,
@@ -86,6 +90,7 @@ async fn grant_then_deny_with_holder_info(b: Backend) {
             channel_id: "ops".into(),
             session_id: outsider,
             priority: 0,
+            min_epoch: 0,
         })
         .await
         .unwrap_err();
@@ -663,6 +668,46 @@ async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: B
     server.stop().await;
 }
 
+async fn a_grant_s_epoch_is_above_the_highest_the_caller_has_seen(b: Backend) {
+    let server = TestServer::start(b.config("min-epoch")).await;
+    let mut c = server.clients().await;
+    let a = c.join("ana", "ops").await;
+    // As if a gateway saw epochs from a master whose clock ran a minute ahead of this one's.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let seen = (now_ms + 60_000) * 1000;
+    let granted = c
+        .floor
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: "ops".into(),
+            session_id: a.clone(),
+            priority: 0,
+            min_epoch: seen,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let epoch = granted.holder.unwrap().epoch;
+    assert!(epoch > seen, "{epoch} not above {seen}");
+    let released = c
+        .floor
+        .release_floor(pb::ReleaseFloorRequest {
+            channel_id: "ops".into(),
+            session_id: a.clone(),
+            epoch,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.epoch > epoch);
+    // The counter carries it: the next grant, with nothing seen, is higher still.
+    let again = c.acquire("ops", &a, 0).await;
+    assert!(again.holder.unwrap().epoch > released.epoch);
+    server.stop().await;
+}
+
 async fn a_parked_session_gives_way_to_a_new_one_at_the_session_cap(b: Backend) {
     let mut config = b.config("park-cap");
     config.max_sessions_per_user = 2;
@@ -900,6 +945,7 @@ async fn hostile_input_is_refused(b: Backend) {
             channel_id: "ops}:x{".into(),
             session_id: a.clone(),
             priority: 0,
+            min_epoch: 0,
         })
         .await
         .unwrap_err();
@@ -910,10 +956,23 @@ async fn hostile_input_is_refused(b: Backend) {
             channel_id: "ops".into(),
             session_id: a.clone(),
             priority: 1_000,
+            min_epoch: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(bad_priority.code(), Code::InvalidArgument);
+    // An epoch pushed far past any real one would hold every later grant hostage.
+    let bad_epoch = c
+        .floor
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: "ops".into(),
+            session_id: a.clone(),
+            priority: 0,
+            min_epoch: u64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_epoch.code(), Code::InvalidArgument);
     let bad_name = c
         .session
         .create_session(pb::CreateSessionRequest {

@@ -128,6 +128,7 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
             channel_id: "ops".into(),
             session_id: a.clone(),
             priority: 0,
+            min_epoch: 0,
         })
         .await
         .unwrap_err();
@@ -152,6 +153,7 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
                         channel_id: "ops".into(),
                         session_id: a,
                         priority: 0,
+                        min_epoch: 0,
                     })
                     .await
                     .is_ok_and(|r| r.into_inner().outcome() == pb::AcquireOutcome::Granted)
@@ -171,6 +173,7 @@ async fn redis_down_means_unavailable_within_bounds_and_recovery_needs_no_restar
                 channel_id: "ops".into(),
                 session_id: a.clone(),
                 priority: 0,
+                min_epoch: 0,
             })
             .await
             .unwrap_err();

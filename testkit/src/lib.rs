@@ -81,6 +81,10 @@ pub struct RedisServer {
     pid: Option<u32>,
     watchdog: Option<(Child, ChildStdin)>,
     tls: Option<RedisTls>,
+    /// Extra arguments (a replica's `--replicaof`).
+    extra: Vec<String>,
+    /// A Sentinel's configuration file: the process runs `--sentinel` with it.
+    sentinel_config: Option<std::path::PathBuf>,
 }
 
 /// TLS for a test Redis: its certificate, key and the CA clients must chain to (PEM files).
@@ -108,19 +112,53 @@ impl RedisServer {
         Self::start_with(Some(tls))
     }
 
+    /// Starts a replica of the Redis on `master_port`.
+    pub fn start_replica(master_port: u16) -> Result<Self> {
+        Self::start_full(
+            None,
+            vec![
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master_port.to_string(),
+            ],
+            None,
+        )
+    }
+
     fn start_with(tls: Option<RedisTls>) -> Result<Self> {
+        Self::start_full(tls, Vec::new(), None)
+    }
+
+    fn start_full(
+        tls: Option<RedisTls>,
+        extra: Vec<String>,
+        sentinel_config: Option<&str>,
+    ) -> Result<Self> {
         let mut last_error = None;
-        for _ in 0..5 {
+        for attempt in 0..5 {
             let port = free_port()?;
             let mut tls = tls.clone();
             if let Some(tls) = tls.as_mut() {
                 tls.port = free_port()?;
             }
+            let sentinel_config = match sentinel_config {
+                Some(body) => {
+                    let path = std::env::temp_dir().join(format!(
+                        "talkgroup-sentinel-{}-{port}-{attempt}.conf",
+                        std::process::id()
+                    ));
+                    std::fs::write(&path, body)?;
+                    Some(path)
+                }
+                None => None,
+            };
             let mut server = Self {
                 port,
                 pid: None,
                 watchdog: None,
                 tls,
+                extra: extra.clone(),
+                sentinel_config,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -147,18 +185,16 @@ impl RedisServer {
                 "yes".into(),
             ];
         }
-        let mut child = Command::new("sh")
-            .args(["-c", WATCHDOG, "sh"])
-            .args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("sh");
+        command.args(["-c", WATCHDOG, "sh"]);
+        if let Some(config) = &self.sentinel_config {
+            command.arg(config).arg("--sentinel");
+        }
+        command.args(["--port", &port, "--bind", "127.0.0.1"]);
+        if self.sentinel_config.is_none() {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
+        let mut child = command
             .args([
                 "--dir",
                 &std::env::temp_dir().to_string_lossy(),
@@ -166,6 +202,7 @@ impl RedisServer {
                 "warning",
             ])
             .args(&tls_args)
+            .args(&self.extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -295,9 +332,102 @@ impl RedisServer {
     }
 }
 
+/// Redis under Sentinel, on loopback: a master, its replicas and three Sentinels that fail
+/// over within about two seconds of the master's death (down after 1 s, quorum 2).
+#[derive(Debug)]
+pub struct RedisSentinels {
+    /// The first master and its replica; after a failover their roles are swapped.
+    pub servers: Vec<RedisServer>,
+    pub sentinels: Vec<RedisServer>,
+    pub master_name: String,
+}
+
+impl RedisSentinels {
+    /// A master with one replica.
+    pub fn start() -> Result<Self> {
+        Self::start_with(1)
+    }
+
+    /// A master with `replicas` replicas.
+    pub fn start_with(replicas: usize) -> Result<Self> {
+        let master = RedisServer::start()?;
+        let mut servers = vec![master];
+        for _ in 0..replicas {
+            servers.push(RedisServer::start_replica(servers[0].port())?);
+        }
+        let master_name = "talkgroup".to_owned();
+        let config = format!(
+            "sentinel monitor {master_name} 127.0.0.1 {port} 2\n\
+             sentinel down-after-milliseconds {master_name} 1000\n\
+             sentinel failover-timeout {master_name} 4000\n\
+             sentinel parallel-syncs {master_name} 1\n",
+            port = servers[0].port()
+        );
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(RedisServer::start_full(None, Vec::new(), Some(&config))?);
+        }
+        let this = Self {
+            servers,
+            sentinels,
+            master_name,
+        };
+        // Ready once every Sentinel knows every replica (so it can promote one).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let known = this.sentinels.iter().all(|s| {
+                s.cli(&["SENTINEL", "replicas", &this.master_name])
+                    .is_ok_and(|r| {
+                        this.servers[1..]
+                            .iter()
+                            .all(|replica| r.contains(&replica.port().to_string()))
+                    })
+            });
+            if known {
+                return Ok(this);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the Sentinels did not discover the replicas")
+    }
+
+    /// The Sentinels' addresses, `127.0.0.1:<port>`.
+    pub fn addresses(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect()
+    }
+
+    /// The port of the master as the first Sentinel that answers names it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let reply = s
+                .cli(&["SENTINEL", "get-master-addr-by-name", &self.master_name])
+                .ok()?;
+            reply.lines().nth(1)?.trim().parse().ok()
+        })
+    }
+
+    /// `kill -9` of the current master; its index in `servers`.
+    pub fn kill_master(&mut self) -> Result<usize> {
+        let port = self.master_port().context("no master known")?;
+        let i = self
+            .servers
+            .iter()
+            .position(|s| s.port() == port)
+            .context("the master is not one of ours")?;
+        self.servers[i].kill();
+        Ok(i)
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(config) = self.sentinel_config.take() {
+            let _ = std::fs::remove_file(config);
+        }
     }
 }
 

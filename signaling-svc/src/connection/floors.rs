@@ -129,6 +129,7 @@ impl Floors {
             channel_id: channel.to_owned(),
             session_id: self.session.clone(),
             priority,
+            min_epoch: self.app.hub.known_epoch(channel),
         });
         // Where the channel's media is does not depend on the grant: when this socket has no
         // producer there to say so, ask at the same time as for the floor.

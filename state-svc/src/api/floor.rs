@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{self, channel_id, optional_epoch, session_id};
-use crate::domain::{Acquired, parse_priority};
+use crate::domain::{Acquired, now_ms, parse_priority};
 use crate::store::Store;
 
 #[tonic::async_trait]
@@ -18,7 +18,11 @@ impl<S: Store> pb::floor_service_server::FloorService for Api<S> {
         let ch = channel_id(&req.channel_id)?;
         let sid = session_id(&req.session_id)?;
         let priority = parse_priority(req.priority)?;
-        let outcome = self.store.acquire_floor(&ch, &sid, priority).await?;
+        let min_epoch = plausible_min_epoch(req.min_epoch, now_ms())?;
+        let outcome = self
+            .store
+            .acquire_floor(&ch, &sid, priority, min_epoch)
+            .await?;
         let mut reply = pb::AcquireFloorResponse {
             server_time_ms: outcome.server_time_ms,
             ..Default::default()
@@ -136,4 +140,19 @@ fn release_reply(outcome: crate::domain::ReleaseOutcome) -> pb::ReleaseFloorResp
     };
     reply.set_refusal(convert::refusal(outcome.refusal));
     reply
+}
+
+/// A caller's highest seen epoch, refused when it is further ahead of this clock than any real
+/// epoch could be (a day): epochs are milliseconds times 1000, and one pushed far ahead would
+/// hold every later grant hostage to it.
+fn plausible_min_epoch(min_epoch: u64, now_ms: i64) -> Result<u64, Status> {
+    let limit = u64::try_from(now_ms.saturating_add(86_400_000))
+        .unwrap_or(0)
+        .saturating_mul(1000);
+    if min_epoch > limit {
+        return Err(Status::invalid_argument(
+            "min_epoch far ahead of the server clock",
+        ));
+    }
+    Ok(min_epoch)
 }

@@ -102,11 +102,13 @@ pub fn event_channel_list(channels: &[ChannelId]) -> Res<Vec<ChannelId>> {
 /// Floors and channel configuration. Each floor change is atomic in the store and emits its
 /// event to the hub in the same step.
 pub trait FloorStore: Send + Sync + 'static {
+    /// A grant's epoch is above `min_epoch` (the highest the caller has seen).
     fn acquire_floor(
         &self,
         ch: &ChannelId,
         sid: &SessionId,
         priority: u32,
+        min_epoch: u64,
     ) -> impl Future<Output = Res<AcquireOutcome>> + Send;
     fn renew_floor(
         &self,

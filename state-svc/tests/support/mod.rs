@@ -37,6 +37,21 @@ pub fn redis() -> &'static RedisServer {
     REDIS.get_or_init(|| RedisServer::start().expect("start redis-server"))
 }
 
+/// The Sentinel-managed Redis of this test binary (a master, a replica, three Sentinels).
+pub fn sentinels() -> &'static testkit::RedisSentinels {
+    static SENTINELS: OnceLock<testkit::RedisSentinels> = OnceLock::new();
+    SENTINELS.get_or_init(|| testkit::RedisSentinels::start().expect("start redis under sentinel"))
+}
+
+/// The `redis+sentinel://` URL of `set`.
+pub fn sentinel_url(set: &testkit::RedisSentinels) -> String {
+    format!(
+        "redis+sentinel://{}/{}",
+        set.addresses().join(","),
+        set.master_name
+    )
+}
+
 /// A key prefix no other test uses.
 pub fn unique_prefix(name: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -52,6 +67,8 @@ pub fn unique_prefix(name: &str) -> String {
 pub enum Backend {
     Memory,
     Redis,
+    /// Redis through Sentinel.
+    Sentinel,
 }
 
 impl Backend {
@@ -63,9 +80,12 @@ impl Backend {
         config.sweep_interval_ms = 20;
         config.node_dead_after_ms = 400;
         config.node_heartbeat_ms = 100;
-        if self == Backend::Redis {
+        if self != Backend::Memory {
             config.store = Some(StoreKind::Redis);
-            config.redis_url = Some(redis().url());
+            config.redis_url = Some(match self {
+                Backend::Sentinel => sentinel_url(sentinels()),
+                _ => redis().url(),
+            });
             config.key_prefix = unique_prefix(name);
             config.membership_channel = format!("{}:membership", config.key_prefix);
         }
@@ -186,6 +206,7 @@ impl Clients {
                 channel_id: channel.into(),
                 session_id: sid.into(),
                 priority,
+                min_epoch: 0,
             })
             .await
             .unwrap()

@@ -10,10 +10,12 @@ impl FloorStore for MemoryStore {
         id: &ChannelId,
         sid: &SessionId,
         priority: u32,
+        min_epoch: u64,
     ) -> Result<AcquireOutcome, StoreError> {
         let mut inner = self.lock();
         let step = self.step(id);
         let ch = inner.channels.get_mut(id).ok_or(StoreError::NotMember)?;
+        ch.epoch = ch.epoch.max(min_epoch);
         let member = ch.members.get(sid).cloned().ok_or(StoreError::NotMember)?;
         let (lease, max_talk) = step.limits(ch);
         let max_talk_ms = u32::try_from(max_talk).unwrap_or(u32::MAX);

@@ -402,7 +402,7 @@ mod tests {
         let (store, clock) = store();
         let ch = ChannelId::parse("ops").unwrap();
         let ana = member(&store, "ana", &ch).await;
-        let granted = store.acquire_floor(&ch, &ana, 0).await.unwrap();
+        let granted = store.acquire_floor(&ch, &ana, 0, 0).await.unwrap();
         let Acquired::Granted { holder, .. } = granted.result else {
             panic!("a free floor is granted");
         };
@@ -421,7 +421,7 @@ mod tests {
 
         // A lease nobody renews lapses at its expiry, to the millisecond, by the sweep.
         let bo = member(&store, "bo", &ch).await;
-        let granted = store.acquire_floor(&ch, &bo, 0).await.unwrap();
+        let granted = store.acquire_floor(&ch, &bo, 0, 0).await.unwrap();
         assert!(matches!(granted.result, Acquired::Granted { .. }));
         clock.advance(999);
         assert_eq!(store.sweep().await.unwrap().floors_expired, 0);

@@ -5,7 +5,7 @@ use crate::store::AccessStore;
 
 impl AccessStore for RedisStore {
     async fn user_grants(&self, uid: &UserId) -> Result<UserGrants, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let hash: HashMap<String, String> =
             self.bounded(conn.hgetall(self.keys.grants(uid))).await?;
         let version = num(&hash, "#v");
@@ -42,7 +42,7 @@ impl AccessStore for RedisStore {
                 .arg(ch.as_str())
                 .arg(role.map(Role::as_str).unwrap_or_default());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         let answer: WireGrants = parse(&raw, "grants result")?;
         let kind = answer.r.clone();
@@ -77,7 +77,7 @@ impl AccessStore for RedisStore {
             .key(&keys.emergency)
             .arg(eid.as_str())
             .arg(joined);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let answer: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         if answer == "busy" {
             return Err(StoreError::EmergencyActive);
@@ -91,7 +91,7 @@ impl AccessStore for RedisStore {
 
     async fn event(&self, eid: &EventId) -> Result<Option<EventInfo>, StoreError> {
         let keys = self.keys.events();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (channels, emergency): (Option<String>, Option<String>) = self
             .bounded(
                 redis::pipe()
@@ -113,7 +113,7 @@ impl AccessStore for RedisStore {
     }
 
     async fn channel_event(&self, ch: &ChannelId) -> Result<Option<EventId>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let eid: Option<String> = self
             .bounded(conn.hget(self.keys.events().channel_event, ch.as_str()))
             .await?;
@@ -139,7 +139,7 @@ impl AccessStore for RedisStore {
             .arg(by.priority)
             .arg(record)
             .arg(if force { "1" } else { "0" });
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         let claim: WireClaim = parse(&raw, "emergency claim")?;
         let holder = claim.em.map(WireEmergency::into_domain).transpose()?;
@@ -167,7 +167,7 @@ impl AccessStore for RedisStore {
             .key(self.keys.events().emergency)
             .arg(eid.as_str())
             .arg(sid.map(SessionId::as_str).unwrap_or_default());
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let raw: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
         raw.map(|r| parse::<WireEmergency>(&r, "emergency")?.into_domain())
             .transpose()

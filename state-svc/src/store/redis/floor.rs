@@ -9,17 +9,43 @@ impl FloorStore for RedisStore {
         ch: &ChannelId,
         sid: &SessionId,
         priority: u32,
+        min_epoch: u64,
     ) -> Result<AcquireOutcome, StoreError> {
         let priority_arg = priority.to_string();
+        let min_epoch_arg = min_epoch.to_string();
         // The acquire and the sweeper's index entry go in one round trip. The entry is an
         // estimate (now + the default lease); a grant that ends sooner is rescheduled below.
         let estimate = now_ms() + i64::from(self.settings.lease_ms);
         let mut pipe = redis::pipe();
-        pipe.add_command(self.evalsha(&CHANNEL.acquire, ch, &[sid.as_str(), &priority_arg]))
-            .add_command(self.schedule_cmd(ch, estimate))
-            .ignore();
-        let (raw,): (String,) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
+        pipe.add_command(self.evalsha(
+            &CHANNEL.acquire,
+            ch,
+            &[sid.as_str(), &priority_arg, &min_epoch_arg],
+        ))
+        .add_command(self.schedule_cmd(ch, estimate))
+        .ignore();
+        // With replicas to wait for, the grant is answered only once they hold it: a failover
+        // right after cannot lose a floor someone was told they have.
+        let wait_ms = (self.timeout / 2).as_millis().max(1);
+        if self.wait_replicas > 0 {
+            pipe.cmd("WAIT").arg(self.wait_replicas).arg(wait_ms as u64);
+        }
+        let (raw, acked): (String, Option<i64>) = if self.wait_replicas > 0 {
+            let (raw, acked): (String, i64) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
+            (raw, Some(acked))
+        } else {
+            let (raw,): (String,) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
+            (raw, None)
+        };
         let outcome = acquire_outcome(&raw)?;
+        if let (Acquired::Granted { holder, .. }, Some(acked)) = (&outcome.result, acked)
+            && acked < i64::from(self.wait_replicas)
+        {
+            tracing::warn!(channel_id = %ch, acked, wanted = self.wait_replicas, "grant not replicated in time; given back");
+            STORE_ERRORS.inc();
+            let _ = self.release_floor(ch, sid, Some(holder.epoch)).await;
+            return Err(StoreError::Unavailable("grant not replicated".into()));
+        }
         if let Acquired::Granted { holder, .. } = &outcome.result
             && holder.expires_at_ms < estimate
         {
@@ -87,7 +113,7 @@ impl FloorStore for RedisStore {
     }
 
     async fn channel_config(&self, ch: &ChannelId) -> Result<ChannelConfig, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let hash: HashMap<String, String> = self
             .bounded(conn.hgetall(self.keys.channel(ch).config))
             .await?;
@@ -104,7 +130,7 @@ impl FloorStore for RedisStore {
         config: ChannelConfig,
     ) -> Result<ChannelConfig, StoreError> {
         let config = config.validate()?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let fields = [
             (
                 "queue",

@@ -28,7 +28,7 @@ impl Housekeeping for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .map(drop)

@@ -34,7 +34,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Listener {
-    pub client: redis::Client,
+    pub target: super::Target,
     pub keys: Keys,
     pub hub: Arc<Hub>,
     /// Pub/sub channel of control-plane membership updates.
@@ -49,7 +49,9 @@ impl Listener {
         let mut backoff = BACKOFF_MIN;
         loop {
             let connected = tokio::select! {
-                c = tokio::time::timeout(self.timeout, self.client.get_async_pubsub()) => c,
+                c = tokio::time::timeout(self.timeout, async {
+                    self.target.client().await?.get_async_pubsub().await
+                }) => c,
                 () = self.shutdown.cancelled() => return,
             };
             let pubsub = match connected {

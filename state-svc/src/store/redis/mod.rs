@@ -17,6 +17,7 @@ mod registry;
 pub mod scripts;
 mod session;
 mod sync;
+mod target;
 mod wire;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use tokio_util::task::TaskTracker;
 pub use self::keys::Keys;
 use self::listener::{Listener, RECONCILE_QUEUE, ReconcileRequest};
 use self::scripts::CHANNEL;
+pub use self::target::Target;
 use self::wire::{
     StoredMember, WireAcquire, WireClaim, WireEmergency, WireExpire, WireGrants, WireLeave,
     WireRelease, WireRenew, WireState, parse,
@@ -62,6 +64,8 @@ pub struct RedisOptions {
     pub audit_maxlen: u32,
     /// Pub/sub channel of control-plane membership updates.
     pub membership_channel: String,
+    /// Replicas that must hold a grant before it is answered (`WAIT`); 0: none.
+    pub wait_replicas: u32,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -95,12 +99,13 @@ const SWEEP_BATCH: isize = 256;
 
 #[derive(Debug, Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    target: Target,
     keys: Keys,
     settings: StoreSettings,
     timeout: Duration,
     audit_maxlen: String,
     listener: mpsc::Sender<ReconcileRequest>,
+    wait_replicas: u32,
 }
 
 fn split_hash(map: &HashMap<String, String>, field: &str) -> Option<String> {
@@ -138,18 +143,22 @@ impl RedisStore {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, StoreError> {
-        let client = options.connect.client()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.timeout))
             .set_response_timeout(Some(options.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::redis(&e))?;
+        let target = match options.connect.sentinel_client()? {
+            Some(sentinel) => {
+                Target::following(sentinel, config, options.timeout, tasks, shutdown.clone())
+            }
+            None => Target::fixed(options.connect.client()?, config)
+                .map_err(|e| StoreError::redis(&e))?,
+        };
         let keys = Keys::new(&options.key_prefix);
         let (tx, rx) = mpsc::channel(RECONCILE_QUEUE);
         let listener = Listener {
-            client,
+            target: target.clone(),
             keys: keys.clone(),
             hub,
             membership_channel: options.membership_channel.clone(),
@@ -159,17 +168,28 @@ impl RedisStore {
         };
         tasks.spawn(listener.run());
         Ok(Self {
-            conn,
+            target,
             keys,
             settings,
             timeout: options.timeout,
             audit_maxlen: options.audit_maxlen.to_string(),
             listener: tx,
+            wait_replicas: options.wait_replicas,
         })
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The Redis this store talks to (for the audit writer).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The shared connection to the current master; `Unavailable` while none is known.
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        self.target.conn().await.map_err(|e| failed(&e))
     }
 
     /// Runs `fut` within the store's time bound.
@@ -208,7 +228,7 @@ impl RedisStore {
         script: &Script,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(Err(e))
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
@@ -241,7 +261,7 @@ impl RedisStore {
         id: &SyncId,
         deadline: Option<i64>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let index = self.keys.sync_deadlines();
         match deadline {
             Some(at) => {
@@ -257,7 +277,7 @@ impl RedisStore {
 
     /// Makes sure the sweeper looks at this channel's floor no later than `at_ms`.
     async fn schedule_floor_check(&self, ch: &ChannelId, at_ms: i64) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.bounded(self.schedule_cmd(ch, at_ms).query_async::<()>(&mut conn))
             .await
     }
@@ -280,7 +300,7 @@ impl RedisStore {
         seen: &str,
         next: Option<i64>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let next = next.map(|n| n.to_string()).unwrap_or_default();
         let mut invocation = scripts::RESCHEDULE.prepare_invoke();
         invocation.key(index).arg(member).arg(seen).arg(next);
@@ -299,7 +319,7 @@ impl RedisStore {
             .channel_script(&CHANNEL.leave, ch, &[sid.as_str(), reason])
             .await?;
         let left: WireLeave = parse(&raw, "leave result")?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         pipe.srem(self.keys.session_channels(sid), ch.as_str())
             .ignore();
@@ -318,7 +338,7 @@ impl RedisStore {
     }
 
     async fn read_session(&self, sid: &SessionId) -> Result<Option<Session>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (hash, channels): (HashMap<String, String>, Vec<String>) = self
             .bounded(
                 redis::pipe()
@@ -373,7 +393,7 @@ impl RedisStore {
     }
 
     async fn read_node(&self, id: &NodeId) -> Result<Option<MediaNode>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (hash, channels): (HashMap<String, String>, u32) = self
             .bounded(
                 redis::pipe()
@@ -395,7 +415,7 @@ impl RedisStore {
 
     /// Up to a sweep batch of `index`'s entries due at `now`: (member, score).
     async fn due(&self, index: &str, now: i64) -> Result<Vec<(String, String)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.bounded(
             redis::cmd("ZRANGE")
                 .arg(index)
@@ -439,7 +459,7 @@ impl RedisStore {
             .into_iter()
             .map(|(n, r)| (n.clone(), r))
             .collect();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         for (from, reason) in emptied {
             let channels: Vec<String> = self
                 .bounded(conn.smembers(self.keys.media_node_channels(&from.node_id)))

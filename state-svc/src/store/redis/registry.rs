@@ -14,7 +14,7 @@ impl RegistryStore for RedisStore {
             ("draining", "0".to_owned()),
             ("last_hb", now_ms().to_string()),
         ];
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.bounded(
             redis::pipe()
                 .hset_multiple(&key, &fields)
@@ -27,7 +27,7 @@ impl RegistryStore for RedisStore {
     }
 
     async fn heartbeat(&self, node: &NodeId, load: u32) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
         invocation
             .key(self.keys.media_node(node))
@@ -41,7 +41,7 @@ impl RegistryStore for RedisStore {
     }
 
     async fn drain_node(&self, node: &NodeId) -> Result<MediaNode, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
         invocation
             .key(self.keys.media_node(node))
@@ -55,7 +55,7 @@ impl RegistryStore for RedisStore {
     }
 
     async fn deregister_node(&self, node: &NodeId) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         self.bounded(
             redis::pipe()
                 .del(self.keys.media_node(node))
@@ -70,7 +70,7 @@ impl RegistryStore for RedisStore {
     }
 
     async fn list_nodes(&self) -> Result<Vec<MediaNode>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let ids: Vec<String> = self.bounded(conn.smembers(self.keys.media_nodes())).await?;
         let ids: Vec<NodeId> = ids.iter().filter_map(|i| NodeId::parse(i).ok()).collect();
         let mut pipe = redis::pipe();
@@ -103,7 +103,7 @@ impl RegistryStore for RedisStore {
 
     async fn place_channel(&self, ch: &ChannelId) -> Result<Placement, StoreError> {
         let media_key = self.keys.channel(ch).media;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         // A few rounds at most: each round either returns or loses a compare-and-set race to a
         // caller whose answer the next round then accepts.
         for _ in 0..4 {
@@ -148,7 +148,7 @@ impl RegistryStore for RedisStore {
     }
 
     async fn placement(&self, ch: &ChannelId) -> Result<Option<MediaNode>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let current: Option<String> = self.bounded(conn.get(self.keys.channel(ch).media)).await?;
         match current.as_deref().and_then(|c| NodeId::parse(c).ok()) {
             Some(node) => self.read_node(&node).await,

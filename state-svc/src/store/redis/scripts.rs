@@ -47,10 +47,14 @@ end
 
 local function current_epoch() return tonumber(redis.call('GET', K_EPOCH) or '0') end
 
+-- The highest epoch the caller has seen (an acquire sets it).
+local MIN_EPOCH = 0
+
 -- The fencing epoch never goes backwards, even when Redis lost the counter: the clock
--- (milliseconds times 1000) carries it past every earlier value.
+-- (milliseconds times 1000) carries it past every earlier value, and past what callers saw
+-- (a new master after a failover may have neither the counter nor a clock as far on).
 local function bump_epoch()
-  local e = math.max(current_epoch() + 1, now * 1000)
+  local e = math.max(current_epoch() + 1, now * 1000, MIN_EPOCH + 1)
   redis.call('SET', K_EPOCH, estr(e))
   return estr(e)
 end
@@ -176,6 +180,7 @@ end
 
 const ACQUIRE: &str = r#"
 local sid, prio = ARGV[6], tonumber(ARGV[7])
+MIN_EPOCH = tonumber(ARGV[8] or '0') or 0
 local mj = redis.call('HGET', K_MEMBERS, sid)
 if not mj then return cjson.encode({ r = 'not_member', now = now }) end
 local m = cjson.decode(mj)

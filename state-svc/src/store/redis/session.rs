@@ -21,7 +21,7 @@ impl SessionStore for RedisStore {
             ("rtok", new_digest),
             ("gen", "0".to_owned()),
         ];
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts::CREATE_SESSION.prepare_invoke();
         invocation
             .key(self.keys.user_sessions(&session.user_id))
@@ -52,7 +52,7 @@ impl SessionStore for RedisStore {
             return Err(StoreError::NotFound("session"));
         }
         let expires = rules::touched_until(&session, now);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts::TOUCH_SESSION.prepare_invoke();
         invocation
             .key(self.keys.session(sid))
@@ -76,7 +76,7 @@ impl SessionStore for RedisStore {
     async fn park_session(&self, sid: &SessionId, generation: u64) -> Result<Session, StoreError> {
         let now = now_ms();
         let expires = rules::parked_until(now, self.settings.resume_grace_ms);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts::PARK_SESSION.prepare_invoke();
         invocation
             .key(self.keys.session(sid))
@@ -97,7 +97,7 @@ impl SessionStore for RedisStore {
     async fn resume_session(&self, resume: Resume) -> Result<Session, StoreError> {
         let now = now_ms();
         let sid = &resume.session_id;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = scripts::RESUME_SESSION.prepare_invoke();
         invocation
             .key(self.keys.session(sid))
@@ -135,7 +135,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let ids: Vec<String> = self
             .bounded(conn.smembers(self.keys.user_sessions(uid)))
             .await?;
@@ -180,7 +180,7 @@ impl SessionStore for RedisStore {
             return Err(StoreError::ChannelFull);
         }
         let state = parse::<WireState>(&raw, "channel state")?.into_domain(ch)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (_, exists): ((), bool) = self
             .bounded(
                 redis::pipe()
@@ -211,7 +211,7 @@ impl SessionStore for RedisStore {
         // The session disappears first, so nobody sees it after its channels announce it left.
         // Its channel set and deadline entry go last: if this is interrupted, the sweeper finds
         // the entry, sees no session, and finishes the removal.
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (uid, channels, ()): (Option<String>, Vec<String>, ()) = self
             .bounded(
                 redis::pipe()
@@ -251,7 +251,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let raw: Vec<String> = self
             .bounded(conn.smembers(self.keys.channels_index()))
             .await?;
@@ -264,7 +264,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn list_sessions(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let last = isize::try_from(limit.max(1)).unwrap_or(isize::MAX) - 1;
         let ids: Vec<String> = self
             .bounded(conn.zrange(self.keys.session_deadlines(), 0, last))
@@ -290,7 +290,7 @@ impl SessionStore for RedisStore {
             reason: reason.to_owned(),
         })
         .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: i64 = self.bounded(conn.publish(self.keys.kicks(), kick)).await?;
         Ok(u32::try_from(sessions.len()).unwrap_or(u32::MAX))
     }

@@ -6,7 +6,7 @@ use crate::store::SyncStore;
 impl SyncStore for RedisStore {
     async fn sync_get(&self, id: &SyncId) -> Result<Option<SyncSession>, StoreError> {
         let [key, _, _] = self.keys.sync(id);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let raw: Option<String> = self.bounded(conn.get(key)).await?;
         raw.map(|r| parse::<SyncSession>(&r, "sync session"))
             .transpose()
@@ -39,7 +39,7 @@ impl SyncStore for RedisStore {
             .arg(session.ttl_ms().map(|t| t.to_string()).unwrap_or_default())
             .arg(&self.audit_maxlen)
             .arg(audited);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (outcome, version): (String, u64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
         if outcome != "ok" {
@@ -76,7 +76,7 @@ impl SyncStore for RedisStore {
             .arg(expected.map(|v| v.to_string()).unwrap_or_default())
             .arg(id.as_str())
             .arg(&self.audit_maxlen);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (outcome, version): (String, u64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
         match outcome.as_str() {
@@ -109,7 +109,7 @@ impl SyncStore for RedisStore {
     }
 
     async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let due: Vec<String> = self
             .bounded(conn.zrangebyscore_limit(
                 self.keys.sync_deadlines(),
@@ -133,7 +133,7 @@ impl RedisStore {
     /// The open sessions listed in a sync index; ids of sessions that are gone leave it.
     async fn open_in_index(&self, what: &str) -> Result<usize, StoreError> {
         let index = self.keys.sync_index(what);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let ids: Vec<String> = self.bounded(conn.smembers(&index)).await?;
         let ids: Vec<SyncId> = ids.iter().filter_map(|id| SyncId::parse(id).ok()).collect();
         if ids.is_empty() {

@@ -1,0 +1,146 @@
+//! A Sentinel failover under contention: the master is killed while sessions press and
+//! release on several channels, with a bystander pressing during every grant. With
+//! `--redis-wait-replicas 1` no grant anyone was told of is lost (the bystander is never
+//! granted a held floor), epochs only grow on every channel, and service comes back by itself.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Backend, TestServer, sentinel_url};
+use talkgroup_proto::state::v1 as pb;
+use testkit::RedisSentinels;
+
+const CHANNELS: usize = 4;
+/// Grants per channel after the failover before the test ends.
+const AFTER: usize = 20;
+
+#[derive(Debug, Default)]
+struct Tally {
+    epochs: Vec<u64>,
+    double_grants: u32,
+    errors: u32,
+    /// The first grant after the kill.
+    recovered: Option<Instant>,
+}
+
+async fn press(
+    floor: &mut support::FloorServiceClient<tonic::transport::Channel>,
+    channel: &str,
+    session: &str,
+) -> Result<pb::AcquireFloorResponse, tonic::Status> {
+    floor
+        .acquire_floor(pb::AcquireFloorRequest {
+            channel_id: channel.into(),
+            session_id: session.into(),
+            priority: 0,
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_contention_loses_no_grant_and_epochs_only_grow() {
+    let mut set = tokio::task::spawn_blocking(|| RedisSentinels::start_with(2))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut config = Backend::Sentinel.config("failover");
+    config.redis_url = Some(sentinel_url(&set));
+    config.redis_wait_replicas = 1;
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let mut sessions = Vec::new();
+    for i in 0..CHANNELS {
+        let channel = format!("ch{i}");
+        let talker = c.join(&format!("talker{i}"), &channel).await;
+        let bystander = c.join(&format!("bystander{i}"), &channel).await;
+        sessions.push((channel, talker, bystander));
+    }
+    let killed_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let workers = sessions.into_iter().map(|(channel, talker, bystander)| {
+        let mut floor = c.floor.clone();
+        let killed_at = std::sync::Arc::clone(&killed_at);
+        tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut after = 0;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while after < AFTER && Instant::now() < deadline {
+                let granted = match press(&mut floor, &channel, &talker).await {
+                    Ok(r) if r.outcome() == pb::AcquireOutcome::Granted => r.holder.unwrap().epoch,
+                    Ok(_) => {
+                        tally.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(_) => {
+                        tally.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                if tally.epochs.last() != Some(&granted) {
+                    tally.epochs.push(granted);
+                }
+                if killed_at.get().is_some() {
+                    after += 1;
+                    tally.recovered.get_or_insert_with(Instant::now);
+                }
+                // The bystander presses while the talker holds: granted would be two holders.
+                if let Ok(r) = press(&mut floor, &channel, &bystander).await
+                    && r.outcome() == pb::AcquireOutcome::Granted
+                {
+                    tally.double_grants += 1;
+                }
+                // Released for sure before the next press (retried through the failover).
+                loop {
+                    let released = floor
+                        .release_floor(pb::ReleaseFloorRequest {
+                            channel_id: channel.clone(),
+                            session_id: talker.clone(),
+                            epoch: granted,
+                        })
+                        .await;
+                    match released {
+                        Ok(_) => break,
+                        Err(_) => {
+                            tally.errors += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+            (channel, tally)
+        })
+    });
+    let workers: Vec<_> = workers.collect();
+    // Let them run, then kill the master.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old = set.kill_master().unwrap();
+    killed_at.set(Instant::now()).unwrap();
+    let mut slowest = Duration::ZERO;
+    for worker in workers {
+        let (channel, tally) = worker.await.unwrap();
+        assert_eq!(tally.double_grants, 0, "{channel}: {tally:?}");
+        assert!(
+            tally.epochs.windows(2).all(|w| w[0] < w[1]),
+            "{channel}: epochs went backwards: {:?}",
+            tally.epochs
+        );
+        let recovered = tally.recovered.expect("grants again after the failover");
+        slowest = slowest.max(recovered - *killed_at.get().unwrap());
+        eprintln!(
+            "{channel}: {} grants, {} refused or failed calls, grants again {:?} after the kill",
+            tally.epochs.len(),
+            tally.errors,
+            recovered - *killed_at.get().unwrap()
+        );
+    }
+    let now = set.master_port().unwrap();
+    assert_ne!(now, set.servers[old].port(), "a replica was promoted");
+    eprintln!("service back {slowest:?} after the master was killed");
+    server.stop().await;
+}
