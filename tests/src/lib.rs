@@ -75,6 +75,9 @@ pub struct Topology {
     pub otlp_endpoint: Option<String>,
     /// The heartbeat interval state-svc asks of media nodes (100 ms: fast test stacks).
     pub node_heartbeat_ms: u32,
+    /// State-svc reaches Redis through Sentinel (a master, a replica, three Sentinels)
+    /// instead of one server.
+    pub sentinel: bool,
     /// The address gateways listen on and media nodes serve media on (loopback by default;
     /// a veth address for clients in a network namespace).
     pub bind_ip: String,
@@ -98,6 +101,7 @@ impl Default for Topology {
             state_args: Vec::new(),
             otlp_endpoint: None,
             node_heartbeat_ms: 100,
+            sentinel: false,
             bind_ip: "127.0.0.1".to_owned(),
             https: false,
             plaintext: false,
@@ -111,7 +115,10 @@ pub struct Stack {
     pub gateways: Vec<ServiceProcess>,
     pub media: Vec<ServiceProcess>,
     pub state: Vec<ServiceProcess>,
+    /// The Redis server (unused under Sentinel, where `sentinels` holds the data).
     pub redis: RedisServer,
+    /// Redis under Sentinel, when the topology asks for it.
+    pub sentinels: Option<testkit::RedisSentinels>,
     /// The stack's throwaway CA and a certificate per identity: every gRPC hop is mutual TLS.
     pub certs: Certs,
     /// Whether the gateways serve HTTPS.
@@ -241,7 +248,19 @@ impl Stack {
     fn start_blocking(t: &Topology) -> Result<Self> {
         let certs = Certs::new(t.plaintext)?;
         let redis = RedisServer::start()?;
-        let url = redis.url();
+        let sentinels = if t.sentinel {
+            Some(testkit::RedisSentinels::start()?)
+        } else {
+            None
+        };
+        let url = match &sentinels {
+            Some(set) => format!(
+                "redis+sentinel://{}/{}",
+                set.addresses().join(","),
+                set.master_name
+            ),
+            None => redis.url(),
+        };
         let mut state = Vec::new();
         for _ in 0..t.state.max(1) {
             let args = strings(&[
@@ -313,6 +332,7 @@ impl Stack {
             media,
             state,
             redis,
+            sentinels,
             certs,
             https: t.https,
             topology: t.clone(),

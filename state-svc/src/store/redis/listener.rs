@@ -108,12 +108,16 @@ impl Listener {
 
     /// Sleeps for `delay` while answering reconcile requests with `Unavailable`. Returns true
     /// on shutdown.
+    /// Waits `delay` before the next connect, or less when another master is named meanwhile
+    /// (under Sentinel), refusing reconcile requests; true on shutdown.
     async fn wait_refusing(&mut self, delay: Duration) -> bool {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
+        let mut masters = self.target.changes();
         loop {
             tokio::select! {
                 () = &mut sleep => return false,
+                Ok(()) = masters.changed() => return false,
                 Some(reply) = self.requests.recv() => {
                     let _ = reply.send(Err(StoreError::Unavailable("pub/sub not connected".into())));
                 }

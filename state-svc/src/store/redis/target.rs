@@ -17,10 +17,22 @@ use tokio_util::task::TaskTracker;
 /// How often the Sentinels are asked where the master is.
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
+/// The master in use: a client of it, and the shared connection to it.
 #[derive(Clone)]
-struct Current {
+pub struct Current {
     client: redis::Client,
     conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current")
+            .field(
+                "addr",
+                &self.client.get_connection_info().addr().to_string(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// The Redis the store uses now.
@@ -139,6 +151,11 @@ impl Target {
             Ok(Ok(current)) => current.clone().ok_or_else(not_yet),
             _ => Err(not_yet()),
         }
+    }
+
+    /// Tells when another master is named.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<Option<Current>> {
+        self.current.subscribe()
     }
 
     /// The shared multiplexed connection to the current master.

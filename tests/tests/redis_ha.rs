@@ -1,0 +1,90 @@
+//! The whole stack on Redis under Sentinel: the loop works, and comes back by itself after
+//! the master is killed (a replica promoted, state-svc following it), with the membership
+//! that was replicated before.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use talkgroup_e2e::{Stack, Topology, wait_packets};
+use testkit::media::Tone;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talk_through_sentinel_and_again_after_the_master_dies() {
+    let mut stack = Stack::start(Topology {
+        sentinel: true,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut ben = stack.client(0, "u-ben", "Ben").await;
+    ana.join("ops").await;
+    ben.join("ops").await;
+    let mic = ana.speaker("ops").await;
+    let (ear, _) = ben.listener("ops").await;
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+    let mut tone = Tone::new(440.0);
+    tone.play(&mic, 25).await;
+    wait_packets(&ear, 20, "Ben hears Ana").await;
+    ana.ptt_stop("ops").await;
+    let first = ben.speaker_changed("ops", "released").await;
+
+    let sentinels = stack.sentinels.as_mut().unwrap();
+    let old = sentinels.kill_master().unwrap();
+    let killed = Instant::now();
+    // Presses are refused (UNAVAILABLE) until the promoted replica serves; never granted twice.
+    let granted = loop {
+        let reply = ana.request("ptt-start", json!({"channelId": "ops"})).await;
+        if reply["data"]["granted"] == true {
+            break reply["data"].clone();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no grant 30 s after the failover: {reply}"
+        );
+        assert_ne!(reply["data"]["granted"], true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "granted again {:?} after the master was killed",
+        killed.elapsed()
+    );
+    let sentinels = stack.sentinels.as_ref().unwrap();
+    assert_ne!(
+        sentinels.master_port().unwrap(),
+        sentinels.servers[old].port(),
+        "a replica was promoted"
+    );
+    assert!(granted["epoch"].as_u64().unwrap() > first["epoch"].as_u64().unwrap());
+    let before = ear.received_count();
+    tone.play(&mic, 25).await;
+    wait_packets(&ear, before + 20, "Ben hears Ana after the failover").await;
+    ana.ptt_stop("ops").await;
+    // Ben sees the floor free: the release itself, or a resynchronised channel state when it
+    // was published while state-svc was still subscribing to the new master.
+    let epoch = granted["epoch"].as_u64().unwrap();
+    let freed = ben
+        .frame_where(|f| {
+            let d = &f["data"];
+            (f["type"] == "speaker-changed" && d["reason"] == "released")
+                || (f["type"] == "channel-state"
+                    && d["speaker"].is_null()
+                    && d["epoch"].as_u64().unwrap_or(0) > epoch)
+        })
+        .await;
+    assert!(freed["data"]["speaker"].is_null(), "{freed}");
+    // The membership was replicated before the failover: Ben is still listed.
+    let listed = ana.ok("list-channels", json!({})).await;
+    let ops = listed["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channelId"] == "ops")
+        .cloned();
+    if let Some(ops) = ops {
+        assert_eq!(ops["memberCount"], 2, "{ops}");
+    }
+}
