@@ -1073,9 +1073,12 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(first.version, 1);
+    assert!(first.version > 0);
     let seen = next_grants(&mut watch).await;
-    assert_eq!((seen.user_id.as_str(), seen.version), ("u-ana", 1));
+    assert_eq!(
+        (seen.user_id.as_str(), seen.version),
+        ("u-ana", first.version)
+    );
     assert_eq!(roles(&seen), roles(&first));
 
     // The same grants again change nothing and are not announced: the next announcement is
@@ -1086,16 +1089,16 @@ async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.version, 1);
+    assert_eq!(again.version, first.version);
     let removed = c
         .admin_access
         .set_user_grants(set(vec![grant("disp", pb::Role::Unspecified)], false))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(removed.version, 2);
+    assert!(removed.version > first.version);
     assert_eq!(roles(&removed), [("ops".to_owned(), pb::Role::Talk)]);
-    assert_eq!(next_grants(&mut watch).await.version, 2);
+    assert_eq!(next_grants(&mut watch).await.version, removed.version);
 
     let replaced = c
         .admin_access

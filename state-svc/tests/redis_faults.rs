@@ -350,3 +350,50 @@ async fn a_renewal_that_finds_its_floor_lost_says_so_once() {
     assert_eq!(watch.next_floor().await.channel_id, "probe");
     server.stop().await;
 }
+
+/// A revocation stored after Redis came back empty must reach gateways that hold the grants of
+/// before: the version carries on above every earlier one instead of starting again at 1.
+#[tokio::test]
+async fn grant_versions_keep_growing_after_redis_comes_back_empty() {
+    let mut redis = RedisServer::start().unwrap();
+    let server = TestServer::start(config_for(&redis, "grant-versions")).await;
+    let mut c = server.clients().await;
+    let set = |role: pb::Role| pb::SetUserGrantsRequest {
+        user_id: "u-ana".into(),
+        grants: vec![pb::Grant {
+            channel_id: "ops".into(),
+            role: role.into(),
+        }],
+        replace: true,
+    };
+    let mut last = 0;
+    for role in [pb::Role::Talk, pb::Role::Listen, pb::Role::Talk] {
+        let stored = c.admin_access.set_user_grants(set(role)).await.unwrap();
+        let version = stored.into_inner().version;
+        assert!(version > last, "{version} after {last}");
+        last = version;
+    }
+    redis.kill();
+    redis.restart().unwrap();
+    let revoked = wait_until(Duration::from_secs(10), "redis back", || {
+        let mut access = c.admin_access.clone();
+        async move { access.set_user_grants(set(pb::Role::None)).await.is_ok() }
+    })
+    .await;
+    revoked.unwrap();
+    let after = c
+        .access
+        .get_user_grants(pb::GetUserGrantsRequest {
+            user_id: "u-ana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        after.version > last,
+        "version after data loss {} <= earlier {last}",
+        after.version
+    );
+    assert_eq!(after.grants[0].role(), pb::Role::None);
+    server.stop().await;
+}

@@ -27,7 +27,8 @@ impl AccessStore for MemoryStore {
             GrantDecision::TooMany => return Err(StoreError::InvalidArgument("too many grants")),
             GrantDecision::Changed(next) => next,
         };
-        let version = current.version + 1;
+        // As in Redis: the clock carries versions past any earlier one.
+        let version = (current.version + 1).max(self.now_ms().max(0) as u64 * 1000);
         inner.grants.insert(uid.clone(), (version, next.clone()));
         let updated = UserGrants {
             user_id: uid.clone(),

@@ -412,13 +412,17 @@ end
 return cjson.encode({ r = 'not_held', epoch = estr(current_epoch()), now = now })
 "#;
 
-/// Changes a user's grants (`KEYS[1]`, a hash of channel -> role plus `#v`, the version).
+/// Changes a user's grants (`KEYS[1]`, a hash of channel -> role plus `#v`, the version:
+/// at least the Redis clock in milliseconds times 1000, so it grows across an empty restart).
 /// `ARGV`: pub/sub channel, user id, expected version ('' for any), replace ('1'/'0'), most
 /// entries allowed, then pairs of channel and role ('' removes). Publishes the new grants only
 /// when something changed, so replicas applying the same update announce it once.
 pub static UPDATE_GRANTS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function vstr(x) return string.format('%.0f', x) end
 local v = tonumber(redis.call('HGET', KEYS[1], '#v') or '0')
 local raw = redis.call('HGETALL', KEYS[1])
 local cur = {}
@@ -426,7 +430,7 @@ for i = 1, #raw, 2 do
   if raw[i] ~= '#v' then cur[raw[i]] = raw[i + 1] end
 end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= v then
-  return cjson.encode({ r = 'mismatch', v = v, g = cur })
+  return cjson.encode({ r = 'mismatch', v = vstr(v), g = cur })
 end
 local nxt = {}
 if ARGV[4] ~= '1' then
@@ -443,13 +447,16 @@ end
 for k, _ in pairs(cur) do
   if nxt[k] == nil then changed = true end
 end
-if not changed then return cjson.encode({ r = 'unchanged', v = v, g = cur }) end
-if n > tonumber(ARGV[5]) then return cjson.encode({ r = 'too_many', v = v, g = cur }) end
-v = v + 1
+if not changed then return cjson.encode({ r = 'unchanged', v = vstr(v), g = cur }) end
+if n > tonumber(ARGV[5]) then return cjson.encode({ r = 'too_many', v = vstr(v), g = cur }) end
+-- Versions never go backwards, even after Redis lost the hash: like epochs, the clock
+-- (milliseconds times 1000) carries them past every earlier value, so gateways holding an
+-- old version take the next change.
+v = math.max(v + 1, now * 1000)
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '#v', tostring(v))
+redis.call('HSET', KEYS[1], '#v', vstr(v))
 for k, r in pairs(nxt) do redis.call('HSET', KEYS[1], k, r) end
-local doc = cjson.encode({ r = 'changed', uid = ARGV[2], v = v, g = nxt })
+local doc = cjson.encode({ r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt })
 redis.call('PUBLISH', ARGV[1], doc)
 return doc
 "#,

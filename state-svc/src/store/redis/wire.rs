@@ -25,6 +25,23 @@ pub fn epoch(raw: &str) -> Result<u64, StoreError> {
     raw.parse().map_err(|_| corrupt("epoch"))
 }
 
+/// A u64 written as a JSON number or as a decimal string.
+fn u64_or_string<'de, D>(d: D) -> Result<u64, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(u64),
+        Str(String),
+    }
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => Ok(n),
+        NumOrStr::Str(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
 /// cjson encodes an empty Lua table as `{}`: accept it where a list is expected.
 fn list_or_empty_object<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
@@ -325,7 +342,9 @@ pub struct WireGrants {
     pub r: String,
     #[serde(default)]
     pub uid: Option<String>,
-    #[serde(default)]
+    /// A decimal string (numbers this large lose digits in cjson); a number from older
+    /// scripts is read too.
+    #[serde(default, deserialize_with = "u64_or_string")]
     pub v: u64,
     #[serde(default)]
     pub g: HashMap<String, String>,
