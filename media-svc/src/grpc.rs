@@ -221,7 +221,7 @@ impl pb::media_service_server::MediaService for MediaApi {
                 &req.channel_id,
                 producer,
                 req.epoch,
-                req.expires_at_ms,
+                crate::node::floor_end(req.lease_ms, req.expires_at_ms),
                 false,
             )
             .await;

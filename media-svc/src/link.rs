@@ -216,8 +216,10 @@ async fn watch_once(
 }
 
 async fn apply(node: &Node, event: pb::WatchEvent) {
-    let (channel, holder, epoch) = match event.event {
-        Some(pb::watch_event::Event::Floor(f)) => (f.channel_id, f.holder, f.epoch),
+    // `at`: the store's clock when the event happened, so a holder's lease end becomes a
+    // duration (a snapshot carries the server time instead).
+    let (channel, holder, epoch, at) = match event.event {
+        Some(pb::watch_event::Event::Floor(f)) => (f.channel_id, f.holder, f.epoch, f.at_ms),
         Some(pb::watch_event::Event::Snapshot(s)) => {
             // A snapshot (at subscribe, and after every reconnect) lists the members: a
             // transport of anyone else belongs to a session that ended meanwhile.
@@ -226,7 +228,7 @@ async fn apply(node: &Node, event: pb::WatchEvent) {
             if closed > 0 {
                 tracing::info!(channel = %s.channel_id, closed, "closed transports of sessions no longer in the channel");
             }
-            (s.channel_id, s.holder, s.epoch)
+            (s.channel_id, s.holder, s.epoch, s.server_time_ms)
         }
         Some(pb::watch_event::Event::Membership(m)) => {
             // A session that left the channel, or ended (disconnect, expiry, kick, its gateway
@@ -258,9 +260,16 @@ async fn apply(node: &Node, event: pb::WatchEvent) {
                 .as_ref()
                 .map(|s| s.session_id.as_str())
                 .unwrap_or_default();
-            (node.producer_of(&channel, session), h.expires_at_ms)
+            let lease =
+                u32::try_from(h.expires_at_ms.saturating_sub(at).max(1)).unwrap_or(u32::MAX);
+            let end = if at > 0 {
+                crate::node::floor_end(lease, h.expires_at_ms)
+            } else {
+                crate::node::floor_end(0, h.expires_at_ms)
+            };
+            (node.producer_of(&channel, session), end)
         }
-        None => (None, 0),
+        None => (None, None),
     };
     let applied = node
         .set_floor(&channel, producer, epoch, expires, true)

@@ -126,6 +126,19 @@ pub struct CreatedTransport {
     pub offer: String,
 }
 
+/// When a grant ends on this node's monotonic clock: `lease_ms` from now when given (a
+/// duration: nothing is compared across clocks), otherwise `expires_at_ms` (the state store's
+/// clock) against this node's wall clock; `None` for no grant.
+pub fn floor_end(lease_ms: u32, expires_at_ms: i64) -> Option<Instant> {
+    if lease_ms > 0 {
+        return Some(Instant::now() + Duration::from_millis(u64::from(lease_ms)));
+    }
+    (expires_at_ms > 0).then(|| {
+        let left = expires_at_ms.saturating_sub(wall_ms()).max(0);
+        Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
+    })
+}
+
 /// One of a session's transports, as listed for a gateway taking the session over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionTransport {
@@ -438,13 +451,9 @@ impl Node {
         channel: &str,
         producer: Option<String>,
         epoch: u64,
-        expires_at_ms: i64,
+        expires_at: Option<Instant>,
         only_newer: bool,
     ) -> FloorApplied {
-        let expires_at = (expires_at_ms > 0).then(|| {
-            let left = expires_at_ms.saturating_sub(wall_ms()).max(0);
-            Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
-        });
         self.pool
             .set_floor(
                 channel,
@@ -724,6 +733,21 @@ mod tests {
     use super::*;
     use crate::engine::listener::ListenerPeer;
     use crate::engine::rtc_peer::{RtcEngine, RtcPeer};
+
+    #[test]
+    fn a_lease_given_as_a_duration_ignores_the_stores_clock() {
+        let now = Instant::now();
+        // The store's clock an hour behind this node's: its expiry is long past here, yet a
+        // lease of 30 s holds 30 s.
+        let skewed = wall_ms() - 3_600_000;
+        let end = floor_end(30_000, skewed).unwrap();
+        assert!(
+            end >= now + Duration::from_secs(29) && end <= Instant::now() + Duration::from_secs(30)
+        );
+        // Without a duration the old comparison of clocks applies: expired at once.
+        assert!(floor_end(0, skewed).unwrap() <= Instant::now());
+        assert_eq!(floor_end(0, 0), None);
+    }
 
     /// The real engine, except that making a listener transport panics (a bug in a worker).
     struct PanicsOnListener(RtcEngine);

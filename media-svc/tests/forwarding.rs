@@ -135,6 +135,7 @@ async fn only_the_floor_holder_is_heard_and_streams_survive_speaker_changes() {
             producer_id: b_producer.clone(),
             epoch: u64::MAX,
             expires_at_ms: 0,
+            lease_ms: 0,
         })
         .await
         .unwrap_err();

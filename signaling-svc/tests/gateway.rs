@@ -1485,6 +1485,7 @@ async fn a_grant_the_media_node_refuses_as_stale_is_not_reported_granted() {
             producer_id: String::new(),
             epoch: epoch + 1_000_000,
             expires_at_ms: 0,
+            lease_ms: 0,
         })
         .await
         .unwrap()

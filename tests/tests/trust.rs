@@ -144,6 +144,7 @@ async fn every_call_is_authorised_by_the_callers_certificate() {
             producer_id: String::new(),
             epoch: u64::MAX / 2,
             expires_at_ms: 0,
+            lease_ms: 0,
         })
         .await
         .unwrap_err();

@@ -221,13 +221,14 @@ pub async fn set_floor(
     producer: Option<&str>,
     epoch: u64,
 ) -> pb::SetFloorResponse {
-    let expires = media_svc::node::wall_ms() + 30_000;
+    // A duration, as gateways give it: the node ends the grant on its own clock.
     client
         .set_floor(pb::SetFloorRequest {
             channel_id: channel.into(),
             producer_id: producer.unwrap_or_default().into(),
             epoch,
-            expires_at_ms: if producer.is_some() { expires } else { 0 },
+            expires_at_ms: 0,
+            lease_ms: if producer.is_some() { 30_000 } else { 0 },
         })
         .await
         .unwrap()

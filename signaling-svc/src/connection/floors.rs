@@ -7,14 +7,13 @@
 //! moves the media node's expiry too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use talkgroup_proto::state::v1 as spb;
 use tokio::task::JoinHandle;
 
-use super::placement::{place, set_floor};
+use super::placement::{FloorEnd, place, set_floor};
 use super::{Conn, Result};
 use crate::access::Role;
 use crate::app_state::AppState;
@@ -81,8 +80,14 @@ struct Held {
     epoch: u64,
     /// Lease end, moved on by each renewal (shared with the renewal task): what a producer
     /// made later (a new node's, after a move) is forwarded until.
-    expires_at_ms: Arc<AtomicI64>,
+    end: Arc<Mutex<FloorEnd>>,
     renewal: JoinHandle<()>,
+}
+
+/// The lock of a shared lease end (every use is one read or one write).
+fn lock(end: &Mutex<FloorEnd>) -> MutexGuard<'_, FloorEnd> {
+    end.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The lease a grant leaves, from its expiry and the server's clock at the grant; at least
@@ -148,7 +153,8 @@ impl Floors {
         match reply.outcome() {
             spb::AcquireOutcome::Granted => {
                 let (epoch, expires) = (holder.epoch, holder.expires_at_ms);
-                if let Err(e) = self.tell_media_at(channel, node, epoch, expires).await {
+                let end = FloorEnd::from_store(expires, reply.server_time_ms);
+                if let Err(e) = self.tell_media_at(channel, node, epoch, end).await {
                     // Nobody would hear the speaker: give the floor back rather than hold it mute.
                     let release = spb::ReleaseFloorRequest {
                         channel_id: channel.to_owned(),
@@ -158,12 +164,7 @@ impl Floors {
                     let _ = self.app.floors().release_floor(release).await;
                     return Err(e);
                 }
-                self.hold(
-                    channel,
-                    epoch,
-                    expires,
-                    lease_ms(expires, reply.server_time_ms),
-                );
+                self.hold(channel, epoch, end, lease_ms(expires, reply.server_time_ms));
                 if reply.preempted.is_some() {
                     self.app.metrics.floor_preemptions.inc();
                 }
@@ -210,10 +211,11 @@ impl Floors {
     /// is told again by the next renewal.
     pub(super) async fn take_up(&mut self, channel: &str, holder: &spb::FloorHolder, now_ms: i64) {
         let (epoch, expires) = (holder.epoch, holder.expires_at_ms);
-        if let Err(e) = self.tell_media(channel, epoch, expires).await {
+        let end = FloorEnd::from_store(expires, now_ms);
+        if let Err(e) = self.tell_media(channel, epoch, end).await {
             tracing::warn!(%channel, error = %e, "media node not told of the floor");
         }
-        self.hold(channel, epoch, expires, lease_ms(expires, now_ms));
+        self.hold(channel, epoch, end, lease_ms(expires, now_ms));
     }
 
     /// Follows a floor change of a channel this connection is in or holds: a floor taken over
@@ -236,12 +238,17 @@ impl Floors {
             && let Some(h) = &change.holder
             && !self.held.contains_key(channel)
             && self
-                .tell_media(channel, h.epoch, h.expires_at_ms)
+                .tell_media(
+                    channel,
+                    h.epoch,
+                    FloorEnd::from_store(h.expires_at_ms, change.at_ms),
+                )
                 .await
                 .is_ok()
         {
             let lease = lease_ms(h.expires_at_ms, change.at_ms);
-            self.hold(channel, h.epoch, h.expires_at_ms, lease);
+            let end = FloorEnd::from_store(h.expires_at_ms, change.at_ms);
+            self.hold(channel, h.epoch, end, lease);
         }
     }
 
@@ -258,7 +265,7 @@ impl Floors {
             .lock()
             .insert(channel.to_owned(), produced.clone());
         if let Some(held) = self.held.get(channel) {
-            let (epoch, expires) = (held.epoch, held.expires_at_ms.load(Ordering::Relaxed));
+            let (epoch, expires) = (held.epoch, *lock(&held.end));
             let node = produced.node;
             set_floor(&self.app, &node, channel, produced.producer, epoch, expires).await?;
         }
@@ -299,7 +306,15 @@ impl Floors {
     /// Tells the channel's media node to forward nobody from `epoch` on.
     pub(super) async fn cut_media(&self, channel: &str, epoch: u64) {
         if let Ok(node) = place(&self.app, channel).await
-            && let Err(e) = set_floor(&self.app, &node, channel, String::new(), epoch, 0).await
+            && let Err(e) = set_floor(
+                &self.app,
+                &node,
+                channel,
+                String::new(),
+                epoch,
+                FloorEnd::cleared(),
+            )
+            .await
         {
             tracing::warn!(error = %e, "media node did not take the release");
         }
@@ -315,15 +330,14 @@ impl Floors {
     }
 
     /// Tells the channel's media node (known, or placed now) about a grant.
-    async fn tell_media(&mut self, channel: &str, epoch: u64, expires_at_ms: i64) -> Result<()> {
+    async fn tell_media(&mut self, channel: &str, epoch: u64, end: FloorEnd) -> Result<()> {
         let node = match self.known_node(channel) {
             Some(node) => Ok(node),
             None => place(&self.app, channel).await.inspect(|node| {
                 self.placed.insert(channel.to_owned(), node.clone());
             }),
         };
-        self.tell_media_at(channel, node, epoch, expires_at_ms)
-            .await
+        self.tell_media_at(channel, node, epoch, end).await
     }
 
     /// Tells `node` about a grant. A remembered placement can be stale (its node died and the
@@ -333,28 +347,18 @@ impl Floors {
         channel: &str,
         node: Result<String>,
         epoch: u64,
-        expires_at_ms: i64,
+        end: FloorEnd,
     ) -> Result<()> {
         let producer = self.producers.producer_id(channel);
         let mut told = match node {
-            Ok(node) => {
-                set_floor(
-                    &self.app,
-                    &node,
-                    channel,
-                    producer.clone(),
-                    epoch,
-                    expires_at_ms,
-                )
-                .await
-            }
+            Ok(node) => set_floor(&self.app, &node, channel, producer.clone(), epoch, end).await,
             Err(e) => Err(e),
         };
         if told.is_err() && self.placed.remove(channel).is_some() {
             told = match place(&self.app, channel).await {
                 Ok(node) => {
                     self.placed.insert(channel.to_owned(), node.clone());
-                    set_floor(&self.app, &node, channel, producer, epoch, expires_at_ms).await
+                    set_floor(&self.app, &node, channel, producer, epoch, end).await
                 }
                 Err(e) => Err(e),
             };
@@ -365,11 +369,11 @@ impl Floors {
         told
     }
 
-    fn hold(&mut self, channel: &str, epoch: u64, expires_at_ms: i64, lease_ms: i64) {
+    fn hold(&mut self, channel: &str, epoch: u64, end: FloorEnd, lease_ms: i64) {
         self.stop_holding(channel);
         self.app.hub.holding(self.conn, channel, true);
         let every = Duration::from_millis(u64::try_from(lease_ms / 3).unwrap_or(1_000).max(100));
-        let expires_at_ms = Arc::new(AtomicI64::new(expires_at_ms));
+        let end = Arc::new(Mutex::new(end));
         let renewal = self.app.tracker.spawn(renew(
             Arc::clone(&self.app),
             self.producers.clone(),
@@ -378,12 +382,12 @@ impl Floors {
                 session: self.session.clone(),
                 epoch,
                 every,
-                expires_at_ms: Arc::clone(&expires_at_ms),
+                end: Arc::clone(&end),
             },
         ));
         let held = Held {
             epoch,
-            expires_at_ms,
+            end,
             renewal,
         };
         self.held.insert(channel.to_owned(), held);
@@ -405,7 +409,7 @@ struct Renewing {
     session: String,
     epoch: u64,
     every: Duration,
-    expires_at_ms: Arc<AtomicI64>,
+    end: Arc<Mutex<FloorEnd>>,
 }
 
 /// Renews a held floor until it is refused (released, revoked, expired) or aborted.
@@ -415,7 +419,7 @@ async fn renew(app: Arc<AppState>, producers: Producers, renewing: Renewing) {
         session,
         epoch,
         every,
-        expires_at_ms,
+        end,
     } = renewing;
     loop {
         tokio::time::sleep(every).await;
@@ -429,10 +433,10 @@ async fn renew(app: Arc<AppState>, producers: Producers, renewing: Renewing) {
             .await;
         match renewed.map(tonic::Response::into_inner) {
             Ok(r) if r.renewed => {
-                expires_at_ms.store(r.expires_at_ms, Ordering::Relaxed);
+                let renewed_end = FloorEnd::from_store(r.expires_at_ms, r.server_time_ms);
+                *lock(&end) = renewed_end;
                 if let Some(p) = producers.get(&channel) {
-                    let moved =
-                        set_floor(&app, &p.node, &channel, p.producer, epoch, r.expires_at_ms);
+                    let moved = set_floor(&app, &p.node, &channel, p.producer, epoch, renewed_end);
                     let _ = moved.await;
                 }
             }
