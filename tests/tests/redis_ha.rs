@@ -1,13 +1,15 @@
-//! The whole stack on Redis under Sentinel: the loop works, and comes back by itself after
-//! the master is killed (a replica promoted, state-svc following it), with the membership
-//! that was replicated before.
+//! The whole stack when Redis fails: under Sentinel the loop comes back by itself after the
+//! master is killed (a replica promoted, state-svc following it), with the membership that was
+//! replicated before; a single Redis that comes back empty leaves no socket without a session,
+//! and grant changes reach the sockets again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use talkgroup_e2e::{Stack, Topology, wait_packets};
+use talkgroup_e2e::{Client, Stack, Topology, wait_packets};
+use talkgroup_proto::state::v1 as spb;
 use testkit::media::Tone;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,4 +89,63 @@ async fn talk_through_sentinel_and_again_after_the_master_dies() {
     if let Some(ops) = ops {
         assert_eq!(ops["memberCount"], 2, "{ops}");
     }
+}
+
+fn grant(user: &str, channel: &str, role: spb::Role) -> spb::SetUserGrantsRequest {
+    spb::SetUserGrantsRequest {
+        user_id: user.into(),
+        grants: vec![spb::Grant {
+            channel_id: channel.into(),
+            role: role.into(),
+        }],
+        replace: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_empty_closes_sessionless_sockets_and_grant_changes_still_reach_them() {
+    // Sessions of 3 s: gateways touch them every second, so a lost one is noticed at once.
+    let mut stack = Stack::start(Topology {
+        state_args: vec!["--session-ttl-ms".into(), "3000".into()],
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let gw = stack.gateway(0);
+    let mut access = stack.access().await.unwrap();
+    access
+        .set_user_grants(grant("u-ana", "ops", spb::Role::Talk))
+        .await
+        .unwrap();
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let session = ana.session().await;
+    ana.join("ops").await;
+
+    // Redis dies and comes back with nothing: Ana's session is gone, and her socket is closed
+    // with the documented code instead of living on without one.
+    stack.redis.kill();
+    stack.redis.restart().unwrap();
+    assert_eq!(ana.close_code().await, 4004, "a socket without a session");
+    // Her resume token died with the session: she gets a fresh one and joins again.
+    let mut ana =
+        Client::resume(gw, "u-ana", "Ana", session["resumeToken"].as_str().unwrap()).await;
+    let fresh = ana.session().await;
+    assert_eq!(fresh["resumeError"], "resume-refused", "{fresh}");
+    ana.join("ops").await;
+
+    // A revocation stored now reaches her socket (its version carries on above the lost
+    // ones), and she is out of the channel.
+    access
+        .set_user_grants(grant("u-ana", "ops", spb::Role::None))
+        .await
+        .unwrap();
+    let update = ana
+        .push_where("permission-update", |d| d["revoked"] == json!(["ops"]))
+        .await;
+    assert_eq!(update["data"]["revoked"], json!(["ops"]), "{update}");
+    let refused = ana
+        .request("join-channel", json!({"channelId": "ops"}))
+        .await;
+    assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
 }
