@@ -60,6 +60,21 @@ async fn a_sentinel_failover_under_contention_loses_no_grant_and_epochs_only_gro
         let bystander = c.join(&format!("bystander{i}"), &channel).await;
         sessions.push((channel, talker, bystander));
     }
+    // Grant changes wait for a replica too: stored before the kill, kept after it.
+    let grant = |role: pb::Role| pb::SetUserGrantsRequest {
+        user_id: "u-ana".into(),
+        grants: vec![pb::Grant {
+            channel_id: "ch0".into(),
+            role: role.into(),
+        }],
+        replace: true,
+    };
+    let before = c
+        .admin_access
+        .set_user_grants(grant(pb::Role::Talk))
+        .await
+        .unwrap()
+        .into_inner();
     let killed_at = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
     let workers = sessions.into_iter().map(|(channel, talker, bystander)| {
         let mut floor = c.floor.clone();
@@ -139,6 +154,25 @@ async fn a_sentinel_failover_under_contention_loses_no_grant_and_epochs_only_gro
             recovered - *killed_at.get().unwrap()
         );
     }
+    let kept = c
+        .access
+        .get_user_grants(pb::GetUserGrantsRequest {
+            user_id: "u-ana".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        kept.version, before.version,
+        "the grant change survived the failover"
+    );
+    let after = c
+        .admin_access
+        .set_user_grants(grant(pb::Role::Listen))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.version > before.version);
     let now = set.master_port().unwrap();
     assert_ne!(now, set.servers[old].port(), "a replica was promoted");
     eprintln!("service back {slowest:?} after the master was killed");

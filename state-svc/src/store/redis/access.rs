@@ -47,6 +47,25 @@ impl AccessStore for RedisStore {
         let answer: WireGrants = parse(&raw, "grants result")?;
         let kind = answer.r.clone();
         let grants = answer.into_domain(uid)?;
+        if kind == "changed" && self.wait_replicas > 0 {
+            // A stored change a failover could lose is reported as not done: the caller
+            // retries, and the same change again is answered `unchanged` if it had landed.
+            let wait_ms = (self.timeout / 2).as_millis().max(1) as u64;
+            let acked: i64 = self
+                .bounded(
+                    redis::cmd("WAIT")
+                        .arg(self.wait_replicas)
+                        .arg(wait_ms)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if acked < i64::from(self.wait_replicas) {
+                tracing::warn!(user_id = %uid, acked, wanted = self.wait_replicas, "grant change not replicated in time");
+                return Err(StoreError::Unavailable(
+                    "grant change not replicated".into(),
+                ));
+            }
+        }
         match kind.as_str() {
             "changed" => Ok(GrantsUpdate::Changed(grants)),
             "unchanged" => Ok(GrantsUpdate::Unchanged(grants)),
