@@ -48,8 +48,12 @@ async fn a_sentinel_failover_under_contention_loses_no_grant_and_epochs_only_gro
         .await
         .unwrap()
         .unwrap();
-    let mut config = Backend::Sentinel.config("failover");
+    // This test's own Sentinel set (it kills a master), not the binary's shared one.
+    let mut config = Backend::Memory.config("failover");
+    config.store = Some(state_svc::StoreKind::Redis);
     config.redis_url = Some(sentinel_url(&set));
+    config.key_prefix = support::unique_prefix("failover");
+    config.membership_channel = format!("{}:membership", config.key_prefix);
     config.redis_wait_replicas = 1;
     let server = TestServer::start(config).await;
     let mut c = server.clients().await;
