@@ -378,7 +378,7 @@ async fn pages_hear_again_after_their_media_node_is_killed() {
     let mut stack = Stack::start(Topology {
         media: 2,
         gateway_args: vec!["--dev-tokens".into()],
-        state_args: vec!["--node-dead-after-ms".into(), "1000".into()],
+        state_args: vec!["--node-dead-after-ms".into(), "1500".into()],
         ..Topology::default()
     })
     .await

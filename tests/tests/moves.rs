@@ -7,11 +7,11 @@
 use talkgroup_e2e::{Stack, Topology, assert_tone_in, wait_packets};
 use testkit::media::Tone;
 
-/// Two media nodes; a node is dead 1 s after its last heartbeat (every 100 ms here).
+/// Two media nodes; a node is dead 1.5 s after its last heartbeat (every 100 ms here).
 fn two_nodes() -> Topology {
     Topology {
         media: 2,
-        state_args: vec!["--node-dead-after-ms".into(), "1000".into()],
+        state_args: vec!["--node-dead-after-ms".into(), "1500".into()],
         ..Topology::default()
     }
 }
