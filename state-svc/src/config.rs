@@ -134,6 +134,14 @@ pub struct Config {
     /// Heartbeat interval asked of media nodes, in milliseconds.
     #[arg(long, env = "PTT_STATE_NODE_HEARTBEAT_MS", default_value_t = 1_000)]
     pub node_heartbeat_ms: u32,
+    /// A dead media node whose channels have moved is dropped from the registry after this
+    /// many milliseconds without a heartbeat (so node ids of past rollouts do not pile up).
+    #[arg(
+        long,
+        env = "PTT_STATE_NODE_FORGET_AFTER_MS",
+        default_value_t = 600_000
+    )]
+    pub node_forget_after_ms: u32,
     /// Live sessions (sockets, across gateways) one user may have; one more is refused.
     #[arg(long, env = "PTT_STATE_MAX_SESSIONS_PER_USER", default_value_t = 10)]
     pub max_sessions_per_user: u32,
@@ -282,6 +290,12 @@ impl Config {
             50,
             self.node_dead_after_ms,
         )?;
+        range(
+            "node_forget_after_ms",
+            self.node_forget_after_ms,
+            self.node_dead_after_ms,
+            604_800_000,
+        )?;
         range("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000)?;
         range("redis_wait_replicas", self.redis_wait_replicas, 0, 16)?;
         range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
@@ -361,6 +375,7 @@ impl Config {
             session_ttl_ms: self.session_ttl_ms,
             node_dead_after_ms: self.node_dead_after_ms,
             node_heartbeat_ms: self.node_heartbeat_ms,
+            node_forget_after_ms: self.node_forget_after_ms,
             emergency_max_ms: self.emergency_max_ms,
             max_sessions_per_user: self.max_sessions_per_user,
             max_syncs_per_channel: self.max_syncs_per_channel,

@@ -904,6 +904,25 @@ async fn placement_picks_least_loaded_live_node_and_agrees(b: Backend) {
         .into_inner();
     assert_eq!(placed.node.unwrap().node_id, "fresh");
     assert!(!placed.placed_now);
+    // Dead with nothing left on them, the old nodes are forgotten after a while; the live one
+    // stays.
+    let listed = || {
+        let mut reg = reg.clone();
+        async move {
+            let nodes = reg
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes;
+            nodes.into_iter().map(|n| n.node_id).collect::<Vec<_>>()
+        }
+    };
+    testkit::wait_until(Duration::from_secs(10), "dead nodes forgotten", || async {
+        listed().await == ["fresh"]
+    })
+    .await
+    .unwrap();
 
     let unknown = server
         .registry_as("ghost")

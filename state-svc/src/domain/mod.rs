@@ -474,6 +474,20 @@ pub fn nodes_to_empty(nodes: &[MediaNode]) -> Vec<(&MediaNode, MoveReason)> {
         .collect()
 }
 
+/// Dead nodes with no channels left and no heartbeat for `forget_after_ms`: dropped from the
+/// registry.
+pub fn nodes_to_forget(nodes: &[MediaNode], now_ms: i64, forget_after_ms: u32) -> Vec<NodeId> {
+    nodes
+        .iter()
+        .filter(|n| {
+            !n.live
+                && n.channels == 0
+                && now_ms.saturating_sub(n.last_heartbeat_ms) > i64::from(forget_after_ms)
+        })
+        .map(|n| n.node_id.clone())
+        .collect()
+}
+
 pub fn choose_node(nodes: &[MediaNode]) -> Option<&MediaNode> {
     nodes
         .iter()

@@ -38,6 +38,8 @@ pub struct StoreSettings {
     pub node_dead_after_ms: u32,
     /// How often media nodes are asked to heartbeat.
     pub node_heartbeat_ms: u32,
+    /// A dead node with no channels left is dropped from the registry after this long.
+    pub node_forget_after_ms: u32,
     /// Maximum talk time of an emergency broadcast's grants.
     pub emergency_max_ms: u32,
     /// Live sessions one user may have (sockets, across gateways).
@@ -61,6 +63,7 @@ impl Default for StoreSettings {
             session_ttl_ms: 60_000,
             node_dead_after_ms: 3_000,
             node_heartbeat_ms: 1_000,
+            node_forget_after_ms: 600_000,
             emergency_max_ms: 600_000,
             max_sessions_per_user: 10,
             max_syncs_per_channel: 16,

@@ -80,6 +80,7 @@ impl Backend {
         config.sweep_interval_ms = 20;
         config.node_dead_after_ms = 400;
         config.node_heartbeat_ms = 100;
+        config.node_forget_after_ms = 1_500;
         if self != Backend::Memory {
             config.store = Some(StoreKind::Redis);
             config.redis_url = Some(match self {

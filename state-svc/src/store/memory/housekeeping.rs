@@ -54,6 +54,10 @@ impl MemoryStore {
             .map(|n| self.node_view(inner, n, now))
             .collect();
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        for gone in nodes_to_forget(&nodes, now, self.settings.node_forget_after_ms) {
+            inner.nodes.remove(&gone);
+            inner.node_channels.remove(&gone);
+        }
         let emptied: Vec<(NodeId, MoveReason)> = nodes_to_empty(&nodes)
             .into_iter()
             .map(|(n, r)| (n.node_id.clone(), r))

@@ -25,7 +25,7 @@ use crate::domain::{
     MediaNode, Member, MembershipChange, MembershipChanged, MoveReason, NewSession, NodeId,
     NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Resume,
     Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId, choose_node, next_epoch,
-    nodes_to_empty,
+    nodes_to_empty, nodes_to_forget,
 };
 use crate::error::StoreError;
 use crate::hub::{Hub, SyncEvent};

@@ -43,7 +43,7 @@ use crate::domain::{
     EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
     MediaNode, MoveReason, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome,
     RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session, SessionId, Speaker, SyncId,
-    UserGrants, UserId, choose_node, nodes_to_empty, now_ms, rules,
+    UserGrants, UserId, choose_node, nodes_to_empty, nodes_to_forget, now_ms, rules,
 };
 use crate::error::{STORE_ERRORS, StoreError};
 use crate::hub::Hub;
@@ -454,6 +454,10 @@ impl RedisStore {
     /// channel once (a compare-and-set on its placement).
     async fn sweep_nodes(&self) -> Result<u32, StoreError> {
         let mut nodes = crate::store::RegistryStore::list_nodes(self).await?;
+        for gone in nodes_to_forget(&nodes, now_ms(), self.settings.node_forget_after_ms) {
+            tracing::info!(node_id = %gone, "dead media node forgotten");
+            crate::store::RegistryStore::deregister_node(self, &gone).await?;
+        }
         let mut moved = 0;
         let emptied: Vec<(MediaNode, MoveReason)> = nodes_to_empty(&nodes)
             .into_iter()
