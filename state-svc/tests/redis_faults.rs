@@ -290,7 +290,18 @@ async fn a_renewal_that_finds_its_floor_lost_says_so_once() {
     .await
     .unwrap();
     // A watcher of both channels, once events flow again (a probe channel's changes arrive).
-    let mut watch = c.watch(&["lost", "probe"]).await;
+    // The store answers before its pub/sub is back: a watch fails until then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut watch = loop {
+        if let Some(watch) = c.try_watch(&["lost", "probe"]).await {
+            break watch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no healthy watch after the restart"
+        );
+        tokio::task::yield_now().await;
+    };
     let bo = c.join("bo", "probe").await;
     let probe = |mut c: Clients, bo: String| async move {
         let got = c.acquire("probe", &bo, 0).await;

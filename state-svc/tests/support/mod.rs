@@ -243,6 +243,14 @@ impl Clients {
 
     /// Opens a watch on `channels` and returns it once every snapshot has arrived.
     pub async fn watch(&mut self, channels: &[&str]) -> Watch {
+        self.try_watch(channels)
+            .await
+            .expect("watch stream healthy")
+    }
+
+    /// A watch of `channels` with their snapshots read, or `None` when the stream fails
+    /// first (state-svc's pub/sub not connected yet, as right after Redis came back).
+    pub async fn try_watch(&mut self, channels: &[&str]) -> Option<Watch> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(pb::WatchRequest {
             action: Some(pb::watch_request::Action::Subscribe(pb::ChannelSet {
@@ -262,12 +270,12 @@ impl Clients {
             _requests: tx,
         };
         for _ in channels {
-            match watch.next().await {
-                pb::watch_event::Event::Snapshot(_) => {}
+            match watch.next_or_end().await?.event {
+                Some(pb::watch_event::Event::Snapshot(_)) => {}
                 other => panic!("expected a snapshot first, got {other:?}"),
             }
         }
-        watch
+        Some(watch)
     }
 }
 
