@@ -260,13 +260,13 @@ async fn apply(node: &Node, event: pb::WatchEvent) {
                 .as_ref()
                 .map(|s| s.session_id.as_str())
                 .unwrap_or_default();
-            let lease =
-                u32::try_from(h.expires_at_ms.saturating_sub(at).max(1)).unwrap_or(u32::MAX);
-            let end = if at > 0 {
-                crate::node::floor_end(lease, h.expires_at_ms)
+            // Without the store's time (0) the lease is unknown: the expiry is used as is.
+            let lease = if at > 0 {
+                u32::try_from(h.expires_at_ms.saturating_sub(at).max(1)).unwrap_or(u32::MAX)
             } else {
-                crate::node::floor_end(0, h.expires_at_ms)
+                0
             };
+            let end = crate::node::floor_end(lease, h.expires_at_ms);
             (node.producer_of(&channel, session), end)
         }
         None => (None, None),

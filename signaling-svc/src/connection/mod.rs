@@ -224,7 +224,7 @@ pub async fn run(app: Arc<AppState>, claims: Claims, resume: Option<String>, soc
         conn = conn.id,
         session_id = %conn.session,
         user_id = %conn.user.user_id,
-        resumed = opened.resumed.is_some(),
+        resumed = opened.resumed,
         "connected"
     );
     let session_ttl_ms = opened.session.ttl_ms;
@@ -408,7 +408,7 @@ impl Conn {
             token_deadline: token::deadline(claims.exp, app.auth.leeway()),
         };
         let opened = resume::Opened {
-            resumed: resumed.map(|_| ()),
+            resumed: resumed.is_some(),
             refused,
             session,
         };

@@ -29,7 +29,7 @@ const REFUSED: &str = "resume-refused";
 /// How the socket's session came about.
 pub(super) struct Opened {
     /// It was taken over with a resume token.
-    pub resumed: Option<()>,
+    pub resumed: bool,
     /// A resume was asked for and refused.
     pub refused: Option<&'static str>,
     pub session: spb::Session,
@@ -79,12 +79,12 @@ impl Conn {
             session_id: self.session.clone(),
             resume_token: opened.session.resume_token.clone(),
             resume_grace_ms: opened.session.resume_grace_ms,
-            resumed: opened.resumed.is_some(),
+            resumed: opened.resumed,
             resume_error: opened.refused,
             channels: Vec::new(),
             transports: Vec::new(),
         };
-        if opened.resumed.is_none() {
+        if !opened.resumed {
             self.send(Push::Session(info)).await;
             return;
         }

@@ -106,6 +106,8 @@ pub struct RedisStore {
     audit_maxlen: String,
     listener: mpsc::Sender<ReconcileRequest>,
     wait_replicas: u32,
+    /// When the registry was last looked at for dead and draining nodes (ms).
+    nodes_swept_at: Arc<std::sync::atomic::AtomicI64>,
 }
 
 fn split_hash(map: &HashMap<String, String>, field: &str) -> Option<String> {
@@ -175,6 +177,7 @@ impl RedisStore {
             audit_maxlen: options.audit_maxlen.to_string(),
             listener: tx,
             wait_replicas: options.wait_replicas,
+            nodes_swept_at: Arc::default(),
         })
     }
 
@@ -453,8 +456,20 @@ impl RedisStore {
     /// tells the channels' watchers; how many moved. Replicas racing each other move each
     /// channel once (a compare-and-set on its placement).
     async fn sweep_nodes(&self) -> Result<u32, StoreError> {
+        // Liveness changes at heartbeat granularity: the registry is read a few times per
+        // heartbeat interval, not at every sweep of floors and sessions.
+        let now = now_ms();
+        let every = i64::from(self.settings.node_heartbeat_ms / 4);
+        let last = self
+            .nodes_swept_at
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last < every {
+            return Ok(0);
+        }
+        self.nodes_swept_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
         let mut nodes = crate::store::RegistryStore::list_nodes(self).await?;
-        for gone in nodes_to_forget(&nodes, now_ms(), self.settings.node_forget_after_ms) {
+        for gone in nodes_to_forget(&nodes, now, self.settings.node_forget_after_ms) {
             tracing::info!(node_id = %gone, "dead media node forgotten");
             crate::store::RegistryStore::deregister_node(self, &gone).await?;
         }
