@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use state_svc::store::redis::Keys;
-use state_svc::store::redis::scripts::CHANNEL;
+use state_svc::store::redis::scripts::ChannelScripts;
 use talkgroup_proto::state::v1 as pb;
 use testkit::{RedisServer, ServiceProcess};
 use tonic::transport::Channel;
@@ -82,7 +82,7 @@ async fn one_pair(caller: &mut Caller, mode: Mode, keys: &Keys) {
         Mode::Raw => {
             let acquired = raw_script(
                 &mut caller.redis,
-                &CHANNEL.acquire,
+                &ChannelScripts::get(false).acquire,
                 keys,
                 &caller.channel,
                 &[&caller.session, "0"],
@@ -91,7 +91,7 @@ async fn one_pair(caller: &mut Caller, mode: Mode, keys: &Keys) {
             assert!(acquired.contains("\"granted\""), "{acquired}");
             let released = raw_script(
                 &mut caller.redis,
-                &CHANNEL.release,
+                &ChannelScripts::get(false).release,
                 keys,
                 &caller.channel,
                 &[&caller.session, "0"],

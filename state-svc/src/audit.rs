@@ -41,6 +41,9 @@ const IDLE_CONSUMER: Duration = Duration::from_secs(600);
 /// the writer's last look.
 pub static AUDIT_BACKLOG: std::sync::LazyLock<prometheus_client::metrics::gauge::Gauge> =
     std::sync::LazyLock::new(prometheus_client::metrics::gauge::Gauge::default);
+/// Under Redis Cluster (no pattern subscriptions on sharded pub/sub), how often at least every
+/// master is swept for audit streams with news.
+const CLUSTER_SWEEP: Duration = Duration::from_secs(1);
 /// Entries copied per transaction.
 const BATCH: usize = 500;
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
@@ -267,12 +270,7 @@ impl AuditWriter {
     /// Counts what waits to be copied ([`AUDIT_BACKLOG`]); Redis only, so it also runs while
     /// PostgreSQL is away.
     async fn measure_backlog(&self) -> Result<u64, AuditError> {
-        let mut conn = self
-            .redis
-            .client()
-            .await?
-            .get_multiplexed_async_connection()
-            .await?;
+        let mut conn = self.redis.dedicated().await?;
         let mut backlog = 0u64;
         for stream in self.scan(&mut conn).await? {
             backlog += match group_info(&mut conn, &stream).await? {
@@ -347,22 +345,26 @@ impl AuditWriter {
             let _ = lost_tx.send(connection.await);
         });
         migrate(&mut pg).await?;
-        let mut conn = self
-            .redis
-            .client()
-            .await?
-            .get_multiplexed_async_connection()
-            .await?;
-        let mut pubsub = self.redis.client().await?.get_async_pubsub().await?;
-        pubsub
-            .psubscribe(self.keys.channel_events_pattern())
-            .await?;
-        pubsub.psubscribe(self.keys.sync_events_pattern()).await?;
-        let mut events = pubsub.on_message();
+        let mut conn = self.redis.dedicated().await?;
+        // News of changes: the channels' and sync sessions' events. Sharded pub/sub (under
+        // Cluster) has no patterns: there the writer sweeps every master at least every
+        // CLUSTER_SWEEP instead.
+        let (mut events, sweep_every) = if self.redis.is_cluster() {
+            let none: futures::stream::BoxStream<'static, redis::Msg> =
+                futures::stream::pending().boxed();
+            (none, self.settings.sweep.min(CLUSTER_SWEEP))
+        } else {
+            let mut pubsub = self.redis.client().await?.get_async_pubsub().await?;
+            pubsub
+                .psubscribe(self.keys.channel_events_pattern())
+                .await?;
+            pubsub.psubscribe(self.keys.sync_events_pattern()).await?;
+            (pubsub.into_on_message().boxed(), self.settings.sweep)
+        };
         tracing::info!("audit writer connected");
         // Everything once at the start: the backlog of an outage included.
         let mut dirty: HashSet<String> = self.scan(&mut conn).await?;
-        let mut sweep = tokio::time::interval(self.settings.sweep);
+        let mut sweep = tokio::time::interval(sweep_every);
         sweep.tick().await;
         loop {
             for stream in std::mem::take(&mut dirty) {
@@ -398,14 +400,11 @@ impl AuditWriter {
     /// Every channel audit stream in Redis.
     async fn scan(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut crate::store::redis::Conn,
     ) -> Result<HashSet<String>, AuditError> {
         let mut found = HashSet::new();
         for pattern in self.keys.audit_patterns() {
-            let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
-            while let Some(key) = iter.next_item().await {
-                found.insert(key?);
-            }
+            found.extend(conn.scan_keys(&pattern).await?);
         }
         Ok(found)
     }
@@ -413,7 +412,7 @@ impl AuditWriter {
     /// Copies one stream: entries pending from an earlier try first, then new ones.
     async fn copy(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut crate::store::redis::Conn,
         pg: &mut tokio_postgres::Client,
         stream: &str,
     ) -> Result<(), AuditError> {
@@ -503,7 +502,7 @@ impl AuditWriter {
     /// consumers long idle with nothing pending.
     async fn claim_stale(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut crate::store::redis::Conn,
         stream: &str,
     ) -> Result<(), AuditError> {
         let min_idle = u64::try_from(STALE_PENDING.as_millis()).unwrap_or(u64::MAX);
@@ -764,7 +763,7 @@ impl History {
 
 /// The writer's group on `stream`, as `XINFO GROUPS` describes it.
 async fn group_info(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut crate::store::redis::Conn,
     stream: &str,
 ) -> Result<Option<std::collections::HashMap<String, redis::Value>>, redis::RedisError> {
     let groups: Vec<std::collections::HashMap<String, redis::Value>> = match redis::cmd("XINFO")

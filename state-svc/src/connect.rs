@@ -62,6 +62,9 @@ pub struct RedisConnect {
     /// `redis+sentinel://`: the Sentinels and the master's name; `info` then carries only the
     /// master's credentials.
     sentinel: Option<SentinelTarget>,
+    /// `redis+cluster://`: the seed nodes of a Redis Cluster; `info` then carries the first
+    /// seed and the credentials every node shares.
+    cluster: Option<Vec<redis::ConnectionAddr>>,
     /// Whether the URL asks for TLS (`rediss://`).
     tls: bool,
     certificates: Option<redis::TlsCertificates>,
@@ -112,20 +115,42 @@ fn sentinel_url(url: &str) -> Option<Result<SentinelTarget, ConfigError>> {
         if !valid_name || hosts.contains('@') {
             return None;
         }
-        let addrs: Vec<redis::ConnectionAddr> = hosts
-            .split(',')
-            .map(|h| {
-                let (host, port) = h.rsplit_once(':')?;
-                let port: u16 = port.parse().ok()?;
-                (!host.is_empty()).then(|| redis::ConnectionAddr::Tcp(host.to_owned(), port))
-            })
-            .collect::<Option<_>>()?;
-        (!addrs.is_empty() && addrs.len() <= MAX_SENTINELS).then(|| SentinelTarget {
+        host_list(hosts, MAX_SENTINELS).map(|addrs| SentinelTarget {
             addrs,
             master: master.to_owned(),
         })
     };
     Some(parse().ok_or(ConfigError::BadRedisUrl))
+}
+
+/// Most seed nodes one Cluster URL may name.
+const MAX_SEEDS: usize = 64;
+
+/// `host:port[,host:port...]`, at most `max` of them.
+fn host_list(hosts: &str, max: usize) -> Option<Vec<redis::ConnectionAddr>> {
+    let addrs: Vec<redis::ConnectionAddr> = hosts
+        .split(',')
+        .map(|h| {
+            let (host, port) = h.rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            (!host.is_empty() && !host.contains('@'))
+                .then(|| redis::ConnectionAddr::Tcp(host.to_owned(), port))
+        })
+        .collect::<Option<_>>()?;
+    (!addrs.is_empty() && addrs.len() <= max).then_some(addrs)
+}
+
+/// Parses `redis+cluster://host:port[,host:port...]` (the seed nodes); `None` for other URLs.
+fn cluster_url(url: &str) -> Option<Result<Vec<redis::ConnectionAddr>, ConfigError>> {
+    if url.starts_with("rediss+cluster://") {
+        return Some(Err(ConfigError::StoreTls(
+            "redis",
+            "TLS to a Redis Cluster is not supported yet: use redis+cluster://".into(),
+        )));
+    }
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let hosts = rest.strip_suffix('/').unwrap_or(rest);
+    Some(host_list(hosts, MAX_SEEDS).ok_or(ConfigError::BadRedisUrl))
 }
 
 /// The Redis flags besides the URL.
@@ -142,13 +167,16 @@ impl RedisConnect {
     pub fn new(url: &str, auth: &RedisAuth) -> Result<Self, ConfigError> {
         let shown = crate::store::redis::redact_url(url);
         let sentinel = sentinel_url(url).transpose()?;
-        // Under Sentinel the credentials (from the flags) are the master's; the URL names
-        // only where the Sentinels are.
-        let url = match &sentinel {
-            Some(target) => match &target.addrs[0] {
-                redis::ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
-                _ => return Err(ConfigError::BadRedisUrl),
-            },
+        let cluster = cluster_url(url).transpose()?;
+        // Under Sentinel the credentials (from the flags) are the master's, and under Cluster
+        // every node's; the URL names only where the Sentinels or the seed nodes are.
+        let first = sentinel
+            .as_ref()
+            .map(|s| &s.addrs[0])
+            .or(cluster.as_ref().map(|c| &c[0]));
+        let url = match first {
+            Some(redis::ConnectionAddr::Tcp(host, port)) => format!("redis://{host}:{port}"),
+            Some(_) => return Err(ConfigError::BadRedisUrl),
             None => url.to_owned(),
         };
         let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
@@ -222,6 +250,7 @@ impl RedisConnect {
         let this = Self {
             info,
             sentinel,
+            cluster,
             tls,
             certificates,
             shown,
@@ -238,6 +267,45 @@ impl RedisConnect {
     /// Whether the URL names Sentinels rather than one server.
     pub fn is_sentinel(&self) -> bool {
         self.sentinel.is_some()
+    }
+
+    /// Whether the URL names the seed nodes of a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Under Cluster, a client of the cluster (every node with the configured credentials).
+    pub fn cluster_client(
+        &self,
+        timeout: std::time::Duration,
+        pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Result<Option<redis::cluster::ClusterClient>, StoreError> {
+        let Some(seeds) = &self.cluster else {
+            return Ok(None);
+        };
+        let nodes = seeds
+            .iter()
+            .map(|addr| self.info.clone().set_addr(addr.clone()));
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        if let Some(pushes) = pushes {
+            builder = builder
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(pushes);
+        }
+        builder
+            .build()
+            .map(Some)
+            .map_err(|_| StoreError::InvalidArgument("invalid redis cluster configuration"))
+    }
+
+    /// A client of one node at `addr` with this configuration's credentials (a Cluster's
+    /// master, to scan its keys).
+    pub fn node_client(&self, addr: redis::ConnectionAddr) -> Result<redis::Client, StoreError> {
+        redis::Client::open(self.info.clone().set_addr(addr))
+            .map_err(|_| StoreError::InvalidArgument("invalid redis configuration"))
     }
 
     /// Under Sentinel, a client of the Sentinels that names the current master (and connects

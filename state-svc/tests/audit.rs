@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Backend, TestServer, redis};
+use support::{Backend, TestServer, cluster, redis};
 use talkgroup_proto::admin::v1 as apb;
 use talkgroup_proto::state::v1 as pb;
 use testkit::{PostgresServer, wait_until};
@@ -76,27 +76,48 @@ async fn schema_ready(url: &str) {
 }
 
 /// Entries in a channel's audit stream.
-async fn stream_len(prefix: &str, channel: &str) -> i64 {
+async fn stream_len(b: Backend, prefix: &str, channel: &str) -> i64 {
+    let mut xlen = ::redis::cmd("XLEN");
+    xlen.arg(format!("{prefix}:{{ch:{channel}}}:audit"));
+    if b == Backend::Cluster {
+        let seeds: Vec<String> = cluster()
+            .seeds()
+            .iter()
+            .map(|s| format!("redis://{s}"))
+            .collect();
+        let mut conn = ::redis::cluster::ClusterClient::new(seeds)
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap();
+        return xlen.query_async(&mut conn).await.unwrap();
+    }
     let mut conn = ::redis::Client::open(redis().url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    ::redis::cmd("XLEN")
-        .arg(format!("{prefix}:{{ch:{channel}}}:audit"))
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+    xlen.query_async(&mut conn).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_length_cap_loses_nothing() {
+    outage_longer_than_the_cap(Backend::Redis).await;
+}
+
+/// Under Cluster the writer finds the streams on every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_length_cap_loses_nothing_under_cluster() {
+    outage_longer_than_the_cap(Backend::Cluster).await;
+}
+
+async fn outage_longer_than_the_cap(b: Backend) {
     let pg = tokio::task::spawn_blocking(PostgresServer::start)
         .await
         .unwrap()
         .unwrap();
     let url = pg.url();
-    let mut config = Backend::Redis.config("audit-cap");
+    let mut config = b.config("audit-cap");
     config.postgres_url = Some(url.clone());
     // The smallest cap there is: without the writer, streams stay near 100 entries.
     config.audit_maxlen = 100;
@@ -118,7 +139,7 @@ async fn an_outage_longer_than_the_length_cap_loses_nothing() {
             "round {round}"
         );
     }
-    let kept = stream_len(&prefix, "cap").await;
+    let kept = stream_len(b, &prefix, "cap").await;
     assert!(
         kept >= 600,
         "the stream was trimmed to {kept} before it was copied"
@@ -140,7 +161,7 @@ async fn an_outage_longer_than_the_length_cap_loses_nothing() {
     // Copied, then trimmed.
     wait_until(Duration::from_secs(10), "the copied stream trimmed", || {
         let prefix = prefix.clone();
-        async move { stream_len(&prefix, "cap").await <= 1 }
+        async move { stream_len(b, &prefix, "cap").await <= 1 }
     })
     .await
     .unwrap();

@@ -1,5 +1,5 @@
 //! The contract both stores must keep, run over gRPC against the real server: once with the
-//! in-memory store and once with a real Redis.
+//! in-memory store, and against a real Redis: one server, under Sentinel, and a Cluster.
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,6 +21,9 @@ macro_rules! contract {
         }
         mod sentinel {
             $(#[tokio::test] async fn $name() { super::$name(super::Backend::Sentinel).await })*
+        }
+        mod cluster {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Cluster).await })*
         }
     };
 }

@@ -85,6 +85,9 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// A Sentinel's configuration file: the process runs `--sentinel` with it.
     sentinel_config: Option<std::path::PathBuf>,
+    /// A Cluster node: its bus port and its `nodes.conf` (kept across a restart, so the node
+    /// rejoins as itself).
+    cluster: Option<(u16, std::path::PathBuf)>,
 }
 
 /// TLS for a test Redis: its certificate, key and the CA clients must chain to (PEM files).
@@ -129,6 +132,34 @@ impl RedisServer {
         Self::start_full(tls, Vec::new(), None)
     }
 
+    /// Starts a Redis Cluster node (not yet part of a cluster: see [`RedisCluster`]).
+    pub fn start_cluster_node() -> Result<Self> {
+        let mut last_error = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            let bus = free_port()?;
+            let conf = std::env::temp_dir().join(format!(
+                "talkgroup-cluster-{}-{port}.conf",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&conf);
+            let mut server = Self {
+                port,
+                pid: None,
+                watchdog: None,
+                tls: None,
+                extra: Vec::new(),
+                sentinel_config: None,
+                cluster: Some((bus, conf)),
+            };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("redis cluster node did not start")))
+    }
+
     fn start_full(
         tls: Option<RedisTls>,
         extra: Vec<String>,
@@ -159,6 +190,7 @@ impl RedisServer {
                 tls,
                 extra: extra.clone(),
                 sentinel_config,
+                cluster: None,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -193,6 +225,19 @@ impl RedisServer {
         command.args(["--port", &port, "--bind", "127.0.0.1"]);
         if self.sentinel_config.is_none() {
             command.args(["--save", "", "--appendonly", "no"]);
+        }
+        if let Some((bus, conf)) = &self.cluster {
+            command
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .arg("--cluster-config-file")
+                .arg(conf)
+                // A master is failed over about two seconds after its death.
+                .args(["--cluster-node-timeout", "1000"]);
         }
         let mut child = command
             .args([
@@ -422,11 +467,123 @@ impl RedisSentinels {
     }
 }
 
+/// A Redis Cluster on loopback: three masters with one replica each (`redis-cli --cluster
+/// create`), failing a dead master over to its replica within about two seconds (node timeout
+/// 1 s).
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Result<Self> {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| RedisServer::start_cluster_node())
+            .collect::<Result<_>>()?;
+        let this = Self { nodes };
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(this.seeds())
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .context("cannot run redis-cli")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        this.wait_ready(Duration::from_secs(20))?;
+        Ok(this)
+    }
+
+    /// `127.0.0.1:<port>` of every node.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect()
+    }
+
+    /// The URL state-svc takes: `redis+cluster://<every node>`.
+    pub fn url(&self) -> String {
+        format!("redis+cluster://{}", self.seeds().join(","))
+    }
+
+    /// Waits until every running node says the cluster is up, every slot is served, and each
+    /// replica is in sync with its master.
+    pub fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let ready = self.nodes.iter().filter(|n| n.pid().is_some()).all(|n| {
+                let info_ok = n.cli(&["CLUSTER", "INFO"]).is_ok_and(|i| {
+                    i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384")
+                });
+                let synced = n.cli(&["INFO", "replication"]).is_ok_and(|r| {
+                    !r.contains("role:slave") || r.contains("master_link_status:up")
+                });
+                info_ok && synced
+            });
+            if ready {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the redis cluster did not become ready")
+    }
+
+    /// The index in `nodes` of the master that serves `key`'s slot.
+    pub fn master_of(&self, key: &str) -> Result<usize> {
+        let live = self
+            .nodes
+            .iter()
+            .find(|n| n.pid().is_some())
+            .context("no node runs")?;
+        let slot: u16 = live.cli(&["CLUSTER", "KEYSLOT", key])?.trim().parse()?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.pid().is_none() {
+                continue;
+            }
+            let role = node.cli(&["ROLE"])?;
+            if !role.starts_with("master") {
+                continue;
+            }
+            let nodes = node.cli(&["CLUSTER", "NODES"])?;
+            let mine = nodes
+                .lines()
+                .find(|l| l.contains("myself"))
+                .context("no myself line")?;
+            let serves = mine.split_whitespace().skip(8).any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                match (a.parse::<u16>(), b.parse::<u16>()) {
+                    (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                return Ok(i);
+            }
+        }
+        bail!("no live master serves slot {slot}")
+    }
+
+    /// `kill -9` of the master that serves `key`; its index in `nodes`.
+    pub fn kill_master_of(&mut self, key: &str) -> Result<usize> {
+        let i = self.master_of(key)?;
+        self.nodes[i].kill();
+        Ok(i)
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         if let Some(config) = self.sentinel_config.take() {
             let _ = std::fs::remove_file(config);
+        }
+        if let Some((_, conf)) = self.cluster.take() {
+            let _ = std::fs::remove_file(conf);
         }
     }
 }

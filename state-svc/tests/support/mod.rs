@@ -43,6 +43,12 @@ pub fn sentinels() -> &'static testkit::RedisSentinels {
     SENTINELS.get_or_init(|| testkit::RedisSentinels::start().expect("start redis under sentinel"))
 }
 
+/// The Redis Cluster of this test binary (three masters with a replica each).
+pub fn cluster() -> &'static testkit::RedisCluster {
+    static CLUSTER: OnceLock<testkit::RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| testkit::RedisCluster::start().expect("start a redis cluster"))
+}
+
 /// The `redis+sentinel://` URL of `set`.
 pub fn sentinel_url(set: &testkit::RedisSentinels) -> String {
     format!(
@@ -69,6 +75,8 @@ pub enum Backend {
     Redis,
     /// Redis through Sentinel.
     Sentinel,
+    /// A Redis Cluster.
+    Cluster,
 }
 
 impl Backend {
@@ -85,6 +93,7 @@ impl Backend {
             config.store = Some(StoreKind::Redis);
             config.redis_url = Some(match self {
                 Backend::Sentinel => sentinel_url(sentinels()),
+                Backend::Cluster => cluster().url(),
                 _ => redis().url(),
             });
             config.key_prefix = unique_prefix(name);

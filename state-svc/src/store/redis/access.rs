@@ -203,7 +203,7 @@ impl AccessStore for RedisStore {
         let max_arg = self.settings.emergency_max_ms.to_string();
         let raw = self
             .channel_script(
-                &CHANNEL.emergency_take,
+                &self.scripts.emergency_take,
                 ch,
                 &[sid.as_str(), &priority_arg, eid.as_str(), &max_arg],
             )
@@ -223,7 +223,7 @@ impl AccessStore for RedisStore {
     ) -> Result<ReleaseOutcome, StoreError> {
         let raw = self
             .channel_script(
-                &CHANNEL.emergency_release,
+                &self.scripts.emergency_release,
                 ch,
                 &[sid.map(SessionId::as_str).unwrap_or_default(), eid.as_str()],
             )

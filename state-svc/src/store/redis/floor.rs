@@ -18,24 +18,38 @@ impl FloorStore for RedisStore {
         let estimate = now_ms() + i64::from(self.settings.lease_ms);
         let mut pipe = redis::pipe();
         pipe.add_command(self.evalsha(
-            &CHANNEL.acquire,
+            &self.scripts.acquire,
             ch,
             &[sid.as_str(), &priority_arg, &min_epoch_arg],
-        ))
-        .add_command(self.schedule_cmd(ch, estimate))
-        .ignore();
+        ));
+        // On one server the sweeper's entry rides in the same round trip; under Cluster it
+        // lives in another slot and goes beside it.
+        let cluster = self.target.is_cluster();
+        if !cluster {
+            pipe.add_command(self.schedule_cmd(ch, estimate)).ignore();
+        }
         // With replicas to wait for, the grant is answered only once they hold it: a failover
         // right after cannot lose a floor someone was told they have.
         let wait_ms = (self.timeout / 2).as_millis().max(1);
         if self.wait_replicas > 0 {
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(wait_ms as u64);
         }
-        let (raw, acked): (String, Option<i64>) = if self.wait_replicas > 0 {
-            let (raw, acked): (String, i64) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
-            (raw, Some(acked))
+        let acquire = async {
+            if self.wait_replicas > 0 {
+                let (raw, acked): (String, i64) =
+                    self.run_script_pipe(&self.scripts.acquire, &pipe).await?;
+                Ok::<_, StoreError>((raw, Some(acked)))
+            } else {
+                let (raw,): (String,) = self.run_script_pipe(&self.scripts.acquire, &pipe).await?;
+                Ok((raw, None))
+            }
+        };
+        let (raw, acked): (String, Option<i64>) = if cluster {
+            let (answer, ()) =
+                futures::future::try_join(acquire, self.schedule_floor_check(ch, estimate)).await?;
+            answer
         } else {
-            let (raw,): (String,) = self.run_script_pipe(&CHANNEL.acquire, &pipe).await?;
-            (raw, None)
+            acquire.await?
         };
         let outcome = acquire_outcome(&raw)?;
         if let (Acquired::Granted { holder, .. }, Some(acked)) = (&outcome.result, acked)
@@ -62,7 +76,7 @@ impl FloorStore for RedisStore {
     ) -> Result<RenewOutcome, StoreError> {
         let epoch_arg = epoch.to_string();
         let raw = self
-            .channel_script(&CHANNEL.renew, ch, &[sid.as_str(), &epoch_arg])
+            .channel_script(&self.scripts.renew, ch, &[sid.as_str(), &epoch_arg])
             .await?;
         let r: WireRenew = parse(&raw, "renew result")?;
         let result = match r.r.as_str() {
@@ -86,7 +100,7 @@ impl FloorStore for RedisStore {
     ) -> Result<ReleaseOutcome, StoreError> {
         let epoch_arg = epoch.unwrap_or(0).to_string();
         let raw = self
-            .channel_script(&CHANNEL.release, ch, &[sid.as_str(), &epoch_arg])
+            .channel_script(&self.scripts.release, ch, &[sid.as_str(), &epoch_arg])
             .await?;
         release_outcome(&raw)
     }
@@ -98,7 +112,7 @@ impl FloorStore for RedisStore {
     ) -> Result<ReleaseOutcome, StoreError> {
         let epoch_arg = epoch.unwrap_or(0).to_string();
         let raw = self
-            .channel_script(&CHANNEL.force_release, ch, &[&epoch_arg])
+            .channel_script(&self.scripts.force_release, ch, &[&epoch_arg])
             .await?;
         // A force release never dequeues anyone.
         Ok(ReleaseOutcome {
@@ -108,7 +122,7 @@ impl FloorStore for RedisStore {
     }
 
     async fn channel_state(&self, ch: &ChannelId) -> Result<ChannelState, StoreError> {
-        let raw = self.channel_script(&CHANNEL.state, ch, &[]).await?;
+        let raw = self.channel_script(&self.scripts.state, ch, &[]).await?;
         parse::<WireState>(&raw, "channel state")?.into_domain(ch)
     }
 

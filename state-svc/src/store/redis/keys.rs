@@ -18,9 +18,28 @@ pub struct EventKeys {
 }
 
 /// Key builder under a configurable prefix (default `ptt`).
+///
+/// The global indexes (floor, session and sync deadlines, the channel index) are one key each
+/// on one server, and under Cluster [`CLUSTER_SHARDS`] keys each, every one under its own hash
+/// tag, so they spread over the masters instead of making one of them the hot spot of every
+/// press. A member's shard is fixed by its id.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    shards: u16,
+}
+
+/// Shards of each global index under Redis Cluster.
+pub const CLUSTER_SHARDS: u16 = 16;
+
+/// FNV-1a: a stable spread of ids over shards (not a security boundary).
+fn shard_of(id: &str, shards: u16) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in id.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    u16::try_from(hash % u32::from(shards)).unwrap_or_default()
 }
 
 /// The keys of one channel, in the order every floor script receives them (`KEYS[1..=9]`).
@@ -57,7 +76,37 @@ impl Keys {
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            shards: 1,
         }
+    }
+
+    /// Keys for a Redis Cluster: the global indexes in [`CLUSTER_SHARDS`] shards each.
+    pub fn for_cluster(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            shards: CLUSTER_SHARDS,
+        }
+    }
+
+    /// Shard `n` of global index `name` (one shard: the plain `<prefix>:<name>`).
+    fn index_shard(&self, name: &str, n: u16) -> String {
+        if self.shards == 1 {
+            format!("{}:{name}", self.prefix)
+        } else {
+            format!("{}:{{{name}:{n}}}", self.prefix)
+        }
+    }
+
+    /// The shard of global index `name` that holds `member`.
+    fn index_for(&self, name: &str, member: &str) -> String {
+        self.index_shard(name, shard_of(member, self.shards))
+    }
+
+    /// Every shard of global index `name`.
+    fn index_all(&self, name: &str) -> Vec<String> {
+        (0..self.shards)
+            .map(|n| self.index_shard(name, n))
+            .collect()
     }
 
     /// The prefix every key starts with.
@@ -92,9 +141,15 @@ impl Keys {
         ChannelId::parse(id).ok()
     }
 
-    /// Sorted set: channel id -> time (ms) its floor grant should next be checked for expiry.
-    pub fn floor_deadlines(&self) -> String {
-        format!("{}:floor-deadlines", self.prefix)
+    /// Sorted set: channel id -> time (ms) its floor grant should next be checked for expiry
+    /// (the shard that holds `ch`).
+    pub fn floor_deadlines(&self, ch: &ChannelId) -> String {
+        self.index_for("floor-deadlines", ch.as_str())
+    }
+
+    /// Every shard of the floor deadlines.
+    pub fn floor_deadlines_all(&self) -> Vec<String> {
+        self.index_all("floor-deadlines")
     }
 
     pub fn session(&self, sid: &SessionId) -> String {
@@ -105,13 +160,20 @@ impl Keys {
         format!("{}:{{s:{sid}}}:channels", self.prefix)
     }
 
-    /// Sorted set: session id -> expiry (ms).
-    pub fn session_deadlines(&self) -> String {
-        format!("{}:session-deadlines", self.prefix)
+    /// Sorted set: session id -> expiry (ms) (the shard that holds `sid`).
+    pub fn session_deadlines(&self, sid: &SessionId) -> String {
+        self.index_for("session-deadlines", sid.as_str())
     }
 
+    /// Every shard of the session deadlines.
+    pub fn session_deadlines_all(&self) -> Vec<String> {
+        self.index_all("session-deadlines")
+    }
+
+    /// Sorted set of a user's sessions: session id -> until when it counts against the
+    /// user's session limit (ms). Shares the user's hash tag with the grants.
     pub fn user_sessions(&self, uid: &UserId) -> String {
-        format!("{}:user:{uid}:sessions", self.prefix)
+        format!("{}:{{u:{uid}}}:sessions", self.prefix)
     }
 
     /// Set of registered media node ids.
@@ -173,8 +235,14 @@ impl Keys {
         format!("{}:sync-index:{what}", self.prefix)
     }
 
-    pub fn sync_deadlines(&self) -> String {
-        format!("{}:sync-deadlines", self.prefix)
+    /// The shard of the sync deadlines that holds `id`.
+    pub fn sync_deadlines(&self, id: &SyncId) -> String {
+        self.index_for("sync-deadlines", id.as_str())
+    }
+
+    /// Every shard of the sync deadlines.
+    pub fn sync_deadlines_all(&self) -> Vec<String> {
+        self.index_all("sync-deadlines")
     }
 
     /// Hash of a user's grants: channel id -> role, plus `#v` (the version).
@@ -182,9 +250,15 @@ impl Keys {
         format!("{}:{{u:{uid}}}:grants", self.prefix)
     }
 
-    /// Set of channels that have (or recently had) members, for the admin listing.
-    pub fn channels_index(&self) -> String {
-        format!("{}:channels", self.prefix)
+    /// Set of channels that have (or recently had) members, for the admin listing (the shard
+    /// that holds `ch`).
+    pub fn channels_index(&self, ch: &ChannelId) -> String {
+        self.index_for("channels", ch.as_str())
+    }
+
+    /// Every shard of the channel index.
+    pub fn channels_index_all(&self) -> Vec<String> {
+        self.index_all("channels")
     }
 
     /// The pub/sub channel on which admin kicks reach every replica.
@@ -231,5 +305,36 @@ mod tests {
         assert_eq!(all.events, keys.channel_events(&ch));
         assert_eq!(keys.parse_channel_events(&all.events), Some(ch));
         assert_eq!(keys.parse_channel_events("other:{ch:ops}:events"), None);
+    }
+
+    #[test]
+    fn one_server_keeps_one_key_per_index() {
+        let keys = Keys::new("ptt");
+        let ch = ChannelId::parse("ops").unwrap();
+        assert_eq!(keys.floor_deadlines(&ch), "ptt:floor-deadlines");
+        assert_eq!(keys.floor_deadlines_all(), vec!["ptt:floor-deadlines"]);
+        assert_eq!(keys.channels_index(&ch), "ptt:channels");
+    }
+
+    #[test]
+    fn cluster_indexes_spread_over_hash_tagged_shards() {
+        let keys = Keys::for_cluster("ptt");
+        let all = keys.floor_deadlines_all();
+        assert_eq!(all.len(), usize::from(CLUSTER_SHARDS));
+        assert_eq!(all[3], "ptt:{floor-deadlines:3}");
+        let mut used = std::collections::HashSet::new();
+        for i in 0..200 {
+            let ch = ChannelId::parse(&format!("ch-{i}")).unwrap();
+            let key = keys.floor_deadlines(&ch);
+            assert!(all.contains(&key), "{key}");
+            // The same channel always lands in the same shard.
+            assert_eq!(key, keys.floor_deadlines(&ch));
+            used.insert(key);
+        }
+        assert_eq!(
+            used.len(),
+            usize::from(CLUSTER_SHARDS),
+            "200 ids use every shard"
+        );
     }
 }

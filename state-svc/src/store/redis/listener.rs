@@ -5,6 +5,12 @@
 //! is told to resynchronise, so it re-reads the state it may have missed. Subscriptions use
 //! one name per channel, so moving to sharded pub/sub (`SSUBSCRIBE`) changes nothing here but
 //! the command.
+//!
+//! Under Redis Cluster the listener uses the cluster connection (RESP3, pushes): each
+//! channel's events are a sharded subscription (`SSUBSCRIBE`) at the master of the channel's
+//! slot, while the few cluster-wide names (grants, kicks, resumes, membership, sync sessions)
+//! stay classic subscriptions. The connection resubscribes by itself after a node is lost;
+//! every loss makes the watchers re-read, once the subscriptions are back.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -34,6 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Listener {
+    /// How to reach Redis (the cluster listener builds its own cluster client).
+    pub connect: crate::connect::RedisConnect,
     pub target: super::Target,
     pub keys: Keys,
     pub hub: Arc<Hub>,
@@ -46,6 +54,9 @@ pub struct Listener {
 
 impl Listener {
     pub async fn run(mut self) {
+        if self.target.is_cluster() {
+            return self.run_cluster().await;
+        }
         let mut backoff = BACKOFF_MIN;
         loop {
             let connected = tokio::select! {
@@ -106,8 +117,147 @@ impl Listener {
         }
     }
 
-    /// Sleeps for `delay` while answering reconcile requests with `Unavailable`. Returns true
-    /// on shutdown.
+    /// The listener under Redis Cluster.
+    async fn run_cluster(mut self) {
+        let (tx, mut pushes) = mpsc::unbounded_channel();
+        let client = match self.connect.cluster_client(self.timeout, Some(tx)) {
+            Ok(Some(client)) => client,
+            _ => {
+                tracing::error!("redis cluster pub/sub cannot be set up");
+                return;
+            }
+        };
+        let mut backoff = BACKOFF_MIN;
+        let mut conn = loop {
+            let connected = tokio::select! {
+                c = tokio::time::timeout(self.timeout, client.get_async_connection()) => c,
+                () = self.shutdown.cancelled() => return,
+            };
+            match connected {
+                Ok(Ok(conn)) => break conn,
+                outcome => {
+                    let error = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".to_owned(),
+                    };
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "redis cluster pub/sub connect failed");
+                    if self.wait_refusing(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+        tracing::info!("redis cluster pub/sub connected");
+        let fixed = [
+            self.keys.grants_events(),
+            self.keys.kicks(),
+            self.keys.resumes(),
+            self.membership_channel.clone(),
+        ];
+        let mut subscribed = HashSet::new();
+        // Until every subscription is in place (and after a failed one), try again soon.
+        let mut fixed_done = false;
+        let mut retry = tokio::time::interval(BACKOFF_MIN * 5);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lost = false;
+        loop {
+            if !fixed_done {
+                fixed_done = self.bounded(conn.subscribe(&fixed)).await.is_ok()
+                    && self
+                        .bounded(conn.psubscribe(self.keys.sync_events_pattern()))
+                        .await
+                        .is_ok();
+                if fixed_done {
+                    self.hub.resync_all();
+                }
+            }
+            tokio::select! {
+                push = pushes.recv() => {
+                    let Some(push) = push else { return };
+                    match push.kind {
+                        redis::PushKind::Disconnection => {
+                            tracing::warn!("a redis cluster node's pub/sub connection was lost; resubscribing");
+                            lost = true;
+                            self.hub.resync_all();
+                        }
+                        redis::PushKind::Subscribe
+                        | redis::PushKind::SSubscribe
+                        | redis::PushKind::PSubscribe => {
+                            // The connection resubscribes by itself after a loss: re-read
+                            // once it has.
+                            if lost {
+                                lost = false;
+                                self.hub.resync_all();
+                            }
+                        }
+                        _ => {
+                            if let Some(msg) = redis::Msg::from_push_info(push) {
+                                self.deliver(&msg);
+                            }
+                        }
+                    }
+                }
+                Some(reply) = self.requests.recv() => {
+                    let _ = reply.send(self.reconcile_sharded(&mut conn, &mut subscribed).await);
+                }
+                () = self.hub.wanted_changed() => {
+                    let _ = self.reconcile_sharded(&mut conn, &mut subscribed).await;
+                }
+                _ = retry.tick() => {
+                    if fixed_done && subscribed != self.hub.wanted_channels() {
+                        let _ = self.reconcile_sharded(&mut conn, &mut subscribed).await;
+                    }
+                }
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Makes the sharded subscriptions match the hub, one channel per call (each at its slot's
+    /// master, concurrently). What failed is tried again at the next reconcile.
+    async fn reconcile_sharded(
+        &self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+        subscribed: &mut HashSet<ChannelId>,
+    ) -> Result<(), StoreError> {
+        let wanted = self.hub.wanted_channels();
+        let add: Vec<ChannelId> = wanted.difference(subscribed).cloned().collect();
+        let remove: Vec<ChannelId> = subscribed.difference(&wanted).cloned().collect();
+        let mut outcome = Ok(());
+        for batch in add.chunks(SUBSCRIBE_BATCH) {
+            let calls = batch.iter().map(|ch| {
+                let mut conn = conn.clone();
+                let name = self.keys.channel_events(ch);
+                async move { (ch, self.bounded(conn.ssubscribe(name)).await) }
+            });
+            for (ch, result) in futures::future::join_all(calls).await {
+                match result {
+                    Ok(()) => {
+                        subscribed.insert(ch.clone());
+                    }
+                    Err(e) => outcome = Err(e),
+                }
+            }
+        }
+        for batch in remove.chunks(SUBSCRIBE_BATCH) {
+            let calls = batch.iter().map(|ch| {
+                let mut conn = conn.clone();
+                let name = self.keys.channel_events(ch);
+                async move { (ch, self.bounded(conn.sunsubscribe(name)).await) }
+            });
+            for (ch, result) in futures::future::join_all(calls).await {
+                match result {
+                    Ok(()) => {
+                        subscribed.remove(ch);
+                    }
+                    Err(e) => outcome = Err(e),
+                }
+            }
+        }
+        outcome
+    }
+
     /// Waits `delay` before the next connect, or less when another master is named meanwhile
     /// (under Sentinel), refusing reconcile requests; true on shutdown.
     async fn wait_refusing(&mut self, delay: Duration) -> bool {

@@ -3,7 +3,11 @@
 //! - `keys`: every key name; `scripts`: every Lua script; `wire`: the JSON they answer with;
 //!   `listener`: the pub/sub connection that feeds the hub.
 //! - The hot path uses one shared multiplexed connection ([`ConnectionManager`], which
-//!   reconnects by itself); pub/sub has its own connection.
+//!   reconnects by itself, or the cluster connection under Redis Cluster); pub/sub has its
+//!   own connection.
+//! - Under Cluster every script and every pipeline touches one slot; what spans slots (a
+//!   session and the deadline index, say) is separate calls, ordered so that an interruption
+//!   leaves something the sweeper finishes.
 //! - Every call is bounded by `timeout`: when Redis is unreachable a call fails with
 //!   `Unavailable` (so nobody is granted the floor) instead of hanging, and the next call after
 //!   Redis returns succeeds without a restart.
@@ -24,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -32,8 +36,8 @@ use tokio_util::task::TaskTracker;
 
 pub use self::keys::Keys;
 use self::listener::{Listener, RECONCILE_QUEUE, ReconcileRequest};
-use self::scripts::CHANNEL;
-pub use self::target::Target;
+use self::scripts::ChannelScripts;
+pub use self::target::{Conn, Target};
 use self::wire::{
     StoredMember, WireAcquire, WireClaim, WireEmergency, WireExpire, WireGrants, WireLeave,
     WireRelease, WireRenew, WireState, parse,
@@ -108,6 +112,8 @@ pub struct RedisStore {
     wait_replicas: u32,
     /// When the registry was last looked at for dead and draining nodes (ms).
     nodes_swept_at: Arc<std::sync::atomic::AtomicI64>,
+    /// The channel scripts: publishing on sharded pub/sub under Cluster.
+    scripts: &'static ChannelScripts,
 }
 
 fn split_hash(map: &HashMap<String, String>, field: &str) -> Option<String> {
@@ -150,16 +156,22 @@ impl RedisStore {
             .set_response_timeout(Some(options.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let target = match options.connect.sentinel_client()? {
-            Some(sentinel) => {
-                Target::following(sentinel, config, options.timeout, tasks, shutdown.clone())
-            }
-            None => Target::fixed(options.connect.client()?, config)
-                .map_err(|e| StoreError::redis(&e))?,
+        let target = if let Some(cluster) = options.connect.cluster_client(options.timeout, None)? {
+            Target::cluster(cluster, options.timeout)
+        } else if let Some(sentinel) = options.connect.sentinel_client()? {
+            Target::following(sentinel, config, options.timeout, tasks, shutdown.clone())
+        } else {
+            Target::fixed(options.connect.client()?, config).map_err(|e| StoreError::redis(&e))?
         };
-        let keys = Keys::new(&options.key_prefix);
+        let cluster = target.is_cluster();
+        let keys = if cluster {
+            Keys::for_cluster(&options.key_prefix)
+        } else {
+            Keys::new(&options.key_prefix)
+        };
         let (tx, rx) = mpsc::channel(RECONCILE_QUEUE);
         let listener = Listener {
+            connect: options.connect.clone(),
             target: target.clone(),
             keys: keys.clone(),
             hub,
@@ -178,6 +190,7 @@ impl RedisStore {
             listener: tx,
             wait_replicas: options.wait_replicas,
             nodes_swept_at: Arc::default(),
+            scripts: ChannelScripts::get(cluster),
         })
     }
 
@@ -191,7 +204,7 @@ impl RedisStore {
     }
 
     /// The shared connection to the current master; `Unavailable` while none is known.
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         self.target.conn().await.map_err(|e| failed(&e))
     }
 
@@ -258,6 +271,32 @@ impl RedisStore {
         Ok(answer)
     }
 
+    /// Moves a session's deadline entry and its place among its user's sessions to `expires`
+    /// (two slots under Cluster: two calls).
+    async fn set_session_deadline(
+        &self,
+        sid: &SessionId,
+        uid: &UserId,
+        expires: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        self.bounded(conn.zadd::<_, _, _, ()>(
+            self.keys.session_deadlines(sid),
+            sid.as_str(),
+            expires,
+        ))
+        .await?;
+        self.bounded(
+            redis::cmd("ZADD")
+                .arg(self.keys.user_sessions(uid))
+                .arg("XX")
+                .arg(expires)
+                .arg(sid.as_str())
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
     /// Keeps a sync session's entry in the deadline index in step with its state.
     async fn set_sync_deadline(
         &self,
@@ -265,7 +304,7 @@ impl RedisStore {
         deadline: Option<i64>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let index = self.keys.sync_deadlines();
+        let index = self.keys.sync_deadlines(id);
         match deadline {
             Some(at) => {
                 self.bounded(conn.zadd::<_, _, _, ()>(index, id.as_str(), at))
@@ -289,7 +328,7 @@ impl RedisStore {
     /// grant's real expiry when it looks.
     fn schedule_cmd(&self, ch: &ChannelId, at_ms: i64) -> redis::Cmd {
         redis::cmd("ZADD")
-            .arg(self.keys.floor_deadlines())
+            .arg(self.keys.floor_deadlines(ch))
             .arg("LT")
             .arg(at_ms)
             .arg(ch.as_str())
@@ -319,25 +358,41 @@ impl RedisStore {
         reason: &str,
     ) -> Result<LeaveOutcome, StoreError> {
         let raw = self
-            .channel_script(&CHANNEL.leave, ch, &[sid.as_str(), reason])
+            .channel_script(&self.scripts.leave, ch, &[sid.as_str(), reason])
             .await?;
         let left: WireLeave = parse(&raw, "leave result")?;
-        let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        pipe.srem(self.keys.session_channels(sid), ch.as_str())
-            .ignore();
+        let mut sets = vec![self.keys.session_channels(sid)];
         if let Some(node) = left.node.as_deref().and_then(|n| NodeId::parse(n).ok()) {
-            pipe.srem(self.keys.media_node_channels(&node), ch.as_str())
-                .ignore();
+            sets.push(self.keys.media_node_channels(&node));
         }
         if left.empty {
-            pipe.srem(self.keys.channels_index(), ch.as_str()).ignore();
+            sets.push(self.keys.channels_index(ch));
         }
-        self.bounded(pipe.query_async::<()>(&mut conn)).await?;
+        self.remove_from_sets(&sets, ch.as_str()).await?;
         Ok(LeaveOutcome {
             was_member: left.was_member,
             released_floor: left.released,
         })
+    }
+
+    /// Removes `member` from each of `sets` (in several slots under Cluster: a call each,
+    /// concurrently; on one server, one pipeline).
+    async fn remove_from_sets(&self, sets: &[String], member: &str) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        if self.target.is_cluster() {
+            let calls = sets.iter().map(|set| {
+                let mut conn = conn.clone();
+                async move { self.bounded(conn.srem::<_, _, ()>(set, member)).await }
+            });
+            futures::future::try_join_all(calls).await.map(drop)
+        } else {
+            let mut pipe = redis::pipe();
+            for set in sets {
+                pipe.srem(set, member).ignore();
+            }
+            self.bounded(pipe.query_async::<()>(&mut conn.clone()))
+                .await
+        }
     }
 
     async fn read_session(&self, sid: &SessionId) -> Result<Option<Session>, StoreError> {
@@ -435,19 +490,20 @@ impl RedisStore {
     }
 
     async fn sweep_floors(&self, now: i64) -> Result<u32, StoreError> {
-        let index = self.keys.floor_deadlines();
-        let due = self.due(&index, now).await?;
         let mut expired = 0;
-        for (member, score) in due {
-            let Ok(ch) = ChannelId::parse(&member) else {
-                self.reschedule(&index, &member, &score, None).await?;
-                continue;
-            };
-            let raw = self.channel_script(&CHANNEL.expire, &ch, &[]).await?;
-            let result: WireExpire = parse(&raw, "expire result")?;
-            expired += u32::from(result.expired);
-            self.reschedule(&index, &member, &score, result.next)
-                .await?;
+        for index in self.keys.floor_deadlines_all() {
+            let due = self.due(&index, now).await?;
+            for (member, score) in due {
+                let Ok(ch) = ChannelId::parse(&member) else {
+                    self.reschedule(&index, &member, &score, None).await?;
+                    continue;
+                };
+                let raw = self.channel_script(&self.scripts.expire, &ch, &[]).await?;
+                let result: WireExpire = parse(&raw, "expire result")?;
+                expired += u32::from(result.expired);
+                self.reschedule(&index, &member, &score, result.next)
+                    .await?;
+            }
         }
         Ok(expired)
     }
@@ -501,7 +557,7 @@ impl RedisStore {
                     "at": now_ms(),
                 });
                 let keys = self.keys.channel(&ch);
-                let mut invocation = scripts::MOVE.prepare_invoke();
+                let mut invocation = self.scripts.moved.prepare_invoke();
                 invocation
                     .key(&keys.media)
                     .key(&keys.events)
@@ -509,12 +565,21 @@ impl RedisStore {
                     .arg(to.node_id.as_str())
                     .arg(event.to_string());
                 let done: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-                let mut pipe = redis::pipe();
-                pipe.srem(self.keys.media_node_channels(&from.node_id), ch.as_str())
-                    .ignore();
+                self.bounded(
+                    conn.srem::<_, _, ()>(
+                        self.keys.media_node_channels(&from.node_id),
+                        ch.as_str(),
+                    ),
+                )
+                .await?;
                 if done == 1 {
-                    pipe.sadd(self.keys.media_node_channels(&to.node_id), ch.as_str())
-                        .ignore();
+                    self.bounded(
+                        conn.sadd::<_, _, ()>(
+                            self.keys.media_node_channels(&to.node_id),
+                            ch.as_str(),
+                        ),
+                    )
+                    .await?;
                     moved += 1;
                     tracing::info!(
                         channel_id = %ch,
@@ -528,24 +593,30 @@ impl RedisStore {
                         n.channels += 1;
                     }
                 }
-                self.bounded(pipe.query_async::<()>(&mut conn)).await?;
             }
         }
         Ok(moved)
     }
 
     async fn sweep_sessions(&self, now: i64) -> Result<u32, StoreError> {
-        let index = self.keys.session_deadlines();
-        let due = self.due(&index, now).await?;
+        let mut expired = 0;
+        for index in self.keys.session_deadlines_all() {
+            expired += self.sweep_session_shard(&index, now).await?;
+        }
+        Ok(expired)
+    }
+
+    async fn sweep_session_shard(&self, index: &str, now: i64) -> Result<u32, StoreError> {
+        let due = self.due(index, now).await?;
         let mut expired = 0;
         for (member, score) in due {
             let Ok(sid) = SessionId::parse(&member) else {
-                self.reschedule(&index, &member, &score, None).await?;
+                self.reschedule(index, &member, &score, None).await?;
                 continue;
             };
             match self.read_session(&sid).await? {
                 Some(s) if rules::session_live(&s, now) => {
-                    self.reschedule(&index, &member, &score, Some(s.expires_at_ms))
+                    self.reschedule(index, &member, &score, Some(s.expires_at_ms))
                         .await?;
                 }
                 _ => {

@@ -15,15 +15,10 @@ impl RegistryStore for RedisStore {
             ("last_hb", now_ms().to_string()),
         ];
         let mut conn = self.conn().await?;
-        self.bounded(
-            redis::pipe()
-                .hset_multiple(&key, &fields)
-                .ignore()
-                .sadd(self.keys.media_nodes(), node.node_id.as_str())
-                .ignore()
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        self.bounded(conn.hset_multiple::<_, _, _, ()>(&key, &fields))
+            .await?;
+        self.bounded(conn.sadd::<_, _, ()>(self.keys.media_nodes(), node.node_id.as_str()))
+            .await
     }
 
     async fn heartbeat(&self, node: &NodeId, load: u32) -> Result<bool, StoreError> {
@@ -62,25 +57,40 @@ impl RegistryStore for RedisStore {
                 .ignore()
                 .del(self.keys.media_node_channels(node))
                 .ignore()
-                .srem(self.keys.media_nodes(), node.as_str())
-                .ignore()
                 .query_async::<()>(&mut conn),
         )
-        .await
+        .await?;
+        self.bounded(conn.srem::<_, _, ()>(self.keys.media_nodes(), node.as_str()))
+            .await
     }
 
     async fn list_nodes(&self) -> Result<Vec<MediaNode>, StoreError> {
         let mut conn = self.conn().await?;
         let ids: Vec<String> = self.bounded(conn.smembers(self.keys.media_nodes())).await?;
         let ids: Vec<NodeId> = ids.iter().filter_map(|i| NodeId::parse(i).ok()).collect();
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.hgetall(self.keys.media_node(id))
-                .scard(self.keys.media_node_channels(id));
-        }
         let rows: Vec<(HashMap<String, String>, u32)> = if ids.is_empty() {
             Vec::new()
+        } else if self.target.is_cluster() {
+            // Each node's keys are in its own slot: a pipeline per node, all at once.
+            let reads = ids.iter().map(|id| {
+                let mut conn = conn.clone();
+                async move {
+                    self.bounded(
+                        redis::pipe()
+                            .hgetall(self.keys.media_node(id))
+                            .scard(self.keys.media_node_channels(id))
+                            .query_async::<(HashMap<String, String>, u32)>(&mut conn),
+                    )
+                    .await
+                }
+            });
+            futures::future::try_join_all(reads).await?
         } else {
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.hgetall(self.keys.media_node(id))
+                    .scard(self.keys.media_node_channels(id));
+            }
             let flat: Vec<redis::Value> = self.bounded(pipe.query_async(&mut conn)).await?;
             flat.chunks(2)
                 .map(|pair| {
@@ -128,14 +138,19 @@ impl RegistryStore for RedisStore {
             let (_holder, set_now): (String, bool) =
                 self.bounded(invocation.invoke_async(&mut conn)).await?;
             if set_now {
-                let mut pipe = redis::pipe();
-                pipe.sadd(self.keys.media_node_channels(&chosen.node_id), ch.as_str())
-                    .ignore();
+                self.bounded(
+                    conn.sadd::<_, _, ()>(
+                        self.keys.media_node_channels(&chosen.node_id),
+                        ch.as_str(),
+                    ),
+                )
+                .await?;
                 if let Some(old) = &current_node {
-                    pipe.srem(self.keys.media_node_channels(old), ch.as_str())
-                        .ignore();
+                    self.bounded(
+                        conn.srem::<_, _, ()>(self.keys.media_node_channels(old), ch.as_str()),
+                    )
+                    .await?;
                 }
-                self.bounded(pipe.query_async::<()>(&mut conn)).await?;
                 tracing::info!(channel_id = %ch, node_id = %chosen.node_id, "channel placed");
                 let node = self.read_node(&chosen.node_id).await?.unwrap_or(chosen);
                 return Ok(Placement {

@@ -297,27 +297,17 @@ if h then next_check = h.expires end
 return cjson.encode({ expired = expired, next = next_check, now = now })
 "#;
 
-/// Creates a session unless its user has `max` live ones: `KEYS` are the user's session set,
-/// the new session's hash and the session deadline index; `ARGV` the session id, the cap, the
-/// key prefix of session hashes, the hash's expiry, its deadline and its fields. Answers 1, or
-/// 0 when the user is at the cap. Ids of sessions that no longer exist leave the set.
-pub static CREATE_SESSION: LazyLock<Script> = LazyLock::new(|| {
+/// Takes one of a user's session places (`KEYS[1]`, the user's sorted set: session id -> until
+/// when it counts) unless the user holds `ARGV[2]` live ones: `ARGV[1]` is the session id,
+/// `ARGV[3]` until when it counts, `ARGV[4]` now (ms). Places that ran out leave the set first.
+/// Answers 1, or 0 when the user is at the cap.
+pub static CLAIM_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local sid, max, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local live = 0
-for _, other in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', prefix .. '{s:' .. other .. '}') == 1 then
-    live = live + 1
-  else
-    redis.call('SREM', KEYS[1], other)
-  end
-end
-if live >= max then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SADD', KEYS[1], sid)
-redis.call('ZADD', KEYS[3], ARGV[5], sid)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]) - tonumber(ARGV[4]), 1000) + 3600000)
 return 1
 "#,
     )
@@ -553,16 +543,12 @@ return { cur, 0 }
 /// Moves channel media key `KEYS[1]` from node `ARGV[1]` to `ARGV[2]` if it is still on
 /// `ARGV[1]`, and publishes the move (`ARGV[3]`, JSON) on the channel's events `KEYS[2]`.
 /// 1 when moved.
-pub static MOVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const MOVE: &str = r#"
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
-"#,
-    )
-});
+"#;
 
 /// Compare-and-set of one member's score in a deadline index (`KEYS[1]`): if `ARGV[1]` still
 /// has score `ARGV[2]`, set it to `ARGV[3]`, or remove it when `ARGV[3]` is empty.
@@ -591,9 +577,9 @@ return 1
     )
 });
 
-/// Parks session `KEYS[1]` (its channels `KEYS[2]`, the deadlines `KEYS[3]`) if it is still
-/// at generation `ARGV[1]`: expiry `ARGV[2]`, key lifetime `ARGV[3]`, parked at `ARGV[4]`,
-/// session id `ARGV[5]`. 1 when parked, 0 when gone or taken over.
+/// Parks session `KEYS[1]` (its channels `KEYS[2]`) if it is still at generation `ARGV[1]`:
+/// expiry `ARGV[2]`, key lifetime `ARGV[3]`, parked at `ARGV[4]`. 1 when parked, 0 when gone
+/// or taken over. (The deadline index, in another slot, is moved by the caller.)
 pub static PARK_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -602,25 +588,25 @@ if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'expires', ARGV[2], 'parked', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 return 1
 "#,
     )
 });
 
-/// Takes session `KEYS[1]` (channels `KEYS[2]`, deadlines `KEYS[3]`) over for user `ARGV[1]`
-/// presenting digest `ARGV[2]`: stores the next digest `ARGV[3]`, gateway `ARGV[4]`, and an
-/// expiry of its time to live from now (`ARGV[5]`); key lifetime is that plus `ARGV[6]`, the
-/// session id `ARGV[7]`. The new generation; 0 when the session is gone or expired, -1 when
-/// refused (another user, or not the current token).
+/// Takes session `KEYS[1]` (channels `KEYS[2]`) over for user `ARGV[1]` presenting digest
+/// `ARGV[2]`: stores the next digest `ARGV[3]`, gateway `ARGV[4]`, and an expiry of its time
+/// to live from now (`ARGV[5]`); key lifetime is that plus `ARGV[6]`. Answers
+/// `{generation, expiry}`; generation 0 when the session is gone or expired, -1 when refused
+/// (another user, or not the current token). (The deadline index, in another slot, is moved
+/// by the caller.)
 pub static RESUME_SESSION: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return { 0, 0 } end
 local f = redis.call('HMGET', KEYS[1], 'uid', 'rtok', 'expires', 'ttl', 'gen')
 local now = tonumber(ARGV[5])
-if tonumber(f[3] or '0') <= now then return 0 end
-if f[1] ~= ARGV[1] or not f[2] or f[2] == '' or f[2] ~= ARGV[2] then return -1 end
+if tonumber(f[3] or '0') <= now then return { 0, 0 } end
+if f[1] ~= ARGV[1] or not f[2] or f[2] == '' or f[2] ~= ARGV[2] then return { -1, 0 } end
 local gen = tonumber(f[5] or '0') + 1
 local ttl = tonumber(f[4] or '0')
 local expires = now + ttl
@@ -628,8 +614,7 @@ redis.call('HSET', KEYS[1], 'rtok', ARGV[3], 'gw', ARGV[4], 'gen', gen, 'parked'
   'expires', expires)
 redis.call('PEXPIRE', KEYS[1], ttl + tonumber(ARGV[6]))
 redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[6]))
-redis.call('ZADD', KEYS[3], expires, ARGV[7])
-return gen
+return { gen, expires }
 "#,
     )
 });
@@ -648,8 +633,18 @@ return redis.call('HGET', KEYS[1], 'draining') or '0'
     )
 });
 
-fn channel_script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}\n{body}"))
+fn channel_script(body: &str, sharded: bool) -> Script {
+    Script::new(&sharded_publish(&format!("{PRELUDE}\n{body}"), sharded))
+}
+
+/// Under Cluster, channel events go out on sharded pub/sub (`SPUBLISH`, Redis 7): only the
+/// master of the channel's slot carries them, instead of every node of the cluster.
+fn sharded_publish(script: &str, sharded: bool) -> String {
+    if sharded {
+        script.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ")
+    } else {
+        script.to_owned()
+    }
 }
 
 /// The channel scripts, compiled (hashed) once per process.
@@ -665,20 +660,35 @@ pub struct ChannelScripts {
     pub state: Script,
     pub emergency_take: Script,
     pub emergency_release: Script,
+    /// [`MOVE`]'s script.
+    pub moved: Script,
 }
 
-pub static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts {
-    acquire: channel_script(ACQUIRE),
-    renew: channel_script(RENEW),
-    release: channel_script(RELEASE),
-    force_release: channel_script(FORCE_RELEASE),
-    expire: channel_script(EXPIRE),
-    join: channel_script(JOIN),
-    leave: channel_script(LEAVE),
-    state: channel_script(STATE),
-    emergency_take: channel_script(EMERGENCY_TAKE),
-    emergency_release: channel_script(EMERGENCY_RELEASE),
-});
+impl ChannelScripts {
+    fn new(sharded: bool) -> Self {
+        Self {
+            acquire: channel_script(ACQUIRE, sharded),
+            renew: channel_script(RENEW, sharded),
+            release: channel_script(RELEASE, sharded),
+            force_release: channel_script(FORCE_RELEASE, sharded),
+            expire: channel_script(EXPIRE, sharded),
+            join: channel_script(JOIN, sharded),
+            leave: channel_script(LEAVE, sharded),
+            state: channel_script(STATE, sharded),
+            emergency_take: channel_script(EMERGENCY_TAKE, sharded),
+            emergency_release: channel_script(EMERGENCY_RELEASE, sharded),
+            moved: Script::new(&sharded_publish(MOVE, sharded)),
+        }
+    }
+
+    /// The channel scripts for one server (`PUBLISH`) or a Cluster (`SPUBLISH`).
+    pub fn get(sharded: bool) -> &'static Self {
+        if sharded { &CHANNEL_SHARDED } else { &CHANNEL }
+    }
+}
+
+static CHANNEL: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts::new(false));
+static CHANNEL_SHARDED: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScripts::new(true));
 
 /// Compare-and-set of a sync session. `KEYS`: state, audit stream, event channel. `ARGV`:
 /// expected version ('' = must not exist), new state (JSON), new version, action, time to live

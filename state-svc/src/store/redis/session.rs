@@ -22,22 +22,41 @@ impl SessionStore for RedisStore {
             ("gen", "0".to_owned()),
         ];
         let mut conn = self.conn().await?;
-        let mut invocation = scripts::CREATE_SESSION.prepare_invoke();
-        invocation
-            .key(self.keys.user_sessions(&session.user_id))
-            .key(&key)
-            .key(self.keys.session_deadlines())
+        let places = self.keys.user_sessions(&session.user_id);
+        let mut claim = scripts::CLAIM_SESSION.prepare_invoke();
+        claim
+            .key(&places)
             .arg(sid)
             .arg(self.settings.max_sessions_per_user)
-            .arg(format!("{}:", self.keys.prefix()))
-            .arg(ttl + SESSION_GRACE_MS)
-            .arg(session.expires_at_ms);
-        for (field, value) in &fields {
-            invocation.arg(*field).arg(value);
-        }
-        let created: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        if created == 0 {
+            .arg(session.expires_at_ms)
+            .arg(now);
+        let claimed: i64 = self.bounded(claim.invoke_async(&mut conn)).await?;
+        if claimed == 0 {
             return Err(StoreError::TooManySessions);
+        }
+        // The deadline entry goes first: whatever happens next, the sweeper finds the session
+        // when it is due and removes what is left of it.
+        let mut hash = redis::pipe();
+        hash.hset_multiple(&key, &fields)
+            .ignore()
+            .pexpire(&key, ttl + SESSION_GRACE_MS)
+            .ignore();
+        let written = async {
+            self.bounded(conn.zadd::<_, _, _, ()>(
+                self.keys.session_deadlines(&session.session_id),
+                sid,
+                session.expires_at_ms,
+            ))
+            .await?;
+            self.bounded(hash.query_async::<()>(&mut conn.clone()))
+                .await
+        }
+        .await;
+        if let Err(error) = written {
+            // Give the user's place back; if this fails too, the place runs out with the
+            // session's time to live.
+            let _ = self.bounded(conn.zrem::<_, _, ()>(&places, sid)).await;
+            return Err(error);
         }
         Ok(session)
     }
@@ -63,12 +82,8 @@ impl SessionStore for RedisStore {
         if exists == 0 {
             return Err(StoreError::NotFound("session"));
         }
-        self.bounded(conn.zadd::<_, _, _, ()>(
-            self.keys.session_deadlines(),
-            sid.as_str(),
-            expires,
-        ))
-        .await?;
+        self.set_session_deadline(sid, &session.user_id, expires)
+            .await?;
         session.expires_at_ms = expires;
         Ok(session)
     }
@@ -77,21 +92,31 @@ impl SessionStore for RedisStore {
         let now = now_ms();
         let expires = rules::parked_until(now, self.settings.resume_grace_ms);
         let mut conn = self.conn().await?;
+        // The deadline moves earlier first, so the sweeper looks no later than the parked
+        // session's end (if the park is refused, it finds the session live and looks again
+        // at its real expiry).
+        self.bounded(conn.zadd::<_, _, _, ()>(
+            self.keys.session_deadlines(sid),
+            sid.as_str(),
+            expires,
+        ))
+        .await?;
         let mut invocation = scripts::PARK_SESSION.prepare_invoke();
         invocation
             .key(self.keys.session(sid))
             .key(self.keys.session_channels(sid))
-            .key(self.keys.session_deadlines())
             .arg(generation)
             .arg(expires)
             .arg(expires - now + SESSION_GRACE_MS)
-            .arg(now)
-            .arg(sid.as_str());
+            .arg(now);
         let parked: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         if parked == 0 {
             return Err(StoreError::NotFound("session"));
         }
-        self.session(sid).await
+        let session = self.session(sid).await?;
+        self.set_session_deadline(sid, &session.user_id, expires)
+            .await?;
+        Ok(session)
     }
 
     async fn resume_session(&self, resume: Resume) -> Result<Session, StoreError> {
@@ -102,20 +127,21 @@ impl SessionStore for RedisStore {
         invocation
             .key(self.keys.session(sid))
             .key(self.keys.session_channels(sid))
-            .key(self.keys.session_deadlines())
             .arg(resume.user_id.as_str())
             .arg(&resume.digest)
             .arg(&resume.next_digest)
             .arg(&resume.gateway_id)
             .arg(now)
-            .arg(SESSION_GRACE_MS)
-            .arg(sid.as_str());
-        let generation: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+            .arg(SESSION_GRACE_MS);
+        let (generation, expires): (i64, i64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
         match generation {
             0 => return Err(StoreError::NotFound("session")),
             g if g < 0 => return Err(StoreError::PermissionDenied("resume refused")),
             _ => {}
         }
+        self.set_session_deadline(sid, &resume.user_id, expires)
+            .await?;
         let resumed = serde_json::to_string(&wire::WireResumed {
             uid: resume.user_id.to_string(),
             sid: sid.to_string(),
@@ -137,7 +163,7 @@ impl SessionStore for RedisStore {
     async fn user_sessions(&self, uid: &UserId) -> Result<Vec<Session>, StoreError> {
         let mut conn = self.conn().await?;
         let ids: Vec<String> = self
-            .bounded(conn.smembers(self.keys.user_sessions(uid)))
+            .bounded(conn.zrange(self.keys.user_sessions(uid), 0, -1))
             .await?;
         let mut sessions = Vec::with_capacity(ids.len());
         for id in ids {
@@ -148,7 +174,7 @@ impl SessionStore for RedisStore {
                 Some(s) => sessions.push(s),
                 None => {
                     let _: () = self
-                        .bounded(conn.srem(self.keys.user_sessions(uid), &id))
+                        .bounded(conn.zrem(self.keys.user_sessions(uid), &id))
                         .await?;
                 }
             }
@@ -174,7 +200,11 @@ impl SessionStore for RedisStore {
         .map_err(|e| StoreError::Internal(e.to_string()))?;
         let max_members = self.settings.max_members_per_channel.to_string();
         let raw = self
-            .channel_script(&CHANNEL.join, ch, &[sid.as_str(), &member, &max_members])
+            .channel_script(
+                &self.scripts.join,
+                ch,
+                &[sid.as_str(), &member, &max_members],
+            )
             .await?;
         if raw == r#""full""# {
             return Err(StoreError::ChannelFull);
@@ -186,10 +216,10 @@ impl SessionStore for RedisStore {
                 redis::pipe()
                     .sadd(self.keys.session_channels(sid), ch.as_str())
                     .exists(self.keys.session(sid))
-                    .sadd(self.keys.channels_index(), ch.as_str())
-                    .ignore()
                     .query_async(&mut conn),
             )
+            .await?;
+        self.bounded(conn.sadd::<_, _, ()>(self.keys.channels_index(ch), ch.as_str()))
             .await?;
         if !exists {
             // The session was removed while joining: undo, so no member is left behind.
@@ -223,7 +253,7 @@ impl SessionStore for RedisStore {
             .await?;
         if let Some(uid) = uid.as_deref().and_then(|u| UserId::parse(u).ok()) {
             let _: () = self
-                .bounded(conn.srem(self.keys.user_sessions(&uid), sid.as_str()))
+                .bounded(conn.zrem(self.keys.user_sessions(&uid), sid.as_str()))
                 .await?;
         }
         let mut outcome = RemoveOutcome::default();
@@ -237,40 +267,40 @@ impl SessionStore for RedisStore {
             }
             outcome.floors_released += u32::from(left.released_floor);
         }
-        self.bounded(
-            redis::pipe()
-                .del(self.keys.session_channels(sid))
-                .ignore()
-                .zrem(self.keys.session_deadlines(), sid.as_str())
-                .ignore()
-                .query_async::<()>(&mut conn),
-        )
-        .await?;
+        self.bounded(conn.del::<_, ()>(self.keys.session_channels(sid)))
+            .await?;
+        self.bounded(conn.zrem::<_, _, ()>(self.keys.session_deadlines(sid), sid.as_str()))
+            .await?;
         outcome.channels_left.sort();
         Ok(outcome)
     }
 
     async fn list_channels(&self) -> Result<Vec<ChannelId>, StoreError> {
         let mut conn = self.conn().await?;
-        let raw: Vec<String> = self
-            .bounded(conn.smembers(self.keys.channels_index()))
-            .await?;
-        let mut channels: Vec<ChannelId> = raw
-            .iter()
-            .filter_map(|c| ChannelId::parse(c).ok())
-            .collect();
+        let mut channels = Vec::new();
+        for shard in self.keys.channels_index_all() {
+            let raw: Vec<String> = self.bounded(conn.smembers(shard)).await?;
+            channels.extend(raw.iter().filter_map(|c| ChannelId::parse(c).ok()));
+        }
         channels.sort();
+        channels.dedup();
         Ok(channels)
     }
 
     async fn list_sessions(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
         let mut conn = self.conn().await?;
         let last = isize::try_from(limit.max(1)).unwrap_or(isize::MAX) - 1;
-        let ids: Vec<String> = self
-            .bounded(conn.zrange(self.keys.session_deadlines(), 0, last))
-            .await?;
+        // The first `limit` by expiry of every shard, merged.
+        let mut ids: Vec<(String, i64)> = Vec::new();
+        for shard in self.keys.session_deadlines_all() {
+            let some: Vec<(String, i64)> =
+                self.bounded(conn.zrange_withscores(shard, 0, last)).await?;
+            ids.extend(some);
+        }
+        ids.sort_by_key(|(_, at)| *at);
+        ids.truncate(limit.max(1));
         let mut sessions = Vec::with_capacity(ids.len());
-        for id in ids {
+        for (id, _) in ids {
             if let Ok(sid) = SessionId::parse(&id)
                 && let Some(session) = self.read_session(&sid).await?
             {

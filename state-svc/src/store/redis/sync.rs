@@ -50,17 +50,20 @@ impl SyncStore for RedisStore {
         }
         if expected.is_none() {
             // A new session joins the indexes its caps count in.
-            let mut pipe = redis::pipe();
+            // (Two slots under Cluster: a call each.)
             let sid = session.session_id.as_str();
             if let Some(ch) = &session.channel_id {
-                pipe.sadd(self.keys.sync_index(&format!("channel:{ch}")), sid)
-                    .ignore();
+                self.bounded(
+                    conn.sadd::<_, _, ()>(self.keys.sync_index(&format!("channel:{ch}")), sid),
+                )
+                .await?;
             }
             if let Some(owner) = &session.owner {
-                pipe.sadd(self.keys.sync_index(&format!("owner:{owner}")), sid)
-                    .ignore();
+                self.bounded(
+                    conn.sadd::<_, _, ()>(self.keys.sync_index(&format!("owner:{owner}")), sid),
+                )
+                .await?;
             }
-            self.bounded(pipe.query_async::<()>(&mut conn)).await?;
         }
         self.set_sync_deadline(&session.session_id, session.deadline())
             .await
@@ -110,15 +113,22 @@ impl SyncStore for RedisStore {
 
     async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
         let mut conn = self.conn().await?;
-        let due: Vec<String> = self
-            .bounded(conn.zrangebyscore_limit(
-                self.keys.sync_deadlines(),
-                "-inf",
-                now,
-                0,
-                isize::try_from(limit).unwrap_or(isize::MAX),
-            ))
-            .await?;
+        let mut due: Vec<String> = Vec::new();
+        for shard in self.keys.sync_deadlines_all() {
+            if due.len() >= limit {
+                break;
+            }
+            let some: Vec<String> = self
+                .bounded(conn.zrangebyscore_limit(
+                    shard,
+                    "-inf",
+                    now,
+                    0,
+                    isize::try_from(limit - due.len()).unwrap_or(isize::MAX),
+                ))
+                .await?;
+            due.extend(some);
+        }
         // An entry that is not a valid id was never written by this store: skip it.
         Ok(due.iter().filter_map(|id| SyncId::parse(id).ok()).collect())
     }

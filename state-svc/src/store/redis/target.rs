@@ -1,5 +1,10 @@
-//! Which Redis the store talks to: one server, or the master that Sentinel names, followed
-//! across failovers.
+//! Which Redis the store talks to: one server, the master that Sentinel names (followed
+//! across failovers), or a Redis Cluster.
+//!
+//! Under Cluster the redis crate's cluster connection routes each command to the master of its
+//! key's slot and follows slot moves and failovers (`MOVED`, reconnects, topology refreshes);
+//! it is set up at the first call (and again after a call that could not set it up), so the
+//! store starts while the cluster is away.
 //!
 //! Under Sentinel a task asks the Sentinels for the master every [`FOLLOW_EVERY`] (the redis
 //! crate's `SentinelClient`, which also checks the named server's `ROLE`), and when the master
@@ -9,8 +14,11 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,10 +43,62 @@ impl std::fmt::Debug for Current {
     }
 }
 
+/// A connection to where the store's keys are: the (current) master, or the whole cluster.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "Conn::Single",
+            Self::Cluster(_) => "Conn::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A Redis Cluster: its client, and the shared connection once it is set up.
+struct Cluster {
+    client: ClusterClient,
+    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+}
+
 /// The Redis the store uses now.
 #[derive(Clone)]
 pub struct Target {
     current: tokio::sync::watch::Sender<Option<Current>>,
+    /// Set under Cluster (and then `current` stays empty).
+    cluster: Option<std::sync::Arc<Cluster>>,
     /// How long a call waits for the first master to be known.
     wait: Duration,
 }
@@ -50,7 +110,10 @@ impl std::fmt::Debug for Target {
             .borrow()
             .as_ref()
             .map(|c| c.client.get_connection_info().addr().to_string());
-        f.debug_struct("Target").field("master", &known).finish()
+        f.debug_struct("Target")
+            .field("master", &known)
+            .field("cluster", &self.cluster.is_some())
+            .finish()
     }
 }
 
@@ -67,8 +130,26 @@ impl Target {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(Self {
             current: tokio::sync::watch::Sender::new(Some(Current { client, conn })),
+            cluster: None,
             wait: Duration::ZERO,
         })
+    }
+
+    /// A Redis Cluster; calls wait up to `timeout` for its connection to be set up.
+    pub fn cluster(client: ClusterClient, timeout: Duration) -> Self {
+        Self {
+            current: tokio::sync::watch::Sender::new(None),
+            cluster: Some(std::sync::Arc::new(Cluster {
+                client,
+                conn: tokio::sync::Mutex::new(None),
+            })),
+            wait: timeout,
+        }
+    }
+
+    /// Whether the keys live in a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// The master `sentinel` names, followed by a task until `shutdown`.
@@ -81,6 +162,7 @@ impl Target {
     ) -> Self {
         let this = Self {
             current: tokio::sync::watch::Sender::new(None),
+            cluster: None,
             wait: timeout,
         };
         tasks.spawn(this.clone().follow(sentinel, config, timeout, shutdown));
@@ -158,13 +240,159 @@ impl Target {
         self.current.subscribe()
     }
 
-    /// The shared multiplexed connection to the current master.
-    pub async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
-        self.known().await.map(|c| c.conn)
+    /// The shared multiplexed connection to the current master, or to the cluster.
+    pub async fn conn(&self) -> redis::RedisResult<Conn> {
+        let Some(cluster) = &self.cluster else {
+            return self.known().await.map(|c| Conn::Single(c.conn));
+        };
+        let mut slot = cluster.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(Conn::Cluster(conn.clone()));
+        }
+        let conn = tokio::time::timeout(self.wait, cluster.client.get_async_connection())
+            .await
+            .map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::Io, "redis cluster not reachable"))
+            })??;
+        tracing::info!("redis cluster connected");
+        *slot = Some(conn.clone());
+        Ok(Conn::Cluster(conn))
     }
 
-    /// A client of the current master (for pub/sub and the audit writer's connections).
+    /// A connection of its own (for the audit writer, whose long reads should not queue in
+    /// front of the floor's calls): to the current master, or to the cluster.
+    pub async fn dedicated(&self) -> redis::RedisResult<Conn> {
+        match &self.cluster {
+            Some(cluster) => Ok(Conn::Cluster(
+                tokio::time::timeout(
+                    self.wait.max(Duration::from_secs(1)),
+                    cluster.client.get_async_connection(),
+                )
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "redis cluster not reachable"))
+                })??,
+            )),
+            None => {
+                let client = self.known().await?.client;
+                Ok(Conn::Single(ConnectionManager::new(client).await?))
+            }
+        }
+    }
+
+    /// A client of the current master (for pub/sub and the audit writer's connections); not
+    /// under Cluster, whose nodes are reached through [`Target::conn`].
     pub async fn client(&self) -> redis::RedisResult<redis::Client> {
+        if self.cluster.is_some() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a redis cluster has no single master",
+            )));
+        }
         self.known().await.map(|c| c.client)
+    }
+}
+
+impl Conn {
+    /// The keys matching `pattern`: on one server one `SCAN`, under Cluster one on every master.
+    pub async fn scan_keys(&mut self, pattern: &str) -> redis::RedisResult<Vec<String>> {
+        match self {
+            Self::Single(conn) => {
+                let mut found = Vec::new();
+                let mut iter: redis::AsyncIter<String> =
+                    redis::AsyncCommands::scan_match(conn, pattern).await?;
+                while let Some(key) = iter.next_item().await {
+                    found.push(key?);
+                }
+                Ok(found)
+            }
+            Self::Cluster(conn) => {
+                let mut found = Vec::new();
+                for (host, port) in cluster_masters(conn).await? {
+                    let mut cursor = 0u64;
+                    loop {
+                        let route = redis::cluster_routing::RoutingInfo::SingleNode(
+                            redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                                host: host.clone(),
+                                port,
+                            },
+                        );
+                        let mut cmd = redis::cmd("SCAN");
+                        cmd.arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000);
+                        let reply = conn.route_command(cmd, route).await?;
+                        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)?;
+                        found.extend(keys);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+                Ok(found)
+            }
+        }
+    }
+}
+
+/// The masters of a cluster that serve slots, from `CLUSTER NODES`.
+async fn cluster_masters(conn: &mut ClusterConnection) -> redis::RedisResult<Vec<(String, u16)>> {
+    let reply = conn
+        .route_command(
+            redis::cmd("CLUSTER").arg("NODES").to_owned(),
+            redis::cluster_routing::RoutingInfo::SingleNode(
+                redis::cluster_routing::SingleNodeRoutingInfo::Random,
+            ),
+        )
+        .await?;
+    let text: String = redis::from_redis_value(reply)?;
+    Ok(parse_cluster_masters(&text))
+}
+
+/// `host:port` of every line of `CLUSTER NODES` that is a master, not failed, with slots.
+pub fn parse_cluster_masters(text: &str) -> Vec<(String, u16)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let serving = flags.split(',').any(|f| f == "master")
+                && !flags
+                    .split(',')
+                    .any(|f| f == "fail" || f == "fail?" || f == "noaddr")
+                && fields.len() > 8;
+            if !serving {
+                return None;
+            }
+            // `ip:port@cport[,hostname]`
+            let addr = fields.get(1)?.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cluster_masters;
+
+    #[test]
+    fn cluster_nodes_masters_with_slots_only() {
+        let text = "\
+a1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:30002@40002 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:30003@40003 master,fail - 0 1 3 disconnected 10923-16383
+d4 127.0.0.1:30004@40004 slave b2 0 1 2 connected
+e5 127.0.0.1:30005@40005 master - 0 1 5 connected
+";
+        assert_eq!(
+            parse_cluster_masters(text),
+            vec![
+                ("127.0.0.1".to_owned(), 30001),
+                ("127.0.0.1".to_owned(), 30002)
+            ]
+        );
     }
 }
