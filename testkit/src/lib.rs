@@ -476,8 +476,14 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Three masters with one replica each.
     pub fn start() -> Result<Self> {
-        let nodes: Vec<RedisServer> = (0..6)
+        Self::start_with(1)
+    }
+
+    /// Three masters with `replicas` replicas each.
+    pub fn start_with(replicas: usize) -> Result<Self> {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| RedisServer::start_cluster_node())
             .collect::<Result<_>>()?;
         let this = Self { nodes };
@@ -485,7 +491,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(this.seeds())
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .context("cannot run redis-cli")?;
         if !out.status.success() {

@@ -78,6 +78,9 @@ pub struct Topology {
     /// State-svc reaches Redis through Sentinel (a master, a replica, three Sentinels)
     /// instead of one server.
     pub sentinel: bool,
+    /// State-svc uses a Redis Cluster (three masters with a replica each) instead of one
+    /// server.
+    pub cluster: bool,
     /// The address gateways listen on and media nodes serve media on (loopback by default;
     /// a veth address for clients in a network namespace).
     pub bind_ip: String,
@@ -101,11 +104,23 @@ impl Default for Topology {
             state_args: Vec::new(),
             otlp_endpoint: None,
             node_heartbeat_ms: 100,
-            sentinel: false,
+            // `TALKGROUP_TEST_REDIS=sentinel|cluster` runs every stack that does not choose
+            // on that topology (the whole suite against a Cluster, say).
+            sentinel: redis_topology_from_env() == Some("sentinel"),
+            cluster: redis_topology_from_env() == Some("cluster"),
             bind_ip: "127.0.0.1".to_owned(),
             https: false,
             plaintext: false,
         }
+    }
+}
+
+/// The Redis topology `TALKGROUP_TEST_REDIS` asks for, if any.
+fn redis_topology_from_env() -> Option<&'static str> {
+    match std::env::var("TALKGROUP_TEST_REDIS").ok()?.as_str() {
+        "sentinel" => Some("sentinel"),
+        "cluster" => Some("cluster"),
+        _ => None,
     }
 }
 
@@ -119,6 +134,8 @@ pub struct Stack {
     pub redis: RedisServer,
     /// Redis under Sentinel, when the topology asks for it.
     pub sentinels: Option<testkit::RedisSentinels>,
+    /// A Redis Cluster, when the topology asks for it.
+    pub cluster: Option<testkit::RedisCluster>,
     /// The stack's throwaway CA and a certificate per identity: every gRPC hop is mutual TLS.
     pub certs: Certs,
     /// Whether the gateways serve HTTPS.
@@ -253,13 +270,19 @@ impl Stack {
         } else {
             None
         };
-        let url = match &sentinels {
-            Some(set) => format!(
+        let cluster = if t.cluster {
+            Some(testkit::RedisCluster::start()?)
+        } else {
+            None
+        };
+        let url = match (&sentinels, &cluster) {
+            (Some(set), _) => format!(
                 "redis+sentinel://{}/{}",
                 set.addresses().join(","),
                 set.master_name
             ),
-            None => redis.url(),
+            (None, Some(cluster)) => cluster.url(),
+            (None, None) => redis.url(),
         };
         let mut state = Vec::new();
         for _ in 0..t.state.max(1) {
@@ -333,10 +356,24 @@ impl Stack {
             state,
             redis,
             sentinels,
+            cluster,
             certs,
             https: t.https,
             topology: t.clone(),
         })
+    }
+
+    /// A plain `redis://` URL on which a classic `PUBLISH` reaches state-svc (the membership
+    /// channel of an external control plane): the server, the master under Sentinel, any
+    /// node of a Cluster (classic pub/sub spans the cluster).
+    pub fn redis_publish_url(&self) -> String {
+        if let Some(cluster) = &self.cluster {
+            return format!("redis://{}", cluster.seeds()[0]);
+        }
+        if let Some(port) = self.sentinels.as_ref().and_then(|s| s.master_port()) {
+            return format!("redis://127.0.0.1:{port}");
+        }
+        self.redis.url()
     }
 
     /// Starts media node `media-<i>` (a new id, or one whose process is gone) and waits until

@@ -1,6 +1,6 @@
-//! The whole stack when Redis fails: under Sentinel the loop comes back by itself after the
-//! master is killed (a replica promoted, state-svc following it), with the membership that was
-//! replicated before; a single Redis that comes back empty leaves no socket without a session,
+//! The whole stack when Redis fails: under Sentinel, and under Cluster, the loop comes back by
+//! itself after the master is killed (a replica promoted, state-svc following it), with the
+//! membership that was replicated before; a single Redis that comes back empty leaves no socket without a session,
 //! and grant changes reach the sockets again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,12 +14,67 @@ use testkit::media::Tone;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talk_through_sentinel_and_again_after_the_master_dies() {
-    let mut stack = Stack::start(Topology {
+    let stack = Stack::start(Topology {
         sentinel: true,
+        cluster: false,
         ..Topology::default()
     })
     .await
     .unwrap();
+    let old = std::sync::OnceLock::new();
+    talk_across_a_failover(
+        stack,
+        |stack| {
+            old.set(stack.sentinels.as_mut().unwrap().kill_master().unwrap())
+                .unwrap();
+        },
+        |stack| {
+            let sentinels = stack.sentinels.as_ref().unwrap();
+            assert_ne!(
+                sentinels.master_port().unwrap(),
+                sentinels.servers[*old.get().unwrap()].port(),
+                "a replica was promoted"
+            );
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talk_through_a_cluster_and_again_after_the_channel_s_master_dies() {
+    let stack = Stack::start(Topology {
+        sentinel: false,
+        cluster: true,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    let killed = std::sync::OnceLock::new();
+    talk_across_a_failover(
+        stack,
+        |stack| {
+            let cluster = stack.cluster.as_mut().unwrap();
+            killed
+                .set(cluster.kill_master_of("e2e:{ch:ops}:floor").unwrap())
+                .unwrap();
+        },
+        |stack| {
+            let cluster = stack.cluster.as_ref().unwrap();
+            let now = cluster.master_of("e2e:{ch:ops}:floor").unwrap();
+            assert_ne!(now, *killed.get().unwrap(), "a replica was promoted");
+        },
+    )
+    .await;
+}
+
+/// Ana talks to Ben on `ops`; `kill` kills the master that holds it; presses are refused
+/// until a replica is promoted (`promoted` checks it was), then Ana is granted again with a
+/// higher epoch, Ben hears her, and the membership survived.
+async fn talk_across_a_failover(
+    mut stack: Stack,
+    kill: impl FnOnce(&mut Stack),
+    promoted: impl FnOnce(&Stack),
+) {
     stack.ready().await.unwrap();
     let mut ana = stack.client(0, "u-ana", "Ana").await;
     let mut ben = stack.client(0, "u-ben", "Ben").await;
@@ -34,8 +89,7 @@ async fn talk_through_sentinel_and_again_after_the_master_dies() {
     ana.ptt_stop("ops").await;
     let first = ben.speaker_changed("ops", "released").await;
 
-    let sentinels = stack.sentinels.as_mut().unwrap();
-    let old = sentinels.kill_master().unwrap();
+    kill(&mut stack);
     let killed = Instant::now();
     // Presses are refused (UNAVAILABLE) until the promoted replica serves; never granted twice.
     let granted = loop {
@@ -54,12 +108,7 @@ async fn talk_through_sentinel_and_again_after_the_master_dies() {
         "granted again {:?} after the master was killed",
         killed.elapsed()
     );
-    let sentinels = stack.sentinels.as_ref().unwrap();
-    assert_ne!(
-        sentinels.master_port().unwrap(),
-        sentinels.servers[old].port(),
-        "a replica was promoted"
-    );
+    promoted(&stack);
     assert!(granted["epoch"].as_u64().unwrap() > first["epoch"].as_u64().unwrap());
     let before = ear.received_count();
     tone.play(&mic, 25).await;
@@ -104,8 +153,11 @@ fn grant(user: &str, channel: &str, role: spb::Role) -> spb::SetUserGrantsReques
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_back_empty_closes_sessionless_sockets_and_grant_changes_still_reach_them() {
     // Sessions of 3 s: gateways touch them every second, so a lost one is noticed at once.
+    // One server: this test restarts it empty.
     let mut stack = Stack::start(Topology {
         state_args: vec!["--session-ttl-ms".into(), "3000".into()],
+        sentinel: false,
+        cluster: false,
         ..Topology::default()
     })
     .await

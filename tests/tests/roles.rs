@@ -127,7 +127,7 @@ async fn control_plane_revocation_reaches_another_gateway_within_a_second() {
     bo.speaker_changed("bar", "granted").await;
 
     // Forged and hostile payloads on the membership channel change nothing.
-    let mut redis = redis::Client::open(stack.redis.url())
+    let mut redis = redis::Client::open(stack.redis_publish_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
