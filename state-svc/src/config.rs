@@ -42,7 +42,9 @@ pub struct Config {
     /// State store. Defaults to `redis` when a Redis URL is set, otherwise `memory`.
     #[arg(long, env = "PTT_STATE_STORE", value_enum)]
     pub store: Option<StoreKind>,
-    /// Redis URL, for example `redis://127.0.0.1:6379/0`. Never logged with its password.
+    /// Redis URL: `redis://127.0.0.1:6379/0` (or `rediss://` for TLS), under Sentinel
+    /// `redis+sentinel://host:port,.../<master name>`, a Redis Cluster
+    /// `redis+cluster://host:port,...` (seed nodes). Never logged with its password.
     #[arg(long, env = "PTT_STATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Redis ACL user (`AUTH <user> <password>`); the URL may name it too.

@@ -515,6 +515,40 @@ mod tests {
     }
 
     #[test]
+    fn cluster_urls_name_seed_nodes() {
+        let none = RedisAuth::default();
+        let connect =
+            RedisConnect::new("redis+cluster://r0:6379,r1:6380,10.0.0.3:6379", &none).unwrap();
+        assert!(connect.is_cluster() && !connect.is_sentinel());
+        assert_eq!(connect.cluster.as_ref().unwrap().len(), 3);
+        assert!(
+            connect
+                .cluster_client(std::time::Duration::from_secs(1), None)
+                .unwrap()
+                .is_some()
+        );
+        assert!(RedisConnect::new("redis+cluster://r0:6379/", &none).is_ok());
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://r0",
+            "redis+cluster://r0:notaport",
+            "redis+cluster://:6379",
+            "redis+cluster://user:pw@r0:6379",
+            "rediss+cluster://r0:6379",
+        ] {
+            assert!(RedisConnect::new(bad, &none).is_err(), "{bad}");
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("r{i}:6379")).collect();
+        let url = format!("redis+cluster://{}", many.join(","));
+        assert!(RedisConnect::new(&url, &none).is_err(), "at most 64 seeds");
+        assert!(
+            !RedisConnect::new("redis://127.0.0.1:6379", &none)
+                .unwrap()
+                .is_cluster()
+        );
+    }
+
+    #[test]
     fn postgres_tls_is_required_once_a_ca_is_given() {
         assert!(
             !PostgresConnect::new("postgres://u@h/db", &PostgresAuth::default())
