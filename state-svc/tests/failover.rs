@@ -235,3 +235,80 @@ async fn contention_through_a_failover(
     server.stop().await;
     slowest
 }
+
+/// The listener's sharded subscription follows a channel's slot to the promoted replica: a
+/// watch opened before the master of `ops` dies stays open and hears floor changes made after
+/// the failover as they happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_hear_a_channel_again_after_its_cluster_master_fails_over() {
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut config = Backend::Memory.config("cluster-watch");
+    config.store = Some(state_svc::StoreKind::Redis);
+    config.redis_url = Some(cluster.url());
+    config.key_prefix = support::unique_prefix("cluster-watch");
+    config.membership_channel = format!("{}:membership", config.key_prefix);
+    let prefix = config.key_prefix.clone();
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    let sid = c.join("talker", "ops").await;
+    let mut watch = c.watch(&["ops"]).await;
+    let granted = c.acquire("ops", &sid, 0).await.holder.unwrap().epoch;
+    assert_eq!(watch.next_floor().await.epoch, granted);
+    c.release("ops", &sid, granted).await;
+    assert!(watch.next_floor().await.holder.is_none());
+
+    let key = format!("{prefix}:{{ch:ops}}:floor");
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill_master_of(&key).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    // Granted again once a replica serves the slot.
+    let epoch = loop {
+        let reply = c
+            .floor
+            .acquire_floor(pb::AcquireFloorRequest {
+                channel_id: "ops".into(),
+                session_id: sid.clone(),
+                priority: 0,
+                min_epoch: granted,
+            })
+            .await;
+        if let Ok(r) = reply
+            && r.get_ref().outcome() == pb::AcquireOutcome::Granted
+        {
+            break r.into_inner().holder.unwrap().epoch;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no grant");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(epoch > granted);
+    // A live event, not a snapshot: the watch opened before the kill stays open (its
+    // resnapshot waits for the promoted replica) and hears the release as it happens, and the
+    // next grant too.
+    c.release("ops", &sid, epoch).await;
+    loop {
+        match watch.next_raw().await {
+            Ok(Some(Ok(pb::WatchEvent {
+                event: Some(pb::watch_event::Event::Floor(f)),
+                ..
+            }))) if f.holder.is_none() && f.epoch >= epoch => break,
+            // The resnapshot after the gap, and the grant made after the failover.
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the watch opened before the kill: {other:?}"),
+        }
+    }
+    let next = c.acquire("ops", &sid, 0).await.holder.unwrap().epoch;
+    assert_eq!(watch.next_floor().await.epoch, next);
+    eprintln!(
+        "watch hears the channel again {:?} after the kill",
+        started.elapsed()
+    );
+    drop(cluster);
+    server.stop().await;
+}

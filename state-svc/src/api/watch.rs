@@ -4,6 +4,11 @@
 //! subscribe/unsubscribe requests, answers each new channel with a snapshot (taken after the
 //! store's subscription is active, so no change falls between the two), forwards events, and
 //! re-sends snapshots whenever the hub reports a gap. The stream ends on shutdown.
+//!
+//! A gap is reported when pub/sub is back, which can be a moment before the store answers
+//! again (under Cluster, a replica serves a dead master's subscriptions before it is
+//! promoted): re-sending snapshots is then retried for up to [`RESYNC_PATIENCE`] instead of
+//! ending the stream, while events keep flowing.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -22,6 +27,10 @@ use crate::store::Store;
 
 /// Replies buffered per watch stream before the task waits for the client to read.
 const WATCH_OUTBOX: usize = 256;
+/// How long a watch keeps retrying its snapshots after a gap while the store is unavailable.
+const RESYNC_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+/// Between those tries.
+const RESYNC_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
@@ -91,7 +100,15 @@ enum End {
 impl<S: Store> WatchTask<S> {
     async fn run(mut self, mut inbound: Streaming<pb::WatchRequest>) {
         let shutdown = self.api.shutdown.clone();
+        // A resync the store could not answer yet: (first failure, next try).
+        let mut pending: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
         let result = loop {
+            let retry_due = async {
+                match pending {
+                    Some((_, next)) => tokio::time::sleep_until(next).await,
+                    None => std::future::pending().await,
+                }
+            };
             let step = tokio::select! {
                 request = inbound.next() => match request {
                     Some(Ok(request)) => self.apply(request).await,
@@ -99,9 +116,16 @@ impl<S: Store> WatchTask<S> {
                 },
                 delivery = self.subscription.recv() => match delivery {
                     Some(Delivery::Event(event)) => self.send(convert::event(&event)).await,
-                    Some(Delivery::Resync) => self.resync().await,
+                    Some(Delivery::Resync) => {
+                        let first = pending.map_or_else(tokio::time::Instant::now, |(f, _)| f);
+                        self.patient_resync(first, &mut pending).await
+                    }
                     None => Err(End::Gone),
                 },
+                () = retry_due => {
+                    let first = pending.map_or_else(tokio::time::Instant::now, |(f, _)| f);
+                    self.patient_resync(first, &mut pending).await
+                }
                 () = self.out.closed() => Err(End::Gone),
                 () = shutdown.cancelled() => Err(End::Error(Status::unavailable("server shutting down"))),
             };
@@ -161,6 +185,29 @@ impl<S: Store> WatchTask<S> {
             .await
             .map_err(|e| End::Error(e.into()))?;
         self.send(convert::snapshot(&state)).await
+    }
+
+    /// Re-sends the snapshots; while the store is unavailable and [`RESYNC_PATIENCE`] since
+    /// `first` has not passed, schedules another try in `pending` instead of failing.
+    async fn patient_resync(
+        &self,
+        first: tokio::time::Instant,
+        pending: &mut Option<(tokio::time::Instant, tokio::time::Instant)>,
+    ) -> Result<(), End> {
+        match self.resync().await {
+            Err(End::Error(status))
+                if status.code() == tonic::Code::Unavailable
+                    && first.elapsed() < RESYNC_PATIENCE =>
+            {
+                tracing::debug!("watch resync waits for the store");
+                *pending = Some((first, tokio::time::Instant::now() + RESYNC_RETRY));
+                Ok(())
+            }
+            outcome => {
+                *pending = None;
+                outcome
+            }
+        }
     }
 
     async fn resync(&self) -> Result<(), End> {

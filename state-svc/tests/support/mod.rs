@@ -312,6 +312,14 @@ impl Watch {
         item.event.expect("event set")
     }
 
+    /// The next item as the stream gives it: `Err` when nothing came within five seconds.
+    #[allow(dead_code)]
+    pub async fn next_raw(
+        &mut self,
+    ) -> Result<Option<Result<pb::WatchEvent, tonic::Status>>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(Duration::from_secs(5), self.stream.next()).await
+    }
+
     /// The next item, or None once the stream has ended (with an error or cleanly).
     pub async fn next_or_end(&mut self) -> Option<pb::WatchEvent> {
         match tokio::time::timeout(Duration::from_secs(5), self.stream.next()).await {

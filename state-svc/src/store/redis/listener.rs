@@ -36,6 +36,9 @@ const SUBSCRIBE_BATCH: usize = 256;
 /// Largest control-plane membership update accepted; bigger ones are dropped unread.
 pub const MAX_MEMBERSHIP_UPDATE_BYTES: usize = 64 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Under Cluster, how long after a node's pub/sub connection was lost watchers re-read even
+/// if no resubscription was confirmed.
+const RESYNC_WITHOUT_CONFIRMATION: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
@@ -157,45 +160,27 @@ impl Listener {
         ];
         let mut subscribed = HashSet::new();
         // Until every subscription is in place (and after a failed one), try again soon.
-        let mut fixed_done = false;
         let mut retry = tokio::time::interval(BACKOFF_MIN * 5);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lost = false;
+        let mut fixed_done = false;
+        // Since when a node's connection was lost and the subscriptions not yet all back:
+        // watchers re-read once they are (reading earlier fails, and ends their watches).
+        let mut lost: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
         loop {
-            if !fixed_done {
-                fixed_done = self.bounded(conn.subscribe(&fixed)).await.is_ok()
-                    && self
-                        .bounded(conn.psubscribe(self.keys.sync_events_pattern()))
-                        .await
-                        .is_ok();
-                if fixed_done {
-                    self.hub.resync_all();
-                }
-            }
             tokio::select! {
                 push = pushes.recv() => {
                     let Some(push) = push else { return };
-                    match push.kind {
-                        redis::PushKind::Disconnection => {
-                            tracing::warn!("a redis cluster node's pub/sub connection was lost; resubscribing");
-                            lost = true;
-                            self.hub.resync_all();
-                        }
-                        redis::PushKind::Subscribe
-                        | redis::PushKind::SSubscribe
-                        | redis::PushKind::PSubscribe => {
-                            // The connection resubscribes by itself after a loss: re-read
-                            // once it has.
-                            if lost {
-                                lost = false;
-                                self.hub.resync_all();
-                            }
-                        }
-                        _ => {
-                            if let Some(msg) = redis::Msg::from_push_info(push) {
-                                self.deliver(&msg);
-                            }
-                        }
+                    if push.kind == redis::PushKind::Disconnection {
+                        // The lost node's slots move to a replica; the connection does not
+                        // move our subscriptions by itself until it refreshes its slot map,
+                        // so subscribe everything again: each call goes to the slot's master
+                        // as the connection knows it, failing until the failover is done.
+                        tracing::warn!("a redis cluster node's pub/sub connection was lost; subscribing again");
+                        lost.get_or_insert_with(tokio::time::Instant::now);
+                        subscribed.clear();
+                        fixed_done = false;
+                    } else if let Some(msg) = redis::Msg::from_push_info(push) {
+                        self.deliver(&msg);
                     }
                 }
                 Some(reply) = self.requests.recv() => {
@@ -205,8 +190,20 @@ impl Listener {
                     let _ = self.reconcile_sharded(&mut conn, &mut subscribed).await;
                 }
                 _ = retry.tick() => {
+                    if !fixed_done {
+                        fixed_done = self.bounded(conn.subscribe(&fixed)).await.is_ok()
+                            && self
+                                .bounded(conn.psubscribe(self.keys.sync_events_pattern()))
+                                .await
+                                .is_ok();
+                    }
                     if fixed_done && subscribed != self.hub.wanted_channels() {
                         let _ = self.reconcile_sharded(&mut conn, &mut subscribed).await;
+                    }
+                    let back = fixed_done && subscribed == self.hub.wanted_channels();
+                    if lost.is_some_and(|at| back || at.elapsed() >= RESYNC_WITHOUT_CONFIRMATION) {
+                        lost = None;
+                        self.hub.resync_all();
                     }
                 }
                 () = self.shutdown.cancelled() => return,

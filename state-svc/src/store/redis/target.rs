@@ -90,7 +90,8 @@ impl ConnectionLike for Conn {
 /// A Redis Cluster: its client, and the shared connection once it is set up.
 struct Cluster {
     client: ClusterClient,
-    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// Set once, at the first call that reaches the cluster (no lock on the hot path after).
+    conn: tokio::sync::OnceCell<ClusterConnection>,
 }
 
 /// The Redis the store uses now.
@@ -141,7 +142,7 @@ impl Target {
             current: tokio::sync::watch::Sender::new(None),
             cluster: Some(std::sync::Arc::new(Cluster {
                 client,
-                conn: tokio::sync::Mutex::new(None),
+                conn: tokio::sync::OnceCell::new(),
             })),
             wait: timeout,
         }
@@ -245,18 +246,22 @@ impl Target {
         let Some(cluster) = &self.cluster else {
             return self.known().await.map(|c| Conn::Single(c.conn));
         };
-        let mut slot = cluster.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok(Conn::Cluster(conn.clone()));
-        }
-        let conn = tokio::time::timeout(self.wait, cluster.client.get_async_connection())
-            .await
-            .map_err(|_| {
-                redis::RedisError::from((redis::ErrorKind::Io, "redis cluster not reachable"))
-            })??;
-        tracing::info!("redis cluster connected");
-        *slot = Some(conn.clone());
-        Ok(Conn::Cluster(conn))
+        let conn = cluster
+            .conn
+            .get_or_try_init(|| async {
+                let conn = tokio::time::timeout(self.wait, cluster.client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "redis cluster not reachable",
+                        ))
+                    })??;
+                tracing::info!("redis cluster connected");
+                Ok::<_, redis::RedisError>(conn)
+            })
+            .await?;
+        Ok(Conn::Cluster(conn.clone()))
     }
 
     /// A connection of its own (for the audit writer, whose long reads should not queue in
