@@ -12,6 +12,14 @@
 //! sizes, `MEDIA_BENCH_SECS` the talking time per size (default 5), `MEDIA_BENCH_VERIFY_EVERY`
 //! how many listeners share one verifier (default 10), and `MEDIA_BENCH_TCP=1` connects every
 //! listener over ICE/TCP instead of UDP.
+//!
+//! On loopback, the kernel runs each listener's receive path (down to waking the listener)
+//! inside the node's own send call, so the node is billed for its listeners' receiving and its
+//! sends wait for it. `MEDIA_BENCH_NETNS=1` (root, `ip`, `tc`, `ethtool`) puts the listeners in
+//! a network namespace of their own, as on hosts of their own: the node's copies cross a veth
+//! link whose receiving end runs in a kernel thread (threaded NAPI) at the listeners' low
+//! priority, so the node's CPU and latency are its own. `MEDIA_BENCH_NODE_BIN` runs another
+//! build of media-svc (an earlier commit's, for a comparison in the same run).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -65,11 +73,21 @@ async fn run() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let frames = usize::try_from(secs * 50).unwrap_or(250);
+    let netns = std::env::var("MEDIA_BENCH_NETNS")
+        .is_ok_and(|v| v == "1")
+        .then(listeners_host);
+    let bind_ip = netns
+        .as_ref()
+        .map_or("127.0.0.1".to_owned(), |ns| ns.host_ip.to_string());
+    let bin = std::env::var("MEDIA_BENCH_NODE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_media-svc").to_owned());
     let node = ServiceProcess::start(
-        env!("CARGO_BIN_EXE_media-svc"),
+        &bin,
         &[
             "--listen",
             "127.0.0.1:0",
+            "--rtc-bind-ip",
+            &bind_ip,
             "--insecure-plaintext",
             "--log-format",
             "json",
@@ -104,7 +122,10 @@ async fn run() {
         .unwrap_or(10)
         .max(1);
     let tcp = std::env::var("MEDIA_BENCH_TCP").is_ok_and(|v| v == "1");
-    let listeners = farm::Farm::start();
+    let listeners = match &netns {
+        Some(ns) => farm::Farm::start(Some(ns.file().unwrap()), ns.ns_ip.into()),
+        None => farm::Farm::start(None, std::net::Ipv4Addr::LOCALHOST.into()),
+    };
     let mut ears: Vec<std::sync::Arc<farm::Ear>> = Vec::new();
     let mut rows = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
@@ -228,9 +249,14 @@ async fn run() {
 
     println!();
     println!(
-        "one channel, one speaker at 50 packets/s for {secs} s, {} cores, listeners over {}",
+        "one channel, one speaker at 50 packets/s for {secs} s, {} cores, listeners over {}{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if tcp { "ICE/TCP" } else { "UDP" }
+        if tcp { "ICE/TCP" } else { "UDP" },
+        if netns.is_some() {
+            ", in a network namespace receiving in its own kernel thread"
+        } else {
+            " on loopback"
+        }
     );
     println!(
         "| listeners | delivered | decrypted by verifiers | sequence gaps | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
@@ -265,6 +291,21 @@ async fn run() {
     }
 }
 
+/// The listeners' host: a network namespace whose receive path runs in kernel threads of its
+/// own, in the listeners' idle scheduling class (they stand for other machines).
+fn listeners_host() -> testkit::netns::Netns {
+    let ns = testkit::netns::Netns::create().expect("network namespace (needs root and ip)");
+    let threads = ns
+        .receive_in_own_thread()
+        .expect("threaded receive in the namespace (needs ethtool and tc)");
+    for tid in threads {
+        if !farm::make_idle(&tid.to_string()) {
+            eprintln!("note: could not lower the namespace's receive thread {tid}");
+        }
+    }
+    ns
+}
+
 /// A listener on the farm: a recv transport, the farm peer's answer, a consumer, connected.
 async fn listener(
     client: &mut support::Client,
@@ -284,9 +325,9 @@ async fn listener(
         .await
         .unwrap()
         .into_inner();
-    let (pending, sdp) = farm::answer(&created.offer.unwrap().sdp, verifier, tcp);
-    let ear = pending.ear();
-    farm.add(pending);
+    let (ear, sdp) = farm
+        .answer(&created.offer.unwrap().sdp, verifier, tcp)
+        .await;
     support::connect(client, &created.transport_id, &session, sdp).await;
     client
         .consume(pb::ConsumeRequest {

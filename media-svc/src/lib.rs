@@ -71,11 +71,7 @@ pub async fn run(
         tls.spawn_reload(shutdown.clone());
     }
     let refusals = Refusals::new();
-    let workers = if config.workers == 0 {
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-    } else {
-        config.workers
-    };
+    let workers = crate::worker::Workers::new(config.workers, config.pin_workers);
     if config.port_range.is_some() {
         tracing::warn!(
             udp = %config.udp_addr(),
@@ -83,7 +79,7 @@ pub async fn run(
         );
     }
     let capacity = if config.capacity == 0 {
-        let c = crate::worker::calibrate::measure(workers)?;
+        let c = crate::worker::calibrate::measure(workers.count)?;
         tracing::info!(
             copy_cost_ns = c.copy_cost.as_nanos() as u64,
             measured_core_ns = c.core_cost.as_nanos() as u64,
@@ -100,7 +96,8 @@ pub async fn run(
         announced_ip: config.announced_ip,
         capacity,
     };
-    let node = Node::new(RtcEngine::new()?, settings, config.media_addrs(), workers)?;
+    let worker_count = workers.count;
+    let node = Node::new(RtcEngine::new()?, settings, config.media_addrs(), &workers)?;
     let tasks = TaskTracker::new();
     let side_stop = CancellationToken::new();
     tasks.spawn(Arc::clone(&node).reap(
@@ -157,7 +154,7 @@ pub async fn run(
     ));
 
     let incoming = talkgroup_common::grpc::incoming(listener, security, refusals.clone());
-    tracing::info!(%addr, %node_id, workers, "media-svc listening");
+    tracing::info!(%addr, %node_id, workers = worker_count, "media-svc listening");
     let policy = if config.grpc_reflection {
         policy().with_reflection()
     } else {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Candidate, Engine, EngineError, PeerSpec, PeerState};
 use crate::router::{Floor, FloorApplied, Listener, Rewriter};
-use crate::worker::{Demux, Listen, PoolStats, WorkerPool};
+use crate::worker::{Demux, Listen, PoolStats, WorkerPool, Workers};
 
 /// Transports one session may hold: a dispatcher monitoring 50 channels holds a receive
 /// transport for each and a send transport for those it talks on. Transports share the node's
@@ -165,7 +165,7 @@ impl Node {
         engine: E,
         settings: NodeSettings,
         (udp, tcp): (SocketAddr, Option<SocketAddr>),
-        workers: usize,
+        workers: &Workers,
     ) -> Result<Arc<Self>, EngineError> {
         let listen = Listen {
             udp,
@@ -798,7 +798,7 @@ mod tests {
             PanicsOnListener(RtcEngine::new().unwrap()),
             settings,
             ("127.0.0.1:0".parse().unwrap(), None),
-            1,
+            &Workers::new(1, false),
         )
         .unwrap();
         assert!(!node.failed().is_cancelled());
@@ -823,7 +823,7 @@ mod tests {
             RtcEngine::new().unwrap(),
             settings,
             ("127.0.0.1:0".parse().unwrap(), None),
-            1,
+            &Workers::new(1, false),
         )
         .unwrap();
         let kept = node

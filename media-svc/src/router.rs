@@ -62,9 +62,9 @@ impl Rewriter {
         }
     }
 
-    /// Rewrites `packet` (from the floor holder at `epoch`) for this listener.
-    pub fn rewrite(&mut self, packet: &rtp::Packet, epoch: u64, now: Instant) -> rtp::Packet {
-        let header = &packet.header;
+    /// Rewrites the header of a packet (from the floor holder at `epoch`) for this listener:
+    /// only the header, since the payload is the same for every listener.
+    pub fn rewrite(&mut self, header: &rtp::header::Header, epoch: u64, now: Instant) -> Rewritten {
         let mut marker = header.marker;
         let source = match self.source {
             Some(s) if s.ssrc == header.ssrc && s.epoch == epoch => s,
@@ -96,19 +96,53 @@ impl Rewriter {
             self.last_ts = ts;
         }
         self.last_at = Some(now);
-        rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                padding: false,
-                extension: false,
-                marker,
-                payload_type: self.payload_type,
-                sequence_number: seq,
-                timestamp: ts,
-                ssrc: self.ssrc,
-                ..Default::default()
-            },
-            payload: packet.payload.clone(),
+        Rewritten {
+            marker,
+            payload_type: self.payload_type,
+            sequence_number: seq,
+            timestamp: ts,
+            ssrc: self.ssrc,
+        }
+    }
+}
+
+/// A listener's copy of a packet's header: a plain 12-byte RTP header (no CSRCs, no
+/// extensions), small enough to hand to another worker by value with the shared payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    pub marker: bool,
+    pub payload_type: u8,
+    pub sequence_number: u16,
+    pub timestamp: u32,
+    pub ssrc: u32,
+}
+
+impl Rewritten {
+    /// Length of the header on the wire.
+    pub const LEN: usize = 12;
+
+    /// The header on the wire (RFC 3550 section 5.1: version 2, no padding, no extension, no
+    /// CSRC).
+    pub fn marshal(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[0] = 0x80;
+        out[1] = (u8::from(self.marker) << 7) | (self.payload_type & 0x7f);
+        out[2..4].copy_from_slice(&self.sequence_number.to_be_bytes());
+        out[4..8].copy_from_slice(&self.timestamp.to_be_bytes());
+        out[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+        out
+    }
+
+    /// The same header as the `rtp` crate's type.
+    pub fn header(&self) -> rtp::header::Header {
+        rtp::header::Header {
+            version: 2,
+            marker: self.marker,
+            payload_type: self.payload_type,
+            sequence_number: self.sequence_number,
+            timestamp: self.timestamp,
+            ssrc: self.ssrc,
+            ..Default::default()
         }
     }
 }
@@ -207,15 +241,15 @@ impl Router {
         self.stats
     }
 
-    /// Forwards one packet from `producer` if it holds the floor at `now`, handing each
-    /// listener's rewritten copy to `deliver(peer, packet)`, which must not block and answers
-    /// whether the packet was taken.
+    /// Forwards one packet (its `header`) from `producer` if it holds the floor at `now`,
+    /// handing each listener's rewritten header to `deliver(peer, header)`, which must not
+    /// block and answers whether the copy was taken. The payload is the caller's to share.
     pub fn on_packet(
         &mut self,
         producer: &str,
-        packet: &rtp::Packet,
+        header: &rtp::header::Header,
         now: Instant,
-        deliver: &mut dyn FnMut(u64, rtp::Packet) -> bool,
+        deliver: &mut dyn FnMut(u64, Rewritten) -> bool,
     ) {
         let holds = self.floor.producer.as_deref() == Some(producer)
             && self.floor.expires_at.is_none_or(|at| now < at);
@@ -228,7 +262,7 @@ impl Router {
             if &listener.session == speaker_session {
                 continue;
             }
-            let out = listener.rewriter.rewrite(packet, epoch, now);
+            let out = listener.rewriter.rewrite(header, epoch, now);
             if deliver(listener.peer, out) {
                 self.stats.forwarded += 1;
             } else {
@@ -274,16 +308,19 @@ mod tests {
             packet: &rtp::Packet,
             now: Instant,
         ) {
-            let mut deliver = |peer: u64, packet: rtp::Packet| {
+            let mut deliver = |peer: u64, out: Rewritten| {
                 let cap = self.capacity.get(&peer).copied().unwrap_or(usize::MAX);
                 let got = self.got.entry(peer).or_default();
                 if got.len() >= cap {
                     return false;
                 }
-                got.push(packet);
+                got.push(rtp::Packet {
+                    header: out.header(),
+                    payload: packet.payload.clone(),
+                });
                 true
             };
-            router.on_packet(producer, packet, now, &mut deliver);
+            router.on_packet(producer, &packet.header, now, &mut deliver);
         }
 
         fn take(&mut self, peer: u64) -> Vec<rtp::Packet> {
@@ -413,6 +450,26 @@ mod tests {
         );
         assert!(out.take(1).is_empty());
         assert_eq!(out.take(2).len(), 1, "nothing after expiry");
+    }
+
+    #[test]
+    fn a_rewritten_header_is_marshalled_as_the_rtp_crate_does() {
+        use rtc::shared::marshal::Marshal;
+        for (marker, payload_type, sequence_number, timestamp, ssrc) in [
+            (false, 111, 0, 0, 0),
+            (true, 109, 65535, u32::MAX, 0xdead_beef),
+            (true, 0, 1, 960, 1),
+        ] {
+            let header = Rewritten {
+                marker,
+                payload_type,
+                sequence_number,
+                timestamp,
+                ssrc,
+            };
+            let expected = header.header().marshal().unwrap();
+            assert_eq!(&header.marshal()[..], &expected[..], "{header:?}");
+        }
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
 //! - [`TurnServer`]: a real coturn relay on a free loopback port, checking TURN REST API
 //!   credentials against a shared secret.
+//! - [`netns::Netns`]: a network namespace joined to this host by a veth pair, for clients
+//!   behind a hard network or on a host of their own.
 
 #[cfg(feature = "media")]
 pub mod media;
+pub mod netns;
 pub mod postgres;
 #[cfg(feature = "ws")]
 pub mod ws;

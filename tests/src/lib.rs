@@ -10,7 +10,7 @@
 
 pub mod browser;
 pub mod client;
-pub mod netns;
+pub use testkit::netns;
 pub mod relay;
 
 use std::net::SocketAddr;

@@ -9,13 +9,18 @@
 //! fails if any did not. STUN, DTLS and RTCP always go to the peer, so ICE consent, the DTLS
 //! session and the node's view of the connection are those of a real client.
 //!
+//! The farm may live in a network namespace of its own ([`Farm::start`] with one): its sockets
+//! are made there, so what the node sends them crosses a veth link, and the namespace's receive
+//! path can run in a kernel thread of its own instead of inside the node's send calls (see
+//! `testkit::netns::Netns::receive_in_own_thread`).
+//!
 //! A listener may also connect over ICE/TCP only: its peer gets the node's offer without the
 //! UDP candidate and an active TCP candidate of its own, and its datagrams travel framed
 //! (RFC 4571) on one TCP connection to the node's shared TCP port.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -75,7 +80,7 @@ enum Link {
 }
 
 /// A peer with its socket, ready to be driven by the farm.
-pub struct Pending {
+struct Pending {
     core: RTCPeerConnection,
     link: Link,
     local: SocketAddr,
@@ -95,9 +100,9 @@ fn candidate_of(offer: &str, network: &str) -> SocketAddr {
     format!("{}:{}", fields[4], fields[5]).parse().unwrap()
 }
 
-/// Answers the node's offer with a receive-only peer on a fresh loopback socket (UDP), or on
-/// a TCP connection to the node's ICE/TCP port with `tcp`.
-pub fn answer(offer: &str, verifier: bool, tcp: bool) -> (Pending, String) {
+/// Answers the node's offer with a receive-only peer on a fresh socket on `ip` (UDP), or on a
+/// TCP connection to the node's ICE/TCP port with `tcp`.
+fn answer(offer: &str, verifier: bool, tcp: bool, ip: IpAddr) -> (Pending, String) {
     let (link, local, offer) = if tcp {
         let stream = std::net::TcpStream::connect(candidate_of(offer, "tcp")).unwrap();
         stream.set_nodelay(true).unwrap();
@@ -109,7 +114,7 @@ pub fn answer(offer: &str, verifier: bool, tcp: bool) -> (Pending, String) {
             .collect();
         (Link::Tcp(stream), local, offer)
     } else {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::UdpSocket::bind((ip, 0)).unwrap();
         socket.set_nonblocking(true).unwrap();
         let local = socket.local_addr().unwrap();
         (Link::Udp(socket), local, offer.to_owned())
@@ -161,24 +166,32 @@ pub fn answer(offer: &str, verifier: bool, tcp: bool) -> (Pending, String) {
     )
 }
 
-impl Pending {
-    pub fn ear(&self) -> Arc<Ear> {
-        Arc::clone(&self.ear)
-    }
+/// A listener to make: the node's offer, and where its answer and [`Ear`] go.
+struct Job {
+    offer: String,
+    verifier: bool,
+    tcp: bool,
+    reply: tokio::sync::oneshot::Sender<(Arc<Ear>, String)>,
 }
 
 /// The thread the listeners run on. Dropping it stops them.
 pub struct Farm {
-    add: mpsc::UnboundedSender<Pending>,
+    add: mpsc::UnboundedSender<Job>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Farm {
-    pub fn start() -> Self {
-        let (add, mut added) = mpsc::unbounded_channel::<Pending>();
+    /// Starts the farm's thread; its listeners' sockets are made on `ip`, inside `netns` when
+    /// given (a namespace's file, as `/var/run/netns/<name>`).
+    pub fn start(netns: Option<std::fs::File>, ip: IpAddr) -> Self {
+        let (add, mut added) = mpsc::unbounded_channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("listener-farm".into())
             .spawn(move || {
+                if let Some(ns) = netns {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .expect("enter the listeners' namespace");
+                }
                 lower_this_thread();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -186,7 +199,9 @@ impl Farm {
                     .unwrap();
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&runtime, async move {
-                    while let Some(pending) = added.recv().await {
+                    while let Some(job) = added.recv().await {
+                        let (pending, sdp) = answer(&job.offer, job.verifier, job.tcp, ip);
+                        let _ = job.reply.send((Arc::clone(&pending.ear), sdp));
                         tokio::task::spawn_local(drive(pending));
                     }
                 });
@@ -198,8 +213,18 @@ impl Farm {
         }
     }
 
-    pub fn add(&self, pending: Pending) {
-        assert!(self.add.send(pending).is_ok(), "farm running");
+    /// A new listener answering the node's `offer` (see [`Farm::start`] for where): its
+    /// [`Ear`] and its answer.
+    pub async fn answer(&self, offer: &str, verifier: bool, tcp: bool) -> (Arc<Ear>, String) {
+        let (reply, answered) = tokio::sync::oneshot::channel();
+        let job = Job {
+            offer: offer.to_owned(),
+            verifier,
+            tcp,
+            reply,
+        };
+        assert!(self.add.send(job).is_ok(), "farm running");
+        answered.await.expect("farm answered")
     }
 }
 
@@ -213,24 +238,33 @@ impl Drop for Farm {
     }
 }
 
-/// Puts the calling thread (the listeners, standing for other people's phones) at the lowest
-/// CPU priority (`renice -n 19` on its thread id), so the node it measures gets the cores
-/// whenever it has work, as it would on a server of its own. The arrival times then include
-/// the listeners' waits; the node's added latency is measured inside the node.
+/// Puts the calling thread (the listeners, standing for other people's phones) in the idle
+/// scheduling class, so the node it measures gets a core whenever it has work, as it would on
+/// a server of its own: a woken worker preempts an idle-class thread at once, where a thread
+/// merely at the lowest priority (`nice 19`) could keep the core to the end of its time slice
+/// (milliseconds). The arrival times then include the listeners' waits; the node's added
+/// latency is measured inside the node.
 fn lower_this_thread() {
     let tid = std::fs::read_link("/proc/thread-self")
         .ok()
         .and_then(|p| p.file_name().map(|t| t.to_string_lossy().into_owned()));
-    let lowered = tid.is_some_and(|tid| {
-        std::process::Command::new("renice")
-            .args(["-n", "19", "-p", &tid])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !lowered {
+    if !tid.is_some_and(|tid| make_idle(&tid)) {
         eprintln!("note: could not lower the listeners' CPU priority: they compete with the node");
     }
+}
+
+/// Moves thread `tid` to the idle scheduling class (`chrt --idle`), or failing that to the
+/// lowest priority (`renice -n 19`).
+pub fn make_idle(tid: &str) -> bool {
+    let run = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    run("chrt", &["--idle", "-p", "0", tid]) || run("renice", &["-n", "19", "-p", tid])
 }
 
 /// RTP, not RTCP (RFC 5761: RTCP packet types 192-223 put 64-95 in the payload type bits).

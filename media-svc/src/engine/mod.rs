@@ -23,6 +23,8 @@ use std::time::Instant;
 
 use rtc::rtp;
 
+pub use crate::router::Rewritten;
+
 pub mod listener;
 pub mod rtc_peer;
 pub mod sdp;
@@ -145,8 +147,9 @@ pub trait SpeakerTransport: Transport {
 
 /// A listener's transport: the node sends the client one audio track.
 pub trait ListenerTransport: Transport {
-    /// Queues one RTP packet to the client; false if it cannot be sent (not connected yet).
-    fn write_rtp(&mut self, packet: &rtp::Packet) -> bool;
+    /// Encrypts one RTP packet (`header` and `payload`) and queues it to the client; false if
+    /// it cannot be sent (not connected yet).
+    fn write_rtp(&mut self, header: &Rewritten, payload: &[u8]) -> bool;
     /// The payload type the client accepted for the node's track.
     fn payload_type(&self) -> u8;
 }

@@ -23,7 +23,7 @@ use crate::engine::{
     Candidate, Engine, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, Path, Peer, PeerSpec,
     PeerState, Proto, SpeakerTransport,
 };
-use crate::router::{Floor, FloorApplied, Router, RouterStats};
+use crate::router::{Floor, FloorApplied, Rewritten, Router, RouterStats};
 
 /// Datagrams read from the socket per wake-up, so a flood cannot starve the rest of the loop.
 const READS_PER_WAKE: usize = 64;
@@ -49,10 +49,11 @@ fn respond<T>(reply: super::Reply<T>, value: T) {
     let _ = reply.send(value);
 }
 
-/// Starts worker `index` of `pool` on a thread of its own, serving `socket` (and accepting
-/// ICE/TCP connections on `tcp`).
+/// Starts worker `index` of `pool` on a thread of its own (pinned to `cpu`, if given),
+/// serving `socket` (and accepting ICE/TCP connections on `tcp`).
 pub(super) fn spawn<E: Engine>(
     index: usize,
+    cpu: Option<usize>,
     pool: WorkerPool,
     engine: Arc<E>,
     queues: Queues,
@@ -67,6 +68,9 @@ pub(super) fn spawn<E: Engine>(
     let spawned = std::thread::Builder::new()
         .name(format!("media-worker-{index}"))
         .spawn(move || {
+            if let Some(cpu) = cpu {
+                pin(index, cpu);
+            }
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -108,6 +112,18 @@ pub(super) fn spawn<E: Engine>(
         });
     if let Err(error) = spawned {
         tracing::error!(worker = index, %error, "media worker thread could not start");
+    }
+}
+
+/// Pins the calling thread (worker `index`) to `cpu`; a refusal leaves it where the scheduler
+/// puts it.
+fn pin(index: usize, cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    if let Err(error) = pinned {
+        tracing::warn!(worker = index, cpu, %error, "media worker not pinned to its CPU");
     }
 }
 
@@ -154,8 +170,34 @@ impl Net {
     }
 }
 
+/// Hashes peer keys: numbers the node hands out in sequence itself (never a client's choice),
+/// so one multiplication spreads them over a table's buckets. SipHash, the default, was a
+/// measurable part of a copy's cost (a lookup per copy).
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: odd, so a bijection on every number of low bits.
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by peer key.
+type KeyMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// A worker's peers: the engine's two kinds of transport, each in its slot.
-type Peers<E> = HashMap<u64, Slot<<E as Engine>::Speaker, <E as Engine>::Listener>>;
+type Peers<E> = KeyMap<Slot<<E as Engine>::Speaker, <E as Engine>::Listener>>;
 
 pub(super) struct Worker<E: Engine> {
     index: usize,
@@ -211,20 +253,22 @@ fn schedule<S: SpeakerTransport, L: ListenerTransport>(
 
 /// Where copies go out and what their sending is measured into.
 struct Out<'a, S, L> {
-    peers: &'a mut HashMap<u64, Slot<S, L>>,
+    peers: &'a mut KeyMap<Slot<S, L>>,
     net: &'a mut Net,
     send_dropped: &'a mut u64,
     latency: &'a mut Histogram<u64>,
 }
 
-/// Encrypts one copy for a listener's peer and queues it in the worker's batch, sending the
-/// batch when full. `at` is when the speaker's packet arrived; copies of a packet older than
-/// [`MAX_FORWARD_AGE`] are dropped (checked when a batch starts, not per copy: reading the
-/// clock is a measurable part of a copy's cost).
+/// Encrypts one copy (a listener's `header` and the shared `payload`) for a listener's peer
+/// and queues it in the worker's batch, sending the batch when full. `at` is when the
+/// speaker's packet arrived; copies of a packet older than [`MAX_FORWARD_AGE`] are dropped
+/// (checked when a batch starts, not per copy: reading the clock is a measurable part of a
+/// copy's cost).
 fn deliver_to<S: SpeakerTransport, L: ListenerTransport>(
     out: &mut Out<'_, S, L>,
     key: u64,
-    packet: &rtp::Packet,
+    header: &Rewritten,
+    payload: &[u8],
     at: Instant,
 ) {
     if out.net.batch.len() == 0 && at.elapsed() > MAX_FORWARD_AGE {
@@ -237,7 +281,7 @@ fn deliver_to<S: SpeakerTransport, L: ListenerTransport>(
     let Peer::Listener(listener) = &mut slot.peer else {
         return;
     };
-    if !listener.write_rtp(packet) {
+    if !listener.write_rtp(header, payload) {
         return;
     }
     // No timer to re-arm: a listener transport starts none by sending, and its consent and
@@ -314,7 +358,7 @@ impl<E: Engine> Worker<E> {
             routers: HashMap::new(),
             epochs: HashMap::new(),
             retired: RouterStats::default(),
-            peers: HashMap::new(),
+            peers: KeyMap::default(),
             timers: BinaryHeap::new(),
             net: Net {
                 udp,
@@ -560,25 +604,30 @@ impl<E: Engine> Worker<E> {
         let Some(router) = routers.get_mut(channel) else {
             return;
         };
-        // Every copy is rewritten first, and the other workers get their batches before this
-        // one sends its own share, so all workers encrypt and send at the same time: the last
-        // copy leaves after 1/workers of the fan-out, not after all of this worker's share.
-        let mut batches: Vec<Vec<(u64, rtp::Packet)>> =
-            (0..pool.workers.len()).map(|_| Vec::new()).collect();
-        router.on_packet(producer, packet, at, &mut |peer, out| {
+        // Every copy's header is rewritten first, and the other workers get their batches
+        // before this one sends its own share, so all workers encrypt and send at the same
+        // time: the last copy leaves after 1/workers of the fan-out, not after all of this
+        // worker's share. A batch carries the payload once, shared, and a 16-byte header per
+        // copy, so no per-copy reference count is touched by two cores.
+        let mut batches: Vec<Vec<(u64, Rewritten)>> = (0..pool.workers.len())
+            .map(|_| Vec::with_capacity(router.listener_count() / pool.workers.len() + 1))
+            .collect();
+        router.on_packet(producer, &packet.header, at, &mut |peer, out| {
             batches[pool.peer_worker(peer)].push((peer, out));
             true
         });
         let own = std::mem::take(&mut batches[*index]);
-        for (owner, batch) in batches.into_iter().enumerate() {
-            if batch.is_empty() {
+        for (owner, copies) in batches.into_iter().enumerate() {
+            if copies.is_empty() {
                 continue;
             }
-            let lost = batch.len() as u64;
-            if pool.workers[owner]
-                .try_send(Command::Deliver { batch, at })
-                .is_err()
-            {
+            let lost = copies.len() as u64;
+            let deliver = Command::Deliver {
+                payload: packet.payload.clone(),
+                copies,
+                at,
+            };
+            if pool.workers[owner].try_send(deliver).is_err() {
                 *send_dropped += lost;
             }
         }
@@ -588,8 +637,8 @@ impl<E: Engine> Worker<E> {
             send_dropped,
             latency,
         };
-        for (peer, out) in own {
-            deliver_to(&mut local, peer, &out, at);
+        for (peer, header) in own {
+            deliver_to(&mut local, peer, &header, &packet.payload, at);
         }
         send_batch(local.net, local.send_dropped, local.latency);
     }
@@ -699,7 +748,7 @@ impl<E: Engine> Worker<E> {
     }
 
     /// Sends a batch of copies another worker routed.
-    fn deliver(&mut self, batch: Vec<(u64, rtp::Packet)>, at: Instant) {
+    fn deliver(&mut self, payload: &[u8], copies: Vec<(u64, Rewritten)>, at: Instant) {
         let Worker {
             peers,
             net,
@@ -713,8 +762,8 @@ impl<E: Engine> Worker<E> {
             send_dropped,
             latency,
         };
-        for (peer, packet) in batch {
-            deliver_to(&mut out, peer, &packet, at);
+        for (peer, header) in copies {
+            deliver_to(&mut out, peer, &header, payload, at);
         }
         send_batch(out.net, out.send_dropped, out.latency);
     }
@@ -801,7 +850,11 @@ impl<E: Engine> Worker<E> {
                 self.close_peer(key);
                 respond(reply, ());
             }
-            Command::Deliver { batch, at } => self.deliver(batch, at),
+            Command::Deliver {
+                payload,
+                copies,
+                at,
+            } => self.deliver(&payload, copies, at),
             Command::AddProducer {
                 channel,
                 producer,

@@ -42,13 +42,11 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rtc::dtls::config::HandshakeConfig;
 use rtc::dtls::endpoint::{Endpoint, EndpointEvent};
-use rtc::rtp;
 use rtc::shared::TransportProtocol;
-use rtc::shared::marshal::{Marshal, MarshalSize};
 
 use super::{
     Addresses, Candidate, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, Path, PeerState,
-    Transport,
+    Rewritten, Transport,
 };
 use description::{Answer, offer, parse_answer, random_token};
 pub use identity::Identity;
@@ -511,18 +509,14 @@ impl Transport for ListenerPeer {
 
 impl ListenerTransport for ListenerPeer {
     /// Encrypts one RTP packet for the listener and queues it.
-    fn write_rtp(&mut self, packet: &rtp::Packet) -> bool {
+    fn write_rtp(&mut self, header: &Rewritten, payload: &[u8]) -> bool {
         let (Some(srtp), Some(remote)) = (self.srtp.as_mut(), self.remote) else {
             return false;
         };
         self.scratch.clear();
-        self.scratch
-            .resize(packet.header.marshal_size() + packet.payload.len(), 0);
-        let Ok(n) = packet.header.marshal_to(&mut self.scratch) else {
-            return false;
-        };
-        self.scratch[n..].copy_from_slice(&packet.payload);
-        match srtp.encrypt_rtp_with_header(&self.scratch, &packet.header) {
+        self.scratch.extend_from_slice(&header.marshal());
+        self.scratch.extend_from_slice(payload);
+        match srtp.encrypt_rtp_with_header(&self.scratch, &header.header()) {
             Ok(encrypted) => {
                 self.out.push_back((encrypted, remote));
                 true
@@ -624,8 +618,14 @@ mod tests {
             announced: None,
         };
         let mut peer = ListenerPeer::new(identity, 1, &local);
-        let packet = rtp::Packet::default();
-        assert!(!peer.write_rtp(&packet));
+        let header = Rewritten {
+            marker: false,
+            payload_type: 111,
+            sequence_number: 1,
+            timestamp: 0,
+            ssrc: 1,
+        };
+        assert!(!peer.write_rtp(&header, &[0; 40]));
         // A malformed STUN message, and DTLS from an address no check validated, are ignored.
         peer.handle_datagram(
             BytesMut::from(&[0u8, 1, 0, 0][..]),
@@ -725,18 +725,14 @@ mod tests {
                     states.push(state);
                 }
                 if states.contains(&PeerState::Connected) && sent < send_after_connect {
-                    let packet = rtp::Packet {
-                        header: rtp::header::Header {
-                            version: 2,
-                            payload_type: node.payload_type(),
-                            sequence_number: 100 + sent as u16,
-                            timestamp: 960 * sent as u32,
-                            ssrc: node.ssrc(),
-                            ..Default::default()
-                        },
-                        payload: bytes::Bytes::from(vec![sent as u8; 40]),
+                    let header = Rewritten {
+                        marker: false,
+                        payload_type: node.payload_type(),
+                        sequence_number: 100 + sent as u16,
+                        timestamp: 960 * sent as u32,
+                        ssrc: node.ssrc(),
                     };
-                    assert!(node.write_rtp(&packet));
+                    assert!(node.write_rtp(&header, &[sent as u8; 40]));
                     sent += 1;
                 }
             }
@@ -814,17 +810,14 @@ mod tests {
             });
             assert!(states.is_empty(), "still connected: {states:?}");
             assert_eq!(node.remote, Some(Path::udp(rebound)));
-            let packet = rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    payload_type: node.payload_type(),
-                    sequence_number: 200,
-                    ssrc: node.ssrc(),
-                    ..Default::default()
-                },
-                payload: bytes::Bytes::from_static(&[9; 40]),
+            let header = Rewritten {
+                marker: false,
+                payload_type: node.payload_type(),
+                sequence_number: 200,
+                timestamp: 0,
+                ssrc: node.ssrc(),
             };
-            assert!(node.write_rtp(&packet));
+            assert!(node.write_rtp(&header, &[9; 40]));
             let (_, to) = node.poll_datagram().unwrap();
             assert_eq!(to, Path::udp(rebound));
         }
@@ -892,16 +885,14 @@ mod tests {
                 node.previous.is_none(),
                 "the client moved to the new credentials"
             );
-            assert!(node.write_rtp(&rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    payload_type: node.payload_type(),
-                    sequence_number: 300,
-                    ssrc: node.ssrc(),
-                    ..Default::default()
-                },
-                payload: bytes::Bytes::from_static(&[7; 40]),
-            }));
+            let header = Rewritten {
+                marker: false,
+                payload_type: node.payload_type(),
+                sequence_number: 300,
+                timestamp: 0,
+                ssrc: node.ssrc(),
+            };
+            assert!(node.write_rtp(&header, &[7; 40]));
         }
 
         #[test]

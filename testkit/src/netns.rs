@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 pub struct Netns {
     pub name: String,
     host_if: String,
+    ns_if: String,
     /// This host's end of the link.
     pub host_ip: Ipv4Addr,
     /// The namespace's end of the link.
@@ -65,6 +66,7 @@ impl Netns {
         let netns = Self {
             name,
             host_if,
+            ns_if: ns_if.clone(),
             host_ip,
             ns_ip,
         };
@@ -109,6 +111,77 @@ impl Netns {
         let mut full = vec!["netns", "exec", self.name.as_str(), program];
         full.extend_from_slice(args);
         run("ip", &full)
+    }
+
+    /// Makes the namespace receive as a host of its own would. On a veth link (as on
+    /// loopback) the receiver's whole kernel path, down to waking the receiving process, runs
+    /// inside the *sender's* system call, so a server sending to clients in the namespace is
+    /// billed for their receiving too. With GRO on the namespace's end its veth receives
+    /// through NAPI, and threaded NAPI runs that in a kernel thread of its own; this host's
+    /// end gets a queue (pfifo), so a burst waits for that thread instead of being dropped,
+    /// as a burst waits in a real NIC's queue. Returns the receiving threads' ids (`napi/..`),
+    /// so a caller can lower their priority as it would the clients'. Needs `ethtool`.
+    pub fn receive_in_own_thread(&self) -> Result<Vec<u32>> {
+        self.exec(
+            "ethtool",
+            &[
+                "-K",
+                &self.ns_if,
+                "gro",
+                "on",
+                "rx-udp-gro-forwarding",
+                "on",
+            ],
+        )?;
+        self.exec(
+            "sh",
+            &[
+                "-c",
+                &format!("echo 1 > /sys/class/net/{}/threaded", self.ns_if),
+            ],
+        )?;
+        run(
+            "tc",
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                &self.host_if,
+                "root",
+                "pfifo",
+                "limit",
+                "20000",
+            ],
+        )?;
+        let prefix = format!("napi/{}-", self.ns_if);
+        let mut threads = Vec::new();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if std::fs::read_to_string(entry.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with(&prefix))
+            {
+                threads.push(pid);
+            }
+        }
+        if threads.is_empty() {
+            bail!(
+                "no NAPI thread for {}: this kernel's veth did not switch to threaded NAPI",
+                self.ns_if
+            );
+        }
+        Ok(threads)
+    }
+
+    /// The namespace's file, for `setns` by a thread that should make its sockets there.
+    pub fn file(&self) -> Result<std::fs::File> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))
     }
 
     /// Drops every UDP datagram into and out of the namespace (a network that allows only
@@ -157,8 +230,7 @@ impl Netns {
     /// A tokio runtime whose threads live in the namespace: sockets made by what runs on it
     /// (a client peer, built there) are the namespace's, under its rules.
     pub fn runtime(&self) -> Result<NsRuntime> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        let file = self.file()?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
