@@ -75,10 +75,10 @@ pub struct Config {
     #[arg(long, env = "PTT_MEDIA_WORKERS", default_value_t = 0)]
     pub workers: usize,
     /// Pin each forwarding worker to a CPU of its own (of those this process may use), so a
-    /// packet's copies are encrypted and sent on every core at once. Turn off when the node
-    /// shares its CPUs with other busy processes and has no CPU set of its own.
-    #[arg(long, env = "PTT_MEDIA_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub pin_workers: bool,
+    /// packet's copies are encrypted and sent on every core at once. Unset: pinned when the
+    /// process may run on no more CPUs than it has workers (it owns them).
+    #[arg(long, env = "PTT_MEDIA_PIN_WORKERS", action = clap::ArgAction::Set)]
+    pub pin_workers: Option<bool>,
     /// Transports (peer connections) the node accepts; 0 (the default) derives it from the
     /// CPU: the cost of one forwarded copy, measured at start, and the cores.
     #[arg(long, env = "PTT_MEDIA_CAPACITY", default_value_t = 0)]

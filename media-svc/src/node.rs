@@ -798,7 +798,7 @@ mod tests {
             PanicsOnListener(RtcEngine::new().unwrap()),
             settings,
             ("127.0.0.1:0".parse().unwrap(), None),
-            &Workers::new(1, false),
+            &Workers::new(1, Some(false)),
         )
         .unwrap();
         assert!(!node.failed().is_cancelled());
@@ -823,7 +823,7 @@ mod tests {
             RtcEngine::new().unwrap(),
             settings,
             ("127.0.0.1:0".parse().unwrap(), None),
-            &Workers::new(1, false),
+            &Workers::new(1, Some(false)),
         )
         .unwrap();
         let kept = node

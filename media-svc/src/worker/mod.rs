@@ -189,22 +189,37 @@ pub struct Workers {
 
 impl Workers {
     /// `count` workers (0: one per CPU this process may use), each pinned to a CPU of its own
-    /// when `pin`.
+    /// when `pin` says so; by default (`None`), when the process owns its CPUs: the CPUs it may
+    /// run on are no more than its workers (a container's own CPU set, `taskset`, a machine of
+    /// its own). A process allowed on more CPUs than it runs workers (a CPU quota on a shared
+    /// machine) is left to the scheduler, as the other processes on those CPUs are.
     ///
     /// Why pin: a packet's copies are split between the workers so that every core encrypts
     /// and sends at once, and the worker routing a packet wakes the others with their share.
     /// Left to itself, the scheduler often runs the woken worker on the waker's core, after
     /// it, so the fan-out ran on one core at a time: at 1000 listeners on 2 cores, pinning
-    /// took the node's added latency from 5.2 to 2.4 ms at p99 and its CPU per copy from 4.6
-    /// to 3.9 µs (docs/benchmarks.md).
-    pub fn new(count: usize, pin: bool) -> Self {
-        let allowed = allowed_cpus();
+    /// took the node's added latency from 5.2 to 2.4-3.1 ms at p99 and its CPU per copy from
+    /// 4.6 to 3.8 µs (docs/benchmarks.md).
+    pub fn new(count: usize, pin: Option<bool>) -> Self {
+        let parallelism = std::thread::available_parallelism()
+            .ok()
+            .map(std::num::NonZero::get);
+        Self::plan(count, pin, allowed_cpus(), parallelism)
+    }
+
+    /// [`Workers::new`] for the CPUs `allowed` and the `parallelism` the process is given
+    /// (fewer than its CPUs under a CPU quota).
+    fn plan(
+        count: usize,
+        pin: Option<bool>,
+        allowed: Vec<usize>,
+        parallelism: Option<usize>,
+    ) -> Self {
         let count = match count {
-            0 => std::thread::available_parallelism()
-                .map_or(allowed.len(), std::num::NonZero::get)
-                .max(1),
+            0 => parallelism.unwrap_or(allowed.len()).max(1),
             n => n,
         };
+        let pin = pin.unwrap_or(allowed.len() <= count) && !allowed.is_empty();
         Self {
             count,
             cpus: if pin { allowed } else { Vec::new() },
@@ -504,5 +519,38 @@ impl WorkerPool {
     /// Cancelled once a worker has died (panicked).
     pub fn failed(&self) -> CancellationToken {
         self.failed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_pinned_by_default_only_where_the_node_owns_its_cpus() {
+        // A machine or CPU set of its own: one worker per CPU, each on its own.
+        let own = Workers::plan(0, None, vec![4, 5], Some(2));
+        assert_eq!((own.count, own.cpu(0), own.cpu(1)), (2, Some(4), Some(5)));
+        // A CPU quota of 2 on a 64-CPU machine: two workers, left to the scheduler.
+        let quota = Workers::plan(0, None, (0..64).collect(), Some(2));
+        assert_eq!((quota.count, quota.cpu(0)), (2, None));
+        // Asked for: pinned anyway, or never.
+        let asked = Workers::plan(0, Some(true), (0..64).collect(), Some(2));
+        assert_eq!((asked.cpu(0), asked.cpu(1)), (Some(0), Some(1)));
+        assert_eq!(
+            Workers::plan(0, Some(false), vec![0, 1], Some(2)).cpu(0),
+            None
+        );
+        // More workers than CPUs share them in turn.
+        let more = Workers::plan(3, None, vec![0, 1], Some(2));
+        assert_eq!(
+            (more.cpu(0), more.cpu(1), more.cpu(2)),
+            (Some(0), Some(1), Some(0))
+        );
+        // An unknown affinity pins nothing.
+        assert_eq!(
+            Workers::plan(0, Some(true), Vec::new(), Some(2)).cpu(0),
+            None
+        );
     }
 }
