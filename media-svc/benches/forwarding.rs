@@ -49,6 +49,8 @@ fn main() {
 struct Row {
     listeners: usize,
     delivered: f64,
+    /// Copies the node itself dropped (a full send buffer or worker queue, lateness).
+    node_dropped: u64,
     verified: u64,
     checked: u64,
     gaps: usize,
@@ -231,6 +233,7 @@ async fn run() {
         rows.push(Row {
             listeners: n,
             delivered: received as f64 / expected as f64,
+            node_dropped: after.packets_dropped.saturating_sub(before.packets_dropped),
             verified,
             checked,
             gaps,
@@ -259,16 +262,17 @@ async fn run() {
         }
     );
     println!(
-        "| listeners | delivered | decrypted by verifiers | sequence gaps | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
+        "| listeners | delivered | dropped by the node | decrypted by verifiers | sequence gaps | added by the node p50 | p99 | max | end to end p50 | p99 | node CPU per forwarded packet | same, less idle | node idle CPU | node RSS |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut failed = false;
     for r in &rows {
         failed |= r.verified != r.checked;
         println!(
-            "| {} | {:.2}% | {} of {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
+            "| {} | {:.2}% | {} | {} of {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
             r.listeners,
             r.delivered * 100.0,
+            r.node_dropped,
             r.verified,
             r.checked,
             r.gaps,
