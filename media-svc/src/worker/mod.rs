@@ -198,8 +198,8 @@ impl Workers {
     /// and sends at once, and the worker routing a packet wakes the others with their share.
     /// Left to itself, the scheduler often runs the woken worker on the waker's core, after
     /// it, so the fan-out ran on one core at a time: at 1000 listeners on 2 cores, pinning
-    /// took the node's added latency from 5.2 to 2.4-3.1 ms at p99 and its CPU per copy from
-    /// 4.6 to 3.8 µs (docs/benchmarks.md).
+    /// took the node's added latency from about 5 to about 3 ms at p99, and from about 2.3 to
+    /// 1.3 ms at p50, in alternated runs (docs/benchmarks.md).
     pub fn new(count: usize, pin: Option<bool>) -> Self {
         let parallelism = std::thread::available_parallelism()
             .ok()
