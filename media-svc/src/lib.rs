@@ -96,7 +96,6 @@ pub async fn run(
         announced_ip: config.announced_ip,
         capacity,
     };
-    let worker_count = workers.count;
     let node = Node::new(RtcEngine::new()?, settings, config.media_addrs(), &workers)?;
     let tasks = TaskTracker::new();
     let side_stop = CancellationToken::new();
@@ -154,7 +153,7 @@ pub async fn run(
     ));
 
     let incoming = talkgroup_common::grpc::incoming(listener, security, refusals.clone());
-    tracing::info!(%addr, %node_id, workers = worker_count, "media-svc listening");
+    tracing::info!(%addr, %node_id, workers = workers.count, "media-svc listening");
     let policy = if config.grpc_reflection {
         policy().with_reflection()
     } else {
