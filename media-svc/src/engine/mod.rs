@@ -147,9 +147,16 @@ pub trait SpeakerTransport: Transport {
 
 /// A listener's transport: the node sends the client one audio track.
 pub trait ListenerTransport: Transport {
-    /// Encrypts one RTP packet (`header` and `payload`) and queues it to the client; false if
-    /// it cannot be sent (not connected yet).
-    fn write_rtp(&mut self, header: &Rewritten, payload: &[u8]) -> bool;
+    /// Encrypts one RTP packet (`header` and `payload`) for the client into the start of
+    /// `out`, where the worker's send batch wants it: the datagram's length and the path it
+    /// goes on, or `None` if it cannot be sent (not connected yet, too long for `out`, or
+    /// refused by the SRTP sender).
+    fn seal_rtp(
+        &mut self,
+        header: &Rewritten,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Option<(usize, Path)>;
     /// The payload type the client accepted for the node's track.
     fn payload_type(&self) -> u8;
 }

@@ -16,15 +16,12 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use nix::time::{ClockId, clock_gettime};
-use rtc::rtp;
-use rtc::shared::marshal::{Marshal, MarshalSize};
-use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
 
 use super::net::{self, BATCH, Batch};
-use crate::engine::EngineError;
+use crate::engine::listener::SrtpSender;
+use crate::engine::{EngineError, Rewritten};
 
 /// Share of each core the node plans to fill with forwarding; the rest absorbs bursts, new
 /// connections and control traffic.
@@ -93,19 +90,16 @@ pub fn measure(cores: usize) -> Result<Calibration, EngineError> {
 /// One pass: the CPU of encrypting and sending one copy, on this thread.
 fn measure_core() -> Result<Duration, EngineError> {
     let crypto = rtc::crypto::default_provider().map_err(setup)?;
-    let mut listeners: Vec<(Context, UdpSocket, SocketAddr)> = Vec::with_capacity(LISTENERS);
+    let mut listeners: Vec<(SrtpSender, UdpSocket, SocketAddr)> = Vec::with_capacity(LISTENERS);
     for _ in 0..LISTENERS {
         let key: [u8; 16] = rand::random();
         let salt: [u8; 12] = rand::random();
-        let srtp = Context::new(
+        let srtp = SrtpSender::new(
+            ProtectionProfile::AeadAes128Gcm,
             &key,
             &salt,
-            ProtectionProfile::AeadAes128Gcm,
-            None,
-            None,
             crypto.crypto(),
-        )
-        .map_err(setup)?;
+        )?;
         let sink = UdpSocket::bind("127.0.0.1:0").map_err(setup)?;
         sink.set_nonblocking(true).map_err(setup)?;
         let to = sink.local_addr().map_err(setup)?;
@@ -117,16 +111,14 @@ fn measure_core() -> Result<Duration, EngineError> {
         .next()
         .ok_or_else(|| setup("no socket"))?;
     let mut batch = Batch::new();
-    let mut packet = rtp::Packet {
-        header: rtp::header::Header {
-            version: 2,
-            payload_type: 111,
-            ssrc: rand::random(),
-            ..Default::default()
-        },
-        payload: bytes::Bytes::from(vec![0x5a; 80]),
+    let payload = [0x5au8; 80];
+    let mut header = Rewritten {
+        marker: false,
+        payload_type: 111,
+        sequence_number: 0,
+        timestamp: 0,
+        ssrc: rand::random(),
     };
-    let mut scratch = vec![0u8; 0];
     let mut drain = [0u8; 2048];
     let mut spent = Duration::ZERO;
     let mut copies = 0u32;
@@ -136,15 +128,11 @@ fn measure_core() -> Result<Duration, EngineError> {
         for i in 0..BATCH {
             let copy = round * BATCH + i;
             let (srtp, _, to) = &mut listeners[copy % LISTENERS];
-            packet.header.sequence_number = (copy / LISTENERS) as u16;
-            scratch.clear();
-            scratch.resize(packet.header.marshal_size() + packet.payload.len(), 0);
-            let n = packet.header.marshal_to(&mut scratch).map_err(setup)?;
-            scratch[n..].copy_from_slice(&packet.payload);
-            let sealed: BytesMut = srtp
-                .encrypt_rtp_with_header(&scratch, &packet.header)
-                .map_err(setup)?;
-            batch.push(sealed, *to);
+            header.sequence_number = (copy / LISTENERS) as u16;
+            let len = srtp
+                .seal(&header, &payload, batch.space())
+                .ok_or_else(|| setup("a copy could not be sealed"))?;
+            batch.commit(len, *to);
         }
         let lost = batch.flush(&socket);
         spent += thread_cpu().saturating_sub(before);

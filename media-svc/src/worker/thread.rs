@@ -281,26 +281,25 @@ fn deliver_to<S: SpeakerTransport, L: ListenerTransport>(
     let Peer::Listener(listener) = &mut slot.peer else {
         return;
     };
-    if !listener.write_rtp(header, payload) {
+    // Sealed in place in the batch. No timer to re-arm: a listener transport starts none by
+    // sending, and its consent and DTLS timers stay armed from the last input.
+    let Some((len, to)) = listener.seal_rtp(header, payload, out.net.batch.space()) else {
         return;
-    }
-    // No timer to re-arm: a listener transport starts none by sending, and its consent and
-    // DTLS timers stay armed from the last input.
-    while let Some((data, to)) = listener.poll_datagram() {
-        match to.proto {
-            Proto::Udp => {
-                out.net.batch.push(data, to.remote);
-                out.net.batch_at = Some(at);
-                if out.net.batch.len() >= BATCH {
-                    send_batch(out.net, out.send_dropped, out.latency);
-                }
+    };
+    match to.proto {
+        Proto::Udp => {
+            out.net.batch.commit(len, to.remote);
+            out.net.batch_at = Some(at);
+            if out.net.batch.len() >= BATCH {
+                send_batch(out.net, out.send_dropped, out.latency);
             }
-            Proto::Tcp => {
-                if out.net.send(data, to) {
-                    record(out.latency, at, 1);
-                } else {
-                    *out.send_dropped += 1;
-                }
+        }
+        Proto::Tcp => {
+            let data = BytesMut::from(&out.net.batch.space()[..len]);
+            if out.net.send(data, to) {
+                record(out.latency, at, 1);
+            } else {
+                *out.send_dropped += 1;
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The node's send-only audio transport (a *recv* transport: the client listens), assembled
 //! from the protocol crates under `rtc` 0.21: ICE-lite answering STUN checks, a DTLS-SRTP
-//! handshake (`rtc::dtls`) whose exported keys feed one SRTP context (`rtc::srtp`), and
-//! nothing else.
+//! handshake (`rtc::dtls`) whose exported keys key one SRTP sender ([`SrtpSender`]: AES-GCM
+//! sealed with `ring` straight into the worker's send batch), and nothing else.
 //!
 //! Why not a full `RTCPeerConnection`: a listener's transport carries one outgoing audio
 //! stream and nothing the node needs back, but every forwarded copy through the connection's
@@ -51,6 +51,7 @@ use super::{
 use description::{Answer, offer, parse_answer, random_token};
 pub use identity::Identity;
 use identity::setup;
+pub use srtp::SrtpSender;
 
 /// A client that stops its ICE consent checks (RFC 7675: every ~5 s) is gone after this.
 const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,10 +107,9 @@ pub struct ListenerPeer {
     dtls: Option<Endpoint>,
     /// The node's DTLS client configuration, when the client answered `passive`.
     dtls_client: Option<Arc<HandshakeConfig>>,
-    srtp: Option<rtc::srtp::context::Context>,
+    srtp: Option<SrtpSender>,
     out: VecDeque<(BytesMut, Path)>,
     states: VecDeque<PeerState>,
-    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for ListenerPeer {
@@ -159,7 +159,6 @@ impl ListenerPeer {
             srtp: None,
             out: VecDeque::new(),
             states: VecDeque::new(),
-            scratch: Vec::with_capacity(1500),
         }
     }
 
@@ -307,6 +306,20 @@ impl ListenerPeer {
 
     pub fn ssrc(&self) -> u32 {
         self.ssrc
+    }
+
+    /// Seals one RTP packet and queues it with the control datagrams, as the tests' client
+    /// reads them; false if it could not be sealed.
+    #[cfg(test)]
+    fn write_rtp(&mut self, header: &Rewritten, payload: &[u8]) -> bool {
+        let mut out = [0u8; 1500];
+        match self.seal_rtp(header, payload, &mut out) {
+            Some((len, to)) => {
+                self.out.push_back((BytesMut::from(&out[..len]), to));
+                true
+            }
+            None => false,
+        }
     }
 
     /// The answer to an ICE restart's offer: new ICE credentials, the same DTLS peer (its
@@ -508,21 +521,16 @@ impl Transport for ListenerPeer {
 }
 
 impl ListenerTransport for ListenerPeer {
-    /// Encrypts one RTP packet for the listener and queues it.
-    fn write_rtp(&mut self, header: &Rewritten, payload: &[u8]) -> bool {
+    fn seal_rtp(
+        &mut self,
+        header: &Rewritten,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Option<(usize, Path)> {
         let (Some(srtp), Some(remote)) = (self.srtp.as_mut(), self.remote) else {
-            return false;
+            return None;
         };
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&header.marshal());
-        self.scratch.extend_from_slice(payload);
-        match srtp.encrypt_rtp_with_header(&self.scratch, &header.header()) {
-            Ok(encrypted) => {
-                self.out.push_back((encrypted, remote));
-                true
-            }
-            Err(_) => false,
-        }
+        Some((srtp.seal(header, payload, out)?, remote))
     }
 
     fn payload_type(&self) -> u8 {
