@@ -8,7 +8,8 @@
 //! node adds (from a speaker's packet arriving at the node to each copy's send, measured by the
 //! node), the end-to-end latency (speaker send to the datagram's arrival at the listener's
 //! socket), how many copies the verifying listeners authenticated and decrypted, and the node's
-//! CPU per forwarded packet (from `/proc/<pid>/stat`). `MEDIA_BENCH_LISTENERS=100,500` picks the
+//! CPU per forwarded packet (the node's threads' run time from `/proc/<pid>/task/*/schedstat`,
+//! to the nanosecond). `MEDIA_BENCH_LISTENERS=100,500` picks the
 //! sizes, `MEDIA_BENCH_SECS` the talking time per size (default 5), `MEDIA_BENCH_VERIFY_EVERY`
 //! how many listeners share one verifier (default 10), and `MEDIA_BENCH_TCP=1` connects every
 //! listener over ICE/TCP instead of UDP.
@@ -31,7 +32,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use testkit::{ServiceProcess, process_cpu_time};
+use testkit::{ServiceProcess, threads_cpu_time};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -154,9 +155,9 @@ async fn run() {
         // What the node spends with everyone connected and nobody talking (ICE keepalives,
         // RTCP reports, timers), so the per-packet figure can be read with and without it.
         let idle_window = Duration::from_secs(2);
-        let idle_before = process_cpu_time(pid).unwrap_or_default();
+        let idle_before = threads_cpu_time(pid).unwrap_or_default();
         tokio::time::sleep(idle_window).await;
-        let idle_rate = process_cpu_time(pid)
+        let idle_rate = threads_cpu_time(pid)
             .unwrap_or_default()
             .saturating_sub(idle_before)
             .as_secs_f64()
@@ -175,7 +176,7 @@ async fn run() {
             .await
             .unwrap()
             .into_inner();
-        let cpu_before = process_cpu_time(pid).unwrap_or_default();
+        let cpu_before = threads_cpu_time(pid).unwrap_or_default();
         let talk_started = Instant::now();
         let mut sent_at = Vec::with_capacity(frames);
         let mut ticker = tokio::time::interval(Duration::from_millis(20));
@@ -191,7 +192,7 @@ async fn run() {
             ears.iter().map(|e| e.count()).sum::<usize>() >= expected
         })
         .await;
-        let cpu = process_cpu_time(pid)
+        let cpu = threads_cpu_time(pid)
             .unwrap_or_default()
             .saturating_sub(cpu_before);
         let idle_share = idle_rate * talk_started.elapsed().as_secs_f64();
@@ -269,7 +270,7 @@ async fn run() {
     for r in &rows {
         failed |= r.verified != r.checked;
         println!(
-            "| {} | {:.2}% | {} | {} of {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {:.0}% of a core | {:.0} MiB |",
+            "| {} | {:.2}% | {} | {} of {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} µs | {:.2} µs | {:.0}% of a core | {:.0} MiB |",
             r.listeners,
             r.delivered * 100.0,
             r.node_dropped,

@@ -159,6 +159,9 @@ pub trait ListenerTransport: Transport {
     ) -> Option<(usize, Path)>;
     /// The payload type the client accepted for the node's track.
     fn payload_type(&self) -> u8;
+    /// Whether [`ListenerTransport::seal_rtp`] can send now; reads the state sealing reads,
+    /// so a worker can bring a group of listeners into cache before sealing for them.
+    fn ready(&self) -> bool;
 }
 
 /// Creates the node's transports.
@@ -171,10 +174,12 @@ pub trait Engine: Send + Sync + 'static {
     fn listener(&self, ssrc: u32, local: &Addresses) -> Result<Self::Listener, EngineError>;
 }
 
-/// A transport of either kind, as a worker holds it.
+/// A transport of either kind, as a worker holds it. A speaker's full peer connection is
+/// several kilobytes and there are few of them: boxed, so a listener's slot stays small (a
+/// fan-out walks a thousand of those per packet).
 #[derive(Debug)]
 pub enum Peer<S, L> {
-    Speaker(S),
+    Speaker(Box<S>),
     Listener(L),
 }
 
@@ -187,7 +192,7 @@ impl<S: SpeakerTransport, L: ListenerTransport> Peer<S, L> {
         now: Instant,
     ) -> Result<Self, EngineError> {
         Ok(match spec {
-            PeerSpec::Send => Self::Speaker(engine.speaker(local, now)?),
+            PeerSpec::Send => Self::Speaker(Box::new(engine.speaker(local, now)?)),
             PeerSpec::Recv { ssrc } => Self::Listener(engine.listener(ssrc, local)?),
         })
     }
@@ -195,7 +200,7 @@ impl<S: SpeakerTransport, L: ListenerTransport> Peer<S, L> {
     /// What both kinds do.
     pub fn transport(&mut self) -> &mut dyn Transport {
         match self {
-            Self::Speaker(s) => s,
+            Self::Speaker(s) => s.as_mut(),
             Self::Listener(l) => l,
         }
     }

@@ -449,6 +449,9 @@ pub(super) fn bind_shared(
         |a| {
             let fd = reuse_port_socket(a, SockType::Datagram, SockProtocol::Udp)?;
             set_buffers(&fd);
+            if a.is_ipv4() {
+                dont_fragment(&fd)?;
+            }
             sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(a))?;
             Ok(UdpSocket::from(fd))
         },
@@ -514,6 +517,17 @@ fn set_buffers(fd: &OwnedFd) {
     if sock::setsockopt(fd, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
         let _ = sock::setsockopt(fd, sockopt::RcvBuf, &SOCKET_BUFFER);
     }
+}
+
+/// Sends with the don't-fragment bit and without path MTU discovery (`IP_PMTUDISC_PROBE`, as
+/// `quinn-udp` sets for QUIC): media datagrams are a few hundred bytes at most, so they never
+/// need fragmenting, and an IPv4 datagram that may not be fragmented needs no IP
+/// identification, which the kernel otherwise draws from a shared, hashed counter for every
+/// datagram of an unconnected socket (about 1% of a forwarded copy's cost).
+fn dont_fragment(fd: &OwnedFd) -> Result<(), Errno> {
+    use rustix::net::sockopt::{Ipv4PathMtuDiscovery, set_ip_mtu_discover};
+    set_ip_mtu_discover(fd, Ipv4PathMtuDiscovery::PROBE)
+        .map_err(|e| Errno::from_raw(e.raw_os_error()))
 }
 
 /// The effective send buffer of a socket, in bytes.
@@ -679,6 +693,10 @@ mod tests {
         let receivers: Vec<UdpSocket> = (0..100)
             .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
             .collect();
+        for s in &sockets {
+            let mode = rustix::net::sockopt::ip_mtu_discover(s).unwrap();
+            assert_eq!(mode, rustix::net::sockopt::Ipv4PathMtuDiscovery::PROBE);
+        }
         let mut batch = Batch::new();
         for (i, r) in receivers.iter().enumerate() {
             assert!(batch.push(&[i as u8; 20], r.local_addr().unwrap()));

@@ -533,6 +533,10 @@ impl ListenerTransport for ListenerPeer {
         Some((srtp.seal(header, payload, out)?, remote))
     }
 
+    fn ready(&self) -> bool {
+        self.remote.is_some() && self.srtp.as_ref().is_some_and(SrtpSender::ready)
+    }
+
     fn payload_type(&self) -> u8 {
         self.answer
             .as_ref()

@@ -98,6 +98,14 @@ impl SrtpSender {
         }
     }
 
+    /// Whether a packet may be sealed (the key has not sealed all it may).
+    pub fn ready(&self) -> bool {
+        match &self.0 {
+            Kind::Gcm(gcm) => gcm.ready(),
+            Kind::Context(_) => true,
+        }
+    }
+
     /// Seals one RTP packet (`header` and `payload`) into the start of `out`: the datagram's
     /// length, or `None` when it does not fit, when its index was sealed before or is too old
     /// to tell (two packets sealed under one index would share a GCM nonce, which exposes the
@@ -123,6 +131,11 @@ impl SrtpSender {
 }
 
 impl Gcm {
+    /// Whether another packet may be sealed.
+    fn ready(&self) -> bool {
+        self.highest.is_none_or(|h| h < MAX_INDEX)
+    }
+
     fn seal(&mut self, header: &Rewritten, payload: &[u8], out: &mut [u8]) -> Option<usize> {
         let len = Rewritten::LEN + payload.len() + GCM_TAG;
         let out = out.get_mut(..len)?;
