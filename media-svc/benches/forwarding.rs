@@ -21,6 +21,11 @@
 //! link whose receiving end runs in a kernel thread (threaded NAPI) at the listeners' low
 //! priority, so the node's CPU and latency are its own. `MEDIA_BENCH_NODE_BIN` runs another
 //! build of media-svc (an earlier commit's, for a comparison in the same run).
+//!
+//! After each UDP size, a second table gives the kernel's share alone, in the same run: the
+//! same datagrams (the node's copy size) to the same listeners, 50 a second each, sent bare in
+//! `sendmmsg` batches from one socket with the node's options; the node's CPU per copy less
+//! that is the node's own work.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -64,6 +69,8 @@ struct Row {
     net_cpu_us_per_packet: f64,
     idle_cores: f64,
     node_rss_mib: f64,
+    /// CPU per datagram of a bare `sendmmsg` of the same datagrams (UDP, see [`bare_send`]).
+    floor_us_per_packet: Option<f64>,
 }
 
 async fn run() {
@@ -248,6 +255,13 @@ async fn run() {
                 / forwarded as f64,
             idle_cores: idle_rate,
             node_rss_mib: testkit::process_rss_kib(&pid.to_string()) as f64 / 1024.0,
+            floor_us_per_packet: (!tcp).then(|| {
+                let to: Vec<std::net::SocketAddr> =
+                    ears.iter().filter_map(|e| e.local.get().copied()).collect();
+                let from: std::net::IpAddr = bind_ip.parse().unwrap();
+                // The node's copy: RTP header, the frame, the AES-GCM tag.
+                bare_send(from, &to, 12 + frame.len() + 16, secs)
+            }),
         });
     }
 
@@ -288,12 +302,111 @@ async fn run() {
             r.node_rss_mib
         );
     }
+    if rows.iter().any(|r| r.floor_us_per_packet.is_some()) {
+        println!();
+        println!(
+            "the kernel alone: the same datagrams to the same listeners, 50 a second each, in `sendmmsg` batches of 64 from one plain socket on the node's address"
+        );
+        println!(
+            "| listeners | bare send, CPU per datagram | node CPU per copy, less idle | node over the bare send |"
+        );
+        println!("|---:|---:|---:|---:|");
+        for r in &rows {
+            if let Some(floor) = r.floor_us_per_packet {
+                println!(
+                    "| {} | {floor:.2} µs | {:.2} µs | {:.2} µs |",
+                    r.listeners,
+                    r.net_cpu_us_per_packet,
+                    r.net_cpu_us_per_packet - floor
+                );
+            }
+        }
+    }
     drop(listeners);
     speaker.close().await;
     if failed {
         eprintln!("some copies failed SRTP authentication at the verifying listeners");
         std::process::exit(1);
     }
+}
+
+/// What the kernel alone takes to send a fan-out: datagrams of `size` bytes (the first byte
+/// outside every RFC 7983 class, so the listeners drop them unparsed) to every address of `to`,
+/// each 50 times a second for `secs`, in `sendmmsg` batches of 64 from one socket on `from`
+/// with the node's socket options (don't fragment, no IP identification). Returns the sending
+/// thread's CPU per datagram in µs, sleeps and wake-ups included, as the node's figure has
+/// them: the node's CPU per copy less this is what the node itself adds.
+fn bare_send(from: std::net::IpAddr, to: &[std::net::SocketAddr], size: usize, secs: u64) -> f64 {
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg, sockopt};
+    use nix::time::{ClockId, clock_gettime};
+    use std::io::IoSlice;
+    use std::os::fd::AsRawFd;
+    const BATCH: usize = 64;
+    let to: Vec<Option<SockaddrStorage>> =
+        to.iter().map(|a| Some(SockaddrStorage::from(*a))).collect();
+    eprintln!(
+        "sending the same datagrams bare to {} listeners for {secs} s",
+        to.len()
+    );
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let socket = std::net::UdpSocket::bind((from, 0)).unwrap();
+                socket.set_nonblocking(true).unwrap();
+                // The node's send buffer: a fan-out's burst must fit in it.
+                let buffer = 4usize << 20;
+                if nix::sys::socket::setsockopt(&socket, sockopt::SndBufForce, &buffer).is_err() {
+                    nix::sys::socket::setsockopt(&socket, sockopt::SndBuf, &buffer).unwrap();
+                }
+                if from.is_ipv4() {
+                    rustix::net::sockopt::set_ip_mtu_discover(
+                        &socket,
+                        rustix::net::sockopt::Ipv4PathMtuDiscovery::PROBE,
+                    )
+                    .unwrap();
+                }
+                let datagram = vec![0xf0u8; size];
+                let slices = vec![[IoSlice::new(&datagram)]; BATCH];
+                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+                let cpu =
+                    || Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap());
+                let ticks = secs * 50;
+                let (mut sent, mut lost) = (0u64, 0u64);
+                let start = Instant::now();
+                let before = cpu();
+                for tick in 0..ticks {
+                    for addrs in to.chunks(BATCH) {
+                        match sendmmsg(
+                            socket.as_raw_fd(),
+                            &mut headers,
+                            &slices[..addrs.len()],
+                            addrs,
+                            [],
+                            MsgFlags::MSG_DONTWAIT,
+                        ) {
+                            Ok(results) => {
+                                let n = results.count() as u64;
+                                sent += n;
+                                lost += addrs.len() as u64 - n;
+                            }
+                            Err(_) => lost += addrs.len() as u64,
+                        }
+                    }
+                    let next = start + Duration::from_millis(20 * (tick + 1));
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                let spent = cpu().saturating_sub(before);
+                if lost > 0 {
+                    eprintln!(
+                        "bare send: {lost} of {} datagrams refused (the figure is low)",
+                        sent + lost
+                    );
+                }
+                spent.as_secs_f64() * 1e6 / sent.max(1) as f64
+            })
+            .join()
+            .unwrap()
+    })
 }
 
 /// The listeners' host: a network namespace whose receive path runs in kernel threads of its

@@ -60,6 +60,8 @@ pub struct Ear {
     pub verified: AtomicU64,
     /// RTP datagrams handed to the peer (verifiers only).
     pub checked: AtomicU64,
+    /// The listener's own address (its UDP socket, or its end of the TCP connection).
+    pub local: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Ear {
@@ -154,6 +156,7 @@ fn answer(offer: &str, verifier: bool, tcp: bool, ip: IpAddr) -> (Pending, Strin
     core.set_local_description(now, answer).unwrap();
     let sdp = core.local_description().unwrap().sdp;
     let ear = Arc::new(Ear::default());
+    let _ = ear.local.set(local);
     (
         Pending {
             core,
