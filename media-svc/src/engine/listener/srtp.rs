@@ -10,7 +10,8 @@
 //! crate, so the session keys are derived here (RFC 3711 section 4.3, AES-CM PRF, with the
 //! provider's AES block function); a unit test checks every sealed byte against the crate's
 //! context, across a sequence number wrap. The `AES_CM_128_HMAC_SHA1_80` profile, which a
-//! client may still pick, goes through the crate's context as before.
+//! client may still pick, goes through the crate's context as before. Under either profile a
+//! packet index is sealed at most once (see [`SrtpSender::seal`]).
 
 use std::net::SocketAddr;
 
@@ -35,7 +36,10 @@ const MAX_INDEX: u64 = (1 << 48) - 1;
 const WINDOW: u64 = 64;
 
 /// The sealing side of a listener's SRTP session.
-pub struct SrtpSender(Kind);
+pub struct SrtpSender {
+    kind: Kind,
+    index: Index,
+}
 
 #[allow(
     clippy::large_enum_variant,
@@ -51,6 +55,11 @@ enum Kind {
 struct Gcm {
     key: LessSafeKey,
     salt: [u8; 12],
+}
+
+/// The packet indexes sealed so far, so none is sealed twice.
+#[derive(Debug, Default)]
+struct Index {
     /// The highest packet index sealed (rollover count × 2^16 + sequence number).
     highest: Option<u64>,
     /// Which of the [`WINDOW`] indexes up to `highest` were sealed (bit `i`: `highest - i`).
@@ -59,7 +68,7 @@ struct Gcm {
 
 impl std::fmt::Debug for SrtpSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let profile = match self.0 {
+        let profile = match self.kind {
             Kind::Gcm(_) => "AEAD_AES_128_GCM",
             Kind::Context(_) => "AES_CM_128_HMAC_SHA1_80",
         };
@@ -75,7 +84,7 @@ impl SrtpSender {
         master_salt: &[u8],
         crypto: &dyn RTCCrypto,
     ) -> Result<Self, EngineError> {
-        match profile {
+        let kind = match profile {
             ProtectionProfile::AeadAes128Gcm => {
                 if master_key.len() != 16 || master_salt.len() != 12 {
                     return Err(setup("bad AES-GCM master key or salt length"));
@@ -85,37 +94,38 @@ impl SrtpSender {
                 let mut salt = [0u8; 12];
                 derive(crypto, LABEL_SALT, master_key, master_salt, &mut salt)?;
                 let key = UnboundKey::new(&AES_128_GCM, &key).map_err(|_| setup("AES-GCM key"))?;
-                Ok(Self(Kind::Gcm(Gcm {
+                Kind::Gcm(Gcm {
                     key: LessSafeKey::new(key),
                     salt,
-                    highest: None,
-                    sealed: 0,
-                })))
+                })
             }
-            _ => Context::new(master_key, master_salt, profile, None, None, crypto)
-                .map(|c| Self(Kind::Context(Box::new(c))))
-                .map_err(setup),
-        }
+            _ => Kind::Context(Box::new(
+                Context::new(master_key, master_salt, profile, None, None, crypto)
+                    .map_err(setup)?,
+            )),
+        };
+        Ok(Self {
+            kind,
+            index: Index::default(),
+        })
     }
 
     /// Whether a packet may be sealed (the key has not sealed all it may).
     pub fn ready(&self) -> bool {
-        match &self.0 {
-            Kind::Gcm(gcm) => gcm.ready(),
-            Kind::Context(_) => true,
-        }
+        self.index.highest.is_none_or(|h| h < MAX_INDEX)
     }
 
     /// Seals one RTP packet (`header` and `payload`) into the start of `out`: the datagram's
     /// length, or `None` when it does not fit, when its index was sealed before or is too old
-    /// to tell (two packets sealed under one index would share a GCM nonce, which exposes the
-    /// key stream and the authentication key: a speaker sending two payloads under one
+    /// to tell (two packets sealed under one index would share a nonce, which exposes the key
+    /// stream, and with GCM the authentication key: a speaker sending two payloads under one
     /// sequence number must not cause that), or when the key has sealed all it may. A late
     /// packet (the router keeps reordered packets in their place) is sealed if it is at most
     /// [`WINDOW`] behind and its index unused.
     pub fn seal(&mut self, header: &Rewritten, payload: &[u8], out: &mut [u8]) -> Option<usize> {
-        match &mut self.0 {
-            Kind::Gcm(gcm) => gcm.seal(header, payload, out),
+        let index = self.index.next(header.sequence_number)?;
+        let len = match &mut self.kind {
+            Kind::Gcm(gcm) => gcm.seal(header, index, payload, out)?,
             Kind::Context(context) => {
                 let mut plain = Vec::with_capacity(Rewritten::LEN + payload.len());
                 plain.extend_from_slice(&header.marshal());
@@ -124,22 +134,24 @@ impl SrtpSender {
                     .encrypt_rtp_with_header(&plain, &header.header())
                     .ok()?;
                 out.get_mut(..sealed.len())?.copy_from_slice(&sealed);
-                Some(sealed.len())
+                sealed.len()
             }
-        }
+        };
+        self.index.mark(index);
+        Some(len)
     }
 }
 
 impl Gcm {
-    /// Whether another packet may be sealed.
-    fn ready(&self) -> bool {
-        self.highest.is_none_or(|h| h < MAX_INDEX)
-    }
-
-    fn seal(&mut self, header: &Rewritten, payload: &[u8], out: &mut [u8]) -> Option<usize> {
+    fn seal(
+        &self,
+        header: &Rewritten,
+        index: u64,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
         let len = Rewritten::LEN + payload.len() + GCM_TAG;
         let out = out.get_mut(..len)?;
-        let index = self.next_index(header.sequence_number)?;
         let (head, rest) = out.split_at_mut(Rewritten::LEN);
         head.copy_from_slice(&header.marshal());
         let (body, tag_out) = rest.split_at_mut(payload.len());
@@ -156,10 +168,11 @@ impl Gcm {
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(iv), Aad::from(&*head), body)
             .ok()?;
         tag_out.copy_from_slice(tag.as_ref());
-        self.mark(index);
         Some(len)
     }
+}
 
+impl Index {
     /// Records `index` as sealed.
     fn mark(&mut self, index: u64) {
         match self.highest {
@@ -184,7 +197,7 @@ impl Gcm {
     /// The packet index of `seq` (RFC 3711 section 3.3.1 and appendix A: the rollover count
     /// guessed from the highest index sealed so far); `None` if that index was sealed before
     /// or is more than [`WINDOW`] behind the highest.
-    fn next_index(&self, seq: u16) -> Option<u64> {
+    fn next(&self, seq: u16) -> Option<u64> {
         let Some(highest) = self.highest else {
             return Some(u64::from(seq));
         };
@@ -370,35 +383,32 @@ mod tests {
     #[test]
     fn an_index_is_sealed_once_and_a_short_buffer_is_refused() {
         let crypto = rtc::crypto::default_provider().unwrap();
+        for (profile, salt, tag) in [
+            (ProtectionProfile::AeadAes128Gcm, 12, 16),
+            (ProtectionProfile::Aes128CmHmacSha1_80, 14, 10),
+        ] {
+            let salt = vec![2u8; salt];
+            let mut s = SrtpSender::new(profile, &[1u8; 16], &salt, crypto.crypto()).unwrap();
+            let mut out = [0u8; 256];
+            let mut seal =
+                |seq: u16, payload: &[u8], out: &mut [u8]| s.seal(&header(seq), payload, out);
+            assert!(seal(100, b"abc", &mut out).is_some());
+            assert!(seal(100, b"abd", &mut out).is_none(), "repeated");
+            assert!(seal(102, b"abc", &mut out).is_some());
+            assert!(seal(101, b"abc", &mut out).is_some(), "late, unused");
+            assert!(seal(101, b"abc", &mut out).is_none(), "late, used");
+            assert!(seal(30, b"abc", &mut out).is_none(), "outside the window");
+            assert!(seal(103, b"abc", &mut out[..20]).is_none());
+            assert_eq!(seal(104, b"abc", &mut out), Some(12 + 3 + tag));
+            // Within half the sequence space ahead: a forward move; then past the wrap: the
+            // next rollover; then a late one from before the wrap.
+            for seq in [30_000, 60_000, 65_530, 2, 65_534] {
+                assert!(seal(seq, b"abc", &mut out).is_some(), "{profile:?} {seq}");
+            }
+            assert!(seal(2, b"abc", &mut out).is_none());
+            assert!(seal(3, b"abc", &mut out).is_some());
+        }
         let profile = ProtectionProfile::AeadAes128Gcm;
-        let mut s = SrtpSender::new(profile, &[1u8; 16], &[2u8; 12], crypto.crypto()).unwrap();
-        let mut out = [0u8; 256];
-        assert!(s.seal(&header(100), b"abc", &mut out).is_some());
-        assert!(s.seal(&header(100), b"abd", &mut out).is_none(), "repeated");
-        assert!(s.seal(&header(102), b"abc", &mut out).is_some());
-        assert!(
-            s.seal(&header(101), b"abc", &mut out).is_some(),
-            "late, unused"
-        );
-        assert!(
-            s.seal(&header(101), b"abc", &mut out).is_none(),
-            "late, used"
-        );
-        assert!(
-            s.seal(&header(30), b"abc", &mut out).is_none(),
-            "outside the window"
-        );
-        assert!(s.seal(&header(103), b"abc", &mut out[..30]).is_none());
-        assert_eq!(s.seal(&header(103), b"abc", &mut out), Some(12 + 3 + 16));
-        // Within half the sequence space ahead: a forward move; then past the wrap: the next
-        // rollover; then a late one from before the wrap.
-        assert!(s.seal(&header(30_000), b"abc", &mut out).is_some());
-        assert!(s.seal(&header(60_000), b"abc", &mut out).is_some());
-        assert!(s.seal(&header(65_530), b"abc", &mut out).is_some());
-        assert!(s.seal(&header(2), b"abc", &mut out).is_some());
-        assert!(s.seal(&header(65_534), b"abc", &mut out).is_some());
-        assert!(s.seal(&header(2), b"abc", &mut out).is_none());
-        assert!(s.seal(&header(3), b"abc", &mut out).is_some());
         assert!(
             SrtpSender::new(profile, &[1u8; 15], &[2u8; 12], crypto.crypto()).is_err(),
             "a short master key is refused"
