@@ -1739,7 +1739,34 @@ async fn quotas_per_user_and_channel_refuse_with_their_reasons(b: Backend) {
         ttl_ms: 0,
     };
 
-    // Sessions per user: eight connects racing each other leave exactly two.
+    // Sessions per user: eight connects racing each other leave exactly two, listed. A refused
+    // connect lists the user's sessions (to end a parked one) while the others are being
+    // written, so the race runs for several users: a listing must not forget a place whose
+    // session is still being written.
+    for round in 0..6 {
+        let user = format!("racer{round}");
+        let racing = (0..8).map(|_| {
+            let mut session = c.session.clone();
+            let request = create(&user);
+            async move { session.create_session(request).await }
+        });
+        let results = futures::future::join_all(racing).await;
+        let kept = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(kept, 2, "{results:?}");
+        let listed = c
+            .session
+            .list_user_sessions(pb::ListUserSessionsRequest {
+                user_id: format!("u-{user}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            listed.sessions.len(),
+            2,
+            "round {round}: a kept session was forgotten"
+        );
+    }
     let racing = (0..8).map(|_| {
         let mut session = c.session.clone();
         let request = create("ana");

@@ -22,6 +22,17 @@ impl SessionStore for RedisStore {
             ("gen", "0".to_owned()),
         ];
         let mut conn = self.conn().await?;
+        // The session's hash goes first, before its place among the user's sessions: a listing
+        // of the user's sessions (which forgets places whose session is gone) runs during other
+        // creates (a refused create looks for a parked session to end), and must never find a
+        // claimed place whose session is not written yet. A create interrupted before its claim
+        // leaves a hash nobody can name, gone with its time to live.
+        let mut hash = redis::pipe();
+        hash.hset_multiple(&key, &fields)
+            .ignore()
+            .pexpire(&key, ttl + SESSION_GRACE_MS)
+            .ignore();
+        self.bounded(hash.query_async::<()>(&mut conn)).await?;
         let places = self.keys.user_sessions(&session.user_id);
         let mut claim = scripts::CLAIM_SESSION.prepare_invoke();
         claim
@@ -30,32 +41,29 @@ impl SessionStore for RedisStore {
             .arg(self.settings.max_sessions_per_user)
             .arg(session.expires_at_ms)
             .arg(now);
-        let claimed: i64 = self.bounded(claim.invoke_async(&mut conn)).await?;
-        if claimed == 0 {
-            return Err(StoreError::TooManySessions);
+        let refused = match self.bounded(claim.invoke_async::<i64>(&mut conn)).await {
+            Ok(0) => Some(StoreError::TooManySessions),
+            Ok(_) => None,
+            Err(error) => Some(error),
+        };
+        if let Some(error) = refused {
+            let _ = self.bounded(conn.del::<_, ()>(&key)).await;
+            return Err(error);
         }
-        // The deadline entry goes first: whatever happens next, the sweeper finds the session
+        // The deadline entry next: whatever happens after it, the sweeper finds the session
         // when it is due and removes what is left of it.
-        let mut hash = redis::pipe();
-        hash.hset_multiple(&key, &fields)
-            .ignore()
-            .pexpire(&key, ttl + SESSION_GRACE_MS)
-            .ignore();
-        let written = async {
-            self.bounded(conn.zadd::<_, _, _, ()>(
+        let indexed = self
+            .bounded(conn.zadd::<_, _, _, ()>(
                 self.keys.session_deadlines(&session.session_id),
                 sid,
                 session.expires_at_ms,
             ))
-            .await?;
-            self.bounded(hash.query_async::<()>(&mut conn.clone()))
-                .await
-        }
-        .await;
-        if let Err(error) = written {
+            .await;
+        if let Err(error) = indexed {
             // Give the user's place back; if this fails too, the place runs out with the
             // session's time to live.
             let _ = self.bounded(conn.zrem::<_, _, ()>(&places, sid)).await;
+            let _ = self.bounded(conn.del::<_, ()>(&key)).await;
             return Err(error);
         }
         Ok(session)
