@@ -148,8 +148,8 @@ impl TestPki {
     }
 
     /// How a client with `identity` dials.
-    pub fn security(&self, identity: &Identity) -> crate::grpc::Security {
-        crate::grpc::Security::Mtls(
+    pub fn security(&self, identity: &Identity) -> crate::tls::Security {
+        crate::tls::Security::Mtls(
             crate::tls::Tls::load(self.files(identity)).expect("load a test certificate"),
         )
     }

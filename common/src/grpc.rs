@@ -14,14 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic_health::server::HealthReporter;
 
 use crate::authz::{Auth, Peer, Refusals};
+pub use crate::tls::Security;
 use crate::tls::{Expect, Identity, Tls};
-
-/// How a service speaks gRPC: mutual TLS with its certificate, or plaintext (development).
-#[derive(Clone, Debug)]
-pub enum Security {
-    Mtls(Arc<Tls>),
-    Plaintext,
-}
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -30,6 +30,13 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// The longest a media node id may be (it is part of an identity and of Redis keys).
 const MAX_NODE_ID: usize = 64;
 
+/// How a service speaks gRPC: mutual TLS with its certificate, or plaintext (development).
+#[derive(Clone, Debug)]
+pub enum Security {
+    Mtls(Arc<Tls>),
+    Plaintext,
+}
+
 /// What a service is to the others, as its certificate says.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Identity {
@@ -444,7 +451,7 @@ impl TlsArgs {
         &self,
         service: &str,
         fits: impl Fn(&Identity) -> bool,
-    ) -> Result<crate::grpc::Security, String> {
+    ) -> Result<Security, String> {
         self.validate()?;
         let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
         else {
@@ -453,7 +460,7 @@ impl TlsArgs {
                 "gRPC runs WITHOUT TLS (--insecure-plaintext): anything that reaches its ports can \
                  make any call; use this for local development only"
             );
-            return Ok(crate::grpc::Security::Plaintext);
+            return Ok(Security::Plaintext);
         };
         let tls = Tls::load(TlsFiles {
             cert: cert.clone(),
@@ -469,7 +476,7 @@ impl TlsArgs {
             ));
         }
         tracing::info!(service, %identity, "gRPC over mutual TLS");
-        Ok(crate::grpc::Security::Mtls(tls))
+        Ok(Security::Mtls(tls))
     }
 }
 

@@ -184,8 +184,9 @@ async fn watch_once(
             if ids.is_empty() {
                 continue;
             }
-            let set = pb::ChannelSet {
+            let set = pb::TopicSet {
                 channel_ids: ids.clone(),
+                ..Default::default()
             };
             let action = if subscribe {
                 pb::watch_request::Action::Subscribe(set)
@@ -243,8 +244,9 @@ async fn apply(node: &Node, event: pb::WatchEvent) {
             }
             return;
         }
-        // The gateways move the channel's transports; the ones here close as they do.
-        Some(pb::watch_event::Event::Moved(_)) | None => return,
+        // The gateways move the channel's transports; the ones here close as they do. Nothing
+        // else is sent to a node.
+        _ => return,
     };
     if epoch == 0 {
         return;

@@ -136,9 +136,10 @@ impl Grants {
         }
     }
 
-    /// Takes stored grants from state-svc; false when they are older than the ones held.
+    /// Takes stored grants from state-svc; false when they are not newer than the ones held
+    /// (the user's topic sends its grants again at every subscribe and resynchronisation).
     pub fn apply(&mut self, stored: &spb::UserGrants) -> bool {
-        if stored.version < self.version {
+        if stored.version <= self.version {
             return false;
         }
         self.version = stored.version;

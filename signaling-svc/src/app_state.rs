@@ -45,6 +45,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Sockets held per client address.
     pub addresses: Arc<AddressSlots>,
+    /// WebRTC transports held per user.
+    pub transports: crate::quota::TransportQuota,
     /// TURN relays and their shared secret, when configured.
     pub turn: Option<crate::turn::Turn>,
     pub(crate) started: Instant,
@@ -162,6 +164,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         shutdown,
         tracker: TaskTracker::new(),
         addresses: Arc::default(),
+        transports: crate::quota::TransportQuota::default(),
         turn,
         started: Instant::now(),
     }))

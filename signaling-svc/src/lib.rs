@@ -7,7 +7,8 @@
 //!   concern.
 //! - [`app_state`]: what every handler and connection shares (config, clients of the other
 //!   services, the hub, metrics, shutdown).
-//! - [`hub`]: the gateway's one `Watch` on state-svc, fanned out to its connections.
+//! - [`hub`]: the gateway's side of the event plane: its `Watch` streams on state-svc (the
+//!   topics of its channels and users), fanned out to its connections.
 //! - [`metrics`]: the Prometheus figures on `/metrics`.
 //! - [`listener`]: the TCP listener: a global connection limit and a deadline for each request
 //!   head; [`outbox`]: a socket's byte-bounded queue of frames to write.
@@ -25,6 +26,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod quota;
 pub mod turn;
 
 use std::net::SocketAddr;
@@ -353,9 +355,7 @@ pub async fn run_with_metrics(
     }
     let tracker = app_state.tracker.clone();
     let hub = &app_state.hub;
-    tracker.spawn(Arc::clone(hub).run(watches.clone(), shutdown.clone()));
-    tracker.spawn(Arc::clone(hub).run_grants(watches.clone(), shutdown.clone()));
-    tracker.spawn(Arc::clone(hub).run_syncs(watches, shutdown.clone()));
+    tracker.spawn(Arc::clone(hub).run(watches, shutdown.clone()));
     if app_state.auth.has_key_set() {
         tracker.spawn(watch_key_set(Arc::clone(&app_state), shutdown.clone()));
     }

@@ -180,6 +180,11 @@ impl GatewayMetrics {
             "Channels this gateway follows for its clients",
             self.channels.clone(),
         );
+        r.register(
+            "ptt_gateway_topic_events",
+            "Events received from state-svc's event plane, by topic kind (channel, user, sync)",
+            hub.received(),
+        );
         let me = Arc::clone(self);
         Exposition::new(r, move || {
             me.connections

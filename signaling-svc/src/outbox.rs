@@ -14,7 +14,19 @@ use axum::extract::ws::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::hub::Outgoing;
+/// What the writer task is given, in order.
+#[derive(Debug)]
+pub enum Outgoing {
+    Message(Message),
+    /// Dropped by the writer once the frames queued before it (a request's reply) are
+    /// written: a guard whose drop says so (the hub's `FloorRequest`).
+    Written(Box<dyn WrittenGuard>),
+}
+
+/// Something dropped once what was queued before it is on the socket.
+pub trait WrittenGuard: std::fmt::Debug + Send + Sync {}
+
+impl<T: std::fmt::Debug + Send + Sync> WrittenGuard for T {}
 
 /// What one queued item costs besides its payload (the queue node, the message value).
 const ITEM_OVERHEAD: usize = 128;

@@ -28,6 +28,7 @@ use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::Topic;
 use crate::store::redis::Keys;
 
 /// The consumer group every replica reads through.
@@ -376,11 +377,15 @@ impl AuditWriter {
                         return Err(AuditError::Lost("redis pub/sub connection lost"));
                     };
                     let name = message.get_channel_name();
-                    if let Some(ch) = self.keys.parse_channel_events(name) {
-                        dirty.insert(self.keys.channel(&ch).audit);
-                    } else if let Some(id) = self.keys.parse_sync_events(name) {
-                        let [_, audit, _] = self.keys.sync(&id);
-                        dirty.insert(audit);
+                    match self.keys.parse_topic_events(name) {
+                        Some(Topic::Channel(ch)) => {
+                            dirty.insert(self.keys.channel(&ch).audit);
+                        }
+                        Some(Topic::Sync(id)) => {
+                            let [_, audit, _] = self.keys.sync(&id);
+                            dirty.insert(audit);
+                        }
+                        Some(Topic::User(_)) | None => {}
                     }
                 }
                 _ = sweep.tick() => dirty = self.scan(&mut conn).await?,

@@ -10,9 +10,11 @@ use clap::{Parser, ValueEnum};
 use talkgroup_common::telemetry::LogFormat;
 use talkgroup_common::tls::TlsArgs;
 
+use crate::connect::redact_url;
 use crate::connect::{PostgresAuth, PostgresConnect, RedisAuth, RedisConnect};
+pub use crate::error::ConfigError;
 use crate::store::StoreSettings;
-use crate::store::redis::{RedisOptions, redact_url};
+use crate::store::redis::RedisOptions;
 
 /// Which store backs the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -222,31 +224,6 @@ impl std::fmt::Debug for Config {
             .field("postgres_url", &self.postgres_url.as_ref().map(|_| "***"))
             .finish_non_exhaustive()
     }
-}
-
-/// A configuration that cannot be used; `main` exits with code 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("the redis store needs --redis-url (PTT_STATE_REDIS_URL)")]
-    MissingRedisUrl,
-    #[error("{0} must be between {1} and {2}")]
-    OutOfRange(&'static str, u32, u32),
-    #[error("key prefix must be 1 to 64 characters without braces or spaces")]
-    BadKeyPrefix,
-    #[error("membership channel must be 1 to 128 printable characters without spaces")]
-    BadMembershipChannel,
-    #[error("admin token must be 16 to 512 printable characters without spaces")]
-    BadAdminToken,
-    #[error("{0}")]
-    Tls(String),
-    #[error("--redis-url is not a redis:// or rediss:// URL")]
-    BadRedisUrl,
-    #[error("--postgres-url is not a PostgreSQL URL")]
-    BadPostgresUrl,
-    #[error("{0} TLS: {1}")]
-    StoreTls(&'static str, String),
-    #[error("{0} ({1}): {2}")]
-    Secret(&'static str, String, String),
 }
 
 impl Config {

@@ -9,11 +9,20 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use talkgroup_common::tls::{self, ClientCert};
 
-use crate::config::ConfigError;
-use crate::error::StoreError;
+use crate::error::{ConfigError, StoreError};
 
 /// The longest secret read from a file; anything longer is not a password.
 const MAX_SECRET: u64 = 4096;
+
+/// The URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
 
 /// Reads a secret from a file (a Kubernetes Secret volume), without its trailing newline.
 fn read_secret(path: &Path, what: &'static str) -> Result<String, ConfigError> {
@@ -165,7 +174,7 @@ pub struct RedisAuth {
 
 impl RedisConnect {
     pub fn new(url: &str, auth: &RedisAuth) -> Result<Self, ConfigError> {
-        let shown = crate::store::redis::redact_url(url);
+        let shown = redact_url(url);
         let sentinel = sentinel_url(url).transpose()?;
         let cluster = cluster_url(url).transpose()?;
         // Under Sentinel the credentials (from the flags) are the master's, and under Cluster

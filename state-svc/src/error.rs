@@ -123,6 +123,31 @@ impl From<StoreError> for Status {
     }
 }
 
+/// A configuration that cannot be used; `main` exits with code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the redis store needs --redis-url (PTT_STATE_REDIS_URL)")]
+    MissingRedisUrl,
+    #[error("{0} must be between {1} and {2}")]
+    OutOfRange(&'static str, u32, u32),
+    #[error("key prefix must be 1 to 64 characters without braces or spaces")]
+    BadKeyPrefix,
+    #[error("membership channel must be 1 to 128 printable characters without spaces")]
+    BadMembershipChannel,
+    #[error("admin token must be 16 to 512 printable characters without spaces")]
+    BadAdminToken,
+    #[error("{0}")]
+    Tls(String),
+    #[error("--redis-url is not a redis:// or rediss:// URL")]
+    BadRedisUrl,
+    #[error("--postgres-url is not a PostgreSQL URL")]
+    BadPostgresUrl,
+    #[error("{0} TLS: {1}")]
+    StoreTls(&'static str, String),
+    #[error("{0} ({1}): {2}")]
+    Secret(&'static str, String, String),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,52 +1,39 @@
-//! Fan-out of store events to local watchers.
+//! The event plane inside one state-svc process: fan-out of published events to local
+//! watchers, by topic.
 //!
 //! Each state-svc process has one hub. The store feeds it (the Redis store from its pub/sub
-//! connection, the memory store directly) and each `Watch` stream holds a [`Subscription`] for
-//! the channels it asked for. Delivery never blocks the store: every subscriber has a bounded
-//! queue, and a subscriber that falls behind is marked lagged and told to resynchronise (re-read
-//! the state of its channels) instead of stalling everyone else.
+//! connection, the memory store directly) and each watch stream holds a [`Subscription`] for
+//! the topics it asked for (channels, users, sync sessions). Delivery never blocks the store:
+//! every subscriber has a bounded queue, and a subscriber that falls behind is marked lagged
+//! and told to resynchronise (re-read the state of its topics): one policy for every topic, so
+//! no watcher ever misses a change silently.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, mpsc};
 
-use crate::domain::{ChannelId, Event, GrantsEvent, SyncId};
-use crate::sync::SyncSession;
-
-/// A sync session changed (`state` is `None` when it was deleted).
-#[derive(Debug, Clone)]
-pub struct SyncEvent {
-    pub session_id: SyncId,
-    pub version: u64,
-    pub state: Option<SyncSession>,
-}
+use crate::domain::{Published, Topic};
 
 /// Events a subscriber may have queued before it is marked lagged.
 const SUBSCRIBER_QUEUE: usize = 1024;
-/// Grant changes a grant watcher may lag behind before it is told to resynchronise.
-const GRANTS_QUEUE: usize = 1024;
 /// Control-plane membership updates waiting to be applied before new ones are dropped.
 pub const MEMBERSHIP_QUEUE: usize = 1024;
 
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    Event(Arc<Event>),
-    /// Events may have been missed: re-read the state of every subscribed channel.
+    Event(Arc<Published>),
+    /// Events may have been missed: re-read the state of every subscribed topic.
     Resync,
 }
 
 #[derive(Debug)]
 pub struct Hub {
     inner: Mutex<Inner>,
-    /// Woken whenever the set of wanted channels changes (the Redis listener reconciles).
+    /// Woken whenever the set of wanted topics changes (the Redis listener reconciles).
     wanted_changed: Notify,
-    /// Grant changes of every user, for `WatchGrants` streams.
-    grants: broadcast::Sender<Arc<GrantsEvent>>,
-    /// Sync session changes, for `WatchSync` streams.
-    sync: broadcast::Sender<Arc<SyncEvent>>,
     /// Raw control-plane membership updates, applied by one task (`access::run_membership`).
     membership_tx: mpsc::Sender<String>,
     membership_rx: Mutex<Option<mpsc::Receiver<String>>>,
@@ -58,8 +45,6 @@ impl Default for Hub {
         Self {
             inner: Mutex::default(),
             wanted_changed: Notify::new(),
-            grants: broadcast::Sender::new(GRANTS_QUEUE),
-            sync: broadcast::Sender::new(GRANTS_QUEUE),
             membership_tx,
             membership_rx: Mutex::new(Some(membership_rx)),
         }
@@ -70,13 +55,13 @@ impl Default for Hub {
 struct Inner {
     next_id: u64,
     subs: HashMap<u64, Subscriber>,
-    by_channel: HashMap<ChannelId, HashSet<u64>>,
+    by_topic: HashMap<Topic, HashSet<u64>>,
 }
 
 #[derive(Debug)]
 struct Subscriber {
     tx: mpsc::Sender<Delivery>,
-    channels: HashSet<ChannelId>,
+    topics: HashSet<Topic>,
     lagged: Arc<AtomicBool>,
 }
 
@@ -100,7 +85,7 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A new subscriber with no channels yet.
+    /// A new subscriber with no topics yet.
     pub fn subscribe(self: &Arc<Self>) -> Subscription {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         let lagged = Arc::new(AtomicBool::new(false));
@@ -111,7 +96,7 @@ impl Hub {
             id,
             Subscriber {
                 tx,
-                channels: HashSet::new(),
+                topics: HashSet::new(),
                 lagged: Arc::clone(&lagged),
             },
         );
@@ -123,49 +108,35 @@ impl Hub {
         }
     }
 
-    /// Delivers an event to every subscriber of its channel.
-    pub fn dispatch(&self, event: Event) {
+    /// Delivers an event to every subscriber of one of its topics, once each.
+    pub fn publish(&self, event: impl Into<Published>) {
+        let event = event.into();
         let inner = self.lock();
-        let Some(ids) = inner.by_channel.get(event.channel_id()) else {
+        let mut reached: Vec<u64> = Vec::new();
+        for topic in event.topics() {
+            if let Some(ids) = inner.by_topic.get(&topic) {
+                reached.extend(ids);
+            }
+        }
+        if reached.is_empty() {
             return;
-        };
+        }
+        reached.sort_unstable();
+        reached.dedup();
         let event = Arc::new(event);
-        for id in ids {
-            if let Some(sub) = inner.subs.get(id) {
+        for id in reached {
+            if let Some(sub) = inner.subs.get(&id) {
                 sub.deliver(Delivery::Event(Arc::clone(&event)));
             }
         }
     }
 
-    /// Tells every subscriber to re-read its channels and grants (after a gap in the event
-    /// source).
+    /// Tells every subscriber to re-read its topics (after a gap in the event source).
     pub fn resync_all(&self) {
         let inner = self.lock();
         for sub in inner.subs.values() {
             sub.deliver(Delivery::Resync);
         }
-        drop(inner);
-        let _ = self.grants.send(Arc::new(GrantsEvent::Resync));
-    }
-
-    /// Hands a grant change to every grant watcher of this process.
-    pub fn grants_changed(&self, event: GrantsEvent) {
-        // No receiver is fine: no gateway is watching this replica.
-        let _ = self.grants.send(Arc::new(event));
-    }
-
-    /// Hands a sync session change to every `WatchSync` stream of this process.
-    pub fn sync_changed(&self, event: SyncEvent) {
-        let _ = self.sync.send(Arc::new(event));
-    }
-
-    pub fn watch_sync(&self) -> broadcast::Receiver<Arc<SyncEvent>> {
-        self.sync.subscribe()
-    }
-
-    /// A stream of grant changes from now on.
-    pub fn watch_grants(&self) -> broadcast::Receiver<Arc<GrantsEvent>> {
-        self.grants.subscribe()
     }
 
     /// Queues a raw control-plane membership update; false when the queue is full (dropped).
@@ -181,9 +152,9 @@ impl Hub {
             .take()
     }
 
-    /// Every channel some local subscriber wants.
-    pub fn wanted_channels(&self) -> HashSet<ChannelId> {
-        self.lock().by_channel.keys().cloned().collect()
+    /// Every topic some local subscriber wants.
+    pub fn wanted_topics(&self) -> HashSet<Topic> {
+        self.lock().by_topic.keys().cloned().collect()
     }
 
     /// Resolves when the wanted set may have changed.
@@ -196,30 +167,26 @@ impl Hub {
         self.lock().subs.len()
     }
 
-    fn add(&self, id: u64, channels: &[ChannelId]) {
+    fn add(&self, id: u64, topics: &[Topic]) {
         let mut inner = self.lock();
-        let Inner {
-            subs, by_channel, ..
-        } = &mut *inner;
+        let Inner { subs, by_topic, .. } = &mut *inner;
         let Some(sub) = subs.get_mut(&id) else { return };
-        for ch in channels {
-            if sub.channels.insert(ch.clone()) {
-                by_channel.entry(ch.clone()).or_default().insert(id);
+        for topic in topics {
+            if sub.topics.insert(topic.clone()) {
+                by_topic.entry(topic.clone()).or_default().insert(id);
             }
         }
         drop(inner);
         self.wanted_changed.notify_one();
     }
 
-    fn remove(&self, id: u64, channels: &[ChannelId]) {
+    fn remove(&self, id: u64, topics: &[Topic]) {
         let mut inner = self.lock();
-        let Inner {
-            subs, by_channel, ..
-        } = &mut *inner;
+        let Inner { subs, by_topic, .. } = &mut *inner;
         let Some(sub) = subs.get_mut(&id) else { return };
-        for ch in channels {
-            if sub.channels.remove(ch) {
-                unlink(by_channel, ch, id);
+        for topic in topics {
+            if sub.topics.remove(topic) {
+                unlink(by_topic, topic, id);
             }
         }
         drop(inner);
@@ -229,8 +196,8 @@ impl Hub {
     fn drop_subscriber(&self, id: u64) {
         let mut inner = self.lock();
         if let Some(sub) = inner.subs.remove(&id) {
-            for ch in &sub.channels {
-                unlink(&mut inner.by_channel, ch, id);
+            for topic in &sub.topics {
+                unlink(&mut inner.by_topic, topic, id);
             }
         }
         drop(inner);
@@ -238,11 +205,11 @@ impl Hub {
     }
 }
 
-fn unlink(by_channel: &mut HashMap<ChannelId, HashSet<u64>>, ch: &ChannelId, id: u64) {
-    if let Some(set) = by_channel.get_mut(ch) {
+fn unlink(by_topic: &mut HashMap<Topic, HashSet<u64>>, topic: &Topic, id: u64) {
+    if let Some(set) = by_topic.get_mut(topic) {
         set.remove(&id);
         if set.is_empty() {
-            by_channel.remove(ch);
+            by_topic.remove(topic);
         }
     }
 }
@@ -257,12 +224,12 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn add(&self, channels: &[ChannelId]) {
-        self.hub.add(self.id, channels);
+    pub fn add(&self, topics: &[Topic]) {
+        self.hub.add(self.id, topics);
     }
 
-    pub fn remove(&self, channels: &[ChannelId]) {
-        self.hub.remove(self.id, channels);
+    pub fn remove(&self, topics: &[Topic]) {
+        self.hub.remove(self.id, topics);
     }
 
     /// The next delivery; `Resync` if events were dropped since the last call.
@@ -287,10 +254,11 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{FloorChanged, FloorReason};
+    use crate::domain::{ChannelId, Event, FloorChanged, FloorReason, SyncEvent, SyncId, UserId};
+    use crate::domain::{UserEvent, UserGrants};
 
-    fn floor_event(ch: &ChannelId, epoch: u64) -> Event {
-        Event::Floor(FloorChanged {
+    fn floor_event(ch: &ChannelId, epoch: u64) -> Published {
+        Published::Channel(Event::Floor(FloorChanged {
             channel_id: ch.clone(),
             holder: None,
             previous: None,
@@ -298,29 +266,78 @@ mod tests {
             reason: FloorReason::Released,
             previous_duration_ms: 0,
             at_ms: 0,
-        })
+        }))
+    }
+
+    fn id<T>(parse: fn(&str) -> Result<T, crate::error::StoreError>, raw: &str) -> T {
+        parse(raw).expect("a valid id")
     }
 
     #[tokio::test]
     async fn delivers_only_subscribed_channels_and_resyncs_laggards() {
         let hub = Hub::new();
-        let a = ChannelId::parse("a").unwrap();
-        let b = ChannelId::parse("b").unwrap();
+        let a = id(ChannelId::parse, "a");
+        let b = id(ChannelId::parse, "b");
         let mut sub = hub.subscribe();
-        sub.add(std::slice::from_ref(&a));
-        assert_eq!(hub.wanted_channels().len(), 1);
-        hub.dispatch(floor_event(&b, 1));
-        hub.dispatch(floor_event(&a, 2));
+        sub.add(&[Topic::Channel(a.clone())]);
+        assert_eq!(hub.wanted_topics().len(), 1);
+        hub.publish(floor_event(&b, 1));
+        hub.publish(floor_event(&a, 2));
         match sub.recv().await {
-            Some(Delivery::Event(e)) => assert_eq!(e.channel_id(), &a),
+            Some(Delivery::Event(e)) => {
+                assert!(matches!(&*e, Published::Channel(c) if c.channel_id() == &a))
+            }
             other => panic!("unexpected {other:?}"),
         }
         for epoch in 0..(SUBSCRIBER_QUEUE as u64 + 5) {
-            hub.dispatch(floor_event(&a, epoch));
+            hub.publish(floor_event(&a, epoch));
         }
         assert!(matches!(sub.recv().await, Some(Delivery::Resync)));
         drop(sub);
-        assert!(hub.wanted_channels().is_empty());
+        assert!(hub.wanted_topics().is_empty());
         assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn user_and_sync_events_reach_only_their_topics_once() {
+        let hub = Hub::new();
+        let ana = id(UserId::parse, "ana");
+        let ch = id(ChannelId::parse, "ops");
+        let sync = id(SyncId::parse, "clock");
+        let mut users = hub.subscribe();
+        users.add(&[Topic::User(ana.clone())]);
+        let mut both = hub.subscribe();
+        both.add(&[Topic::Channel(ch.clone()), Topic::Sync(sync.clone())]);
+        let grants = |uid: &UserId| {
+            Published::User(UserEvent::Grants(UserGrants {
+                user_id: uid.clone(),
+                version: 1,
+                grants: Default::default(),
+            }))
+        };
+        hub.publish(grants(&id(UserId::parse, "bo")));
+        hub.publish(grants(&ana));
+        hub.publish(Published::Sync(SyncEvent {
+            session_id: sync.clone(),
+            version: 2,
+            channel_id: Some(ch),
+            state: None,
+        }));
+        let Some(Delivery::Event(first)) = users.recv().await else {
+            panic!("ana's grants")
+        };
+        assert!(matches!(&*first, Published::User(e) if e.user_id() == &ana));
+        assert!(
+            futures::FutureExt::now_or_never(users.recv()).is_none(),
+            "nothing else"
+        );
+        let Some(Delivery::Event(sync_event)) = both.recv().await else {
+            panic!("the sync change")
+        };
+        assert!(matches!(&*sync_event, Published::Sync(s) if s.session_id == sync));
+        assert!(
+            futures::FutureExt::now_or_never(both.recv()).is_none(),
+            "once, though two of its topics match"
+        );
     }
 }

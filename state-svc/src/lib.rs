@@ -303,7 +303,6 @@ pub fn policy() -> Policy {
         );
     [
         ("GetUserGrants", GATEWAY_OR_ADMIN),
-        ("WatchGrants", GATEWAY),
         ("GetEvent", GATEWAY_OR_ADMIN),
         ("GetChannelEvent", GATEWAY_OR_ADMIN),
         ("EventSpeakers", GATEWAY_OR_ADMIN),

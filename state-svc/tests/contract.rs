@@ -7,7 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Backend, TestServer, holder_user};
+use support::{Backend, TestServer, Watch, holder_user};
+use talkgroup_common::tls::Identity;
 use talkgroup_proto::state::v1 as pb;
 use tonic::Code;
 
@@ -56,6 +57,7 @@ contract!(
     quotas_per_user_and_channel_refuse_with_their_reasons,
     members_versions_move_on_with_every_change,
     open_sync_sessions_are_capped_per_channel_and_per_user,
+    topics_deliver_only_what_their_watchers_follow,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -587,12 +589,7 @@ async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: B
         })
         .await
         .unwrap();
-    let mut grants = c
-        .access
-        .watch_grants(pb::WatchGrantsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut grants = c.watch_users(&["u-ben"]).await;
 
     // Refused alike: another user, a made-up secret, garbage. The session is untouched.
     let forged = format!("{sid}.{}", "0".repeat(64));
@@ -617,12 +614,7 @@ async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: B
     assert_eq!(resumed.channel_ids, ["ops"]);
     assert_ne!(resumed.resume_token, created.resume_token);
     let event = loop {
-        let next = tokio::time::timeout(Duration::from_secs(5), grants.message())
-            .await
-            .expect("a grants event")
-            .unwrap()
-            .unwrap();
-        if let Some(pb::grants_event::Event::Resumed(r)) = next.event {
+        if let pb::watch_event::Event::Resumed(r) = grants.next().await {
             break r;
         }
     };
@@ -1045,28 +1037,14 @@ fn roles(g: &pb::UserGrants) -> Vec<(String, pb::Role)> {
         .collect()
 }
 
-async fn next_grants(stream: &mut tonic::Streaming<pb::GrantsEvent>) -> pb::UserGrants {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(5), stream.message())
-            .await
-            .expect("grant change in time")
-            .unwrap()
-            .unwrap();
-        if let Some(pb::grants_event::Event::Changed(g)) = event.event {
-            return g;
-        }
-    }
+async fn next_grants(watch: &mut Watch) -> pb::UserGrants {
+    watch.next_grants().await
 }
 
 async fn grants_change_once_and_reach_grant_watchers(b: Backend) {
     let server = TestServer::start(b.config("grants")).await;
     let mut c = server.clients().await;
-    let mut watch = c
-        .access
-        .watch_grants(pb::WatchGrantsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = c.watch_users(&["u-ana"]).await;
     let set = |grants: Vec<pb::Grant>, replace| pb::SetUserGrantsRequest {
         user_id: "u-ana".into(),
         grants,
@@ -1949,5 +1927,73 @@ async fn open_sync_sessions_are_capped_per_channel_and_per_user(b: Backend) {
         .await
         .unwrap();
     c.sync.create_sync(create("a3", "a", "u2")).await.unwrap();
+    server.stop().await;
+}
+
+async fn topics_deliver_only_what_their_watchers_follow(b: Backend) {
+    let server = TestServer::start(b.config("topics")).await;
+    let mut c = server.clients().await;
+    let mut ana = c.watch_users(&["u-ana"]).await;
+    let mut ops = c.watch(&["ops"]).await;
+    let set = |user: &str| pb::SetUserGrantsRequest {
+        user_id: user.into(),
+        grants: vec![grant("ops", pb::Role::Talk)],
+        replace: false,
+    };
+    c.admin_access.set_user_grants(set("u-bo")).await.unwrap();
+    c.admin_access.set_user_grants(set("u-ana")).await.unwrap();
+    // Bo's change reached nobody here: the next event of Ana's topic is her own.
+    let seen = ana.next_grants().await;
+    assert_eq!(seen.user_id, "u-ana");
+    assert_eq!(roles(&seen), [("ops".to_owned(), pb::Role::Talk)]);
+
+    // A sync session of another channel reaches no watcher of ops; one of ops does, and so
+    // does its deletion, which still names the channel.
+    let mut elsewhere = create_sync("elsewhere", pb::SyncMode::PerParticipant, 2, 60_000);
+    elsewhere.channel_id = "other".into();
+    c.sync.create_sync(elsewhere).await.unwrap();
+    c.sync
+        .create_sync(create_sync("here", pb::SyncMode::PerParticipant, 2, 60_000))
+        .await
+        .unwrap();
+    let created = ops.next_sync().await;
+    assert_eq!((created.session_id.as_str(), created.version), ("here", 1));
+    c.sync
+        .delete_sync(pb::DeleteSyncRequest {
+            session_id: "here".into(),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    let deleted = ops.next_sync().await;
+    assert!(deleted.deleted);
+    assert_eq!(
+        (deleted.session_id.as_str(), deleted.channel_id.as_str()),
+        ("here", "ops")
+    );
+
+    // A media node follows channels, never users.
+    let mut media = pb::channel_service_client::ChannelServiceClient::new(
+        server.channel_as(&Identity::Media("n1".into())),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WatchRequest {
+        action: Some(pb::watch_request::Action::Subscribe(pb::TopicSet {
+            user_ids: vec!["u-ana".into()],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = media
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an answer in time")
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
     server.stop().await;
 }

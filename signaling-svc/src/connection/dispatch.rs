@@ -7,7 +7,8 @@ use tracing::Instrument;
 
 use super::{Conn, Result};
 use crate::access::{DISPATCH_PRIORITY, Role};
-use crate::hub::{FloorRequest, Outgoing};
+use crate::hub::FloorRequest;
+use crate::outbox::Outgoing;
 use crate::protocol::push::PttDenied;
 use crate::protocol::reply::{FloorAnswer, Pong};
 use crate::protocol::{self, Frame, Push, Reply, Request};
@@ -64,7 +65,7 @@ impl Conn {
         }
         if let Some(request) = floor_request {
             // Behind the reply; if the writer is gone, dropping it here ends the request.
-            self.out.push(Outgoing::Written(request));
+            self.out.push(Outgoing::Written(Box::new(request)));
         }
         true
     }

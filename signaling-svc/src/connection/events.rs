@@ -26,13 +26,13 @@ impl Conn {
                 self.send_text(push.speaker_changed.clone()).await;
             }
             HubEvent::Grants(grants) => self.apply_grants(&grants).await,
-            HubEvent::GrantsResync => {
-                // The grant watch was down: a kick may have been missed too. The session
-                // answers for it: a kicked user's sessions are removed.
+            HubEvent::Resync => {
+                // Events of the user may have been missed, a kick among them (the grants
+                // come again on their own). The session answers for it: a kicked user's
+                // sessions are removed.
                 if let Some(close) = self.touch_session().await {
                     return Some(close);
                 }
-                self.reread_grants().await;
             }
             HubEvent::Kicked(reason) => {
                 tracing::info!(conn = self.id, "disconnected by an administrator");

@@ -17,21 +17,6 @@ impl Conn {
         }
     }
 
-    /// Grant changes may have been missed: re-reads the user's grants.
-    pub(super) async fn reread_grants(&mut self) {
-        let read = self
-            .app
-            .access()
-            .get_user_grants(spb::GetUserGrantsRequest {
-                user_id: self.user.user_id.clone(),
-            })
-            .await;
-        match read {
-            Ok(grants) => self.apply_grants(&grants.into_inner()).await,
-            Err(status) => tracing::warn!(code = ?status.code(), "cannot re-read grants"),
-        }
-    }
-
     /// Applies the user's current grants to this connection and tells the client.
     pub(super) async fn enforce_grants(&mut self) {
         let revoked: Vec<String> = self

@@ -53,7 +53,8 @@ use tokio::task::JoinHandle;
 use crate::access::Grants;
 use crate::app_state::AppState;
 use crate::auth::Claims;
-use crate::hub::{HubEvent, Outgoing};
+use crate::hub::HubEvent;
+use crate::outbox::Outgoing;
 use crate::outbox::{self, Outbox, OutboxReader};
 use crate::protocol::{ClientError, Code, Frame, User, err};
 
@@ -582,7 +583,7 @@ impl Conn {
     /// connection count tells the places are free); the media nodes the transports are on.
     fn leave_hub(&mut self) -> HashSet<String> {
         let (held, nodes) = self.transports.take_nodes();
-        self.app.hub.give_transports(&self.user.user_id, held);
+        self.app.transports.give_back(&self.user.user_id, held);
         self.app.hub.unregister(self.id);
         nodes
     }

@@ -215,7 +215,7 @@ impl Conn {
                 },
             );
         }
-        self.app.hub.add_transports(&self.user.user_id, adopted);
+        self.app.transports.add(&self.user.user_id, adopted);
         for (channel, producer) in producers {
             // Not held yet: nothing to tell the node until the floor is taken up.
             let _ = self
@@ -257,7 +257,7 @@ impl Conn {
             let app_for_task = std::sync::Arc::clone(app);
             app.tracker.spawn(async move {
                 tokio::time::sleep(after).await;
-                app_for_task.hub.give_transports(&user, held);
+                app_for_task.transports.give_back(&user, held);
             });
         };
         let parked = self

@@ -102,8 +102,8 @@ impl Conn {
         let user = &self.user.user_id;
         if !self
             .app
-            .hub
-            .take_transport(user, self.app.config.max_transports_per_user)
+            .transports
+            .take(user, self.app.config.max_transports_per_user)
         {
             self.app.metrics.refused("transports-per-user");
             return Err(err(
@@ -125,7 +125,7 @@ impl Conn {
         let created = match created {
             Ok(created) => created,
             Err(e) => {
-                self.app.hub.give_transports(user, 1);
+                self.app.transports.give_back(user, 1);
                 return Err(e);
             }
         };
@@ -285,7 +285,7 @@ impl Conn {
             let Some(info) = self.transports.0.remove(&id) else {
                 continue;
             };
-            self.app.hub.give_transports(&self.user.user_id, 1);
+            self.app.transports.give_back(&self.user.user_id, 1);
             let closed = TransportClosed {
                 transport_id: id.clone(),
                 channel_id: channel.to_owned(),
@@ -334,7 +334,7 @@ impl Conn {
         let Some(info) = self.transports.0.remove(transport_id) else {
             return;
         };
-        self.app.hub.give_transports(&self.user.user_id, 1);
+        self.app.transports.give_back(&self.user.user_id, 1);
         if let Ok(mut media) = media(&self.app, &info.node) {
             let _ = media
                 .close_transport(mpb::CloseTransportRequest {

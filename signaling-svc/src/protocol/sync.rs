@@ -88,12 +88,12 @@ pub struct DeletedSync {
     deleted: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LiveSync {
     session_id: String,
     channel_id: String,
-    version: u64,
+    pub version: u64,
     mode: &'static str,
     status: &'static str,
     participants: Vec<Participant>,
@@ -109,7 +109,7 @@ pub struct LiveSync {
     updated_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Participant {
     participant_id: String,
@@ -183,49 +183,100 @@ pub struct SyncChanged {
     version: u64,
     base_version: u64,
     server_time: i64,
-    changes: serde_json::Map<String, serde_json::Value>,
-    participants: Vec<serde_json::Value>,
+    changes: SyncFieldChanges,
+    participants: Vec<Participant>,
+}
+
+/// The top-level fields of a session that changed, each present only when it did (one that
+/// became empty is `null`), named as in the session object.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncFieldChanges {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active_participant_id: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_time_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_per_cycle_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    increment_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_time_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cycle_started_at: Option<Option<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_started_at: Option<Option<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_completed_at: Option<Option<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<i64>,
+}
+
+/// Each named field of `after` that differs from `before`'s.
+macro_rules! changed_fields {
+    ($before:expr, $after:expr, $($field:ident),* $(,)?) => {
+        SyncFieldChanges {
+            $($field: ($before.$field != $after.$field).then(|| $after.$field.clone()),)*
+        }
+    };
 }
 
 impl SyncChanged {
-    /// The delta from `before` to `after` (both live sessions as serialized), or `None` when
-    /// they cannot be compared (another participant list: send the whole session).
-    pub fn between(
-        before: &serde_json::Value,
-        after: &serde_json::Value,
-        server_time: i64,
-    ) -> Option<Self> {
-        let (before, after) = (before.as_object()?, after.as_object()?);
-        let ids =
-            |s: &serde_json::Map<String, serde_json::Value>| -> Option<Vec<serde_json::Value>> {
-                Some(
-                    s.get("participants")?
-                        .as_array()?
-                        .iter()
-                        .map(|p| p["participantId"].clone())
-                        .collect(),
-                )
-            };
-        if ids(before)? != ids(after)? {
+    /// The delta from `before` to `after`, or `None` when they cannot be compared (another
+    /// participant list: send the whole session).
+    pub fn between(before: &LiveSync, after: &LiveSync, server_time: i64) -> Option<Self> {
+        let ids = |s: &LiveSync| -> Vec<String> {
+            s.participants
+                .iter()
+                .map(|p| p.participant_id.clone())
+                .collect()
+        };
+        if ids(before) != ids(after) {
             return None;
         }
-        let changes = after
+        let changes = changed_fields!(
+            before,
+            after,
+            session_id,
+            channel_id,
+            version,
+            mode,
+            status,
+            active_participant_id,
+            total_time_ms,
+            time_per_cycle_ms,
+            increment_ms,
+            max_time_ms,
+            cycle_started_at,
+            session_started_at,
+            session_completed_at,
+            created_at,
+            updated_at,
+        );
+        let participants = after
+            .participants
             .iter()
-            .filter(|(k, v)| *k != "participants" && before.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let participants = after["participants"]
-            .as_array()?
-            .iter()
-            .zip(before["participants"].as_array()?)
+            .zip(&before.participants)
             .filter(|(a, b)| a != b)
             .map(|(a, _)| a.clone())
             .collect();
         Some(Self {
-            session_id: after.get("sessionId")?.as_str()?.to_owned(),
-            channel_id: after.get("channelId")?.as_str()?.to_owned(),
-            version: after.get("version")?.as_u64()?,
-            base_version: before.get("version")?.as_u64()?,
+            session_id: after.session_id.clone(),
+            channel_id: after.channel_id.clone(),
+            version: after.version,
+            base_version: before.version,
             server_time,
             changes,
             participants,
@@ -242,11 +293,18 @@ pub struct SyncEnvelope {
 }
 
 impl SyncEnvelope {
-    /// The session as serialized, if it is live (not deleted).
-    pub fn live_json(&self) -> Option<serde_json::Value> {
+    /// The session, if it is live (not deleted).
+    pub fn live(&self) -> Option<&LiveSync> {
         match &self.session {
-            SyncView::Live(live) => serde_json::to_value(live).ok(),
+            SyncView::Live(live) => Some(live),
             SyncView::Deleted(_) => None,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        match &self.session {
+            SyncView::Live(live) => live.version,
+            SyncView::Deleted(deleted) => deleted.version,
         }
     }
 
@@ -294,9 +352,9 @@ mod delta_tests {
 
     #[test]
     fn a_switch_in_a_thousand_participant_session_sends_what_changed() {
-        let before = SyncEnvelope::from(&state(2, 0)).live_json().unwrap();
+        let before = SyncEnvelope::from(&state(2, 0)).live().unwrap().clone();
         let after_state = state(3, 1);
-        let after = SyncEnvelope::from(&after_state).live_json().unwrap();
+        let after = SyncEnvelope::from(&after_state).live().unwrap().clone();
         let delta = SyncChanged::between(&before, &after, 5).unwrap();
         let delta_bytes = serde_json::to_string(&delta).unwrap().len();
         let full_bytes = serde_json::to_string(&SyncEnvelope::from(&after_state))
@@ -310,8 +368,9 @@ mod delta_tests {
             2,
             "the one handing over and the next"
         );
+        let changes = serde_json::to_value(&delta.changes).unwrap();
         assert_eq!(
-            delta.changes.keys().collect::<Vec<_>>(),
+            changes.as_object().unwrap().keys().collect::<Vec<_>>(),
             [
                 "activeParticipantId",
                 "cycleStartedAt",
@@ -325,7 +384,7 @@ mod delta_tests {
         );
         // Another participant list cannot be diffed: the whole session goes.
         let mut other = after.clone();
-        other["participants"].as_array_mut().unwrap().pop();
+        other.participants.pop();
         assert!(SyncChanged::between(&before, &other, 5).is_none());
     }
 }

@@ -1,29 +1,20 @@
-//! `ptt.state.v1.AccessService`: grants, events, the grant watch and the emergency broadcast.
+//! `ptt.state.v1.AccessService`: grants, events and the emergency broadcast (grant changes
+//! reach watchers on the user's topic, `watch`).
 //!
 //! The `*_impl` methods are shared with the admin API, which adds its token check in front.
 
-use std::pin::Pin;
-
-use futures::{Stream, StreamExt};
 use talkgroup_proto::state::v1 as pb;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{self, channel_id, session_id, user_id};
 use crate::access::{self, MembershipUpdate};
 use crate::domain::{
-    Acquired, EventId, EventInfo, GrantChange, GrantsEvent, MAX_GRANTS_PER_USER, Role, UserGrants,
+    Acquired, EventId, EventInfo, GrantChange, MAX_GRANTS_PER_USER, Role, UserGrants,
     parse_priority,
 };
 use crate::error::StoreError;
 use crate::store::Store;
-
-/// Grant changes buffered per watch stream before the watcher is told to resynchronise.
-const GRANTS_OUTBOX: usize = 256;
-
-type GrantsStream = Pin<Box<dyn Stream<Item = Result<pb::GrantsEvent, Status>> + Send>>;
 
 pub fn event_id(raw: &str) -> Result<EventId, StoreError> {
     EventId::parse(raw)
@@ -251,51 +242,6 @@ impl<S: Store> pb::access_service_server::AccessService for Api<S> {
             self.apply_membership_update_impl(request.into_inner())
                 .await?,
         ))
-    }
-
-    type WatchGrantsStream = GrantsStream;
-
-    async fn watch_grants(
-        &self,
-        _request: Request<pb::WatchGrantsRequest>,
-    ) -> Result<Response<Self::WatchGrantsStream>, Status> {
-        let mut changes = self.hub.watch_grants();
-        let (tx, rx) = mpsc::channel(GRANTS_OUTBOX);
-        let shutdown = self.shutdown.clone();
-        self.tasks.spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    change = changes.recv() => match change {
-                        Ok(change) => match &*change {
-                            GrantsEvent::Changed(g) => pb::grants_event::Event::Changed(user_grants(g)),
-                            GrantsEvent::Resync => pb::grants_event::Event::Resync(pb::GrantsResync {}),
-                            GrantsEvent::Kicked { user_id, reason } => pb::grants_event::Event::Kicked(pb::UserKicked {
-                                user_id: user_id.to_string(),
-                                reason: reason.clone(),
-                            }),
-                            GrantsEvent::Resumed { user_id, session_id, generation } => {
-                                pb::grants_event::Event::Resumed(pb::SessionResumed {
-                                    user_id: user_id.to_string(),
-                                    session_id: session_id.to_string(),
-                                    generation: *generation,
-                                })
-                            }
-                        },
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            pb::grants_event::Event::Resync(pb::GrantsResync {})
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    () = tx.closed() => return,
-                    () = shutdown.cancelled() => return,
-                };
-                let event = pb::GrantsEvent { event: Some(event) };
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx).boxed()))
     }
 
     async fn set_event_channels(

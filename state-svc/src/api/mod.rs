@@ -21,10 +21,10 @@ use crate::hub::Hub;
 use crate::metrics::StateMetrics;
 use crate::store::{Store, StoreSettings};
 
-/// Channels one subscribe or unsubscribe request may name.
-pub const MAX_CHANNELS_PER_REQUEST: usize = 1_000;
-/// Channels one watch stream may follow.
-pub const MAX_CHANNELS_PER_WATCH: usize = 10_000;
+/// Topics one subscribe or unsubscribe request may name.
+pub const MAX_TOPICS_PER_REQUEST: usize = 1_000;
+/// Topics one watch stream may follow.
+pub const MAX_TOPICS_PER_WATCH: usize = 10_000;
 
 /// Cheap-to-clone handle shared by every service.
 #[derive(Debug)]

@@ -4,13 +4,15 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use talkgroup_proto::state::v1 as pb;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Api;
 use super::convert::{channel_id, sync_id};
+use crate::domain::{Published, Topic};
 use crate::error::StoreError;
+use crate::hub::Delivery;
 use crate::store::{Store, sync_mutate};
 use crate::sync::{NewSync, SyncAction, SyncMode, SyncSession, SyncStatus};
 
@@ -229,48 +231,6 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
         Ok(Response::new(pb::DeleteSyncResponse { version }))
     }
 
-    type WatchAllSyncsStream = SyncStream;
-
-    async fn watch_all_syncs(
-        &self,
-        _request: Request<pb::WatchAllSyncsRequest>,
-    ) -> Result<Response<Self::WatchAllSyncsStream>, Status> {
-        let mut changes = self.hub.watch_sync();
-        let (tx, rx) = mpsc::channel(SYNC_OUTBOX);
-        let shutdown = self.shutdown.clone();
-        let clock = self.clock.clone();
-        self.tasks.spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    event = changes.recv() => event,
-                    () = tx.closed() => return,
-                    () = shutdown.cancelled() => return,
-                };
-                let state = match event {
-                    Ok(event) => match &event.state {
-                        Some(s) => sync_state(s, clock.now_ms()),
-                        None => pb::SyncState {
-                            session_id: event.session_id.to_string(),
-                            version: event.version,
-                            deleted: true,
-                            server_time_ms: clock.now_ms(),
-                            ..Default::default()
-                        },
-                    },
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "sync watcher lagged");
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                if tx.send(Ok(state)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx).boxed()))
-    }
-
     type WatchSyncStream = SyncStream;
 
     async fn watch_sync(
@@ -279,7 +239,9 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
     ) -> Result<Response<Self::WatchSyncStream>, Status> {
         let id = sync_id(&request.into_inner().session_id)?;
         // Subscribe before reading, so no change falls between the two.
-        let mut changes = self.hub.watch_sync();
+        let mut subscription = self.hub.subscribe();
+        subscription.add(&[Topic::Sync(id.clone())]);
+        self.store.listen().await?;
         let first = self
             .store
             .sync_get(&id)
@@ -299,36 +261,37 @@ impl<S: Store> pb::sync_service_server::SyncService for Api<S> {
                 return;
             }
             loop {
-                let event = tokio::select! {
-                    event = changes.recv() => event,
+                let delivery = tokio::select! {
+                    delivery = subscription.recv() => delivery,
                     () = tx.closed() => return,
                     () = shutdown.cancelled() => return,
                 };
-                let state = match event {
-                    Ok(event) if event.session_id == id && event.version > last => {
-                        last = event.version;
-                        match &event.state {
-                            Some(s) => sync_state(s, clock.now_ms()),
-                            None => pb::SyncState {
-                                session_id: id.to_string(),
-                                version: event.version,
-                                deleted: true,
-                                server_time_ms: clock.now_ms(),
-                                ..Default::default()
-                            },
-                        }
-                    }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match store.sync_get(&id).await {
-                            Ok(Some(s)) if s.version > last => {
-                                last = s.version;
-                                sync_state(&s, clock.now_ms())
+                let state = match delivery {
+                    Some(Delivery::Event(event)) => match &*event {
+                        Published::Sync(e) if e.version > last => {
+                            last = e.version;
+                            match &e.state {
+                                Some(s) => sync_state(s, clock.now_ms()),
+                                None => pb::SyncState {
+                                    session_id: id.to_string(),
+                                    version: e.version,
+                                    deleted: true,
+                                    server_time_ms: clock.now_ms(),
+                                    ..Default::default()
+                                },
                             }
-                            _ => continue,
                         }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
+                        _ => continue,
+                    },
+                    // Changes may have been missed: read the session again.
+                    Some(Delivery::Resync) => match store.sync_get(&id).await {
+                        Ok(Some(s)) if s.version > last => {
+                            last = s.version;
+                            sync_state(&s, clock.now_ms())
+                        }
+                        _ => continue,
+                    },
+                    None => return,
                 };
                 let ended = state.deleted;
                 if tx.send(Ok(state)).await.is_err() || ended {

@@ -1,9 +1,12 @@
-//! `ptt.state.v1.ChannelService`: channel state, configuration and the `Watch` stream.
+//! `ptt.state.v1.ChannelService`: channel state, configuration and the `Watch` stream, the
+//! event plane's one subscription RPC.
 //!
 //! Each `Watch` call runs one task that owns a hub [`Subscription`]: it applies the caller's
-//! subscribe/unsubscribe requests, answers each new channel with a snapshot (taken after the
-//! store's subscription is active, so no change falls between the two), forwards events, and
-//! re-sends snapshots whenever the hub reports a gap. The stream ends on shutdown.
+//! subscribe/unsubscribe requests for topics (channels, users, sync sessions), answers each new
+//! topic with its state (read after the store's subscription is active, so no change falls
+//! between the two), forwards events, and re-sends every topic's state whenever the hub
+//! reports a gap. The stream ends on shutdown. Media nodes may follow channels only: users'
+//! and sync sessions' topics are the gateways'.
 //!
 //! A gap is reported when pub/sub is back, which can be a moment before the store answers
 //! again (under Cluster, a replica serves a dead master's subscriptions before it is
@@ -19,9 +22,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{self, channel_id};
-use super::{Api, MAX_CHANNELS_PER_REQUEST, MAX_CHANNELS_PER_WATCH};
-use crate::domain::ChannelId;
+use super::convert::{self, channel_id, sync_id, user_id};
+use super::{Api, MAX_TOPICS_PER_REQUEST, MAX_TOPICS_PER_WATCH};
+use crate::domain::{Published, SyncEvent, Topic, UserEvent};
 use crate::hub::{Delivery, Subscription};
 use crate::store::Store;
 
@@ -69,12 +72,17 @@ impl<S: Store> pb::channel_service_server::ChannelService for Api<S> {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let channels_only = matches!(
+            talkgroup_common::authz::caller(&request),
+            Some(talkgroup_common::tls::Identity::Media(_))
+        );
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(WATCH_OUTBOX);
         let task = WatchTask {
             api: self.clone(),
             subscription: self.hub.subscribe(),
-            channels: HashSet::new(),
+            topics: HashSet::new(),
+            channels_only,
             out: tx,
         };
         self.tasks.spawn(task.run(inbound));
@@ -85,7 +93,9 @@ impl<S: Store> pb::channel_service_server::ChannelService for Api<S> {
 struct WatchTask<S> {
     api: Api<S>,
     subscription: Subscription,
-    channels: HashSet<ChannelId>,
+    topics: HashSet<Topic>,
+    /// The caller is a media node: it may follow channels only.
+    channels_only: bool,
     out: mpsc::Sender<Result<pb::WatchEvent, Status>>,
 }
 
@@ -95,6 +105,12 @@ enum End {
     Gone,
     /// Tell the client why.
     Error(Status),
+}
+
+impl From<crate::error::StoreError> for End {
+    fn from(error: crate::error::StoreError) -> Self {
+        Self::Error(error.into())
+    }
 }
 
 impl<S: Store> WatchTask<S> {
@@ -115,7 +131,7 @@ impl<S: Store> WatchTask<S> {
                     Some(Err(_)) | None => Err(End::Gone),
                 },
                 delivery = self.subscription.recv() => match delivery {
-                    Some(Delivery::Event(event)) => self.send(convert::event(&event)).await,
+                    Some(Delivery::Event(event)) => self.forward(&event).await,
                     Some(Delivery::Resync) => {
                         let first = pending.map_or_else(tokio::time::Instant::now, |(f, _)| f);
                         self.patient_resync(first, &mut pending).await
@@ -141,33 +157,29 @@ impl<S: Store> WatchTask<S> {
     async fn apply(&mut self, request: pb::WatchRequest) -> Result<(), End> {
         match request.action {
             Some(pb::watch_request::Action::Subscribe(set)) => {
-                let ids = parse_set(&set)?;
-                let new: Vec<ChannelId> = ids
+                let new: Vec<Topic> = self
+                    .parse_set(&set)?
                     .into_iter()
-                    .filter(|c| !self.channels.contains(c))
+                    .filter(|t| !self.topics.contains(t))
                     .collect();
-                if self.channels.len() + new.len() > MAX_CHANNELS_PER_WATCH {
+                if self.topics.len() + new.len() > MAX_TOPICS_PER_WATCH {
                     return Err(End::Error(Status::resource_exhausted(
-                        "too many channels on one watch",
+                        "too many topics on one watch",
                     )));
                 }
                 self.subscription.add(&new);
-                self.channels.extend(new.iter().cloned());
-                self.api
-                    .store
-                    .listen()
-                    .await
-                    .map_err(|e| End::Error(e.into()))?;
-                for ch in &new {
-                    self.snapshot(ch).await?;
+                self.topics.extend(new.iter().cloned());
+                self.api.store.listen().await?;
+                for topic in &new {
+                    self.state_of(topic, false).await?;
                 }
                 Ok(())
             }
             Some(pb::watch_request::Action::Unsubscribe(set)) => {
-                let ids = parse_set(&set)?;
-                self.subscription.remove(&ids);
-                for ch in &ids {
-                    self.channels.remove(ch);
+                let topics = self.parse_set(&set)?;
+                self.subscription.remove(&topics);
+                for topic in &topics {
+                    self.topics.remove(topic);
                 }
                 Ok(())
             }
@@ -177,18 +189,79 @@ impl<S: Store> WatchTask<S> {
         }
     }
 
-    async fn snapshot(&self, ch: &ChannelId) -> Result<(), End> {
-        let state = self
-            .api
-            .store
-            .channel_state(ch)
-            .await
-            .map_err(|e| End::Error(e.into()))?;
-        self.send(convert::snapshot(&state)).await
+    /// Sends a topic's state: a channel's snapshot (after a gap, with its sync sessions), a
+    /// user's grants, a sync session.
+    async fn state_of(&self, topic: &Topic, after_gap: bool) -> Result<(), End> {
+        let store = &self.api.store;
+        match topic {
+            Topic::Channel(ch) => {
+                let state = store.channel_state(ch).await?;
+                self.send(convert::snapshot(&state)).await?;
+                if after_gap && !self.channels_only {
+                    for sync in store.channel_syncs(ch).await? {
+                        self.send(self.sync_event(&SyncEvent::changed(sync)))
+                            .await?;
+                    }
+                }
+                Ok(())
+            }
+            Topic::User(uid) => {
+                let grants = store.user_grants(uid).await?;
+                let event = pb::watch_event::Event::Grants(super::access::user_grants(&grants));
+                self.send(pb::WatchEvent { event: Some(event) }).await?;
+                if after_gap {
+                    let event = pb::watch_event::Event::UserResync(pb::UserResync {
+                        user_id: uid.to_string(),
+                    });
+                    self.send(pb::WatchEvent { event: Some(event) }).await?;
+                }
+                Ok(())
+            }
+            Topic::Sync(id) => match store.sync_get(id).await? {
+                Some(sync) => self.send(self.sync_event(&SyncEvent::changed(sync))).await,
+                // Not there (any more): nothing to say until it is created.
+                None => Ok(()),
+            },
+        }
     }
 
-    /// Re-sends the snapshots; while the store is unavailable and [`RESYNC_PATIENCE`] since
-    /// `first` has not passed, schedules another try in `pending` instead of failing.
+    async fn forward(&self, event: &Published) -> Result<(), End> {
+        let event = match event {
+            // A media node has no use for a channel's sync sessions.
+            Published::Sync(_) if self.channels_only => return Ok(()),
+            Published::Channel(e) => convert::event(e),
+            Published::User(e) => pb::WatchEvent {
+                event: Some(user_event(e)),
+            },
+            Published::Sync(e) => self.sync_event(e),
+        };
+        self.send(event).await
+    }
+
+    fn sync_event(&self, event: &SyncEvent) -> pb::WatchEvent {
+        let now = self.api.clock.now_ms();
+        let state = match &event.state {
+            Some(s) => super::sync::sync_state(s, now),
+            None => pb::SyncState {
+                session_id: event.session_id.to_string(),
+                channel_id: event
+                    .channel_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                version: event.version,
+                deleted: true,
+                server_time_ms: now,
+                ..Default::default()
+            },
+        };
+        pb::WatchEvent {
+            event: Some(pb::watch_event::Event::Sync(state)),
+        }
+    }
+
+    /// Re-sends the topics' state; while the store is unavailable and [`RESYNC_PATIENCE`]
+    /// since `first` has not passed, schedules another try in `pending` instead of failing.
     async fn patient_resync(
         &self,
         first: tokio::time::Instant,
@@ -211,9 +284,9 @@ impl<S: Store> WatchTask<S> {
     }
 
     async fn resync(&self) -> Result<(), End> {
-        tracing::debug!(channels = self.channels.len(), "watch resynchronising");
-        for ch in &self.channels {
-            self.snapshot(ch).await?;
+        tracing::debug!(topics = self.topics.len(), "watch resynchronising");
+        for topic in &self.topics {
+            self.state_of(topic, true).await?;
         }
         Ok(())
     }
@@ -221,16 +294,49 @@ impl<S: Store> WatchTask<S> {
     async fn send(&self, event: pb::WatchEvent) -> Result<(), End> {
         self.out.send(Ok(event)).await.map_err(|_| End::Gone)
     }
+
+    /// The topics of a request, validated; users and sync sessions refused to media nodes.
+    fn parse_set(&self, set: &pb::TopicSet) -> Result<Vec<Topic>, End> {
+        let count = set.channel_ids.len() + set.user_ids.len() + set.sync_ids.len();
+        if count > MAX_TOPICS_PER_REQUEST {
+            return Err(End::Error(Status::invalid_argument(
+                "too many topics in one request",
+            )));
+        }
+        if self.channels_only && count > set.channel_ids.len() {
+            return Err(End::Error(Status::permission_denied(
+                "media nodes follow channels only",
+            )));
+        }
+        let channels = set
+            .channel_ids
+            .iter()
+            .map(|c| channel_id(c).map(Topic::Channel));
+        let users = set.user_ids.iter().map(|u| user_id(u).map(Topic::User));
+        let syncs = set.sync_ids.iter().map(|s| sync_id(s).map(Topic::Sync));
+        Ok(channels
+            .chain(users)
+            .chain(syncs)
+            .collect::<Result<_, _>>()?)
+    }
 }
 
-fn parse_set(set: &pb::ChannelSet) -> Result<Vec<ChannelId>, End> {
-    if set.channel_ids.len() > MAX_CHANNELS_PER_REQUEST {
-        return Err(End::Error(Status::invalid_argument(
-            "too many channels in one request",
-        )));
+/// A user topic's event on the wire.
+fn user_event(event: &UserEvent) -> pb::watch_event::Event {
+    match event {
+        UserEvent::Grants(g) => pb::watch_event::Event::Grants(super::access::user_grants(g)),
+        UserEvent::Kicked { user_id, reason } => pb::watch_event::Event::Kicked(pb::UserKicked {
+            user_id: user_id.to_string(),
+            reason: reason.clone(),
+        }),
+        UserEvent::Resumed {
+            user_id,
+            session_id,
+            generation,
+        } => pb::watch_event::Event::Resumed(pb::SessionResumed {
+            user_id: user_id.to_string(),
+            session_id: session_id.to_string(),
+            generation: *generation,
+        }),
     }
-    set.channel_ids
-        .iter()
-        .map(|c| channel_id(c).map_err(|e| End::Error(e.into())))
-        .collect()
 }

@@ -1,9 +1,12 @@
 //! Domain types of the state service: validated identifiers and the floor, channel, session and
 //! media-node records that both stores produce. Protobuf types are converted into these once, at
 //! the gRPC edge (`api::convert`). [`rules`] holds the floor rules as pure functions of the
-//! state and the clock.
+//! state and the clock; [`topic`] the topics of the event plane and what is published on them.
 
 pub mod rules;
+pub mod topic;
+
+pub use topic::{Published, SyncEvent, Topic, UserEvent};
 
 use std::fmt;
 
@@ -543,26 +546,6 @@ pub struct ChannelMoved {
     pub previous: NodeId,
     pub reason: MoveReason,
     pub at_ms: i64,
-}
-
-/// What grant watchers receive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GrantsEvent {
-    Changed(UserGrants),
-    /// An admin disconnected the user: gateways close the user's sockets.
-    Kicked {
-        user_id: UserId,
-        reason: String,
-    },
-    /// Changes may have been missed: re-read.
-    Resync,
-    /// A socket of generation `generation` took the session over: older sockets close
-    /// without ending it.
-    Resumed {
-        user_id: UserId,
-        session_id: SessionId,
-        generation: u64,
-    },
 }
 
 impl Event {

@@ -273,6 +273,11 @@ pub trait SyncStore: Send + Sync + 'static {
         channel: Option<&ChannelId>,
         owner: Option<&UserId>,
     ) -> impl Future<Output = Res<(usize, usize)>> + Send;
+    /// The stored sessions bound to `channel` (for a channel topic's resynchronisation).
+    fn channel_syncs(
+        &self,
+        channel: &ChannelId,
+    ) -> impl Future<Output = Res<Vec<SyncSession>>> + Send;
     /// Sessions whose deadline has passed, at most `limit`.
     fn sync_due(&self, now: i64, limit: usize) -> impl Future<Output = Res<Vec<SyncId>>> + Send;
     /// Re-reads the session and sets its deadline entry from what is stored.

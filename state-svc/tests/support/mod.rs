@@ -260,11 +260,31 @@ impl Clients {
     /// A watch of `channels` with their snapshots read, or `None` when the stream fails
     /// first (state-svc's pub/sub not connected yet, as right after Redis came back).
     pub async fn try_watch(&mut self, channels: &[&str]) -> Option<Watch> {
+        self.try_watch_topics(pb::TopicSet {
+            channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Opens a watch on users' topics and returns it once each user's grants have arrived.
+    #[allow(dead_code)]
+    pub async fn watch_users(&mut self, users: &[&str]) -> Watch {
+        self.try_watch_topics(pb::TopicSet {
+            user_ids: users.iter().map(|u| (*u).to_owned()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch stream healthy")
+    }
+
+    /// A watch of `topics` with the state of each read (a channel's snapshot, a user's
+    /// grants, an existing sync session's state).
+    pub async fn try_watch_topics(&mut self, topics: pb::TopicSet) -> Option<Watch> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let states = topics.channel_ids.len() + topics.user_ids.len();
         tx.send(pb::WatchRequest {
-            action: Some(pb::watch_request::Action::Subscribe(pb::ChannelSet {
-                channel_ids: channels.iter().map(|c| (*c).to_owned()).collect(),
-            })),
+            action: Some(pb::watch_request::Action::Subscribe(topics)),
         })
         .await
         .unwrap();
@@ -277,11 +297,15 @@ impl Clients {
         let mut watch = Watch {
             stream,
             _requests: tx,
+            grants_seen: std::collections::HashMap::new(),
         };
-        for _ in channels {
+        for _ in 0..states {
             match watch.next_or_end().await?.event {
                 Some(pb::watch_event::Event::Snapshot(_)) => {}
-                other => panic!("expected a snapshot first, got {other:?}"),
+                Some(pb::watch_event::Event::Grants(g)) => {
+                    watch.grants_seen.insert(g.user_id, g.version);
+                }
+                other => panic!("expected a topic's state first, got {other:?}"),
             }
         }
         Some(watch)
@@ -299,6 +323,8 @@ pub fn holder_user(holder: &Option<pb::FloorHolder>) -> String {
 pub struct Watch {
     stream: tonic::Streaming<pb::WatchEvent>,
     _requests: tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    /// The highest grants version seen per user: a resync sends the same grants again.
+    grants_seen: std::collections::HashMap<String, u64>,
 }
 
 impl Watch {
@@ -342,6 +368,31 @@ impl Watch {
         loop {
             if let pb::watch_event::Event::Moved(m) = self.next().await {
                 return m;
+            }
+        }
+    }
+
+    /// The next newer grants of a user's topic (receivers apply the highest version),
+    /// skipping everything else.
+    #[allow(dead_code)]
+    pub async fn next_grants(&mut self) -> pb::UserGrants {
+        loop {
+            if let pb::watch_event::Event::Grants(g) = self.next().await {
+                let seen = self.grants_seen.entry(g.user_id.clone()).or_default();
+                if g.version > *seen {
+                    *seen = g.version;
+                    return g;
+                }
+            }
+        }
+    }
+
+    /// The next sync session change, skipping snapshots and everything else.
+    #[allow(dead_code)]
+    pub async fn next_sync(&mut self) -> pb::SyncState {
+        loop {
+            if let pb::watch_event::Event::Sync(s) = self.next().await {
+                return s;
             }
         }
     }

@@ -35,8 +35,7 @@ impl AccessStore for MemoryStore {
             version,
             grants: next,
         };
-        self.hub
-            .grants_changed(GrantsEvent::Changed(updated.clone()));
+        self.hub.publish(UserEvent::Grants(updated.clone()));
         Ok(GrantsUpdate::Changed(updated))
     }
 

@@ -88,7 +88,7 @@ impl MemoryStore {
                 if let Some(n) = nodes.iter_mut().find(|n| n.node_id == to.node_id) {
                     n.channels += 1;
                 }
-                self.hub.dispatch(Event::Moved(ChannelMoved {
+                self.hub.publish(Event::Moved(ChannelMoved {
                     channel_id: ch,
                     node_id: to.node_id,
                     grpc_addr: to.grpc_addr,

@@ -21,14 +21,15 @@ use crate::domain::rules;
 use crate::domain::{
     AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelMoved, ChannelState, Clock,
     EmergencyHolder, Event, EventId, EventInfo, FloorChanged, FloorHolder, FloorReason,
-    FloorRefusal, GrantChange, GrantsEvent, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
-    MediaNode, Member, MembershipChange, MembershipChanged, MoveReason, NewSession, NodeId,
-    NodeRegistration, Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Resume,
-    Role, Session, SessionId, Speaker, SyncId, UserGrants, UserId, choose_node, next_epoch,
-    nodes_to_empty, nodes_to_forget,
+    FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER, MediaNode, Member,
+    MembershipChange, MembershipChanged, MoveReason, NewSession, NodeId, NodeRegistration,
+    Placement, ReleaseOutcome, RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session,
+    SessionId, Speaker, SyncId, UserGrants, UserId, choose_node, next_epoch, nodes_to_empty,
+    nodes_to_forget,
 };
+use crate::domain::{SyncEvent, UserEvent};
 use crate::error::StoreError;
-use crate::hub::{Hub, SyncEvent};
+use crate::hub::Hub;
 use crate::store::{StoreSettings, SweepReport, event_channel_list};
 use crate::sync::SyncSession;
 
@@ -96,7 +97,7 @@ impl Step<'_> {
         reason: FloorReason,
         previous: Option<(&FloorHolder, i64)>,
     ) {
-        self.hub.dispatch(Event::Floor(FloorChanged {
+        self.hub.publish(Event::Floor(FloorChanged {
             channel_id: self.id.clone(),
             holder: ch.floor.clone(),
             previous: previous.map(|(h, _)| h.speaker.clone()),
@@ -196,7 +197,7 @@ impl Step<'_> {
         // Never backwards, even after the channel emptied and was dropped: the clock carries
         // it past every earlier value, as the Redis store does.
         ch.members_version = (ch.members_version + 1).max(self.now.max(0) as u64 * 1000);
-        self.hub.dispatch(Event::Membership(MembershipChanged {
+        self.hub.publish(Event::Membership(MembershipChanged {
             channel_id: self.id.clone(),
             member,
             change,

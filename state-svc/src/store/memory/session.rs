@@ -72,7 +72,7 @@ impl SessionStore for MemoryStore {
             .resume_digests
             .insert(resume.session_id, resume.next_digest);
         drop(inner);
-        self.hub.grants_changed(GrantsEvent::Resumed {
+        self.hub.publish(UserEvent::Resumed {
             user_id: session.user_id.clone(),
             session_id: session.session_id.clone(),
             generation: session.generation,
@@ -194,7 +194,7 @@ impl SessionStore for MemoryStore {
             self.remove_locked(&mut inner, sid);
         }
         drop(inner);
-        self.hub.grants_changed(GrantsEvent::Kicked {
+        self.hub.publish(UserEvent::Kicked {
             user_id: uid.clone(),
             reason: reason.to_owned(),
         });

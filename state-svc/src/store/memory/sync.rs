@@ -37,11 +37,7 @@ impl SyncStore for MemoryStore {
             .syncs
             .insert(session.session_id.clone(), (session.clone(), expires));
         drop(inner);
-        self.hub.sync_changed(SyncEvent {
-            session_id: session.session_id.clone(),
-            version: session.version,
-            state: Some(session.clone()),
-        });
+        self.hub.publish(SyncEvent::changed(session.clone()));
         Ok(())
     }
 
@@ -71,10 +67,10 @@ impl SyncStore for MemoryStore {
 
     async fn sync_delete(&self, id: &SyncId, expected: Option<u64>) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        let actual = inner
+        let (actual, channel_id) = inner
             .syncs
             .get(id)
-            .map(|(s, _)| s.version)
+            .map(|(s, _)| (s.version, crate::domain::topic::channel_of(s)))
             .ok_or(not_found("sync session"))?;
         if expected.is_some_and(|e| e != actual) {
             return Err(StoreError::Conflict {
@@ -84,12 +80,26 @@ impl SyncStore for MemoryStore {
         }
         inner.syncs.remove(id);
         drop(inner);
-        self.hub.sync_changed(SyncEvent {
+        self.hub.publish(SyncEvent {
             session_id: id.clone(),
             version: actual + 1,
+            channel_id,
             state: None,
         });
         Ok(actual + 1)
+    }
+
+    async fn channel_syncs(&self, channel: &ChannelId) -> Result<Vec<SyncSession>, StoreError> {
+        let now = self.now_ms();
+        let inner = self.lock();
+        Ok(inner
+            .syncs
+            .values()
+            .filter(|(s, exp)| {
+                exp.is_none_or(|e| e > now) && s.channel_id.as_deref() == Some(channel.as_str())
+            })
+            .map(|(s, _)| s.clone())
+            .collect())
     }
 
     async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {

@@ -24,10 +24,11 @@ impl AccessStore for RedisStore {
         uid: &UserId,
         change: &GrantChange,
     ) -> Result<GrantsUpdate, StoreError> {
-        let mut invocation = scripts::UPDATE_GRANTS.prepare_invoke();
+        let mut invocation = self.scripts.update_grants.prepare_invoke();
         invocation
             .key(self.keys.grants(uid))
-            .arg(self.keys.grants_events())
+            .key(self.keys.topic_events(&Topic::User(uid.clone())))
+            .arg("")
             .arg(uid.as_str())
             .arg(
                 change

@@ -4,7 +4,7 @@
 //! script touches keys of one Redis Cluster slot only. Ids are validated before they get here
 //! (`domain`), so they can contain neither braces nor separators that would break the tags.
 
-use crate::domain::{ChannelId, NodeId, SessionId, SyncId, UserId};
+use crate::domain::{ChannelId, NodeId, SessionId, SyncId, Topic, UserId};
 
 /// The keys of events, all under one hash tag (`{events}`) so event scripts touch one slot.
 #[derive(Debug, Clone)]
@@ -129,16 +129,30 @@ impl Keys {
         }
     }
 
-    /// The pub/sub channel of a channel's events.
-    pub fn channel_events(&self, ch: &ChannelId) -> String {
-        format!("{}:{{ch:{ch}}}:events", self.prefix)
+    /// The pub/sub channel of a topic's events, in the topic's hash tag (so the script that
+    /// changes a channel, a user's grants or a sync session publishes in its own slot).
+    pub fn topic_events(&self, topic: &Topic) -> String {
+        match topic {
+            Topic::Channel(ch) => format!("{}:{{ch:{ch}}}:events", self.prefix),
+            Topic::User(uid) => format!("{}:{{u:{uid}}}:events", self.prefix),
+            Topic::Sync(id) => format!("{}:{{sync:{id}}}:events", self.prefix),
+        }
     }
 
-    /// Parses a pub/sub channel name back into the channel id.
-    pub fn parse_channel_events(&self, name: &str) -> Option<ChannelId> {
-        let rest = name.strip_prefix(&self.prefix)?.strip_prefix(":{ch:")?;
-        let id = rest.strip_suffix("}:events")?;
-        ChannelId::parse(id).ok()
+    /// Parses a pub/sub channel name back into its topic: the one place names are matched.
+    pub fn parse_topic_events(&self, name: &str) -> Option<Topic> {
+        let rest = name.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let (tag, suffix) = rest.split_once('}')?;
+        if suffix != ":events" {
+            return None;
+        }
+        let (kind, id) = tag.split_once(':')?;
+        match kind {
+            "ch" => ChannelId::parse(id).ok().map(Topic::Channel),
+            "u" => UserId::parse(id).ok().map(Topic::User),
+            "sync" => SyncId::parse(id).ok().map(Topic::Sync),
+            _ => None,
+        }
     }
 
     /// Sorted set: channel id -> time (ms) its floor grant should next be checked for expiry
@@ -195,19 +209,10 @@ impl Keys {
         ]
     }
 
-    /// Parses a sync event channel name back into the session id.
-    pub fn parse_sync_events(&self, name: &str) -> Option<SyncId> {
-        self.parse_sync(name, "}:events")
-    }
-
     /// Parses a sync session's audit stream name back into the session id.
     pub fn parse_sync_audit(&self, name: &str) -> Option<SyncId> {
-        self.parse_sync(name, "}:audit")
-    }
-
-    fn parse_sync(&self, name: &str, suffix: &str) -> Option<SyncId> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix(":{sync:")?;
-        SyncId::parse(rest.strip_suffix(suffix)?).ok()
+        SyncId::parse(rest.strip_suffix("}:audit")?).ok()
     }
 
     /// The pub/sub pattern of every channel's events.
@@ -261,21 +266,6 @@ impl Keys {
         self.index_all("channels")
     }
 
-    /// The pub/sub channel on which admin kicks reach every replica.
-    pub fn kicks(&self) -> String {
-        format!("{}:kicks", self.prefix)
-    }
-
-    /// The pub/sub channel on which session takeovers (resumes) reach every replica.
-    pub fn resumes(&self) -> String {
-        format!("{}:resumes", self.prefix)
-    }
-
-    /// The pub/sub channel on which grant changes reach every replica.
-    pub fn grants_events(&self) -> String {
-        format!("{}:grants", self.prefix)
-    }
-
     pub fn events(&self) -> EventKeys {
         let base = format!("{}:{{events}}", self.prefix);
         EventKeys {
@@ -302,9 +292,42 @@ mod tests {
         for key in all.all() {
             assert!(key.starts_with("ptt:{ch:ops}:"), "{key}");
         }
-        assert_eq!(all.events, keys.channel_events(&ch));
-        assert_eq!(keys.parse_channel_events(&all.events), Some(ch));
-        assert_eq!(keys.parse_channel_events("other:{ch:ops}:events"), None);
+        let topic = Topic::Channel(ch.clone());
+        assert_eq!(all.events, keys.topic_events(&topic));
+        assert_eq!(keys.parse_topic_events(&all.events), Some(topic));
+        assert_eq!(keys.parse_topic_events("other:{ch:ops}:events"), None);
+    }
+
+    #[test]
+    fn every_topic_has_one_events_name_in_its_own_hash_tag() {
+        let keys = Keys::new("ptt");
+        let uid = UserId::parse("ana").unwrap();
+        let sync = SyncId::parse("clock").unwrap();
+        for topic in [
+            Topic::Channel(ChannelId::parse("ops").unwrap()),
+            Topic::User(uid.clone()),
+            Topic::Sync(sync.clone()),
+        ] {
+            let name = keys.topic_events(&topic);
+            assert_eq!(keys.parse_topic_events(&name), Some(topic));
+        }
+        let tag = |key: &str| key[key.find('{').unwrap()..=key.find('}').unwrap()].to_owned();
+        assert_eq!(
+            tag(&keys.topic_events(&Topic::User(uid.clone()))),
+            tag(&keys.grants(&uid))
+        );
+        assert_eq!(
+            tag(&keys.topic_events(&Topic::Sync(sync.clone()))),
+            tag(&keys.sync(&sync)[0])
+        );
+        for hostile in [
+            "ptt:{x:ops}:events",
+            "ptt:{ch:ops}:audit",
+            "ptt:{u:}:events",
+            "ptt:{ch:a b}:events",
+        ] {
+            assert_eq!(keys.parse_topic_events(hostile), None, "{hostile}");
+        }
     }
 
     #[test]

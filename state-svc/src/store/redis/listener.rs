@@ -1,16 +1,20 @@
 //! The Redis pub/sub listener: one connection per process that subscribes to exactly the
-//! channels local watchers want and feeds their events to the hub.
+//! topics local watchers want (channels, users) and feeds their events to the hub.
 //!
 //! Pub/sub is at-most-once. Whenever the connection is (re)established, every local subscriber
-//! is told to resynchronise, so it re-reads the state it may have missed. Subscriptions use
-//! one name per channel, so moving to sharded pub/sub (`SSUBSCRIBE`) changes nothing here but
-//! the command.
+//! is told to resynchronise, so it re-reads the state it may have missed. Each topic has one
+//! name in its own hash tag (`Keys::topic_events`), parsed back once (`parse_topic_events`);
+//! its payload is decoded once (`wire::decode_event`).
+//!
+//! Sync sessions change seldom and are followed by channel: their events come on one pattern
+//! subscription for the whole process, and the hub hands each to the watchers of the
+//! session's topic and of its channel's.
 //!
 //! Under Redis Cluster the listener uses the cluster connection (RESP3, pushes): each
-//! channel's events are a sharded subscription (`SSUBSCRIBE`) at the master of the channel's
-//! slot, while the few cluster-wide names (grants, kicks, resumes, membership, sync sessions)
-//! stay classic subscriptions. The connection resubscribes by itself after a node is lost;
-//! every loss makes the watchers re-read, once the subscriptions are back.
+//! channel's and user's events are a sharded subscription (`SSUBSCRIBE`) at the master of the
+//! topic's slot, while the control-plane membership name and the sync pattern stay classic
+//! subscriptions. The connection resubscribes by itself after a node is lost; every loss makes
+//! the watchers re-read, once the subscriptions are back.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
-use super::wire::{WireEvent, WireGrants, WireKick, WireResumed, parse};
-use crate::domain::{ChannelId, GrantsEvent, SessionId, UserId};
+use super::wire::decode_event;
+use crate::domain::Topic;
 use crate::error::StoreError;
 use crate::hub::Hub;
 
@@ -31,7 +35,7 @@ pub type ReconcileRequest = oneshot::Sender<Result<(), StoreError>>;
 
 /// Pending reconcile requests the listener accepts before callers wait.
 pub const RECONCILE_QUEUE: usize = 256;
-/// Channels per SUBSCRIBE command.
+/// Topics per SUBSCRIBE command.
 const SUBSCRIBE_BATCH: usize = 256;
 /// Largest control-plane membership update accepted; bigger ones are dropped unread.
 pub const MAX_MEMBERSHIP_UPDATE_BYTES: usize = 64 * 1024;
@@ -87,12 +91,7 @@ impl Listener {
             tracing::info!("redis pub/sub connected");
             let (mut sink, mut stream) = pubsub.split();
             let mut subscribed = HashSet::new();
-            let fixed = vec![
-                self.keys.grants_events(),
-                self.keys.kicks(),
-                self.keys.resumes(),
-                self.membership_channel.clone(),
-            ];
+            let fixed = vec![self.membership_channel.clone()];
             let sync_pattern = self.keys.sync_events_pattern();
             let mut healthy = self.bounded(sink.subscribe(fixed)).await.is_ok()
                 && self.bounded(sink.psubscribe(sync_pattern)).await.is_ok()
@@ -152,12 +151,7 @@ impl Listener {
             }
         };
         tracing::info!("redis cluster pub/sub connected");
-        let fixed = [
-            self.keys.grants_events(),
-            self.keys.kicks(),
-            self.keys.resumes(),
-            self.membership_channel.clone(),
-        ];
+        let fixed = [self.membership_channel.clone()];
         let mut subscribed = HashSet::new();
         // Until every subscription is in place (and after a failed one), try again soon.
         let mut retry = tokio::time::interval(BACKOFF_MIN * 5);
@@ -197,10 +191,10 @@ impl Listener {
                                 .await
                                 .is_ok();
                     }
-                    if fixed_done && subscribed != self.hub.wanted_channels() {
+                    if fixed_done && subscribed != self.wanted() {
                         let _ = self.reconcile_sharded(&mut conn, &mut subscribed).await;
                     }
-                    let back = fixed_done && subscribed == self.hub.wanted_channels();
+                    let back = fixed_done && subscribed == self.wanted();
                     if lost.is_some_and(|at| back || at.elapsed() >= RESYNC_WITHOUT_CONFIRMATION) {
                         lost = None;
                         self.hub.resync_all();
@@ -211,44 +205,49 @@ impl Listener {
         }
     }
 
-    /// Makes the sharded subscriptions match the hub, one channel per call (each at its slot's
+    /// The topics that need a subscription of their own: every wanted channel and user (sync
+    /// sessions come on the pattern).
+    fn wanted(&self) -> HashSet<Topic> {
+        let mut wanted = self.hub.wanted_topics();
+        wanted.retain(|t| !matches!(t, Topic::Sync(_)));
+        wanted
+    }
+
+    /// Makes the sharded subscriptions match the hub, one topic per call (each at its slot's
     /// master, concurrently). What failed is tried again at the next reconcile.
     async fn reconcile_sharded(
         &self,
         conn: &mut redis::cluster_async::ClusterConnection,
-        subscribed: &mut HashSet<ChannelId>,
+        subscribed: &mut HashSet<Topic>,
     ) -> Result<(), StoreError> {
-        let wanted = self.hub.wanted_channels();
-        let add: Vec<ChannelId> = wanted.difference(subscribed).cloned().collect();
-        let remove: Vec<ChannelId> = subscribed.difference(&wanted).cloned().collect();
+        let wanted = self.wanted();
+        let add: Vec<Topic> = wanted.difference(subscribed).cloned().collect();
+        let remove: Vec<Topic> = subscribed.difference(&wanted).cloned().collect();
         let mut outcome = Ok(());
-        for batch in add.chunks(SUBSCRIBE_BATCH) {
-            let calls = batch.iter().map(|ch| {
-                let mut conn = conn.clone();
-                let name = self.keys.channel_events(ch);
-                async move { (ch, self.bounded(conn.ssubscribe(name)).await) }
-            });
-            for (ch, result) in futures::future::join_all(calls).await {
-                match result {
-                    Ok(()) => {
-                        subscribed.insert(ch.clone());
+        for (topics, subscribe) in [(add, true), (remove, false)] {
+            for batch in topics.chunks(SUBSCRIBE_BATCH) {
+                let calls = batch.iter().map(|topic| {
+                    let mut conn = conn.clone();
+                    let name = self.keys.topic_events(topic);
+                    async move {
+                        let call = if subscribe {
+                            self.bounded(conn.ssubscribe(name)).await
+                        } else {
+                            self.bounded(conn.sunsubscribe(name)).await
+                        };
+                        (topic, call)
                     }
-                    Err(e) => outcome = Err(e),
-                }
-            }
-        }
-        for batch in remove.chunks(SUBSCRIBE_BATCH) {
-            let calls = batch.iter().map(|ch| {
-                let mut conn = conn.clone();
-                let name = self.keys.channel_events(ch);
-                async move { (ch, self.bounded(conn.sunsubscribe(name)).await) }
-            });
-            for (ch, result) in futures::future::join_all(calls).await {
-                match result {
-                    Ok(()) => {
-                        subscribed.remove(ch);
+                });
+                for (topic, result) in futures::future::join_all(calls).await {
+                    match result {
+                        Ok(()) if subscribe => {
+                            subscribed.insert(topic.clone());
+                        }
+                        Ok(()) => {
+                            subscribed.remove(topic);
+                        }
+                        Err(e) => outcome = Err(e),
                     }
-                    Err(e) => outcome = Err(e),
                 }
             }
         }
@@ -276,21 +275,21 @@ impl Listener {
     async fn reconcile(
         &self,
         sink: &mut redis::aio::PubSubSink,
-        subscribed: &mut HashSet<ChannelId>,
+        subscribed: &mut HashSet<Topic>,
     ) -> Result<(), StoreError> {
-        let wanted = self.hub.wanted_channels();
-        let add: Vec<ChannelId> = wanted.difference(subscribed).cloned().collect();
-        let remove: Vec<ChannelId> = subscribed.difference(&wanted).cloned().collect();
+        let wanted = self.wanted();
+        let add: Vec<Topic> = wanted.difference(subscribed).cloned().collect();
+        let remove: Vec<Topic> = subscribed.difference(&wanted).cloned().collect();
         for batch in add.chunks(SUBSCRIBE_BATCH) {
-            let names: Vec<String> = batch.iter().map(|c| self.keys.channel_events(c)).collect();
+            let names: Vec<String> = batch.iter().map(|t| self.keys.topic_events(t)).collect();
             self.bounded(sink.subscribe(names)).await?;
             subscribed.extend(batch.iter().cloned());
         }
         for batch in remove.chunks(SUBSCRIBE_BATCH) {
-            let names: Vec<String> = batch.iter().map(|c| self.keys.channel_events(c)).collect();
+            let names: Vec<String> = batch.iter().map(|t| self.keys.topic_events(t)).collect();
             self.bounded(sink.unsubscribe(names)).await?;
-            for ch in batch {
-                subscribed.remove(ch);
+            for topic in batch {
+                subscribed.remove(topic);
             }
         }
         Ok(())
@@ -324,88 +323,14 @@ impl Listener {
             }
             return;
         }
-        if let Some(session_id) = self.keys.parse_sync_events(name) {
-            let event = std::str::from_utf8(payload)
-                .ok()
-                .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok());
-            let Some(event) = event else {
-                tracing::warn!(%session_id, "dropped unreadable sync event");
-                return;
-            };
-            let version = event["version"].as_u64().unwrap_or_default();
-            let state = if event["deleted"] == true {
-                None
-            } else {
-                match serde_json::from_value::<crate::sync::SyncSession>(event) {
-                    Ok(state) => Some(state),
-                    Err(error) => {
-                        tracing::warn!(%error, %session_id, "dropped unreadable sync event");
-                        return;
-                    }
-                }
-            };
-            self.hub.sync_changed(crate::hub::SyncEvent {
-                session_id,
-                version,
-                state,
-            });
+        let Some(topic) = self.keys.parse_topic_events(name) else {
             return;
-        }
-        if name == self.keys.kicks() {
-            let kick = std::str::from_utf8(payload)
-                .map_err(|_| StoreError::Internal("kick is not utf-8".into()))
-                .and_then(|raw| parse::<WireKick>(raw, "kick"))
-                .and_then(|k| {
-                    let user_id = UserId::parse(&k.uid)?;
-                    Ok(GrantsEvent::Kicked {
-                        user_id,
-                        reason: k.reason,
-                    })
-                });
-            match kick {
-                Ok(kick) => self.hub.grants_changed(kick),
-                Err(error) => tracing::warn!(%error, "dropped unreadable kick"),
+        };
+        match decode_event(&topic, payload) {
+            Ok(event) => self.hub.publish(event),
+            Err(error) => {
+                tracing::warn!(%error, topic = topic.kind(), "dropped unreadable event");
             }
-            return;
-        }
-        if name == self.keys.resumes() {
-            let resumed = std::str::from_utf8(payload)
-                .map_err(|_| StoreError::Internal("resume is not utf-8".into()))
-                .and_then(|raw| parse::<WireResumed>(raw, "resume"))
-                .and_then(|r| {
-                    Ok(GrantsEvent::Resumed {
-                        user_id: UserId::parse(&r.uid)?,
-                        session_id: SessionId::parse(&r.sid)?,
-                        generation: r.generation,
-                    })
-                });
-            match resumed {
-                Ok(resumed) => self.hub.grants_changed(resumed),
-                Err(error) => tracing::warn!(%error, "dropped unreadable resume"),
-            }
-            return;
-        }
-        if name == self.keys.grants_events() {
-            let grants = std::str::from_utf8(payload)
-                .map_err(|_| StoreError::Internal("grants are not utf-8".into()))
-                .and_then(|raw| parse::<WireGrants>(raw, "grants"))
-                .and_then(WireGrants::into_published);
-            match grants {
-                Ok(grants) => self.hub.grants_changed(GrantsEvent::Changed(grants)),
-                Err(error) => tracing::warn!(%error, "dropped unreadable grants change"),
-            }
-            return;
-        }
-        if self.keys.parse_channel_events(name).is_none() {
-            return;
-        }
-        let event = std::str::from_utf8(payload)
-            .map_err(|_| StoreError::Internal("event is not utf-8".into()))
-            .and_then(|raw| parse::<WireEvent>(raw, "event"))
-            .and_then(WireEvent::into_domain);
-        match event {
-            Ok(event) => self.hub.dispatch(event),
-            Err(error) => tracing::warn!(%error, channel = name, "dropped unreadable event"),
         }
     }
 }

@@ -46,7 +46,7 @@ use crate::domain::{
     AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId,
     EventInfo, FloorRefusal, GrantChange, GrantsUpdate, LeaveOutcome, MAX_GRANTS_PER_USER,
     MediaNode, MoveReason, NewSession, NodeId, NodeRegistration, Placement, ReleaseOutcome,
-    RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session, SessionId, Speaker, SyncId,
+    RemoveOutcome, RenewOutcome, Renewed, Resume, Role, Session, SessionId, Speaker, SyncId, Topic,
     UserGrants, UserId, choose_node, nodes_to_empty, nodes_to_forget, now_ms, rules,
 };
 use crate::error::{STORE_ERRORS, StoreError};
@@ -81,16 +81,6 @@ impl std::fmt::Debug for RedisOptions {
             .field("audit_maxlen", &self.audit_maxlen)
             .field("membership_channel", &self.membership_channel)
             .finish()
-    }
-}
-
-/// The URL with any password replaced, for logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -206,6 +196,32 @@ impl RedisStore {
     /// The shared connection to the current master; `Unavailable` while none is known.
     async fn conn(&self) -> Result<Conn, StoreError> {
         self.target.conn().await.map_err(|e| failed(&e))
+    }
+
+    /// Publishes `event` on the user's topic: sharded pub/sub under Cluster, in the slot of
+    /// the user's keys.
+    async fn publish_user(
+        &self,
+        conn: &mut Conn,
+        uid: &UserId,
+        event: &wire::WireUserEvent,
+    ) -> Result<(), StoreError> {
+        let payload =
+            serde_json::to_string(event).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let command = if self.target.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let _: i64 = self
+            .bounded(
+                redis::cmd(command)
+                    .arg(self.keys.topic_events(&Topic::User(uid.clone())))
+                    .arg(payload)
+                    .query_async(conn),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Runs `fut` within the store's time bound.
@@ -697,7 +713,7 @@ fn missing(what: &str) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use crate::connect::redact_url;
 
     #[test]
     fn passwords_never_reach_logs() {

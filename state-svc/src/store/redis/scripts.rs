@@ -403,13 +403,11 @@ return cjson.encode({ r = 'not_held', epoch = estr(current_epoch()), now = now }
 "#;
 
 /// Changes a user's grants (`KEYS[1]`, a hash of channel -> role plus `#v`, the version:
-/// at least the Redis clock in milliseconds times 1000, so it grows across an empty restart).
-/// `ARGV`: pub/sub channel, user id, expected version ('' for any), replace ('1'/'0'), most
+/// at least the Redis clock in milliseconds times 1000, so it grows across an empty restart)
+/// and publishes the change on the user's topic (`KEYS[2]`, same slot). `ARGV`: unused, user id, expected version ('' for any), replace ('1'/'0'), most
 /// entries allowed, then pairs of channel and role ('' removes). Publishes the new grants only
 /// when something changed, so replicas applying the same update announce it once.
-pub static UPDATE_GRANTS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const UPDATE_GRANTS: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function vstr(x) return string.format('%.0f', x) end
@@ -446,12 +444,9 @@ v = math.max(v + 1, now * 1000)
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], '#v', vstr(v))
 for k, r in pairs(nxt) do redis.call('HSET', KEYS[1], k, r) end
-local doc = cjson.encode({ r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt })
-redis.call('PUBLISH', ARGV[1], doc)
-return doc
-"#,
-    )
-});
+redis.call('PUBLISH', KEYS[2], cjson.encode({ k = 'grants', r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt }))
+return cjson.encode({ r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt })
+"#;
 
 /// Sets an event's channels. `KEYS`: event -> channels (comma-joined), channel -> event,
 /// event -> emergency. `ARGV`: event id, comma-joined channels ('' deletes the event).
@@ -637,8 +632,8 @@ fn channel_script(body: &str, sharded: bool) -> Script {
     Script::new(&sharded_publish(&format!("{PRELUDE}\n{body}"), sharded))
 }
 
-/// Under Cluster, channel events go out on sharded pub/sub (`SPUBLISH`, Redis 7): only the
-/// master of the channel's slot carries them, instead of every node of the cluster.
+/// Under Cluster, channel and user events go out on sharded pub/sub (`SPUBLISH`, Redis 7):
+/// only the master of the topic's slot carries them, instead of every node of the cluster.
 fn sharded_publish(script: &str, sharded: bool) -> String {
     if sharded {
         script.replace("redis.call('PUBLISH', ", "redis.call('SPUBLISH', ")
@@ -647,7 +642,8 @@ fn sharded_publish(script: &str, sharded: bool) -> String {
     }
 }
 
-/// The channel scripts, compiled (hashed) once per process.
+/// The scripts that publish on a channel's or a user's topic, compiled (hashed) once per
+/// process.
 #[derive(Debug)]
 pub struct ChannelScripts {
     pub acquire: Script,
@@ -662,6 +658,8 @@ pub struct ChannelScripts {
     pub emergency_release: Script,
     /// [`MOVE`]'s script.
     pub moved: Script,
+    /// [`UPDATE_GRANTS`]'s script (it publishes on the user's topic).
+    pub update_grants: Script,
 }
 
 impl ChannelScripts {
@@ -678,6 +676,7 @@ impl ChannelScripts {
             emergency_take: channel_script(EMERGENCY_TAKE, sharded),
             emergency_release: channel_script(EMERGENCY_RELEASE, sharded),
             moved: Script::new(&sharded_publish(MOVE, sharded)),
+            update_grants: Script::new(&sharded_publish(UPDATE_GRANTS, sharded)),
         }
     }
 
@@ -731,12 +730,14 @@ pub static SYNC_DELETE: LazyLock<Script> = LazyLock::new(|| {
         r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return { 'missing', 0 } end
-local actual = tonumber(cjson.decode(cur).version)
+local st = cjson.decode(cur)
+local actual = tonumber(st.version)
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= actual then return { 'conflict', actual } end
 redis.call('DEL', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local doc = cjson.encode({ deleted = true, session_id = ARGV[2], version = actual + 1 })
+local doc = cjson.encode({ deleted = true, session_id = ARGV[2], version = actual + 1,
+                          channel_id = st.channel_id })
 if ARGV[3] == '0' then
   redis.call('XADD', KEYS[2], '*', 'action', 'delete',
              'version', tostring(actual + 1), 'at', tostring(now), 'state', doc)

@@ -150,14 +150,12 @@ impl SessionStore for RedisStore {
         }
         self.set_session_deadline(sid, &resume.user_id, expires)
             .await?;
-        let resumed = serde_json::to_string(&wire::WireResumed {
+        let resumed = wire::WireUserEvent::Resumed(wire::WireResumed {
             uid: resume.user_id.to_string(),
             sid: sid.to_string(),
             generation: u64::try_from(generation).unwrap_or_default(),
-        })
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let _: i64 = self
-            .bounded(conn.publish(self.keys.resumes(), resumed))
+        });
+        self.publish_user(&mut conn, &resume.user_id, &resumed)
             .await?;
         self.session(sid).await
     }
@@ -323,13 +321,12 @@ impl SessionStore for RedisStore {
         for session in &sessions {
             self.remove_session(&session.session_id).await?;
         }
-        let kick = serde_json::to_string(&wire::WireKick {
+        let kick = wire::WireUserEvent::Kick(wire::WireKick {
             uid: uid.to_string(),
             reason: reason.to_owned(),
-        })
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        });
         let mut conn = self.conn().await?;
-        let _: i64 = self.bounded(conn.publish(self.keys.kicks(), kick)).await?;
+        self.publish_user(&mut conn, uid, &kick).await?;
         Ok(u32::try_from(sessions.len()).unwrap_or(u32::MAX))
     }
 }

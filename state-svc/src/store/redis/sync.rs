@@ -100,15 +100,20 @@ impl SyncStore for RedisStore {
         channel: Option<&ChannelId>,
         owner: Option<&UserId>,
     ) -> Result<(usize, usize), StoreError> {
+        let open = |sessions: Vec<SyncSession>| sessions.iter().filter(|s| s.open()).count();
         let in_channel = match channel {
-            Some(ch) => self.open_in_index(&format!("channel:{ch}")).await?,
+            Some(ch) => open(self.in_index(&format!("channel:{ch}")).await?),
             None => 0,
         };
         let by_owner = match owner {
-            Some(uid) => self.open_in_index(&format!("owner:{uid}")).await?,
+            Some(uid) => open(self.in_index(&format!("owner:{uid}")).await?),
             None => 0,
         };
         Ok((in_channel, by_owner))
+    }
+
+    async fn channel_syncs(&self, channel: &ChannelId) -> Result<Vec<SyncSession>, StoreError> {
+        self.in_index(&format!("channel:{channel}")).await
     }
 
     async fn sync_due(&self, now: i64, limit: usize) -> Result<Vec<SyncId>, StoreError> {
@@ -140,31 +145,32 @@ impl SyncStore for RedisStore {
 }
 
 impl RedisStore {
-    /// The open sessions listed in a sync index; ids of sessions that are gone leave it.
-    async fn open_in_index(&self, what: &str) -> Result<usize, StoreError> {
+    /// The sessions listed in a sync index; ids of sessions that are gone leave it.
+    async fn in_index(&self, what: &str) -> Result<Vec<SyncSession>, StoreError> {
         let index = self.keys.sync_index(what);
         let mut conn = self.conn().await?;
         let ids: Vec<String> = self.bounded(conn.smembers(&index)).await?;
         let ids: Vec<SyncId> = ids.iter().filter_map(|id| SyncId::parse(id).ok()).collect();
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|id| self.keys.sync(id)[0].clone()).collect();
         let docs: Vec<Option<String>> = self
             .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
             .await?;
-        let mut open = 0;
+        let mut sessions = Vec::new();
         let mut gone = Vec::new();
         for (id, doc) in ids.iter().zip(docs) {
             match doc.map(|d| parse::<SyncSession>(&d, "sync session")) {
-                Some(Ok(session)) if session.open() => open += 1,
-                Some(_) => {}
+                Some(Ok(session)) => sessions.push(session),
+                // Unreadable: counted as nothing, kept for an operator to look at.
+                Some(Err(_)) => {}
                 None => gone.push(id.as_str().to_owned()),
             }
         }
         if !gone.is_empty() {
             let _: () = self.bounded(conn.srem(&index, gone)).await?;
         }
-        Ok(open)
+        Ok(sessions)
     }
 }

@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::domain::{
     ChannelId, ChannelMoved, EmergencyHolder, Event, FloorChanged, FloorHolder, FloorReason,
-    Member, MembershipChange, MembershipChanged, MoveReason, NodeId, Role, SessionId, Speaker,
-    UserGrants, UserId,
+    Member, MembershipChange, MembershipChanged, MoveReason, NodeId, Published, Role, SessionId,
+    Speaker, SyncEvent, SyncId, Topic, UserEvent, UserGrants, UserId,
 };
 use crate::error::StoreError;
+use crate::sync::SyncSession;
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Internal(format!("unreadable {what} in redis"))
@@ -336,8 +337,98 @@ mod tests {
     }
 }
 
-/// A user's grants as the grant script answers and publishes them.
+/// Decodes one message of a topic's pub/sub channel: the one place published payloads become
+/// domain events. A payload that names another topic than the one it came on is refused, so
+/// no publisher can reach a topic's watchers through another topic's name.
+pub fn decode_event(topic: &Topic, payload: &[u8]) -> Result<Published, StoreError> {
+    let raw = std::str::from_utf8(payload).map_err(|_| corrupt("event"))?;
+    let event: Published = match topic {
+        Topic::Channel(_) => parse::<WireEvent>(raw, "channel event")?
+            .into_domain()?
+            .into(),
+        Topic::User(_) => parse::<WireUserEvent>(raw, "user event")?
+            .into_domain()?
+            .into(),
+        Topic::Sync(_) => parse::<WireSyncEvent>(raw, "sync event")?
+            .into_domain()?
+            .into(),
+    };
+    if event.topics().next().as_ref() != Some(topic) {
+        return Err(corrupt("event of another topic"));
+    }
+    Ok(event)
+}
+
+/// An event of a user's topic as published, its kind in `k`.
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(tag = "k", rename_all = "lowercase")]
+pub enum WireUserEvent {
+    Grants(WireGrants),
+    Kick(WireKick),
+    Resumed(WireResumed),
+}
+
+impl WireUserEvent {
+    pub fn into_domain(self) -> Result<UserEvent, StoreError> {
+        Ok(match self {
+            Self::Grants(g) => UserEvent::Grants(g.into_published()?),
+            Self::Kick(k) => UserEvent::Kicked {
+                user_id: UserId::parse(&k.uid)?,
+                reason: k.reason,
+            },
+            Self::Resumed(r) => UserEvent::Resumed {
+                user_id: UserId::parse(&r.uid)?,
+                session_id: SessionId::parse(&r.sid)?,
+                generation: r.generation,
+            },
+        })
+    }
+}
+
+/// A sync session's change as its scripts publish it: the whole stored session, or the
+/// marker of its deletion.
 #[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum WireSyncEvent {
+    Deleted(WireSyncDeleted),
+    State(Box<SyncSession>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireSyncDeleted {
+    /// Always `true`: what tells a deletion from a session.
+    #[serde(rename = "deleted", deserialize_with = "only_true")]
+    _deleted: (),
+    session_id: String,
+    version: u64,
+    #[serde(default)]
+    channel_id: Option<String>,
+}
+
+fn only_true<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    if bool::deserialize(d)? {
+        Ok(())
+    } else {
+        Err(serde::de::Error::custom("not a deletion"))
+    }
+}
+
+impl WireSyncEvent {
+    pub fn into_domain(self) -> Result<SyncEvent, StoreError> {
+        match self {
+            Self::State(state) => Ok(SyncEvent::changed(*state)),
+            Self::Deleted(d) => Ok(SyncEvent {
+                session_id: SyncId::parse(&d.session_id)?,
+                version: d.version,
+                channel_id: d.channel_id.as_deref().map(ChannelId::parse).transpose()?,
+                state: None,
+            }),
+        }
+    }
+}
+
+/// A user's grants as the grant script answers and publishes them.
+#[derive(Debug, Deserialize, serde::Serialize)]
 pub struct WireGrants {
     pub r: String,
     #[serde(default)]
@@ -426,14 +517,14 @@ pub fn channel_list(raw: &str) -> Result<Vec<ChannelId>, StoreError> {
         .collect()
 }
 
-/// An admin kick as published to every replica.
+/// An admin kick as published on the user's topic.
 #[derive(Debug, Deserialize, serde::Serialize)]
 pub struct WireKick {
     pub uid: String,
     pub reason: String,
 }
 
-/// A session taken over by a resumed socket, as published to every replica.
+/// A session taken over by a resumed socket, as published on the user's topic.
 #[derive(Debug, Deserialize, serde::Serialize)]
 pub struct WireResumed {
     pub uid: String,
