@@ -11,7 +11,7 @@ impl AccessStore for RedisStore {
         let version = num(&hash, "#v");
         let g = hash.into_iter().filter(|(k, _)| k != "#v").collect();
         WireGrants {
-            r: String::new(),
+            r: None,
             uid: None,
             v: version,
             g,
@@ -46,9 +46,9 @@ impl AccessStore for RedisStore {
         let mut conn = self.conn().await?;
         let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         let answer: WireGrants = parse(&raw, "grants result")?;
-        let kind = answer.r.clone();
+        let verdict = answer.r.ok_or_else(|| missing("grants answer"))?;
         let grants = answer.into_domain(uid)?;
-        if kind == "changed" && self.wait_replicas > 0 {
+        if verdict == Verdict::Changed && self.wait_replicas > 0 {
             // A stored change a failover could lose is reported as not done: the caller
             // retries, and the same change again is answered `unchanged` if it had landed.
             let wait_ms = (self.timeout / 2).as_millis().max(1) as u64;
@@ -67,14 +67,12 @@ impl AccessStore for RedisStore {
                 ));
             }
         }
-        match kind.as_str() {
-            "changed" => Ok(GrantsUpdate::Changed(grants)),
-            "unchanged" => Ok(GrantsUpdate::Unchanged(grants)),
-            "mismatch" => Ok(GrantsUpdate::VersionMismatch(grants)),
-            "too_many" => Err(StoreError::InvalidArgument("too many grants")),
-            other => Err(StoreError::Internal(format!(
-                "unknown grants result {other}"
-            ))),
+        match verdict {
+            Verdict::Changed => Ok(GrantsUpdate::Changed(grants)),
+            Verdict::Unchanged => Ok(GrantsUpdate::Unchanged(grants)),
+            Verdict::Mismatch => Ok(GrantsUpdate::VersionMismatch(grants)),
+            Verdict::TooMany => Err(StoreError::InvalidArgument("too many grants")),
+            other => Err(other.unexpected("grants")),
         }
     }
 
@@ -99,8 +97,10 @@ impl AccessStore for RedisStore {
             .arg(joined);
         let mut conn = self.conn().await?;
         let answer: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        if answer == "busy" {
-            return Err(StoreError::EmergencyActive);
+        match Verdict::parse(&answer)? {
+            Verdict::Busy => return Err(StoreError::EmergencyActive),
+            Verdict::Ok => {}
+            other => return Err(other.unexpected("event")),
         }
         Ok(EventInfo {
             event_id: eid.clone(),
@@ -163,17 +163,15 @@ impl AccessStore for RedisStore {
         let raw: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         let claim: WireClaim = parse(&raw, "emergency claim")?;
         let holder = claim.em.map(WireEmergency::into_domain).transpose()?;
-        match claim.r.as_str() {
-            "no_event" => Err(StoreError::NotFound("event")),
-            "busy" => Ok(Err(holder.ok_or_else(|| missing("emergency"))?)),
-            "ok" => Ok(Ok(EventInfo {
+        match claim.r {
+            Verdict::NoEvent => Err(StoreError::NotFound("event")),
+            Verdict::Busy => Ok(Err(holder.ok_or_else(|| missing("emergency"))?)),
+            Verdict::Ok => Ok(Ok(EventInfo {
                 event_id: eid.clone(),
                 channels: wire::channel_list(claim.chans.as_deref().unwrap_or_default())?,
                 emergency: holder,
             })),
-            other => Err(StoreError::Internal(format!(
-                "unknown claim result {other}"
-            ))),
+            other => Err(other.unexpected("emergency claim")),
         }
     }
 

@@ -79,8 +79,8 @@ impl FloorStore for RedisStore {
             .channel_script(&self.scripts.renew, ch, &[sid.as_str(), &epoch_arg])
             .await?;
         let r: WireRenew = parse(&raw, "renew result")?;
-        let result = match r.r.as_str() {
-            "renewed" => Ok(Renewed {
+        let result = match r.r {
+            Verdict::Renewed => Ok(Renewed {
                 expires_at_ms: r.expires.ok_or_else(|| missing("expiry"))?,
                 max_until_ms: r.max_until.ok_or_else(|| missing("max talk time"))?,
             }),

@@ -39,8 +39,8 @@ use self::listener::{Listener, RECONCILE_QUEUE, ReconcileRequest};
 use self::scripts::ChannelScripts;
 pub use self::target::{Conn, Target};
 use self::wire::{
-    StoredMember, WireAcquire, WireClaim, WireEmergency, WireExpire, WireGrants, WireLeave,
-    WireRelease, WireRenew, WireState, parse,
+    StoredMember, Verdict, WireAcquire, WireClaim, WireEmergency, WireExpire, WireGrants,
+    WireLeave, WireRelease, WireRenew, WireState, parse,
 };
 use crate::domain::{
     AcquireOutcome, Acquired, ChannelConfig, ChannelId, ChannelState, EmergencyHolder, EventId,
@@ -646,27 +646,20 @@ impl RedisStore {
     }
 }
 
-fn refusal(r: &str) -> Result<FloorRefusal, StoreError> {
-    Ok(match r {
-        "not_held" => FloorRefusal::NotHeld,
-        "not_holder" => FloorRefusal::NotHolder,
-        "stale_epoch" => FloorRefusal::StaleEpoch,
-        "max_talk_time" => FloorRefusal::MaxTalkTime,
-        other => {
-            return Err(StoreError::Internal(format!(
-                "unknown script result {other}"
-            )));
-        }
-    })
+/// The floor refusal a script answered, or an internal error for any other answer.
+fn refusal(verdict: Verdict) -> Result<FloorRefusal, StoreError> {
+    verdict
+        .refusal()
+        .ok_or_else(|| verdict.unexpected("floor"))
 }
 
 /// Converts an acquire script's answer (also the emergency take's).
 fn acquire_outcome(raw: &str) -> Result<AcquireOutcome, StoreError> {
     let a: WireAcquire = parse(raw, "acquire result")?;
     let holder = a.holder.map(wire::WireHolder::into_domain).transpose()?;
-    let result = match a.r.as_str() {
-        "not_member" => return Err(StoreError::NotMember),
-        "granted" => Acquired::Granted {
+    let result = match a.r {
+        Verdict::NotMember => return Err(StoreError::NotMember),
+        Verdict::Granted => Acquired::Granted {
             holder: holder.ok_or_else(|| missing("holder"))?,
             max_talk_ms: u32::try_from(a.max_talk.unwrap_or_default()).unwrap_or(u32::MAX),
             preempted: a
@@ -674,19 +667,15 @@ fn acquire_outcome(raw: &str) -> Result<AcquireOutcome, StoreError> {
                 .map(wire::WireSpeaker::into_domain)
                 .transpose()?,
         },
-        "denied" => Acquired::Denied {
+        Verdict::Denied => Acquired::Denied {
             holder: holder.ok_or_else(|| missing("holder"))?,
             retry_after_ms: a.retry.unwrap_or_default(),
         },
-        "queued" => Acquired::Queued {
+        Verdict::Queued => Acquired::Queued {
             holder: holder.ok_or_else(|| missing("holder"))?,
             position: a.pos.unwrap_or_default(),
         },
-        other => {
-            return Err(StoreError::Internal(format!(
-                "unknown acquire result {other}"
-            )));
-        }
+        other => return Err(other.unexpected("acquire")),
     };
     Ok(AcquireOutcome {
         result,
@@ -697,10 +686,9 @@ fn acquire_outcome(raw: &str) -> Result<AcquireOutcome, StoreError> {
 fn release_outcome(raw: &str) -> Result<ReleaseOutcome, StoreError> {
     let r: WireRelease = parse(raw, "release result")?;
     Ok(ReleaseOutcome {
-        refusal: if r.r == "released" {
-            None
-        } else {
-            Some(refusal(&r.r)?)
+        refusal: match r.r {
+            Verdict::Released => None,
+            other => Some(refusal(other)?),
         },
         epoch: wire::epoch(&r.epoch)?,
         dequeued: r.dequeued,

@@ -42,11 +42,15 @@ impl SyncStore for RedisStore {
         let mut conn = self.conn().await?;
         let (outcome, version): (String, u64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
-        if outcome != "ok" {
-            return Err(StoreError::Conflict {
-                expected: expected.unwrap_or(0),
-                actual: version,
-            });
+        match Verdict::parse(&outcome)? {
+            Verdict::Ok => {}
+            Verdict::Conflict => {
+                return Err(StoreError::Conflict {
+                    expected: expected.unwrap_or(0),
+                    actual: version,
+                });
+            }
+            other => return Err(other.unexpected("sync")),
         }
         if expected.is_none() {
             // A new session joins the indexes its caps count in.
@@ -82,16 +86,17 @@ impl SyncStore for RedisStore {
         let mut conn = self.conn().await?;
         let (outcome, version): (String, u64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
-        match outcome.as_str() {
-            "ok" => {
+        match Verdict::parse(&outcome)? {
+            Verdict::Ok => {
                 self.set_sync_deadline(id, None).await?;
                 Ok(version)
             }
-            "missing" => Err(StoreError::NotFound("sync session")),
-            _ => Err(StoreError::Conflict {
+            Verdict::Missing => Err(StoreError::NotFound("sync session")),
+            Verdict::Conflict => Err(StoreError::Conflict {
                 expected: expected.unwrap_or(0),
                 actual: version,
             }),
+            other => Err(other.unexpected("sync")),
         }
     }
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::domain::{
     ChannelId, ChannelMoved, EmergencyHolder, Event, FloorChanged, FloorHolder, FloorReason,
+    FloorRefusal,
     Member, MembershipChange, MembershipChanged, MoveReason, NodeId, Published, Role, SessionId,
     Speaker, SyncEvent, SyncId, Topic, UserEvent, UserGrants, UserId,
 };
@@ -20,6 +21,67 @@ fn corrupt(what: &str) -> StoreError {
 
 pub fn parse<'a, T: Deserialize<'a>>(raw: &'a str, what: &str) -> Result<T, StoreError> {
     serde_json::from_str(raw).map_err(|e| StoreError::Internal(format!("unreadable {what}: {e}")))
+}
+
+/// What a script answered, decoded once from its token (`r` of a JSON answer, or the first
+/// element of an array answer): every token a script returns. An unknown token is an internal
+/// error at this edge; past it, answers are matched as variants, never as strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Granted,
+    Denied,
+    Queued,
+    NotMember,
+    Renewed,
+    Released,
+    NotHeld,
+    NotHolder,
+    StaleEpoch,
+    MaxTalkTime,
+    Changed,
+    Unchanged,
+    Mismatch,
+    TooMany,
+    Ok,
+    Busy,
+    NoEvent,
+    Conflict,
+    Missing,
+}
+
+impl Verdict {
+    /// Decodes a bare token.
+    pub fn parse(token: &str) -> Result<Self, StoreError> {
+        use serde::de::IntoDeserializer;
+        let token: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            token.into_deserializer();
+        Self::deserialize(token).map_err(|_| corrupt("script answer"))
+    }
+
+    /// The floor refusal this answer is, if it is one.
+    pub fn refusal(self) -> Option<FloorRefusal> {
+        Some(match self {
+            Self::NotHeld => FloorRefusal::NotHeld,
+            Self::NotHolder => FloorRefusal::NotHolder,
+            Self::StaleEpoch => FloorRefusal::StaleEpoch,
+            Self::MaxTalkTime => FloorRefusal::MaxTalkTime,
+            _ => return None,
+        })
+    }
+
+    /// The error for an answer the calling script never gives.
+    pub fn unexpected(self, what: &str) -> StoreError {
+        StoreError::Internal(format!("unexpected {what} answer {self:?}"))
+    }
+}
+
+/// A membership change as published.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireChange {
+    Joined,
+    Left,
 }
 
 pub fn epoch(raw: &str) -> Result<u64, StoreError> {
@@ -132,7 +194,7 @@ pub struct StoredMember<'a> {
 
 #[derive(Debug, Deserialize)]
 pub struct WireAcquire {
-    pub r: String,
+    pub r: Verdict,
     pub holder: Option<WireHolder>,
     pub max_talk: Option<i64>,
     pub retry: Option<i64>,
@@ -143,7 +205,7 @@ pub struct WireAcquire {
 
 #[derive(Debug, Deserialize)]
 pub struct WireRenew {
-    pub r: String,
+    pub r: Verdict,
     pub expires: Option<i64>,
     pub max_until: Option<i64>,
     pub now: i64,
@@ -151,7 +213,7 @@ pub struct WireRenew {
 
 #[derive(Debug, Deserialize)]
 pub struct WireRelease {
-    pub r: String,
+    pub r: Verdict,
     pub epoch: String,
     #[serde(default)]
     pub dequeued: bool,
@@ -228,7 +290,7 @@ pub enum WireEvent {
     },
     Member {
         ch: String,
-        change: String,
+        change: WireChange,
         m: WireMember,
         count: u32,
         at: i64,
@@ -291,10 +353,9 @@ impl WireEvent {
             } => Event::Membership(MembershipChanged {
                 channel_id: channel(&ch)?,
                 member: m.into_domain()?,
-                change: match change.as_str() {
-                    "joined" => MembershipChange::Joined,
-                    "left" => MembershipChange::Left,
-                    _ => return Err(corrupt("membership change")),
+                change: match change {
+                    WireChange::Joined => MembershipChange::Joined,
+                    WireChange::Left => MembershipChange::Left,
                 },
                 member_count: count,
                 at_ms: at,
@@ -307,6 +368,24 @@ impl WireEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_token_a_script_answers_is_a_verdict() {
+        let scripts = include_str!("scripts.rs");
+        let mut seen = 0;
+        // Answers: the `r` of a JSON answer, and what a script returns at its top level (a
+        // helper's `return` inside a function is indented).
+        for opener in ["r = '", "\nreturn '", "return { '"] {
+            for (at, _) in scripts.match_indices(opener) {
+                let rest = &scripts[at + opener.len()..];
+                let token = &rest[..rest.find('\'').unwrap()];
+                assert!(Verdict::parse(token).is_ok(), "{token}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 30, "the scripts' answers were found ({seen})");
+        assert!(Verdict::parse("granted ").is_err());
+    }
 
     #[test]
     fn empty_lua_table_reads_as_empty_list() {
@@ -430,7 +509,9 @@ impl WireSyncEvent {
 /// A user's grants as the grant script answers and publishes them.
 #[derive(Debug, Deserialize, serde::Serialize)]
 pub struct WireGrants {
-    pub r: String,
+    /// The grant script's answer (absent on grants read back from the hash).
+    #[serde(default)]
+    pub r: Option<Verdict>,
     #[serde(default)]
     pub uid: Option<String>,
     /// A decimal string (numbers this large lose digits in cjson); a number from older
@@ -502,7 +583,7 @@ impl WireEmergency {
 
 #[derive(Debug, Deserialize)]
 pub struct WireClaim {
-    pub r: String,
+    pub r: Verdict,
     #[serde(default)]
     pub chans: Option<String>,
     #[serde(default)]
