@@ -56,6 +56,17 @@ pub struct ChannelKeys {
     pub media: String,
 }
 
+/// The keys of one sync session, in one hash tag (`{sync:<id>}`).
+#[derive(Debug, Clone)]
+pub struct SyncKeys {
+    /// The session (JSON).
+    pub state: String,
+    /// Its change log (stream).
+    pub audit: String,
+    /// Its pub/sub name.
+    pub events: String,
+}
+
 impl ChannelKeys {
     pub fn all(&self) -> [&str; 9] {
         [
@@ -199,14 +210,14 @@ impl Keys {
         format!("{}:media:{{node:{node}}}", self.prefix)
     }
 
-    /// A sync session (JSON), its audit stream and its event channel share `{sync:<id>}`.
-    pub fn sync(&self, id: &SyncId) -> [String; 3] {
+    /// A sync session's keys, sharing `{sync:<id>}`.
+    pub fn sync(&self, id: &SyncId) -> SyncKeys {
         let base = format!("{}:{{sync:{id}}}", self.prefix);
-        [
-            base.clone(),
-            format!("{base}:audit"),
-            format!("{base}:events"),
-        ]
+        SyncKeys {
+            audit: format!("{base}:audit"),
+            events: format!("{base}:events"),
+            state: base,
+        }
     }
 
     /// Parses a sync session's audit stream name back into the session id.
@@ -318,7 +329,7 @@ mod tests {
         );
         assert_eq!(
             tag(&keys.topic_events(&Topic::Sync(sync.clone()))),
-            tag(&keys.sync(&sync)[0])
+            tag(&keys.sync(&sync).state)
         );
         for hostile in [
             "ptt:{x:ops}:events",

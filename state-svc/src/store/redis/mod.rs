@@ -648,9 +648,7 @@ impl RedisStore {
 
 /// The floor refusal a script answered, or an internal error for any other answer.
 fn refusal(verdict: Verdict) -> Result<FloorRefusal, StoreError> {
-    verdict
-        .refusal()
-        .ok_or_else(|| verdict.unexpected("floor"))
+    verdict.refusal().ok_or_else(|| verdict.unexpected("floor"))
 }
 
 /// Converts an acquire script's answer (also the emergency take's).

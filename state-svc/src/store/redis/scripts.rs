@@ -750,3 +750,17 @@ return { 'ok', actual + 1 }
 "#,
     )
 });
+
+/// Deletes a sync session's audit stream (`KEYS[1]`) when the session (`KEYS[2]`) no longer
+/// exists and the stream's newest entry is `ARGV[1]`, the last one copied: 1 when deleted.
+pub static DROP_COPIED_STREAM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if newest and newest[1] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+",
+    )
+});

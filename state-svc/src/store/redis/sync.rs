@@ -1,11 +1,12 @@
 //! The Redis store: sync sessions.
 
+use super::keys::SyncKeys;
 use super::*;
 use crate::store::SyncStore;
 
 impl SyncStore for RedisStore {
     async fn sync_get(&self, id: &SyncId) -> Result<Option<SyncSession>, StoreError> {
-        let [key, _, _] = self.keys.sync(id);
+        let key = self.keys.sync(id).state;
         let mut conn = self.conn().await?;
         let raw: Option<String> = self.bounded(conn.get(key)).await?;
         raw.map(|r| parse::<SyncSession>(&r, "sync session"))
@@ -19,7 +20,11 @@ impl SyncStore for RedisStore {
         action: &str,
         previous: Option<&SyncSession>,
     ) -> Result<(), StoreError> {
-        let [key, audit, events] = self.keys.sync(&session.session_id);
+        let SyncKeys {
+            state: key,
+            audit,
+            events,
+        } = self.keys.sync(&session.session_id);
         let doc =
             serde_json::to_string(session).map_err(|e| StoreError::Internal(e.to_string()))?;
         // The audit stream keeps the whole session once, then what each change changed.
@@ -74,7 +79,11 @@ impl SyncStore for RedisStore {
     }
 
     async fn sync_delete(&self, id: &SyncId, expected: Option<u64>) -> Result<u64, StoreError> {
-        let [key, audit, events] = self.keys.sync(id);
+        let SyncKeys {
+            state: key,
+            audit,
+            events,
+        } = self.keys.sync(id);
         let mut invocation = scripts::SYNC_DELETE.prepare_invoke();
         invocation
             .key(key)
@@ -159,7 +168,7 @@ impl RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.keys.sync(id)[0].clone()).collect();
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.sync(id).state).collect();
         let docs: Vec<Option<String>> = self
             .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
             .await?;

@@ -8,9 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::domain::{
     ChannelId, ChannelMoved, EmergencyHolder, Event, FloorChanged, FloorHolder, FloorReason,
-    FloorRefusal,
-    Member, MembershipChange, MembershipChanged, MoveReason, NodeId, Published, Role, SessionId,
-    Speaker, SyncEvent, SyncId, Topic, UserEvent, UserGrants, UserId,
+    FloorRefusal, Member, MembershipChange, MembershipChanged, MoveReason, NodeId, Published, Role,
+    SessionId, Speaker, SyncEvent, SyncId, Topic, UserEvent, UserGrants, UserId,
 };
 use crate::error::StoreError;
 use crate::sync::SyncSession;

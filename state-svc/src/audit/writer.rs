@@ -1,7 +1,4 @@
-//! The audit writer: copies every channel's audit stream (`ptt:{ch:<id>}:audit`, appended by the
-//! floor scripts in the same atomic step as each change) and every sync session's
-//! (`ptt:{sync:<id>}:audit`, appended by its compare-and-set) into PostgreSQL (`floor_events`,
-//! `sync_events`), and answers the history queries of the admin API ([`History`]).
+//! The audit writer: copies the audit streams into PostgreSQL.
 //!
 //! - Idempotent: rows are keyed by (stream, entry id) and inserted with `ON CONFLICT DO
 //!   NOTHING`, so copying an entry twice (a retry, two replicas) leaves one row.
@@ -28,8 +25,10 @@ use redis::AsyncCommands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
+use super::migrations::migrate;
 use crate::domain::Topic;
 use crate::store::redis::Keys;
+use crate::store::redis::scripts::DROP_COPIED_STREAM;
 
 /// The consumer group every replica reads through.
 const GROUP: &str = "audit-writer";
@@ -49,47 +48,6 @@ const CLUSTER_SWEEP: Duration = Duration::from_secs(1);
 const BATCH: usize = 500;
 const BACKOFF: [u64; 6] = [1, 2, 4, 8, 16, 30];
 
-/// Each migration once, in order.
-const MIGRATIONS: &[(i32, &str)] = &[
-    (
-        1,
-        "CREATE TABLE floor_events (
-        stream text NOT NULL,
-        entry_id text NOT NULL,
-        channel_id text NOT NULL,
-        event text NOT NULL,
-        session_id text,
-        user_id text,
-        epoch text,
-        at_ms bigint NOT NULL,
-        held_ms bigint,
-        fields jsonb NOT NULL,
-        PRIMARY KEY (stream, entry_id)
-     );
-     CREATE INDEX floor_events_channel_at ON floor_events (channel_id, at_ms);
-     CREATE INDEX floor_events_user_at ON floor_events (user_id, at_ms);
-     CREATE TABLE audit_cursor (
-        stream text PRIMARY KEY,
-        last_id text NOT NULL,
-        updated_at timestamptz NOT NULL DEFAULT now()
-     );",
-    ),
-    (
-        2,
-        "CREATE TABLE sync_events (
-            stream text NOT NULL,
-            entry_id text NOT NULL,
-            session_id text NOT NULL,
-            version bigint NOT NULL,
-            action text NOT NULL,
-            at_ms bigint NOT NULL,
-            state jsonb NOT NULL,
-            PRIMARY KEY (stream, entry_id)
-         );
-         CREATE INDEX sync_events_session_version ON sync_events (session_id, version);",
-    ),
-];
-
 #[derive(Debug, thiserror::Error)]
 enum AuditError {
     #[error("postgres: {0}")]
@@ -99,53 +57,6 @@ enum AuditError {
     #[error("{0}")]
     Lost(&'static str),
 }
-
-/// Applies the migrations not yet applied.
-pub async fn migrate(pg: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    let tx = pg.transaction().await?;
-    // One replica migrates at a time.
-    tx.execute("SELECT pg_advisory_xact_lock(7210551)", &[])
-        .await?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version integer PRIMARY KEY,
-            applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await?;
-    for (version, sql) in MIGRATIONS {
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM schema_migrations WHERE version = $1",
-                &[version],
-            )
-            .await?
-            .is_some();
-        if !done {
-            tx.batch_execute(sql).await?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
-                &[version],
-            )
-            .await?;
-            tracing::info!(version, "audit schema migrated");
-        }
-    }
-    tx.commit().await
-}
-
-/// Deletes a sync session's audit stream (`KEYS[1]`) when the session (`KEYS[2]`) no longer
-/// exists and the stream's newest entry is `ARGV[1]`, the last one copied: 1 when deleted.
-static DROP_COPIED_STREAM: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-if newest and newest[1] ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-",
-    )
-});
 
 /// One sync-session stream entry as a row.
 #[derive(Debug)]
@@ -382,7 +293,7 @@ impl AuditWriter {
                             dirty.insert(self.keys.channel(&ch).audit);
                         }
                         Some(Topic::Sync(id)) => {
-                            let [_, audit, _] = self.keys.sync(&id);
+                            let audit = self.keys.sync(&id).audit;
                             dirty.insert(audit);
                         }
                         Some(Topic::User(_)) | None => {}
@@ -486,7 +397,7 @@ impl AuditWriter {
                 // of its stream is copied, the stream goes too, unless something was
                 // appended since (a new session under the same id).
                 if let Some(id) = self.keys.parse_sync_audit(stream) {
-                    let [session, _, _] = self.keys.sync(&id);
+                    let session = self.keys.sync(&id).state;
                     let mut invocation = DROP_COPIED_STREAM.prepare_invoke();
                     invocation.key(stream).key(&session).arg(&last);
                     let dropped: i64 = invocation.invoke_async(conn).await?;
@@ -635,134 +546,6 @@ impl AuditWriter {
         }
         advance_cursor(&tx, stream, last).await?;
         tx.commit().await
-    }
-}
-
-/// One floor event from the audit database.
-#[derive(Debug, Clone)]
-pub struct TalkRecord {
-    pub channel_id: String,
-    pub event: String,
-    pub user_id: String,
-    pub session_id: String,
-    pub epoch: String,
-    pub at_ms: i64,
-    pub held_ms: Option<i64>,
-    /// Who cut in (pre-emptions).
-    pub by: Option<String>,
-}
-
-/// One change of a sync session from the audit database.
-#[derive(Debug, Clone)]
-pub struct SyncRecord {
-    pub version: i64,
-    pub action: String,
-    pub at_ms: i64,
-    pub status: String,
-}
-
-/// Queries over the audit database for the admin API, on one lazily (re)connected client.
-pub struct History {
-    postgres: crate::connect::PostgresConnect,
-    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
-}
-
-impl std::fmt::Debug for History {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("History").finish_non_exhaustive()
-    }
-}
-
-fn unavailable(error: &tokio_postgres::Error) -> crate::error::StoreError {
-    crate::error::StoreError::Unavailable(format!("audit database: {error}"))
-}
-
-impl History {
-    pub fn new(postgres: crate::connect::PostgresConnect) -> Self {
-        Self {
-            postgres,
-            client: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, crate::error::StoreError> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            let (client, connection) =
-                self.postgres.connect().await.map_err(|e| unavailable(&e))?;
-            tokio::spawn(connection);
-            *guard = Some(client);
-        }
-        let client = guard
-            .as_ref()
-            .ok_or_else(|| crate::error::StoreError::Unavailable("audit database".into()))?;
-        client.query(sql, params).await.map_err(|e| unavailable(&e))
-    }
-
-    /// Floor events of a channel and/or a user between two instants, oldest first.
-    pub async fn talk(
-        &self,
-        channel: Option<&str>,
-        user: Option<&str>,
-        from_ms: i64,
-        to_ms: i64,
-        limit: i64,
-    ) -> Result<Vec<TalkRecord>, crate::error::StoreError> {
-        let rows = self
-            .query(
-                "SELECT channel_id, event, coalesce(user_id, ''), coalesce(session_id, ''),
-                        coalesce(epoch, ''), at_ms, held_ms, fields->>'by'
-                 FROM floor_events
-                 WHERE ($1::text IS NULL OR channel_id = $1)
-                   AND ($2::text IS NULL OR user_id = $2)
-                   AND at_ms >= $3 AND at_ms < $4
-                 ORDER BY at_ms, entry_id
-                 LIMIT $5",
-                &[&channel, &user, &from_ms, &to_ms, &limit],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| TalkRecord {
-                channel_id: r.get(0),
-                event: r.get(1),
-                user_id: r.get(2),
-                session_id: r.get(3),
-                epoch: r.get(4),
-                at_ms: r.get(5),
-                held_ms: r.get(6),
-                by: r.get(7),
-            })
-            .collect())
-    }
-
-    /// A sync session's changes, oldest first.
-    pub async fn sync(
-        &self,
-        session_id: &str,
-        limit: i64,
-    ) -> Result<Vec<SyncRecord>, crate::error::StoreError> {
-        let rows = self
-            .query(
-                "SELECT version, action, at_ms, coalesce(state->>'status', '')
-                 FROM sync_events WHERE session_id = $1
-                 ORDER BY version, entry_id LIMIT $2",
-                &[&session_id, &limit],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| SyncRecord {
-                version: r.get(0),
-                action: r.get(1),
-                at_ms: r.get(2),
-                status: r.get(3),
-            })
-            .collect())
     }
 }
 
