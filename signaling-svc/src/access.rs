@@ -9,52 +9,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
 use talkgroup_proto::state::v1 as spb;
+pub use talkgroup_wire::Role;
+pub use talkgroup_wire::role::DISPATCH_PRIORITY;
 
 /// Most entries a token's `grants` claim may have.
 pub const MAX_TOKEN_GRANTS: usize = 256;
-/// Floor priority of a dispatcher's `priority-ptt-start` (normal talk is 0).
-pub const DISPATCH_PRIORITY: u32 = 100;
 /// Floor priority of a dispatcher's emergency broadcast.
 pub const EMERGENCY_PRIORITY: u32 = 200;
 /// Floor priority of an admin's emergency broadcast (overrides a dispatcher's).
 pub const ADMIN_EMERGENCY_PRIORITY: u32 = 250;
 
-/// What a user may do in a channel. Ordered: each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    None,
-    /// Hear only.
-    Listen,
-    Talk,
-    /// Priority talk and emergency broadcast.
-    Dispatch,
-    /// Everything, including overriding another dispatcher's emergency.
-    Admin,
-}
-
-impl Role {
-    pub fn parse(raw: &str) -> Option<Self> {
-        Some(match raw {
-            "none" => Self::None,
-            "listen" => Self::Listen,
-            "talk" => Self::Talk,
-            "dispatch" => Self::Dispatch,
-            "admin" => Self::Admin,
-            _ => return None,
-        })
-    }
-
-    /// The highest `ptt-start` priority this role may ask for.
-    pub fn max_priority(self) -> u32 {
-        match self {
-            Self::None | Self::Listen | Self::Talk => 0,
-            Self::Dispatch | Self::Admin => DISPATCH_PRIORITY,
-        }
-    }
-}
 
 /// A stored grant as state-svc keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

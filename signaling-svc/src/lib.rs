@@ -131,7 +131,7 @@ async fn dev_token(
             protocol::Code::BadRequest,
             "name must be 1 to 64 characters",
         );
-        return (StatusCode::BAD_REQUEST, axum::Json(refused)).into_response();
+        return (StatusCode::BAD_REQUEST, axum::Json(refused.body())).into_response();
     }
     let slug: String = name
         .chars()

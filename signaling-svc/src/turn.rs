@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use ring::hmac;
-use serde::Serialize;
 
 /// URLs a gateway hands out at most.
 const MAX_URLS: usize = 8;
@@ -37,13 +36,7 @@ impl std::fmt::Debug for Turn {
     }
 }
 
-/// One entry of a client's `RTCConfiguration.iceServers`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct IceServer {
-    pub urls: Vec<String>,
-    pub username: String,
-    pub credential: String,
-}
+pub use talkgroup_wire::reply::IceServer;
 
 /// A `turn:` or `turns:` URL (RFC 7065) of printable ASCII without spaces.
 fn valid_url(url: &str) -> bool {

@@ -7,7 +7,7 @@ use talkgroup_proto::state::v1 as spb;
 use super::{Conn, Result};
 use crate::access::Role;
 use crate::protocol::reply::{ChannelSummary, Channels, Done, Joined};
-use crate::protocol::{ChannelState, ClientError, Code, User, err};
+use crate::protocol::{ClientError, Code, err};
 
 impl Conn {
     /// The configured channels the user may hear, with who is talking and how many are
@@ -41,7 +41,7 @@ impl Conn {
                 .collect::<HashSet<_>>()
                 .len();
             channels.push(ChannelSummary {
-                speaker: User::speaking(state.holder.as_ref()),
+                speaker: crate::protocol::speaking(state.holder.as_ref()),
                 busy: state.busy,
                 member_count: members,
                 role: self.grants.role(&state.channel_id),
@@ -89,7 +89,7 @@ impl Conn {
             return Err(GATEWAY_FULL);
         }
         Ok(Joined {
-            channel: ChannelState::from(&state),
+            channel: crate::protocol::channel_state(&state),
             role,
         })
     }

@@ -5,7 +5,7 @@ use talkgroup_proto::state::v1 as spb;
 use super::{Close, Conn};
 use crate::hub::HubEvent;
 use crate::protocol::push::{ForceDisconnect, PttInterrupted};
-use crate::protocol::{Push, User, reason};
+use crate::protocol::{Push, reason};
 
 impl Conn {
     /// Acts on one hub event; the close it calls for, if any.
@@ -17,7 +17,7 @@ impl Conn {
                 if self.interrupted(change) {
                     let interrupted = PttInterrupted {
                         channel_id: change.channel_id.clone(),
-                        by: User::speaking(change.holder.as_ref()),
+                        by: crate::protocol::speaking(change.holder.as_ref()),
                         epoch: change.epoch,
                         reason: reason(change.reason()),
                     };

@@ -18,7 +18,7 @@ use super::{Conn, Result};
 use crate::access::Role;
 use crate::app_state::AppState;
 use crate::protocol::reply::{Denied, Done, FloorAnswer, Granted, Queued};
-use crate::protocol::{Code, User, err};
+use crate::protocol::{Code, err};
 
 impl Conn {
     /// `ptt-start` (at most `priority` the role allows) and `priority-ptt-start`.
@@ -176,10 +176,10 @@ impl Floors {
             }
             spb::AcquireOutcome::Queued => Ok(FloorAnswer::Queued(Queued::new(
                 reply.queue_position,
-                User::of_holder(&holder),
+                crate::protocol::speaking(Some(&holder)),
             ))),
             _ => Ok(FloorAnswer::Denied(Denied::new(
-                User::of_holder(&holder),
+                crate::protocol::speaking(Some(&holder)),
                 reply.retry_after_ms.max(0),
             ))),
         }

@@ -100,20 +100,21 @@ enum Close {
 
 impl Close {
     fn code(self) -> u16 {
+        use talkgroup_wire::close;
         match self {
-            Self::Normal => 1000,
-            Self::GoingAway | Self::Lost => 1001,
-            Self::ProtocolError => 1002,
-            Self::InvalidData => 1007,
-            Self::TooBig => 1009,
-            Self::Flood => 1008,
-            Self::Unavailable => 1011,
-            Self::Kicked => 4000,
-            Self::TokenExpired => 4001,
-            Self::TooSlow => 4002,
-            Self::TooManySessions => 4003,
-            Self::SessionEnded => 4004,
-            Self::TakenOver => 4005,
+            Self::Normal => close::NORMAL,
+            Self::GoingAway | Self::Lost => close::GOING_AWAY,
+            Self::ProtocolError => close::PROTOCOL_ERROR,
+            Self::InvalidData => close::INVALID_DATA,
+            Self::TooBig => close::TOO_BIG,
+            Self::Flood => close::FLOOD,
+            Self::Unavailable => close::UNAVAILABLE,
+            Self::Kicked => close::KICKED,
+            Self::TokenExpired => close::TOKEN_EXPIRED,
+            Self::TooSlow => close::TOO_SLOW,
+            Self::TooManySessions => close::TOO_MANY_SESSIONS,
+            Self::SessionEnded => close::SESSION_ENDED,
+            Self::TakenOver => close::TAKEN_OVER,
         }
     }
 

@@ -18,7 +18,7 @@ use super::transports::TransportInfo;
 use super::{Close, Conn};
 use crate::app_state::AppState;
 use crate::protocol::push::{ResumedTransport, SessionInfo};
-use crate::protocol::{ChannelState, Push, TransportDirection, User};
+use crate::protocol::{Push, TransportDirection, User};
 
 /// Longest resume token accepted: a session id, a dot and 64 hex digits, with room to spare.
 pub(super) const MAX_RESUME_TOKEN: usize = 160;
@@ -80,7 +80,7 @@ impl Conn {
             resume_token: opened.session.resume_token.clone(),
             resume_grace_ms: opened.session.resume_grace_ms,
             resumed: opened.resumed,
-            resume_error: opened.refused,
+            resume_error: opened.refused.map(Into::into),
             channels: Vec::new(),
             transports: Vec::new(),
         };
@@ -97,7 +97,7 @@ impl Conn {
                 continue;
             }
             self.take_up_own_floor(&state).await;
-            self.send(Push::ChannelState(ChannelState::from(&state)))
+            self.send(Push::ChannelState(crate::protocol::channel_state(&state)))
                 .await;
         }
     }

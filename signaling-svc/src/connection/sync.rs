@@ -7,7 +7,8 @@ use talkgroup_proto::state::v1::mutate_sync_request::Action;
 use super::{Conn, Result};
 use crate::access::Role;
 use crate::protocol::reply::SyncDeleted;
-use crate::protocol::sync::{SyncEnvelope, create_request, mutate_request};
+use crate::protocol::sync::{create_request, mutate_request};
+use talkgroup_wire::sync::SyncEnvelope;
 use crate::protocol::{Code, SyncCreate, SyncRef, err};
 
 impl Conn {
@@ -20,12 +21,12 @@ impl Conn {
             .create_sync(create_request(r, &self.user.user_id)?)
             .await?
             .into_inner();
-        Ok(SyncEnvelope::from(&created))
+        Ok(crate::protocol::sync::sync_envelope(&created))
     }
 
     pub(super) async fn sync_get(&self, id: &str) -> Result<SyncEnvelope> {
         let session = self.sync_session(id, Role::Listen).await?;
-        Ok(SyncEnvelope::from(&session))
+        Ok(crate::protocol::sync::sync_envelope(&session))
     }
 
     pub(super) async fn sync_start(&mut self, r: SyncRef) -> Result<SyncEnvelope> {
@@ -109,6 +110,6 @@ impl Conn {
             .mutate_sync(mutate_request(r, action))
             .await?
             .into_inner();
-        Ok(SyncEnvelope::from(&state))
+        Ok(crate::protocol::sync::sync_envelope(&state))
     }
 }

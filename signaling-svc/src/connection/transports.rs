@@ -290,7 +290,7 @@ impl Conn {
                 transport_id: id.clone(),
                 channel_id: channel.to_owned(),
                 direction: info.direction,
-                reason,
+                reason: reason.into(),
             };
             self.send(Push::TransportClosed(closed)).await;
             let (app, session) = (std::sync::Arc::clone(&self.app), self.session.clone());

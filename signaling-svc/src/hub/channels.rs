@@ -10,7 +10,7 @@ use talkgroup_proto::state::v1 as pb;
 
 use super::registry::FloorPush;
 use crate::protocol::push::{MemberChange, MembersChanged, SpeakerChanged};
-use crate::protocol::{ChannelState, Frame, Push, User, reason};
+use crate::protocol::{Frame, Push, User, reason};
 
 /// Membership changes of a channel within this window reach its members as one
 /// `members-changed` push.
@@ -26,7 +26,7 @@ pub struct ChannelCache {
 impl ChannelCache {
     /// Takes a channel's snapshot; its `channel-state` push.
     pub fn snapshot(&mut self, state: pb::ChannelState) -> Option<Utf8Bytes> {
-        let text = Frame::from(Push::ChannelState(ChannelState::from(&state))).encode()?;
+        let text = Frame::from(Push::ChannelState(crate::protocol::channel_state(&state))).encode()?;
         self.states.insert(state.channel_id.clone(), state);
         Some(text)
     }
@@ -42,7 +42,7 @@ impl ChannelCache {
         state.busy = change.holder.is_some();
         let push = Push::SpeakerChanged(SpeakerChanged {
             channel_id: change.channel_id.clone(),
-            speaker: User::speaking(change.holder.as_ref()),
+            speaker: crate::protocol::speaking(change.holder.as_ref()),
             epoch: change.epoch,
             reason: reason(change.reason()),
         });

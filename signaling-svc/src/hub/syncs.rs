@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use axum::extract::ws::Utf8Bytes;
 use talkgroup_proto::state::v1 as pb;
 
-use crate::protocol::sync::{LiveSync, SyncChanged, SyncEnvelope};
+use talkgroup_wire::sync::{LiveSync, SyncChanged};
 use crate::protocol::{Frame, Push};
 
 #[derive(Debug, Default)]
@@ -22,7 +22,7 @@ impl SyncPushes {
     /// The push of a session change on a followed channel; `None` for a version already
     /// pushed (a resynchronisation sends states again).
     pub fn push_for(&mut self, state: &pb::SyncState) -> Option<Utf8Bytes> {
-        let envelope = SyncEnvelope::from(state);
+        let envelope = crate::protocol::sync::sync_envelope(state);
         let id = &state.session_id;
         if self
             .pushed

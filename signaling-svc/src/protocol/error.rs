@@ -1,55 +1,17 @@
-//! The client's error codes and the one translation of a backend refusal into one of them.
+//! The gateway's refusal of a request ([`ClientError`], sent as the wire's `ErrorBody`) and the
+//! one translation of a backend refusal into it.
 
-use serde::Serialize;
 use talkgroup_proto::error::{Reason, ServiceError};
-
-/// Stable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Code {
-    Unauthenticated,
-    Forbidden,
-    NotFound,
-    BadRequest,
-    FloorBusy,
-    /// An optimistic-lock mismatch (sync sessions): `expectedVersion` and `actualVersion` say
-    /// which.
-    Conflict,
-    RateLimited,
-    /// A quota of the user, socket or channel is used up (the message says which).
-    LimitExceeded,
-    Unavailable,
-    Internal,
-}
-
-impl Code {
-    /// The wire name, for metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unauthenticated => "UNAUTHENTICATED",
-            Self::Forbidden => "FORBIDDEN",
-            Self::NotFound => "NOT_FOUND",
-            Self::BadRequest => "BAD_REQUEST",
-            Self::FloorBusy => "FLOOR_BUSY",
-            Self::Conflict => "CONFLICT",
-            Self::RateLimited => "RATE_LIMITED",
-            Self::LimitExceeded => "LIMIT_EXCEEDED",
-            Self::Unavailable => "UNAVAILABLE",
-            Self::Internal => "INTERNAL",
-        }
-    }
-}
+use talkgroup_wire::{Code, ErrorBody};
 
 /// An error for the client: a code and a safe, fixed message.
-#[derive(Debug, Clone, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{code:?}: {message}")]
 pub struct ClientError {
     pub code: Code,
     pub message: &'static str,
     /// Version conflicts: what the client expected and what is stored.
-    #[serde(rename = "expectedVersion", skip_serializing_if = "Option::is_none")]
     pub expected_version: Option<u64>,
-    #[serde(rename = "actualVersion", skip_serializing_if = "Option::is_none")]
     pub actual_version: Option<u64>,
 }
 
@@ -60,6 +22,18 @@ impl ClientError {
             message,
             expected_version: None,
             actual_version: None,
+        }
+    }
+}
+
+impl ClientError {
+    /// What the client is sent.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code,
+            message: self.message.to_owned(),
+            expected_version: self.expected_version,
+            actual_version: self.actual_version,
         }
     }
 }

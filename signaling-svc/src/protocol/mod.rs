@@ -1,30 +1,29 @@
-//! The client protocol on the wire: `{"type", "id", "data"}` envelopes around typed requests,
-//! replies and pushes, and the stable error codes. See `docs/protocol.md`.
+//! The gateway's side of the client protocol. The protocol's types (every request, reply,
+//! push, error and close code) are the `talkgroup-wire` crate, shared with clients; here is
+//! what only the server does with them:
 //!
-//! - [`request`]: every request, each wire name written once.
-//! - [`reply`]: the data of each reply; [`push`]: every push.
-//! - [`view`]: the objects both share (users, channel state); [`sync`]: sync sessions.
-//! - [`error`]: codes, and the one translation of a backend refusal.
+//! - [`parse`] reads a client's frame, refusing hostile input with stable codes;
+//! - [`Frame`] encodes one frame to a client, once for every receiver;
+//! - [`view`] and [`sync`] build the wire's objects from state-svc's messages;
+//! - [`error`]: the gateway's refusal and the one translation of a backend refusal.
 //!
-//! [`parse`] reads a frame; [`Frame`] encodes one, once for every receiver.
+//! See `docs/protocol.md`.
 
 pub mod error;
-pub mod push;
-pub mod reply;
-pub mod request;
 pub mod sync;
 pub mod view;
+
+pub use talkgroup_wire::{push, reply, request};
 
 use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use serde_json::Value;
 
-pub use error::{ClientError, Code, err};
-pub use push::Push;
-pub use reply::Reply;
-pub use request::*;
-pub use view::{ChannelState, User, reason};
+pub use error::{ClientError, err};
+pub use talkgroup_wire::request::*;
+pub use talkgroup_wire::{ChannelState, Code, FloorReason, Push, Reply, User};
+pub use view::{channel_state, reason, speaking};
 
 /// Largest frame a client may send; a larger one gets a `BAD_REQUEST` reply.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -166,7 +165,7 @@ impl Serialize for Frame {
         }
         match self {
             Self::Reply { data, .. } => map.serialize_entry("data", data)?,
-            Self::Error { error, .. } => map.serialize_entry("error", error)?,
+            Self::Error { error, .. } => map.serialize_entry("error", &error.body())?,
             Self::Push(_) => {}
         }
         map.end()

@@ -1,43 +1,66 @@
-//! Pushes: what the server sends without being asked, each wire name written once (the serde
-//! name of its variant).
+//! Pushes: what the server sends without being asked, each wire name written once (in
+//! [`pushes!`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::sync::SyncEnvelope;
-use super::view::{ChannelState, User};
-use crate::access::Role;
+use crate::request::TransportDirection;
+use crate::role::Role;
+use crate::sync::SyncEnvelope;
+use crate::view::{ChannelState, FloorReason, User};
 
-/// Every push, as `{"type", "data"}`.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", content = "data", rename_all = "kebab-case")]
-pub enum Push {
-    Session(SessionInfo),
-    SpeakerChanged(SpeakerChanged),
-    PttDenied(PttDenied),
-    PttInterrupted(PttInterrupted),
-    ChannelState(ChannelState),
-    MembersChanged(MembersChanged),
-    PermissionUpdate(PermissionUpdate),
-    ForceDisconnect(ForceDisconnect),
-    TransportClosed(TransportClosed),
-    SyncState(Box<SyncEnvelope>),
-    SyncChanged(Box<super::sync::SyncChanged>),
+/// Declares [`Push`] from one table of wire names and bodies.
+macro_rules! pushes {
+    ($($wire:literal => $variant:ident($body:ty),)*) => {
+        /// Every push, as `{"type", "data"}`.
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(tag = "type", content = "data")]
+        pub enum Push {
+            $(#[serde(rename = $wire)] $variant($body),)*
+        }
+
+        impl Push {
+            /// The wire name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $wire,)*
+                }
+            }
+        }
+
+        /// The wire names of every push.
+        pub const KNOWN: &[&str] = &[$($wire),*];
+    };
 }
 
-#[derive(Debug, Clone, Serialize)]
+pushes! {
+    "session" => Session(SessionInfo),
+    "speaker-changed" => SpeakerChanged(SpeakerChanged),
+    "ptt-denied" => PttDenied(PttDenied),
+    "ptt-interrupted" => PttInterrupted(PttInterrupted),
+    "channel-state" => ChannelState(ChannelState),
+    "members-changed" => MembersChanged(MembersChanged),
+    "permission-update" => PermissionUpdate(PermissionUpdate),
+    "force-disconnect" => ForceDisconnect(ForceDisconnect),
+    "transport-closed" => TransportClosed(TransportClosed),
+    "sync-state" => SyncState(Box<SyncEnvelope>),
+    "sync-changed" => SyncChanged(Box<crate::sync::SyncChanged>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpeakerChanged {
     pub channel_id: String,
     pub speaker: Option<User>,
     pub epoch: u64,
-    pub reason: &'static str,
+    pub reason: FloorReason,
 }
 
 /// Who joined and left a channel since the last push, each change with the members version
 /// it made: a client applies the changes newer than its own version, in order.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MembersChanged {
     pub channel_id: String,
@@ -45,18 +68,18 @@ pub struct MembersChanged {
 }
 
 /// One user arriving (their first socket joined) or gone (their last socket left).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberChange {
     pub version: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined: Option<User>,
     /// The user id of who left.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PttDenied {
     pub channel_id: String,
@@ -64,16 +87,16 @@ pub struct PttDenied {
     pub retry_after_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PttInterrupted {
     pub channel_id: String,
     pub by: Option<User>,
     pub epoch: u64,
-    pub reason: &'static str,
+    pub reason: FloorReason,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionUpdate {
     pub channels: Vec<ChannelRole>,
@@ -95,7 +118,7 @@ impl PermissionUpdate {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelRole {
     pub channel_id: String,
@@ -104,7 +127,7 @@ pub struct ChannelRole {
 
 /// The socket's session, first thing after connecting: the token that resumes it after a
 /// lost connection, and on a resume what the session still holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionInfo {
     pub session_id: String,
@@ -116,46 +139,46 @@ pub struct SessionInfo {
     /// This socket took over an earlier socket's session.
     pub resumed: bool,
     /// A resume was asked for and refused (`resume-refused`): this is a new session.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resume_error: Option<&'static str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_error: Option<Cow<'static, str>>,
     /// On a resume: the channels still joined (a `channel-state` push follows for each).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<String>,
     /// On a resume: the transports still open, to be used as before.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub transports: Vec<ResumedTransport>,
 }
 
 /// A transport a resumed session kept.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResumedTransport {
     pub transport_id: String,
     pub channel_id: String,
-    pub direction: super::TransportDirection,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: TransportDirection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub producer_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssrc: Option<u32>,
 }
 
 /// A transport the server closed: its channel moved to another media node. Create a new one
 /// of the same direction (and `produce` or `consume` on it) as after a join.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TransportClosed {
     pub transport_id: String,
     pub channel_id: String,
-    pub direction: super::TransportDirection,
+    pub direction: TransportDirection,
     /// `node-lost` (its media node died: the transport is dead) or `node-draining` (its node
     /// is being emptied: the transport keeps working a few seconds, time to make its
     /// replacement).
-    pub reason: &'static str,
+    pub reason: Cow<'static, str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ForceDisconnect {
     pub reason: String,
 }

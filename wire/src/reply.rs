@@ -1,14 +1,15 @@
 //! Replies: the `data` of the one answer each request gets. The reply's `type` is its request's
-//! ([`super::Request::reply_type`]), so no wire name is written here.
+//! ([`crate::Request::reply_type`]), so no wire name is written here; [`Reply::decode`] reads
+//! one back by that type.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::sync::SyncEnvelope;
-use super::view::{ChannelState, User};
-use crate::access::Role;
+use crate::role::Role;
+use crate::sync::SyncEnvelope;
+use crate::view::{ChannelState, User};
 
 /// The data of a successful reply.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Reply {
     /// `{}`: `leave-channel`, `connect-transport`, `ptt-stop`.
@@ -49,18 +50,18 @@ reply_from! {
 }
 
 /// `get-ice-servers`: the relays the client may use, with credentials for this user.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IceServers {
     /// For `RTCConfiguration.iceServers`; empty when the deployment has no relay.
-    pub ice_servers: Vec<crate::turn::IceServer>,
+    pub ice_servers: Vec<IceServer>,
     /// When the credentials stop working, in ms since the Unix epoch; absent without relays.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
 }
 
 /// `refresh-token`: the socket now lives until the new token's `exp` (plus the leeway).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenRefreshed {
     /// The new token's `exp`, in ms since the Unix epoch.
@@ -68,21 +69,21 @@ pub struct TokenRefreshed {
 }
 
 /// `{}`.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Done {}
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Pong {
     pub server_time: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Channels {
     pub channels: Vec<ChannelSummary>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelSummary {
     pub channel_id: String,
@@ -92,18 +93,18 @@ pub struct ChannelSummary {
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Joined {
     pub channel: ChannelState,
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Capabilities {
     pub codecs: Vec<Codec>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Codec {
     pub mime_type: String,
@@ -113,42 +114,47 @@ pub struct Codec {
     pub fmtp: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Transport {
     pub transport_id: String,
     pub offer: Offer,
     /// The relays for this transport's peer connection (as `get-ice-servers` gives them);
     /// absent when the deployment has none.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub ice_servers: Vec<crate::turn::IceServer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServer>,
 }
 
 /// `{type: "offer", sdp}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Offer {
+    /// Always `offer`.
     #[serde(rename = "type")]
-    kind: &'static str,
-    sdp: String,
+    pub kind: String,
+    pub sdp: String,
 }
 
 impl Offer {
     pub fn new(sdp: String) -> Self {
-        Self { kind: "offer", sdp }
+        Self {
+            kind: "offer".into(),
+            sdp,
+        }
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Producer {
     pub producer_id: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Consumer {
     pub consumer_id: String,
-    kind: &'static str,
+    /// Always `audio`.
+    pub kind: String,
     pub ssrc: u32,
 }
 
@@ -156,14 +162,14 @@ impl Consumer {
     pub fn audio(consumer_id: String, ssrc: u32) -> Self {
         Self {
             consumer_id,
-            kind: "audio",
+            kind: "audio".into(),
             ssrc,
         }
     }
 }
 
 /// The answer to a `ptt-start` or `priority-ptt-start`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum FloorAnswer {
     /// `{granted: true, epoch, expiresAt, maxTalkMs}`.
@@ -174,10 +180,11 @@ pub enum FloorAnswer {
     Denied(Denied),
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Granted {
-    granted: bool,
+    /// Always `true`.
+    pub granted: bool,
     pub epoch: u64,
     pub expires_at: i64,
     pub max_talk_ms: u32,
@@ -194,10 +201,12 @@ impl Granted {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Queued {
-    granted: bool,
-    queued: bool,
+    /// Always `false`.
+    pub granted: bool,
+    /// Always `true`.
+    pub queued: bool,
     pub position: u32,
     pub speaker: Option<User>,
 }
@@ -213,10 +222,11 @@ impl Queued {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Denied {
-    granted: bool,
+    /// Always `false`.
+    pub granted: bool,
     pub speaker: Option<User>,
     pub retry_after_ms: i64,
 }
@@ -231,7 +241,7 @@ impl Denied {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EmergencyStarted {
     pub event_id: String,
@@ -240,34 +250,87 @@ pub struct EmergencyStarted {
 
 /// A channel of a started broadcast: `{channelId, granted: false}` or `{channelId, granted:
 /// true, epoch, expiresAt}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EmergencyChannel {
     pub channel_id: String,
     pub granted: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EmergencyStopped {
     pub event_id: String,
     pub channels: Vec<ChannelEpoch>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelEpoch {
     pub channel_id: String,
     pub epoch: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncDeleted {
     pub session_id: String,
     pub version: u64,
+}
+
+/// One entry of a client's `RTCConfiguration.iceServers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
+}
+
+impl Reply {
+    /// Reads the `data` of a reply of type `reply_type` (a request's type, or `pong`).
+    pub fn decode(reply_type: &str, data: serde_json::Value) -> Result<Self, serde_json::Error> {
+        use serde_json::from_value as read;
+        Ok(match reply_type {
+            "pong" => Self::Pong(read(data)?),
+            "refresh-token" => Self::TokenRefreshed(read(data)?),
+            "list-channels" => Self::Channels(read(data)?),
+            "get-ice-servers" => Self::IceServers(read(data)?),
+            "join-channel" => Self::Joined(read(data)?),
+            "get-router-capabilities" => Self::Capabilities(read(data)?),
+            "create-transport" | "restart-ice" => Self::Transport(read(data)?),
+            "produce" => Self::Producer(read(data)?),
+            "consume" => Self::Consumer(read(data)?),
+            "ptt-start" | "priority-ptt-start" => Self::Floor(FloorAnswer::decode(data)?),
+            "emergency-broadcast-start" => Self::EmergencyStarted(read(data)?),
+            "emergency-broadcast-stop" => Self::EmergencyStopped(read(data)?),
+            "sync-delete" => Self::SyncDeleted(read(data)?),
+            "sync-create" | "sync-get" | "sync-start" | "sync-switch" | "sync-pause"
+            | "sync-resume" | "sync-complete" | "sync-cancel" => Self::Sync(read(data)?),
+            "leave-channel" | "connect-transport" | "ptt-stop" | "priority-ptt-stop" => {
+                Self::Done(read(data)?)
+            }
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "no reply has the type {other}"
+                )));
+            }
+        })
+    }
+}
+
+impl FloorAnswer {
+    /// Reads a press's answer: granted, queued or denied, by its flags.
+    pub fn decode(data: serde_json::Value) -> Result<Self, serde_json::Error> {
+        let flag = |name: &str| data.get(name).and_then(serde_json::Value::as_bool);
+        Ok(match (flag("granted"), flag("queued")) {
+            (Some(true), _) => Self::Granted(serde_json::from_value(data)?),
+            (Some(false), Some(true)) => Self::Queued(serde_json::from_value(data)?),
+            (Some(false), _) => Self::Denied(serde_json::from_value(data)?),
+            (None, _) => return Err(serde::de::Error::custom("a press answer without granted")),
+        })
+    }
 }

@@ -1,28 +1,30 @@
 //! Requests: every message a client may send, each wire name written once (in [`requests!`]).
+//! A client serialises a [`Request`] as the `type` and `data` of its frame (see
+//! [`crate::ClientFrame`]).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ChannelRef {
     pub channel_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTransport {
     pub channel_id: String,
     pub direction: TransportDirection,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportDirection {
     Send,
     Recv,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionDescription {
     #[serde(rename = "type")]
@@ -30,7 +32,7 @@ pub struct SessionDescription {
     pub sdp: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IceCandidate {
     pub candidate: String,
@@ -44,7 +46,7 @@ pub struct IceCandidate {
     pub username_fragment: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectTransport {
     pub transport_id: String,
@@ -54,13 +56,13 @@ pub struct ConnectTransport {
     pub candidate: Option<IceCandidate>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TransportRef {
     pub transport_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Produce {
     pub transport_id: String,
@@ -73,7 +75,7 @@ fn audio() -> String {
     "audio".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PttStart {
     pub channel_id: String,
@@ -81,7 +83,7 @@ pub struct PttStart {
     pub priority: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
@@ -89,20 +91,20 @@ pub struct Empty {}
 /// generic message cannot start a broadcast by accident.
 pub const EMERGENCY_CONFIRM: &str = "EMERGENCY";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmergencyStart {
     pub event_id: String,
     pub confirm: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventRef {
     pub event_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SyncParticipantSpec {
     pub participant_id: String,
@@ -110,7 +112,7 @@ pub struct SyncParticipantSpec {
     pub group_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SyncCreate {
     pub session_id: String,
@@ -128,7 +130,7 @@ pub struct SyncCreate {
     pub max_time_ms: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SyncRef {
     pub session_id: String,
@@ -140,7 +142,7 @@ pub struct SyncRef {
     pub participant_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshToken {
     /// A newer JWT of the same user.
@@ -152,7 +154,7 @@ pub struct RefreshToken {
 macro_rules! requests {
     ($($wire:literal => $variant:ident($body:ty),)*) => {
         /// Every request a client may send.
-        #[derive(Debug, Clone, Deserialize)]
+        #[derive(Debug, Clone, Serialize, Deserialize)]
         #[serde(tag = "type", content = "data")]
         pub enum Request {
             $(#[serde(rename = $wire)] $variant($body),)*
@@ -168,7 +170,7 @@ macro_rules! requests {
         }
 
         /// The wire names of every request.
-        pub(super) const KNOWN: &[&str] = &[$($wire),*];
+        pub const KNOWN: &[&str] = &[$($wire),*];
     };
 }
 
