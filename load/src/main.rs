@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
@@ -29,6 +29,9 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 use serde_json::{Value, json};
 use talkgroup_e2e::{Client, Stack, Topology, http_get};
+use talkgroup_wire::reply::FloorAnswer;
+use talkgroup_wire::request::{ChannelRef, PttStart};
+use talkgroup_wire::{ErrorBody, Reply, Request};
 use testkit::media::{Peer, Tone};
 use testkit::ws::WsClient;
 use tokio::sync::Semaphore;
@@ -143,13 +146,7 @@ fn micros(d: Duration) -> u64 {
 }
 
 fn token(secret: &str, user: &str) -> Result<String> {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3_600;
-    let claims = json!({"sub": user, "name": user, "exp": exp, "grants": {"*": "talk"}});
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )?)
+    Ok(testkit::jwt::talker(secret, user, user))
 }
 
 /// One member of a channel under load.
@@ -182,11 +179,26 @@ impl Run {
     }
 }
 
-fn granted(reply: &Value) -> Option<bool> {
-    if reply["type"] == "error" {
-        return None;
+/// Whether a press was granted; `None` for an error or a reply that is no press's answer.
+fn granted(reply: &Result<Reply, ErrorBody>) -> Option<bool> {
+    match reply {
+        Ok(Reply::Floor(FloorAnswer::Granted(_))) => Some(true),
+        Ok(Reply::Floor(FloorAnswer::Denied(_) | FloorAnswer::Queued(_))) => Some(false),
+        _ => None,
     }
-    reply["data"]["granted"].as_bool()
+}
+
+fn press(channel: &str) -> Request {
+    Request::PttStart(PttStart {
+        channel_id: channel.to_owned(),
+        priority: None,
+    })
+}
+
+fn stop(channel: &str) -> Request {
+    Request::PttStop(ChannelRef {
+        channel_id: channel.to_owned(),
+    })
 }
 
 /// Talks for `frames` frames from `talker` (audio when it has a microphone, silence
@@ -209,10 +221,7 @@ async fn transmit(run: &Run, ch: &mut Channel, talker: usize, pressed: Instant) 
         }
         if i == frames / 2 && bystander != talker {
             // Someone else presses while the floor is held: anything but a denial is wrong.
-            let probe = ch.members[bystander]
-                .client
-                .request("ptt-start", json!({"channelId": ch.id}))
-                .await;
+            let probe = ch.members[bystander].client.call(press(&ch.id)).await;
             run.presses.fetch_add(1, Ordering::Relaxed);
             let mut s = stats(&run.stats);
             match granted(&probe) {
@@ -243,11 +252,7 @@ async fn transmit(run: &Run, ch: &mut Channel, talker: usize, pressed: Instant) 
                 .record(micros(r.at.saturating_duration_since(*at)));
         }
     }
-    let stop = ch.members[talker]
-        .client
-        .request("ptt-stop", json!({"channelId": ch.id}))
-        .await;
-    if stop["type"] == "error" {
+    if ch.members[talker].client.call(stop(&ch.id)).await.is_err() {
         stats(&run.stats).errors += 1;
     }
 }
@@ -287,16 +292,13 @@ async fn drive(run: Arc<Run>, mut ch: Channel) -> Channel {
         // Every pick presses at once (requests go out before any reply is read).
         let mut ids = Vec::with_capacity(picks.len());
         for &i in &picks {
-            let id = ch.members[i]
-                .client
-                .send("ptt-start", json!({"channelId": ch.id}))
-                .await;
+            let id = ch.members[i].client.send_request(press(&ch.id)).await;
             ids.push(id);
         }
         run.presses.fetch_add(picks.len(), Ordering::Relaxed);
         let mut winners = Vec::new();
         for (&i, id) in picks.iter().zip(&ids) {
-            let reply = ch.members[i].client.reply(id).await;
+            let reply = ch.members[i].client.answer(id).await;
             let mut s = stats(&run.stats);
             match granted(&reply) {
                 Some(true) => {
@@ -314,10 +316,7 @@ async fn drive(run: Arc<Run>, mut ch: Channel) -> Channel {
         if let Some(&talker) = winners.first() {
             transmit(&run, &mut ch, talker, pressed).await;
             for &other in &winners[1..] {
-                let _ = ch.members[other]
-                    .client
-                    .request("ptt-stop", json!({"channelId": ch.id}))
-                    .await;
+                let _ = ch.members[other].client.call(stop(&ch.id)).await;
             }
         }
         let pause = rand::rng().random_range(50..300);

@@ -31,18 +31,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const SECRET: &str = "a-benchmark-secret-of-some-length";
 
 fn token(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3_600;
-    let claims = json!({"sub": sub, "name": sub, "exp": exp, "grants": {"*": "talk"}});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    testkit::jwt::talker(SECRET, sub, sub)
 }
 
 /// Starts a server on its own runtime, as if it were its own process: the servers and the

@@ -20,7 +20,6 @@ pub const EMERGENCY_PRIORITY: u32 = 200;
 /// Floor priority of an admin's emergency broadcast (overrides a dispatcher's).
 pub const ADMIN_EMERGENCY_PRIORITY: u32 = 250;
 
-
 /// A stored grant as state-svc keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stored {

@@ -19,18 +19,7 @@ use tokio_util::sync::CancellationToken;
 const SECRET: &str = "a-test-secret-of-enough-length";
 
 fn token(sub: &str, name: &str, exp_offset: i64, secret: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let claims =
-        json!({"sub": sub, "name": name, "exp": now + exp_offset, "grants": {"*": "talk"}});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    testkit::jwt::token(secret, sub, name, &json!({"*": "talk"}), exp_offset)
 }
 
 struct Stack {
@@ -742,12 +731,7 @@ fn now_s() -> i64 {
 }
 
 fn signed(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    testkit::jwt::sign(SECRET, claims)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

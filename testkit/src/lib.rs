@@ -12,6 +12,8 @@
 //! - [`netns::Netns`]: a network namespace joined to this host by a veth pair, for clients
 //!   behind a hard network or on a host of their own.
 
+#[cfg(feature = "ws")]
+pub mod jwt;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod netns;

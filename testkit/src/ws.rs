@@ -1,5 +1,8 @@
 //! A client of the gateway's WebSocket + JSON protocol (feature `ws`): requests with ids, their
-//! replies, and pushes kept aside until asked for.
+//! replies, and pushes kept aside until asked for. Requests are built, and every frame the
+//! gateway sends is read, through the protocol crate (`talkgroup-wire`): a request the protocol
+//! does not define, or a frame from the gateway it cannot read, fails the test. Hostile frames
+//! go through [`WsClient::send_raw`] or the socket itself.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,6 +11,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use talkgroup_wire::{ClientFrame, ErrorBody, Reply, Request, ServerFrame};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -94,7 +98,7 @@ impl WsClient {
                 .expect("socket open")
                 .expect("frame ok");
             if let Message::Text(t) = msg {
-                let frame: Value = serde_json::from_str(t.as_str()).unwrap();
+                let frame = read_frame(t.as_str());
                 self.observe(&frame);
                 return frame;
             }
@@ -231,8 +235,25 @@ impl WsClient {
         }
     }
 
-    /// Sends a request without waiting; returns its id.
+    /// Sends a request without waiting; returns its id. `kind` and `data` must make a
+    /// request the protocol defines (built through the wire crate).
     pub async fn send(&mut self, kind: &str, data: Value) -> String {
+        let request: Request = serde_json::from_value(json!({"type": kind, "data": data}))
+            .unwrap_or_else(|e| panic!("not a {kind} request the protocol defines ({e})"));
+        self.send_request(request).await
+    }
+
+    /// Sends a typed request without waiting; returns its id.
+    pub async fn send_request(&mut self, request: Request) -> String {
+        self.next_id += 1;
+        let id = self.next_id.to_string();
+        let frame = ClientFrame::new(id.clone(), request).encode();
+        self.ws.send(Message::Text(frame.into())).await.unwrap();
+        id
+    }
+
+    /// Sends whatever `kind` and `data` say, valid or not (hostile input); returns its id.
+    pub async fn send_raw(&mut self, kind: &str, data: Value) -> String {
         self.next_id += 1;
         let id = self.next_id.to_string();
         let frame = json!({"type": kind, "id": id, "data": data});
@@ -241,6 +262,22 @@ impl WsClient {
             .await
             .unwrap();
         id
+    }
+
+    /// Sends a typed request and reads its reply: the reply's data, or the error.
+    pub async fn call(&mut self, request: Request) -> Result<Reply, ErrorBody> {
+        let id = self.send_request(request).await;
+        self.answer(&id).await
+    }
+
+    /// The typed reply to request `id`: its data, or the error; pushes meanwhile are kept.
+    pub async fn answer(&mut self, id: &str) -> Result<Reply, ErrorBody> {
+        let reply = self.reply(id).await;
+        match ServerFrame::decode(&reply.to_string()) {
+            Ok(ServerFrame::Reply { data, .. }) => Ok(data),
+            Ok(ServerFrame::Error { error, .. }) => Err(error),
+            other => panic!("a reply to request {id}, not {other:?}"),
+        }
     }
 
     /// The reply to request `id`; pushes meanwhile are kept.
@@ -255,6 +292,12 @@ impl WsClient {
             }
             self.pushes.push(frame);
         }
+    }
+
+    /// Sends whatever `kind` and `data` say (hostile input) and returns the reply frame.
+    pub async fn request_raw(&mut self, kind: &str, data: Value) -> Value {
+        let id = self.send_raw(kind, data).await;
+        self.reply(&id).await
     }
 
     /// Sends a request and returns its reply frame.
@@ -305,10 +348,9 @@ impl WsClient {
                     _ = &mut stopped => return self,
                     message = self.ws.next() => match message {
                         Some(Ok(Message::Text(t))) => {
-                            if let Ok(frame) = serde_json::from_str::<Value>(t.as_str()) {
-                                self.observe(&frame);
-                                self.pushes.push(frame);
-                            }
+                            let frame = read_frame(t.as_str());
+                            self.observe(&frame);
+                            self.pushes.push(frame);
                         }
                         Some(Ok(_)) => {}
                         _ => return self,
@@ -318,6 +360,16 @@ impl WsClient {
         });
         Reading { stop, task }
     }
+}
+
+/// A frame from the gateway: read through the wire crate (the test fails on one it cannot
+/// read), kept as JSON for the test's assertions.
+fn read_frame(text: &str) -> Value {
+    if let Err(error) = ServerFrame::decode(text) {
+        panic!("the gateway sent a frame the protocol does not define ({error}): {text}");
+    }
+    // Invariant: what decoded as a frame is JSON.
+    serde_json::from_str(text).expect("a frame is JSON")
 }
 
 /// A client whose socket a task reads ([`WsClient::keep_reading`]).

@@ -79,7 +79,7 @@ fn main() {
         for n in 0..changes {
             let due = started + pace * u32::try_from(n).unwrap();
             tokio::time::sleep_until(due.into()).await;
-            let role = if (n / users) % 2 == 0 {
+            let role = if (n / users).is_multiple_of(2) {
                 spb::Role::Listen
             } else {
                 spb::Role::Talk

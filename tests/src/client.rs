@@ -1,7 +1,6 @@
 //! A client of the WebSocket protocol, with real WebRTC media: what an app does, step by step.
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use testkit::media::Peer;
@@ -14,17 +13,7 @@ pub fn token(user: &str, name: &str) -> String {
 
 /// A token for `user` with the given `grants` claim (channel or `*` -> role).
 pub fn token_with_grants(user: &str, name: &str, grants: &Value) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let claims = json!({"sub": user, "name": name, "exp": now + 3600, "grants": grants});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(crate::SECRET.as_bytes()),
-    )
-    .unwrap()
+    testkit::jwt::token(crate::SECRET, user, name, grants, 3_600)
 }
 
 /// A protocol client ([`WsClient`]: requests, replies, pushes) that also negotiates media.

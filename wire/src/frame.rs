@@ -72,7 +72,9 @@ impl ServerFrame {
                 .ok_or_else(|| serde::de::Error::custom("an error frame without error"))?;
             return Ok(Self::Error { id: raw.id, error });
         }
-        let data = raw.data.unwrap_or_else(|| Value::Object(Default::default()));
+        let data = raw
+            .data
+            .unwrap_or_else(|| Value::Object(Default::default()));
         if raw.id.is_none() && push::KNOWN.contains(&raw.kind.as_str()) {
             let push = serde_json::json!({"type": raw.kind, "data": data});
             return Ok(Self::Push(serde_json::from_value(push)?));
@@ -110,7 +112,9 @@ mod tests {
             "type": "join-channel", "data": {"channelId": "ops"}
         }))
         .unwrap();
-        assert!(matches!(back, Request::JoinChannel(ChannelRef { channel_id }) if channel_id == "ops"));
+        assert!(
+            matches!(back, Request::JoinChannel(ChannelRef { channel_id }) if channel_id == "ops")
+        );
     }
 
     #[test]

@@ -121,7 +121,11 @@ pub struct SyncFieldChanges {
     pub mode: Option<SyncMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<SyncStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "changed")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "changed"
+    )]
     pub active_participant_id: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_time_ms: Option<i64>,
@@ -131,11 +135,23 @@ pub struct SyncFieldChanges {
     pub increment_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_time_ms: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "changed")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "changed"
+    )]
     pub cycle_started_at: Option<Option<i64>>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "changed")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "changed"
+    )]
     pub session_started_at: Option<Option<i64>>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "changed")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "changed"
+    )]
     pub session_completed_at: Option<Option<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<i64>,
@@ -283,9 +299,7 @@ mod delta_tests {
         let after = state(3, 1);
         let delta = SyncChanged::between(&before, &after, 5).unwrap();
         let delta_bytes = serde_json::to_string(&delta).unwrap().len();
-        let full_bytes = serde_json::to_string(&envelope(&after))
-            .unwrap()
-            .len();
+        let full_bytes = serde_json::to_string(&envelope(&after)).unwrap().len();
         eprintln!(
             "switch in a 1000-participant session: {delta_bytes} B instead of {full_bytes} B"
         );

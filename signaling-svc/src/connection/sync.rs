@@ -8,8 +8,8 @@ use super::{Conn, Result};
 use crate::access::Role;
 use crate::protocol::reply::SyncDeleted;
 use crate::protocol::sync::{create_request, mutate_request};
-use talkgroup_wire::sync::SyncEnvelope;
 use crate::protocol::{Code, SyncCreate, SyncRef, err};
+use talkgroup_wire::sync::SyncEnvelope;
 
 impl Conn {
     pub(super) async fn sync_create(&mut self, r: SyncCreate) -> Result<SyncEnvelope> {

@@ -26,7 +26,8 @@ pub struct ChannelCache {
 impl ChannelCache {
     /// Takes a channel's snapshot; its `channel-state` push.
     pub fn snapshot(&mut self, state: pb::ChannelState) -> Option<Utf8Bytes> {
-        let text = Frame::from(Push::ChannelState(crate::protocol::channel_state(&state))).encode()?;
+        let text =
+            Frame::from(Push::ChannelState(crate::protocol::channel_state(&state))).encode()?;
         self.states.insert(state.channel_id.clone(), state);
         Some(text)
     }

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use axum::extract::ws::Utf8Bytes;
 use talkgroup_proto::state::v1 as pb;
 
-use talkgroup_wire::sync::{LiveSync, SyncChanged};
 use crate::protocol::{Frame, Push};
+use talkgroup_wire::sync::{LiveSync, SyncChanged};
 
 #[derive(Debug, Default)]
 pub struct SyncPushes {
