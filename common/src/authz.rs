@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::tls::{Identity, Role};
+use crate::tls::{Identity, PeerKind};
 
 /// What the connection proved about its caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl Refusals {
     /// Counts and builds the refusal of a call.
     pub fn refuse(&self, refusal: Refusal, auth: Option<&Auth>) -> tonic::Status {
         let role = match auth {
-            Some(Auth::Identified(identity)) => role_label(identity.role()),
+            Some(Auth::Identified(identity)) => role_label(identity.kind()),
             _ => "none",
         };
         match refusal {
@@ -119,12 +119,12 @@ fn reason_label(reason: &str) -> &'static str {
     }
 }
 
-fn role_label(role: Role) -> &'static str {
+fn role_label(role: PeerKind) -> &'static str {
     match role {
-        Role::Gateway => "gateway",
-        Role::State => "state",
-        Role::Admin => "admin",
-        Role::Media => "media",
+        PeerKind::Gateway => "gateway",
+        PeerKind::State => "state",
+        PeerKind::Admin => "admin",
+        PeerKind::Media => "media",
     }
 }
 
@@ -140,10 +140,15 @@ pub enum Refusal {
 /// The health service is open to every authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Policy {
-    rules: Vec<(String, &'static [Role])>,
+    rules: Vec<(String, &'static [PeerKind])>,
 }
 
-const EVERY_ROLE: &[Role] = &[Role::Gateway, Role::State, Role::Admin, Role::Media];
+const EVERY_ROLE: &[PeerKind] = &[
+    PeerKind::Gateway,
+    PeerKind::State,
+    PeerKind::Admin,
+    PeerKind::Media,
+];
 
 impl Default for Policy {
     fn default() -> Self {
@@ -159,7 +164,7 @@ impl Policy {
 
     /// Allows `roles` to call `path`.
     #[must_use]
-    pub fn allow(mut self, path: impl Into<String>, roles: &'static [Role]) -> Self {
+    pub fn allow(mut self, path: impl Into<String>, roles: &'static [PeerKind]) -> Self {
         self.rules.push((path.into(), roles));
         self
     }
@@ -179,7 +184,7 @@ impl Policy {
             Some(Auth::Unnamed) => return Err(Refusal::PermissionDenied),
             Some(Auth::Identified(identity)) => identity,
         };
-        let role = identity.role();
+        let role = identity.kind();
         let allowed = self.rules.iter().any(|(rule, roles)| {
             let matches = if rule.ends_with('/') {
                 path.starts_with(rule.as_str())
@@ -298,7 +303,7 @@ pub fn require_node<T>(
 mod tests {
     use super::*;
 
-    const GATEWAY: &[Role] = &[Role::Gateway];
+    const GATEWAY: &[PeerKind] = &[PeerKind::Gateway];
 
     fn who(identity: Identity) -> Auth {
         Auth::Identified(identity)
@@ -310,7 +315,7 @@ mod tests {
             .allow("/ptt.state.v1.FloorService/", GATEWAY)
             .allow(
                 "/ptt.state.v1.ChannelService/Watch",
-                &[Role::Gateway, Role::Media],
+                &[PeerKind::Gateway, PeerKind::Media],
             );
         let gw = who(Identity::Gateway);
         let node = who(Identity::Media("n1".into()));

@@ -46,9 +46,10 @@ pub enum Identity {
     Media(String),
 }
 
-/// The kind of an identity, for policies that do not care which media node is calling.
+/// The kind of an identity, for policies that do not care which media node is calling (not to
+/// be confused with a user's role in a channel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
+pub enum PeerKind {
     Gateway,
     State,
     Admin,
@@ -69,12 +70,12 @@ impl Identity {
         }
     }
 
-    pub fn role(&self) -> Role {
+    pub fn kind(&self) -> PeerKind {
         match self {
-            Self::Gateway => Role::Gateway,
-            Self::State => Role::State,
-            Self::Admin => Role::Admin,
-            Self::Media(_) => Role::Media,
+            Self::Gateway => PeerKind::Gateway,
+            Self::State => PeerKind::State,
+            Self::Admin => PeerKind::Admin,
+            Self::Media(_) => PeerKind::Media,
         }
     }
 
@@ -485,15 +486,15 @@ impl TlsArgs {
 pub enum Expect {
     /// Exactly this identity.
     Exactly(Identity),
-    /// Any identity of this role (any media node).
-    Role(Role),
+    /// Any identity of this kind (any media node).
+    Kind(PeerKind),
 }
 
 impl Expect {
     pub fn accepts(&self, identity: &Identity) -> bool {
         match self {
             Self::Exactly(expected) => expected == identity,
-            Self::Role(role) => identity.role() == *role,
+            Self::Kind(kind) => identity.kind() == *kind,
         }
     }
 }
@@ -789,8 +790,8 @@ mod tests {
     #[test]
     fn expectations() {
         let node = Identity::Media("a".into());
-        assert!(Expect::Role(Role::Media).accepts(&node));
-        assert!(!Expect::Role(Role::Media).accepts(&Identity::Gateway));
+        assert!(Expect::Kind(PeerKind::Media).accepts(&node));
+        assert!(!Expect::Kind(PeerKind::Media).accepts(&Identity::Gateway));
         assert!(Expect::Exactly(Identity::State).accepts(&Identity::State));
         assert!(!Expect::Exactly(Identity::Media("b".into())).accepts(&node));
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use talkgroup_common::authz::{AuthorizeLayer, Policy, Refusals};
 use talkgroup_common::devcerts::DevCa;
 use talkgroup_common::grpc::{self, Security};
-use talkgroup_common::tls::{Expect, Identity, Role, Tls};
+use talkgroup_common::tls::{Expect, Identity, PeerKind, Tls};
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -34,7 +34,7 @@ async fn serve(tls: std::sync::Arc<Tls>) -> Server {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let refusals = Refusals::new();
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let policy = Policy::new().allow("/grpc.health.v1.Health/", &[Role::Admin]);
+    let policy = Policy::new().allow("/grpc.health.v1.Health/", &[PeerKind::Admin]);
     let stop = CancellationToken::new();
     let incoming = grpc::incoming(listener, Security::Mtls(tls), refusals.clone());
     let router = grpc::server()
@@ -108,7 +108,7 @@ async fn identities_decide_who_may_call() {
     );
 
     // The client refuses a server that is not the one it expects.
-    let wrong_server = check(&server.url, &admin, Expect::Role(Role::Media))
+    let wrong_server = check(&server.url, &admin, Expect::Kind(PeerKind::Media))
         .await
         .unwrap_err();
     assert_eq!(

@@ -33,7 +33,7 @@ pub use crate::config::Config;
 use talkgroup_common::authz::{AuthorizeLayer, Policy, Refusals};
 use talkgroup_common::grpc::Security;
 use talkgroup_common::metrics::Probes;
-use talkgroup_common::tls::{Identity, Role};
+use talkgroup_common::tls::{Identity, PeerKind};
 
 use crate::engine::rtc_peer::RtcEngine;
 use crate::node::{Node, NodeSettings};
@@ -198,8 +198,11 @@ pub async fn run(
 /// audio or move a floor.
 pub fn policy() -> Policy {
     Policy::default()
-        .allow("/ptt.media.v1.MediaService/", &[Role::Gateway])
-        .allow("/ptt.media.v1.MediaService/GetNodeStats", &[Role::Admin])
+        .allow("/ptt.media.v1.MediaService/", &[PeerKind::Gateway])
+        .allow(
+            "/ptt.media.v1.MediaService/GetNodeStats",
+            &[PeerKind::Admin],
+        )
 }
 
 fn registration(

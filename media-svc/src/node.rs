@@ -706,16 +706,12 @@ impl Drop for Node {
     }
 }
 
-/// How far ahead of this node's clock a floor epoch may be: epochs are about
-/// `time_ms * 1000` at state-svc (its Redis clock), so this allows ten minutes of clock skew.
-pub const MAX_EPOCH_AHEAD_MS: u64 = 600_000;
-
 /// True when `epoch` could have come from state-svc's epoch clock at `now_ms` (this node's
-/// wall clock). An epoch far ahead would make the node refuse every real decision for the
-/// channel until it restarts (only a higher epoch applies), so no single call may set one.
+/// wall clock): the one rule of `talkgroup_proto::epoch`. An epoch far ahead would make the
+/// node refuse every real decision for the channel until it restarts (only a higher epoch
+/// applies), so no single call may set one.
 pub fn plausible_epoch(epoch: u64, now_ms: i64) -> bool {
-    let now = u64::try_from(now_ms).unwrap_or(0);
-    epoch <= now.saturating_add(MAX_EPOCH_AHEAD_MS).saturating_mul(1000)
+    talkgroup_proto::epoch::plausible(epoch, now_ms)
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

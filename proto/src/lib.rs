@@ -2,8 +2,9 @@
 //!
 //! This is the only crate that compiles protobuf. Services convert these types into their own
 //! domain types once, at the gRPC edge. [`error`] is the one typed form of a refusal that every
-//! hop encodes and decodes.
+//! hop encodes and decodes; [`epoch`] the one rule of fencing epochs every service applies.
 
+pub mod epoch;
 pub mod error;
 
 /// `ptt.state.v1`: floor control, channel state and events, sessions, media-node registry.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use talkgroup_common::grpc::Security;
 use talkgroup_common::telemetry::Inject;
-use talkgroup_common::tls::{Expect, Identity, Role};
+use talkgroup_common::tls::{Expect, Identity, PeerKind};
 use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
 use tokio_util::sync::CancellationToken;
@@ -109,7 +109,7 @@ impl AppState {
             url,
             Some(MEDIA_DEADLINE),
             &self.security,
-            Expect::Role(Role::Media),
+            Expect::Kind(PeerKind::Media),
         )
         .ok()?;
         let client =

@@ -41,7 +41,7 @@ pub use crate::config::{Config, ConfigError, StoreKind};
 use talkgroup_common::authz::{AuthorizeLayer, Policy};
 use talkgroup_common::grpc::Security;
 use talkgroup_common::metrics::Probes;
-use talkgroup_common::tls::{Identity, Role};
+use talkgroup_common::tls::{Identity, PeerKind};
 
 use crate::hub::Hub;
 use crate::store::Store;
@@ -267,11 +267,11 @@ async fn set_serving(reporter: &tonic_health::server::HealthReporter, status: Se
 /// media nodes keep their own registration and follow floors, admins administer. Writes to
 /// grants and events come only through the admin identity; nobody else can grant itself a role.
 pub fn policy() -> Policy {
-    const GATEWAY: &[Role] = &[Role::Gateway];
-    const MEDIA: &[Role] = &[Role::Media];
-    const ADMIN: &[Role] = &[Role::Admin];
-    const GATEWAY_OR_ADMIN: &[Role] = &[Role::Gateway, Role::Admin];
-    const FOLLOWERS: &[Role] = &[Role::Gateway, Role::Media];
+    const GATEWAY: &[PeerKind] = &[PeerKind::Gateway];
+    const MEDIA: &[PeerKind] = &[PeerKind::Media];
+    const ADMIN: &[PeerKind] = &[PeerKind::Admin];
+    const GATEWAY_OR_ADMIN: &[PeerKind] = &[PeerKind::Gateway, PeerKind::Admin];
+    const FOLLOWERS: &[PeerKind] = &[PeerKind::Gateway, PeerKind::Media];
     const ACCESS: &str = "/ptt.state.v1.AccessService/";
     let policy = Policy::default()
         .allow("/ptt.admin.v1.AdminService/", ADMIN)

@@ -143,13 +143,10 @@ fn release_reply(outcome: crate::domain::ReleaseOutcome) -> pb::ReleaseFloorResp
 }
 
 /// A caller's highest seen epoch, refused when it is further ahead of this clock than any real
-/// epoch could be (a day): epochs are milliseconds times 1000, and one pushed far ahead would
-/// hold every later grant hostage to it.
+/// epoch could be (`talkgroup_proto::epoch`, the window media nodes apply too): one pushed far
+/// ahead would hold every later grant hostage to it.
 fn plausible_min_epoch(min_epoch: u64, now_ms: i64) -> Result<u64, Status> {
-    let limit = u64::try_from(now_ms.saturating_add(86_400_000))
-        .unwrap_or(0)
-        .saturating_mul(1000);
-    if min_epoch > limit {
+    if !talkgroup_proto::epoch::plausible(min_epoch, now_ms) {
         return Err(Status::invalid_argument(
             "min_epoch far ahead of the server clock",
         ));

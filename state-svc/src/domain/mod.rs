@@ -675,8 +675,7 @@ pub struct EventInfo {
 /// The next fencing epoch: `max(current + 1, now_ms * 1000)`, so epochs keep rising even when
 /// the store loses its counters (the clock carries them forward).
 pub fn next_epoch(current: u64, now_ms: i64) -> u64 {
-    let floor = u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000);
-    current.saturating_add(1).max(floor)
+    talkgroup_proto::epoch::next(current, now_ms)
 }
 
 /// The clock a store and the API read: the wall clock, or for tests a manual one that moves

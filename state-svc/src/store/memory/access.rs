@@ -28,7 +28,7 @@ impl AccessStore for MemoryStore {
             GrantDecision::Changed(next) => next,
         };
         // As in Redis: the clock carries versions past any earlier one.
-        let version = (current.version + 1).max(self.now_ms().max(0) as u64 * 1000);
+        let version = next_epoch(current.version, self.now_ms());
         inner.grants.insert(uid.clone(), (version, next.clone()));
         let updated = UserGrants {
             user_id: uid.clone(),

@@ -196,7 +196,7 @@ impl Step<'_> {
     fn membership_event(&self, ch: &mut Channel, member: Member, change: MembershipChange) {
         // Never backwards, even after the channel emptied and was dropped: the clock carries
         // it past every earlier value, as the Redis store does.
-        ch.members_version = (ch.members_version + 1).max(self.now.max(0) as u64 * 1000);
+        ch.members_version = next_epoch(ch.members_version, self.now);
         self.hub.publish(Event::Membership(MembershipChanged {
             channel_id: self.id.clone(),
             member,
