@@ -1,7 +1,9 @@
 //! signaling-svc: the authenticated WebSocket gateway clients speak to.
 //!
 //! Layout:
-//! - [`auth`]: JWT checks before the upgrade; [`protocol`]: the typed wire format.
+//! - [`auth`]: JWT checks before the upgrade; [`protocol`]: the server's side of the wire (the
+//!   types are the `talkgroup-wire` crate's): parsing, encoding, building from state-svc's
+//!   messages; [`client_addr`]: a client's address and the sockets per address.
 //! - [`access`]: roles per channel, from the token and from state-svc's stored grants.
 //! - [`connection`]: one WebSocket: its requests, pushes, floor renewal and cleanup, one file per
 //!   concern.
@@ -9,6 +11,7 @@
 //!   services, the hub, metrics, shutdown).
 //! - [`hub`]: the gateway's side of the event plane: its `Watch` streams on state-svc (the
 //!   topics of its channels and users), fanned out to its connections.
+//! - [`quota`]: gateway-wide quotas of a user; [`turn`]: TURN credentials.
 //! - [`metrics`]: the Prometheus figures on `/metrics`.
 //! - [`listener`]: the TCP listener: a global connection limit and a deadline for each request
 //!   head; [`outbox`]: a socket's byte-bounded queue of frames to write.

@@ -5,11 +5,15 @@
 //! its own beyond caches: run any number of replicas on one Redis.
 //!
 //! Layout:
-//! - [`domain`]: validated ids and records; [`error`]: the one error type and its mapping to
-//!   the typed reasons callers decode.
+//! - [`domain`]: validated ids and records, and the event plane's topics; [`error`]: the one
+//!   error type and its mapping to the typed reasons callers decode, and the configuration
+//!   error.
 //! - [`store`]: the store's focused traits ([`store::Store`] is all of them) with the Redis and
-//!   in-memory stores; [`sync`]: the sync session model and its deadline scheduler.
-//! - [`hub`]: fan-out of store events to local `Watch` streams.
+//!   in-memory stores; [`sync`]: the sync session model and its deadline scheduler;
+//!   [`connect`]: how to reach Redis and PostgreSQL.
+//! - [`hub`]: the event plane in this process: published events handed to the local watch
+//!   streams that follow their topics.
+//! - [`audit`]: the audit trail's copy to PostgreSQL and the history queries.
 //! - [`access`]: control-plane membership updates and the emergency broadcast, built from
 //!   per-channel store steps.
 //! - [`api`]: the gRPC services; [`sweeper`]: expiry of floors and sessions.
