@@ -310,7 +310,8 @@ async fn ping_join_floor_contention_and_disconnect() {
     assert_eq!(pong["type"], "pong");
     assert!(pong["data"]["serverTime"].as_i64().unwrap() > 0);
 
-    let bad = a.request("fly", json!({})).await;
+    // Hostile on purpose: not a request the protocol defines.
+    let bad = a.request_raw("fly", json!({})).await;
     assert_eq!(bad["error"]["code"], "BAD_REQUEST");
     let not_joined = a.request("ptt-start", json!({"channelId": "ops"})).await;
     assert_eq!(not_joined["error"]["code"], "FORBIDDEN");
@@ -756,7 +757,7 @@ async fn a_socket_ends_with_its_token_unless_the_client_refreshes_it() {
         .await;
     assert_eq!(garbage["error"]["code"], "UNAUTHENTICATED");
     let extra = kept
-        .request("refresh-token", json!({"token": "a.b.c", "more": 1}))
+        .request_raw("refresh-token", json!({"token": "a.b.c", "more": 1}))
         .await;
     assert_eq!(extra["error"]["code"], "BAD_REQUEST");
     let refreshed = kept

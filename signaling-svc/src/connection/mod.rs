@@ -303,6 +303,87 @@ async fn drain_until_close(stream: &mut SplitStream<WebSocket>) {
     .await;
 }
 
+/// The socket's session: the one its resume token took over, or a new one; whether it was
+/// resumed, and why a resume was refused. The close when state-svc cannot give one: 1011, or
+/// 4003 when the user has as many sessions as allowed.
+async fn establish(
+    app: &Arc<AppState>,
+    user: &User,
+    resume: Option<&str>,
+) -> std::result::Result<(spb::Session, bool, Option<&'static str>), Close> {
+    let refused = match resume {
+        Some(token) => match resume::take_over(app, user, token).await {
+            Ok(session) => return Ok((session, true, None)),
+            Err(refused) => Some(refused),
+        },
+        None => None,
+    };
+    let created = app
+        .sessions()
+        .create_session(spb::CreateSessionRequest {
+            user_id: user.user_id.clone(),
+            user_name: user.user_name.clone(),
+            gateway_id: app.gateway_id.clone(),
+            ttl_ms: 0,
+        })
+        .await;
+    match created {
+        Ok(s) => Ok((s.into_inner(), false, refused)),
+        Err(status) => {
+            if ServiceError::decode(&status).reason == Reason::TooManySessions {
+                tracing::info!(user_id = %user.user_id, "too many sessions; closing");
+                app.metrics.refused("sessions-per-user");
+                return Err(Close::TooManySessions);
+            }
+            tracing::warn!(code = ?status.code(), "cannot create a session; closing");
+            Err(Close::Unavailable)
+        }
+    }
+}
+
+/// The user's roles: the token's, overridden by the grants stored in state-svc; `None` when
+/// those cannot be read (fail closed: without them a revoked channel could look open).
+async fn stored_grants(app: &Arc<AppState>, claims: &Claims, user: &User) -> Option<Grants> {
+    let mut grants = Grants::new(claims.roles.clone());
+    let stored = app
+        .access()
+        .get_user_grants(spb::GetUserGrantsRequest {
+            user_id: user.user_id.clone(),
+        })
+        .await;
+    match stored {
+        Ok(stored) => {
+            grants.apply(&stored.into_inner());
+            Some(grants)
+        }
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), "cannot read grants; closing");
+            None
+        }
+    }
+}
+
+/// A session the socket cannot go on with: a resumed one stays parked for another try, a new
+/// one is removed.
+async fn give_up(app: &Arc<AppState>, session: &spb::Session, resumed: bool) {
+    if resumed {
+        let _ = app
+            .sessions()
+            .park_session(spb::ParkSessionRequest {
+                session_id: session.session_id.clone(),
+                generation: session.generation,
+            })
+            .await;
+    } else {
+        let _ = app
+            .sessions()
+            .remove_session(spb::RemoveSessionRequest {
+                session_id: session.session_id.clone(),
+            })
+            .await;
+    }
+}
+
 impl Conn {
     /// Creates the state session, registers with the hub and reads the user's stored grants.
     /// The close for the socket (logged) when state-svc cannot do its part: 1011, or 4003 when
@@ -321,79 +402,21 @@ impl Conn {
                 .filter(|n| valid_name(n))
                 .unwrap_or_else(|| claims.sub.clone()),
         };
-        let (resumed, refused) = match resume {
-            Some(token) => match resume::take_over(app, &user, token).await {
-                Ok(session) => (Some(session), None),
-                Err(refused) => (None, Some(refused)),
-            },
-            None => (None, None),
-        };
-        let created = match resumed.clone() {
-            Some(session) => Ok(tonic::Response::new(session)),
-            None => {
-                app.sessions()
-                    .create_session(spb::CreateSessionRequest {
-                        user_id: user.user_id.clone(),
-                        user_name: user.user_name.clone(),
-                        gateway_id: app.gateway_id.clone(),
-                        ttl_ms: 0,
-                    })
-                    .await
-            }
-        };
-        let session = match created {
-            Ok(s) => s.into_inner(),
-            Err(status) => {
-                if ServiceError::decode(&status).reason == Reason::TooManySessions {
-                    tracing::info!(user_id = %user.user_id, "too many sessions; closing");
-                    app.metrics.refused("sessions-per-user");
-                    return Err(Close::TooManySessions);
-                }
-                tracing::warn!(code = ?status.code(), "cannot create a session; closing");
-                return Err(Close::Unavailable);
-            }
-        };
+        let (session, resumed, refused) = establish(app, &user, resume).await?;
         // Register before reading the grants, so a change made in between is not missed.
         // The outbox first: the hub writes members' pushes straight into it.
         let (out, outbox) = outbox::outbox(app.config.outbox_bytes);
         let (id, events) = app
             .hub
             .register(&user.user_id, &session.session_id, out.clone());
-        let mut grants = Grants::new(claims.roles.clone());
-        let stored = app
-            .access()
-            .get_user_grants(spb::GetUserGrantsRequest {
-                user_id: user.user_id.clone(),
-            })
-            .await;
-        match stored {
-            Ok(stored) => {
-                grants.apply(&stored.into_inner());
-            }
-            Err(status) => {
-                // Fail closed: without the stored grants a revoked channel could look open.
-                tracing::warn!(code = ?status.code(), "cannot read grants; closing");
+        let grants = match stored_grants(app, claims, &user).await {
+            Some(grants) => grants,
+            None => {
                 app.hub.unregister(id);
-                if resumed.is_some() {
-                    // A resumed session stays parked for another try.
-                    let _ = app
-                        .sessions()
-                        .park_session(spb::ParkSessionRequest {
-                            session_id: session.session_id.clone(),
-                            generation: session.generation,
-                        })
-                        .await;
-                } else {
-                    let _ = app
-                        .sessions()
-                        .remove_session(spb::RemoveSessionRequest {
-                            session_id: session.session_id.clone(),
-                        })
-                        .await;
-                }
+                give_up(app, &session, resumed).await;
                 return Err(Close::Unavailable);
             }
-        }
+        };
         let conn = Self {
             app: Arc::clone(app),
             id,
@@ -410,7 +433,7 @@ impl Conn {
             token_deadline: token::deadline(claims.exp, app.auth.leeway()),
         };
         let opened = resume::Opened {
-            resumed: resumed.is_some(),
+            resumed,
             refused,
             session,
         };
