@@ -30,74 +30,120 @@ impl FromStr for PortRange {
 #[command(name = "media-svc", version, about)]
 pub struct Config {
     /// Address the gRPC server (ptt.media.v1) listens on.
-    #[arg(long, env = "PTT_MEDIA_LISTEN", default_value = "127.0.0.1:50052")]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_MEDIA_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
     pub listen: SocketAddr,
     /// Mutual TLS for gRPC: the certificate names `spiffe://talkgroup/media/<node-id>`, and
     /// that node id is this node's (`--node-id`, if given, must match it).
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Mutual TLS (gRPC)")]
     pub tls: TlsArgs,
     /// Serve gRPC reflection (lists every method; for grpcurl in development).
-    #[arg(long, env = "PTT_MEDIA_GRPC_REFLECTION")]
+    #[arg(help_heading = "Listeners", long, env = "PTT_MEDIA_GRPC_REFLECTION")]
     pub grpc_reflection: bool,
     /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
-    #[arg(long, env = "PTT_MEDIA_METRICS_LISTEN")]
+    #[arg(help_heading = "Listeners", long, env = "PTT_MEDIA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// This node's id in the registry; a random one when unset.
-    #[arg(long, env = "PTT_MEDIA_NODE_ID")]
+    #[arg(help_heading = "Media", long, env = "PTT_MEDIA_NODE_ID")]
     pub node_id: Option<String>,
     /// gRPC URL gateways use to reach this node (registered with state-svc); defaults to the
     /// bound listen address.
-    #[arg(long, env = "PTT_MEDIA_ADVERTISE_URL")]
+    #[arg(help_heading = "Listeners", long, env = "PTT_MEDIA_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
     /// IP address the media ports bind to. Bind a concrete address: a wildcard bind leaves
     /// out loopback candidates.
-    #[arg(long, env = "PTT_MEDIA_RTC_BIND_IP", default_value = "127.0.0.1")]
+    #[arg(
+        help_heading = "Media",
+        long,
+        env = "PTT_MEDIA_RTC_BIND_IP",
+        default_value = "127.0.0.1"
+    )]
     pub rtc_bind_ip: IpAddr,
     /// Public IP written into the node's ICE candidates (behind NAT or hostNetwork).
-    #[arg(long, env = "PTT_MEDIA_ANNOUNCED_IP")]
+    #[arg(help_heading = "Media", long, env = "PTT_MEDIA_ANNOUNCED_IP")]
     pub announced_ip: Option<IpAddr>,
     /// The one UDP port every transport of the node shares (0: an ephemeral port, logged at
     /// start). Open it in the firewall.
-    #[arg(long, env = "PTT_MEDIA_RTC_UDP_PORT", default_value_t = 0)]
+    #[arg(
+        help_heading = "Media",
+        long,
+        env = "PTT_MEDIA_RTC_UDP_PORT",
+        default_value_t = 0
+    )]
     pub rtc_udp_port: u16,
     /// Serve ICE over TCP (RFC 6544): a passive TCP candidate on `--rtc-tcp-port`, after the
     /// UDP one, for clients whose network blocks UDP.
-    #[arg(long, env = "PTT_MEDIA_ICE_TCP", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(help_heading = "Media", long, env = "PTT_MEDIA_ICE_TCP", default_value_t = true, action = clap::ArgAction::Set)]
     pub ice_tcp: bool,
     /// The one TCP port every transport's ICE/TCP candidate shares (0: an ephemeral port).
-    #[arg(long, env = "PTT_MEDIA_RTC_TCP_PORT", default_value_t = 0)]
+    #[arg(
+        help_heading = "Media",
+        long,
+        env = "PTT_MEDIA_RTC_TCP_PORT",
+        default_value_t = 0
+    )]
     pub rtc_tcp_port: u16,
     /// Deprecated: transports share one port now. When set and `--rtc-udp-port` is not, the
     /// range's first port is the shared port.
-    #[arg(long, env = "PTT_MEDIA_PORT_RANGE", hide = true)]
+    #[arg(
+        help_heading = "Media",
+        long,
+        env = "PTT_MEDIA_PORT_RANGE",
+        hide = true
+    )]
     pub port_range: Option<PortRange>,
     /// Forwarding workers; 0 means one per core.
-    #[arg(long, env = "PTT_MEDIA_WORKERS", default_value_t = 0)]
+    #[arg(
+        help_heading = "Media",
+        long,
+        env = "PTT_MEDIA_WORKERS",
+        default_value_t = 0
+    )]
     pub workers: usize,
     /// Pin each forwarding worker to a CPU of its own (of those this process may use), so a
     /// packet's copies are encrypted and sent on every core at once. Unset: pinned when the
     /// process may run on no more CPUs than it has workers (it owns them).
-    #[arg(long, env = "PTT_MEDIA_PIN_WORKERS", action = clap::ArgAction::Set)]
+    #[arg(help_heading = "Media", long, env = "PTT_MEDIA_PIN_WORKERS", action = clap::ArgAction::Set)]
     pub pin_workers: Option<bool>,
     /// Transports (peer connections) the node accepts; 0 (the default) derives it from the
     /// CPU: the cost of one forwarded copy, measured at start, and the cores.
-    #[arg(long, env = "PTT_MEDIA_CAPACITY", default_value_t = 0)]
+    #[arg(
+        help_heading = "Media",
+        long,
+        env = "PTT_MEDIA_CAPACITY",
+        default_value_t = 0
+    )]
     pub capacity: u32,
     /// state-svc gRPC URL: register, heartbeat and watch floors. Standalone when unset.
-    #[arg(long, env = "PTT_MEDIA_STATE_URL")]
+    #[arg(help_heading = "state-svc", long, env = "PTT_MEDIA_STATE_URL")]
     pub state_url: Option<String>,
     /// A transport not connected (ICE and DTLS done) this long after its creation is closed.
-    #[arg(long, env = "PTT_MEDIA_CONNECT_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        help_heading = "state-svc",
+        long,
+        env = "PTT_MEDIA_CONNECT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
     pub connect_timeout_ms: u64,
     /// After SIGTERM, how long to wait for transports to close before exiting, in ms.
-    #[arg(long, env = "PTT_MEDIA_DRAIN_TIMEOUT_MS", default_value_t = 600_000)]
+    #[arg(
+        help_heading = "state-svc",
+        long,
+        env = "PTT_MEDIA_DRAIN_TIMEOUT_MS",
+        default_value_t = 600_000
+    )]
     pub drain_timeout_ms: u64,
     /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
     /// no export when unset.
-    #[arg(long, env = "PTT_MEDIA_OTLP_ENDPOINT")]
+    #[arg(help_heading = "Process", long, env = "PTT_MEDIA_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(
+        help_heading = "Process",
         long,
         env = "PTT_MEDIA_LOG_FORMAT",
         value_enum,

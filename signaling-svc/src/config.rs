@@ -12,22 +12,38 @@ use talkgroup_common::tls::TlsArgs;
 #[command(name = "signaling-svc", version, about)]
 pub struct Config {
     /// HTTP/WebSocket listen address.
-    #[arg(long, env = "PTT_SIGNALING_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
     /// Internal address of the Prometheus `/metrics` endpoint (HTTP), kept off the
     /// client-facing listener; off when unset.
-    #[arg(long, env = "PTT_SIGNALING_METRICS_LISTEN")]
+    #[arg(help_heading = "Listeners", long, env = "PTT_SIGNALING_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Certificate chain (PEM) for serving HTTPS and `wss://` on --listen itself, for a
     /// deployment without an ingress in front (browsers need HTTPS for the microphone
     /// anywhere but on 127.0.0.1). Re-read when the file changes. Plain HTTP when unset.
-    #[arg(long, env = "PTT_SIGNALING_HTTPS_CERT", requires = "https_key")]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_HTTPS_CERT",
+        requires = "https_key"
+    )]
     pub https_cert: Option<PathBuf>,
     /// The private key of --https-cert (PEM).
-    #[arg(long, env = "PTT_SIGNALING_HTTPS_KEY", requires = "https_cert")]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_HTTPS_KEY",
+        requires = "https_cert"
+    )]
     pub https_key: Option<PathBuf>,
     /// state-svc gRPC URL.
     #[arg(
+        help_heading = "state-svc and the event plane",
         long,
         env = "PTT_SIGNALING_STATE_URL",
         default_value = "http://127.0.0.1:50051"
@@ -35,62 +51,106 @@ pub struct Config {
     pub state_url: String,
     /// Mutual TLS for gRPC to state-svc and the media nodes (the certificate must name
     /// `spiffe://talkgroup/gateway`).
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Mutual TLS (gRPC)")]
     pub tls: TlsArgs,
     /// HS256 shared secret for client tokens. Never logged.
-    #[arg(long, env = "PTT_SIGNALING_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_JWT_SECRET",
+        hide_env_values = true
+    )]
     pub jwt_secret: Option<String>,
     /// PEM file with the RS256 or ES256 public key for client tokens (instead of a secret).
-    #[arg(long, env = "PTT_SIGNALING_JWT_PUBLIC_KEY")]
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_JWT_PUBLIC_KEY"
+    )]
     pub jwt_public_key: Option<PathBuf>,
     /// JSON Web Key Set file (RFC 7517) whose keys tokens name by `kid` (instead of a secret
     /// or a public key); re-read when it changes, so keys rotate without a restart.
-    #[arg(long, env = "PTT_SIGNALING_JWT_JWKS")]
+    #[arg(help_heading = "Client tokens", long, env = "PTT_SIGNALING_JWT_JWKS")]
     pub jwt_jwks: Option<PathBuf>,
     /// How often the key set file is checked for changes.
     #[arg(
+        help_heading = "Client tokens",
         long,
         env = "PTT_SIGNALING_JWT_JWKS_CHECK_MS",
         default_value_t = 10_000
     )]
     pub jwt_jwks_check_ms: u64,
     /// Required `aud` claim, if set.
-    #[arg(long, env = "PTT_SIGNALING_JWT_AUDIENCE")]
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_JWT_AUDIENCE"
+    )]
     pub jwt_audience: Option<String>,
     /// Required `iss` claim, if set.
-    #[arg(long, env = "PTT_SIGNALING_JWT_ISSUER")]
+    #[arg(help_heading = "Client tokens", long, env = "PTT_SIGNALING_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
     /// Clock skew allowed on a token's `exp` and `nbf`, in seconds; a socket is closed this
     /// long after its token's `exp` unless the client sent `refresh-token` before.
-    #[arg(long, env = "PTT_SIGNALING_JWT_LEEWAY_S", default_value_t = 5)]
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_JWT_LEEWAY_S",
+        default_value_t = 5
+    )]
     pub jwt_leeway_s: u64,
     /// This gateway's id (recorded on its sessions); random when unset.
-    #[arg(long, env = "PTT_SIGNALING_GATEWAY_ID")]
+    #[arg(
+        help_heading = "state-svc and the event plane",
+        long,
+        env = "PTT_SIGNALING_GATEWAY_ID"
+    )]
     pub gateway_id: Option<String>,
     /// Interval of server pings; a socket silent for two intervals is closed.
-    #[arg(long, env = "PTT_SIGNALING_PING_INTERVAL_MS", default_value_t = 30_000)]
+    #[arg(
+        help_heading = "Limits per socket and user",
+        long,
+        env = "PTT_SIGNALING_PING_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
     pub ping_interval_ms: u64,
     /// Requests per second a connection may send (burst twice that).
-    #[arg(long, env = "PTT_SIGNALING_REQUEST_RATE", default_value_t = 20)]
+    #[arg(
+        help_heading = "Limits per socket and user",
+        long,
+        env = "PTT_SIGNALING_REQUEST_RATE",
+        default_value_t = 20
+    )]
     pub request_rate: u32,
     /// `ptt-start` requests per second a connection may send.
-    #[arg(long, env = "PTT_SIGNALING_PTT_RATE", default_value_t = 5)]
+    #[arg(
+        help_heading = "Limits per socket and user",
+        long,
+        env = "PTT_SIGNALING_PTT_RATE",
+        default_value_t = 5
+    )]
     pub ptt_rate: u32,
     /// Bytes queued for one client at most (replies and pushes it has not read yet); a client
     /// that lets more pile up is closed with 4002.
-    #[arg(long, env = "PTT_SIGNALING_OUTBOX_BYTES", default_value_t = 1 << 20)]
+    #[arg(help_heading = "Limits per socket and user", long, env = "PTT_SIGNALING_OUTBOX_BYTES", default_value_t = 1 << 20)]
     pub outbox_bytes: usize,
     /// A write to a client's socket that takes longer than this closes it with 4002.
-    #[arg(long, env = "PTT_SIGNALING_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        help_heading = "Limits per socket and user",
+        long,
+        env = "PTT_SIGNALING_WRITE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub write_timeout_ms: u64,
     /// The kernel's send buffer of each client connection, in bytes (0: the kernel's own
     /// autotuning, up to `net.ipv4.tcp_wmem`, 4 MiB by default). With the outbox this bounds
     /// what a client that stops reading can hold.
-    #[arg(long, env = "PTT_SIGNALING_SOCKET_SEND_BUFFER", default_value_t = 128 * 1024)]
+    #[arg(help_heading = "Listeners", long, env = "PTT_SIGNALING_SOCKET_SEND_BUFFER", default_value_t = 128 * 1024)]
     pub socket_send_buffer: usize,
     /// Time a TCP connection gets to send a whole HTTP request head, from its accept and
     /// between keep-alive requests; then it is closed.
     #[arg(
+        help_heading = "Listeners",
         long,
         env = "PTT_SIGNALING_HEADER_TIMEOUT_MS",
         default_value_t = 10_000
@@ -98,19 +158,35 @@ pub struct Config {
     pub header_timeout_ms: u64,
     /// TCP connections the listener holds at once (WebSockets and HTTP requests); one more is
     /// closed as soon as it is accepted.
-    #[arg(long, env = "PTT_SIGNALING_MAX_CONNECTIONS", default_value_t = 20_000)]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
     pub max_connections: usize,
     /// Sync sessions one socket may create a minute (all of them at once at most).
-    #[arg(long, env = "PTT_SIGNALING_SYNC_CREATE_RATE", default_value_t = 10)]
+    #[arg(
+        help_heading = "Limits per socket and user",
+        long,
+        env = "PTT_SIGNALING_SYNC_CREATE_RATE",
+        default_value_t = 10
+    )]
     pub sync_create_rate: u32,
     /// Changes (start, switch, pause, ...) one socket may make to one sync session a second
     /// (burst twice that): each is pushed to every member of the session's channel.
-    #[arg(long, env = "PTT_SIGNALING_SYNC_CHANGE_RATE", default_value_t = 5)]
+    #[arg(
+        help_heading = "Limits per socket and user",
+        long,
+        env = "PTT_SIGNALING_SYNC_CHANGE_RATE",
+        default_value_t = 5
+    )]
     pub sync_change_rate: u32,
     /// WebRTC transports one user may hold through this gateway, across their sockets (each
     /// socket's session holds at most 64 on a media node: a dispatcher monitoring 50
     /// channels holds one receive transport each, and send transports where it talks).
     #[arg(
+        help_heading = "Limits per socket and user",
         long,
         env = "PTT_SIGNALING_MAX_TRANSPORTS_PER_USER",
         default_value_t = 128
@@ -118,6 +194,7 @@ pub struct Config {
     pub max_transports_per_user: usize,
     /// Channels one socket may be in at once (state-svc also caps them per user).
     #[arg(
+        help_heading = "Limits per socket and user",
         long,
         env = "PTT_SIGNALING_MAX_CHANNELS_PER_SOCKET",
         default_value_t = 100
@@ -125,6 +202,7 @@ pub struct Config {
     pub max_channels_per_socket: usize,
     /// WebSockets one client address may hold on this gateway at once.
     #[arg(
+        help_heading = "Listeners",
         long,
         env = "PTT_SIGNALING_MAX_SOCKETS_PER_ADDRESS",
         default_value_t = 100
@@ -133,15 +211,26 @@ pub struct Config {
     /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is believed:
     /// for a connection from one of them, the client address is the last address in that
     /// header that is not itself a trusted proxy.
-    #[arg(long, env = "PTT_SIGNALING_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<crate::client_addr::Cidr>,
     /// `Watch` streams on state-svc at most; the gateway's channels are spread over them.
-    #[arg(long, env = "PTT_SIGNALING_WATCH_STREAMS", default_value_t = 16)]
+    #[arg(
+        help_heading = "state-svc and the event plane",
+        long,
+        env = "PTT_SIGNALING_WATCH_STREAMS",
+        default_value_t = 16
+    )]
     pub watch_streams: usize,
     /// Channels one `Watch` stream follows at most (state-svc takes up to 10,000 per stream).
     /// With `--watch-streams` this caps the channels one gateway follows; a join past it is
     /// refused with LIMIT_EXCEEDED.
     #[arg(
+        help_heading = "state-svc and the event plane",
         long,
         env = "PTT_SIGNALING_WATCH_CHANNELS_PER_STREAM",
         default_value_t = 5_000
@@ -149,11 +238,17 @@ pub struct Config {
     pub watch_channels_per_stream: usize,
     /// Development only: serve `POST /dev/token` {"name"} → a token for that name, signed with
     /// the HS256 secret. Anyone can then sign in as anyone: never enable it in production.
-    #[arg(long, env = "PTT_SIGNALING_DEV_TOKENS", default_value_t = false)]
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_DEV_TOKENS",
+        default_value_t = false
+    )]
     pub dev_tokens: bool,
     /// Channels offered by `list-channels` (comma-separated ids; at most 64). Clients may still
     /// join other channels by id.
     #[arg(
+        help_heading = "Client tokens",
         long,
         env = "PTT_SIGNALING_CHANNELS",
         value_delimiter = ',',
@@ -164,6 +259,7 @@ pub struct Config {
     /// `turn:`/`turns:` URLs, for example `turn:turn.example:3478?transport=udp,turns:turn.example:443?transport=tcp`;
     /// none when unset.
     #[arg(
+        help_heading = "TURN relays",
         long = "turn-url",
         env = "PTT_SIGNALING_TURN_URLS",
         value_delimiter = ','
@@ -171,14 +267,24 @@ pub struct Config {
     pub turn_urls: Vec<String>,
     /// File holding the secret the TURN relays share with the gateway (coturn's
     /// `static-auth-secret`); required with `--turn-url`, read once, never logged.
-    #[arg(long, env = "PTT_SIGNALING_TURN_SECRET_FILE")]
+    #[arg(
+        help_heading = "TURN relays",
+        long,
+        env = "PTT_SIGNALING_TURN_SECRET_FILE"
+    )]
     pub turn_secret_file: Option<std::path::PathBuf>,
     /// How long TURN credentials stay valid, in seconds (60 to 86400); clients ask again
     /// (`get-ice-servers`) before they expire.
-    #[arg(long, env = "PTT_SIGNALING_TURN_TTL_S", default_value_t = 3_600)]
+    #[arg(
+        help_heading = "TURN relays",
+        long,
+        env = "PTT_SIGNALING_TURN_TTL_S",
+        default_value_t = 3_600
+    )]
     pub turn_ttl_s: u64,
     /// Time connections get to close after SIGTERM, in ms.
     #[arg(
+        help_heading = "Process",
         long,
         env = "PTT_SIGNALING_SHUTDOWN_GRACE_MS",
         default_value_t = 10_000
@@ -186,10 +292,11 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
     /// no export when unset.
-    #[arg(long, env = "PTT_SIGNALING_OTLP_ENDPOINT")]
+    #[arg(help_heading = "Process", long, env = "PTT_SIGNALING_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(
+        help_heading = "Process",
         long,
         env = "PTT_SIGNALING_LOG_FORMAT",
         value_enum,

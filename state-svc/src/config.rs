@@ -30,37 +30,57 @@ pub enum StoreKind {
 #[command(name = "state-svc", version, about)]
 pub struct Config {
     /// Address the gRPC server listens on.
-    #[arg(long, env = "PTT_STATE_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_STATE_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen: SocketAddr,
     /// Mutual TLS for gRPC (the certificate must name `spiffe://talkgroup/state`).
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Mutual TLS (gRPC)")]
     pub tls: TlsArgs,
     /// Serve gRPC reflection (lists every method; for grpcurl in development).
-    #[arg(long, env = "PTT_STATE_GRPC_REFLECTION")]
+    #[arg(help_heading = "Listeners", long, env = "PTT_STATE_GRPC_REFLECTION")]
     pub grpc_reflection: bool,
     /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
-    #[arg(long, env = "PTT_STATE_METRICS_LISTEN")]
+    #[arg(help_heading = "Listeners", long, env = "PTT_STATE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// State store. Defaults to `redis` when a Redis URL is set, otherwise `memory`.
-    #[arg(long, env = "PTT_STATE_STORE", value_enum)]
+    #[arg(
+        help_heading = "Store (Redis)",
+        long,
+        env = "PTT_STATE_STORE",
+        value_enum
+    )]
     pub store: Option<StoreKind>,
     /// Redis URL: `redis://127.0.0.1:6379/0` (or `rediss://` for TLS), under Sentinel
     /// `redis+sentinel://host:port,.../<master name>`, a Redis Cluster
     /// `redis+cluster://host:port,...` (seed nodes). Never logged with its password.
-    #[arg(long, env = "PTT_STATE_REDIS_URL", hide_env_values = true)]
+    #[arg(
+        help_heading = "Store (Redis)",
+        long,
+        env = "PTT_STATE_REDIS_URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
     /// Redis ACL user (`AUTH <user> <password>`); the URL may name it too.
-    #[arg(long, env = "PTT_STATE_REDIS_USERNAME")]
+    #[arg(help_heading = "Store (Redis)", long, env = "PTT_STATE_REDIS_USERNAME")]
     pub redis_username: Option<String>,
     /// File holding the Redis password (a mounted Secret), instead of a password in the URL.
-    #[arg(long, env = "PTT_STATE_REDIS_PASSWORD_FILE")]
+    #[arg(
+        help_heading = "Store (Redis)",
+        long,
+        env = "PTT_STATE_REDIS_PASSWORD_FILE"
+    )]
     pub redis_password_file: Option<PathBuf>,
     /// CA bundle (PEM) the Redis server's certificate must chain to, for a `rediss://` URL;
     /// without it the system's roots are used. The host name in the URL is verified.
-    #[arg(long, env = "PTT_STATE_REDIS_CA")]
+    #[arg(help_heading = "Store (Redis)", long, env = "PTT_STATE_REDIS_CA")]
     pub redis_ca: Option<PathBuf>,
     /// Client certificate (PEM) for a Redis that asks for one (`tls-auth-clients yes`).
     #[arg(
+        help_heading = "Store (Redis)",
         long,
         env = "PTT_STATE_REDIS_CLIENT_CERT",
         requires = "redis_client_key"
@@ -68,26 +88,48 @@ pub struct Config {
     pub redis_client_cert: Option<PathBuf>,
     /// The key of --redis-client-cert (PEM).
     #[arg(
+        help_heading = "Store (Redis)",
         long,
         env = "PTT_STATE_REDIS_CLIENT_KEY",
         requires = "redis_client_cert"
     )]
     pub redis_client_key: Option<PathBuf>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
-    #[arg(long, env = "PTT_STATE_KEY_PREFIX", default_value = "ptt")]
+    #[arg(
+        help_heading = "Store (Redis)",
+        long,
+        env = "PTT_STATE_KEY_PREFIX",
+        default_value = "ptt"
+    )]
     pub key_prefix: String,
     /// Floor lease in milliseconds; gateways renew it about every third of it.
-    #[arg(long, env = "PTT_STATE_LEASE_MS", default_value_t = 5_000)]
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_LEASE_MS",
+        default_value_t = 5_000
+    )]
     pub lease_ms: u32,
     /// Maximum talk time of one grant in milliseconds, after which the floor is revoked.
-    #[arg(long, env = "PTT_STATE_MAX_TALK_MS", default_value_t = 60_000)]
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_MAX_TALK_MS",
+        default_value_t = 60_000
+    )]
     pub max_talk_ms: u32,
     /// Maximum length of an emergency broadcast in milliseconds; its floors are revoked after it.
-    #[arg(long, env = "PTT_STATE_EMERGENCY_MAX_MS", default_value_t = 600_000)]
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_EMERGENCY_MAX_MS",
+        default_value_t = 600_000
+    )]
     pub emergency_max_ms: u32,
     /// Redis pub/sub channel on which an external control plane publishes membership updates
     /// (`{eventId, userId, channelIds, action: "set_user_channels"}`). Redis store only.
     #[arg(
+        help_heading = "Store (Redis)",
         long,
         env = "PTT_STATE_MEMBERSHIP_CHANNEL",
         default_value = "vp:membership_updates"
@@ -96,18 +138,32 @@ pub struct Config {
     /// PostgreSQL URL of the audit trail (`postgres://user:password@host/db`); every floor
     /// event is copied there from Redis. Off when unset (the audit then stays in Redis,
     /// trimmed to --audit-maxlen per channel). Redis store only. Never logged.
-    #[arg(long, env = "PTT_STATE_POSTGRES_URL", hide_env_values = true)]
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_POSTGRES_URL",
+        hide_env_values = true
+    )]
     pub postgres_url: Option<String>,
     /// File holding the PostgreSQL password (a mounted Secret), instead of one in the URL.
-    #[arg(long, env = "PTT_STATE_POSTGRES_PASSWORD_FILE")]
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_POSTGRES_PASSWORD_FILE"
+    )]
     pub postgres_password_file: Option<PathBuf>,
     /// CA bundle (PEM) the PostgreSQL server's certificate must chain to. With it TLS is
     /// required and the host name is verified (as `sslmode=verify-full`); without it the
     /// connection is plaintext, for a database on the same host or network namespace only.
-    #[arg(long, env = "PTT_STATE_POSTGRES_CA")]
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_POSTGRES_CA"
+    )]
     pub postgres_ca: Option<PathBuf>,
     /// Client certificate (PEM) for a PostgreSQL that authenticates clients by certificate.
     #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
         long,
         env = "PTT_STATE_POSTGRES_CLIENT_CERT",
         requires = "postgres_client_key"
@@ -115,6 +171,7 @@ pub struct Config {
     pub postgres_client_cert: Option<PathBuf>,
     /// The key of --postgres-client-cert (PEM).
     #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
         long,
         env = "PTT_STATE_POSTGRES_CLIENT_KEY",
         requires = "postgres_client_cert"
@@ -122,44 +179,91 @@ pub struct Config {
     pub postgres_client_key: Option<PathBuf>,
     /// How often the audit writer looks at every audit stream, in milliseconds (it also
     /// follows the channels' events).
-    #[arg(long, env = "PTT_STATE_AUDIT_SWEEP_MS", default_value_t = 30_000)]
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_AUDIT_SWEEP_MS",
+        default_value_t = 30_000
+    )]
     pub audit_sweep_ms: u32,
     /// Bearer token of the admin API (`ptt.admin.v1.AdminService`), at least 16 characters.
     /// Without it the admin API refuses every call. Never logged.
-    #[arg(long, env = "PTT_STATE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_STATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub admin_token: Option<String>,
     /// Session time to live in milliseconds without a touch from its gateway.
-    #[arg(long, env = "PTT_STATE_SESSION_TTL_MS", default_value_t = 60_000)]
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_SESSION_TTL_MS",
+        default_value_t = 60_000
+    )]
     pub session_ttl_ms: u32,
     /// A media node without a heartbeat for this many milliseconds is dead: its channels move
     /// to live nodes at once.
-    #[arg(long, env = "PTT_STATE_NODE_DEAD_AFTER_MS", default_value_t = 3_000)]
+    #[arg(
+        help_heading = "Media nodes",
+        long,
+        env = "PTT_STATE_NODE_DEAD_AFTER_MS",
+        default_value_t = 3_000
+    )]
     pub node_dead_after_ms: u32,
     /// Heartbeat interval asked of media nodes, in milliseconds.
-    #[arg(long, env = "PTT_STATE_NODE_HEARTBEAT_MS", default_value_t = 1_000)]
+    #[arg(
+        help_heading = "Media nodes",
+        long,
+        env = "PTT_STATE_NODE_HEARTBEAT_MS",
+        default_value_t = 1_000
+    )]
     pub node_heartbeat_ms: u32,
     /// A dead media node whose channels have moved is dropped from the registry after this
     /// many milliseconds without a heartbeat (so node ids of past rollouts do not pile up).
     #[arg(
+        help_heading = "Media nodes",
         long,
         env = "PTT_STATE_NODE_FORGET_AFTER_MS",
         default_value_t = 600_000
     )]
     pub node_forget_after_ms: u32,
     /// Live sessions (sockets, across gateways) one user may have; one more is refused.
-    #[arg(long, env = "PTT_STATE_MAX_SESSIONS_PER_USER", default_value_t = 10)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "PTT_STATE_MAX_SESSIONS_PER_USER",
+        default_value_t = 10
+    )]
     pub max_sessions_per_user: u32,
     /// Channels one user may be in at once, across their sessions.
-    #[arg(long, env = "PTT_STATE_MAX_CHANNELS_PER_USER", default_value_t = 200)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "PTT_STATE_MAX_CHANNELS_PER_USER",
+        default_value_t = 200
+    )]
     pub max_channels_per_user: u32,
     /// Open sync sessions (pending, running, paused) one channel may have.
-    #[arg(long, env = "PTT_STATE_MAX_SYNCS_PER_CHANNEL", default_value_t = 16)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "PTT_STATE_MAX_SYNCS_PER_CHANNEL",
+        default_value_t = 16
+    )]
     pub max_syncs_per_channel: u32,
     /// Open sync sessions one user may have created.
-    #[arg(long, env = "PTT_STATE_MAX_SYNCS_PER_USER", default_value_t = 32)]
+    #[arg(
+        help_heading = "Limits",
+        long,
+        env = "PTT_STATE_MAX_SYNCS_PER_USER",
+        default_value_t = 32
+    )]
     pub max_syncs_per_user: u32,
     /// Members one channel may have.
     #[arg(
+        help_heading = "Limits",
         long,
         env = "PTT_STATE_MAX_MEMBERS_PER_CHANNEL",
         default_value_t = 1_000
@@ -167,34 +271,65 @@ pub struct Config {
     pub max_members_per_channel: u32,
     /// How long a session whose socket went away (without a close frame, or with its gateway)
     /// waits for a resume, in milliseconds. Its floors are not renewed meanwhile.
-    #[arg(long, env = "PTT_STATE_RESUME_GRACE_MS", default_value_t = 20_000)]
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_RESUME_GRACE_MS",
+        default_value_t = 20_000
+    )]
     pub resume_grace_ms: u32,
     /// Replicas that must have a floor grant (Redis `WAIT`) before it is answered, so that a
     /// failover cannot lose a grant someone was told of; a grant they do not confirm within
     /// half of --redis-timeout-ms is given back and answered UNAVAILABLE. 0: answer at once.
     /// Set it below the number of replicas, or grants stop while one is away.
-    #[arg(long, env = "PTT_STATE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    #[arg(
+        help_heading = "Store (Redis)",
+        long,
+        env = "PTT_STATE_REDIS_WAIT_REPLICAS",
+        default_value_t = 0
+    )]
     pub redis_wait_replicas: u32,
     /// Upper bound of every Redis call in milliseconds; past it the call fails UNAVAILABLE.
-    #[arg(long, env = "PTT_STATE_REDIS_TIMEOUT_MS", default_value_t = 1_000)]
+    #[arg(
+        help_heading = "Store (Redis)",
+        long,
+        env = "PTT_STATE_REDIS_TIMEOUT_MS",
+        default_value_t = 1_000
+    )]
     pub redis_timeout_ms: u32,
     /// How often expired floors and sessions are swept, in milliseconds.
-    #[arg(long, env = "PTT_STATE_SWEEP_INTERVAL_MS", default_value_t = 100)]
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_SWEEP_INTERVAL_MS",
+        default_value_t = 100
+    )]
     pub sweep_interval_ms: u32,
     /// Approximate length each channel's audit stream is trimmed to, when the audit stays in
     /// Redis (no --postgres-url). With PostgreSQL, streams are trimmed only past what the
     /// audit writer has copied, whatever their length.
-    #[arg(long, env = "PTT_STATE_AUDIT_MAXLEN", default_value_t = 100_000)]
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_AUDIT_MAXLEN",
+        default_value_t = 100_000
+    )]
     pub audit_maxlen: u32,
     /// Time allowed for in-flight calls to finish after SIGTERM, in milliseconds.
-    #[arg(long, env = "PTT_STATE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    #[arg(
+        help_heading = "Process",
+        long,
+        env = "PTT_STATE_SHUTDOWN_GRACE_MS",
+        default_value_t = 10_000
+    )]
     pub shutdown_grace_ms: u32,
     /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
     /// no export when unset.
-    #[arg(long, env = "PTT_STATE_OTLP_ENDPOINT")]
+    #[arg(help_heading = "Process", long, env = "PTT_STATE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Log format.
     #[arg(
+        help_heading = "Process",
         long,
         env = "PTT_STATE_LOG_FORMAT",
         value_enum,
