@@ -380,68 +380,72 @@ impl Config {
         })
     }
 
+    /// Each numeric setting with the range it must lie in: (flag, value, lowest, highest).
+    fn ranges(&self) -> [(&'static str, u32, u32, u32); 18] {
+        [
+            ("lease_ms", self.lease_ms, 100, 3_600_000),
+            ("max_talk_ms", self.max_talk_ms, 100, 3_600_000),
+            ("session_ttl_ms", self.session_ttl_ms, 1_000, 86_400_000),
+            (
+                "node_dead_after_ms",
+                self.node_dead_after_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "node_heartbeat_ms",
+                self.node_heartbeat_ms,
+                50,
+                self.node_dead_after_ms,
+            ),
+            (
+                "node_forget_after_ms",
+                self.node_forget_after_ms,
+                self.node_dead_after_ms,
+                604_800_000,
+            ),
+            ("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000),
+            ("redis_wait_replicas", self.redis_wait_replicas, 0, 16),
+            ("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000),
+            ("audit_maxlen", self.audit_maxlen, 100, 100_000_000),
+            ("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000),
+            ("audit_sweep_ms", self.audit_sweep_ms, 50, 3_600_000),
+            (
+                "max_sessions_per_user",
+                self.max_sessions_per_user,
+                1,
+                10_000,
+            ),
+            (
+                "max_channels_per_user",
+                self.max_channels_per_user,
+                1,
+                100_000,
+            ),
+            (
+                "max_syncs_per_channel",
+                self.max_syncs_per_channel,
+                1,
+                10_000,
+            ),
+            ("max_syncs_per_user", self.max_syncs_per_user, 1, 10_000),
+            (
+                "max_members_per_channel",
+                self.max_members_per_channel,
+                1,
+                1_000_000,
+            ),
+            ("resume_grace_ms", self.resume_grace_ms, 1_000, 600_000),
+        ]
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let range = |name, v: u32, lo, hi| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(ConfigError::OutOfRange(name, lo, hi))
-            }
-        };
         self.tls.validate().map_err(ConfigError::Tls)?;
-        range("lease_ms", self.lease_ms, 100, 3_600_000)?;
-        range("max_talk_ms", self.max_talk_ms, 100, 3_600_000)?;
-        range("session_ttl_ms", self.session_ttl_ms, 1_000, 86_400_000)?;
-        range(
-            "node_dead_after_ms",
-            self.node_dead_after_ms,
-            100,
-            3_600_000,
-        )?;
-        range(
-            "node_heartbeat_ms",
-            self.node_heartbeat_ms,
-            50,
-            self.node_dead_after_ms,
-        )?;
-        range(
-            "node_forget_after_ms",
-            self.node_forget_after_ms,
-            self.node_dead_after_ms,
-            604_800_000,
-        )?;
-        range("redis_timeout_ms", self.redis_timeout_ms, 10, 60_000)?;
-        range("redis_wait_replicas", self.redis_wait_replicas, 0, 16)?;
-        range("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000)?;
-        range("audit_maxlen", self.audit_maxlen, 100, 100_000_000)?;
-        range("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000)?;
-        range("audit_sweep_ms", self.audit_sweep_ms, 50, 3_600_000)?;
-        range(
-            "max_sessions_per_user",
-            self.max_sessions_per_user,
-            1,
-            10_000,
-        )?;
-        range(
-            "max_channels_per_user",
-            self.max_channels_per_user,
-            1,
-            100_000,
-        )?;
-        range(
-            "max_syncs_per_channel",
-            self.max_syncs_per_channel,
-            1,
-            10_000,
-        )?;
-        range("max_syncs_per_user", self.max_syncs_per_user, 1, 10_000)?;
-        range(
-            "max_members_per_channel",
-            self.max_members_per_channel,
-            1,
-            1_000_000,
-        )?;
-        range("resume_grace_ms", self.resume_grace_ms, 1_000, 600_000)?;
+        for (name, value, lo, hi) in self.ranges() {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::OutOfRange(name, lo, hi));
+            }
+        }
         let printable = |v: &str, lo: usize, hi: usize| {
             (lo..=hi).contains(&v.len()) && v.chars().all(|c| c.is_ascii_graphic())
         };
