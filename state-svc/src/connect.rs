@@ -172,6 +172,69 @@ pub struct RedisAuth {
     pub client_key: Option<PathBuf>,
 }
 
+/// The Redis settings with the username and password of the flags (a password in the URL and
+/// in a file is refused).
+fn with_credentials(
+    mut settings: redis::RedisConnectionInfo,
+    auth: &RedisAuth,
+) -> Result<redis::RedisConnectionInfo, ConfigError> {
+    if let Some(user) = &auth.username {
+        if user.is_empty() || user.len() > 128 || !user.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(ConfigError::StoreTls(
+                "redis",
+                "the username must be 1 to 128 printable characters".into(),
+            ));
+        }
+        settings = settings.set_username(user);
+    }
+    if let Some(path) = &auth.password_file {
+        if settings.password().is_some() {
+            return Err(ConfigError::StoreTls(
+                "redis",
+                "give the password in the URL or in --redis-password-file, not both".into(),
+            ));
+        }
+        settings = settings.set_password(read_secret(path, "redis password")?);
+    }
+    Ok(settings)
+}
+
+/// The CA and client certificate for TLS to Redis, read and checked; none when neither is
+/// given (the system roots then, over `rediss://`). Refused without TLS.
+fn redis_certificates(
+    tls: bool,
+    auth: &RedisAuth,
+) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+    let client = client_cert(auth.client_cert.as_ref(), auth.client_key.as_ref(), "redis")?;
+    if auth.ca.is_none() && client.is_none() {
+        return Ok(None);
+    }
+    if !tls {
+        return Err(ConfigError::StoreTls(
+            "redis",
+            "--redis-ca and --redis-client-cert need a rediss:// URL".into(),
+        ));
+    }
+    let root_cert = match &auth.ca {
+        Some(ca) => {
+            tls::read_roots(ca).map_err(|e| ConfigError::StoreTls("redis", e.to_string()))?;
+            Some(read_file(ca, "redis")?)
+        }
+        None => None,
+    };
+    let client_tls = match client {
+        Some(files) => Some(redis::ClientTlsConfig {
+            client_cert: read_file(&files.cert, "redis")?,
+            client_key: read_file(&files.key, "redis")?,
+        }),
+        None => None,
+    };
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
 impl RedisConnect {
     pub fn new(url: &str, auth: &RedisAuth) -> Result<Self, ConfigError> {
         let shown = redact_url(url);
@@ -206,56 +269,9 @@ impl RedisConnect {
             redis::ConnectionAddr::Tcp(..) => false,
             _ => return Err(ConfigError::BadRedisUrl),
         };
-        let mut settings = info.redis_settings().clone();
-        if let Some(user) = &auth.username {
-            if user.is_empty() || user.len() > 128 || !user.chars().all(|c| c.is_ascii_graphic()) {
-                return Err(ConfigError::StoreTls(
-                    "redis",
-                    "the username must be 1 to 128 printable characters".into(),
-                ));
-            }
-            settings = settings.set_username(user);
-        }
-        if let Some(path) = &auth.password_file {
-            if settings.password().is_some() {
-                return Err(ConfigError::StoreTls(
-                    "redis",
-                    "give the password in the URL or in --redis-password-file, not both".into(),
-                ));
-            }
-            settings = settings.set_password(read_secret(path, "redis password")?);
-        }
+        let settings = with_credentials(info.redis_settings().clone(), auth)?;
         info = info.set_redis_settings(settings);
-        let client = client_cert(auth.client_cert.as_ref(), auth.client_key.as_ref(), "redis")?;
-        if !tls && (auth.ca.is_some() || client.is_some()) {
-            return Err(ConfigError::StoreTls(
-                "redis",
-                "--redis-ca and --redis-client-cert need a rediss:// URL".into(),
-            ));
-        }
-        let certificates = if tls && (auth.ca.is_some() || client.is_some()) {
-            let root_cert = match &auth.ca {
-                Some(ca) => {
-                    tls::read_roots(ca)
-                        .map_err(|e| ConfigError::StoreTls("redis", e.to_string()))?;
-                    Some(read_file(ca, "redis")?)
-                }
-                None => None,
-            };
-            let client_tls = match client {
-                Some(files) => Some(redis::ClientTlsConfig {
-                    client_cert: read_file(&files.cert, "redis")?,
-                    client_key: read_file(&files.key, "redis")?,
-                }),
-                None => None,
-            };
-            Some(redis::TlsCertificates {
-                client_tls,
-                root_cert,
-            })
-        } else {
-            None
-        };
+        let certificates = redis_certificates(tls, auth)?;
         let this = Self {
             info,
             sentinel,
