@@ -7,6 +7,9 @@ use clap::Parser;
 use talkgroup_common::telemetry::LogFormat;
 use talkgroup_common::tls::TlsArgs;
 
+/// Topics (channels and users) state-svc takes on one watch stream.
+pub const MAX_TOPICS_PER_STREAM: usize = 10_000;
+
 /// The Talkgroup gateway: the WebSocket + JSON protocol clients speak.
 #[derive(Clone, Parser)]
 #[command(name = "signaling-svc", version, about)]
@@ -389,6 +392,16 @@ impl Config {
         {
             return Err("watch-streams must be 1-256, watch-channels-per-stream 1-10000".into());
         }
+        // Each stream carries its channels and its share of the users (one per connection at
+        // most), and state-svc takes at most 10,000 topics a stream.
+        if self.max_connections.div_ceil(self.watch_streams) + self.watch_channels_per_stream
+            > MAX_TOPICS_PER_STREAM
+        {
+            return Err(format!(
+                "max-connections / watch-streams + watch-channels-per-stream must be at most \
+                 {MAX_TOPICS_PER_STREAM} (the topics state-svc takes on one stream)"
+            ));
+        }
         if self.max_connections == 0
             || self.max_channels_per_socket == 0
             || self.max_sockets_per_address == 0
@@ -416,6 +429,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_and_channels_must_fit_state_svcs_streams() {
+        let mut config = Config::for_tests("a-test-secret-of-enough-length");
+        assert!(config.validate().is_ok(), "the defaults fit");
+        config.watch_streams = 1;
+        assert!(config.validate().is_err(), "20,000 users on one stream do not");
+        config.max_connections = 5_000;
+        assert!(config.validate().is_ok());
+    }
 
     #[test]
     fn listed_channels_are_validated() {

@@ -1256,6 +1256,7 @@ async fn joins_past_the_gateways_streams_are_refused_and_others_keep_their_pushe
     let stack = stack_with(1, 5_000, 60_000, |c| {
         c.watch_streams = 2;
         c.watch_channels_per_stream = 2;
+        c.max_connections = 1_000;
     })
     .await;
     let gw = stack.gateways[0];
