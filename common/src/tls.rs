@@ -27,8 +27,6 @@ use tokio_util::sync::CancellationToken;
 pub const TRUST_DOMAIN: &str = "talkgroup";
 /// How often the certificate files are checked for a rotation.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
-/// The longest a media node id may be (it is part of an identity and of Redis keys).
-const MAX_NODE_ID: usize = 64;
 
 /// How a service speaks gRPC: mutual TLS with its certificate, or plaintext (development).
 #[derive(Clone, Debug)]
@@ -110,11 +108,7 @@ impl fmt::Display for Identity {
 
 /// A media node id fit for an identity: 1 to 64 of `A-Z a-z 0-9 . _ -`.
 pub fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_NODE_ID
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    talkgroup_proto::id::valid(id)
 }
 
 /// Where a service's certificate, key and CA bundle live (PEM files).

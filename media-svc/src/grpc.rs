@@ -40,11 +40,7 @@ impl From<NodeError> for Status {
 }
 
 fn id(raw: &str, what: &'static str) -> Result<(), Status> {
-    let ok = !raw.is_empty()
-        && raw.len() <= 64
-        && raw
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok = talkgroup_proto::id::valid(raw);
     if ok {
         Ok(())
     } else {

@@ -2,10 +2,11 @@
 //!
 //! This is the only crate that compiles protobuf. Services convert these types into their own
 //! domain types once, at the gRPC edge. [`error`] is the one typed form of a refusal that every
-//! hop encodes and decodes; [`epoch`] the one rule of fencing epochs every service applies.
+//! hop encodes and decodes; [`epoch`] the one rule of fencing epochs every service applies; [`id`] the one rule of ids.
 
 pub mod epoch;
 pub mod error;
+pub mod id;
 
 /// `ptt.state.v1`: floor control, channel state and events, sessions, media-node registry.
 pub mod state {

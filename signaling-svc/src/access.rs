@@ -35,12 +35,7 @@ pub fn token_grants(raw: &BTreeMap<String, String>) -> Option<HashMap<String, Ro
     }
     raw.iter()
         .map(|(channel, role)| {
-            let valid_channel = channel == "*"
-                || (!channel.is_empty()
-                    && channel.len() <= 64
-                    && channel
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
+            let valid_channel = channel == "*" || talkgroup_proto::id::valid(channel);
             let role = Role::parse(role)?;
             valid_channel.then(|| (channel.clone(), role))
         })

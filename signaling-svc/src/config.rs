@@ -326,10 +326,7 @@ pub const MAX_LISTED_CHANNELS: usize = 64;
 
 /// The channel id rule state-svc enforces, checked early for configured ids.
 fn valid_channel_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    talkgroup_proto::id::valid(id)
 }
 
 impl Config {
@@ -435,7 +432,10 @@ mod tests {
         let mut config = Config::for_tests("a-test-secret-of-enough-length");
         assert!(config.validate().is_ok(), "the defaults fit");
         config.watch_streams = 1;
-        assert!(config.validate().is_err(), "20,000 users on one stream do not");
+        assert!(
+            config.validate().is_err(),
+            "20,000 users on one stream do not"
+        );
         config.max_connections = 5_000;
         assert!(config.validate().is_ok());
     }

@@ -47,7 +47,7 @@ macro_rules! id_type {
 }
 
 fn id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+    talkgroup_proto::id::valid_char(c)
 }
 
 id_type!(

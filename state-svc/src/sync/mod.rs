@@ -152,11 +152,7 @@ impl SyncAction {
 }
 
 fn valid_id(raw: &str) -> bool {
-    !raw.is_empty()
-        && raw.len() <= 64
-        && raw
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    talkgroup_proto::id::valid(raw)
 }
 
 fn bad(what: &'static str) -> StoreError {
