@@ -563,47 +563,11 @@ impl RedisStore {
                     // Nowhere to go: the next join places the channel once a node is live.
                     return Ok(moved);
                 };
-                let event = serde_json::json!({
-                    "k": "moved",
-                    "ch": ch.as_str(),
-                    "node": to.node_id.as_str(),
-                    "addr": to.grpc_addr,
-                    "from": from.node_id.as_str(),
-                    "reason": reason.as_str(),
-                    "at": now_ms(),
-                });
-                let keys = self.keys.channel(&ch);
-                let mut invocation = self.scripts.moved.prepare_invoke();
-                invocation
-                    .key(&keys.media)
-                    .key(&keys.events)
-                    .arg(from.node_id.as_str())
-                    .arg(to.node_id.as_str())
-                    .arg(event.to_string());
-                let done: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-                self.bounded(
-                    conn.srem::<_, _, ()>(
-                        self.keys.media_node_channels(&from.node_id),
-                        ch.as_str(),
-                    ),
-                )
-                .await?;
-                if done == 1 {
-                    self.bounded(
-                        conn.sadd::<_, _, ()>(
-                            self.keys.media_node_channels(&to.node_id),
-                            ch.as_str(),
-                        ),
-                    )
-                    .await?;
+                if self
+                    .move_channel(&mut conn, &ch, &from, &to, reason)
+                    .await?
+                {
                     moved += 1;
-                    tracing::info!(
-                        channel_id = %ch,
-                        from = %from.node_id,
-                        to = %to.node_id,
-                        reason = reason.as_str(),
-                        "channel moved"
-                    );
                     // The next channel weighs the new one in.
                     if let Some(n) = nodes.iter_mut().find(|n| n.node_id == to.node_id) {
                         n.channels += 1;
@@ -612,6 +576,55 @@ impl RedisStore {
             }
         }
         Ok(moved)
+    }
+
+    /// Moves `ch` from `from` to `to` unless another replica moved it first, telling its
+    /// watchers in the same step; true when this call moved it.
+    async fn move_channel(
+        &self,
+        conn: &mut Conn,
+        ch: &ChannelId,
+        from: &MediaNode,
+        to: &MediaNode,
+        reason: MoveReason,
+    ) -> Result<bool, StoreError> {
+        let event = serde_json::json!({
+            "k": "moved",
+            "ch": ch.as_str(),
+            "node": to.node_id.as_str(),
+            "addr": to.grpc_addr,
+            "from": from.node_id.as_str(),
+            "reason": reason.as_str(),
+            "at": now_ms(),
+        });
+        let keys = self.keys.channel(ch);
+        let mut invocation = self.scripts.moved.prepare_invoke();
+        invocation
+            .key(&keys.media)
+            .key(&keys.events)
+            .arg(from.node_id.as_str())
+            .arg(to.node_id.as_str())
+            .arg(event.to_string());
+        let done: i64 = self.bounded(invocation.invoke_async(conn)).await?;
+        self.bounded(
+            conn.srem::<_, _, ()>(self.keys.media_node_channels(&from.node_id), ch.as_str()),
+        )
+        .await?;
+        if done != 1 {
+            return Ok(false);
+        }
+        self.bounded(
+            conn.sadd::<_, _, ()>(self.keys.media_node_channels(&to.node_id), ch.as_str()),
+        )
+        .await?;
+        tracing::info!(
+            channel_id = %ch,
+            from = %from.node_id,
+            to = %to.node_id,
+            reason = reason.as_str(),
+            "channel moved"
+        );
+        Ok(true)
     }
 
     async fn sweep_sessions(&self, now: i64) -> Result<u32, StoreError> {
