@@ -179,13 +179,7 @@ async fn serve<S: Store>(
         shutdown.clone(),
         tracker.clone(),
     );
-    let security = config
-        .tls
-        .security("state-svc", |id| *id == Identity::State)
-        .map_err(RunError::Tls)?;
-    if let Security::Mtls(tls) = &security {
-        tls.spawn_reload(shutdown.clone());
-    }
+    let security = security(config, &shutdown)?;
     let policy = if config.grpc_reflection {
         policy().with_reflection()
     } else {
@@ -231,6 +225,18 @@ async fn serve<S: Store>(
     tracker.wait().await;
     tracing::info!("state-svc stopped");
     Ok(result?)
+}
+
+/// How the server speaks gRPC; with mutual TLS, its certificate reloaded as it rotates.
+fn security(config: &Config, shutdown: &CancellationToken) -> Result<Security, RunError> {
+    let security = config
+        .tls
+        .security("state-svc", |id| *id == Identity::State)
+        .map_err(RunError::Tls)?;
+    if let Security::Mtls(tls) = &security {
+        tls.spawn_reload(shutdown.clone());
+    }
+    Ok(security)
 }
 
 /// What every replica runs beside the API until shutdown: the sweeper, the sync deadline
