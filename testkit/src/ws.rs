@@ -306,6 +306,15 @@ impl WsClient {
         self.reply(&id).await
     }
 
+    /// Sends a typed request and returns its reply's `data`; panics on an error reply.
+    pub async fn ok_request(&mut self, request: Request) -> Value {
+        let kind = request.name();
+        let id = self.send_request(request).await;
+        let reply = self.reply(&id).await;
+        assert_ne!(reply["type"], "error", "{kind} failed: {reply}");
+        reply["data"].clone()
+    }
+
     /// Sends a request and returns its reply's `data`; panics on an error reply.
     pub async fn ok(&mut self, kind: &str, data: Value) -> Value {
         let reply = self.request(kind, data).await;

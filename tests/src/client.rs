@@ -3,8 +3,39 @@
 use std::net::SocketAddr;
 
 use serde_json::{Value, json};
+use talkgroup_wire::Request;
+use talkgroup_wire::request::{
+    ChannelRef, ConnectTransport, CreateTransport, Produce, PttStart, SessionDescription,
+    TransportDirection, TransportRef,
+};
 use testkit::media::Peer;
 use testkit::ws::WsClient;
+
+fn channel_ref(channel: &str) -> ChannelRef {
+    ChannelRef {
+        channel_id: channel.to_owned(),
+    }
+}
+
+/// `connect-transport` with the client's answer.
+fn connect(transport: &str, answer: &str) -> Request {
+    Request::ConnectTransport(ConnectTransport {
+        transport_id: transport.to_owned(),
+        answer: Some(SessionDescription {
+            kind: "answer".into(),
+            sdp: answer.to_owned(),
+        }),
+        candidate: None,
+    })
+}
+
+fn produce(channel: &str, transport: &str) -> Request {
+    Request::Produce(Produce {
+        transport_id: transport.to_owned(),
+        channel_id: channel.to_owned(),
+        kind: "audio".into(),
+    })
+}
 
 /// A token for `user` signed with the stack's secret, allowed to talk in every channel.
 pub fn token(user: &str, name: &str) -> String {
@@ -80,15 +111,22 @@ impl Client {
     }
 
     pub async fn join(&mut self, channel: &str) -> Value {
-        self.ok("join-channel", json!({"channelId": channel})).await["channel"].clone()
+        self.ok_request(Request::JoinChannel(channel_ref(channel)))
+            .await["channel"]
+            .clone()
     }
 
     pub async fn ptt_start(&mut self, channel: &str) -> Value {
-        self.ok("ptt-start", json!({"channelId": channel})).await
+        self.ok_request(Request::PttStart(PttStart {
+            channel_id: channel.to_owned(),
+            priority: None,
+        }))
+        .await
     }
 
     pub async fn ptt_stop(&mut self, channel: &str) {
-        self.ok("ptt-stop", json!({"channelId": channel})).await;
+        self.ok_request(Request::PttStop(channel_ref(channel)))
+            .await;
     }
 
     /// Creates a transport of `direction`, answers the server's offer with a new peer (with a
@@ -143,11 +181,16 @@ impl Client {
         F: FnOnce(Value) -> Fut,
         Fut: std::future::Future<Output = Peer>,
     {
+        let direction_of = if direction == "send" {
+            TransportDirection::Send
+        } else {
+            TransportDirection::Recv
+        };
         let created = self
-            .ok(
-                "create-transport",
-                json!({"channelId": channel, "direction": direction}),
-            )
+            .ok_request(Request::CreateTransport(CreateTransport {
+                channel_id: channel.to_owned(),
+                direction: direction_of,
+            }))
             .await;
         let mut peer = build(created["iceServers"][0].clone()).await;
         let answer = peer
@@ -157,31 +200,19 @@ impl Client {
             )
             .await;
         let transport = created["transportId"].as_str().unwrap().to_owned();
-        self.ok(
-            "connect-transport",
-            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
-        )
-        .await;
+        self.ok_request(connect(&transport, &answer)).await;
         (peer, transport, answer)
     }
 
     /// Starts producing on a send transport made by [`Client::negotiate_relayed_with`].
     pub async fn produce(&mut self, channel: &str, transport: &str) {
-        self.ok(
-            "produce",
-            json!({"transportId": transport, "channelId": channel, "kind": "audio"}),
-        )
-        .await;
+        self.ok_request(produce(channel, transport)).await;
     }
 
     /// A send transport with a producer: the peer to speak from.
     pub async fn speaker(&mut self, channel: &str) -> Peer {
         let (peer, transport) = self.negotiate(channel, "send").await;
-        self.ok(
-            "produce",
-            json!({"transportId": transport, "channelId": channel, "kind": "audio"}),
-        )
-        .await;
+        self.ok_request(produce(channel, &transport)).await;
         peer.wait_connected().await;
         peer
     }
@@ -196,7 +227,9 @@ impl Client {
     /// As [`Client::listener`], with the transport's id.
     pub async fn listener_transport(&mut self, channel: &str) -> (Peer, String, u32) {
         let (peer, transport) = self.negotiate(channel, "recv").await;
-        let consumed = self.ok("consume", json!({"channelId": channel})).await;
+        let consumed = self
+            .ok_request(Request::Consume(channel_ref(channel)))
+            .await;
         peer.wait_connected().await;
         (peer, transport, consumed["ssrc"].as_u64().unwrap() as u32)
     }
@@ -205,16 +238,14 @@ impl Client {
     /// offer with the same peer (`connect-transport`): the reply to `restart-ice`.
     pub async fn restart_ice(&mut self, transport: &str, peer: &Peer) -> Value {
         let restarted = self
-            .ok("restart-ice", json!({"transportId": transport}))
+            .ok_request(Request::RestartIce(TransportRef {
+                transport_id: transport.to_owned(),
+            }))
             .await;
         let answer = peer
             .reanswer(restarted["offer"]["sdp"].as_str().unwrap())
             .await;
-        self.ok(
-            "connect-transport",
-            json!({"transportId": transport, "answer": {"type": "answer", "sdp": answer}}),
-        )
-        .await;
+        self.ok_request(connect(transport, &answer)).await;
         restarted
     }
 
@@ -228,7 +259,9 @@ impl Client {
 
     /// Consumes `channel` on this socket's recv transport: the SSRC the stream arrives on.
     pub async fn consume(&mut self, channel: &str) -> u32 {
-        let consumed = self.ok("consume", json!({"channelId": channel})).await;
+        let consumed = self
+            .ok_request(Request::Consume(channel_ref(channel)))
+            .await;
         consumed["ssrc"].as_u64().unwrap() as u32
     }
 
