@@ -81,6 +81,8 @@ pub struct Hub {
     wanted: Vec<watch::Sender<HashSet<Topic>>>,
     /// Events received from state-svc, by topic kind.
     received: Family<TopicKind, Counter>,
+    /// Its counters of channel, user and sync events, looked up once.
+    counted: [Counter; 3],
     /// Itself, for the delayed flushes and hold limits.
     me: Weak<Hub>,
 }
@@ -95,6 +97,9 @@ impl Hub {
             streams: shards.streams.max(1),
             channels_per_stream: shards.channels_per_stream.max(1),
         };
+        let received = Family::<TopicKind, Counter>::default();
+        let counted = ["channel", "user", "sync"]
+            .map(|kind| received.get_or_create(&TopicKind { kind }).clone());
         Arc::new_cyclic(|me| Self {
             inner: Mutex::new(Inner {
                 registry: Registry::default(),
@@ -104,7 +109,8 @@ impl Hub {
                 syncs: SyncPushes::default(),
             }),
             wanted: streams::wanted_sets(shards),
-            received: Family::default(),
+            received,
+            counted,
             me: me.clone(),
         })
     }
@@ -260,15 +266,11 @@ impl Hub {
     fn dispatch(&self, event: pb::watch_event::Event) {
         use pb::watch_event::Event;
         let kind = match &event {
-            Event::Snapshot(_) | Event::Floor(_) | Event::Membership(_) | Event::Moved(_) => {
-                "channel"
-            }
-            Event::Grants(_) | Event::Kicked(_) | Event::Resumed(_) | Event::UserResync(_) => {
-                "user"
-            }
-            Event::Sync(_) => "sync",
+            Event::Snapshot(_) | Event::Floor(_) | Event::Membership(_) | Event::Moved(_) => 0,
+            Event::Grants(_) | Event::Kicked(_) | Event::Resumed(_) | Event::UserResync(_) => 1,
+            Event::Sync(_) => 2,
         };
-        self.received.get_or_create(&TopicKind { kind }).inc();
+        self.counted[kind].inc();
         match event {
             Event::Snapshot(state) => self.on_snapshot(state),
             Event::Floor(change) => self.on_floor(change),
