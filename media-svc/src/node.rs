@@ -714,12 +714,9 @@ pub fn plausible_epoch(epoch: u64, now_ms: i64) -> bool {
     talkgroup_proto::epoch::plausible(epoch, now_ms)
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
+/// Wall-clock milliseconds since the Unix epoch (the one read, `talkgroup_proto::clock`).
 pub fn wall_ms() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+    talkgroup_proto::clock::now_ms()
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub struct AppState {
     pub transports: crate::quota::TransportQuota,
     /// TURN relays and their shared secret, when configured.
     pub turn: Option<crate::turn::Turn>,
+    /// The wall clock, as `pong` and TURN credentials read it (a manual one in tests).
+    pub clock: talkgroup_proto::clock::Clock,
     pub(crate) started: Instant,
 }
 
@@ -166,6 +168,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         addresses: Arc::default(),
         transports: crate::quota::TransportQuota::default(),
         turn,
+        clock: talkgroup_proto::clock::Clock::system(),
         started: Instant::now(),
     }))
 }

@@ -147,9 +147,9 @@ async fn dev_token(
         })
         .collect();
     let user_id = format!("dev-{slug}");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = std::time::Duration::from_millis(
+        u64::try_from(talkgroup_proto::clock::now_ms()).unwrap_or(0),
+    );
     // Development users may talk in the configured channels.
     let grants = app
         .config

@@ -101,7 +101,7 @@ impl Conn {
     async fn handle(&mut self, request: Request) -> Result<Reply> {
         Ok(match request {
             Request::Ping(_) => Pong {
-                server_time: now_ms(),
+                server_time: self.app.clock.now_ms(),
             }
             .into(),
             Request::RefreshToken(r) => self.refresh_token(r).await?.into(),
@@ -141,12 +141,4 @@ impl Conn {
             Request::SyncCancel(r) => self.sync_cancel(r).await?.into(),
         })
     }
-}
-
-/// The wall clock in ms since the Unix epoch, for `pong`'s `serverTime` and TURN credentials.
-pub(super) fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }

@@ -11,9 +11,7 @@ use crate::protocol::{Code, RefreshToken, err};
 
 /// When a token with `exp` (seconds since the Unix epoch) stops being honoured.
 pub(super) fn deadline(exp_s: u64, leeway: Duration) -> Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = Duration::from_millis(u64::try_from(talkgroup_proto::clock::now_ms()).unwrap_or(0));
     let end = Duration::from_secs(exp_s) + leeway;
     Instant::now() + end.saturating_sub(now)
 }

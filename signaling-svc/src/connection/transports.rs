@@ -155,7 +155,7 @@ impl Conn {
         if !self.grants.any_role() {
             return Err(err(Code::Forbidden, "no role in any channel"));
         }
-        let now_s = u64::try_from(super::dispatch::now_ms() / 1000).unwrap_or(0);
+        let now_s = u64::try_from(self.app.clock.now_ms() / 1000).unwrap_or(0);
         let (server, expires_at) = turn.credentials(&self.user.user_id, now_s);
         Ok(IceServers {
             ice_servers: vec![server],

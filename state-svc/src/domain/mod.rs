@@ -681,44 +681,7 @@ pub fn next_epoch(current: u64, now_ms: i64) -> u64 {
 /// The clock a store and the API read: the wall clock, or for tests a manual one that moves
 /// only when told to. The Redis store's floor decisions read the Redis server's clock instead
 /// (`TIME` in every script), which every replica shares.
-#[derive(Debug, Clone, Default)]
-pub struct Clock(Option<std::sync::Arc<std::sync::atomic::AtomicI64>>);
-
-impl Clock {
-    pub fn system() -> Self {
-        Self(None)
-    }
-
-    /// A clock standing still at `start_ms` until [`Clock::advance`] moves it.
-    pub fn manual(start_ms: i64) -> Self {
-        Self(Some(std::sync::Arc::new(
-            std::sync::atomic::AtomicI64::new(start_ms),
-        )))
-    }
-
-    /// Milliseconds since the Unix epoch.
-    pub fn now_ms(&self) -> i64 {
-        match &self.0 {
-            None => now_ms(),
-            Some(at) => at.load(std::sync::atomic::Ordering::Acquire),
-        }
-    }
-
-    /// Moves a manual clock on by `ms`; the system clock moves by itself.
-    pub fn advance(&self, ms: i64) {
-        if let Some(at) = &self.0 {
-            at.fetch_add(ms, std::sync::atomic::Ordering::AcqRel);
-        }
-    }
-}
-
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
-}
+pub use talkgroup_proto::clock::{Clock, now_ms};
 
 #[cfg(test)]
 mod tests {
