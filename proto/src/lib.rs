@@ -2,12 +2,14 @@
 //!
 //! This is the only crate that compiles protobuf. Services convert these types into their own
 //! domain types once, at the gRPC edge. [`error`] is the one typed form of a refusal that every
-//! hop encodes and decodes; [`epoch`] the one rule of fencing epochs every service applies; [`id`] the one rule of ids; [`clock`] the one read of the wall clock, and the clock services are given.
+//! hop encodes and decodes; [`epoch`] the one rule of fencing epochs every service applies; [`id`] the one rule of ids; [`clock`] the one read of the wall clock, and the clock services are given; [`role`] a
+//! stored grant's role.
 
 pub mod clock;
 pub mod epoch;
 pub mod error;
 pub mod id;
+pub mod role;
 
 /// `ptt.state.v1`: floor control, channel state and events, sessions, media-node registry.
 pub mod state {

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use talkgroup_proto::role::StoredRole;
 use talkgroup_proto::state::v1 as spb;
 pub use talkgroup_wire::Role;
 pub use talkgroup_wire::role::DISPATCH_PRIORITY;
@@ -20,12 +21,15 @@ pub const EMERGENCY_PRIORITY: u32 = 200;
 /// Floor priority of an admin's emergency broadcast (overrides a dispatcher's).
 pub const ADMIN_EMERGENCY_PRIORITY: u32 = 250;
 
-/// A stored grant as state-svc keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stored {
-    Role(Role),
-    /// Opened by the control plane: the token's role, or talk.
-    Member,
+/// The role a socket acts with for a stored role other than `member`.
+fn acting(stored: StoredRole) -> Role {
+    match stored {
+        StoredRole::None | StoredRole::Member => Role::None,
+        StoredRole::Listen => Role::Listen,
+        StoredRole::Talk => Role::Talk,
+        StoredRole::Dispatch => Role::Dispatch,
+        StoredRole::Admin => Role::Admin,
+    }
 }
 
 /// Parses a token's `grants` claim; `None` when it is malformed (the token is refused).
@@ -46,7 +50,7 @@ pub fn token_grants(raw: &BTreeMap<String, String>) -> Option<HashMap<String, Ro
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
     token: HashMap<String, Role>,
-    stored: HashMap<String, Stored>,
+    stored: HashMap<String, StoredRole>,
     /// Version of the stored grants last applied; older announcements are ignored.
     version: u64,
 }
@@ -78,19 +82,19 @@ impl Grants {
     pub fn any_role(&self) -> bool {
         self.token.values().any(|r| *r >= Role::Listen)
             || self.stored.values().any(|s| match s {
-                Stored::Role(role) => *role >= Role::Listen,
-                Stored::Member => true,
+                StoredRole::Member => true,
+                stored => *stored >= StoredRole::Listen,
             })
     }
 
     /// The user's role in `channel`.
     pub fn role(&self, channel: &str) -> Role {
         match self.stored.get(channel) {
-            Some(Stored::Role(role)) => *role,
-            Some(Stored::Member) => match self.token_role(channel) {
+            Some(StoredRole::Member) => match self.token_role(channel) {
                 Role::None => Role::Talk,
                 role => role,
             },
+            Some(stored) => acting(*stored),
             None => self.token_role(channel),
         }
     }
@@ -105,18 +109,7 @@ impl Grants {
         self.stored = stored
             .grants
             .iter()
-            .filter_map(|g| {
-                let entry = match g.role() {
-                    spb::Role::Unspecified => return None,
-                    spb::Role::None => Stored::Role(Role::None),
-                    spb::Role::Member => Stored::Member,
-                    spb::Role::Listen => Stored::Role(Role::Listen),
-                    spb::Role::Talk => Stored::Role(Role::Talk),
-                    spb::Role::Dispatch => Stored::Role(Role::Dispatch),
-                    spb::Role::Admin => Stored::Role(Role::Admin),
-                };
-                Some((g.channel_id.clone(), entry))
-            })
+            .filter_map(|g| Some((g.channel_id.clone(), StoredRole::from_pb(g.role())?)))
             .collect();
         true
     }

@@ -21,27 +21,13 @@ pub fn event_id(raw: &str) -> Result<EventId, StoreError> {
 }
 
 fn role_from_pb(raw: i32) -> Result<Option<Role>, StoreError> {
-    Ok(Some(match pb::Role::try_from(raw) {
-        Ok(pb::Role::Unspecified) => return Ok(None),
-        Ok(pb::Role::None) => Role::None,
-        Ok(pb::Role::Member) => Role::Member,
-        Ok(pb::Role::Listen) => Role::Listen,
-        Ok(pb::Role::Talk) => Role::Talk,
-        Ok(pb::Role::Dispatch) => Role::Dispatch,
-        Ok(pb::Role::Admin) => Role::Admin,
-        Err(_) => return Err(StoreError::InvalidArgument("unknown role")),
-    }))
+    pb::Role::try_from(raw)
+        .map(Role::from_pb)
+        .map_err(|_| StoreError::InvalidArgument("unknown role"))
 }
 
 pub fn role_to_pb(role: Role) -> pb::Role {
-    match role {
-        Role::None => pb::Role::None,
-        Role::Member => pb::Role::Member,
-        Role::Listen => pb::Role::Listen,
-        Role::Talk => pb::Role::Talk,
-        Role::Dispatch => pb::Role::Dispatch,
-        Role::Admin => pb::Role::Admin,
-    }
+    role.to_pb()
 }
 
 pub fn user_grants(g: &UserGrants) -> pb::UserGrants {

@@ -586,43 +586,8 @@ pub struct MembershipChanged {
     pub version: u64,
 }
 
-/// What a user may do in a channel, as stored. Ordered: each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Role {
-    /// No access, whatever the token says.
-    None,
-    /// Access given by the control plane: the token's role, or talk. Resolved by the gateway.
-    Member,
-    Listen,
-    Talk,
-    Dispatch,
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Member => "member",
-            Self::Listen => "listen",
-            Self::Talk => "talk",
-            Self::Dispatch => "dispatch",
-            Self::Admin => "admin",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<Self> {
-        Some(match raw {
-            "none" => Self::None,
-            "member" => Self::Member,
-            "listen" => Self::Listen,
-            "talk" => Self::Talk,
-            "dispatch" => Self::Dispatch,
-            "admin" => Self::Admin,
-            _ => return None,
-        })
-    }
-}
+/// What a user may do in a channel, as stored (`talkgroup_proto::role`).
+pub use talkgroup_proto::role::StoredRole as Role;
 
 /// Most stored grants one user may have.
 pub const MAX_GRANTS_PER_USER: usize = 1_024;
