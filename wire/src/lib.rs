@@ -13,6 +13,31 @@
 //! Every type serialises and deserialises, so a client builds requests and reads replies
 //! through the same definitions the gateway answers with.
 
+/// Declares a message enum from one table of wire names and bodies: the serde names
+/// (`{"type", "data"}`), each variant's wire name and the list of every name all come from it.
+macro_rules! messages {
+    ($(#[$doc:meta])* $name:ident, $known:literal, { $($wire:literal => $variant:ident($body:ty),)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+        #[serde(tag = "type", content = "data")]
+        pub enum $name {
+            $(#[serde(rename = $wire)] $variant($body),)*
+        }
+
+        impl $name {
+            /// The wire name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $wire,)*
+                }
+            }
+        }
+
+        #[doc = $known]
+        pub const KNOWN: &[&str] = &[$($wire),*];
+    };
+}
+
 pub mod error;
 pub mod frame;
 pub mod push;

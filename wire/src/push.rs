@@ -1,5 +1,5 @@
-//! Pushes: what the server sends without being asked, each wire name written once (in
-//! [`pushes!`]).
+//! Pushes: what the server sends without being asked, each wire name written once (in one
+//! table, `messages!`).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -11,31 +11,11 @@ use crate::role::Role;
 use crate::sync::SyncEnvelope;
 use crate::view::{ChannelState, FloorReason, User};
 
-/// Declares [`Push`] from one table of wire names and bodies.
-macro_rules! pushes {
-    ($($wire:literal => $variant:ident($body:ty),)*) => {
-        /// Every push, as `{"type", "data"}`.
-        #[derive(Debug, Clone, Serialize, Deserialize)]
-        #[serde(tag = "type", content = "data")]
-        pub enum Push {
-            $(#[serde(rename = $wire)] $variant($body),)*
-        }
-
-        impl Push {
-            /// The wire name.
-            pub fn name(&self) -> &'static str {
-                match self {
-                    $(Self::$variant(_) => $wire,)*
-                }
-            }
-        }
-
-        /// The wire names of every push.
-        pub const KNOWN: &[&str] = &[$($wire),*];
-    };
-}
-
-pushes! {
+messages! {
+    /// Every push, as `{"type", "data"}`.
+    Push,
+    "The wire names of every push.",
+    {
     "session" => Session(SessionInfo),
     "speaker-changed" => SpeakerChanged(SpeakerChanged),
     "ptt-denied" => PttDenied(PttDenied),
@@ -47,6 +27,7 @@ pushes! {
     "transport-closed" => TransportClosed(TransportClosed),
     "sync-state" => SyncState(Box<SyncEnvelope>),
     "sync-changed" => SyncChanged(Box<crate::sync::SyncChanged>),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
-//! Requests: every message a client may send, each wire name written once (in [`requests!`]).
-//! A client serialises a [`Request`] as the `type` and `data` of its frame (see
+//! Requests: every message a client may send, each wire name written once (in one table,
+//! `messages!`). A client serialises a [`Request`] as the `type` and `data` of its frame (see
 //! [`crate::ClientFrame`]).
 
 use serde::{Deserialize, Serialize};
@@ -149,32 +149,11 @@ pub struct RefreshToken {
     pub token: String,
 }
 
-/// Declares [`Request`] from one table of wire names and bodies: the serde names, the wire
-/// name of each request and the list of known types all come from it.
-macro_rules! requests {
-    ($($wire:literal => $variant:ident($body:ty),)*) => {
-        /// Every request a client may send.
-        #[derive(Debug, Clone, Serialize, Deserialize)]
-        #[serde(tag = "type", content = "data")]
-        pub enum Request {
-            $(#[serde(rename = $wire)] $variant($body),)*
-        }
-
-        impl Request {
-            /// The wire name.
-            pub fn name(&self) -> &'static str {
-                match self {
-                    $(Self::$variant(_) => $wire,)*
-                }
-            }
-        }
-
-        /// The wire names of every request.
-        pub const KNOWN: &[&str] = &[$($wire),*];
-    };
-}
-
-requests! {
+messages! {
+    /// Every request a client may send.
+    Request,
+    "The wire names of every request.",
+    {
     "refresh-token" => RefreshToken(RefreshToken),
     "join-channel" => JoinChannel(ChannelRef),
     "leave-channel" => LeaveChannel(ChannelRef),
@@ -202,6 +181,7 @@ requests! {
     "sync-complete" => SyncComplete(SyncRef),
     "sync-cancel" => SyncCancel(SyncRef),
     "sync-delete" => SyncDelete(SyncRef),
+    }
 }
 
 impl Request {
