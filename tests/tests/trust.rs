@@ -201,10 +201,12 @@ async fn every_call_is_authorised_by_the_callers_certificate() {
         .list_nodes(spb::ListNodesRequest {})
         .await
         .unwrap_err();
+    // The server drops the connection; the client reports that as one of these, depending on
+    // when it notices (a close during its first write is `Cancelled`, "connection closed").
     assert!(
         matches!(
             refused.code(),
-            Code::Unavailable | Code::Unknown | Code::Internal
+            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
         ),
         "{refused:?}"
     );
