@@ -41,3 +41,47 @@ where
         }
     }
 }
+
+/// Declares `$name`, the process flags every service takes, each also read from the
+/// environment variable `$prefix` + its name in capitals (`PTT_MEDIA_LOG_FORMAT`): where its
+/// metrics are served, where its traces go, how it logs. Flatten it into the service's
+/// configuration under the "Process" heading. A macro rather than a struct of this crate
+/// because clap takes an environment variable's name as a constant, and each service has its
+/// own prefix.
+#[macro_export]
+macro_rules! process_args {
+    ($name:ident, $prefix:literal) => {
+        /// The process flags every service takes: metrics, traces, logs.
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct $name {
+            /// Internal address of the Prometheus `/metrics` endpoint (HTTP), kept off the
+            /// service's other listeners; off when unset.
+            #[arg(long, env = concat!($prefix, "METRICS_LISTEN"))]
+            pub metrics_listen: Option<std::net::SocketAddr>,
+            /// OTLP/gRPC endpoint traces are exported to (for example
+            /// `http://otel-collector:4317`); no export when unset.
+            #[arg(long, env = concat!($prefix, "OTLP_ENDPOINT"))]
+            pub otlp_endpoint: Option<String>,
+            /// Log format.
+            #[arg(
+                        long,
+                        env = concat!($prefix, "LOG_FORMAT"),
+                        value_enum,
+                        default_value = "plain"
+                    )]
+            pub log_format: $crate::telemetry::LogFormat,
+        }
+
+        impl $name {
+            /// Installs logging (`RUST_LOG` overrides `info`) and trace export for `service`.
+            pub fn init_telemetry(&self, service: &'static str) -> $crate::telemetry::Telemetry {
+                $crate::telemetry::init(
+                    self.log_format,
+                    "info",
+                    service,
+                    self.otlp_endpoint.as_deref(),
+                )
+            }
+        }
+    };
+}

@@ -5,8 +5,9 @@ use std::str::FromStr;
 
 use clap::Parser;
 use talkgroup_common::grpc::Security;
-use talkgroup_common::telemetry::LogFormat;
 use talkgroup_common::tls::{Identity, TlsArgs};
+
+talkgroup_common::process_args!(ProcessArgs, "PTT_MEDIA_");
 
 /// An inclusive UDP port range, written `MIN-MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +45,6 @@ pub struct Config {
     /// Serve gRPC reflection (lists every method; for grpcurl in development).
     #[arg(help_heading = "Listeners", long, env = "PTT_MEDIA_GRPC_REFLECTION")]
     pub grpc_reflection: bool,
-    /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
-    #[arg(help_heading = "Listeners", long, env = "PTT_MEDIA_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
     /// This node's id in the registry; a random one when unset.
     #[arg(help_heading = "Media", long, env = "PTT_MEDIA_NODE_ID")]
     pub node_id: Option<String>,
@@ -137,19 +135,9 @@ pub struct Config {
         default_value_t = 600_000
     )]
     pub drain_timeout_ms: u64,
-    /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
-    /// no export when unset.
-    #[arg(help_heading = "Process", long, env = "PTT_MEDIA_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-    /// Log format.
-    #[arg(
-        help_heading = "Process",
-        long,
-        env = "PTT_MEDIA_LOG_FORMAT",
-        value_enum,
-        default_value = "plain"
-    )]
-    pub log_format: LogFormat,
+    /// Metrics, traces and logs.
+    #[command(flatten, next_help_heading = "Process")]
+    pub process: ProcessArgs,
 }
 
 impl Config {

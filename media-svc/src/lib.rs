@@ -104,7 +104,7 @@ pub async fn run(
         side_stop.clone(),
     ));
     let probes = Probes::default();
-    if let Some(metrics_addr) = config.metrics_listen {
+    if let Some(metrics_addr) = config.process.metrics_listen {
         let exposition = metrics::start(
             Arc::clone(&node),
             capacity,

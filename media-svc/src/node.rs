@@ -400,7 +400,7 @@ impl Node {
                 .await
                 .ok_or(NodeError::Stopping)?;
             self.pool
-                .route(key, own_channel, producer.clone())
+                .route(key, &own_channel, &producer)
                 .await
                 .ok_or(NodeError::Stopping)?;
         }

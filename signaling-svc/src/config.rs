@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use talkgroup_common::telemetry::LogFormat;
 use talkgroup_common::tls::TlsArgs;
+
+talkgroup_common::process_args!(ProcessArgs, "PTT_SIGNALING_");
 
 /// Topics (channels and users) state-svc takes on one watch stream.
 pub const MAX_TOPICS_PER_STREAM: usize = 10_000;
@@ -22,10 +23,6 @@ pub struct Config {
         default_value = "127.0.0.1:8080"
     )]
     pub listen: SocketAddr,
-    /// Internal address of the Prometheus `/metrics` endpoint (HTTP), kept off the
-    /// client-facing listener; off when unset.
-    #[arg(help_heading = "Listeners", long, env = "PTT_SIGNALING_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
     /// Certificate chain (PEM) for serving HTTPS and `wss://` on --listen itself, for a
     /// deployment without an ingress in front (browsers need HTTPS for the microphone
     /// anywhere but on 127.0.0.1). Re-read when the file changes. Plain HTTP when unset.
@@ -293,19 +290,9 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u64,
-    /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
-    /// no export when unset.
-    #[arg(help_heading = "Process", long, env = "PTT_SIGNALING_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-    /// Log format.
-    #[arg(
-        help_heading = "Process",
-        long,
-        env = "PTT_SIGNALING_LOG_FORMAT",
-        value_enum,
-        default_value = "plain"
-    )]
-    pub log_format: LogFormat,
+    /// Metrics, traces and logs.
+    #[command(flatten, next_help_heading = "Process")]
+    pub process: ProcessArgs,
 }
 
 impl std::fmt::Debug for Config {

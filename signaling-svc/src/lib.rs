@@ -309,7 +309,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let metrics = match config.metrics_listen {
+    let metrics = match config.process.metrics_listen {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };

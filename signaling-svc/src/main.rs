@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use signaling_svc::Config;
-use talkgroup_common::{service, telemetry};
+use talkgroup_common::service;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -12,12 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    let _telemetry = telemetry::init(
-        config.log_format,
-        "info",
-        "signaling-svc",
-        config.otlp_endpoint.as_deref(),
-    );
+    let _telemetry = config.process.init_telemetry("signaling-svc");
     tracing::info!(?config, "starting signaling-svc");
     let valid = config
         .validate()

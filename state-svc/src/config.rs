@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use crate::domain::Clock;
 use clap::{Parser, ValueEnum};
-use talkgroup_common::telemetry::LogFormat;
 use talkgroup_common::tls::TlsArgs;
 
 use crate::connect::redact_url;
@@ -15,6 +14,8 @@ use crate::connect::{PostgresAuth, PostgresConnect, RedisAuth, RedisConnect};
 pub use crate::error::ConfigError;
 use crate::store::StoreSettings;
 use crate::store::redis::RedisOptions;
+
+talkgroup_common::process_args!(ProcessArgs, "PTT_STATE_");
 
 /// Which store backs the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,9 +44,6 @@ pub struct Config {
     /// Serve gRPC reflection (lists every method; for grpcurl in development).
     #[arg(help_heading = "Listeners", long, env = "PTT_STATE_GRPC_REFLECTION")]
     pub grpc_reflection: bool,
-    /// Address of the Prometheus `/metrics` endpoint (HTTP); off when unset.
-    #[arg(help_heading = "Listeners", long, env = "PTT_STATE_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
     /// State store. Defaults to `redis` when a Redis URL is set, otherwise `memory`.
     #[arg(
         help_heading = "Store (Redis)",
@@ -323,19 +321,9 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u32,
-    /// OTLP/gRPC endpoint traces are exported to (for example `http://otel-collector:4317`);
-    /// no export when unset.
-    #[arg(help_heading = "Process", long, env = "PTT_STATE_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-    /// Log format.
-    #[arg(
-        help_heading = "Process",
-        long,
-        env = "PTT_STATE_LOG_FORMAT",
-        value_enum,
-        default_value = "plain"
-    )]
-    pub log_format: LogFormat,
+    /// Metrics, traces and logs.
+    #[command(flatten, next_help_heading = "Process")]
+    pub process: ProcessArgs,
     /// The clock of the memory store and the API: the system clock, unless a test injects a
     /// manual one.
     #[arg(skip)]

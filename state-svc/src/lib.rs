@@ -163,7 +163,7 @@ async fn serve<S: Store>(
     let addr = listener.local_addr()?;
     let metrics = metrics::StateMetrics::new();
     let probes = Probes::default();
-    if let Some(addr) = config.metrics_listen {
+    if let Some(addr) = config.process.metrics_listen {
         let exposition = metrics.exposition(Arc::clone(&hub));
         talkgroup_common::metrics::serve(addr, exposition, probes.clone(), shutdown.clone())
             .await?;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use state_svc::Config;
-use talkgroup_common::{service, telemetry};
+use talkgroup_common::service;
 
 /// mimalloc instead of the system allocator: glibc malloc and free were a fifth of the
 /// service's CPU under load (measured with perf on the floor benchmark).
@@ -14,12 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    let _telemetry = telemetry::init(
-        config.log_format,
-        "info",
-        "state-svc",
-        config.otlp_endpoint.as_deref(),
-    );
+    let _telemetry = config.process.init_telemetry("state-svc");
     tracing::info!(?config, "starting state-svc");
     let valid = config.validate().map_err(|e| e.to_string());
     service::main("state-svc", config.listen, valid, |listener, shutdown| {

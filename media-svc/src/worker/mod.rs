@@ -77,10 +77,10 @@ enum Command {
         key: u64,
         reply: Reply<u8>,
     },
-    /// Where the peer's incoming RTP goes: (channel, producer).
+    /// Where the peer's incoming RTP goes.
     Route {
         key: u64,
-        route: (String, String),
+        route: Route,
         reply: Reply<()>,
     },
     ClosePeer {
@@ -118,8 +118,7 @@ enum Command {
         reply: Reply<()>,
     },
     Packet {
-        channel: String,
-        producer: String,
+        route: Route,
         packet: rtp::Packet,
         at: Instant,
     },
@@ -133,6 +132,14 @@ enum Command {
         reset_latency: bool,
         reply: Reply<PoolStats>,
     },
+}
+
+/// Where a speaker's incoming RTP goes: one producer of one channel. Every packet carries it
+/// to the channel's worker, so its names are shared, not copied.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub channel: Arc<str>,
+    pub producer: Arc<str>,
 }
 
 /// Totals over the routers and peers of one worker (or the whole pool).
@@ -418,8 +425,11 @@ impl WorkerPool {
     }
 
     /// Routes peer `key`'s incoming RTP to `producer` of `channel`.
-    pub async fn route(&self, key: u64, channel: String, producer: String) -> Option<()> {
-        let route = (channel, producer);
+    pub async fn route(&self, key: u64, channel: &str, producer: &str) -> Option<()> {
+        let route = Route {
+            channel: channel.into(),
+            producer: producer.into(),
+        };
         self.request_peer(key, |reply| Command::Route { key, route, reply })
             .await
     }

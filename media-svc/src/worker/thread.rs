@@ -18,7 +18,7 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::sync::mpsc;
 
 use super::net::{self, BATCH, Batch, Drop};
-use super::{Command, Datagram, MAX_DATAGRAM, MAX_FORWARD_AGE, PoolStats, WorkerPool};
+use super::{Command, Datagram, MAX_DATAGRAM, MAX_FORWARD_AGE, PoolStats, Route, WorkerPool};
 use crate::engine::{
     Candidate, Engine, EngineError, ListenerTransport, OPUS_PAYLOAD_TYPE, Path, Peer, PeerSpec,
     PeerState, Proto, SpeakerTransport,
@@ -140,8 +140,8 @@ fn register(socket: UdpSocket) -> std::io::Result<Arc<AsyncFd<UdpSocket>>> {
 
 struct Slot<S, L> {
     peer: Peer<S, L>,
-    /// Where incoming RTP goes, once the peer produces: (channel, producer).
-    route: Option<(String, String)>,
+    /// Where incoming RTP goes, once the peer produces.
+    route: Option<Route>,
     /// The SSRCs a speaker's answer declared; RTP with another is dropped before decryption.
     /// `None` when the answer declared none (then SRTP authentication alone decides).
     ssrcs: Option<Vec<u32>>,
@@ -599,17 +599,16 @@ impl<E: Engine> Worker<E> {
             }
         }
         schedule(key, slot, &mut self.timers);
-        let Some((channel, producer)) = slot.route.clone() else {
+        let Some(route) = slot.route.clone() else {
             return;
         };
-        let router_worker = self.pool.channel_worker(&channel);
+        let router_worker = self.pool.channel_worker(&route.channel);
         for packet in packets {
             if router_worker == self.index {
-                self.route(&channel, &producer, &packet, now);
+                self.route(&route.channel, &route.producer, &packet, now);
             } else {
                 let cmd = Command::Packet {
-                    channel: channel.clone(),
-                    producer: producer.clone(),
+                    route: route.clone(),
                     packet,
                     at: now,
                 };
@@ -762,7 +761,7 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    fn set_route(&mut self, key: u64, route: (String, String)) {
+    fn set_route(&mut self, key: u64, route: Route) {
         if let Some(slot) = self.peers.get_mut(&key) {
             slot.route = Some(route);
         }
@@ -915,12 +914,9 @@ impl<E: Engine> Worker<E> {
                 self.remove_listener(&channel, &consumer);
                 respond(reply, ());
             }
-            Command::Packet {
-                channel,
-                producer,
-                packet,
-                at,
-            } => self.on_packet(&channel, &producer, &packet, at),
+            Command::Packet { route, packet, at } => {
+                self.on_packet(&route.channel, &route.producer, &packet, at)
+            }
             Command::SetFloor {
                 channel,
                 floor,

@@ -8,8 +8,11 @@ impl AccessStore for RedisStore {
         let mut conn = self.conn().await?;
         let hash: HashMap<String, String> =
             self.bounded(conn.hgetall(self.keys.grants(uid))).await?;
-        let version = num(&hash, "#v");
-        let g = hash.into_iter().filter(|(k, _)| k != "#v").collect();
+        let version = num(&hash, fields::grants::VERSION);
+        let g = hash
+            .into_iter()
+            .filter(|(k, _)| k != fields::grants::VERSION)
+            .collect();
         WireGrants {
             r: None,
             uid: None,

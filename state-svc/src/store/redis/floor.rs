@@ -132,9 +132,9 @@ impl FloorStore for RedisStore {
             .bounded(conn.hgetall(self.keys.channel(ch).config))
             .await?;
         Ok(ChannelConfig {
-            queue_enabled: hash.get("queue").is_some_and(|q| q == "1"),
-            lease_ms: num(&hash, "lease_ms"),
-            max_talk_ms: num(&hash, "max_talk_ms"),
+            queue_enabled: hash.get(fields::config::QUEUE).is_some_and(|q| q == "1"),
+            lease_ms: num(&hash, fields::config::LEASE_MS),
+            max_talk_ms: num(&hash, fields::config::MAX_TALK_MS),
         })
     }
 
@@ -147,15 +147,15 @@ impl FloorStore for RedisStore {
         let mut conn = self.conn().await?;
         let fields = [
             (
-                "queue",
+                fields::config::QUEUE,
                 if config.queue_enabled {
                     "1".to_owned()
                 } else {
                     "0".to_owned()
                 },
             ),
-            ("lease_ms", config.lease_ms.to_string()),
-            ("max_talk_ms", config.max_talk_ms.to_string()),
+            (fields::config::LEASE_MS, config.lease_ms.to_string()),
+            (fields::config::MAX_TALK_MS, config.max_talk_ms.to_string()),
         ];
         self.bounded(conn.hset_multiple::<_, _, _, ()>(self.keys.channel(ch).config, &fields))
             .await?;

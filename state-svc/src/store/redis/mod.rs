@@ -13,6 +13,7 @@
 //!   Redis returns succeeds without a restart.
 
 mod access;
+mod fields;
 mod floor;
 mod housekeeping;
 mod keys;
@@ -432,16 +433,18 @@ impl RedisStore {
         channels.sort();
         Ok(Some(Session {
             session_id: sid.clone(),
-            user_id: UserId::parse(&split_hash(&hash, "uid").unwrap_or_default())
-                .map_err(|_| corrupt())?,
-            user_name: split_hash(&hash, "name").unwrap_or_default(),
-            gateway_id: split_hash(&hash, "gw").unwrap_or_default(),
-            created_at_ms: num(&hash, "created"),
-            expires_at_ms: num(&hash, "expires"),
-            ttl_ms: num(&hash, "ttl"),
+            user_id: UserId::parse(
+                &split_hash(&hash, fields::session::USER_ID).unwrap_or_default(),
+            )
+            .map_err(|_| corrupt())?,
+            user_name: split_hash(&hash, fields::session::USER_NAME).unwrap_or_default(),
+            gateway_id: split_hash(&hash, fields::session::GATEWAY).unwrap_or_default(),
+            created_at_ms: num(&hash, fields::session::CREATED),
+            expires_at_ms: num(&hash, fields::session::EXPIRES),
+            ttl_ms: num(&hash, fields::session::TTL),
             channels,
-            generation: num(&hash, "gen"),
-            parked_at_ms: num(&hash, "parked"),
+            generation: num(&hash, fields::session::GENERATION),
+            parked_at_ms: num(&hash, fields::session::PARKED),
         }))
     }
 
@@ -452,15 +455,15 @@ impl RedisStore {
         channels: u32,
         now: i64,
     ) -> MediaNode {
-        let last: i64 = num(hash, "last_hb");
+        let last: i64 = num(hash, fields::node::LAST_HEARTBEAT);
         MediaNode {
             node_id: id,
-            grpc_addr: split_hash(hash, "addr").unwrap_or_default(),
-            announced_ip: split_hash(hash, "ip").unwrap_or_default(),
-            capacity: num(hash, "capacity"),
-            load: num(hash, "load"),
+            grpc_addr: split_hash(hash, fields::node::ADDR).unwrap_or_default(),
+            announced_ip: split_hash(hash, fields::node::IP).unwrap_or_default(),
+            capacity: num(hash, fields::node::CAPACITY),
+            load: num(hash, fields::node::LOAD),
             channels,
-            draining: hash.get("draining").is_some_and(|d| d == "1"),
+            draining: hash.get(fields::node::DRAINING).is_some_and(|d| d == "1"),
             last_heartbeat_ms: last,
             live: now - last <= i64::from(self.settings.node_dead_after_ms),
         }

@@ -7,12 +7,12 @@ impl RegistryStore for RedisStore {
     async fn register_node(&self, node: NodeRegistration) -> Result<(), StoreError> {
         let key = self.keys.media_node(&node.node_id);
         let fields = [
-            ("addr", node.grpc_addr),
-            ("ip", node.announced_ip),
-            ("capacity", node.capacity.to_string()),
-            ("load", node.load.to_string()),
-            ("draining", "0".to_owned()),
-            ("last_hb", now_ms().to_string()),
+            (fields::node::ADDR, node.grpc_addr),
+            (fields::node::IP, node.announced_ip),
+            (fields::node::CAPACITY, node.capacity.to_string()),
+            (fields::node::LOAD, node.load.to_string()),
+            (fields::node::DRAINING, "0".to_owned()),
+            (fields::node::LAST_HEARTBEAT, now_ms().to_string()),
         ];
         let mut conn = self.conn().await?;
         self.bounded(conn.hset_multiple::<_, _, _, ()>(&key, &fields))
@@ -26,7 +26,7 @@ impl RegistryStore for RedisStore {
         let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
         invocation
             .key(self.keys.media_node(node))
-            .arg("load")
+            .arg(fields::node::LOAD)
             .arg(load)
             .arg(now_ms());
         let draining: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
@@ -40,7 +40,7 @@ impl RegistryStore for RedisStore {
         let mut invocation = scripts::NODE_UPDATE.prepare_invoke();
         invocation
             .key(self.keys.media_node(node))
-            .arg("draining")
+            .arg(fields::node::DRAINING)
             .arg("1");
         let found: Option<String> = self.bounded(invocation.invoke_async(&mut conn)).await?;
         found.ok_or(StoreError::NotFound("media node"))?;

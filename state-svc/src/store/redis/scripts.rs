@@ -22,6 +22,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+use super::fields;
+
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -37,7 +39,7 @@ local K_FLOOR, K_EPOCH, K_MEMBERS, K_QUEUE, K_QINFO, K_CONFIG, K_EVENTS, K_AUDIT
 local function estr(e) return string.format('%.0f', e) end
 
 local function config()
-  local c = redis.call('HMGET', K_CONFIG, 'queue', 'lease_ms', 'max_talk_ms')
+  local c = redis.call('HMGET', K_CONFIG, CONFIG.QUEUE, CONFIG.LEASE_MS, CONFIG.MAX_TALK_MS)
   local lease = tonumber(c[2])
   if not lease or lease <= 0 then lease = DEF_LEASE end
   local max = tonumber(c[3])
@@ -63,8 +65,8 @@ end
 -- epoch, the clock carries it past every earlier value, so dropping it when the channel
 -- empties is safe.
 local function bump_mver()
-  local v = math.max(tonumber(redis.call('HGET', K_CONFIG, 'mver') or '0') + 1, now * 1000)
-  redis.call('HSET', K_CONFIG, 'mver', estr(v))
+  local v = math.max(tonumber(redis.call('HGET', K_CONFIG, CONFIG.MEMBERS_VERSION) or '0') + 1, now * 1000)
+  redis.call('HSET', K_CONFIG, CONFIG.MEMBERS_VERSION, estr(v))
   return estr(v)
 end
 
@@ -121,7 +123,7 @@ end
 
 -- Frees the floor, then grants the head of the queue (still a member) in the same step.
 local function emergency()
-  local em = redis.call('HGET', K_CONFIG, 'emergency')
+  local em = redis.call('HGET', K_CONFIG, CONFIG.EMERGENCY)
   if em then return cjson.decode(em) end
   return nil
 end
@@ -130,7 +132,7 @@ local function free(h, reason)
   redis.call('DEL', K_FLOOR)
   -- Freeing the broadcaster's floor ends the emergency in this channel.
   local em = emergency()
-  if em and em.sid == h.sid then redis.call('HDEL', K_CONFIG, 'emergency') end
+  if em and em.sid == h.sid then redis.call('HDEL', K_CONFIG, CONFIG.EMERGENCY) end
   local e = bump_epoch()
   local held = now - h.granted
   publish({ k = 'floor', epoch = e, reason = reason, prev = speaker(h), prev_ms = held })
@@ -174,7 +176,7 @@ local function state()
   if h and now >= h.expires then h = nil end
   return { members = members, holder = h, epoch = estr(current_epoch()),
            node = redis.call('GET', K_MEDIA) or nil, now = now,
-           mver = redis.call('HGET', K_CONFIG, 'mver') or '0' }
+           mver = redis.call('HGET', K_CONFIG, CONFIG.MEMBERS_VERSION) or '0' }
 end
 "#;
 
@@ -302,15 +304,13 @@ return cjson.encode({ expired = expired, next = next_check, now = now })
 /// `ARGV[3]` until when it counts, `ARGV[4]` now (ms). Places that ran out leave the set first.
 /// Answers 1, or 0 when the user is at the cap.
 pub static CLAIM_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]) - tonumber(ARGV[4]), 1000) + 3600000)
 return 1
-"#,
-    )
+"#)
 });
 
 const JOIN: &str = r#"
@@ -348,7 +348,7 @@ local node = nil
 if count == 0 then
   node = redis.call('GET', K_MEDIA) or nil
   redis.call('DEL', K_MEDIA)
-  redis.call('HDEL', K_CONFIG, 'mver')
+  redis.call('HDEL', K_CONFIG, CONFIG.MEMBERS_VERSION)
 end
 return cjson.encode({ was_member = true, released = released, node = node, empty = count == 0 })
 "#;
@@ -372,7 +372,7 @@ end
 if h and h.sid ~= sid and h.prio >= prio then
   return cjson.encode({ r = 'denied', holder = h, retry = EMERGENCY_RETRY_MS, now = now })
 end
-redis.call('HSET', K_CONFIG, 'emergency',
+redis.call('HSET', K_CONFIG, CONFIG.EMERGENCY,
            cjson.encode({ eid = eid, sid = sid, uid = m.uid, name = m.name, prio = prio }))
 local prev, held = nil, 0
 if h and h.sid ~= sid then
@@ -393,7 +393,7 @@ local em = emergency()
 if not em or em.eid ~= eid or (sid ~= '' and em.sid ~= sid) then
   return cjson.encode({ r = 'not_holder', epoch = estr(current_epoch()), now = now })
 end
-redis.call('HDEL', K_CONFIG, 'emergency')
+redis.call('HDEL', K_CONFIG, CONFIG.EMERGENCY)
 local h = live_holder()
 if h and h.sid == em.sid then
   free(h, 'emergency_ended')
@@ -411,11 +411,11 @@ const UPDATE_GRANTS: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function vstr(x) return string.format('%.0f', x) end
-local v = tonumber(redis.call('HGET', KEYS[1], '#v') or '0')
+local v = tonumber(redis.call('HGET', KEYS[1], GRANTS.VERSION) or '0')
 local raw = redis.call('HGETALL', KEYS[1])
 local cur = {}
 for i = 1, #raw, 2 do
-  if raw[i] ~= '#v' then cur[raw[i]] = raw[i + 1] end
+  if raw[i] ~= GRANTS.VERSION then cur[raw[i]] = raw[i + 1] end
 end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= v then
   return cjson.encode({ r = 'mismatch', v = vstr(v), g = cur })
@@ -442,7 +442,7 @@ if n > tonumber(ARGV[5]) then return cjson.encode({ r = 'too_many', v = vstr(v),
 -- old version take the next change.
 v = math.max(v + 1, now * 1000)
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], '#v', vstr(v))
+redis.call('HSET', KEYS[1], GRANTS.VERSION, vstr(v))
 for k, r in pairs(nxt) do redis.call('HSET', KEYS[1], k, r) end
 redis.call('PUBLISH', KEYS[2], cjson.encode({ k = 'grants', r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt }))
 return cjson.encode({ r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt })
@@ -452,8 +452,7 @@ return cjson.encode({ r = 'changed', uid = ARGV[2], v = vstr(v), g = nxt })
 /// event -> emergency. `ARGV`: event id, comma-joined channels ('' deletes the event).
 /// Refused ('busy') while this event, or an event losing a channel, has an active emergency.
 pub static SET_EVENT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 local eid = ARGV[1]
 if redis.call('HEXISTS', KEYS[3], eid) == 1 then return 'busy' end
 local new = {}
@@ -480,15 +479,13 @@ for _, ch in ipairs(new) do
 end
 if #new == 0 then redis.call('HDEL', KEYS[1], eid) else redis.call('HSET', KEYS[1], eid, ARGV[2]) end
 return 'ok'
-"#,
-    )
+"#)
 });
 
 /// Claims an event's emergency. `KEYS`: event -> channels, event -> emergency. `ARGV`: event
 /// id, session id, priority, the broadcaster as JSON, force ('1'/'0').
 pub static CLAIM_EMERGENCY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 local eid, sid, prio = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local chans = redis.call('HGET', KEYS[1], eid)
 if not chans then return cjson.encode({ r = 'no_event' }) end
@@ -502,37 +499,32 @@ local e = cjson.decode(ARGV[4])
 e.started = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[2], eid, cjson.encode(e))
 return cjson.encode({ r = 'ok', chans = chans, em = e })
-"#,
-    )
+"#)
 });
 
 /// Clears an event's emergency (`KEYS[1]`: event -> emergency) if it is session `ARGV[2]`'s
 /// (anyone's when empty); answers the cleared record or nil.
 pub static CLEAR_EMERGENCY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if not cur then return nil end
 if ARGV[2] ~= '' and cjson.decode(cur).sid ~= ARGV[2] then return nil end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return cur
-"#,
-    )
+"#)
 });
 
 /// Compare-and-set of a channel's media node (`KEYS[1]`): replaces `ARGV[1]` (empty: unset)
 /// with `ARGV[2]`; answers `{node holding the placement afterwards, 1 if this call set it}`.
 pub static PLACE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
   return { ARGV[2], 1 }
 end
 return { cur, 0 }
-"#,
-    )
+"#)
 });
 
 /// Moves channel media key `KEYS[1]` from node `ARGV[1]` to `ARGV[2]` if it is still on
@@ -548,44 +540,38 @@ return 1
 /// Compare-and-set of one member's score in a deadline index (`KEYS[1]`): if `ARGV[1]` still
 /// has score `ARGV[2]`, set it to `ARGV[3]`, or remove it when `ARGV[3]` is empty.
 pub static RESCHEDULE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1])
 else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
 return 1
-"#,
-    )
+"#)
 });
 
 /// Updates a session hash (`KEYS[1]`) only if it still exists: `ARGV[1]` is the new expiry,
 /// `ARGV[2]` the key's time to live. Answers 1 when the session exists.
 pub static TOUCH_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'expires', ARGV[1])
+redis.call('HSET', KEYS[1], SESSION.EXPIRES, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if KEYS[2] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return 1
-"#,
-    )
+"#)
 });
 
 /// Parks session `KEYS[1]` (its channels `KEYS[2]`) if it is still at generation `ARGV[1]`:
 /// expiry `ARGV[2]`, key lifetime `ARGV[3]`, parked at `ARGV[4]`. 1 when parked, 0 when gone
 /// or taken over. (The deadline index, in another slot, is moved by the caller.)
 pub static PARK_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'expires', ARGV[2], 'parked', ARGV[4])
+if (redis.call('HGET', KEYS[1], SESSION.GENERATION) or '0') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], SESSION.EXPIRES, ARGV[2], SESSION.PARKED, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
-"#,
-    )
+"#)
 });
 
 /// Takes session `KEYS[1]` (channels `KEYS[2]`) over for user `ARGV[1]` presenting digest
@@ -595,41 +581,42 @@ return 1
 /// (another user, or not the current token). (The deadline index, in another slot, is moved
 /// by the caller.)
 pub static RESUME_SESSION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return { 0, 0 } end
-local f = redis.call('HMGET', KEYS[1], 'uid', 'rtok', 'expires', 'ttl', 'gen')
+local f = redis.call('HMGET', KEYS[1], SESSION.USER_ID, SESSION.RESUME_DIGEST, SESSION.EXPIRES, SESSION.TTL, SESSION.GENERATION)
 local now = tonumber(ARGV[5])
 if tonumber(f[3] or '0') <= now then return { 0, 0 } end
 if f[1] ~= ARGV[1] or not f[2] or f[2] == '' or f[2] ~= ARGV[2] then return { -1, 0 } end
 local gen = tonumber(f[5] or '0') + 1
 local ttl = tonumber(f[4] or '0')
 local expires = now + ttl
-redis.call('HSET', KEYS[1], 'rtok', ARGV[3], 'gw', ARGV[4], 'gen', gen, 'parked', 0,
-  'expires', expires)
+redis.call('HSET', KEYS[1], SESSION.RESUME_DIGEST, ARGV[3], SESSION.GATEWAY, ARGV[4], SESSION.GENERATION, gen, SESSION.PARKED, 0,
+  SESSION.EXPIRES, expires)
 redis.call('PEXPIRE', KEYS[1], ttl + tonumber(ARGV[6]))
 redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[6]))
 return { gen, expires }
-"#,
-    )
+"#)
 });
 
 /// Heartbeat or drain of a registered node (`KEYS[1]`): sets field `ARGV[1]` to `ARGV[2]`
 /// (and `last_hb` to `ARGV[3]` when given) only if the node exists. Answers its `draining`
 /// flag, or nil when unknown.
 pub static NODE_UPDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] then redis.call('HSET', KEYS[1], 'last_hb', ARGV[3]) end
-return redis.call('HGET', KEYS[1], 'draining') or '0'
-"#,
-    )
+if ARGV[3] then redis.call('HSET', KEYS[1], NODE.LAST_HEARTBEAT, ARGV[3]) end
+return redis.call('HGET', KEYS[1], NODE.DRAINING) or '0'
+"#)
 });
 
+/// A script with the shared hash field names ([`fields::LUA`]) in front.
+fn lua(body: &str) -> Script {
+    Script::new(&format!("{}{body}", fields::LUA))
+}
+
 fn channel_script(body: &str, sharded: bool) -> Script {
-    Script::new(&sharded_publish(&format!("{PRELUDE}\n{body}"), sharded))
+    lua(&sharded_publish(&format!("{PRELUDE}\n{body}"), sharded))
 }
 
 /// Under Cluster, channel and user events go out on sharded pub/sub (`SPUBLISH`, Redis 7):
@@ -675,8 +662,8 @@ impl ChannelScripts {
             state: channel_script(STATE, sharded),
             emergency_take: channel_script(EMERGENCY_TAKE, sharded),
             emergency_release: channel_script(EMERGENCY_RELEASE, sharded),
-            moved: Script::new(&sharded_publish(MOVE, sharded)),
-            update_grants: Script::new(&sharded_publish(UPDATE_GRANTS, sharded)),
+            moved: lua(&sharded_publish(MOVE, sharded)),
+            update_grants: lua(&sharded_publish(UPDATE_GRANTS, sharded)),
         }
     }
 
@@ -695,8 +682,7 @@ static CHANNEL_SHARDED: LazyLock<ChannelScripts> = LazyLock::new(|| ChannelScrip
 /// state on creation, the change otherwise). Answers `{'ok', version}` or
 /// `{'conflict', stored version}`.
 pub static SYNC_PUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 local cur = redis.call('GET', KEYS[1])
 local actual = 0
 if cur then actual = tonumber(cjson.decode(cur).version) end
@@ -718,16 +704,14 @@ else
 end
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 return { 'ok', tonumber(ARGV[3]) }
-"#,
-    )
+"#)
 });
 
 /// Deletes a sync session if its version is `ARGV[1]` ('' = any). `KEYS` as for `SYNC_PUT`;
 /// `ARGV[2]` the session id, `ARGV[3]` the audit stream length. Answers `{'ok', version}`,
 /// `{'conflict', stored}` or `{'missing', 0}`.
 pub static SYNC_DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+    lua(r#"
 local cur = redis.call('GET', KEYS[1])
 if not cur then return { 'missing', 0 } end
 local st = cjson.decode(cur)
@@ -747,20 +731,17 @@ else
 end
 redis.call('PUBLISH', KEYS[3], doc)
 return { 'ok', actual + 1 }
-"#,
-    )
+"#)
 });
 
 /// Deletes a sync session's audit stream (`KEYS[1]`) when the session (`KEYS[2]`) no longer
 /// exists and the stream's newest entry is `ARGV[1]`, the last one copied: 1 when deleted.
 pub static DROP_COPIED_STREAM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    lua(r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if newest and newest[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
-",
-    )
+")
 });

@@ -12,14 +12,17 @@ impl SessionStore for RedisStore {
         let key = self.keys.session(&session.session_id);
         let sid = session.session_id.as_str();
         let fields = [
-            ("uid", session.user_id.as_str().to_owned()),
-            ("name", session.user_name.clone()),
-            ("gw", session.gateway_id.clone()),
-            ("created", now.to_string()),
-            ("expires", session.expires_at_ms.to_string()),
-            ("ttl", ttl.to_string()),
-            ("rtok", new_digest),
-            ("gen", "0".to_owned()),
+            (
+                fields::session::USER_ID,
+                session.user_id.as_str().to_owned(),
+            ),
+            (fields::session::USER_NAME, session.user_name.clone()),
+            (fields::session::GATEWAY, session.gateway_id.clone()),
+            (fields::session::CREATED, now.to_string()),
+            (fields::session::EXPIRES, session.expires_at_ms.to_string()),
+            (fields::session::TTL, ttl.to_string()),
+            (fields::session::RESUME_DIGEST, new_digest),
+            (fields::session::GENERATION, "0".to_owned()),
         ];
         let mut conn = self.conn().await?;
         // The session's hash goes first, before its place among the user's sessions: a listing
@@ -251,7 +254,7 @@ impl SessionStore for RedisStore {
         let (uid, channels, ()): (Option<String>, Vec<String>, ()) = self
             .bounded(
                 redis::pipe()
-                    .hget(self.keys.session(sid), "uid")
+                    .hget(self.keys.session(sid), fields::session::USER_ID)
                     .smembers(self.keys.session_channels(sid))
                     .del(self.keys.session(sid))
                     .query_async(&mut conn),
