@@ -23,6 +23,8 @@ pub mod ws;
 pub use postgres::PostgresServer;
 pub mod turn;
 #[cfg(feature = "media")]
+pub mod turn_probe;
+#[cfg(feature = "media")]
 pub mod turn_tls;
 pub use turn::TurnServer;
 

@@ -1,8 +1,10 @@
 //! A `turnserver` (coturn, Debian's `coturn` package) owned by a test: a TURN relay on a free
-//! loopback port, checking credentials in the TURN REST API form against a shared secret
-//! (`use-auth-secret`), allowed to relay to loopback peers (where the test's media node is).
-//! Like [`crate::RedisServer`], it runs under a small shell watchdog that kills it when the
-//! test process goes away.
+//! port, under the shipped relay policy (`deploy/overlays/prod/turnserver.conf`: no TCP
+//! relaying, every peer refused but the media node's address, quotas), checking credentials in
+//! the TURN REST API form against a shared secret. The secret goes into its configuration
+//! file, as in the shipped DaemonSet, never onto its command line. Like
+//! [`crate::RedisServer`], it runs under a small shell watchdog that kills it when the test
+//! process goes away.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -12,6 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::free_port;
+
+/// The relay policy the production overlay ships, which the tests run coturn under.
+pub const POLICY: &str = include_str!("../../deploy/overlays/prod/turnserver.conf");
 
 const WATCHDOG: &str = r#"turnserver "$@" & pid=$!; echo "$pid"; read -r _; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null"#;
 
@@ -23,6 +28,8 @@ pub struct TurnServer {
     /// TURN over TLS: its port, when started with a certificate.
     tls_port: Option<u16>,
     watchdog: Option<(Child, ChildStdin)>,
+    /// Its configuration file (the policy, the secret, the allowed peer), removed with it.
+    config: std::path::PathBuf,
 }
 
 /// The relay's certificate and key (PEM files) for TURN over TLS.
@@ -39,7 +46,8 @@ impl TurnServer {
     }
 
     /// Starts coturn listening and relaying on `ip` (a veth address, for clients in a network
-    /// namespace).
+    /// namespace). The media node must be on `ip` too: it is the one peer the policy lets
+    /// the relay reach.
     pub fn start_on(ip: IpAddr, secret: &str) -> Result<Self> {
         Self::start_with(ip, secret, None)
     }
@@ -82,26 +90,30 @@ impl TurnServer {
             ],
             None => vec!["--no-tls".into()],
         };
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config =
+            std::env::temp_dir().join(format!("talkgroup-turn-{}-{n}.conf", std::process::id()));
+        // The test's media node listens on `ip`; on loopback coturn also wants loopback peers
+        // allowed at all (the policy still refuses every other loopback address).
+        std::fs::write(
+            &config,
+            format!("{POLICY}\nstatic-auth-secret={secret}\nallowed-peer-ip={ip}\n"),
+        )?;
+        let config_arg = config.display().to_string();
         let mut child = Command::new("sh")
             .args(["-c", WATCHDOG, "sh"])
             .args([
-                "-n",
-                "--no-cli",
+                "-c",
+                &config_arg,
                 "--listening-ip",
                 &ip_arg,
                 "--relay-ip",
                 &ip_arg,
                 "--listening-port",
                 &port_arg,
-                "--use-auth-secret",
-                "--static-auth-secret",
-                secret,
-                "--realm",
-                "talkgroup.test",
-                "--fingerprint",
                 "--no-dtls",
                 "--allow-loopback-peers",
-                "--no-multicast-peers",
                 "--log-file",
                 "stdout",
                 "--simple-log",
@@ -128,6 +140,7 @@ impl TurnServer {
             port,
             tls_port: tls.map(|(_, p)| p),
             watchdog: Some((child, stdin)),
+            config,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -152,6 +165,11 @@ impl TurnServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The relay's address (UDP and TCP).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
     }
 
     /// `turn:` URLs of the relay over UDP and over TCP.
@@ -179,6 +197,7 @@ impl TurnServer {
             drop(stdin);
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(&self.config);
     }
 }
 

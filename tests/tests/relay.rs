@@ -115,6 +115,56 @@ async fn an_ice_restart_through_the_gateway_keeps_the_stream() {
     assert_eq!(restarted["offer"]["type"], "offer");
 }
 
+/// The relay is a way to the media nodes and nothing else: a valid credential gets a UDP
+/// allocation and a permission towards the media node's address, but no permission towards any
+/// other peer (another loopback address, private, carrier-grade NAT and link-local ranges, the
+/// cloud metadata address, a public address) and no TCP relaying (RFC 6062) at all.
+#[test]
+fn the_relay_reaches_the_media_node_and_nothing_else() {
+    use testkit::turn_probe::{Answer, Credential, Probe};
+    let relay = TestRelay::start(std::net::Ipv4Addr::LOCALHOST, false).unwrap();
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let username = format!("{expiry}:u-eve");
+    let credential = Credential {
+        password: rest_api_password(TURN_SECRET, &username),
+        username,
+    };
+    let mut probe = Probe::allocate_udp(relay.turn.addr(), credential.clone()).unwrap();
+    // The media node's address (the tests run it on the relay's own address).
+    assert_eq!(
+        probe.permit("127.0.0.1:40000".parse().unwrap()).unwrap(),
+        Answer::Granted
+    );
+    for peer in [
+        "127.0.0.2:9",
+        "10.0.0.1:80",
+        "100.64.0.1:53",
+        "169.254.169.254:80",
+        "172.16.0.1:10250",
+        "192.168.1.1:53",
+        "0.0.0.0:9",
+        "8.8.8.8:53",
+        "224.0.0.251:5353",
+    ] {
+        assert_eq!(
+            probe.permit(peer.parse().unwrap()).unwrap(),
+            Answer::Refused(403),
+            "a permission towards {peer}"
+        );
+    }
+    assert!(
+        matches!(
+            Probe::allocate_tcp(relay.turn.addr(), credential).unwrap(),
+            Answer::Refused(_)
+        ),
+        "a TCP relay allocation"
+    );
+}
+
 /// The TURN REST API password coturn checks: base64 of HMAC-SHA1(secret, username).
 fn rest_api_password(secret: &str, username: &str) -> String {
     use base64::Engine as _;
