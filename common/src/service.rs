@@ -64,11 +64,11 @@ macro_rules! process_args {
             pub otlp_endpoint: Option<String>,
             /// Log format.
             #[arg(
-                        long,
-                        env = concat!($prefix, "LOG_FORMAT"),
-                        value_enum,
-                        default_value = "plain"
-                    )]
+                                long,
+                                env = concat!($prefix, "LOG_FORMAT"),
+                                value_enum,
+                                default_value = "plain"
+                            )]
             pub log_format: $crate::telemetry::LogFormat,
         }
 

@@ -783,6 +783,24 @@ async fn a_socket_ends_with_its_token_unless_the_client_refreshes_it() {
     stack.stop.cancel();
 }
 
+/// A signed token whose `exp` is as far as JSON integers go (2^63 - 1, 2^64 - 1) is a valid
+/// token: the socket opens, answers, and takes a refresh with another such token (it used to
+/// panic the connection's task once the socket was registered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_whose_exp_is_the_largest_integer_opens_a_working_socket() {
+    let stack = stack_with(1, 5_000, 60_000, |_| {}).await;
+    let gw = stack.gateways[0];
+    let far = |exp: u64| signed(&json!({"sub": "u-far", "exp": exp, "grants": {"*": "talk"}}));
+    let mut client = Client::connect(gw, &far(i64::MAX as u64)).await;
+    assert_eq!(client.request("ping", json!({})).await["type"], "pong");
+    let refreshed = client
+        .request("refresh-token", json!({"token": far(u64::MAX)}))
+        .await;
+    assert_eq!(refreshed["data"]["expiresAt"], i64::MAX, "{refreshed}");
+    assert_eq!(client.request("ping", json!({})).await["type"], "pong");
+    stack.stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_not_yet_valid_or_for_another_audience_are_refused() {
     let stack = stack_with(1, 5_000, 60_000, |c| {

@@ -9,11 +9,18 @@ use super::{Conn, Result};
 use crate::protocol::reply::TokenRefreshed;
 use crate::protocol::{Code, RefreshToken, err};
 
-/// When a token with `exp` (seconds since the Unix epoch) stops being honoured.
+/// The longest a socket lives on one token: a token valid for longer (or whose `exp` is near
+/// the largest integer JSON carries) ends its socket after this, as an expired token would,
+/// and the client refreshes or reconnects.
+pub(super) const LONGEST: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// When a token with `exp` (seconds since the Unix epoch) stops being honoured: its `exp` plus
+/// the leeway, at most [`LONGEST`] from now. Any `exp` a signer put in is accepted here
+/// without overflow.
 pub(super) fn deadline(exp_s: u64, leeway: Duration) -> Instant {
     let now = Duration::from_millis(u64::try_from(talkgroup_proto::clock::now_ms()).unwrap_or(0));
-    let end = Duration::from_secs(exp_s) + leeway;
-    Instant::now() + end.saturating_sub(now)
+    let end = Duration::from_secs(exp_s).saturating_add(leeway);
+    Instant::now() + end.saturating_sub(now).min(LONGEST)
 }
 
 impl Conn {
@@ -33,5 +40,20 @@ impl Conn {
         Ok(TokenRefreshed {
             expires_at: i64::try_from(claims.exp.saturating_mul(1000)).unwrap_or(i64::MAX),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_exp_gives_a_deadline_within_the_longest_life() {
+        let leeway = Duration::from_secs(60);
+        for exp in [u64::MAX, i64::MAX as u64, u64::MAX / 1000, 0] {
+            let end = deadline(exp, leeway);
+            assert!(end <= Instant::now() + LONGEST, "{exp}");
+        }
+        assert!(deadline(0, leeway) <= Instant::now());
     }
 }
