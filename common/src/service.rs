@@ -63,12 +63,7 @@ macro_rules! process_args {
             #[arg(long, env = concat!($prefix, "OTLP_ENDPOINT"))]
             pub otlp_endpoint: Option<String>,
             /// Log format.
-            #[arg(
-                                long,
-                                env = concat!($prefix, "LOG_FORMAT"),
-                                value_enum,
-                                default_value = "plain"
-                            )]
+            #[arg(long, env = concat!($prefix, "LOG_FORMAT"), value_enum, default_value = "plain")]
             pub log_format: $crate::telemetry::LogFormat,
         }
 

@@ -1,14 +1,24 @@
-//! ICE-lite: the checks a listener transport answers. A lite agent never sends checks of its
-//! own; it answers binding requests that prove they know the transport's password, and learns
-//! the client's address from them.
+//! ICE-lite: the checks a listener transport answers. A lite agent answers binding requests
+//! that prove they know the transport's password, and learns the client's address from them.
+//! It sends one kind of request of its own: a path probe ([`probe`]), before media moves to a
+//! new address, to learn that the address asked for it (a check proves only that its sender
+//! knows the password, and the client itself knows it: it could send one from a victim's
+//! address).
 
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
+use rtc::ice::attributes::control::AttrControlled;
+use rtc::ice::attributes::priority::PriorityAttr;
+use rtc::stun::attributes::ATTR_USERNAME;
 use rtc::stun::attributes::{ATTR_ICE_CONTROLLED, ATTR_USE_CANDIDATE};
 use rtc::stun::fingerprint::FINGERPRINT;
 use rtc::stun::integrity::MessageIntegrity;
-use rtc::stun::message::{BINDING_SUCCESS, Message, Setter};
+use rtc::stun::message::{
+    BINDING_REQUEST, BINDING_SUCCESS, CLASS_SUCCESS_RESPONSE, METHOD_BINDING, Message, Setter,
+    TransactionId,
+};
+use rtc::stun::textattrs::TextAttribute;
 use rtc::stun::xoraddr::XorMappedAddress;
 
 use super::description::valid_ice;
@@ -92,4 +102,44 @@ pub(super) fn success(
         ])
         .ok()?;
     Some(BytesMut::from(reply.raw.as_slice()))
+}
+
+/// A binding request to the client at a new path, as a full agent's check would be: USERNAME
+/// `theirs:ours`, signed with the client's password, from the controlled side. Its random
+/// transaction id is the challenge: only an answer from that path can carry it back.
+pub(super) fn probe(
+    their_ufrag: &str,
+    our_ufrag: &str,
+    their_pwd: &str,
+    identity: &Identity,
+) -> Option<(BytesMut, TransactionId)> {
+    let id = TransactionId::new();
+    let mut request = Message::new();
+    request
+        .build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(id),
+            Box::new(TextAttribute::new(
+                ATTR_USERNAME,
+                format!("{their_ufrag}:{our_ufrag}"),
+            )),
+            Box::new(AttrControlled(rand::random())),
+            // A peer-reflexive candidate's priority (type preference 110), as RFC 8445 5.1.2.
+            Box::new(PriorityAttr((110 << 24) | (65_535 << 8) | 255)),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                their_pwd.to_owned(),
+                identity.crypto.crypto(),
+            )),
+            Box::new(FINGERPRINT),
+        ])
+        .ok()?;
+    Some((BytesMut::from(request.raw.as_slice()), id))
+}
+
+/// The transaction id of a binding success response, `None` for anything else.
+pub(super) fn success_id(data: &[u8]) -> Option<TransactionId> {
+    let mut m = Message::new();
+    m.unmarshal_binary(data).ok()?;
+    (m.typ.method == METHOD_BINDING && m.typ.class == CLASS_SUCCESS_RESPONSE)
+        .then_some(m.transaction_id)
 }

@@ -22,7 +22,13 @@
 //! every check of their selected pair with a lite peer), or, from a client that nominated only
 //! once and then sends plain consent checks, when the current path has gone quiet
 //! ([`PATH_QUIET`]). No renegotiation is needed: the SRTP keys belong to the transport, not the
-//! path.
+//! path. But a connected transport's media moves only to a path that proved it asked for it
+//! (as QUIC validates a path, RFC 9000 8.2): a check proves knowledge of the password, which
+//! the client has, so a client could send one from a victim's address and turn the node into a
+//! reflector of the channel's audio. The node answers the check and sends one binding request
+//! of its own to the new path ([`ice::probe`]); media moves when the answer carrying its
+//! transaction id comes back from there. Until then an unproven path gets, for each check it
+//! sent, the check's answer and one probe: about twice its bytes, never media.
 //!
 //! An ICE restart gives the transport fresh credentials and a fresh offer while DTLS and SRTP
 //! carry on: checks signed with the old credentials keep the current path alive until the
@@ -95,6 +101,9 @@ pub struct ListenerPeer {
     remote_ufrag: Option<String>,
     /// The client nominated `remote` (USE-CANDIDATE).
     nominated: bool,
+    /// A new path a valid check asked media to move to, not yet proven (see the module
+    /// docs): media stays on `remote` until the probe sent there is answered from there.
+    probe: Option<PathProbe>,
     /// Nominating checks seen on `remote`. A client that nominates more than once (browsers
     /// put USE-CANDIDATE on every check of their selected pair with a lite peer) moves the
     /// media only by nominating; one that nominated once (then sends plain consent checks)
@@ -110,6 +119,15 @@ pub struct ListenerPeer {
     srtp: Option<SrtpSender>,
     out: VecDeque<(BytesMut, Path)>,
     states: VecDeque<PeerState>,
+}
+
+/// A probe out to a path that asked for the media.
+#[derive(Debug)]
+struct PathProbe {
+    path: Path,
+    id: rtc::stun::message::TransactionId,
+    their_ufrag: String,
+    nominating: bool,
 }
 
 impl std::fmt::Debug for ListenerPeer {
@@ -150,6 +168,7 @@ impl ListenerPeer {
             remote: None,
             remote_ufrag: None,
             nominated: false,
+            probe: None,
             nominations: 0,
             early_dtls: Vec::new(),
             last_consent: None,
@@ -175,6 +194,10 @@ impl ListenerPeer {
     /// same, since its integrity is proven with the node's own password, and the client's
     /// username fragment in it is held against the answer when that comes (RFC 8445 7.3).
     fn on_stun(&mut self, data: &[u8], from: Path, now: Instant) {
+        if let Some(id) = ice::success_id(data) {
+            self.on_probe_answer(id, from, now);
+            return;
+        }
         let current = ice::Credentials {
             ufrag: &self.ufrag,
             pwd: &self.pwd,
@@ -218,22 +241,67 @@ impl ListenerPeer {
             && self.nominations < 2
             && self.last_consent.is_none_or(|at| now >= at + PATH_QUIET);
         if nominating || self.remote.is_none() || takes_over {
-            if self.remote != Some(from) {
-                tracing::debug!(remote = %from.remote, proto = ?from.proto, nominating,
-                    "listener path selected");
+            if moved && self.phase == Phase::Connected {
+                let ours = match renewed {
+                    true => self.ufrag.clone(),
+                    false => self
+                        .previous
+                        .as_ref()
+                        .map_or_else(String::new, |p| p.0.clone()),
+                };
+                self.send_probe(from, &ours, check.their_ufrag, nominating);
+            } else {
+                self.select(from, check.their_ufrag, nominating, now);
             }
-            if self.remote != Some(from) {
-                self.nominations = 0;
-            }
-            self.remote = Some(from);
-            self.remote_ufrag = Some(check.their_ufrag);
-            self.nominated |= nominating;
-            self.connect_if_client(now);
         }
         if self.remote == Some(from) {
             self.last_consent = Some(now);
             self.nominations += u32::from(nominating);
         }
+        self.drain_dtls();
+    }
+
+    /// Makes `path` the one media goes to.
+    fn select(&mut self, path: Path, their_ufrag: String, nominating: bool, now: Instant) {
+        if self.remote != Some(path) {
+            tracing::debug!(remote = %path.remote, proto = ?path.proto, nominating,
+                "listener path selected");
+            self.nominations = 0;
+        }
+        self.remote = Some(path);
+        self.remote_ufrag = Some(their_ufrag);
+        self.nominated |= nominating;
+        self.connect_if_client(now);
+    }
+
+    /// Sends one probe to `path`, which a valid check asked media to move to; a later probe
+    /// replaces it. One probe per check: the path is sent about twice what it sent.
+    fn send_probe(&mut self, path: Path, ours: &str, their_ufrag: String, nominating: bool) {
+        let Some(their_pwd) = self.answer.as_ref().map(|a| a.pwd.as_str()) else {
+            return;
+        };
+        let Some((request, id)) = ice::probe(&their_ufrag, ours, their_pwd, &self.identity) else {
+            return;
+        };
+        self.out.push_back((request, path));
+        self.probe = Some(PathProbe {
+            path,
+            id,
+            their_ufrag,
+            nominating,
+        });
+    }
+
+    /// A binding success response: if it answers the probe, from the path probed, that path
+    /// asked for the media and takes it.
+    fn on_probe_answer(&mut self, id: rtc::stun::message::TransactionId, from: Path, now: Instant) {
+        let Some(probe) = self.probe.take_if(|p| p.id == id && p.path == from) else {
+            return;
+        };
+        tracing::debug!(remote = %from.remote, proto = ?from.proto, "listener path validated");
+        self.select(from, probe.their_ufrag, probe.nominating, now);
+        self.last_consent = Some(now);
+        self.nominations += u32::from(probe.nominating);
         self.drain_dtls();
     }
 
@@ -863,10 +931,94 @@ mod tests {
                 Some(Path::udp(client)),
                 "a live path keeps the media"
             );
-            // Once the first path has been quiet a while, the other takes over.
+            // Once the first path has been quiet a while, the other takes over, once it has
+            // answered the node's probe.
             let later = node.last_consent.unwrap() + PATH_QUIET;
             node.handle_datagram(stun, Path::udp(other), later);
+            assert_eq!(
+                node.remote,
+                Some(Path::udp(client)),
+                "not before the probe's answer"
+            );
+            for answer in to_client(&mut node, &mut pc, later) {
+                node.handle_datagram(answer, Path::udp(other), later);
+            }
             assert_eq!(node.remote, Some(Path::udp(other)));
+        }
+
+        /// Hands what the node sends to the client (wherever it was addressed) and returns
+        /// what the client sends back.
+        fn to_client(
+            node: &mut ListenerPeer,
+            pc: &mut RTCPeerConnection,
+            now: Instant,
+        ) -> Vec<BytesMut> {
+            while let Some((data, _)) = node.poll_datagram() {
+                let _ = pc.handle_read(TaggedBytesMut {
+                    now,
+                    transport: TransportContext {
+                        local_addr: CLIENT.parse().unwrap(),
+                        peer_addr: NODE.parse().unwrap(),
+                        ecn: None,
+                        transport_protocol: TransportProtocol::UDP,
+                    },
+                    message: data,
+                });
+            }
+            std::iter::from_fn(|| pc.poll_write().map(|out| out.message)).collect()
+        }
+
+        /// The client (who knows the transport's password) replays its own nominating check
+        /// from a victim's address, again and again: the victim gets each check's answer and
+        /// one probe, never media (at most three times the bytes "it" sent), and the client
+        /// keeps hearing.
+        #[test]
+        fn a_check_from_a_spoofed_address_gets_no_media_there() {
+            let (mut node, mut pc, answer) = pair();
+            let mut now = Instant::now();
+            node.apply_answer(&answer, now).unwrap();
+            let (_, states) = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            let client: SocketAddr = CLIENT.parse().unwrap();
+            let victim: SocketAddr = "192.0.2.7:9".parse().unwrap();
+            let check = {
+                let mut last = None;
+                let _ = run(&mut node, &mut pc, &mut now, 250, 0, |data| {
+                    if data[0] < 4 {
+                        last = Some(data.clone());
+                    }
+                    Some((data, client))
+                });
+                last.expect("a consent check")
+            };
+            let (mut spoofed, mut reflected, mut heard) = (0, 0, 0);
+            for i in 0..50u16 {
+                now += Duration::from_millis(500);
+                node.handle_datagram(check.clone(), Path::udp(victim), now);
+                spoofed += check.len();
+                let header = Rewritten {
+                    marker: false,
+                    payload_type: node.payload_type(),
+                    sequence_number: 400 + i,
+                    timestamp: 0,
+                    ssrc: node.ssrc(),
+                };
+                assert!(node.write_rtp(&header, &[1; 100]));
+                while let Some((data, to)) = node.poll_datagram() {
+                    if to.remote == victim {
+                        reflected += data.len();
+                    } else if data[0] >= 128 {
+                        assert_eq!(to.remote, client);
+                        heard += 1;
+                    }
+                }
+            }
+            assert_eq!(node.remote, Some(Path::udp(client)), "the media stays");
+            assert_eq!(heard, 50, "the client hears every packet");
+            assert!(
+                reflected <= 3 * spoofed,
+                "{reflected} bytes to the victim for {spoofed} spoofed"
+            );
         }
 
         #[test]
