@@ -184,6 +184,15 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub audit_sweep_ms: u32,
+    /// Days the audit database keeps floor and sync-session events; older rows are deleted
+    /// (at the writer's start and every ten minutes).
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_AUDIT_RETENTION_DAYS",
+        default_value_t = 90
+    )]
+    pub audit_retention_days: u32,
     /// Bearer token of the admin API (`ptt.admin.v1.AdminService`), at least 16 characters.
     /// Without it the admin API refuses every call. Never logged.
     #[arg(
@@ -313,6 +322,26 @@ pub struct Config {
         default_value_t = 100_000
     )]
     pub audit_maxlen: u32,
+    /// With PostgreSQL: how many uncopied entries a channel's audit stream may hold (while
+    /// PostgreSQL is away) before it takes no more denials, only counts them. Grants,
+    /// releases, revocations and pre-emptions are kept whatever the backlog.
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_AUDIT_BACKLOG_MAX",
+        default_value_t = 100_000
+    )]
+    pub audit_backlog_max: u32,
+    /// Denials (presses refused because the channel is held) are the one audit entry a
+    /// client causes at will: each channel appends at most 20 per window of this many
+    /// milliseconds and counts the rest into one `denied_aggregate` entry.
+    #[arg(
+        help_heading = "Audit trail (PostgreSQL)",
+        long,
+        env = "PTT_STATE_AUDIT_DENIAL_WINDOW_MS",
+        default_value_t = 60_000
+    )]
+    pub audit_denial_window_ms: u32,
     /// Time allowed for in-flight calls to finish after SIGTERM, in milliseconds.
     #[arg(
         help_heading = "Process",
@@ -369,7 +398,7 @@ impl Config {
     }
 
     /// Each numeric setting with the range it must lie in: (flag, value, lowest, highest).
-    fn ranges(&self) -> [(&'static str, u32, u32, u32); 18] {
+    fn ranges(&self) -> [(&'static str, u32, u32, u32); 21] {
         [
             ("lease_ms", self.lease_ms, 100, 3_600_000),
             ("max_talk_ms", self.max_talk_ms, 100, 3_600_000),
@@ -396,8 +425,21 @@ impl Config {
             ("redis_wait_replicas", self.redis_wait_replicas, 0, 16),
             ("sweep_interval_ms", self.sweep_interval_ms, 10, 60_000),
             ("audit_maxlen", self.audit_maxlen, 100, 100_000_000),
+            (
+                "audit_backlog_max",
+                self.audit_backlog_max,
+                100,
+                100_000_000,
+            ),
+            (
+                "audit_denial_window_ms",
+                self.audit_denial_window_ms,
+                100,
+                3_600_000,
+            ),
             ("emergency_max_ms", self.emergency_max_ms, 1_000, 86_400_000),
             ("audit_sweep_ms", self.audit_sweep_ms, 50, 3_600_000),
+            ("audit_retention_days", self.audit_retention_days, 1, 36_500),
             (
                 "max_sessions_per_user",
                 self.max_sessions_per_user,
@@ -516,6 +558,8 @@ impl Config {
             } else {
                 self.audit_maxlen
             },
+            audit_backlog_max: self.audit_backlog_max,
+            audit_denial_window_ms: self.audit_denial_window_ms,
             membership_channel: self.membership_channel.clone(),
             wait_replicas: self.redis_wait_replicas,
         })

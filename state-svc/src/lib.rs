@@ -132,6 +132,9 @@ pub async fn run(
                     audit::AuditSettings {
                         postgres: postgres.clone(),
                         sweep: Duration::from_millis(u64::from(config.audit_sweep_ms)),
+                        retention: Duration::from_secs(
+                            u64::from(config.audit_retention_days) * 86_400,
+                        ),
                     },
                 );
                 tracker.spawn(writer.run(shutdown.child_token()));

@@ -69,7 +69,7 @@ async fn set_running(mut pg: PostgresServer, up: bool) -> PostgresServer {
 /// Waits until the audit writer has migrated the schema.
 async fn schema_ready(url: &str) {
     wait_until(Duration::from_secs(20), "audit schema", || async move {
-        count(url, "SELECT count(*) FROM schema_migrations").await == Some(2)
+        count(url, "SELECT count(*) FROM schema_migrations").await == Some(3)
     })
     .await
     .unwrap();
@@ -428,4 +428,130 @@ async fn every_floor_change_reaches_postgres_exactly_once_across_an_outage() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// One user pressing a held channel again and again, during a PostgreSQL outage: the channel's
+/// stream takes at most 20 denials a window and none once it holds `audit_backlog_max`
+/// uncopied entries, counting the rest; every grant and release is kept and copied; every
+/// denial is accounted for in PostgreSQL (a row each, or in a `denied_aggregate` row's count);
+/// and rows past the retention are deleted when the writer comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_flood_leaves_the_stream_bounded_and_loses_no_grant() {
+    let pg = tokio::task::spawn_blocking(PostgresServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = pg.url();
+    let mut config = Backend::Redis.config("audit-flood");
+    config.postgres_url = Some(url.clone());
+    config.audit_sweep_ms = 200;
+    config.audit_backlog_max = 100;
+    config.audit_denial_window_ms = 1_000;
+    config.redis_timeout_ms = 5_000;
+    let prefix = config.key_prefix.clone();
+    let server = TestServer::start(config).await;
+    let mut c = server.clients().await;
+    schema_ready(&url).await;
+    // A row from 1970: past any retention.
+    pg_client(&url)
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO floor_events (stream, entry_id, channel_id, event, at_ms, fields)
+             VALUES ('ancient', '1-0', 'ancient', 'granted', 1000, '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let pg = set_running(pg, false).await;
+    let holder = c.join("u-hold", "flood").await;
+    let presser = c.join("u-press", "flood").await;
+    const ROUNDS: usize = 50;
+    const PRESSES: usize = 40;
+    for _ in 0..ROUNDS {
+        let granted = c.acquire("flood", &holder, 0).await;
+        let epoch = granted.holder.unwrap().epoch;
+        for _ in 0..PRESSES {
+            let denied = c.acquire("flood", &presser, 0).await;
+            assert_eq!(denied.outcome(), pb::AcquireOutcome::Denied);
+        }
+        assert!(c.release("flood", &holder, epoch).await.released);
+    }
+    // 100 grants and releases, 2,000 denials: the stream holds every grant and release, and
+    // denials only while it holds fewer than the ceiling (100 entries), 20 a window at most,
+    // plus one aggregate per closed window (the flood takes a few seconds).
+    let kept = stream_len(Backend::Redis, &prefix, "flood").await;
+    assert!(
+        (2 * ROUNDS as i64..=2 * ROUNDS as i64 + 100 + 20).contains(&kept),
+        "{kept} entries in the stream"
+    );
+
+    let pg = set_running(pg, true).await;
+    // The last window's count is written at the channel's next entry after it closes: the
+    // holder goes on pressing and releasing until every denial is accounted for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut cycles = 0;
+    loop {
+        let granted = c.acquire("flood", &holder, 0).await;
+        let epoch = granted.holder.unwrap().epoch;
+        assert!(c.release("flood", &holder, epoch).await.released);
+        cycles += 1;
+        let denied = count(
+            &url,
+            "SELECT count(*) FROM floor_events WHERE channel_id = 'flood' AND event = 'denied'",
+        )
+        .await;
+        let aggregated = count(
+            &url,
+            "SELECT coalesce(sum((fields->>'count')::bigint), 0)::bigint FROM floor_events
+             WHERE channel_id = 'flood' AND event = 'denied_aggregate'",
+        )
+        .await;
+        if let (Some(denied), Some(aggregated)) = (denied, aggregated) {
+            assert!(denied + aggregated <= (ROUNDS * PRESSES) as i64);
+            if denied + aggregated == (ROUNDS * PRESSES) as i64 {
+                assert!(denied <= 100, "{denied} denial rows");
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "denials not accounted for: {denied:?} rows, {aggregated:?} aggregated"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected = (ROUNDS + cycles) as i64;
+    wait_until(
+        Duration::from_secs(30),
+        "every grant and release copied",
+        || {
+            let url = url.clone();
+            async move {
+                let sql = "SELECT count(*) FILTER (WHERE event = 'granted'),
+                              count(*) FILTER (WHERE event = 'released')
+                       FROM floor_events WHERE channel_id = 'flood'";
+                let Some(client) = pg_client(&url).await else {
+                    return false;
+                };
+                let Ok(row) = client.query_one(sql, &[]).await else {
+                    return false;
+                };
+                row.get::<_, i64>(0) == expected && row.get::<_, i64>(1) == expected
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM floor_events WHERE stream = 'ancient'"
+        )
+        .await,
+        Some(0),
+        "a row past the retention is deleted"
+    );
+    server.stop().await;
+    drop(pg);
 }

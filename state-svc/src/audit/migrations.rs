@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i32, &str)] = &[
          );
          CREATE INDEX sync_events_session_version ON sync_events (session_id, version);",
     ),
+    (
+        3,
+        "CREATE INDEX floor_events_at ON floor_events (at_ms);
+         CREATE INDEX sync_events_at ON sync_events (at_ms);",
+    ),
 ];
 
 /// Applies the migrations not yet applied.

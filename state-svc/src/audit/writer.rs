@@ -11,10 +11,13 @@
 //! - Which streams have news: the channel events the same scripts publish (pattern
 //!   subscription), plus a periodic `SCAN` that also finds streams with only denials (which
 //!   publish nothing).
-//! - Copied entries are trimmed from the stream once none is pending, and only then: with the
-//!   writer on, the floor scripts cap nothing (`MAXLEN` is off), so an outage of any length
-//!   grows the streams instead of losing history. `ptt_audit_backlog_entries` says how much
-//!   waits.
+//! - Copied entries are trimmed from the stream once none is pending, checked and trimmed in
+//!   one atomic step ([`TRIM_COPIED`]), and only then: with the writer on, the floor scripts
+//!   cap nothing but denials (rate-limited per channel, and refused past the backlog ceiling),
+//!   so an outage grows the streams by grants and releases instead of losing history.
+//!   `ptt_audit_backlog_entries` says how much waits. A fully copied stream of a sync session
+//!   that is gone, or of a channel idle for [`IDLE_STREAM`], is removed with its cursor row.
+//! - Rows older than the retention are deleted at start and every [`RETENTION_EVERY`].
 //! - Schema migrations run at start, under an advisory lock, recorded in `schema_migrations`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -28,12 +31,19 @@ use tokio_util::sync::CancellationToken;
 use super::migrations::migrate;
 use crate::domain::Topic;
 use crate::store::redis::Keys;
-use crate::store::redis::scripts::DROP_COPIED_STREAM;
+use crate::store::redis::scripts::TRIM_COPIED;
 
 /// The consumer group every replica reads through.
 const GROUP: &str = "audit-writer";
 /// Entries another consumer has held this long without acknowledging them are claimed.
 const STALE_PENDING: Duration = Duration::from_secs(30);
+/// A channel's audit stream with nothing appended this long, all of it copied, is removed
+/// (with its cursor row): a channel id pressed once does not keep a stream forever.
+const IDLE_STREAM: Duration = Duration::from_secs(600);
+/// How often rows past the retention are deleted (and once at every start).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+/// Rows deleted per statement.
+const RETENTION_BATCH: u64 = 10_000;
 /// Consumers idle this long with nothing pending are removed from the group.
 const IDLE_CONSUMER: Duration = Duration::from_secs(600);
 
@@ -146,6 +156,8 @@ pub struct AuditSettings {
     pub postgres: crate::connect::PostgresConnect,
     /// How often every audit stream is looked at, whatever the events say.
     pub sweep: Duration,
+    /// How long rows are kept in the audit database.
+    pub retention: Duration,
 }
 
 pub struct AuditWriter {
@@ -257,6 +269,9 @@ impl AuditWriter {
             let _ = lost_tx.send(connection.await);
         });
         migrate(&mut pg).await?;
+        self.expire_rows(&pg).await?;
+        let mut retention = tokio::time::interval(RETENTION_EVERY);
+        retention.tick().await;
         let mut conn = self.redis.dedicated().await?;
         // News of changes: the channels' and sync sessions' events. Sharded pub/sub (under
         // Cluster) has no patterns: there the writer sweeps every master at least every
@@ -300,6 +315,7 @@ impl AuditWriter {
                     }
                 }
                 _ = sweep.tick() => dirty = self.scan(&mut conn).await?,
+                _ = retention.tick() => self.expire_rows(&pg).await?,
                 outcome = &mut lost => {
                     let error = match outcome {
                         Ok(Err(e)) => e.to_string(),
@@ -311,6 +327,30 @@ impl AuditWriter {
                 () = shutdown.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// Deletes rows past the retention, a batch at a time (no long lock on a large table).
+    async fn expire_rows(&self, pg: &tokio_postgres::Client) -> Result<(), AuditError> {
+        let retention = i64::try_from(self.settings.retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = talkgroup_proto::clock::now_ms().saturating_sub(retention);
+        let mut deleted = 0;
+        for table in ["floor_events", "sync_events"] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE ctid IN
+                 (SELECT ctid FROM {table} WHERE at_ms < $1 LIMIT {RETENTION_BATCH})"
+            );
+            loop {
+                let n = pg.execute(&sql, &[&cutoff]).await?;
+                deleted += n;
+                if n < RETENTION_BATCH {
+                    break;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(rows = deleted, "audit rows past their retention deleted");
+        }
+        Ok(())
     }
 
     /// Every channel audit stream in Redis.
@@ -374,41 +414,22 @@ impl AuditWriter {
             let _: i64 = conn.xack(stream, GROUP, &ids).await?;
             tracing::debug!(stream, copied = entries.len(), "audit entries copied");
         }
-        // Trim what every replica has copied: nothing may be pending.
-        let pending: redis::streams::StreamPendingReply = conn.xpending(stream, GROUP).await?;
-        if pending.count() == 0 {
-            let last: Option<String> =
-                group_info(conn, stream)
-                    .await?
-                    .and_then(|g| match g.get("last-delivered-id") {
-                        Some(redis::Value::BulkString(b)) => {
-                            Some(String::from_utf8_lossy(b).into_owned())
-                        }
-                        _ => None,
-                    });
-            if let Some(last) = last {
-                let _: i64 = redis::cmd("XTRIM")
-                    .arg(stream)
-                    .arg("MINID")
-                    .arg(&last)
-                    .query_async(conn)
-                    .await?;
-                // A sync session that is gone (deleted, or expired) writes no more: once all
-                // of its stream is copied, the stream goes too, unless something was
-                // appended since (a new session under the same id).
-                if let Some(id) = self.keys.parse_sync_audit(stream) {
-                    let session = self.keys.sync(&id).state;
-                    let mut invocation = DROP_COPIED_STREAM.prepare_invoke();
-                    invocation.key(stream).key(&session).arg(&last);
-                    let dropped: i64 = invocation.invoke_async(conn).await?;
-                    if dropped == 1 {
-                        tracing::debug!(
-                            stream,
-                            "copied audit stream of an ended sync session removed"
-                        );
-                    }
-                }
-            }
+        // Trim what every replica has copied (nothing may be pending), and drop the stream
+        // of a sync session that is gone or of a channel idle for IDLE_STREAM.
+        let mut trim = TRIM_COPIED.prepare_invoke();
+        trim.key(stream);
+        if let Some(id) = self.keys.parse_sync_audit(stream) {
+            trim.key(self.keys.sync(&id).state);
+        }
+        trim.arg(GROUP).arg(IDLE_STREAM.as_millis() as u64);
+        let trimmed: i64 = trim.invoke_async(conn).await?;
+        if trimmed == 2 {
+            pg.execute("DELETE FROM audit_cursor WHERE stream = $1", &[&stream])
+                .await?;
+            tracing::debug!(
+                stream,
+                "copied audit stream of an ended channel or sync session removed"
+            );
         }
         Ok(())
     }

@@ -37,6 +37,9 @@ fields! {
         MAX_TALK_MS = "max_talk_ms",
         MEMBERS_VERSION = "mver",
         EMERGENCY = "emergency",
+        DENIAL_WINDOW = "dwin",
+        DENIALS = "dn",
+        DENIALS_COUNTED = "dcount",
     }
     /// A session (`Keys::session`).
     session as SESSION {

@@ -67,6 +67,12 @@ pub struct RedisOptions {
     /// Approximate length each channel's audit stream is trimmed to; 0: not at all (the
     /// audit writer trims what it has copied).
     pub audit_maxlen: u32,
+    /// With the audit writer (`audit_maxlen` 0): uncopied entries a channel's stream may hold
+    /// before it takes no more denials (they are only counted).
+    pub audit_backlog_max: u32,
+    /// A channel's denial window: at most `scripts::DENIALS_PER_WINDOW` denials are appended
+    /// per window, the rest counted into one entry.
+    pub audit_denial_window_ms: u32,
     /// Pub/sub channel of control-plane membership updates.
     pub membership_channel: String,
     /// Replicas that must hold a grant before it is answered (`WAIT`); 0: none.
@@ -80,6 +86,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("audit_maxlen", &self.audit_maxlen)
+            .field("audit_backlog_max", &self.audit_backlog_max)
             .field("membership_channel", &self.membership_channel)
             .finish()
     }
@@ -98,7 +105,10 @@ pub struct RedisStore {
     keys: Keys,
     settings: StoreSettings,
     timeout: Duration,
+    /// A sync session's audit stream length cap (`0`: none, the writer trims).
     audit_maxlen: String,
+    /// The channel scripts' audit policy (`scripts::audit_policy`).
+    audit_policy: String,
     listener: mpsc::Sender<ReconcileRequest>,
     wait_replicas: u32,
     /// When the registry was last looked at for dead and draining nodes (ms).
@@ -178,6 +188,14 @@ impl RedisStore {
             settings,
             timeout: options.timeout,
             audit_maxlen: options.audit_maxlen.to_string(),
+            audit_policy: match options.audit_maxlen {
+                0 => scripts::audit_policy(
+                    true,
+                    options.audit_backlog_max,
+                    options.audit_denial_window_ms,
+                ),
+                cap => scripts::audit_policy(false, cap, options.audit_denial_window_ms),
+            },
             listener: tx,
             wait_replicas: options.wait_replicas,
             nodes_swept_at: Arc::default(),
@@ -247,7 +265,7 @@ impl RedisStore {
             .arg(self.settings.lease_ms)
             .arg(self.settings.max_talk_ms)
             .arg(GC_GRACE_MS)
-            .arg(&self.audit_maxlen);
+            .arg(&self.audit_policy);
         for arg in extra {
             cmd.arg(*arg);
         }

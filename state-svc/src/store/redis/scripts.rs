@@ -3,7 +3,16 @@
 //! Channel scripts share one prelude and one calling convention: `KEYS` are the nine keys of
 //! one channel (`keys::ChannelKeys::all`, one hash tag, so one Cluster slot) and `ARGV[1..=5]`
 //! are the channel id, the default lease, the default maximum talk time, the garbage-collection
-//! grace and the audit stream's approximate length; script arguments follow from `ARGV[6]`.
+//! grace and the audit policy ([`audit_policy`]); script arguments follow from `ARGV[6]`.
+//!
+//! Denials are the one audit entry a client can cause at will (pressing a held channel), so
+//! they are rate-limited per channel: at most [`DENIALS_PER_WINDOW`] entries per window (the
+//! policy's, a minute by default), the rest counted and written as one `denied_aggregate` entry (how
+//! many, from when to when) at the channel's first audit entry after the window. With the
+//! audit writer on, a stream holding the policy's ceiling of uncopied entries (PostgreSQL
+//! away) takes no more denials, only counts them; grants, releases, revocations and
+//! pre-emptions are always appended.
+//!
 //! Each script reads the clock with `TIME` (the server clock decides every expiry), makes its
 //! change, publishes the event and appends the audit entry in the same atomic step, and answers
 //! with one JSON document. Epochs travel as strings: they exceed the 14 significant digits
@@ -31,8 +40,10 @@ local CH = ARGV[1]
 local DEF_LEASE = tonumber(ARGV[2])
 local DEF_MAX = tonumber(ARGV[3])
 local EMERGENCY_RETRY_MS = 1000
+local DENIALS_PER_WINDOW = {DENIALS_PER_WINDOW}
 local GC_MS = tonumber(ARGV[4])
-local AUDIT_MAX = ARGV[5]
+local AUDIT_MODE, AUDIT_N, DENIAL_WINDOW = string.match(ARGV[5], '^(%a+):(%d+):(%d+)$')
+local DENIAL_WINDOW_MS = tonumber(DENIAL_WINDOW)
 local K_FLOOR, K_EPOCH, K_MEMBERS, K_QUEUE, K_QINFO, K_CONFIG, K_EVENTS, K_AUDIT, K_MEDIA =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 
@@ -55,9 +66,11 @@ local MIN_EPOCH = 0
 -- The fencing epoch never goes backwards, even when Redis lost the counter: the clock
 -- (milliseconds times 1000) carries it past every earlier value, and past what callers saw
 -- (a new master after a failover may have neither the counter nor a clock as far on).
+-- The counter itself expires a week after its last move: by then the clock alone carries
+-- the next epoch past it, so a channel id used once keeps no key forever.
 local function bump_epoch()
   local e = math.max(current_epoch() + 1, now * 1000, MIN_EPOCH + 1)
-  redis.call('SET', K_EPOCH, estr(e))
+  redis.call('SET', K_EPOCH, estr(e), 'PX', 604800000)
   return estr(e)
 end
 
@@ -85,11 +98,12 @@ local function publish(ev)
   redis.call('PUBLISH', K_EVENTS, cjson.encode(ev))
 end
 
-local function audit(ev, h, extra)
-  -- AUDIT_MAX '0': the audit writer trims what it has copied; nothing is capped here.
+local function xadd(ev, h, extra)
   local args = { 'XADD', K_AUDIT }
-  if AUDIT_MAX ~= '0' then
-    for _, a in ipairs({ 'MAXLEN', '~', AUDIT_MAX }) do table.insert(args, a) end
+  -- 'cap': no writer, the stream is the trail, trimmed to about N entries. 'keep': the
+  -- writer trims what it has copied; nothing is capped here.
+  if AUDIT_MODE == 'cap' then
+    for _, a in ipairs({ 'MAXLEN', '~', AUDIT_N }) do table.insert(args, a) end
   end
   for _, a in ipairs({ '*', 'ev', ev, 'ch', CH, 'sid', h.sid, 'uid', h.uid,
                        'epoch', h.epoch or '', 'at', tostring(now) }) do
@@ -102,6 +116,50 @@ local function audit(ev, h, extra)
     end
   end
   redis.call(unpack(args))
+end
+
+-- The channel's denial window: when it opened, denials appended, denials only counted.
+local function denial_window()
+  local w = redis.call('HMGET', K_CONFIG, CONFIG.DENIAL_WINDOW, CONFIG.DENIALS,
+                       CONFIG.DENIALS_COUNTED)
+  return tonumber(w[1] or '0'), tonumber(w[2] or '0'), tonumber(w[3] or '0')
+end
+
+-- Ends a window that is over: its counted denials become one entry.
+local function close_denial_window(start, counted)
+  if counted > 0 then
+    xadd('denied_aggregate', { sid = '', uid = '' },
+         { count = counted, from = start, to = start + DENIAL_WINDOW_MS })
+  end
+  redis.call('HDEL', K_CONFIG, CONFIG.DENIAL_WINDOW, CONFIG.DENIALS, CONFIG.DENIALS_COUNTED)
+end
+
+local function audit_denial(h, extra)
+  local start, appended, counted = denial_window()
+  if start > 0 and now - start >= DENIAL_WINDOW_MS then
+    close_denial_window(start, counted)
+    start, appended, counted = 0, 0, 0
+  end
+  if start == 0 then start = now end
+  local full = AUDIT_MODE == 'keep' and redis.call('XLEN', K_AUDIT) >= tonumber(AUDIT_N)
+  if appended < DENIALS_PER_WINDOW and not full then
+    xadd('denied', h, extra)
+    appended = appended + 1
+  else
+    counted = counted + 1
+  end
+  redis.call('HSET', K_CONFIG, CONFIG.DENIAL_WINDOW, start, CONFIG.DENIALS, appended,
+             CONFIG.DENIALS_COUNTED, counted)
+end
+
+-- Every other entry: appended, after the aggregate of a denial window that is over.
+local function audit(ev, h, extra)
+  local start = tonumber(redis.call('HGET', K_CONFIG, CONFIG.DENIAL_WINDOW) or '0')
+  if start > 0 and now - start >= DENIAL_WINDOW_MS then
+    local _, _, counted = denial_window()
+    close_denial_window(start, counted)
+  end
+  xadd(ev, h, extra)
 end
 
 local function grant(sid, m, prio, max_override)
@@ -193,7 +251,7 @@ local em = emergency()
 if em and em.sid ~= sid and prio <= em.prio then
   local shown = h or { sid = em.sid, uid = em.uid, name = em.name, prio = em.prio,
                        epoch = estr(current_epoch()), granted = now, expires = now, max_until = now }
-  audit('denied', { sid = sid, uid = m.uid, epoch = shown.epoch }, { holder = em.sid, emergency = em.eid })
+  audit_denial({ sid = sid, uid = m.uid, epoch = shown.epoch }, { holder = em.sid, emergency = em.eid })
   return cjson.encode({ r = 'denied', holder = shown, retry = EMERGENCY_RETRY_MS, now = now })
 end
 if not h then
@@ -215,7 +273,7 @@ if prio > h.prio then
             prev = speaker(h), prev_ms = held })
   return cjson.encode({ r = 'granted', holder = nh, max_talk = max, preempted = speaker(h), now = now })
 end
-audit('denied', { sid = sid, uid = m.uid, epoch = h.epoch }, { holder = h.sid })
+audit_denial({ sid = sid, uid = m.uid, epoch = h.epoch }, { holder = h.sid })
 if queue_on then
   if not redis.call('ZSCORE', K_QUEUE, sid) then
     redis.call('ZADD', K_QUEUE, (255 - prio) * 1e13 + now, sid)
@@ -615,8 +673,21 @@ fn lua(body: &str) -> Script {
     Script::new(&format!("{}{body}", fields::LUA))
 }
 
+/// Denials appended to a channel's audit stream per window; the rest are counted.
+pub const DENIALS_PER_WINDOW: i64 = 20;
+
+/// The audit policy every channel script takes as `ARGV[5]`: `cap:N:W` without the audit
+/// writer (each stream is the trail, trimmed to about `N` entries), `keep:N:W` with it (the
+/// writer trims what it has copied; a stream with `N` entries waiting takes no more denials);
+/// `W` is the denial window in milliseconds.
+pub fn audit_policy(writer: bool, n: u32, denial_window_ms: u32) -> String {
+    let mode = if writer { "keep" } else { "cap" };
+    format!("{mode}:{n}:{denial_window_ms}")
+}
+
 fn channel_script(body: &str, sharded: bool) -> Script {
-    lua(&sharded_publish(&format!("{PRELUDE}\n{body}"), sharded))
+    let prelude = PRELUDE.replace("{DENIALS_PER_WINDOW}", &DENIALS_PER_WINDOW.to_string());
+    lua(&sharded_publish(&format!("{prelude}\n{body}"), sharded))
 }
 
 /// Under Cluster, channel and user events go out on sharded pub/sub (`SPUBLISH`, Redis 7):
@@ -734,14 +805,36 @@ return { 'ok', actual + 1 }
 "#)
 });
 
-/// Deletes a sync session's audit stream (`KEYS[1]`) when the session (`KEYS[2]`) no longer
-/// exists and the stream's newest entry is `ARGV[1]`, the last one copied: 1 when deleted.
-pub static DROP_COPIED_STREAM: LazyLock<Script> = LazyLock::new(|| {
+/// Trims what the audit writer's group (`ARGV[1]`) has copied from audit stream `KEYS[1]`, in
+/// one step with the check that nothing is pending (an entry another replica has read but not
+/// yet copied must stay readable). Then drops the whole stream when its newest entry is the
+/// last copied and it has ended: its owner `KEYS[2]` (a sync session) is gone, or, with no
+/// owner (a channel), nothing was appended for `ARGV[2]` ms. Answers 0 (entries pending),
+/// 1 (trimmed) or 2 (dropped).
+pub static TRIM_COPIED: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local last, pending
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  if f['name'] == ARGV[1] then last, pending = f['last-delivered-id'], f['pending'] end
+end
+if not last or pending > 0 then return 0 end
+redis.call('XTRIM', KEYS[1], 'MINID', last)
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-if newest and newest[1] ~= ARGV[1] then return 0 end
+if newest and newest[1] ~= last then return 1 end
+local ended
+if KEYS[2] then
+  ended = redis.call('EXISTS', KEYS[2]) == 0
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local at = newest and tonumber(string.match(newest[1], '^(%d+)')) or 0
+  ended = now - at >= tonumber(ARGV[2])
+end
+if not ended then return 1 end
 redis.call('DEL', KEYS[1])
-return 1
+return 2
 ")
 });
