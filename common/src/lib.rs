@@ -8,6 +8,7 @@
 //! - [`tls`] and [`authz`]: mutual TLS between the services, and who may call what.
 //! - [`devcerts`] (feature `devcerts`): a throwaway CA for the local stack and the tests.
 //! - [`metrics`]: Prometheus text exposition of a service's registry on `/metrics`.
+//! - [`source`]: budgets per client source (an IPv4 address, an IPv6 /64).
 //!
 //! Domain code lives in the services; this crate must stay free of it.
 
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod service;
 pub mod shutdown;
+pub mod source;
 pub mod telemetry;
 pub mod tls;
 

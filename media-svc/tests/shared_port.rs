@@ -331,3 +331,101 @@ async fn a_flood_of_hostile_datagrams_leaves_every_listener_s_delivery_complete(
     mic.close().await;
     join_all(ears.iter().map(|e| e.close())).await;
 }
+
+/// The offer's line `a=<name>:<value>`.
+fn sdp_attribute(sdp: &str, name: &str) -> String {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix(&format!("a={name}:")))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// The node's ICE/TCP candidate in an offer.
+fn tcp_candidate(sdp: &str) -> SocketAddr {
+    let fields: Vec<&str> = sdp
+        .lines()
+        .find(|l| l.starts_with("a=candidate:") && l.contains(" tcp "))
+        .expect("a TCP candidate")
+        .split(' ')
+        .collect();
+    format!("{}:{}", fields[4], fields[5]).parse().unwrap()
+}
+
+/// A client's first check for a transport (`ufrag`, `pwd`), framed for ICE/TCP (RFC 4571).
+fn framed_check(ufrag: &str, pwd: &str) -> Vec<u8> {
+    use rtc::stun::attributes::ATTR_USERNAME;
+    use rtc::stun::fingerprint::FINGERPRINT;
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{BINDING_REQUEST, Message, Setter, TransactionId};
+    use rtc::stun::textattrs::Username;
+    let crypto = rtc::crypto::default_provider().unwrap();
+    let mut check = Message::new();
+    check
+        .build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(TransactionId::new()),
+            Box::new(Username::new(ATTR_USERNAME, format!("{ufrag}:client"))),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                pwd.to_owned(),
+                crypto.crypto(),
+            )),
+            Box::new(FINGERPRINT),
+        ])
+        .unwrap();
+    let mut framed = u16::try_from(check.raw.len())
+        .unwrap()
+        .to_be_bytes()
+        .to_vec();
+    framed.extend_from_slice(&check.raw);
+    framed
+}
+
+/// One host opens many ICE/TCP connections and sends nothing (each may wait 5 s for its first
+/// check): past its source's budget of 32 they are closed at accept, and a client from
+/// another address still connects and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ice_tcp_connections_from_one_source_cannot_lock_out_another() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(Config::for_tests()).await;
+    let mut client = node.client().await;
+    let (_, offer) = recv_offer(&mut client, "ear", "ops").await;
+    let tcp = tcp_candidate(&offer);
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(tcp).await.unwrap());
+    }
+    // The connections past the budget are closed at once (end of stream, or a reset).
+    let mut closed = 0;
+    for stream in idle.iter_mut().skip(32) {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(_)) => panic!("the node sent something unasked"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 8, "the connections past the source's budget");
+    // Another source: its first check is answered.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(tcp).await.unwrap();
+    other
+        .write_all(&framed_check(
+            &sdp_attribute(&offer, "ice-ufrag"),
+            &sdp_attribute(&offer, "ice-pwd"),
+        ))
+        .await
+        .unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), other.read_exact(&mut len))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    other.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer[..2], &[0x01, 0x01], "a binding success response");
+    let refused = stats(&mut client).await.datagrams_refused;
+    assert!(refused >= 8, "{refused} refused");
+    node.shutdown.cancel();
+}

@@ -16,10 +16,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::auth::Authenticator;
-use crate::client_addr::AddressSlots;
 use crate::config::Config;
 use crate::hub::{Hub, Shards};
 use crate::metrics;
+use talkgroup_common::source::SourceBudget;
 
 /// Every call to state-svc ends within this (the streams have a channel of their own).
 const STATE_DEADLINE: Duration = Duration::from_secs(5);
@@ -44,7 +44,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Sockets held per client address.
-    pub addresses: Arc<AddressSlots>,
+    pub addresses: Arc<SourceBudget>,
     /// WebRTC transports held per user.
     pub transports: crate::quota::TransportQuota,
     /// TURN relays and their shared secret, when configured.
@@ -52,6 +52,9 @@ pub struct AppState {
     /// The wall clock, as `pong` and TURN credentials read it (a manual one in tests).
     pub clock: talkgroup_proto::clock::Clock,
     pub(crate) started: Instant,
+    /// The live media nodes `/health` last counted, and when: one state-svc call a second
+    /// at most, however often `/health` is asked (it is unauthenticated).
+    pub(crate) health: tokio::sync::Mutex<Option<(Instant, Option<usize>)>>,
 }
 
 impl AppState {
@@ -170,5 +173,6 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         turn,
         clock: talkgroup_proto::clock::Clock::system(),
         started: Instant::now(),
+        health: tokio::sync::Mutex::default(),
     }))
 }

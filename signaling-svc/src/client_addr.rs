@@ -1,15 +1,18 @@
 //! Who a socket comes from, and how many sockets each client address holds.
 //!
 //! The client address is the TCP peer, unless the peer is a trusted proxy
-//! (`--trusted-proxies`): then it is the last address in `X-Forwarded-For` that is not itself a
-//! trusted proxy (each proxy appends the address it saw, so only the entries the trusted chain
-//! added can be believed; the ones before them are whatever the client wrote). Each address may
-//! hold `--max-sockets-per-address` sockets on this gateway.
+//! (`--trusted-proxies`): then it is the address the outermost of the `--trusted-proxy-hops`
+//! proxies in front saw, the entry that many places from the end of `X-Forwarded-For` (each
+//! proxy appends the address it saw, so only the entries the trusted chain added can be
+//! believed; the ones before them are whatever the client wrote). Counting hops rather than
+//! skipping trusted addresses means a client whose own address is private (a venue over a
+//! VPN, a pod) is counted as itself, and cannot pick an address by writing one. Each address may
+//! hold `--max-sockets-per-address` sockets on this gateway, or what its allowance
+//! (`--source-allowances`) says; one source is an IPv4 address or an IPv6 /64
+//! ([`talkgroup_common::source`]).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 
 use axum::http::HeaderMap;
 
@@ -75,11 +78,12 @@ fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// The client's address: the peer's, or from `X-Forwarded-For` when the peer is trusted.
-pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+/// The client's address: the peer's, or from `X-Forwarded-For` when the peer is trusted:
+/// the entry `hops` places from its end (`hops` trusted proxies in front appended one each).
+/// A header with fewer entries, or garbage there, leaves the peer's address.
+pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr], hops: usize) -> IpAddr {
     let peer = canonical(peer);
-    let is_trusted = |a: IpAddr| trusted.iter().any(|c| c.contains(a));
-    if !is_trusted(peer) {
+    if hops == 0 || !is_trusted(peer, trusted) {
         return peer;
     }
     let forwarded = headers
@@ -89,63 +93,54 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAdd
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .collect::<Vec<_>>();
-    for entry in forwarded.iter().rev() {
-        match entry.parse::<IpAddr>() {
-            Ok(addr) if is_trusted(canonical(addr)) => continue,
-            Ok(addr) => return canonical(addr),
-            // Garbage in the chain: nothing before it can be believed.
-            Err(_) => break,
-        }
-    }
-    peer
+    forwarded
+        .len()
+        .checked_sub(hops)
+        .and_then(|at| forwarded[at].parse::<IpAddr>().ok())
+        .map_or(peer, canonical)
 }
 
-/// Sockets held per client address on this gateway.
-#[derive(Debug, Default)]
-pub struct AddressSlots {
-    held: Mutex<HashMap<IpAddr, usize>>,
+/// A larger budget for one block of client addresses: `CIDR=N` (a venue's or an office's
+/// NAT address, where hundreds of staff share one address). Written `198.51.100.7=1000` or
+/// `203.0.113.0/24=600`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub block: Cidr,
+    pub max: usize,
 }
 
-/// One socket's place in its address's count, given back when dropped.
-#[derive(Debug)]
-pub struct AddressSlot {
-    slots: Arc<AddressSlots>,
-    addr: IpAddr,
-}
+impl FromStr for Allowance {
+    type Err = String;
 
-impl AddressSlots {
-    /// A slot for `addr`, unless it already holds `max`.
-    pub fn take(self: &Arc<Self>, addr: IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = held.entry(addr).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot {
-            slots: Arc::clone(self),
-            addr,
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (block, max) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not CIDR=N"))?;
+        let max = max
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| format!("{text:?}: N must be 1 to 100000"))?;
+        Ok(Self {
+            block: block.parse()?,
+            max,
         })
     }
 }
 
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut held = self
-            .slots
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = held.get_mut(&self.addr) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.addr);
-            }
-        }
-    }
+/// What one client address may hold: the first allowance whose block holds it, else
+/// `default`.
+pub fn budget_for(addr: IpAddr, allowances: &[Allowance], default: usize) -> usize {
+    allowances
+        .iter()
+        .find(|a| a.block.contains(addr))
+        .map_or(default, |a| a.max)
+}
+
+/// Whether `peer` is one of the trusted proxies.
+pub fn is_trusted(peer: IpAddr, trusted: &[Cidr]) -> bool {
+    trusted.iter().any(|c| c.contains(peer))
 }
 
 #[cfg(test)]
@@ -181,37 +176,59 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(
             "x-forwarded-for",
-            "6.6.6.6, 1.2.3.4, 10.0.0.7".parse().unwrap(),
+            "6.6.6.6, 10.9.9.9, 10.0.0.7".parse().unwrap(),
         );
-        // From the proxy: the last untrusted entry (what the proxy chain saw).
+        // From the proxy: the address the outermost trusted hop saw, private or not.
         assert_eq!(
-            client_addr(ip("10.0.0.2"), &headers, &trusted),
-            ip("1.2.3.4")
+            client_addr(ip("10.0.0.2"), &headers, &trusted, 1),
+            ip("10.0.0.7")
         );
-        // From anyone else the header is the client's own claim: ignored.
         assert_eq!(
-            client_addr(ip("5.5.5.5"), &headers, &trusted),
-            ip("5.5.5.5")
+            client_addr(ip("10.0.0.2"), &headers, &trusted, 2),
+            ip("10.9.9.9")
         );
-        headers.insert("x-forwarded-for", "1.2.3.4, garbage".parse().unwrap());
+        // No hops configured, or from anyone else: the header is the client's own claim.
         assert_eq!(
-            client_addr(ip("10.0.0.2"), &headers, &trusted),
+            client_addr(ip("10.0.0.2"), &headers, &trusted, 0),
             ip("10.0.0.2")
         );
         assert_eq!(
-            client_addr(ip("10.0.0.2"), &HeaderMap::new(), &trusted),
+            client_addr(ip("5.5.5.5"), &headers, &trusted, 1),
+            ip("5.5.5.5")
+        );
+        // Fewer entries than hops, garbage, or no header: the peer.
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &headers, &trusted, 4),
+            ip("10.0.0.2")
+        );
+        headers.insert("x-forwarded-for", "1.2.3.4, garbage".parse().unwrap());
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &headers, &trusted, 1),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &HeaderMap::new(), &trusted, 1),
             ip("10.0.0.2")
         );
     }
 
     #[test]
-    fn an_address_holds_at_most_its_slots() {
-        let slots = Arc::new(AddressSlots::default());
-        let a = slots.take(ip("1.1.1.1"), 2).unwrap();
-        let _b = slots.take(ip("1.1.1.1"), 2).unwrap();
-        assert!(slots.take(ip("1.1.1.1"), 2).is_none());
-        assert!(slots.take(ip("2.2.2.2"), 2).is_some(), "per address");
-        drop(a);
-        assert!(slots.take(ip("1.1.1.1"), 2).is_some());
+    fn allowances_give_a_block_its_own_budget() {
+        let allowances: Vec<Allowance> = vec![
+            "198.51.100.7=1000".parse().unwrap(),
+            "10.0.0.0/8=600".parse().unwrap(),
+        ];
+        assert_eq!(budget_for(ip("198.51.100.7"), &allowances, 100), 1000);
+        assert_eq!(budget_for(ip("10.2.3.4"), &allowances, 100), 600);
+        assert_eq!(budget_for(ip("203.0.113.1"), &allowances, 100), 100);
+        for bad in [
+            "10.0.0.0/8",
+            "10.0.0.0/8=0",
+            "10.0.0.0/8=x",
+            "nonsense=5",
+            "1.2.3.4=100001",
+        ] {
+            assert!(bad.parse::<Allowance>().is_err(), "{bad}");
+        }
     }
 }

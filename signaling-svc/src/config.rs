@@ -208,9 +208,29 @@ pub struct Config {
         default_value_t = 100
     )]
     pub max_sockets_per_address: usize,
+    /// TCP connections (WebSockets, HTTP requests, connections that have sent nothing yet) one
+    /// source may hold on this gateway at once, counted at accept; a trusted proxy's
+    /// connections are not counted (its clients are, by their forwarded address, per socket).
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 128
+    )]
+    pub max_connections_per_address: usize,
+    /// Larger budgets for known client networks, comma-separated `CIDR=N`: each address in the
+    /// block may hold N sockets and N connections (a venue or office where hundreds of staff
+    /// share one NAT address). For example `198.51.100.7=1000`.
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_SOURCE_ALLOWANCES",
+        value_delimiter = ','
+    )]
+    pub source_allowances: Vec<crate::client_addr::Allowance>,
     /// Proxies (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For` is believed:
-    /// for a connection from one of them, the client address is the last address in that
-    /// header that is not itself a trusted proxy.
+    /// for a connection from one of them, the client address is the entry
+    /// `--trusted-proxy-hops` places from the end of that header.
     #[arg(
         help_heading = "Listeners",
         long,
@@ -218,6 +238,15 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub trusted_proxies: Vec<crate::client_addr::Cidr>,
+    /// How many trusted proxies stand in front of the gateway, each appending the address it
+    /// saw to `X-Forwarded-For` (one Ingress: 1). 0 believes no header.
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_SIGNALING_TRUSTED_PROXY_HOPS",
+        default_value_t = 1
+    )]
+    pub trusted_proxy_hops: usize,
     /// `Watch` streams on state-svc at most; the gateway's channels are spread over them.
     #[arg(
         help_heading = "state-svc and the event plane",
@@ -391,6 +420,14 @@ impl Config {
             || self.max_sockets_per_address == 0
         {
             return Err("connection, channel and socket limits must be positive".into());
+        }
+        if self.trusted_proxy_hops > 8 {
+            return Err("trusted proxy hops must be at most 8".into());
+        }
+        if self.max_connections_per_address < self.max_sockets_per_address {
+            return Err(
+                "max connections per address must be at least max sockets per address".into(),
+            );
         }
         if self.ping_interval_ms < 100
             || self.request_rate == 0

@@ -34,7 +34,7 @@ pub mod turn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
@@ -200,8 +200,18 @@ async fn ws(
     // unauthenticated attempts cost.
     let address = match peer {
         Some(Extension(ConnectInfo(peer))) => {
-            let addr = client_addr::client_addr(peer.ip(), &headers, &app.config.trusted_proxies);
-            let Some(held) = app.addresses.take(addr, app.config.max_sockets_per_address) else {
+            let addr = client_addr::client_addr(
+                peer.ip(),
+                &headers,
+                &app.config.trusted_proxies,
+                app.config.trusted_proxy_hops,
+            );
+            let max = client_addr::budget_for(
+                addr,
+                &app.config.source_allowances,
+                app.config.max_sockets_per_address,
+            );
+            let Some(held) = app.addresses.take(addr, max) else {
                 app.metrics.refused("sockets-per-address");
                 tracing::info!(%addr, "refused connection: too many sockets from this address");
                 return (StatusCode::TOO_MANY_REQUESTS, "too many connections").into_response();
@@ -249,7 +259,18 @@ struct Health {
     media_nodes: Option<usize>,
 }
 
-async fn health(State(app): State<Arc<AppState>>) -> Response {
+/// How long `/health` reuses its count of live media nodes.
+const HEALTH_FRESH: Duration = Duration::from_secs(1);
+
+/// Live media nodes, from state-svc at most once per [`HEALTH_FRESH`]: callers that come
+/// while one asks wait for its answer. `None` when state-svc does not answer.
+async fn live_nodes(app: &AppState) -> Option<usize> {
+    let mut cached = app.health.lock().await;
+    if let Some((at, nodes)) = *cached
+        && at.elapsed() < HEALTH_FRESH
+    {
+        return nodes;
+    }
     let nodes = tokio::time::timeout(
         Duration::from_millis(500),
         app.registry().list_nodes(spb::ListNodesRequest {}),
@@ -258,6 +279,12 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     .ok()
     .and_then(Result::ok)
     .map(|r| r.into_inner().nodes.iter().filter(|n| n.live).count());
+    *cached = Some((Instant::now(), nodes));
+    nodes
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    let nodes = live_nodes(&app).await;
     let status = if app.shutdown.is_cancelled() {
         "draining"
     } else if nodes.is_some() {
@@ -373,6 +400,9 @@ pub async fn run_with_metrics(
         header_timeout: Duration::from_millis(app_state.config.header_timeout_ms),
         send_buffer: app_state.config.socket_send_buffer,
         https,
+        max_connections_per_address: app_state.config.max_connections_per_address,
+        trusted_proxies: app_state.config.trusted_proxies.clone(),
+        allowances: app_state.config.source_allowances.clone(),
     };
     let metrics = Arc::clone(&app_state.metrics);
     listener::serve(listener, app(app_state), limits, metrics, shutdown, grace).await;

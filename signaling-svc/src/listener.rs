@@ -5,6 +5,10 @@
 //! would stay open for good, and nothing bounds how many there are. Here:
 //! - at most `--max-connections` TCP connections are held at once (a WebSocket keeps its slot
 //!   until it closes); one more is closed as soon as it is accepted, and counted;
+//! - at most `--max-connections-per-address` of them from one source (an IPv4 address, an
+//!   IPv6 /64; more for an allowance), counted at accept, so one host's idle or keep-alive
+//!   connections cannot take every slot; a trusted proxy's connections are not counted here
+//!   (its clients are, per socket, by their forwarded address);
 //! - each connection's kernel send buffer is fixed (`--socket-send-buffer`), so a client that
 //!   stops reading holds at most that in the kernel, besides its outbox in the gateway;
 //! - a connection must send a whole request head within `--header-timeout-ms` of its accept,
@@ -32,7 +36,9 @@ use tower_service::Service;
 use talkgroup_common::tls::ServerCert;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::client_addr::{self, Allowance, Cidr};
 use crate::metrics::GatewayMetrics;
+use talkgroup_common::source::SourceBudget;
 
 /// A TCP connection's place under the global limit, held as long as any clone is.
 #[derive(Debug, Clone)]
@@ -47,6 +53,11 @@ pub struct Limits {
     pub send_buffer: usize,
     /// Serve HTTPS with this certificate instead of plain HTTP.
     pub https: Option<Arc<ServerCert>>,
+    /// Connections one source may hold, unless an allowance says more.
+    pub max_connections_per_address: usize,
+    /// Proxies whose connections are not counted per source.
+    pub trusted_proxies: Vec<Cidr>,
+    pub allowances: Vec<Allowance>,
 }
 
 /// Accepts and serves connections until `shutdown`; then asks each open HTTP connection to
@@ -61,6 +72,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_source = Arc::new(SourceBudget::default());
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -83,6 +95,22 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let source_slot = if client_addr::is_trusted(peer.ip(), &limits.trusted_proxies) {
+            None
+        } else {
+            let max = client_addr::budget_for(
+                peer.ip(),
+                &limits.allowances,
+                limits.max_connections_per_address,
+            );
+            let Some(held) = per_source.take(peer.ip(), max) else {
+                metrics.refused("connections-per-address");
+                tracing::debug!(%peer, "connection limit of this source reached; closing");
+                drop(stream);
+                continue;
+            };
+            Some(held)
+        };
         // Small frames both ways: never hold one back for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         if limits.send_buffer > 0 {
@@ -95,6 +123,8 @@ pub async fn serve(
         let header_timeout = limits.header_timeout;
         let metrics = Arc::clone(&metrics);
         connections.spawn(async move {
+            // The source's place is given back when the connection ends.
+            let _source_slot = source_slot;
             let Some(cert) = https else {
                 return serve_connection(stream, peer, slot, router, header_timeout, stop).await;
             };

@@ -1531,3 +1531,126 @@ async fn a_grant_the_media_node_refuses_as_stale_is_not_reported_granted() {
     }
     stack.stop.cancel();
 }
+
+/// A WebSocket upgrade from a socket bound to `local` (another loopback address is another
+/// source), with `forwarded` as `X-Forwarded-For` when given; the socket, or the HTTP status
+/// it was refused with.
+async fn socket_from(
+    gw: SocketAddr,
+    local: &str,
+    forwarded: Option<&str>,
+    sub: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(gw).await.unwrap();
+    let bearer = token(sub, sub, 600, SECRET);
+    let mut request = format!("ws://{gw}/ws?token={bearer}")
+        .into_client_request()
+        .unwrap();
+    if let Some(forwarded) = forwarded {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", forwarded.parse().unwrap());
+    }
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(WsError::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("unexpected {e}"),
+    }
+}
+
+/// One host opens connections and sends nothing, as keep-alive HTTP would hold them: past
+/// its source's budget they are closed at accept, and another source still gets its socket
+/// (with one budget for the whole gateway, the host would have taken every slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_s_idle_connections_cannot_lock_out_another() {
+    let mut stack = stack_with(1, 5_000, 60_000, |c| {
+        c.max_connections = 8;
+        c.max_connections_per_address = 4;
+        c.max_sockets_per_address = 2;
+    })
+    .await;
+    let _alone = stack.alone().await;
+    let gw = stack.gateways[0];
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(TcpStream::connect(gw).await.unwrap());
+    }
+    for stream in idle.iter_mut().skip(4) {
+        let after = closed_after(stream).await;
+        assert!(after < Duration::from_secs(1), "closed after {after:?}");
+    }
+    let mut other = socket_from(gw, "127.0.0.2", None, "u-other")
+        .await
+        .expect("another source's socket");
+    other
+        .send(Message::text(
+            json!({"type": "ping", "id": "p"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    // The session push comes first, then the answer.
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(frame)) = other.next().await {
+            if frame.to_text().unwrap_or_default().contains("\"pong\"") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(answered, Ok(true), "another source's ping answered");
+    let metrics = http_get(stack.metrics[0], "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("reason=\"connections-per-address\"") && l.ends_with(" 6")),
+        "{metrics}"
+    );
+    stack.stop.cancel();
+}
+
+/// Behind a trusted proxy, 500 staff of a venue share one address: an allowance for its
+/// block lets them all in, while an address without one is still capped at
+/// `--max-sockets-per-address`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_venue_behind_a_trusted_proxy_holds_500_sockets_and_others_stay_capped() {
+    let mut stack = stack_with(1, 5_000, 60_000, |c| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        c.source_allowances = vec!["10.0.0.0/8=600".parse().unwrap()];
+        c.max_sockets_per_address = 100;
+    })
+    .await;
+    let _alone = stack.alone().await;
+    let gw = stack.gateways[0];
+    let mut venue = Vec::new();
+    for i in 0..500 {
+        let socket = socket_from(gw, "127.0.0.1", Some("10.20.30.40"), &format!("u-v{i}"))
+            .await
+            .unwrap_or_else(|status| panic!("venue socket {i} refused with {status}"));
+        venue.push(socket);
+    }
+    let mut outside = Vec::new();
+    for i in 0..100 {
+        outside.push(
+            socket_from(gw, "127.0.0.1", Some("203.0.113.9"), &format!("u-o{i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        socket_from(gw, "127.0.0.1", Some("203.0.113.9"), "u-o100")
+            .await
+            .err(),
+        Some(429)
+    );
+    // A client cannot pick its address: only the entry the proxy appended counts.
+    assert_eq!(
+        socket_from(gw, "127.0.0.1", Some("10.1.1.1, 203.0.113.9"), "u-o101")
+            .await
+            .err(),
+        Some(429)
+    );
+    stack.stop.cancel();
+}

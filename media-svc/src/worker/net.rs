@@ -48,6 +48,11 @@ const MAX_PATHS_PER_TRANSPORT: usize = 8;
 const SOCKET_BUFFER: usize = 4 << 20;
 /// ICE/TCP connections a node holds at once; past this, new ones are closed at accept.
 pub const MAX_TCP_CONNECTIONS: usize = 8192;
+/// ICE/TCP connections one source (an IPv4 address, an IPv6 /64) may hold before their first
+/// valid check: each may wait [`FIRST_CHECK_TIMEOUT`] for it, and one host must not hold the
+/// node's whole budget that way. A client sends its check as soon as it connects, so even a
+/// venue behind one address holds few at a time; connections with a path are not counted.
+pub const MAX_UNCHECKED_TCP_PER_SOURCE: usize = 32;
 /// Largest RFC 4571 frame accepted; a longer one closes the connection.
 const MAX_FRAME: usize = 4096;
 /// A TCP connection must open a path (send a valid check) this soon after it is accepted.
@@ -74,12 +79,15 @@ pub enum Drop {
     QueueFull,
     /// An ICE/TCP connection past the node's limit, closed at accept.
     TcpLimit,
+    /// An ICE/TCP connection past its source's budget of connections without a check, closed
+    /// at accept.
+    TcpSourceLimit,
     /// An ICE/TCP frame longer than the node accepts; the connection is closed.
     OversizedFrame,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 8] = [
+    pub const ALL: [Drop; 9] = [
         Drop::UnknownAddress,
         Drop::DtlsUnchecked,
         Drop::UnknownUfrag,
@@ -87,6 +95,7 @@ impl Drop {
         Drop::UnknownSsrc,
         Drop::QueueFull,
         Drop::TcpLimit,
+        Drop::TcpSourceLimit,
         Drop::OversizedFrame,
     ];
 
@@ -100,6 +109,7 @@ impl Drop {
             Drop::UnknownSsrc => "unknown_ssrc",
             Drop::QueueFull => "queue_full",
             Drop::TcpLimit => "tcp_limit",
+            Drop::TcpSourceLimit => "tcp_source_limit",
             Drop::OversizedFrame => "oversized_frame",
         }
     }
@@ -141,6 +151,8 @@ pub struct Demux {
     verifier: Verifier,
     drops: [AtomicU64; Drop::ALL.len()],
     tcp_connections: AtomicUsize,
+    /// ICE/TCP connections without a valid check yet, per source.
+    unchecked_tcp: std::sync::Arc<talkgroup_common::source::SourceBudget>,
 }
 
 impl Demux {
@@ -150,6 +162,7 @@ impl Demux {
             verifier: Verifier::new()?,
             drops: Default::default(),
             tcp_connections: AtomicUsize::new(0),
+            unchecked_tcp: std::sync::Arc::default(),
         })
     }
 
@@ -319,6 +332,16 @@ pub(super) async fn serve_tcp(
         demux.count(Drop::TcpLimit);
         return;
     }
+    let Some(slot) = demux
+        .unchecked_tcp
+        .take(remote.ip(), MAX_UNCHECKED_TCP_PER_SOURCE)
+    else {
+        demux.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+        demux.count(Drop::TcpSourceLimit);
+        return;
+    };
+    // Given back at the first valid check: from then on the path bounds the connection.
+    let mut unchecked = Some(slot);
     let _ = stream.set_nodelay(true);
     let path = Path::tcp(remote);
     let (writer, mut queue) = mpsc::channel::<Bytes>(TCP_QUEUE);
@@ -373,6 +396,7 @@ pub(super) async fn serve_tcp(
                                 if let Some(w) = writer.take() {
                                     demux.write().tcp.insert(remote, w);
                                 }
+                                drop(unchecked.take());
                                 key = Some(k);
                                 k
                             }
