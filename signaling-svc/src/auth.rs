@@ -161,14 +161,12 @@ impl Authenticator {
     pub fn from_config(config: &Config) -> Result<Self, String> {
         let mut template = Validation::new(Algorithm::HS256);
         // A configured audience or issuer must be present in the token, not merely match when
-        // it happens to be there.
+        // it happens to be there. With no audience configured the gateway serves none, so a
+        // token that names one is for somebody else and is refused (RFC 7519 4.1.3).
         let mut required = vec!["exp", "sub"];
-        match &config.jwt_audience {
-            Some(aud) => {
-                template.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => template.validate_aud = false,
+        if let Some(aud) = &config.jwt_audience {
+            template.set_audience(&[aud]);
+            required.push("aud");
         }
         if let Some(iss) = &config.jwt_issuer {
             template.set_issuer(&[iss]);

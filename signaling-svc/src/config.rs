@@ -90,6 +90,17 @@ pub struct Config {
     /// Required `iss` claim, if set.
     #[arg(help_heading = "Client tokens", long, env = "PTT_SIGNALING_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// Production mode: refuse to start without `--jwt-audience` and `--jwt-issuer` (a token
+    /// signed for another service of the same identity provider must not open a socket here)
+    /// and with `--dev-tokens`.
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_PRODUCTION",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub production: bool,
     /// Clock skew allowed on a token's `exp` and `nbf`, in seconds; a socket is closed this
     /// long after its token's `exp` unless the client sent `refresh-token` before.
     #[arg(
@@ -421,6 +432,13 @@ impl Config {
         {
             return Err("connection, channel and socket limits must be positive".into());
         }
+        if self.production
+            && (self.jwt_audience.is_none() || self.jwt_issuer.is_none() || self.dev_tokens)
+        {
+            return Err(
+                "production mode needs --jwt-audience and --jwt-issuer, and no --dev-tokens".into(),
+            );
+        }
         if self.trusted_proxy_hops > 8 {
             return Err("trusted proxy hops must be at most 8".into());
         }
@@ -476,6 +494,29 @@ mod tests {
         config.channels = (0..=MAX_LISTED_CHANNELS).map(|i| format!("c{i}")).collect();
         assert!(config.validate().is_err());
         config.channels = vec!["a".repeat(65)];
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn production_mode_needs_an_audience_and_an_issuer_and_no_dev_tokens() {
+        let mut config = Config::for_tests("a-test-secret-of-enough-length");
+        config.production = true;
+        assert!(config.validate().unwrap_err().contains("production"));
+        config.jwt_audience = Some("talkgroup".into());
+        assert!(config.validate().is_err(), "no issuer");
+        config.jwt_issuer = Some("https://login.example.com/".into());
+        assert!(config.validate().is_ok());
+        config.dev_tokens = true;
+        assert!(config.validate().is_err(), "development tokens");
+    }
+
+    #[test]
+    fn per_source_budgets_are_consistent() {
+        let mut config = Config::for_tests("a-test-secret-of-enough-length");
+        config.max_connections_per_address = config.max_sockets_per_address - 1;
+        assert!(config.validate().is_err());
+        config.max_connections_per_address = config.max_sockets_per_address;
+        config.trusted_proxy_hops = 9;
         assert!(config.validate().is_err());
     }
 }

@@ -832,6 +832,25 @@ async fn tokens_not_yet_valid_or_for_another_audience_are_refused() {
     let good = json!({"sub": "u1", "exp": now + 600, "aud": "talkgroup", "nbf": now - 10});
     assert!(http_status(gw, bearer(signed(&good)), "/ws").await.is_ok());
     stack.stop.cancel();
+
+    // A gateway with no audience configured serves none: a token that names one is for
+    // somebody else (RFC 7519 4.1.3); one that names none is fine.
+    let open = stack_with(1, 5_000, 60_000, |_| {}).await;
+    let gw = open.gateways[0];
+    let named = json!({"sub": "u1", "exp": now + 600, "aud": "elsewhere"});
+    assert_eq!(
+        http_status(gw, bearer(signed(&named)), "/ws")
+            .await
+            .unwrap_err(),
+        401
+    );
+    let unnamed = json!({"sub": "u1", "exp": now + 600});
+    assert!(
+        http_status(gw, bearer(signed(&unnamed)), "/ws")
+            .await
+            .is_ok()
+    );
+    open.stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
