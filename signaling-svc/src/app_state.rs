@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use talkgroup_common::grpc::Security;
 use talkgroup_common::telemetry::Inject;
-use talkgroup_common::tls::{Expect, Identity, PeerKind};
+use talkgroup_common::tls::{Expect, Identity};
 use talkgroup_proto::media::v1 as mpb;
 use talkgroup_proto::state::v1 as spb;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,9 @@ use talkgroup_common::source::SourceBudget;
 const STATE_DEADLINE: Duration = Duration::from_secs(5);
 /// Every call to a media node ends within this.
 const MEDIA_DEADLINE: Duration = Duration::from_secs(5);
+/// Media nodes (urls) the gateway remembers a client and an id for; past this the maps
+/// start over (clients are made again on demand), so nodes long gone are not kept for ever.
+const MAX_MEDIA_NODES: usize = 1024;
 
 /// A gRPC channel whose calls carry the current trace context.
 pub type Traced = InterceptedService<Channel, Inject>;
@@ -40,7 +43,11 @@ pub struct AppState {
     pub security: Security,
     pub hub: Arc<Hub>,
     pub metrics: Arc<metrics::GatewayMetrics>,
-    media: Mutex<HashMap<String, mpb::media_service_client::MediaServiceClient<Traced>>>,
+    /// A client per media node, keyed by (url, node id).
+    media: Mutex<HashMap<(String, String), mpb::media_service_client::MediaServiceClient<Traced>>>,
+    /// The node id the registry last named for each media url: the id the node's certificate
+    /// must name when the gateway dials it.
+    media_ids: Mutex<HashMap<String, String>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Sockets held per client address.
@@ -97,29 +104,54 @@ impl AppState {
     }
 
     /// A client for the media node at `url` (one HTTP/2 connection per node, reused).
+    /// Remembers which node the registry says serves `node.grpc_addr`; every placement the
+    /// gateway reads passes here before it dials the node.
+    pub fn learn_node(&self, node: &spb::MediaNode) {
+        let mut ids = self
+            .media_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ids.len() >= MAX_MEDIA_NODES && !ids.contains_key(&node.grpc_addr) {
+            ids.clear();
+        }
+        ids.insert(node.grpc_addr.clone(), node.node_id.clone());
+    }
+
+    /// A client of the media node at `url`, which must present the certificate of the node
+    /// the registry named for it ([`Self::learn_node`]): a node's certificate for another
+    /// address is refused. `None` when no placement named the url, or it cannot be dialled.
     pub fn media(
         &self,
         url: &str,
     ) -> Option<mpb::media_service_client::MediaServiceClient<Traced>> {
+        let id = self
+            .media_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(url)?
+            .clone();
+        let key = (url.to_owned(), id);
         let mut media = self
             .media
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(client) = media.get(url) {
+        if let Some(client) = media.get(&key) {
             return Some(client.clone());
         }
-        // Any media node's identity: the registry (which only a node itself can write to,
-        // for its own id) is what maps this url to a node.
         let channel = talkgroup_common::grpc::channel(
             url,
             Some(MEDIA_DEADLINE),
             &self.security,
-            Expect::Kind(PeerKind::Media),
+            Expect::Exactly(Identity::Media(key.1.clone())),
         )
         .ok()?;
         let client =
             mpb::media_service_client::MediaServiceClient::with_interceptor(channel, Inject);
-        media.insert(url.to_owned(), client.clone());
+        // Clients of nodes long gone are not kept for ever.
+        if media.len() >= MAX_MEDIA_NODES {
+            media.clear();
+        }
+        media.insert(key, client.clone());
         Some(client)
     }
 }
@@ -166,6 +198,7 @@ pub fn app_state(config: Config, shutdown: CancellationToken) -> Result<Arc<AppS
         hub: Hub::with_shards(shards),
         metrics: metrics::GatewayMetrics::new(),
         media: Mutex::default(),
+        media_ids: Mutex::default(),
         shutdown,
         tracker: TaskTracker::new(),
         addresses: Arc::default(),

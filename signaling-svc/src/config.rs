@@ -313,13 +313,13 @@ pub struct Config {
         env = "PTT_SIGNALING_TURN_SECRET_FILE"
     )]
     pub turn_secret_file: Option<std::path::PathBuf>,
-    /// How long TURN credentials stay valid, in seconds (60 to 86400); clients ask again
-    /// (`get-ice-servers`) before they expire.
+    /// How long TURN credentials stay valid, in seconds (60 to 86400), and never past the
+    /// user's token's `exp`; clients ask again (`get-ice-servers`) before they expire.
     #[arg(
         help_heading = "TURN relays",
         long,
         env = "PTT_SIGNALING_TURN_TTL_S",
-        default_value_t = 3_600
+        default_value_t = 1_800
     )]
     pub turn_ttl_s: u64,
     /// Time connections get to close after SIGTERM, in ms.

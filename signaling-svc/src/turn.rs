@@ -90,9 +90,11 @@ impl Turn {
         }
     }
 
-    /// Credentials for `user`, valid until `now_s + ttl` (Unix seconds); the expiry in ms.
-    pub fn credentials(&self, user: &str, now_s: u64) -> (IceServer, i64) {
-        let expiry = now_s.saturating_add(self.ttl.as_secs());
+    /// Credentials for `user`, valid until `now_s + ttl` but never past `not_after_s` (the
+    /// user's token's `exp`: a relay is no way in for longer than the right to be here);
+    /// Unix seconds. The expiry in ms.
+    pub fn credentials(&self, user: &str, now_s: u64, not_after_s: u64) -> (IceServer, i64) {
+        let expiry = now_s.saturating_add(self.ttl.as_secs()).min(not_after_s);
         let username = format!("{expiry}:{user}");
         let tag = hmac::sign(&self.key, username.as_bytes());
         let credential = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
@@ -124,7 +126,7 @@ mod tests {
 
     #[test]
     fn credentials_are_the_rest_api_form_coturn_checks() {
-        let (server, expires_at) = turn(600).credentials("ana", 1_700_000_000);
+        let (server, expires_at) = turn(600).credentials("ana", 1_700_000_000, u64::MAX);
         assert_eq!(server.username, "1700000600:ana");
         assert_eq!(expires_at, 1_700_000_600_000);
         // base64(HMAC-SHA1("0123456789abcdef", "1700000600:ana")), computed independently
@@ -132,6 +134,13 @@ mod tests {
         // base64`.
         assert_eq!(server.credential, "KoVJUJqSNE+6VzIRbsRGcAVHvtg=");
         assert_eq!(server.urls, vec!["turn:relay.example:3478?transport=udp"]);
+    }
+
+    #[test]
+    fn credentials_end_with_the_users_token() {
+        let (server, expires_at) = turn(600).credentials("ana", 1_700_000_000, 1_700_000_100);
+        assert_eq!(server.username, "1700000100:ana");
+        assert_eq!(expires_at, 1_700_000_100_000);
     }
 
     #[test]

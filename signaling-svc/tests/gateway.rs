@@ -1462,6 +1462,17 @@ async fn turn_credentials_go_to_users_with_a_role_and_match_the_relay_s_secret()
         .await;
     assert_eq!(created["iceServers"][0]["urls"], json!(urls));
 
+    // A user whose token ends in two minutes gets credentials that end with it, not in ten.
+    let short_exp = now_s() + 120;
+    let short = signed(&json!({"sub": "u-short", "exp": short_exp, "grants": {"*": "listen"}}));
+    let mut brief = Client::connect(gw, &short).await;
+    let reply = brief.ok("get-ice-servers", json!({})).await;
+    assert_eq!(
+        reply["iceServers"][0]["username"],
+        format!("{short_exp}:u-short")
+    );
+    assert_eq!(reply["expiresAt"], json!(short_exp * 1000));
+
     // A user with no role in any channel gets none.
     let nobody = signed(&json!({"sub": "u-none", "exp": now_s() + 600, "grants": {}}));
     let mut none = Client::connect(gw, &nobody).await;
@@ -1671,5 +1682,51 @@ async fn a_venue_behind_a_trusted_proxy_holds_500_sockets_and_others_stay_capped
             .err(),
         Some(429)
     );
+    stack.stop.cancel();
+}
+
+/// A media node's certificate is good for its own node id only: when the registry names node
+/// `media-x` at an address where another node (`media-gw-test`) answers, the gateway refuses
+/// that node's certificate and the client gets UNAVAILABLE, instead of sending its media to
+/// whichever media node answers at the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_dials_a_media_node_only_under_the_node_id_the_registry_names() {
+    use talkgroup_proto::state::v1 as spb;
+    let stack = stack(1, 5_000, 60_000).await;
+    let gw = stack.gateways[0];
+    let registry = |node: &str| {
+        spb::media_registry_service_client::MediaRegistryServiceClient::new(
+            TestPki::global().channel(stack.state, &Identity::Media(node.into()), Identity::State),
+        )
+    };
+    registry("media-x")
+        .register_node(spb::RegisterNodeRequest {
+            node: Some(spb::MediaNode {
+                node_id: "media-x".into(),
+                grpc_addr: format!("http://{}", stack.media),
+                announced_ip: "127.0.0.1".into(),
+                capacity: 100,
+                load: 0,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // The real node drains itself, so the next channel goes to "media-x".
+    registry("media-gw-test")
+        .drain_node(spb::DrainNodeRequest {
+            node_id: "media-gw-test".into(),
+        })
+        .await
+        .unwrap();
+    let mut a = client(gw, "u-pin", "Pin").await;
+    a.ok("join-channel", json!({"channelId": "pinned"})).await;
+    let refused = a
+        .request(
+            "create-transport",
+            json!({"channelId": "pinned", "direction": "send"}),
+        )
+        .await;
+    assert_eq!(refused["error"]["code"], "UNAVAILABLE", "{refused}");
     stack.stop.cancel();
 }

@@ -285,6 +285,15 @@ pub struct Config {
         default_value_t = 20_000
     )]
     pub resume_grace_ms: u32,
+    /// The most transports a media node may register as its capacity; more is clamped to
+    /// this (and logged), so a node cannot attract every new channel by claiming a huge one.
+    #[arg(
+        help_heading = "Floors and sessions",
+        long,
+        env = "PTT_STATE_MAX_NODE_CAPACITY",
+        default_value_t = 20_000
+    )]
+    pub max_node_capacity: u32,
     /// Replicas that must have a floor grant (Redis `WAIT`) before it is answered, so that a
     /// failover cannot lose a grant someone was told of; a grant they do not confirm within
     /// half of --redis-timeout-ms is given back and answered UNAVAILABLE. 0: answer at once.
@@ -398,7 +407,7 @@ impl Config {
     }
 
     /// Each numeric setting with the range it must lie in: (flag, value, lowest, highest).
-    fn ranges(&self) -> [(&'static str, u32, u32, u32); 21] {
+    fn ranges(&self) -> [(&'static str, u32, u32, u32); 22] {
         [
             ("lease_ms", self.lease_ms, 100, 3_600_000),
             ("max_talk_ms", self.max_talk_ms, 100, 3_600_000),
@@ -466,6 +475,7 @@ impl Config {
                 1_000_000,
             ),
             ("resume_grace_ms", self.resume_grace_ms, 1_000, 600_000),
+            ("max_node_capacity", self.max_node_capacity, 1, 1_000_000),
         ]
     }
 
@@ -531,6 +541,7 @@ impl Config {
             max_channels_per_user: self.max_channels_per_user,
             max_members_per_channel: self.max_members_per_channel,
             resume_grace_ms: self.resume_grace_ms,
+            max_node_capacity: self.max_node_capacity,
         }
     }
 

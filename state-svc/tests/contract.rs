@@ -58,6 +58,7 @@ contract!(
     members_versions_move_on_with_every_change,
     open_sync_sessions_are_capped_per_channel_and_per_user,
     topics_deliver_only_what_their_watchers_follow,
+    a_media_node_follows_only_its_own_channels_and_its_capacity_is_bounded,
 );
 
 async fn grant_then_deny_with_holder_info(b: Backend) {
@@ -1995,5 +1996,104 @@ async fn topics_deliver_only_what_their_watchers_follow(b: Backend) {
         .expect("an answer in time")
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
+    server.stop().await;
+}
+
+/// A media node's certificate lets it watch only the channels placed on it, and the capacity
+/// it registers is clamped (it cannot attract every new channel by claiming a huge one).
+async fn a_media_node_follows_only_its_own_channels_and_its_capacity_is_bounded(b: Backend) {
+    let server = TestServer::start(b.config("media-own")).await;
+    let mut c = server.clients().await;
+    server
+        .registry_as("own")
+        .register_node(pb::RegisterNodeRequest {
+            node: Some(pb::MediaNode {
+                node_id: "own".into(),
+                grpc_addr: "http://own:50052".into(),
+                announced_ip: "127.0.0.1".into(),
+                capacity: u32::MAX,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let nodes = c
+        .registry
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes[0].capacity, 20_000, "clamped to the default maximum");
+    let placed = c
+        .registry
+        .place_channel(pb::PlaceChannelRequest {
+            channel_id: "ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(placed.node.unwrap().node_id, "own");
+    server
+        .registry_as("other")
+        .register_node(pb::RegisterNodeRequest {
+            node: Some(pb::MediaNode {
+                node_id: "other".into(),
+                grpc_addr: "http://other:50052".into(),
+                announced_ip: "127.0.0.1".into(),
+                capacity: 20_000,
+                load: 0,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mine = c
+        .registry
+        .place_channel(pb::PlaceChannelRequest {
+            channel_id: "mine".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.node.unwrap().node_id, "other", "the less loaded node");
+    // Each topic's state comes in the order asked: "ops" (not placed on "other") and
+    // "nowhere" (placed nowhere) are left out, so the first state is "mine"'s.
+    let watch = |node: &str, channels: &[&str]| {
+        let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
+        let mut client = pb::channel_service_client::ChannelServiceClient::new(
+            server.channel_as(&Identity::Media(node.into())),
+        );
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(pb::WatchRequest {
+                action: Some(pb::watch_request::Action::Subscribe(pb::TopicSet {
+                    channel_ids: channels,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let mut stream = client
+                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .expect("an answer in time")
+                .unwrap()
+                .unwrap();
+            (first, tx)
+        }
+    };
+    let snapshot_of = |event: pb::WatchEvent| match event.event {
+        Some(pb::watch_event::Event::Snapshot(s)) => s.channel_id,
+        other => panic!("not a snapshot: {other:?}"),
+    };
+    let (own, _keep) = watch("own", &["ops"]).await;
+    assert_eq!(snapshot_of(own), "ops", "its own channel's state");
+    let (other, _keep) = watch("other", &["ops", "nowhere", "mine"]).await;
+    assert_eq!(snapshot_of(other), "mine", "only its own channel");
     server.stop().await;
 }

@@ -200,6 +200,8 @@ struct Conn {
     limits: Limits,
     /// When the socket's token stops being honoured (`exp` plus the leeway).
     token_deadline: tokio::time::Instant,
+    /// The token's `exp` (Unix seconds): TURN credentials end no later.
+    token_exp_s: u64,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -431,6 +433,7 @@ impl Conn {
             emergencies: HashSet::new(),
             limits: Limits::new(&app.config),
             token_deadline: token::deadline(claims.exp, app.auth.leeway()),
+            token_exp_s: claims.exp,
         };
         let opened = resume::Opened {
             resumed,

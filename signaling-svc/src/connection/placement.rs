@@ -18,10 +18,11 @@ pub(super) async fn place(app: &AppState, channel: &str) -> Result<String> {
         })
         .await?
         .into_inner();
-    placement
+    let node = placement
         .node
-        .map(|n| n.grpc_addr)
-        .ok_or(err(Code::Unavailable, "no media node"))
+        .ok_or(err(Code::Unavailable, "no media node"))?;
+    app.learn_node(&node);
+    Ok(node.grpc_addr)
 }
 
 /// A client of the media node at `node`.

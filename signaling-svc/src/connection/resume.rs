@@ -148,6 +148,7 @@ impl Conn {
             if let Ok(placed) = placed
                 && let Some(node) = placed.into_inner().node
             {
+                self.app.learn_node(&node);
                 nodes.insert(node.grpc_addr);
             }
         }

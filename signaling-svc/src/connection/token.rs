@@ -33,6 +33,7 @@ impl Conn {
             return Err(err(Code::Forbidden, "the token is for another user"));
         }
         self.token_deadline = deadline(claims.exp, self.app.auth.leeway());
+        self.token_exp_s = claims.exp;
         if self.grants.set_token(claims.roles) {
             self.enforce_grants().await;
         }

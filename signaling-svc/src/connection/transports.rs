@@ -156,7 +156,7 @@ impl Conn {
             return Err(err(Code::Forbidden, "no role in any channel"));
         }
         let now_s = u64::try_from(self.app.clock.now_ms() / 1000).unwrap_or(0);
-        let (server, expires_at) = turn.credentials(&self.user.user_id, now_s);
+        let (server, expires_at) = turn.credentials(&self.user.user_id, now_s, self.token_exp_s);
         Ok(IceServers {
             ice_servers: vec![server],
             expires_at: Some(expires_at),
@@ -266,6 +266,7 @@ impl Conn {
         let Some(node) = &moved.node else {
             return;
         };
+        self.app.learn_node(node);
         let channel = moved.channel_id.as_str();
         let draining = moved.reason() == spb::MoveReason::NodeDraining;
         let reason = if draining {

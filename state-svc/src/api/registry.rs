@@ -46,11 +46,15 @@ impl<S: Store> pb::media_registry_service_server::MediaRegistryService for Api<S
         if !announced_ip.is_empty() && announced_ip.parse::<std::net::IpAddr>().is_err() {
             return Err(Status::invalid_argument("invalid announced ip"));
         }
+        let most = self.settings().max_node_capacity;
+        if node.capacity > most {
+            tracing::warn!(node_id = %node.node_id, asked = node.capacity, most, "media node capacity clamped");
+        }
         let registration = NodeRegistration {
             node_id: node_id(&node.node_id)?,
             grpc_addr,
             announced_ip,
-            capacity: node.capacity.max(1),
+            capacity: node.capacity.clamp(1, most),
             load: node.load,
         };
         tracing::info!(node_id = %registration.node_id, grpc_addr = %registration.grpc_addr, capacity = registration.capacity, "media node registered");

@@ -72,10 +72,14 @@ impl<S: Store> pb::channel_service_server::ChannelService for Api<S> {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let channels_only = matches!(
-            talkgroup_common::authz::caller(&request),
-            Some(talkgroup_common::tls::Identity::Media(_))
-        );
+        let media_node = match talkgroup_common::authz::caller(&request) {
+            Some(talkgroup_common::tls::Identity::Media(id)) => Some(
+                crate::domain::NodeId::parse(id)
+                    .map_err(|_| Status::permission_denied("not a media node id"))?,
+            ),
+            _ => None,
+        };
+        let channels_only = media_node.is_some();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(WATCH_OUTBOX);
         let task = WatchTask {
@@ -83,6 +87,7 @@ impl<S: Store> pb::channel_service_server::ChannelService for Api<S> {
             subscription: self.hub.subscribe(),
             topics: HashSet::new(),
             channels_only,
+            media_node,
             out: tx,
         };
         self.tasks.spawn(task.run(inbound));
@@ -96,6 +101,8 @@ struct WatchTask<S> {
     topics: HashSet<Topic>,
     /// The caller is a media node: it may follow channels only.
     channels_only: bool,
+    /// That node: it may follow only the channels placed on it.
+    media_node: Option<crate::domain::NodeId>,
     out: mpsc::Sender<Result<pb::WatchEvent, Status>>,
 }
 
@@ -162,6 +169,7 @@ impl<S: Store> WatchTask<S> {
                     .into_iter()
                     .filter(|t| !self.topics.contains(t))
                     .collect();
+                let new = self.own_channels(new).await?;
                 if self.topics.len() + new.len() > MAX_TOPICS_PER_WATCH {
                     return Err(End::Error(Status::resource_exhausted(
                         "too many topics on one watch",
@@ -293,6 +301,28 @@ impl<S: Store> WatchTask<S> {
 
     async fn send(&self, event: pb::WatchEvent) -> Result<(), End> {
         self.out.send(Ok(event)).await.map_err(|_| End::Gone)
+    }
+
+    /// A media node follows only channels placed on it: another channel's floor changes are
+    /// none of its business. Others in its request are left out (and logged), not refused
+    /// with the whole request: a draining node whose channel just moved away resubscribes
+    /// everything it hosts after a reconnect, and must keep its other channels.
+    async fn own_channels(&self, topics: Vec<Topic>) -> Result<Vec<Topic>, End> {
+        let Some(node) = &self.media_node else {
+            return Ok(topics);
+        };
+        let mut own = Vec::with_capacity(topics.len());
+        for topic in topics {
+            if let Topic::Channel(ch) = &topic {
+                let placed = self.api.store.placement(ch).await?;
+                if placed.is_none_or(|n| n.node_id != *node) {
+                    tracing::warn!(%node, channel = %ch, "a media node asked to follow a channel not placed on it; left out");
+                    continue;
+                }
+            }
+            own.push(topic);
+        }
+        Ok(own)
     }
 
     /// The topics of a request, validated; users and sync sessions refused to media nodes.

@@ -53,6 +53,9 @@ pub struct StoreSettings {
     pub max_members_per_channel: u32,
     /// How long a session whose socket went away waits for a resume.
     pub resume_grace_ms: u32,
+    /// The most transports a media node may say it takes: what it registers is clamped to
+    /// this, so one node cannot attract every new channel.
+    pub max_node_capacity: u32,
 }
 
 impl Default for StoreSettings {
@@ -71,6 +74,7 @@ impl Default for StoreSettings {
             max_channels_per_user: 200,
             max_members_per_channel: 1_000,
             resume_grace_ms: 20_000,
+            max_node_capacity: 20_000,
         }
     }
 }
