@@ -80,3 +80,55 @@ macro_rules! process_args {
         }
     };
 }
+
+/// Reads a secret from `path` (a mounted Secret, say): the file's content without a final
+/// newline. Errors name the file, never its content; an empty file is an error.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        return Err(format!("the secret file {} is empty", path.display()));
+    }
+    Ok(secret.to_owned())
+}
+
+/// Parses `C` from the command line and the environment, and says which of `secrets` (field
+/// ids) came as command-line flags: every local user can read those in `ps`, so the caller
+/// warns about them once logging is up.
+pub fn parse_noting_secret_flags<C: clap::Parser>(secrets: &[&str]) -> (C, Vec<String>) {
+    let matches = C::command().get_matches();
+    let flagged = secrets
+        .iter()
+        .filter(|id| {
+            matches.try_get_raw(id).is_ok_and(|v| v.is_some())
+                && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .map(|id| (*id).to_owned())
+        .collect();
+    match C::from_arg_matches(&matches) {
+        Ok(config) => (config, flagged),
+        Err(error) => error.exit(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_secret_file_is_read_without_its_final_newline_and_an_empty_one_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tg-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "s3cret value\n").unwrap();
+        assert_eq!(read_secret_file(&file).unwrap(), "s3cret value");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(read_secret_file(&file).unwrap_err().contains("empty"));
+        let missing = read_secret_file(&dir.join("nope")).unwrap_err();
+        assert!(missing.contains("cannot read"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

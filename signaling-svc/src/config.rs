@@ -53,7 +53,8 @@ pub struct Config {
     /// `spiffe://talkgroup/gateway`).
     #[command(flatten, next_help_heading = "Mutual TLS (gRPC)")]
     pub tls: TlsArgs,
-    /// HS256 shared secret for client tokens. Never logged.
+    /// HS256 shared secret for client tokens. Never logged. Give it in the environment or
+    /// with --jwt-secret-file: as a flag, every local user can read it in `ps`.
     #[arg(
         help_heading = "Client tokens",
         long,
@@ -61,6 +62,14 @@ pub struct Config {
         hide_env_values = true
     )]
     pub jwt_secret: Option<String>,
+    /// A file holding the HS256 secret (a mounted Secret), instead of --jwt-secret.
+    #[arg(
+        help_heading = "Client tokens",
+        long,
+        env = "PTT_SIGNALING_JWT_SECRET_FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    pub jwt_secret_file: Option<std::path::PathBuf>,
     /// PEM file with the RS256 or ES256 public key for client tokens (instead of a secret).
     #[arg(
         help_heading = "Client tokens",
@@ -357,6 +366,14 @@ fn valid_channel_id(id: &str) -> bool {
 }
 
 impl Config {
+    /// Reads the secrets given as files into their fields.
+    pub fn read_secret_files(&mut self) -> Result<(), String> {
+        if let Some(path) = &self.jwt_secret_file {
+            self.jwt_secret = Some(talkgroup_common::service::read_secret_file(path)?);
+        }
+        Ok(())
+    }
+
     pub fn for_tests(secret: &str) -> Self {
         Self::parse_from([
             "signaling-svc",

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use signaling_svc::Config;
 use talkgroup_common::service;
 
@@ -11,11 +10,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let (mut config, flagged) = service::parse_noting_secret_flags::<Config>(&["jwt_secret"]);
     let _telemetry = config.process.init_telemetry("signaling-svc");
+    for flag in flagged {
+        tracing::warn!(
+            flag,
+            "a secret given as a command-line flag: every local user can read it in ps; use the environment or a file"
+        );
+    }
     tracing::info!(?config, "starting signaling-svc");
     let valid = config
-        .validate()
+        .read_secret_files()
+        .and_then(|()| config.validate())
         .and_then(|()| signaling_svc::auth::Authenticator::from_config(&config).map(drop));
     service::main(
         "signaling-svc",

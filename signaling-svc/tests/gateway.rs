@@ -1364,6 +1364,7 @@ async fn a_socket_whose_session_vanished_is_closed_with_4004() {
         sessions
             .remove_session(spb::RemoveSessionRequest {
                 session_id: listed.sessions[0].session_id.clone(),
+                generation: None,
             })
             .await
             .unwrap();

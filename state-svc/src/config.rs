@@ -194,7 +194,8 @@ pub struct Config {
     )]
     pub audit_retention_days: u32,
     /// Bearer token of the admin API (`ptt.admin.v1.AdminService`), at least 16 characters.
-    /// Without it the admin API refuses every call. Never logged.
+    /// Without it the admin API refuses every call. Never logged. Give it in the environment
+    /// or with --admin-token-file: as a flag, every local user can read it in `ps`.
     #[arg(
         help_heading = "Listeners",
         long,
@@ -202,6 +203,15 @@ pub struct Config {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// A file holding the admin API's bearer token (a mounted Secret), instead of
+    /// --admin-token.
+    #[arg(
+        help_heading = "Listeners",
+        long,
+        env = "PTT_STATE_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
     /// Session time to live in milliseconds without a touch from its gateway.
     #[arg(
         help_heading = "Floors and sessions",

@@ -42,7 +42,7 @@ contract!(
     membership_changes_reach_watchers,
     removing_a_session_leaves_every_channel_and_releases_its_floors,
     untouched_sessions_expire,
-    a_session_resumes_once_for_its_user_and_parks_for_the_grace_period,
+    a_session_resumes_for_its_user_and_parks_for_the_grace_period,
     a_parked_session_gives_way_to_a_new_one_at_the_session_cap,
     a_grant_s_epoch_is_above_the_highest_the_caller_has_seen,
     placement_picks_least_loaded_live_node_and_agrees,
@@ -462,6 +462,7 @@ async fn removing_a_session_leaves_every_channel_and_releases_its_floors(b: Back
         .session
         .remove_session(pb::RemoveSessionRequest {
             session_id: a.clone(),
+            generation: None,
         })
         .await
         .unwrap()
@@ -562,7 +563,7 @@ async fn resume(
         .map_err(|status| reason(&status))
 }
 
-async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: Backend) {
+async fn a_session_resumes_for_its_user_and_parks_for_the_grace_period(b: Backend) {
     use talkgroup_proto::error::Reason;
     let mut config = b.config("resume");
     config.resume_grace_ms = 1_000;
@@ -623,29 +624,52 @@ async fn a_session_resumes_once_for_its_user_and_parks_for_the_grace_period(b: B
         (event.session_id.as_str(), event.generation),
         (sid.as_str(), 1)
     );
-    // The used token is spent.
-    assert_eq!(
-        resume(&mut c, &created.resume_token, "u-ben")
-            .await
-            .unwrap_err(),
-        Reason::PermissionDenied
-    );
-    // The socket of generation 0 may no longer park it; generation 1 may.
+    // The socket that was handed the new token died before the client read it: the old token
+    // still resumes, once more, until the session's next touch. The new token of that resume
+    // is the one the client now holds; the one it never read is dead.
+    let resumed = resume(&mut c, &created.resume_token, "u-ben")
+        .await
+        .unwrap();
+    assert_eq!(resumed.generation, 2);
+    c.session
+        .touch_session(pb::TouchSessionRequest {
+            session_id: sid.clone(),
+        })
+        .await
+        .unwrap();
+    for spent in [&created.resume_token] {
+        assert_eq!(
+            resume(&mut c, spent, "u-ben").await.unwrap_err(),
+            Reason::PermissionDenied,
+            "a token from before the touch"
+        );
+    }
+    // The socket of generation 1 may no longer park it, nor end it (its cleanup must leave
+    // the resumed session alone); generation 2 may.
     let stale = c
         .session
         .park_session(pb::ParkSessionRequest {
             session_id: sid.clone(),
-            generation: 0,
+            generation: 1,
         })
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::NotFound);
+    let fenced = c
+        .session
+        .remove_session(pb::RemoveSessionRequest {
+            session_id: sid.clone(),
+            generation: Some(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fenced.code(), Code::FailedPrecondition);
     let mut watch = c.watch(&["ops"]).await;
     let parked = c
         .session
         .park_session(pb::ParkSessionRequest {
             session_id: sid.clone(),
-            generation: 1,
+            generation: 2,
         })
         .await
         .unwrap()
@@ -1408,6 +1432,7 @@ async fn emergency_takes_every_channel_and_holds_off_normal_talk(b: Backend) {
     c.session
         .remove_session(pb::RemoveSessionRequest {
             session_id: disp.clone(),
+            generation: None,
         })
         .await
         .unwrap();

@@ -1,7 +1,8 @@
 //! Session continuity end to end: a socket lost without a close frame is resumed on a new one
 //! (on the same gateway, or on another after its gateway is killed) with everything the
-//! session held; a resume token works once, only for its own user, and only within the grace
-//! period.
+//! session held; a resume token works only for its own user, only within the grace period,
+//! and is replaced at every resume (the one before stays good until the new socket's first
+//! touch, in case that socket died before its token was read).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -122,7 +123,7 @@ async fn a_lost_socket_resumes_with_membership_transports_and_floor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_token_works_once_for_its_user_within_the_grace_period() {
+async fn a_resume_token_works_for_its_user_within_the_grace_period() {
     let stack = Stack::start(Topology {
         state_args: vec!["--resume-grace-ms".into(), "1000".into()],
         ..Topology::default()
@@ -148,7 +149,7 @@ async fn a_resume_token_works_once_for_its_user_within_the_grace_period() {
     assert_eq!(junk.session().await["resumeError"], "resume-refused");
     junk.close().await;
 
-    // Ben's own resume works, once; the socket it replaces is closed with 4005.
+    // Ben's own resume works; the socket it replaces is closed with 4005.
     let mut second = Client::resume(gw, "u-ben", "Ben", &token_of(&first)).await;
     let resumed = second.session().await;
     assert_eq!(resumed["resumed"], true, "{resumed}");
@@ -157,10 +158,6 @@ async fn a_resume_token_works_once_for_its_user_within_the_grace_period() {
         4005,
         "the replaced socket's close code"
     );
-    let mut replay = Client::resume(gw, "u-ben", "Ben", &token_of(&first)).await;
-    let replayed = replay.session().await;
-    assert_eq!(replayed["resumeError"], "resume-refused", "{replayed}");
-    replay.close().await;
     assert_eq!(
         membership_changes_of(&cai, "u-ben", base),
         Vec::<Value>::new()
@@ -221,4 +218,56 @@ async fn clients_of_a_killed_gateway_resume_on_another() {
         membership_changes_of(&ana, "u-ben", base),
         Vec::<Value>::new()
     );
+}
+
+/// Two resume edges. A client whose new socket died before it read the token its resume handed
+/// it still holds only the old one: that one resumes, until the session's next touch. And a
+/// user demoted to listen while no socket was there does not take the floor up again: it goes
+/// back at once, and the others hear it released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_new_token_leaves_the_old_one_good_and_a_demoted_holder_gives_the_floor_back() {
+    use talkgroup_proto::state::v1 as spb;
+    // A lease long enough that the floor outlives the time away.
+    let stack = Stack::start(Topology {
+        lease_ms: 15_000,
+        ..Topology::default()
+    })
+    .await
+    .unwrap();
+    stack.ready().await.unwrap();
+    let gw = stack.gateway(0);
+    let mut ana = stack.client(0, "u-ana", "Ana").await;
+    let mut cai = stack.client(0, "u-cai", "Cai").await;
+    let first = ana.session().await;
+    ana.join("ops").await;
+    cai.join("ops").await;
+    assert_eq!(ana.ptt_start("ops").await["granted"], true);
+
+    // Ana's socket breaks; the socket that resumes it breaks too, before she reads its token.
+    ana.into_ws().cut();
+    let unread = Client::resume(gw, "u-ana", "Ana", &token_of(&first)).await;
+    unread.into_ws().cut();
+    // Meanwhile she is demoted to listen in ops.
+    stack
+        .access()
+        .await
+        .unwrap()
+        .set_user_grants(spb::SetUserGrantsRequest {
+            user_id: "u-ana".into(),
+            grants: vec![spb::Grant {
+                channel_id: "ops".into(),
+                role: spb::Role::Listen.into(),
+            }],
+            replace: false,
+        })
+        .await
+        .unwrap();
+    // The old token is all she has, and it still works.
+    let mut ana = Client::resume(gw, "u-ana", "Ana", &token_of(&first)).await;
+    let resumed = ana.session().await;
+    assert_eq!(resumed["resumed"], true, "{resumed}");
+    assert_eq!(resumed["sessionId"], first["sessionId"]);
+    // Her floor goes back at once: everyone hears it released, long before its lease ends.
+    let released = cai.speaker_changed("ops", "released").await;
+    assert!(released["speaker"].is_null(), "{released}");
 }

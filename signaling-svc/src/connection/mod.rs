@@ -381,6 +381,7 @@ async fn give_up(app: &Arc<AppState>, session: &spb::Session, resumed: bool) {
             .sessions()
             .remove_session(spb::RemoveSessionRequest {
                 session_id: session.session_id.clone(),
+                generation: Some(session.generation),
             })
             .await;
     }
@@ -453,9 +454,11 @@ impl Conn {
     ) -> Close {
         let ping_every = Duration::from_millis(self.app.config.ping_interval_ms);
         let mut ping = tokio::time::interval(ping_every);
-        let mut touch = tokio::time::interval(Duration::from_millis(u64::from(
-            session_ttl_ms.max(3_000) / 3,
-        )));
+        // The first touch a period after the socket opened: the session was just created or
+        // resumed, and the resume token before a resume stays good until that touch.
+        let touch_every = Duration::from_millis(u64::from(session_ttl_ms.max(3_000) / 3));
+        let mut touch =
+            tokio::time::interval_at(tokio::time::Instant::now() + touch_every, touch_every);
         let mut last_heard = Instant::now();
         let expiry = tokio::time::sleep_until(self.token_deadline);
         tokio::pin!(expiry);
@@ -567,17 +570,26 @@ impl Conn {
         self.end_emergencies().await;
         let nodes = self.leave_hub();
         // One call releases the session's floors (reason `disconnected`) and memberships for
-        // every gateway's clients.
-        if let Err(status) = self
+        // every gateway's clients; only while the session is still this socket's: another
+        // socket may have resumed it meanwhile, and its media must not be closed either.
+        match self
             .app
             .sessions()
             .remove_session(spb::RemoveSessionRequest {
                 session_id: self.session.clone(),
+                generation: Some(self.generation),
             })
             .await
-            && status.code() != tonic::Code::NotFound
         {
-            tracing::warn!(code = ?status.code(), "session removal failed; it will expire");
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                tracing::info!(conn = self.id, session_id = %self.session, "session resumed elsewhere; left to its new socket");
+                return;
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "session removal failed; it will expire");
+            }
         }
         for node in nodes {
             if let Ok(mut media) = placement::media(&self.app, &node) {

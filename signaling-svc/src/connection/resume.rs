@@ -240,6 +240,11 @@ impl Conn {
             self.floors
                 .take_up(&state.channel_id, holder, state.server_time_ms)
                 .await;
+            // Demoted while no socket was there: the floor goes back at once.
+            if self.grants.role(&state.channel_id) < crate::access::Role::Talk {
+                tracing::info!(conn = self.id, channel = %state.channel_id, "no longer allowed to talk; floor released");
+                let _ = self.floors.release(&state.channel_id).await;
+            }
         }
     }
 

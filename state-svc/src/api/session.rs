@@ -30,7 +30,7 @@ impl<S: Store> Api<S> {
             return Ok(false);
         };
         tracing::info!(session_id = %oldest.session_id, user_id = %user, "ending a parked session for a new one");
-        self.store.remove_session(&oldest.session_id).await?;
+        self.store.remove_session(&oldest.session_id, None).await?;
         Ok(true)
     }
 
@@ -208,8 +208,9 @@ impl<S: Store> pb::session_service_server::SessionService for Api<S> {
         &self,
         request: Request<pb::RemoveSessionRequest>,
     ) -> Result<Response<pb::RemoveSessionResponse>, Status> {
-        let sid = session_id(&request.into_inner().session_id)?;
-        let removed = self.store.remove_session(&sid).await?;
+        let req = request.into_inner();
+        let sid = session_id(&req.session_id)?;
+        let removed = self.store.remove_session(&sid, req.generation).await?;
         tracing::debug!(session_id = %sid, channels = removed.channels_left.len(), "session removed");
         Ok(Response::new(pb::RemoveSessionResponse {
             channels_left: removed

@@ -172,13 +172,16 @@ pub enum ResumeRefusal {
 /// Whether `resume` may take `session` over.
 pub fn may_resume(
     session: &Session,
-    stored_digest: &str,
+    stored_digests: [&str; 2],
     resume: &Resume,
 ) -> Result<(), ResumeRefusal> {
     if session.user_id != resume.user_id {
         return Err(ResumeRefusal::WrongUser);
     }
-    if stored_digest.is_empty() || stored_digest != resume.digest {
+    if !stored_digests
+        .iter()
+        .any(|d| !d.is_empty() && *d == resume.digest)
+    {
         return Err(ResumeRefusal::WrongToken);
     }
     Ok(())

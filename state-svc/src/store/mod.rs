@@ -173,8 +173,14 @@ pub trait SessionStore: Send + Sync + 'static {
         sid: &SessionId,
         ch: &ChannelId,
     ) -> impl Future<Output = Res<LeaveOutcome>> + Send;
-    /// Leaves every channel (releasing floors, reason `disconnected`) and deletes the session.
-    fn remove_session(&self, sid: &SessionId) -> impl Future<Output = Res<RemoveOutcome>> + Send;
+    /// Leaves every channel (releasing floors, reason `disconnected`) and deletes the session;
+    /// with a `generation`, only while the session is still at it (`FailedPrecondition` once
+    /// another socket has resumed it).
+    fn remove_session(
+        &self,
+        sid: &SessionId,
+        generation: Option<u64>,
+    ) -> impl Future<Output = Res<RemoveOutcome>> + Send;
     /// Channels that have members (a channel that just emptied may still be listed).
     fn list_channels(&self) -> impl Future<Output = Res<Vec<ChannelId>>> + Send;
     /// Live sessions, oldest deadline first, at most `limit`.

@@ -906,23 +906,11 @@ mod tests {
         fn a_check_from_another_path_does_not_take_over_a_live_one() {
             let (mut node, mut pc, answer) = pair();
             let mut now = Instant::now();
-            node.apply_answer(&answer, now).unwrap();
-            let (_, states) = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
-            assert_eq!(states, vec![PeerState::Connected]);
             // One of the client's checks also arrives from a second address (a backup
             // candidate pair) while the first path keeps checking: media stays put.
+            let stun = connected_then_a_check(&mut node, &mut pc, &answer, &mut now);
             let client: SocketAddr = CLIENT.parse().unwrap();
             let other: SocketAddr = "127.0.0.1:50002".parse().unwrap();
-            let stun = {
-                let mut last = None;
-                let _ = run(&mut node, &mut pc, &mut now, 250, 0, |data| {
-                    if data[0] < 4 {
-                        last = Some(data.clone());
-                    }
-                    Some((data, client))
-                });
-                last.expect("a consent check")
-            };
             // 100 ms after the first path's last check.
             let soon = node.last_consent.unwrap() + Duration::from_millis(100);
             node.handle_datagram(stun.clone(), Path::udp(other), soon);
@@ -944,6 +932,26 @@ mod tests {
                 node.handle_datagram(answer, Path::udp(other), later);
             }
             assert_eq!(node.remote, Some(Path::udp(other)));
+        }
+
+        /// Connects the pair, then lets 2.5 s of consent checks pass; the client's last check.
+        fn connected_then_a_check(
+            node: &mut ListenerPeer,
+            pc: &mut RTCPeerConnection,
+            answer: &str,
+            now: &mut Instant,
+        ) -> BytesMut {
+            node.apply_answer(answer, *now).unwrap();
+            let (_, states) = run(node, pc, now, 400, 0, from_client);
+            assert_eq!(states, vec![PeerState::Connected]);
+            let mut last = None;
+            let _ = run(node, pc, now, 250, 0, |data| {
+                if data[0] < 4 {
+                    last = Some(data.clone());
+                }
+                from_client(data)
+            });
+            last.expect("a consent check")
         }
 
         /// Hands what the node sends to the client (wherever it was addressed) and returns
@@ -976,21 +984,9 @@ mod tests {
         fn a_check_from_a_spoofed_address_gets_no_media_there() {
             let (mut node, mut pc, answer) = pair();
             let mut now = Instant::now();
-            node.apply_answer(&answer, now).unwrap();
-            let (_, states) = run(&mut node, &mut pc, &mut now, 400, 0, from_client);
-            assert_eq!(states, vec![PeerState::Connected]);
+            let check = connected_then_a_check(&mut node, &mut pc, &answer, &mut now);
             let client: SocketAddr = CLIENT.parse().unwrap();
             let victim: SocketAddr = "192.0.2.7:9".parse().unwrap();
-            let check = {
-                let mut last = None;
-                let _ = run(&mut node, &mut pc, &mut now, 250, 0, |data| {
-                    if data[0] < 4 {
-                        last = Some(data.clone());
-                    }
-                    Some((data, client))
-                });
-                last.expect("a consent check")
-            };
             let (mut spoofed, mut reflected, mut heard) = (0, 0, 0);
             for i in 0..50u16 {
                 now += Duration::from_millis(500);

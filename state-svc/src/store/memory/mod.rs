@@ -46,8 +46,9 @@ pub struct MemoryStore {
 struct Inner {
     channels: HashMap<ChannelId, Channel>,
     sessions: HashMap<SessionId, Session>,
-    /// The digest of each session's current resume token.
-    resume_digests: HashMap<SessionId, String>,
+    /// The digests of each session's current resume token and, until the session's next
+    /// touch after a resume, of the one before it.
+    resume_digests: HashMap<SessionId, (String, Option<String>)>,
     user_sessions: HashMap<UserId, HashSet<SessionId>>,
     nodes: HashMap<NodeId, MediaNode>,
     node_channels: HashMap<NodeId, HashSet<ChannelId>>,

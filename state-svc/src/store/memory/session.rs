@@ -27,7 +27,7 @@ impl SessionStore for MemoryStore {
             .insert(session.session_id.clone());
         inner
             .resume_digests
-            .insert(session.session_id.clone(), digest);
+            .insert(session.session_id.clone(), (digest, None));
         inner
             .sessions
             .insert(session.session_id.clone(), session.clone());
@@ -50,7 +50,7 @@ impl SessionStore for MemoryStore {
     async fn resume_session(&self, resume: Resume) -> Result<Session, StoreError> {
         let now = self.now_ms();
         let mut inner = self.lock();
-        let stored = inner
+        let (current, previous) = inner
             .resume_digests
             .get(&resume.session_id)
             .cloned()
@@ -60,7 +60,13 @@ impl SessionStore for MemoryStore {
             .get_mut(&resume.session_id)
             .filter(|s| rules::session_live(s, now))
             .ok_or(not_found("session"))?;
-        if rules::may_resume(session, &stored, &resume).is_err() {
+        if rules::may_resume(
+            session,
+            [current.as_str(), previous.as_deref().unwrap_or("")],
+            &resume,
+        )
+        .is_err()
+        {
             return Err(StoreError::PermissionDenied("resume refused"));
         }
         session.generation += 1;
@@ -70,7 +76,7 @@ impl SessionStore for MemoryStore {
         let session = session.clone();
         inner
             .resume_digests
-            .insert(resume.session_id, resume.next_digest);
+            .insert(resume.session_id, (resume.next_digest, Some(resume.digest)));
         drop(inner);
         self.hub.publish(UserEvent::Resumed {
             user_id: session.user_id.clone(),
@@ -89,7 +95,12 @@ impl SessionStore for MemoryStore {
             .filter(|s| rules::session_live(s, now))
             .ok_or(not_found("session"))?;
         session.expires_at_ms = rules::touched_until(session, now);
-        Ok(session.clone())
+        let session = session.clone();
+        // The token before the last resume dies at the first touch after it.
+        if let Some(digests) = inner.resume_digests.get_mut(sid) {
+            digests.1 = None;
+        }
+        Ok(session)
     }
 
     async fn session(&self, sid: &SessionId) -> Result<Session, StoreError> {
@@ -158,8 +169,17 @@ impl SessionStore for MemoryStore {
         Ok(self.leave_locked(&mut inner, sid, id, FloorReason::LeftChannel))
     }
 
-    async fn remove_session(&self, sid: &SessionId) -> Result<RemoveOutcome, StoreError> {
+    async fn remove_session(
+        &self,
+        sid: &SessionId,
+        generation: Option<u64>,
+    ) -> Result<RemoveOutcome, StoreError> {
         let mut inner = self.lock();
+        if let (Some(wanted), Some(session)) = (generation, inner.sessions.get(sid))
+            && session.generation != wanted
+        {
+            return Err(StoreError::FailedPrecondition("session resumed elsewhere"));
+        }
         Ok(self.remove_locked(&mut inner, sid))
     }
 

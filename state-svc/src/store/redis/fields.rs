@@ -50,6 +50,7 @@ fields! {
         EXPIRES = "expires",
         TTL = "ttl",
         RESUME_DIGEST = "rtok",
+        PREVIOUS_DIGEST = "rtok_prev",
         GENERATION = "gen",
         PARKED = "parked",
     }

@@ -671,7 +671,7 @@ impl RedisStore {
                 }
                 _ => {
                     tracing::info!(session_id = %sid, "session expired");
-                    self.remove_session(&sid).await?;
+                    self.remove_session(&sid, None).await?;
                     expired += 1;
                 }
             }

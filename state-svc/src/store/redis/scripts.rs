@@ -607,11 +607,14 @@ return 1
 });
 
 /// Updates a session hash (`KEYS[1]`) only if it still exists: `ARGV[1]` is the new expiry,
-/// `ARGV[2]` the key's time to live. Answers 1 when the session exists.
+/// `ARGV[2]` the key's time to live. The resume token before the last resume dies here: the
+/// socket that was handed the new one has lived a touch interval since. Answers 1 when the
+/// session exists.
 pub static TOUCH_SESSION: LazyLock<Script> = LazyLock::new(|| {
     lua(r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], SESSION.EXPIRES, ARGV[1])
+redis.call('HDEL', KEYS[1], SESSION.PREVIOUS_DIGEST)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if KEYS[2] then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return 1
@@ -636,24 +639,42 @@ return 1
 /// `ARGV[2]`: stores the next digest `ARGV[3]`, gateway `ARGV[4]`, and an expiry of its time
 /// to live from now (`ARGV[5]`); key lifetime is that plus `ARGV[6]`. Answers
 /// `{generation, expiry}`; generation 0 when the session is gone or expired, -1 when refused
-/// (another user, or not the current token). (The deadline index, in another slot, is moved
-/// by the caller.)
+/// (another user, or neither the current token nor the one before it: a client whose socket
+/// died before it got the new token still holds the old one, which stays good until the
+/// session's next touch). (The deadline index, in another slot, is moved by the caller.)
 pub static RESUME_SESSION: LazyLock<Script> = LazyLock::new(|| {
     lua(r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return { 0, 0 } end
-local f = redis.call('HMGET', KEYS[1], SESSION.USER_ID, SESSION.RESUME_DIGEST, SESSION.EXPIRES, SESSION.TTL, SESSION.GENERATION)
+local f = redis.call('HMGET', KEYS[1], SESSION.USER_ID, SESSION.RESUME_DIGEST, SESSION.EXPIRES, SESSION.TTL, SESSION.GENERATION, SESSION.PREVIOUS_DIGEST)
 local now = tonumber(ARGV[5])
 if tonumber(f[3] or '0') <= now then return { 0, 0 } end
-if f[1] ~= ARGV[1] or not f[2] or f[2] == '' or f[2] ~= ARGV[2] then return { -1, 0 } end
+local known = (f[2] and f[2] ~= '' and f[2] == ARGV[2]) or (f[6] and f[6] ~= '' and f[6] == ARGV[2])
+if f[1] ~= ARGV[1] or not known then return { -1, 0 } end
 local gen = tonumber(f[5] or '0') + 1
 local ttl = tonumber(f[4] or '0')
 local expires = now + ttl
-redis.call('HSET', KEYS[1], SESSION.RESUME_DIGEST, ARGV[3], SESSION.GATEWAY, ARGV[4], SESSION.GENERATION, gen, SESSION.PARKED, 0,
-  SESSION.EXPIRES, expires)
+redis.call('HSET', KEYS[1], SESSION.RESUME_DIGEST, ARGV[3], SESSION.PREVIOUS_DIGEST, ARGV[2],
+  SESSION.GATEWAY, ARGV[4], SESSION.GENERATION, gen, SESSION.PARKED, 0, SESSION.EXPIRES, expires)
 redis.call('PEXPIRE', KEYS[1], ttl + tonumber(ARGV[6]))
 redis.call('PEXPIRE', KEYS[2], ttl + tonumber(ARGV[6]))
 return { gen, expires }
 "#)
+});
+
+/// Deletes session `KEYS[1]` (its channel set `KEYS[2]` stays, for the caller to leave each
+/// channel) unless `ARGV[1]` names a generation and the session has moved past it (resumed on
+/// another socket). Answers `{'ok', user id, channel...}` or `{'moved'}`.
+pub static REMOVE_SESSION: LazyLock<Script> = LazyLock::new(|| {
+    lua(r"
+if ARGV[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 1
+   and (redis.call('HGET', KEYS[1], SESSION.GENERATION) or '0') ~= ARGV[1] then
+  return { 'moved' }
+end
+local answer = { 'ok', redis.call('HGET', KEYS[1], SESSION.USER_ID) or '' }
+for _, ch in ipairs(redis.call('SMEMBERS', KEYS[2])) do table.insert(answer, ch) end
+redis.call('DEL', KEYS[1])
+return answer
+")
 });
 
 /// Heartbeat or drain of a registered node (`KEYS[1]`): sets field `ARGV[1]` to `ARGV[2]`

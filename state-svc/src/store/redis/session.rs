@@ -246,20 +246,34 @@ impl SessionStore for RedisStore {
         self.leave(sid, ch, "left_channel").await
     }
 
-    async fn remove_session(&self, sid: &SessionId) -> Result<RemoveOutcome, StoreError> {
+    async fn remove_session(
+        &self,
+        sid: &SessionId,
+        generation: Option<u64>,
+    ) -> Result<RemoveOutcome, StoreError> {
         // The session disappears first, so nobody sees it after its channels announce it left.
         // Its channel set and deadline entry go last: if this is interrupted, the sweeper finds
         // the entry, sees no session, and finishes the removal.
         let mut conn = self.conn().await?;
-        let (uid, channels, ()): (Option<String>, Vec<String>, ()) = self
-            .bounded(
-                redis::pipe()
-                    .hget(self.keys.session(sid), fields::session::USER_ID)
-                    .smembers(self.keys.session_channels(sid))
-                    .del(self.keys.session(sid))
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let mut remove = scripts::REMOVE_SESSION.prepare_invoke();
+        remove
+            .key(self.keys.session(sid))
+            .key(self.keys.session_channels(sid))
+            .arg(generation.map_or_else(String::new, |g| g.to_string()));
+        let answer: Vec<String> = self.bounded(remove.invoke_async(&mut conn)).await?;
+        let (verdict, rest) = answer
+            .split_first()
+            .ok_or_else(|| StoreError::Internal("empty session removal answer".into()))?;
+        let (uid, channels) = match Verdict::parse(verdict)? {
+            Verdict::Ok => match rest.split_first() {
+                Some((uid, channels)) => (Some(uid.clone()), channels.to_vec()),
+                None => (None, Vec::new()),
+            },
+            Verdict::Moved => {
+                return Err(StoreError::FailedPrecondition("session resumed elsewhere"));
+            }
+            other => return Err(other.unexpected("session removal")),
+        };
         if let Some(uid) = uid.as_deref().and_then(|u| UserId::parse(u).ok()) {
             let _: () = self
                 .bounded(conn.zrem(self.keys.user_sessions(&uid), sid.as_str()))
@@ -322,7 +336,7 @@ impl SessionStore for RedisStore {
     async fn kick_user(&self, uid: &UserId, reason: &str) -> Result<u32, StoreError> {
         let sessions = self.user_sessions(uid).await?;
         for session in &sessions {
-            self.remove_session(&session.session_id).await?;
+            self.remove_session(&session.session_id, None).await?;
         }
         let kick = wire::WireUserEvent::Kick(wire::WireKick {
             uid: uid.to_string(),

@@ -47,6 +47,8 @@ pub enum Verdict {
     NoEvent,
     Conflict,
     Missing,
+    /// A session moved past the generation the caller named (resumed elsewhere).
+    Moved,
 }
 
 impl Verdict {
