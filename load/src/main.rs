@@ -433,9 +433,19 @@ async fn main_async(args: Args) -> Result<()> {
                 state,
                 media,
                 gateways: gw,
-                gateway_args: ["--ptt-rate", "1000", "--request-rate", "1000"]
-                    .map(String::from)
-                    .to_vec(),
+                // Every client connects from this host's loopback address: one source.
+                gateway_args: [
+                    "--ptt-rate",
+                    "1000",
+                    "--request-rate",
+                    "1000",
+                    "--max-sockets-per-address",
+                    "100000",
+                    "--max-connections-per-address",
+                    "100000",
+                ]
+                .map(String::from)
+                .to_vec(),
                 ..Topology::default()
             })
             .await

@@ -158,6 +158,7 @@ async fn run() {
     gw_config.ping_interval_ms = 3_600_000;
     // Every client comes from 127.0.0.1: one address may hold them all.
     gw_config.max_sockets_per_address = 100_000;
+    gw_config.max_connections_per_address = 100_000;
     let s = stop.clone();
     let (gw, gateway_rt) = serve("gateway", move |l| async move {
         signaling_svc::run(gw_config, l, s).await.unwrap()

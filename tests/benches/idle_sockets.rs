@@ -85,7 +85,12 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let stack = Stack::start(Topology {
-            gateway_args: ["--max-sockets-per-address", "100000"]
+            gateway_args: [
+                "--max-sockets-per-address",
+                "100000",
+                "--max-connections-per-address",
+                "100000",
+            ]
                 .map(String::from)
                 .to_vec(),
             ..Topology::default()

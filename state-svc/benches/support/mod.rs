@@ -60,7 +60,9 @@ async fn raw_script(
         .arg(LEASE_MS)
         .arg(MAX_TALK_MS)
         .arg("60000")
-        .arg("100000");
+        .arg(state_svc::store::redis::scripts::audit_policy(
+            false, 100_000, 60_000,
+        ));
     for arg in extra {
         invocation.arg(*arg);
     }
