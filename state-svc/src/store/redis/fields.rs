@@ -1,7 +1,8 @@
 //! The field names of the hashes that both Rust and the Lua scripts read or write, written
-//! once. Rust names a field by its constant (`fields::session::GEN`); every script is compiled
-//! with [`LUA`] in front, which declares each group as a Lua table of the same names
-//! (`SESSION.GEN`), so no script spells a shared field as a string of its own.
+//! once. Rust names a field by its constant (`fields::session::GENERATION`); a script names it
+//! `SESSION.GENERATION`, which [`substitute`] replaces with the quoted name (`'gen'`) when the
+//! script is built, so no script spells a shared field as a string of its own and no script
+//! pays for a table of names at every call.
 //!
 //! The floor hash is left out: only the scripts read and write it (Rust sees the floor through
 //! their JSON answers).
@@ -19,13 +20,11 @@ macro_rules! fields {
             }
         )*
 
-        /// Every group as a Lua table (`local SESSION = { GEN = 'gen', ... }`), put in front of
-        /// every script.
-        pub const LUA: &str = concat!($(
-            "local ", stringify!($lua), " = {",
-            $(" ", stringify!($name), " = '", $value, "',",)*
-            " }\n",
-        )*);
+        /// Every field as the Lua spelling of its name and its value (`SESSION.GENERATION`,
+        /// `gen`).
+        pub const LUA: &[(&str, &str)] = &[$($(
+            (concat!(stringify!($lua), ".", stringify!($name)), $value),
+        )*)*];
     };
 }
 
@@ -70,21 +69,34 @@ fields! {
     }
 }
 
+/// `script` with every `GROUP.FIELD` replaced by the field's quoted name. Longer spellings
+/// first, so that `CONFIG.DENIALS_COUNTED` is not read as `CONFIG.DENIALS`.
+pub fn substitute(script: &str) -> String {
+    let mut names: Vec<&(&str, &str)> = LUA.iter().collect();
+    names.sort_by_key(|(lua, _)| std::cmp::Reverse(lua.len()));
+    names.iter().fold(script.to_owned(), |text, (lua, value)| {
+        text.replace(lua, &format!("'{value}'"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_lua_tables_carry_every_name() {
-        assert!(
-            LUA.starts_with("local CONFIG = { QUEUE = 'queue',"),
-            "{LUA}"
+    fn every_spelling_becomes_its_quoted_name() {
+        assert_eq!(
+            substitute("HGET(K, SESSION.GENERATION, CONFIG.DENIALS_COUNTED, CONFIG.DENIALS)"),
+            "HGET(K, 'gen', 'dcount', 'dn')"
         );
-        assert!(LUA.contains(" GENERATION = 'gen',"), "{LUA}");
-        assert!(
-            LUA.contains("local GRANTS = { VERSION = '#v', }\n"),
-            "{LUA}"
-        );
-        assert_eq!(LUA.lines().count(), 4);
+        assert!(LUA.contains(&("GRANTS.VERSION", "#v")));
+    }
+
+    #[test]
+    fn no_script_is_left_with_an_unknown_spelling() {
+        let text = substitute(include_str!("scripts.rs"));
+        for group in ["CONFIG.", "SESSION.", "NODE.", "GRANTS."] {
+            assert!(!text.contains(group), "an unknown {group}... field is left");
+        }
     }
 }

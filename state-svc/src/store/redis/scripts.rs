@@ -689,9 +689,9 @@ return redis.call('HGET', KEYS[1], NODE.DRAINING) or '0'
 "#)
 });
 
-/// A script with the shared hash field names ([`fields::LUA`]) in front.
+/// A script with the shared hash field names ([`fields::substitute`]) in place.
 fn lua(body: &str) -> Script {
-    Script::new(&format!("{}{body}", fields::LUA))
+    Script::new(&fields::substitute(body))
 }
 
 /// Denials appended to a channel's audit stream per window; the rest are counted.
