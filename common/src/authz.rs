@@ -72,6 +72,12 @@ impl Refusals {
         self.count("handshake", "none");
     }
 
+    /// A connection without a trusted client certificate closed because the server or its
+    /// source holds as many as allowed.
+    pub fn anonymous(&self) {
+        self.count("anonymous-limit", "none");
+    }
+
     fn count(&self, reason: &'static str, role: &'static str) {
         self.refused
             .get_or_create(&RefusalLabels { reason, role })

@@ -27,14 +27,35 @@ const MAX_HANDSHAKES: usize = 256;
 #[derive(Debug)]
 pub enum Conn {
     Plain(TcpStream, Peer),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Peer),
+    /// With the caller's place under the budget of connections without a trusted identity,
+    /// when it has none.
+    Tls(
+        Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        Peer,
+        Option<AnonymousSlot>,
+    ),
+}
+
+/// Connections that completed TLS without a trusted client certificate (they get
+/// UNAUTHENTICATED, or PERMISSION_DENIED, for every call, which is why they are kept at all):
+/// at most this many per server...
+const MAX_ANONYMOUS: usize = 64;
+/// ...and this many per source (an IPv4 address, an IPv6 /64), so that one host cannot hold
+/// them all.
+const MAX_ANONYMOUS_PER_SOURCE: usize = 4;
+
+/// A connection's place under the budget of connections without a trusted identity.
+#[derive(Debug)]
+pub struct AnonymousSlot {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    _source: crate::source::SourceSlot,
 }
 
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = Peer;
     fn connect_info(&self) -> Peer {
         match self {
-            Self::Plain(_, peer) | Self::Tls(_, peer) => peer.clone(),
+            Self::Plain(_, peer) | Self::Tls(_, peer, _) => peer.clone(),
         }
     }
 }
@@ -47,7 +68,7 @@ impl AsyncRead for Conn {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Tls(s, ..) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -60,19 +81,19 @@ impl AsyncWrite for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Tls(s, ..) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s, _) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Tls(s, ..) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Tls(s, ..) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -82,13 +103,13 @@ impl AsyncWrite for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::Tls(s, ..) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             Self::Plain(s, _) => s.is_write_vectored(),
-            Self::Tls(s, _) => s.is_write_vectored(),
+            Self::Tls(s, ..) => s.is_write_vectored(),
         }
     }
 }
@@ -106,6 +127,8 @@ pub fn incoming(
 ) -> impl tokio_stream::Stream<Item = std::io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let anonymous_total = Arc::new(tokio::sync::Semaphore::new(MAX_ANONYMOUS));
+    let anonymous_sources = Arc::new(crate::source::SourceBudget::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -141,6 +164,8 @@ pub fn incoming(
                     let acceptor_tls = Arc::clone(tls);
                     let tx = tx.clone();
                     let refusals = refusals.clone();
+                    let anonymous_total = Arc::clone(&anonymous_total);
+                    let anonymous_sources = Arc::clone(&anonymous_sources);
                     tokio::spawn(async move {
                         let _permit = permit;
                         let handshake =
@@ -151,7 +176,23 @@ pub fn incoming(
                                     remote: Some(remote),
                                     auth: authenticated(&acceptor_tls, &tls),
                                 };
-                                let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                                let slot = if matches!(peer.auth, Auth::Identified(_)) {
+                                    None
+                                } else {
+                                    let total = Arc::clone(&anonymous_total).try_acquire_owned();
+                                    let source = anonymous_sources
+                                        .take(remote.ip(), MAX_ANONYMOUS_PER_SOURCE);
+                                    let (Ok(total), Some(source)) = (total, source) else {
+                                        refusals.anonymous();
+                                        tracing::debug!(%remote, "too many connections without a client certificate; closed");
+                                        return;
+                                    };
+                                    Some(AnonymousSlot {
+                                        _total: total,
+                                        _source: source,
+                                    })
+                                };
+                                let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer, slot))).await;
                             }
                             Ok(Err(error)) => {
                                 refusals.handshake();
