@@ -434,18 +434,11 @@ async fn main_async(args: Args) -> Result<()> {
                 media,
                 gateways: gw,
                 // Every client connects from this host's loopback address: one source.
-                gateway_args: [
-                    "--ptt-rate",
-                    "1000",
-                    "--request-rate",
-                    "1000",
-                    "--max-sockets-per-address",
-                    "100000",
-                    "--max-connections-per-address",
-                    "100000",
-                ]
-                .map(String::from)
-                .to_vec(),
+                gateway_args: ["--ptt-rate", "1000", "--request-rate", "1000"]
+                    .into_iter()
+                    .chain(talkgroup_e2e::ONE_HOST_GATEWAY_ARGS)
+                    .map(String::from)
+                    .collect(),
                 ..Topology::default()
             })
             .await

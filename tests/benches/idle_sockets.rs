@@ -85,14 +85,7 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let stack = Stack::start(Topology {
-            gateway_args: [
-                "--max-sockets-per-address",
-                "100000",
-                "--max-connections-per-address",
-                "100000",
-            ]
-                .map(String::from)
-                .to_vec(),
+            gateway_args: talkgroup_e2e::ONE_HOST_GATEWAY_ARGS.map(String::from).to_vec(),
             ..Topology::default()
         })
         .await

@@ -30,6 +30,15 @@ pub use client::Client;
 /// The HS256 secret every gateway of a test stack shares.
 pub const SECRET: &str = "talkgroup-e2e-secret-0123456789";
 /// The admin token of every state-svc of a test stack.
+/// Gateway flags for clients that all connect from this host (load tools, benchmarks): one
+/// source, so the per-source budgets are raised out of the way.
+pub const ONE_HOST_GATEWAY_ARGS: [&str; 4] = [
+    "--max-sockets-per-address",
+    "100000",
+    "--max-connections-per-address",
+    "100000",
+];
+
 pub const ADMIN_TOKEN: &str = "talkgroup-e2e-admin-token-0123";
 
 /// Where the service binaries are.

@@ -154,11 +154,8 @@ end
 
 -- Every other entry: appended, after the aggregate of a denial window that is over.
 local function audit(ev, h, extra)
-  local start = tonumber(redis.call('HGET', K_CONFIG, CONFIG.DENIAL_WINDOW) or '0')
-  if start > 0 and now - start >= DENIAL_WINDOW_MS then
-    local _, _, counted = denial_window()
-    close_denial_window(start, counted)
-  end
+  local start, _, counted = denial_window()
+  if start > 0 and now - start >= DENIAL_WINDOW_MS then close_denial_window(start, counted) end
   xadd(ev, h, extra)
 end
 
